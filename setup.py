@@ -1,0 +1,38 @@
+"""Packaging for tf-limaml (the `limaml` command and the `tf_limaml` library)."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+
+setup(
+    name="tf-limaml",
+    version="0.1.0",
+    description=("Per-member personalization of TensorFlow recommenders by "
+                 "meta-learning (LiMAML)"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8")
+    if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tf_limaml", "tf_limaml.*", "beam_pipelines",
+                                    "beam_pipelines.*", "serving", "serving.*"]),
+    install_requires=[
+        "tensorflow>=2.16",
+        "tf-keras",
+        "tensorflow-recommenders>=0.7.3",
+        "numpy",
+    ],
+    extras_require={
+        "beam": ["apache-beam>=2.50", "google-crc32c", "pandas", "pyarrow"],
+        "serving": ["tensorflow-serving-api", "grpcio", "requests"],
+        "report": ["matplotlib", "pandas"],
+        "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
+    },
+    entry_points={"console_scripts": ["limaml=tf_limaml.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,1 @@
+"""Dataset loaders: synthetic tasks (tests, demo) and MovieLens-100K."""

@@ -1,0 +1,478 @@
+"""FeatureSpec: the one definition of columns, feature types and the task schema.
+
+A FeatureSpec names the entity, time and label columns of an interactions table
+and declares every feature the model reads:
+
+* meta features are entity-level (who the member is) and feed the meta block;
+* request features are per interaction (item, context) and feed the global block.
+
+Everything else (the Beam pipeline, the task encoder, the tf.data parser, the
+model's input layers and the export signatures) reads names and types from here.
+
+Example:
+
+    spec = FeatureSpec.from_json('''{
+        "entity": "member_id", "time": "timestamp",
+        "label": {"column": "rating", "threshold": 4},
+        "meta_features": [{"name": "age", "type": "numeric"}],
+        "request_features": [
+            {"name": "item_id", "type": "categorical", "hash_buckets": 10000}]}''')
+    spec.sequence_example_schema()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+NUMERIC = "numeric"
+CATEGORICAL = "categorical"
+MULTI_HOT = "multi_hot"
+FEATURE_TYPES = (NUMERIC, CATEGORICAL, MULTI_HOT)
+
+# Names the task records and model inputs use beside the feature names.
+ENTITY_ID_KEY = "entity_id"
+SUPPORT = "support"
+QUERY = "query"
+PARTS = (SUPPORT, QUERY)
+LABEL_KEY = "label"
+TIME_KEY = "time"
+MASK_KEY = "mask"
+RESERVED_NAMES = frozenset({ENTITY_ID_KEY, LABEL_KEY, TIME_KEY, MASK_KEY, "n_support"})
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+_DEFAULT_EMBEDDING_DIM = 8
+_DEFAULT_MAX_VALUES = 8
+
+
+class FeatureSpecError(ValueError):
+    """Raised for an invalid FeatureSpec; the message names the field and value."""
+
+
+def _fail(field: str, value: Any, why: str) -> FeatureSpecError:
+    return FeatureSpecError(f"Invalid feature spec: `{field}` = {value!r}: {why}")
+
+
+def _check_keys(where: str, obj: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise _fail(
+            f"{where}.{unknown[0]}", obj[unknown[0]],
+            f"unknown key; allowed keys are {sorted(allowed)}",
+        )
+
+
+def _check_name(field: str, name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise _fail(
+            field, name,
+            "must be a string of letters, digits, '_', '.' or '-' that starts "
+            "with a letter or '_' (at most 128 characters)",
+        )
+    return name
+
+
+def _positive_int(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(field, value, "must be a positive integer")
+    return value
+
+
+def _finite_number(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(field, value, "must be a number")
+    if not math.isfinite(value):
+        raise _fail(field, value, "must be finite")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """One feature column.
+
+    Attributes:
+        name: Column name in the interactions table and key in every tensor dict.
+        type: One of "numeric", "categorical" or "multi_hot".
+        vocabulary: Closed vocabulary of a categorical or multi-hot feature.
+        hash_buckets: Number of hash buckets, instead of a vocabulary.
+        dim: Embedding size of a categorical or multi-hot feature.
+        separator: Separator of the values of a multi-hot cell, e.g. "A|B".
+        max_values: Most values one multi-hot cell holds; extra values are cut.
+        allow_oov: Whether a value outside `vocabulary` maps to an OOV bucket
+            (True) or makes the row invalid (False, the default).
+        mean: Numeric features are fed as (x - mean) / std.
+        std: See `mean`.
+        default: Value used for a missing numeric cell. None makes it invalid.
+    """
+
+    name: str
+    type: str
+    vocabulary: tuple[str, ...] | None = None
+    hash_buckets: int | None = None
+    dim: int = _DEFAULT_EMBEDDING_DIM
+    separator: str = "|"
+    max_values: int | None = None
+    allow_oov: bool = False
+    mean: float = 0.0
+    std: float = 1.0
+    default: float | None = None
+
+    _KEYS = (
+        "name", "type", "vocabulary", "hash_buckets", "dim", "separator",
+        "max_values", "allow_oov", "mean", "std", "default",
+    )
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.type == NUMERIC
+
+    @property
+    def num_ids(self) -> int:
+        """Size of the id space of a categorical or multi-hot feature.
+
+        Vocabulary features reserve id 0 for out-of-vocabulary values.
+        """
+        if self.vocabulary is not None:
+            return len(self.vocabulary) + 1
+        return int(self.hash_buckets or 0)
+
+    @property
+    def values_per_row(self) -> int:
+        """Fixed width of a multi-hot feature after padding (1 for the others)."""
+        if self.type != MULTI_HOT:
+            return 1
+        if self.max_values is not None:
+            return self.max_values
+        if self.vocabulary is not None:
+            return len(self.vocabulary)
+        return _DEFAULT_MAX_VALUES
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> "Feature":
+        if not isinstance(obj, Mapping):
+            raise _fail(where, obj, "each feature must be a JSON object")
+        _check_keys(where, obj, cls._KEYS)
+        name = _check_name(f"{where}.name", obj.get("name"))
+        where = f"{where}[{name}]"
+        ftype = obj.get("type")
+        if ftype not in FEATURE_TYPES:
+            raise _fail(f"{where}.type", ftype, f"must be one of {list(FEATURE_TYPES)}")
+        vocabulary = obj.get("vocabulary")
+        hash_buckets = obj.get("hash_buckets")
+        kwargs: dict[str, Any] = {"name": name, "type": ftype}
+        if ftype == NUMERIC:
+            for key in ("vocabulary", "hash_buckets", "dim", "separator", "max_values",
+                        "allow_oov"):
+                if key in obj:
+                    raise _fail(f"{where}.{key}", obj[key], "not allowed on a numeric feature")
+            kwargs["mean"] = _finite_number(f"{where}.mean", obj.get("mean", 0.0))
+            kwargs["std"] = _finite_number(f"{where}.std", obj.get("std", 1.0))
+            if kwargs["std"] <= 0:
+                raise _fail(f"{where}.std", obj.get("std"), "must be > 0")
+            if obj.get("default") is not None:
+                kwargs["default"] = _finite_number(f"{where}.default", obj["default"])
+            return cls(**kwargs)
+        for key in ("mean", "std", "default"):
+            if key in obj:
+                raise _fail(f"{where}.{key}", obj[key], f"only allowed on a numeric feature")
+        if (vocabulary is None) == (hash_buckets is None):
+            raise _fail(
+                where, {"vocabulary": vocabulary, "hash_buckets": hash_buckets},
+                "a categorical or multi_hot feature needs exactly one of "
+                "`vocabulary` or `hash_buckets`",
+            )
+        if vocabulary is not None:
+            if (not isinstance(vocabulary, (list, tuple)) or not vocabulary
+                    or not all(isinstance(v, str) and v for v in vocabulary)):
+                raise _fail(f"{where}.vocabulary", vocabulary,
+                            "must be a non-empty list of non-empty strings")
+            if len(set(vocabulary)) != len(vocabulary):
+                dup = next(v for v in vocabulary if vocabulary.count(v) > 1)
+                raise _fail(f"{where}.vocabulary", dup, "appears more than once")
+            kwargs["vocabulary"] = tuple(vocabulary)
+        else:
+            kwargs["hash_buckets"] = _positive_int(f"{where}.hash_buckets", hash_buckets)
+        kwargs["dim"] = _positive_int(f"{where}.dim", obj.get("dim", _DEFAULT_EMBEDDING_DIM))
+        allow_oov = obj.get("allow_oov", False)
+        if not isinstance(allow_oov, bool):
+            raise _fail(f"{where}.allow_oov", allow_oov, "must be true or false")
+        kwargs["allow_oov"] = allow_oov
+        if ftype == MULTI_HOT:
+            separator = obj.get("separator", "|")
+            if not isinstance(separator, str) or not separator:
+                raise _fail(f"{where}.separator", separator, "must be a non-empty string")
+            kwargs["separator"] = separator
+            if obj.get("max_values") is not None:
+                kwargs["max_values"] = _positive_int(f"{where}.max_values", obj["max_values"])
+        else:
+            for key in ("separator", "max_values"):
+                if key in obj:
+                    raise _fail(f"{where}.{key}", obj[key], "only allowed on a multi_hot feature")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "type": self.type}
+        if self.type == NUMERIC:
+            if self.mean != 0.0 or self.std != 1.0:
+                out.update(mean=self.mean, std=self.std)
+            if self.default is not None:
+                out["default"] = self.default
+            return out
+        if self.vocabulary is not None:
+            out["vocabulary"] = list(self.vocabulary)
+        else:
+            out["hash_buckets"] = self.hash_buckets
+        out["dim"] = self.dim
+        if self.allow_oov:
+            out["allow_oov"] = True
+        if self.type == MULTI_HOT:
+            out["separator"] = self.separator
+            if self.max_values is not None:
+                out["max_values"] = self.max_values
+        return out
+
+    def parse_values(self, raw: Any) -> list[str]:
+        """Splits a multi-hot cell ("A|B" or a list) into its values."""
+        if raw is None:
+            return []
+        if isinstance(raw, (list, tuple)):
+            values = [str(v) for v in raw]
+        else:
+            values = str(raw).split(self.separator)
+        return [v for v in (v.strip() for v in values) if v]
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpec:
+    """The label column, binarized as value >= threshold when a threshold is set."""
+
+    column: str
+    threshold: float | None = None
+
+    def binarize(self, value: Any) -> int:
+        """Returns the 0/1 label of a raw cell.
+
+        Raises:
+            ValueError: The value is missing, not a number, or (without a
+                threshold) not 0 or 1.
+        """
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"label `{self.column}` is missing")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"label `{self.column}` = {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"label `{self.column}` = {value!r} is not finite")
+        if self.threshold is not None:
+            return int(number >= self.threshold)
+        if number not in (0.0, 1.0):
+            raise ValueError(f"label `{self.column}` = {value!r} is not 0 or 1")
+        return int(number)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """Columns, features and the TFRecord task schema of one problem.
+
+    Attributes:
+        entity: Entity id column (member, advertiser, job, ...).
+        time: Time column; histories are ordered by it.
+        label: The label column and its binarization rule.
+        meta_features: Entity-level features fed to the meta block. May be empty.
+        request_features: Per-interaction features fed to the global block.
+        tie_break: Column that orders interactions with equal time (optional).
+    """
+
+    entity: str
+    time: str
+    label: LabelSpec
+    meta_features: tuple[Feature, ...]
+    request_features: tuple[Feature, ...]
+    tie_break: str | None = None
+
+    _KEYS = ("entity", "time", "label", "meta_features", "request_features", "tie_break")
+
+    # ----------------------------------------------------------------- JSON I/O
+    @classmethod
+    def from_dict(cls, obj: Any) -> "FeatureSpec":
+        """Builds and validates a spec from its JSON object form."""
+        if not isinstance(obj, Mapping):
+            raise _fail("<spec>", obj, "the spec must be a JSON object")
+        _check_keys("<spec>", obj, cls._KEYS)
+        for key in ("entity", "time", "label", "request_features"):
+            if key not in obj:
+                raise _fail(key, None, "is required")
+        entity = _check_name("entity", obj["entity"])
+        time = _check_name("time", obj["time"])
+        label_obj = obj["label"]
+        if isinstance(label_obj, str):
+            label = LabelSpec(_check_name("label", label_obj))
+        elif isinstance(label_obj, Mapping):
+            _check_keys("label", label_obj, ("column", "threshold"))
+            column = _check_name("label.column", label_obj.get("column"))
+            threshold = label_obj.get("threshold")
+            if threshold is not None:
+                threshold = _finite_number("label.threshold", threshold)
+            label = LabelSpec(column, threshold)
+        else:
+            raise _fail("label", label_obj,
+                        'must be a column name or {"column": ..., "threshold": ...}')
+        features = {}
+        for part in ("meta_features", "request_features"):
+            items = obj.get(part, [])
+            if not isinstance(items, (list, tuple)):
+                raise _fail(part, items, "must be a list of features")
+            features[part] = tuple(
+                Feature.from_dict(item, f"{part}[{i}]") for i, item in enumerate(items))
+        if not features["request_features"]:
+            raise _fail("request_features", [], "needs at least one feature")
+        tie_break = obj.get("tie_break")
+        if tie_break is not None:
+            tie_break = _check_name("tie_break", tie_break)
+        spec = cls(entity, time, label, features["meta_features"],
+                   features["request_features"], tie_break)
+        spec._check_names()
+        return spec
+
+    def _check_names(self) -> None:
+        seen: dict[str, str] = {}
+        columns = [("entity", self.entity), ("time", self.time),
+                   ("label.column", self.label.column)]
+        columns += [(f"meta_features[{f.name}]", f.name) for f in self.meta_features]
+        columns += [(f"request_features[{f.name}]", f.name) for f in self.request_features]
+        for field, name in columns:
+            if name in seen:
+                raise _fail(field, name, f"is already used by `{seen[name]}`")
+            seen[name] = field
+        for feature in self.features:
+            if feature.name in RESERVED_NAMES:
+                raise _fail(f"feature {feature.name}", feature.name,
+                            f"is reserved; rename it (reserved: {sorted(RESERVED_NAMES)})")
+
+    @classmethod
+    def from_json(cls, text: str) -> "FeatureSpec":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise FeatureSpecError(f"Invalid feature spec: not valid JSON ({err})") from None
+        return cls.from_dict(obj)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureSpec":
+        """Reads a spec from a JSON file (any path tf.io.gfile reads)."""
+        import tensorflow as tf  # noqa: PLC0415 - keeps `limaml --help` TF-free
+
+        if not tf.io.gfile.exists(str(path)):
+            raise FileNotFoundError(f"Feature spec not found: {path}")
+        with tf.io.gfile.GFile(str(path), "r") as f:
+            return cls.from_json(f.read())
+
+    def to_dict(self) -> dict[str, Any]:
+        label: Any = self.label.column
+        if self.label.threshold is not None:
+            label = {"column": self.label.column, "threshold": self.label.threshold}
+        out = {
+            "entity": self.entity,
+            "time": self.time,
+            "label": label,
+            "meta_features": [f.to_dict() for f in self.meta_features],
+            "request_features": [f.to_dict() for f in self.request_features],
+        }
+        if self.tie_break is not None:
+            out["tie_break"] = self.tie_break
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | os.PathLike) -> None:
+        import tensorflow as tf  # noqa: PLC0415
+
+        with tf.io.gfile.GFile(str(path), "w") as f:
+            f.write(self.to_json())
+
+    # ------------------------------------------------------------ derived views
+    @property
+    def features(self) -> tuple[Feature, ...]:
+        return self.meta_features + self.request_features
+
+    def feature(self, name: str) -> Feature:
+        for feature in self.features:
+            if feature.name == name:
+                return feature
+        raise KeyError(f"No feature named {name!r}; the spec has "
+                       f"{[f.name for f in self.features]}")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column an interactions row is read for."""
+        cols = [self.entity, self.time, self.label.column]
+        cols += [f.name for f in self.features]
+        if self.tie_break and self.tie_break not in cols:
+            cols.append(self.tie_break)
+        return tuple(cols)
+
+    @staticmethod
+    def sequence_key(part: str, name: str) -> str:
+        """Key of a per-interaction list in a task record, e.g. "support/item_id"."""
+        return f"{part}/{name}"
+
+    @staticmethod
+    def batch_key(part: str, name: str) -> str:
+        """Key of a per-interaction tensor in a task batch, e.g. "support_item_id"."""
+        return f"{part}_{name}"
+
+    def sequence_example_schema(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The tf.io parsing spec of a task record: (context, sequence) features.
+
+        A task is one `tf.train.SequenceExample` per entity:
+
+        * context: `entity_id` (bytes) and every meta feature (numeric: one float;
+          categorical: one bytes value; multi-hot: any number of bytes values);
+        * feature lists, for part in (support, query): `part/label` (float),
+          `part/time` (int64), and `part/<name>` for every request feature, one
+          entry per interaction in time order.
+        """
+        import tensorflow as tf  # noqa: PLC0415
+
+        context: dict[str, Any] = {ENTITY_ID_KEY: tf.io.FixedLenFeature([], tf.string)}
+        for feature in self.meta_features:
+            if feature.type == NUMERIC:
+                context[feature.name] = tf.io.FixedLenFeature([], tf.float32)
+            elif feature.type == CATEGORICAL:
+                context[feature.name] = tf.io.FixedLenFeature([], tf.string)
+            else:
+                context[feature.name] = tf.io.VarLenFeature(tf.string)
+        sequence: dict[str, Any] = {}
+        for part in PARTS:
+            sequence[self.sequence_key(part, LABEL_KEY)] = (
+                tf.io.FixedLenSequenceFeature([], tf.float32))
+            sequence[self.sequence_key(part, TIME_KEY)] = (
+                tf.io.FixedLenSequenceFeature([], tf.int64))
+            for feature in self.request_features:
+                key = self.sequence_key(part, feature.name)
+                if feature.type == NUMERIC:
+                    sequence[key] = tf.io.FixedLenSequenceFeature([], tf.float32)
+                elif feature.type == CATEGORICAL:
+                    sequence[key] = tf.io.FixedLenSequenceFeature([], tf.string)
+                else:
+                    sequence[key] = tf.io.VarLenFeature(tf.string)
+        return context, sequence
+
+
+def load_spec(spec: "FeatureSpec | str | os.PathLike | Mapping[str, Any]") -> FeatureSpec:
+    """Accepts a FeatureSpec, a JSON object, or a path to a JSON file."""
+    if isinstance(spec, FeatureSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return FeatureSpec.from_dict(spec)
+    return FeatureSpec.load(spec)
+
+
+def feature_names(features: Sequence[Feature]) -> list[str]:
+    return [f.name for f in features]

@@ -1,0 +1,487 @@
+"""LiMAMLModel: MAML on the meta block, as a Keras model.
+
+`fit` runs the meta-train step: for a batch of T tasks, the inner loop takes k
+gradient steps on each task's support loss with respect to the meta block only
+(vectorized: the shared weights are tiled to `[T, in, out]` once and every
+task's gradient comes out of one `tape.gradient` call on the summed loss), then
+the outer step updates all variables from the query loss of the adapted model.
+
+Example:
+
+    spec = tf_limaml.FeatureSpec.load("spec.json")
+    model = tf_limaml.LiMAMLModel(spec, tf_limaml.MetaConfig(inner_steps=1))
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+    model.fit(tf_limaml.data.task_dataset("train-*.tfrecord.gz", spec), epochs=5)
+    scores = model.predict_query(batch)          # [T, Q], adapted on support
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tf_limaml.features import (
+    LABEL_KEY, MASK_KEY, PARTS, QUERY, SUPPORT, FeatureSpec, load_spec,
+)
+from tf_limaml.layers import GlobalBlock, MetaBlock
+
+logger = logging.getLogger(__name__)
+
+ADAPT_CHOICES = ("meta_block", "all")
+META_PREFIX = "meta_block/"
+GLOBAL_PREFIX = "global_block/"
+META_INPUTS = META_PREFIX + "inputs"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    """Options of the inner loop and the meta-train step.
+
+    Attributes:
+        inner_steps: k, gradient steps on the support set (0 disables adaptation).
+        inner_lr: Inner learning rate; the initial value when learned.
+        learn_inner_lr: Learn one rate per adapted parameter (Meta-SGD).
+        first_order: Drop the second-order term (FOMAML).
+        adapt: "meta_block" (LiMAML) or "all" (full-network MAML: every dense
+            weight of both blocks adapts; embedding tables never do).
+        adapt_embeddings: Also adapt the looked-up meta-feature embedding rows.
+        jit_compile: Compile the meta-train step with XLA.
+    """
+
+    inner_steps: int = 1
+    inner_lr: float = 0.1
+    learn_inner_lr: bool = False
+    first_order: bool = False
+    adapt: str = "meta_block"
+    adapt_embeddings: bool = False
+    jit_compile: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or (
+                self.inner_steps < 0):
+            raise ValueError(f"MetaConfig.inner_steps must be an integer >= 0, got "
+                             f"{self.inner_steps!r}")
+        if isinstance(self.inner_lr, bool) or not isinstance(self.inner_lr, (int, float)) or (
+                not self.inner_lr >= 0):
+            raise ValueError(f"MetaConfig.inner_lr must be a number >= 0, got "
+                             f"{self.inner_lr!r}")
+        if self.adapt not in ADAPT_CHOICES:
+            raise ValueError(f"MetaConfig.adapt must be one of {ADAPT_CHOICES}, got "
+                             f"{self.adapt!r}")
+        for name in ("learn_inner_lr", "first_order", "adapt_embeddings", "jit_compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MetaConfig.{name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> "MetaConfig":
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"MetaConfig must be a JSON object, got {obj!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise ValueError(f"Unknown MetaConfig key {unknown[0]!r}; known keys are "
+                             f"{sorted(known)}")
+        return cls(**obj)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MetaConfig":
+        if not tf.io.gfile.exists(str(path)):
+            raise FileNotFoundError(f"Meta config not found: {path}")
+        with tf.io.gfile.GFile(str(path)) as f:
+            try:
+                obj = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"Meta config {path} is not valid JSON ({err})") from None
+        return cls.from_dict(obj)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def masked_task_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Per-task mean over real rows: sum(mask * v) / max(sum(mask), 1); [T, N] -> [T]."""
+    return tf.reduce_sum(values * mask, axis=-1) / tf.maximum(
+        tf.reduce_sum(mask, axis=-1), 1.0)
+
+
+@tf.keras.utils.register_keras_serializable(package="tf_limaml")
+class LiMAMLModel(tf.keras.Model):
+    """Meta block + global block, meta-trained with MAML on the meta block.
+
+    Args:
+        spec: FeatureSpec (or its dict, or a path to its JSON).
+        meta_config: MetaConfig (or its dict).
+        meta_units: Meta block MLP widths; the last is d.
+        global_units: Global block MLP widths before the logit.
+        cross_layers: DCN-v2 cross layers in the global block.
+        projection_dim: Low-rank cross layers (None: full rank).
+        interaction: How the meta embedding enters the global block: "product"
+            (concatenation plus an elementwise product with the projected
+            request features) or "concat".
+        l2: L2 penalty on the dense kernels, reported as `regularization_loss`.
+
+    Inputs: a task batch from `tf_limaml.data.task_dataset` (raw features,
+    labels and masks). `call` returns adapted query probabilities `[T, Q]`.
+    """
+
+    def __init__(self, spec: FeatureSpec | Mapping[str, Any] | str,
+                 meta_config: MetaConfig | Mapping[str, Any] | None = None,
+                 meta_units: Sequence[int] = (64, 32),
+                 global_units: Sequence[int] = (256, 128), cross_layers: int = 2,
+                 projection_dim: int | None = None, interaction: str = "product",
+                 l2: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = load_spec(spec)
+        if meta_config is None:
+            meta_config = MetaConfig()
+        elif isinstance(meta_config, Mapping):
+            meta_config = MetaConfig.from_dict(meta_config)
+        self.meta_config = meta_config
+        if not isinstance(l2, (int, float)) or l2 < 0:
+            raise ValueError(f"`l2` must be a number >= 0, got {l2!r}")
+        self.l2 = float(l2)
+        self.meta_block = MetaBlock(self.spec.meta_features, units=meta_units,
+                                    name="meta_block")
+        self.global_block = GlobalBlock(
+            self.spec.request_features, meta_dim=self.meta_block.output_dim,
+            interaction=interaction, cross_layers=cross_layers,
+            projection_dim=projection_dim, units=global_units, name="global_block")
+        self.meta_block.build(None)
+        self.global_block.build(None)
+        # One pointwise loss object: the inner loop reduces it per task, and the
+        # TFRS ranking task uses it for the reported query loss and AUC.
+        self.pointwise_loss = tf.keras.losses.BinaryCrossentropy(
+            from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+        self.task = tfrs.tasks.Ranking(
+            loss=self.pointwise_loss,
+            metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
+        self.inner_lrs: dict[str, tf.Variable] = {}
+        if self.meta_config.learn_inner_lr:
+            for name, variable in self._adaptable_variables().items():
+                self.inner_lrs[name] = self.add_weight(
+                    name=f"inner_lr/{name}", shape=variable.shape, trainable=True,
+                    initializer=tf.keras.initializers.Constant(self.meta_config.inner_lr))
+            if self.meta_config.adapt_embeddings:
+                self.inner_lrs[META_INPUTS] = self.add_weight(
+                    name="inner_lr/meta_inputs", shape=(self.meta_block.input_dim,),
+                    trainable=True,
+                    initializer=tf.keras.initializers.Constant(self.meta_config.inner_lr))
+        self._trackers = {name: tf.keras.metrics.Mean(name=name) for name in (
+            "loss", "support_loss", "query_loss", "regularization_loss")}
+        self.loss_tracker = self._trackers["loss"]
+        self.support_loss_tracker = self._trackers["support_loss"]
+        self.query_loss_tracker = self._trackers["query_loss"]
+        self.regularization_loss_tracker = self._trackers["regularization_loss"]
+        self._config = {
+            "meta_units": list(meta_units), "global_units": list(global_units),
+            "cross_layers": cross_layers, "projection_dim": projection_dim,
+            "interaction": interaction, "l2": self.l2,
+        }
+        # tf.functions kept outside Keras attribute tracking (they are caches).
+        object.__setattr__(self, "_function_cache", {})
+
+    # --------------------------------------------------------------- config
+    @property
+    def meta_dim(self) -> int:
+        return self.meta_block.output_dim
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "spec": self.spec.to_dict(),
+                "meta_config": self.meta_config.to_dict(), **self._config}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**config)
+
+    def with_meta_config(self, **changes) -> MetaConfig:
+        return dataclasses.replace(self.meta_config, **changes)
+
+    # --------------------------------------------------------------- inputs
+    def encode(self, batch: Mapping[str, tf.Tensor]) -> dict[str, Any]:
+        """Raw task batch -> numeric tensors (string lookups happen here, outside XLA).
+
+        Parts (support, query) whose features are absent from the batch are
+        left out; a missing mask means every row is real.
+        """
+        spec = self.spec
+        missing = [f.name for f in spec.meta_features if f.name not in batch]
+        if missing:
+            raise KeyError(f"Task batch lacks meta feature(s) {missing}; it has "
+                           f"{sorted(batch)}")
+        encoded: dict[str, Any] = {
+            "meta": self.meta_block.encode({f.name: batch[f.name]
+                                            for f in spec.meta_features})}
+        dtype = self.compute_dtype
+        for part in PARTS:
+            keys = {f.name: spec.batch_key(part, f.name) for f in spec.request_features}
+            if not any(k in batch for k in keys.values()):
+                continue
+            absent = [k for k in keys.values() if k not in batch]
+            if absent:
+                raise KeyError(f"Task batch lacks {absent}; it has {sorted(batch)}")
+            encoded[part] = self.global_block.encode({n: batch[k] for n, k in keys.items()})
+            first = batch[keys[spec.request_features[0].name]]
+            rows_shape = tf.shape(first)[:2]
+            mask_key = spec.batch_key(part, MASK_KEY)
+            mask = batch[mask_key] if mask_key in batch else tf.ones(rows_shape, dtype)
+            encoded[f"{part}_mask"] = tf.cast(mask, dtype)
+            label_key = spec.batch_key(part, LABEL_KEY)
+            if label_key in batch:
+                encoded[f"{part}_label"] = tf.cast(batch[label_key], dtype)
+            encoded["batch_size"] = rows_shape[0]
+        if "batch_size" not in encoded:
+            if spec.meta_features:
+                encoded["batch_size"] = tf.shape(batch[spec.meta_features[0].name])[0]
+            else:
+                encoded["batch_size"] = tf.shape(batch["entity_id"])[0]
+        return encoded
+
+    # ---------------------------------------------------------- inner loop
+    def _adaptable_variables(self) -> dict[str, tf.Variable]:
+        params = {META_PREFIX + k: v for k, v in self.meta_block.adaptable_weights().items()}
+        if self.meta_config.adapt == "all":
+            params.update({GLOBAL_PREFIX + k: v
+                           for k, v in self.global_block.adaptable_weights().items()})
+        return params
+
+    def _initial_fast_weights(self, encoded: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+        tasks = encoded["batch_size"]
+        fast = {}
+        for name, variable in self._adaptable_variables().items():
+            # Tiled once: the gradient of the summed support loss w.r.t. the
+            # [T, ...] copy is each task's own gradient.
+            fast[name] = tf.tile(variable[None], [tasks] + [1] * variable.shape.rank)
+        if self.meta_config.adapt_embeddings:
+            fast[META_INPUTS] = self.meta_block.embed_inputs(encoded["meta"], tasks)
+        return fast
+
+    def _logits(self, encoded: Mapping[str, Any], part: str,
+                fast: Mapping[str, tf.Tensor] | None) -> tuple[tf.Tensor, tf.Tensor]:
+        fast = fast or {}
+        meta_w = {k[len(META_PREFIX):]: v for k, v in fast.items() if k.startswith(META_PREFIX)}
+        global_w = {k[len(GLOBAL_PREFIX):]: v for k, v in fast.items()
+                    if k.startswith(GLOBAL_PREFIX)}
+        embedding = self.meta_block.call(encoded["meta"], weights=meta_w,
+                                         batch_size=encoded["batch_size"])
+        logits = self.global_block.call(embedding, encoded[part], weights=global_w)
+        return logits, embedding
+
+    def _per_task_loss(self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
+                       ) -> tf.Tensor:
+        pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
+        return masked_task_mean(pointwise, mask)
+
+    def _inner_loop(self, encoded: Mapping[str, Any], steps: int, first_order: bool
+                    ) -> tuple[dict[str, tf.Tensor], tf.Tensor | None]:
+        """k support steps; returns fast weights and the pre-adaptation support loss [T]."""
+        fast = self._initial_fast_weights(encoded)
+        initial_support_loss = None
+        inputs_mask = self.meta_block.embedding_input_mask()
+        for _ in range(steps):
+            names = list(fast)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch([fast[n] for n in names])
+                logits, _ = self._logits(encoded, SUPPORT, fast)
+                per_task = self._per_task_loss(encoded["support_label"], logits,
+                                               encoded["support_mask"])
+                total = tf.reduce_sum(per_task)
+            grads = tape.gradient(total, [fast[n] for n in names])
+            if initial_support_loss is None:
+                initial_support_loss = per_task
+            updated = {}
+            for name, grad in zip(names, grads):
+                if grad is None:
+                    updated[name] = fast[name]
+                    continue
+                if first_order:
+                    grad = tf.stop_gradient(grad)
+                if name == META_INPUTS:
+                    grad = grad * inputs_mask
+                lr = self.inner_lrs.get(name)
+                lr = tf.cast(self.meta_config.inner_lr, grad.dtype) if lr is None else lr
+                updated[name] = fast[name] - lr * grad
+            fast = updated
+        return fast, initial_support_loss
+
+    def _forward(self, encoded: Mapping[str, Any], steps: int, first_order: bool
+                 ) -> dict[str, tf.Tensor]:
+        """Adapt on support, score query; all the meta-train math, no metrics."""
+        fast, support_loss = self._inner_loop(encoded, steps, first_order)
+        logits, embedding = self._logits(encoded, QUERY, fast)
+        out = {"query_logits": logits, "meta_embedding": embedding}
+        if "query_label" in encoded:
+            per_task = self._per_task_loss(encoded["query_label"], logits,
+                                           encoded["query_mask"])
+            has_query = tf.cast(tf.reduce_sum(encoded["query_mask"], -1) > 0, per_task.dtype)
+            out["query_loss"] = tf.reduce_sum(per_task * has_query) / tf.maximum(
+                tf.reduce_sum(has_query), 1.0)
+            if support_loss is None:
+                support_loss = self._per_task_loss(
+                    encoded["support_label"], self._logits(encoded, SUPPORT, fast)[0],
+                    encoded["support_mask"])
+            out["support_loss"] = tf.reduce_mean(support_loss)
+            out["regularization_loss"] = self._regularization_loss(logits.dtype)
+            out["loss"] = out["query_loss"] + out["regularization_loss"]
+        return out
+
+    def _regularization_loss(self, dtype) -> tf.Tensor:
+        if not self.l2:
+            return tf.constant(0.0, dtype)
+        kernels = [v for v in self.trainable_variables if "kernel" in v.name]
+        return self.l2 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in kernels])
+
+    def _meta_gradients(self, encoded: Mapping[str, Any]):
+        cfg = self.meta_config
+        with tf.GradientTape() as tape:
+            out = self._forward(encoded, cfg.inner_steps, cfg.first_order)
+            # Gradients are summed across replicas, so scale to their mean.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        return grads, out
+
+    def _function(self, key: str, fn: Callable, jit: bool) -> Callable:
+        cache = self._function_cache
+        if key not in cache:
+            cache[key] = tf.function(fn, jit_compile=jit, reduce_retracing=True)
+        return cache[key]
+
+    # ------------------------------------------------------------- Keras API
+    def train_step(self, batch):
+        encoded = self.encode(batch)
+        step = self._function("meta_gradients", self._meta_gradients,
+                              self.meta_config.jit_compile)
+        grads, out = step(encoded)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return self._update_metrics(encoded, out)
+
+    def test_step(self, batch):
+        encoded = self.encode(batch)
+        cfg = self.meta_config
+        forward = self._function(f"forward_{cfg.inner_steps}_{cfg.first_order}",
+                                 lambda e: self._forward(e, cfg.inner_steps, True),
+                                 cfg.jit_compile)
+        return self._update_metrics(encoded, forward(encoded))
+
+    def _update_metrics(self, encoded, out) -> dict[str, tf.Tensor]:
+        for name, tracker in self._trackers.items():
+            tracker.update_state(out[name])
+        mask = tf.reshape(encoded["query_mask"], [-1])
+        self.task(labels=tf.reshape(encoded["query_label"], [-1, 1]),
+                  predictions=tf.reshape(out["query_logits"], [-1, 1]),
+                  sample_weight=mask, compute_metrics=True)
+        return {m.name: m.result() for m in self.metrics}
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values()) + list(self.task.metrics)
+
+    def call(self, batch, training=False):
+        return self.predict_query(batch)
+
+    # ------------------------------------------------------------ public API
+    def _steps(self, steps: int | None) -> int:
+        steps = self.meta_config.inner_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"`steps` must be an integer >= 0, got {steps!r}")
+        return steps
+
+    def adapt(self, tasks: Mapping[str, tf.Tensor], steps: int | None = None,
+              first_order: bool | None = None) -> dict[str, tf.Tensor]:
+        """Runs the inner loop on the tasks' support sets.
+
+        Args:
+            tasks: A task batch (support features, labels and mask).
+            steps: Inner steps; defaults to `meta_config.inner_steps`.
+            first_order: Defaults to `meta_config.first_order`.
+
+        Returns:
+            Fast weights by name, each with a leading task axis `[T, ...]`.
+        """
+        first_order = self.meta_config.first_order if first_order is None else first_order
+        fast, _ = self._inner_loop(self.encode(tasks), self._steps(steps), first_order)
+        return fast
+
+    def meta_embedding(self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
+                       ) -> tf.Tensor:
+        """Adapted meta embeddings `[T, d]`; tasks without support get the default."""
+        steps = self._steps(steps)
+        fn = self._function(f"embedding_{steps}", lambda e: self._embedding(e, steps),
+                            self.meta_config.jit_compile)
+        return fn(self.encode(tasks))
+
+    def _embedding(self, encoded, steps):
+        fast, _ = self._inner_loop(encoded, steps, True)
+        meta_w = {k[len(META_PREFIX):]: v for k, v in fast.items() if k.startswith(META_PREFIX)}
+        return self.meta_block.call(encoded["meta"], weights=meta_w,
+                                    batch_size=encoded["batch_size"])
+
+    def predict_query(self, tasks: Mapping[str, tf.Tensor], adapt: bool = True,
+                      steps: int | None = None) -> tf.Tensor:
+        """Query click probabilities `[T, Q]` (padding rows included; see the mask).
+
+        Args:
+            tasks: A task batch.
+            adapt: Adapt on the support set first (False: the meta-learned
+                default, as for a member with no history).
+            steps: Inner steps; defaults to `meta_config.inner_steps`.
+        """
+        steps = self._steps(steps) if adapt else 0
+        fn = self._function(f"query_{steps}",
+                            lambda e: tf.sigmoid(self._forward(e, steps, True)["query_logits"]),
+                            self.meta_config.jit_compile)
+        return fn(self.encode(tasks))
+
+    def score(self, meta_embedding: tf.Tensor, request: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """Online scoring: probabilities `[B]` from stored meta embeddings `[B, d]`.
+
+        Args:
+            meta_embedding: `[B, d]`, one row per request.
+            request: Raw request features by name, each `[B]` (`[B, K]` multi-hot).
+        """
+        encoded = self.global_block.encode(request)
+        return tf.sigmoid(self.global_block.call(
+            tf.cast(meta_embedding, self.compute_dtype), encoded))
+
+
+def save_model(model: LiMAMLModel, model_dir: str | os.PathLike) -> str:
+    """Writes `config.json` and a weights checkpoint; returns the checkpoint path."""
+    model_dir = str(model_dir)
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(model.get_config(), f, indent=2)
+    checkpoint = tf.train.Checkpoint(model=model)
+    return checkpoint.write(os.path.join(model_dir, "weights", "model"))
+
+
+def load_model(model_dir: str | os.PathLike) -> LiMAMLModel:
+    """Loads a model written by `save_model` or `limaml train`.
+
+    Restores the final weights (`weights/`) or, for a run still in progress,
+    the latest training checkpoint (`checkpoints/`).
+
+    Raises:
+        FileNotFoundError: No config or no weights in the directory.
+    """
+    model_dir = str(model_dir)
+    config_path = os.path.join(model_dir, "config.json")
+    if not tf.io.gfile.exists(config_path):
+        raise FileNotFoundError(f"No model in {model_dir}: {config_path} is missing")
+    with tf.io.gfile.GFile(config_path) as f:
+        model = LiMAMLModel.from_config(json.load(f))
+    path = os.path.join(model_dir, "weights", "model")
+    if not tf.io.gfile.exists(path + ".index"):
+        path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+        if path is None:
+            raise FileNotFoundError(f"No weights in {model_dir} (weights/ or checkpoints/)")
+    tf.train.Checkpoint(model=model).read(path).expect_partial()
+    return model

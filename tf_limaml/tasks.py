@@ -1,0 +1,336 @@
+"""Row validation and the support/query split of one entity's history.
+
+These pure-Python functions are the single implementation of the task rules.
+The Beam pipeline (`beam_pipelines/make_tasks.py`) calls them inside its DoFns,
+and `build_tasks` calls them in-process for notebooks, tests and small data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+from tf_limaml.features import CATEGORICAL, MULTI_HOT, NUMERIC, FeatureSpec
+
+# Dead-letter reasons; stable strings, counted by name.
+REASON_MISSING_ENTITY = "missing_entity"
+REASON_MISSING_TIME = "missing_time"
+REASON_BAD_TIME = "bad_time"
+REASON_MISSING_LABEL = "missing_label"
+REASON_BAD_LABEL = "bad_label"
+REASON_BAD_NUMERIC = "bad_numeric"
+REASON_MISSING_FEATURE = "missing_feature"
+REASON_OUT_OF_VOCABULARY = "out_of_vocabulary"
+REJECT_REASONS = (
+    REASON_MISSING_ENTITY, REASON_MISSING_TIME, REASON_BAD_TIME, REASON_MISSING_LABEL,
+    REASON_BAD_LABEL, REASON_BAD_NUMERIC, REASON_MISSING_FEATURE,
+    REASON_OUT_OF_VOCABULARY,
+)
+SPLITS = ("train", "val", "test")
+
+
+class RowError(ValueError):
+    """A row that cannot become part of a task; `reason` is a REJECT_REASONS key."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _to_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def validate_row(spec: FeatureSpec, row: Mapping[str, Any]) -> dict[str, Any]:
+    """Checks one interactions row against the spec and normalizes it.
+
+    Returns:
+        A clean row: entity id as str, time as a float, `label` as 0/1, numeric
+        features as floats, categorical values as str, multi-hot values as a
+        list of str, the tie-break column (if any) as str.
+
+    Raises:
+        RowError: The row breaks a rule; `reason` says which.
+    """
+    entity = row.get(spec.entity)
+    if _is_missing(entity):
+        raise RowError(REASON_MISSING_ENTITY, f"`{spec.entity}` is missing")
+    raw_time = row.get(spec.time)
+    if _is_missing(raw_time):
+        raise RowError(REASON_MISSING_TIME, f"`{spec.time}` is missing")
+    time = _to_float(raw_time)
+    if time is None or abs(time) >= 2**62:
+        raise RowError(REASON_BAD_TIME, f"`{spec.time}` = {raw_time!r} is not a finite number")
+    raw_label = row.get(spec.label.column)
+    if _is_missing(raw_label):
+        raise RowError(REASON_MISSING_LABEL, f"`{spec.label.column}` is missing")
+    try:
+        label = spec.label.binarize(raw_label)
+    except ValueError as err:
+        raise RowError(REASON_BAD_LABEL, str(err)) from None
+    clean: dict[str, Any] = {
+        spec.entity: str(entity).strip() if isinstance(entity, str) else _id_str(entity),
+        spec.time: time, "label": label,
+    }
+    for feature in spec.features:
+        value = row.get(feature.name)
+        if feature.type == NUMERIC:
+            if _is_missing(value):
+                if feature.default is None:
+                    raise RowError(REASON_MISSING_FEATURE, f"`{feature.name}` is missing")
+                clean[feature.name] = feature.default
+                continue
+            number = _to_float(value)
+            if number is None or abs(number) > 3.0e38:
+                raise RowError(REASON_BAD_NUMERIC,
+                               f"`{feature.name}` = {value!r} is not a finite number")
+            clean[feature.name] = number
+        elif feature.type == CATEGORICAL:
+            text = "" if _is_missing(value) else _id_str(value)
+            if not text and feature.vocabulary is not None and not feature.allow_oov:
+                raise RowError(REASON_MISSING_FEATURE, f"`{feature.name}` is missing")
+            if (feature.vocabulary is not None and not feature.allow_oov and text
+                    and text not in feature.vocabulary):
+                raise RowError(REASON_OUT_OF_VOCABULARY,
+                               f"`{feature.name}` = {text!r} is not in its vocabulary")
+            clean[feature.name] = text
+        else:
+            values = [] if _is_missing(value) else feature.parse_values(value)
+            if feature.vocabulary is not None and not feature.allow_oov:
+                unknown = [v for v in values if v not in feature.vocabulary]
+                if unknown:
+                    raise RowError(REASON_OUT_OF_VOCABULARY,
+                                   f"`{feature.name}` value {unknown[0]!r} is not in "
+                                   "its vocabulary")
+            clean[feature.name] = values[: feature.values_per_row]
+    if spec.tie_break and spec.tie_break not in clean:
+        clean[spec.tie_break] = _id_str(row.get(spec.tie_break, ""))
+    return clean
+
+
+def _id_str(value: Any) -> str:
+    """Renders ids read as 12.0 by a CSV/Parquet reader the same as 12."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def order_key(spec: FeatureSpec, row: Mapping[str, Any]) -> tuple:
+    """Sort key of a clean row: time, then the tie-break column.
+
+    The tie-break column sorts numerically when both values are numbers, so
+    item 9 comes before item 10.
+    """
+    if not spec.tie_break:
+        return (row[spec.time],)
+    tie = row.get(spec.tie_break, "")
+    number = _to_float(tie)
+    return (row[spec.time], 0, number, "") if number is not None else (
+        row[spec.time], 1, 0.0, str(tie))
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitRule:
+    """How one history is cut into support (earlier) and query (later).
+
+    kind is "fraction" (value in (0, 1): the first fraction is support),
+    "cutoff" (value is a time: rows before it are support) or "last" (value K:
+    the last K rows are query).
+    """
+
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> "SplitRule":
+        """Parses "fraction:0.5", "cutoff:UNIX_TIME" or "last:K"."""
+        kind, _, raw = str(text).partition(":")
+        number = _to_float(raw)
+        if kind not in ("fraction", "cutoff", "last") or number is None:
+            raise ValueError(
+                f"--split {text!r}: expected fraction:F, cutoff:UNIX_TIME or last:K")
+        if kind == "fraction" and not 0.0 < number < 1.0:
+            raise ValueError(f"--split {text!r}: the fraction must be in (0, 1)")
+        if kind == "last" and (number < 1 or not float(number).is_integer()):
+            raise ValueError(f"--split {text!r}: K must be a positive integer")
+        return cls(kind, number)
+
+    def __str__(self) -> str:
+        value = int(self.value) if float(self.value).is_integer() else self.value
+        return f"{self.kind}:{value}"
+
+    def support_size(self, times: Sequence[float]) -> int:
+        """Number of leading rows (of a time-sorted history) that are support."""
+        n = len(times)
+        if self.kind == "fraction":
+            return int(math.floor(n * self.value))
+        if self.kind == "last":
+            return max(n - int(self.value), 0)
+        return sum(1 for t in times if t < self.value)
+
+
+@dataclasses.dataclass
+class EntityHistory:
+    """One entity's outcome: a task (support and query rows) or cold."""
+
+    entity_id: str
+    support: list[dict[str, Any]]
+    query: list[dict[str, Any]]
+    meta: dict[str, Any]
+    dropped_by_caps: int = 0
+    cold: bool = False
+    meta_conflicts: int = 0
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.support) + len(self.query)
+
+
+def merge_meta(spec: FeatureSpec, rows: Sequence[Mapping[str, Any]]) -> tuple[dict, int]:
+    """Meta features of an entity from its time-sorted rows: the latest value wins.
+
+    Returns:
+        (meta, conflicts): conflicts counts meta features whose rows disagree.
+    """
+    meta: dict[str, Any] = {}
+    conflicts = 0
+    for feature in spec.meta_features:
+        values = [row[feature.name] for row in rows if feature.name in row]
+        if not values:
+            continue
+        meta[feature.name] = values[-1]
+        distinct = {tuple(v) if isinstance(v, list) else v for v in values}
+        conflicts += int(len(distinct) > 1)
+    return meta, conflicts
+
+
+def split_history(
+    spec: FeatureSpec,
+    entity_id: str,
+    rows: Iterable[Mapping[str, Any]],
+    rule: SplitRule,
+    min_support: int = 1,
+    min_query: int = 1,
+    max_support: int | None = None,
+    max_query: int | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> EntityHistory:
+    """Sorts one entity's clean rows and cuts them into support and query.
+
+    The sort is stable on (time, tie-break), so ties always fall the same way
+    whatever order the rows arrived in. Support keeps its most recent
+    `max_support` rows and query its first `max_query` rows; the rest count as
+    dropped by caps. A history with fewer than `min_support` support rows or
+    `min_query` query rows (before caps) is cold.
+    """
+    ordered = sorted(rows, key=lambda r: order_key(spec, r))
+    if meta is None:
+        meta, conflicts = merge_meta(spec, ordered)
+    else:
+        conflicts = 0
+    n_support = rule.support_size([r[spec.time] for r in ordered])
+    support, query = ordered[:n_support], ordered[n_support:]
+    if len(support) < min_support or len(query) < min_query:
+        return EntityHistory(entity_id, support, query, dict(meta), cold=True,
+                             meta_conflicts=conflicts)
+    dropped = 0
+    if max_support is not None and len(support) > max_support:
+        dropped += len(support) - max_support
+        support = support[len(support) - max_support:]
+    if max_query is not None and len(query) > max_query:
+        dropped += len(query) - max_query
+        query = query[:max_query]
+    return EntityHistory(entity_id, support, query, dict(meta), dropped_by_caps=dropped,
+                         meta_conflicts=conflicts)
+
+
+def assign_split(entity_id: str, seed: int = 0, val_fraction: float = 0.1,
+                 test_fraction: float = 0.1) -> str:
+    """Train/val/test by a stable hash of (seed, entity id).
+
+    Uses SHA-256, not Python's `hash`, so the answer is the same in every
+    process, run and runner.
+    """
+    digest = hashlib.sha256(f"{seed}:{entity_id}".encode("utf-8")).digest()
+    unit = int.from_bytes(digest[:8], "big") / 2.0**64
+    if unit < test_fraction:
+        return "test"
+    if unit < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def build_tasks(
+    spec: FeatureSpec,
+    rows: Iterable[Mapping[str, Any]],
+    rule: SplitRule | str = "fraction:0.5",
+    min_support: int = 1,
+    min_query: int = 1,
+    max_support: int | None = None,
+    max_query: int | None = None,
+    entities: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[list[EntityHistory], list[tuple[dict, str]], dict[str, int]]:
+    """In-process task building: validate, group by entity, sort and split.
+
+    The same rules as the Beam pipeline, for data that fits in memory.
+
+    Args:
+        spec: The feature spec.
+        rows: Raw interaction rows (mappings of column to value).
+        rule: Split rule or its text form.
+        min_support: See `split_history`.
+        min_query: See `split_history`.
+        max_support: See `split_history`.
+        max_query: See `split_history`.
+        entities: Optional meta features per entity id; overrides the rows'.
+
+    Returns:
+        (histories, rejected, counts): every entity's history (cold ones
+        flagged), rejected rows as (row, reason), and counters whose
+        `rows_read` equals rows in tasks + rejected + dropped by caps + cold.
+    """
+    if isinstance(rule, str):
+        rule = SplitRule.parse(rule)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    rejected: list[tuple[dict, str]] = []
+    counts = {"rows_read": 0, "rows_rejected": 0}
+    for row in rows:
+        counts["rows_read"] += 1
+        try:
+            clean = validate_row(spec, row)
+        except RowError as err:
+            rejected.append((dict(row), err.reason))
+            counts["rows_rejected"] += 1
+            continue
+        groups.setdefault(clean[spec.entity], []).append(clean)
+    histories = []
+    for entity_id in sorted(groups):
+        meta = None
+        if entities is not None and entity_id in entities:
+            meta = dict(entities[entity_id])
+        histories.append(split_history(
+            spec, entity_id, groups[entity_id], rule, min_support=min_support,
+            min_query=min_query, max_support=max_support, max_query=max_query, meta=meta))
+    counts["rows_in_tasks"] = sum(h.n_rows for h in histories if not h.cold)
+    counts["rows_dropped_by_caps"] = sum(h.dropped_by_caps for h in histories)
+    counts["rows_cold"] = sum(h.n_rows for h in histories if h.cold)
+    counts["entities_cold"] = sum(1 for h in histories if h.cold)
+    counts["entities"] = sum(1 for h in histories if not h.cold)
+    return histories, rejected, counts
