@@ -1,26 +1,52 @@
 """tf-limaml: per-entity personalization of deep recommenders by meta-learning.
 
 Follows LiMAML (Wang et al., KDD 2024, arXiv 2403.00803): MAML on a small meta
-block that turns entity-level features into a meta embedding, a shared global
-block that scores requests given that embedding.
+block that turns entity-level features into a meta embedding, and a shared
+global block that scores requests given that embedding.
+
+Public names are imported on first use, so `import tf_limaml` (and the
+`limaml --help` command) stays fast and TensorFlow-free until a model, layer
+or dataset is touched.
 """
+
+import importlib
 
 from tf_limaml._env import use_legacy_keras
 
 use_legacy_keras()
 
-# pylint: disable=wrong-import-position
-from tf_limaml import data  # noqa: E402
-from tf_limaml.features import Feature, FeatureSpec, FeatureSpecError, LabelSpec  # noqa: E402
-from tf_limaml.layers import (  # noqa: E402
-    FeatureEmbedding, FunctionalCross, GlobalBlock, MetaBlock,
-)
-from tf_limaml.model import LiMAMLModel, MetaConfig, load_model, save_model  # noqa: E402
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "Feature", "FeatureEmbedding", "FeatureSpec", "FeatureSpecError", "FunctionalCross",
-    "GlobalBlock", "LabelSpec", "LiMAMLModel", "MetaBlock", "MetaConfig", "data",
-    "load_model", "save_model",
-]
+_PUBLIC = {
+    "Feature": "tf_limaml.features",
+    "FeatureSpec": "tf_limaml.features",
+    "FeatureSpecError": "tf_limaml.features",
+    "LabelSpec": "tf_limaml.features",
+    "FeatureEmbedding": "tf_limaml.layers",
+    "FunctionalCross": "tf_limaml.layers",
+    "GlobalBlock": "tf_limaml.layers",
+    "MetaBlock": "tf_limaml.layers",
+    "LiMAMLModel": "tf_limaml.model",
+    "MetaConfig": "tf_limaml.model",
+    "load_model": "tf_limaml.model",
+    "save_model": "tf_limaml.model",
+}
+_SUBMODULES = ("data", "datasets", "evaluation", "features", "layers", "model", "tasks",
+               "training", "export")
+
+__all__ = sorted(_PUBLIC) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"tf_limaml.{name}")
+    else:
+        raise AttributeError(f"module 'tf_limaml' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

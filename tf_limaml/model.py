@@ -441,6 +441,19 @@ class LiMAMLModel(tf.keras.Model):
                             self.meta_config.jit_compile)
         return fn(self.encode(tasks))
 
+    # Traceable forms (no caching): for use inside the caller's own tf.function,
+    # e.g. the export signatures.
+    def compute_query_logits(self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
+                             ) -> tuple[tf.Tensor, tf.Tensor]:
+        """(query logits [T, Q], adapted meta embedding [T, d]), traceable."""
+        out = self._forward(self.encode(tasks), self._steps(steps), True)
+        return out["query_logits"], out["meta_embedding"]
+
+    def compute_meta_embedding(self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
+                               ) -> tf.Tensor:
+        """Adapted meta embedding [T, d] from meta features and support, traceable."""
+        return self._embedding(self.encode(tasks), self._steps(steps))
+
     def score(self, meta_embedding: tf.Tensor, request: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """Online scoring: probabilities `[B]` from stored meta embeddings `[B, d]`.
 

@@ -1,0 +1,1 @@
+"""Apache Beam pipelines of tf-limaml: task building and offline meta embeddings."""

@@ -1,0 +1,287 @@
+"""The `limaml` command.
+
+Argument parsing, `--help` and argument errors import neither TensorFlow nor
+Beam; each subcommand imports what it needs only when it runs. User errors
+(missing files, bad specs, bad flag values) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Sequence
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _quiet_tensorflow() -> None:
+    """Hides TensorFlow's C++ start-up noise; must run before TF is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+
+
+class Progress:
+    """One line per phase on stderr: `[limaml] phase ... done in 3.2 s`."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def phase(self, name: str):
+        progress = self
+
+        class _Phase:
+            def __enter__(self):
+                self.start = time.perf_counter()
+                print(f"[limaml] {name} ...", file=progress.stream, flush=True)
+                return self
+
+            def __exit__(self, exc_type, exc, tb):
+                if exc_type is None:
+                    seconds = time.perf_counter() - self.start
+                    print(f"[limaml] {name}: done in {seconds:.1f} s", file=progress.stream,
+                          flush=True)
+                return False
+
+        return _Phase()
+
+
+def _load_spec(path: str):
+    from tf_limaml.features import FeatureSpec  # noqa: PLC0415
+
+    if not os.path.exists(path) and "://" not in path:
+        raise CommandError(f"feature spec not found: {path}")
+    return FeatureSpec.load(path)
+
+
+def _check_tasks(pattern: str) -> None:
+    import tensorflow as tf  # noqa: PLC0415
+
+    if not tf.io.gfile.glob(pattern):
+        raise CommandError(f"no task files match {pattern!r}")
+
+
+# ------------------------------------------------------------------ commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from tf_limaml import training  # noqa: PLC0415
+    from tf_limaml.model import MetaConfig  # noqa: PLC0415
+
+    spec = _load_spec(args.features)
+    meta_config = MetaConfig.load(args.meta_config) if args.meta_config else MetaConfig()
+    _check_tasks(args.tasks)
+    if args.validation_tasks:
+        _check_tasks(args.validation_tasks)
+    progress = Progress()
+    with progress.phase(f"meta-train ({meta_config.inner_steps} inner steps, "
+                        f"{'first' if meta_config.first_order else 'second'} order)"):
+        _, history = training.train(
+            args.tasks, spec, args.model_dir, meta_config, epochs=args.epochs,
+            batch_tasks=args.batch_tasks, max_support=args.max_support,
+            max_query=args.max_query, seed=args.seed, learning_rate=args.learning_rate,
+            validation_tasks=args.validation_tasks, tensorboard=args.tensorboard,
+            checkpoint_every=args.checkpoint_every)
+    final = {k: round(v[-1], 4) for k, v in history.items()}
+    print(json.dumps({"model_dir": args.model_dir, "final": final}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import tensorflow as tf  # noqa: PLC0415
+
+    from tf_limaml import data, evaluation  # noqa: PLC0415
+    from tf_limaml.model import load_model  # noqa: PLC0415
+
+    _check_tasks(args.tasks)
+    model = load_model(args.model_dir)
+    batches = data.task_dataset(args.tasks, model.spec, args.batch_tasks, args.max_support,
+                                args.max_query)
+    with Progress().phase("evaluate"):
+        metrics = evaluation.evaluate_model(model, batches)
+    text = json.dumps(metrics, indent=2, default=float)
+    print(text)
+    if args.output:
+        with tf.io.gfile.GFile(args.output, "w") as f:
+            f.write(text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tf_limaml import demo  # noqa: PLC0415
+
+    return demo.run(args, Progress())
+
+
+def cmd_make_tasks(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from beam_pipelines import make_tasks  # noqa: PLC0415
+
+    _load_spec(args.features)
+    make_tasks.run(list(args.argv))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from beam_pipelines import generate_embeddings  # noqa: PLC0415
+
+    generate_embeddings.run(list(args.argv))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tf_limaml import export  # noqa: PLC0415
+
+    with Progress().phase("export"):
+        path = export.export_from_model_dir(args.model_dir, args.export_base,
+                                            version=args.version,
+                                            max_support=args.max_support)
+    print(path)
+    return 0
+
+
+def cmd_serve_command(args: argparse.Namespace) -> int:
+    from tf_limaml import export_commands  # noqa: PLC0415
+
+    print(export_commands.serve_commands(args.export, model_name=args.model_name))
+    return 0
+
+
+# -------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from beam_pipelines.options import embed_arguments, make_tasks_arguments  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="limaml",
+        description="Meta-learned per-member personalization (LiMAML) for TensorFlow "
+                    "recommenders.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    train = sub.add_parser("train", help="Meta-train on task records.")
+    train.add_argument("--tasks", required=True, help="File pattern of training tasks.")
+    train.add_argument("--features", required=True, help="FeatureSpec JSON file.")
+    train.add_argument("--model-dir", required=True, help="Output (and resume) directory.")
+    train.add_argument("--meta-config", help="MetaConfig JSON file.")
+    train.add_argument("--epochs", type=_positive_int, default=5)
+    train.add_argument("--batch-tasks", type=_positive_int, default=32)
+    train.add_argument("--max-support", type=_positive_int, default=32)
+    train.add_argument("--max-query", type=_positive_int, default=32)
+    train.add_argument("--learning-rate", type=_positive_float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--validation-tasks", help="File pattern of validation tasks.")
+    train.add_argument("--tensorboard", help="TensorBoard log directory.")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=None,
+                       help="Checkpoint every N steps (default: every epoch).")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="Query AUC and loss, adapted and unadapted.")
+    evaluate.add_argument("--tasks", required=True)
+    evaluate.add_argument("--model-dir", required=True)
+    evaluate.add_argument("--output", help="Write the metrics JSON here too.")
+    evaluate.add_argument("--batch-tasks", type=_positive_int, default=64)
+    evaluate.add_argument("--max-support", type=_positive_int, default=32)
+    evaluate.add_argument("--max-query", type=_positive_int, default=32)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="Build tasks, train, evaluate and report.")
+    demo.add_argument("--dataset", choices=("synthetic", "movielens"), default=None,
+                      help="Embedded dataset (default: movielens, or the --input file).")
+    demo.add_argument("--input", help="Interactions file (instead of --dataset).")
+    demo.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    demo.add_argument("--features", help="FeatureSpec JSON of --input.")
+    demo.add_argument("--workdir", default=None, help="Output directory (default runs/demo).")
+    demo.add_argument("--seeds", type=_positive_int, default=None,
+                      help="Number of seeds (default 3 for movielens, 1 for synthetic).")
+    demo.add_argument("--epochs", type=_positive_int, default=None)
+    demo.add_argument("--fast", action="store_true", help="A smaller, quicker run.")
+    demo.set_defaults(handler=cmd_demo)
+
+    make_tasks = sub.add_parser(
+        "make-tasks", help="Beam: interactions -> per-entity task records.",
+        epilog="Any other flag goes to Beam's PipelineOptions (--runner, "
+               "--direct_running_mode, --direct_num_workers, Dataflow flags).")
+    make_tasks_arguments(make_tasks)
+    make_tasks.set_defaults(handler=cmd_make_tasks, takes_extra=True)
+
+    export = sub.add_parser("export", help="Write a SavedModel for TF Serving.")
+    export.add_argument("--model-dir", required=True)
+    export.add_argument("--export-base", required=True,
+                        help="Versions are written to EXPORT_BASE/<version>/.")
+    export.add_argument("--version", type=_positive_int, default=None,
+                        help="Version number (default: latest + 1).")
+    export.add_argument("--max-support", type=_positive_int, default=None,
+                        help="Longest support set the adaptation signatures accept.")
+    export.set_defaults(handler=cmd_export)
+
+    embed = sub.add_parser(
+        "embed", help="Beam: adapted meta embeddings for every entity.",
+        epilog="Any other flag goes to Beam's PipelineOptions.")
+    embed_arguments(embed)
+    embed.set_defaults(handler=cmd_embed, takes_extra=True)
+
+    serve = sub.add_parser("serve-command",
+                           help="Print the TF Serving command lines for an export.")
+    serve.add_argument("export", help="Export base directory or a version directory.")
+    serve.add_argument("--model-name", default="limaml")
+    serve.set_defaults(handler=cmd_serve_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_tensorflow()
+    # Pipelines re-parse their own flags (Beam style), so hand them the argv
+    # after the subcommand name.
+    args.argv = argv[argv.index(args.command) + 1:] if args.command in argv else []
+    try:
+        if getattr(args, "takes_extra", False):
+            return args.handler(args, extra)
+        return args.handler(args)
+    except CommandError as err:
+        return _fail(args.command, str(err))
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        return _fail(args.command, str(message))
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted")
+
+
+def _fail(command: str, message: str) -> int:
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"limaml {command}: error: {first_line}", file=sys.stderr)
+    return EXIT_USAGE
+

@@ -1,0 +1,142 @@
+"""Metrics on query sets: exact AUC, log loss, per-entity AUC, support buckets.
+
+AUC here is exact (rank statistic with ties averaged), not the bucketed
+streaming estimate of `tf.keras.metrics.AUC` used for progress bars.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Exact ROC AUC (Mann-Whitney U, ties count one half). NaN with one class."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positives = labels > 0.5
+    n_pos = int(positives.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(scores.size, dtype=np.float64)
+    # Average ranks over runs of equal scores.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [scores.size]])
+    average = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(average, ends - starts)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def logloss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of probabilities."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.clip(np.asarray(probabilities, dtype=np.float64).ravel(), eps, 1.0 - eps)
+    if labels.size == 0:
+        return float("nan")
+    return float(-np.mean(labels * np.log(p) + (1.0 - labels) * np.log(1.0 - p)))
+
+
+def mean_entity_auc(entity_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray
+                    ) -> tuple[float, int]:
+    """Mean per-entity AUC over entities whose rows hold both classes.
+
+    Returns:
+        (mean AUC, number of entities it averages).
+    """
+    entity_ids = np.asarray(entity_ids).ravel()
+    labels = np.asarray(labels).ravel()
+    scores = np.asarray(scores).ravel()
+    order = np.argsort(entity_ids, kind="mergesort")
+    ids, starts = np.unique(entity_ids[order], return_index=True)
+    ends = np.append(starts[1:], order.size)
+    values = []
+    for start, end in zip(starts, ends):
+        idx = order[start:end]
+        value = auc(labels[idx], scores[idx])
+        if not np.isnan(value):
+            values.append(value)
+    return (float(np.mean(values)) if values else float("nan")), len(values)
+
+
+def summarize(entity_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray
+              ) -> dict[str, Any]:
+    """Overall AUC, log loss and mean per-entity AUC of flat query rows."""
+    member_auc, n_members = mean_entity_auc(entity_ids, labels, scores)
+    return {
+        "auc": auc(labels, scores),
+        "loss": logloss(labels, scores),
+        "mean_member_auc": member_auc,
+        "n_members_with_both_classes": n_members,
+        "n_rows": int(np.asarray(labels).size),
+    }
+
+
+def collect_query_predictions(model, batches: Iterable[Mapping[str, Any]], adapt: bool = True,
+                              steps: int | None = None) -> dict[str, np.ndarray]:
+    """Runs `model.predict_query` over task batches; returns flat real query rows.
+
+    Returns:
+        Arrays "entity_id", "label", "score" (one entry per real query row) and
+        "n_support" (per row, the entity's support size).
+    """
+    out: dict[str, list] = {"entity_id": [], "label": [], "score": [], "n_support": []}
+    for batch in batches:
+        scores = model.predict_query(batch, adapt=adapt, steps=steps).numpy()
+        mask = batch["query_mask"].numpy() > 0
+        rows = mask.sum(axis=1)
+        out["score"].append(scores[mask])
+        out["label"].append(batch["query_label"].numpy()[mask])
+        out["entity_id"].append(np.repeat(batch["entity_id"].numpy(), rows))
+        out["n_support"].append(np.repeat(
+            batch["support_mask"].numpy().sum(axis=1).astype(np.int64), rows))
+    if not out["score"]:
+        raise ValueError("No task batches to evaluate: the task files hold no tasks")
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def support_size_buckets(n_support: np.ndarray,
+                         edges: tuple[int, ...] = (0, 1, 5, 10, 20, 50)) -> np.ndarray:
+    """Bucket label per row by support size, e.g. "0", "1-4", "5-9", ..., "50+"."""
+    labels = []
+    for low, high in zip(edges, edges[1:]):
+        labels.append((low, high, str(low) if high - low == 1 else f"{low}-{high - 1}"))
+    n_support = np.asarray(n_support)
+    names = np.full(n_support.shape, f"{edges[-1]}+", dtype=object)
+    for low, high, name in labels:
+        names[(n_support >= low) & (n_support < high)] = name
+    return names
+
+
+def evaluate_model(model, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Adapted and unadapted query metrics of a model on task batches.
+
+    Returns:
+        {"adapted": {...}, "unadapted": {...}, "n_tasks": N, "by_support_size": {...}}.
+    """
+    batches = list(batches)
+    adapted = collect_query_predictions(model, batches, adapt=True)
+    unadapted = collect_query_predictions(model, batches, adapt=False)
+    buckets = support_size_buckets(adapted["n_support"])
+    by_size = {}
+    for name in sorted(set(buckets), key=lambda b: int(b.split("-")[0].rstrip("+"))):
+        rows = buckets == name
+        by_size[name] = {
+            "adapted_auc": auc(adapted["label"][rows], adapted["score"][rows]),
+            "unadapted_auc": auc(unadapted["label"][rows], unadapted["score"][rows]),
+            "n_rows": int(rows.sum()),
+        }
+    return {
+        "adapted": summarize(adapted["entity_id"], adapted["label"], adapted["score"]),
+        "unadapted": summarize(unadapted["entity_id"], unadapted["label"],
+                               unadapted["score"]),
+        "n_tasks": int(sum(int(b["entity_id"].shape[0]) for b in batches)),
+        "by_support_size": by_size,
+    }

@@ -1,0 +1,136 @@
+"""Meta-training runs: datasets, checkpoints, resume, and the model directory.
+
+A model directory holds:
+
+    config.json      the model's config (spec, meta config, architecture)
+    backup/          BackupAndRestore checkpoints while training runs; a
+                     re-run with the same directory resumes from the latest
+    weights/         the final weights (`load_model` reads them)
+    history.json     Keras history of the finished run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tf_limaml import data
+from tf_limaml.features import FeatureSpec
+from tf_limaml.model import LiMAMLModel, MetaConfig, save_model
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss."""
+
+
+class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
+    """Stops training at the first non-finite loss, naming the step.
+
+    The last good checkpoint is kept: BackupAndRestore only writes after a
+    finite step, and this raises before any later write.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.model.stop_training = True
+            raise NonFiniteLossError(
+                f"Non-finite loss {loss} at training step {self._step} (batch {batch} of "
+                "its epoch); the last good checkpoint is kept. Lower the learning rate "
+                "or inner_lr, or check the inputs for extreme values.")
+
+
+def default_model_kwargs() -> dict[str, Any]:
+    return {"meta_units": [64, 32], "global_units": [256, 128], "cross_layers": 2,
+            "interaction": "product"}
+
+
+def train(
+    tasks: str | Sequence[str],
+    spec: FeatureSpec,
+    model_dir: str,
+    meta_config: MetaConfig | None = None,
+    epochs: int = 5,
+    batch_tasks: int = 32,
+    max_support: int = 32,
+    max_query: int = 32,
+    seed: int = 0,
+    learning_rate: float = 1e-3,
+    validation_tasks: str | None = None,
+    tensorboard: str | None = None,
+    checkpoint_every: int | None = None,
+    early_stopping_patience: int | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    verbose: int | str = "auto",
+) -> tuple[LiMAMLModel, dict[str, list[float]]]:
+    """Meta-trains a LiMAMLModel on task files and writes the model directory.
+
+    Re-running with the same `model_dir` resumes from the last checkpoint.
+
+    Args:
+        tasks: File pattern(s) of training task records.
+        spec: The feature spec.
+        model_dir: Output (and resume) directory.
+        meta_config: Inner-loop options.
+        epochs: Passes over the training tasks.
+        batch_tasks: T, tasks per meta-batch.
+        max_support: S, support rows per task.
+        max_query: Q, query rows per task.
+        seed: Seeds weights and shuffling.
+        learning_rate: Adam learning rate of the outer step.
+        validation_tasks: Optional validation task files.
+        tensorboard: Optional TensorBoard log directory.
+        checkpoint_every: Checkpoint every N steps (default: every epoch).
+        early_stopping_patience: Stop when val loss has not improved for N
+            epochs, keeping the best weights (needs validation_tasks).
+        model_kwargs: Architecture arguments of LiMAMLModel.
+        verbose: Keras verbosity (progress bars by default).
+
+    Returns:
+        (model, history).
+    """
+    meta_config = meta_config or MetaConfig()
+    tf.keras.utils.set_random_seed(seed)
+    tf.io.gfile.makedirs(model_dir)
+    model = LiMAMLModel(spec, meta_config, **dict(model_kwargs or default_model_kwargs()))
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    train_ds = data.task_dataset(tasks, spec, batch_tasks, max_support, max_query,
+                                 shuffle=True, seed=seed)
+    val_ds = None
+    if validation_tasks:
+        val_ds = data.task_dataset(validation_tasks, spec, batch_tasks, max_support,
+                                   max_query)
+    callbacks: list[tf.keras.callbacks.Callback] = [
+        StopOnNonFiniteLoss(),
+        tf.keras.callbacks.BackupAndRestore(
+            os.path.join(model_dir, "backup"),
+            save_freq=checkpoint_every or "epoch", delete_checkpoint=True),
+    ]
+    if tensorboard:
+        callbacks.append(tf.keras.callbacks.TensorBoard(tensorboard))
+    if early_stopping_patience and val_ds is not None:
+        callbacks.append(tf.keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=early_stopping_patience,
+            restore_best_weights=True))
+    with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(model.get_config(), f, indent=2)
+    logger.info("Meta-training %s for %d epochs into %s", meta_config, epochs, model_dir)
+    history = model.fit(train_ds, epochs=epochs, validation_data=val_ds,
+                        callbacks=callbacks, verbose=verbose)
+    save_model(model, model_dir)
+    record = {k: [float(x) for x in v] for k, v in history.history.items()}
+    with tf.io.gfile.GFile(os.path.join(model_dir, "history.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    return model, record
