@@ -8,11 +8,13 @@ and `build_tasks` calls them in-process for notebooks, tests and small data.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
+import itertools
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from tf_limaml.features import CATEGORICAL, MULTI_HOT, NUMERIC, FeatureSpec
+from tf_limaml.features import CATEGORICAL, MULTI_HOT, NUMERIC, Feature, FeatureSpec
 
 # Dead-letter reasons; stable strings, counted by name.
 REASON_MISSING_ENTITY = "missing_entity"
@@ -23,10 +25,12 @@ REASON_BAD_LABEL = "bad_label"
 REASON_BAD_NUMERIC = "bad_numeric"
 REASON_MISSING_FEATURE = "missing_feature"
 REASON_OUT_OF_VOCABULARY = "out_of_vocabulary"
+# A record the reader could not turn into a row (wrong field count, bad UTF-8).
+REASON_MALFORMED_ROW = "malformed_row"
 REJECT_REASONS = (
     REASON_MISSING_ENTITY, REASON_MISSING_TIME, REASON_BAD_TIME, REASON_MISSING_LABEL,
     REASON_BAD_LABEL, REASON_BAD_NUMERIC, REASON_MISSING_FEATURE,
-    REASON_OUT_OF_VOCABULARY,
+    REASON_OUT_OF_VOCABULARY, REASON_MALFORMED_ROW,
 )
 SPLITS = ("train", "val", "test")
 
@@ -58,24 +62,86 @@ def _to_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _to_time(value: Any) -> float | None:
+    """Seconds since the epoch of a number or a date/time (naive means UTC).
+
+    Parquet timestamp columns arrive as datetime objects; CSV times as text.
+    """
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return value.timestamp()
+    if isinstance(value, datetime.date):
+        return float(datetime.datetime(value.year, value.month, value.day,
+                                       tzinfo=datetime.timezone.utc).timestamp())
+    if type(value).__name__ == "datetime64":
+        # numpy.datetime64, recognized without importing numpy here.
+        if str(value) == "NaT":
+            return None
+        return float(value.astype("datetime64[us]").astype("int64")) / 1e6
+    return _to_float(value)
+
+
+def _clean_feature(feature: Feature, value: Any) -> Any:
+    """Checks and normalizes one feature cell; see `validate_row`.
+
+    Raises:
+        RowError: The cell breaks a rule of the feature.
+    """
+    if feature.type == NUMERIC:
+        if _is_missing(value):
+            if feature.default is None:
+                raise RowError(REASON_MISSING_FEATURE, f"`{feature.name}` is missing")
+            return feature.default
+        number = _to_float(value)
+        if number is None or abs(number) > 3.0e38:
+            raise RowError(REASON_BAD_NUMERIC,
+                           f"`{feature.name}` = {value!r} is not a finite number")
+        # + 0.0 turns -0.0 into 0.0: they compare equal when ordering rows but
+        # encode to different bytes, so keeping both would make output order-dependent.
+        return number + 0.0
+    if feature.type == CATEGORICAL:
+        text = "" if _is_missing(value) else _id_str(value)
+        if not text and feature.vocabulary is not None and not feature.allow_oov:
+            raise RowError(REASON_MISSING_FEATURE, f"`{feature.name}` is missing")
+        if (feature.vocabulary is not None and not feature.allow_oov and text
+                and text not in feature.vocabulary):
+            raise RowError(REASON_OUT_OF_VOCABULARY,
+                           f"`{feature.name}` = {text!r} is not in its vocabulary")
+        return text
+    values = [] if _is_missing(value) else feature.parse_values(value)
+    if feature.vocabulary is not None and not feature.allow_oov:
+        unknown = [v for v in values if v not in feature.vocabulary]
+        if unknown:
+            raise RowError(REASON_OUT_OF_VOCABULARY,
+                           f"`{feature.name}` value {unknown[0]!r} is not in its vocabulary")
+    return values[: feature.values_per_row]
+
+
+def _clean_entity(spec: FeatureSpec, row: Mapping[str, Any]) -> str:
+    entity = row.get(spec.entity)
+    if _is_missing(entity):
+        raise RowError(REASON_MISSING_ENTITY, f"`{spec.entity}` is missing")
+    return str(entity).strip() if isinstance(entity, str) else _id_str(entity)
+
+
 def validate_row(spec: FeatureSpec, row: Mapping[str, Any]) -> dict[str, Any]:
     """Checks one interactions row against the spec and normalizes it.
 
     Returns:
-        A clean row: entity id as str, time as a float, `label` as 0/1, numeric
-        features as floats, categorical values as str, multi-hot values as a
-        list of str, the tie-break column (if any) as str.
+        A clean row: entity id as str, time as a float (seconds; a date/time
+        value counts as UTC), `label` as 0/1, numeric features as floats,
+        categorical values as str, multi-hot values as a list of str, the
+        tie-break column (if any) as str.
 
     Raises:
         RowError: The row breaks a rule; `reason` says which.
     """
-    entity = row.get(spec.entity)
-    if _is_missing(entity):
-        raise RowError(REASON_MISSING_ENTITY, f"`{spec.entity}` is missing")
+    entity = _clean_entity(spec, row)
     raw_time = row.get(spec.time)
     if _is_missing(raw_time):
         raise RowError(REASON_MISSING_TIME, f"`{spec.time}` is missing")
-    time = _to_float(raw_time)
+    time = _to_time(raw_time)
     if time is None or abs(time) >= 2**62:
         raise RowError(REASON_BAD_TIME, f"`{spec.time}` = {raw_time!r} is not a finite number")
     raw_label = row.get(spec.label.column)
@@ -85,44 +151,27 @@ def validate_row(spec: FeatureSpec, row: Mapping[str, Any]) -> dict[str, Any]:
         label = spec.label.binarize(raw_label)
     except ValueError as err:
         raise RowError(REASON_BAD_LABEL, str(err)) from None
-    clean: dict[str, Any] = {
-        spec.entity: str(entity).strip() if isinstance(entity, str) else _id_str(entity),
-        spec.time: time, "label": label,
-    }
+    clean: dict[str, Any] = {spec.entity: entity, spec.time: time + 0.0, "label": label}
     for feature in spec.features:
-        value = row.get(feature.name)
-        if feature.type == NUMERIC:
-            if _is_missing(value):
-                if feature.default is None:
-                    raise RowError(REASON_MISSING_FEATURE, f"`{feature.name}` is missing")
-                clean[feature.name] = feature.default
-                continue
-            number = _to_float(value)
-            if number is None or abs(number) > 3.0e38:
-                raise RowError(REASON_BAD_NUMERIC,
-                               f"`{feature.name}` = {value!r} is not a finite number")
-            clean[feature.name] = number
-        elif feature.type == CATEGORICAL:
-            text = "" if _is_missing(value) else _id_str(value)
-            if not text and feature.vocabulary is not None and not feature.allow_oov:
-                raise RowError(REASON_MISSING_FEATURE, f"`{feature.name}` is missing")
-            if (feature.vocabulary is not None and not feature.allow_oov and text
-                    and text not in feature.vocabulary):
-                raise RowError(REASON_OUT_OF_VOCABULARY,
-                               f"`{feature.name}` = {text!r} is not in its vocabulary")
-            clean[feature.name] = text
-        else:
-            values = [] if _is_missing(value) else feature.parse_values(value)
-            if feature.vocabulary is not None and not feature.allow_oov:
-                unknown = [v for v in values if v not in feature.vocabulary]
-                if unknown:
-                    raise RowError(REASON_OUT_OF_VOCABULARY,
-                                   f"`{feature.name}` value {unknown[0]!r} is not in "
-                                   "its vocabulary")
-            clean[feature.name] = values[: feature.values_per_row]
+        clean[feature.name] = _clean_feature(feature, row.get(feature.name))
     if spec.tie_break and spec.tie_break not in clean:
-        clean[spec.tie_break] = _id_str(row.get(spec.tie_break, ""))
+        tie = row.get(spec.tie_break)
+        clean[spec.tie_break] = "" if _is_missing(tie) else _id_str(tie)
     return clean
+
+
+def validate_meta_row(spec: FeatureSpec, row: Mapping[str, Any]
+                      ) -> tuple[str, dict[str, Any]]:
+    """Checks one row of an entity table (entity id + meta features).
+
+    Returns:
+        (entity_id, meta): meta feature values normalized as in `validate_row`.
+
+    Raises:
+        RowError: The entity id is missing or a meta feature breaks its rule.
+    """
+    entity = _clean_entity(spec, row)
+    return entity, {f.name: _clean_feature(f, row.get(f.name)) for f in spec.meta_features}
 
 
 def _id_str(value: Any) -> str:
@@ -144,6 +193,43 @@ def order_key(spec: FeatureSpec, row: Mapping[str, Any]) -> tuple:
     number = _to_float(tie)
     return (row[spec.time], 0, number, "") if number is not None else (
         row[spec.time], 1, 0.0, str(tie))
+
+
+def _rank(value: Any) -> tuple:
+    """A key that orders any cell of a clean row against the same column's cells."""
+    if value is None:
+        return (0,)
+    if isinstance(value, (int, float)):
+        return (1, float(value))
+    if isinstance(value, str):
+        return (2, value)
+    if isinstance(value, (list, tuple)):
+        return (3, tuple(str(v) for v in value))
+    return (4, repr(value))
+
+
+def content_key(row: Mapping[str, Any]) -> tuple:
+    """Total order on the whole content of a clean row (every column, by name)."""
+    return tuple((name, _rank(row[name])) for name in sorted(row))
+
+
+def sort_rows(spec: FeatureSpec, rows: Iterable[Mapping[str, Any]]) -> list:
+    """Sorts one entity's clean rows by `order_key`, ties broken by content.
+
+    Rows that tie on (time, tie-break) are ordered by `content_key`, so the
+    result depends only on the multiset of rows, never on the order they
+    arrived in: a Beam runner, a re-sharded input or a second run all give the
+    same order. Rows equal on every column are interchangeable.
+    """
+    keyed = sorted(((order_key(spec, r), r) for r in rows), key=lambda kr: kr[0])
+    ordered = []
+    # Ties are rare, so the (costlier) content key is built only inside them.
+    for _, group in itertools.groupby(keyed, key=lambda kr: kr[0]):
+        tied = [r for _, r in group]
+        if len(tied) > 1:
+            tied.sort(key=content_key)
+        ordered.extend(tied)
+    return ordered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,13 +320,13 @@ def split_history(
 ) -> EntityHistory:
     """Sorts one entity's clean rows and cuts them into support and query.
 
-    The sort is stable on (time, tie-break), so ties always fall the same way
-    whatever order the rows arrived in. Support keeps its most recent
+    The sort is on (time, tie-break), then on the rows' content (`sort_rows`),
+    so ties always fall the same way whatever order the rows arrived in. Support keeps its most recent
     `max_support` rows and query its first `max_query` rows; the rest count as
     dropped by caps. A history with fewer than `min_support` support rows or
     `min_query` query rows (before caps) is cold.
     """
-    ordered = sorted(rows, key=lambda r: order_key(spec, r))
+    ordered = sort_rows(spec, rows)
     if meta is None:
         meta, conflicts = merge_meta(spec, ordered)
     else:
