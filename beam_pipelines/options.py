@@ -65,6 +65,9 @@ def make_tasks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--seed", type=int, default=0, help="Seed of the entity split hash.")
     parser.add_argument("--num-shards", type=_non_negative_int, default=0,
                         help="Output shards per split (0: let the runner decide).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Delete the task files, dead letter and stats of an "
+                             "earlier run in --output first (otherwise they are an error).")
     return parser
 
 
