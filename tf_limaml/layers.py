@@ -52,7 +52,13 @@ def apply_dense(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) 
         if x.shape.rank == 2:
             y = tf.matmul(x, kernel)
         else:
-            y = tf.einsum("...i,io->...o", x, kernel)
+            # A plain 2-D matmul on flattened rows: XLA's CPU backend runs
+            # rank-3 dots with a broadcast kernel far slower (and their
+            # second-order gradients slower still).
+            rows = tf.reshape(x, [-1, tf.shape(x)[-1]])
+            y = tf.reshape(tf.matmul(rows, kernel),
+                           tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[-1:]], axis=0))
+            y.set_shape(x.shape[:-1].concatenate(kernel.shape[-1:]))
     elif x.shape.rank == 2:
         y = tf.einsum("ti,tio->to", x, kernel)
     elif x.shape.rank == 3:
