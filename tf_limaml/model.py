@@ -155,6 +155,9 @@ class LiMAMLModel(tf.keras.Model):
             projection_dim=projection_dim, units=global_units, name="global_block")
         self.meta_block.build(None)
         self.global_block.build(None)
+        # Every weight exists now (no input-shape inference is needed), so
+        # checkpoints restore and BackupAndRestore works before the first batch.
+        self.built = True
         # One pointwise loss object: the inner loop reduces it per task, and the
         # TFRS ranking task uses it for the reported query loss and AUC.
         self.pointwise_loss = tf.keras.losses.BinaryCrossentropy(
