@@ -351,9 +351,10 @@ class RestClient:
         self._session = session or requests.Session()
         self._owns_session = session is None
         self._session.headers.update(dict(headers or {}))
-        self._session.verify = verify
-        if cert is not None:
-            self._session.cert = cert
+        # Passed on every call rather than set on the session: requests lets
+        # REQUESTS_CA_BUNDLE override a session's `verify`, not a call's.
+        self.verify = verify
+        self.cert = cert
 
     @property
     def url(self) -> str:
@@ -379,7 +380,8 @@ class RestClient:
                 "inputs": {name: _json_value(value)
                            for name, value in _convert(inputs, self.spec).items()}}
         response = self._session.post(
-            self.url, json=body, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            self.url, json=body, timeout=self.timeout_s if timeout_s is None else timeout_s,
+            verify=self.verify, cert=self.cert)
         try:
             response.raise_for_status()
         except requests.HTTPError as err:

@@ -317,6 +317,12 @@ def make_test_certificates(directory: str) -> dict[str, Any]:
                .not_valid_before(now - datetime.timedelta(minutes=5))
                .not_valid_after(now + datetime.timedelta(days=1))
                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(
+                   digital_signature=True, content_commitment=False, key_encipherment=False,
+                   data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                   crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                              critical=False)
                .sign(ca_key, hashes.SHA256()))
 
     def leaf(common: str, server: bool):
@@ -325,7 +331,9 @@ def make_test_certificates(directory: str) -> dict[str, Any]:
                    .issuer_name(ca_cert.subject).public_key(key.public_key())
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1)))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       ca_key.public_key()), critical=False))
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName([
                 x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]),

@@ -186,8 +186,21 @@ def _assert_binary_labels(label: tf.Tensor, mask: tf.Tensor | None = None) -> tf
          "(binarize labels as the task records do); got", label], summarize=32)
 
 
+class _Untracked:
+    """Holds an object without making it a dependency of the SavedModel."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
 class LiMAMLServingModule(tf.Module):
-    """The exported object: the model plus the four signature functions.
+    """The exported object: the model's weights and tables, and the signatures.
+
+    The Keras model itself is not a tracked attribute: tf-keras would then
+    also run its own SavedModel serialization of the subclassed model, which
+    traces `call` (or fails when it cannot). The module tracks exactly what the
+    signatures capture instead: the model's variables and its vocabulary
+    lookup tables.
 
     Args:
         model: A trained LiMAMLModel.
@@ -201,7 +214,11 @@ class LiMAMLServingModule(tf.Module):
         if isinstance(max_support, bool) or not isinstance(max_support, int) or (
                 max_support <= 0):
             raise ValueError(f"`max_support` must be a positive integer, got {max_support!r}")
-        self.model = model
+        self._model = _Untracked(model)
+        self.model_variables = list(model.variables)
+        self.lookup_tables = [
+            obj for obj in tf.train.TrackableView(model).descendants()
+            if isinstance(obj, tf.saved_model.experimental.TrackableResource)]
         self.max_support = max_support
         self.inner_steps = model.meta_config.inner_steps if inner_steps is None else (
             inner_steps)
@@ -209,6 +226,10 @@ class LiMAMLServingModule(tf.Module):
                 self.inner_steps < 0):
             raise ValueError(f"`inner_steps` must be an integer >= 0, got {inner_steps!r}")
         self.input_specs = signature_input_specs(model.spec, model.meta_dim)
+
+    @property
+    def model(self) -> LiMAMLModel:
+        return self._model.value
 
     # The four signature bodies. Each takes one dict of named tensors.
     def serve(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
