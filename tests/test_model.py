@@ -1,0 +1,305 @@
+"""LiMAMLModel: the inner loop's math, vectorization, padding, cold start, training."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_limaml
+from tf_limaml import data
+from tf_limaml.features import FeatureSpec
+from tf_limaml.model import LiMAMLModel, MetaConfig, load_model, save_model
+
+TINY_SPEC = FeatureSpec.from_dict({
+    "entity": "member", "time": "t", "label": "y",
+    "meta_features": [{"name": "a", "type": "numeric"}],
+    "request_features": [{"name": "r", "type": "numeric"}],
+})
+
+
+def _tiny_model(inner_lr=0.1, **config):
+    """e = a*w + b; logit = e + r (global weights fixed to ones, linear)."""
+    model = LiMAMLModel(TINY_SPEC, MetaConfig(inner_lr=inner_lr, jit_compile=False, **config),
+                        meta_units=[1], global_units=[1], cross_layers=0,
+                        interaction="concat")
+    meta = model.meta_block.adaptable_weights()
+    meta["dense_0/kernel"].assign([[0.5]])
+    meta["dense_0/bias"].assign([0.0])
+    glob = model.global_block.adaptable_weights()
+    glob["dense_0/kernel"].assign([[1.0], [1.0]])
+    glob["dense_0/bias"].assign([0.0])
+    glob["logit/kernel"].assign([[1.0]])
+    glob["logit/bias"].assign([0.0])
+    model.global_block._activation = tf.keras.activations.linear
+    return model
+
+
+def test_hand_computed_inner_step():
+    model = _tiny_model(inner_lr=0.1)
+    tasks = {
+        "a": tf.constant([2.0]),
+        "support_r": tf.constant([[0.0, -1.0]]), "support_label": tf.constant([[1.0, 0.0]]),
+        "support_mask": tf.constant([[1.0, 1.0]]),
+    }
+    fast = model.adapt(tasks, steps=1)
+    # e = 2 * 0.5 = 1; logits = [1, 0]; errors sigma(logit) - y = [-0.2689414, 0.5];
+    # mean = 0.1155293; dL/dw = 0.1155293 * a = 0.2310586, dL/db = 0.1155293.
+    np.testing.assert_allclose(fast["meta_block/dense_0/kernel"].numpy().ravel(),
+                               [0.5 - 0.1 * 0.23105857], atol=1e-6)
+    np.testing.assert_allclose(fast["meta_block/dense_0/bias"].numpy().ravel(),
+                               [-0.1 * 0.11552929], atol=1e-6)
+    embedding = model.meta_embedding(tasks, steps=1).numpy().ravel()
+    np.testing.assert_allclose(embedding, [2 * 0.47689414 - 0.01155293], atol=1e-6)
+    # Global weights are not adapted in LiMAML mode.
+    assert all(k.startswith("meta_block/") for k in fast)
+
+
+def test_full_maml_adapts_global_block_too():
+    model = _tiny_model(adapt="all")
+    tasks = {"a": tf.constant([2.0]), "support_r": tf.constant([[0.0, -1.0]]),
+             "support_label": tf.constant([[1.0, 0.0]]), "support_mask": tf.constant([[1.0, 1.0]])}
+    fast = model.adapt(tasks)
+    # dL/d(logit bias) = mean error = 0.1155293.
+    np.testing.assert_allclose(fast["global_block/logit/bias"].numpy().ravel(),
+                               [-0.1 * 0.11552929], atol=1e-6)
+
+
+@pytest.fixture
+def float64():
+    tf.keras.backend.set_floatx("float64")
+    yield
+    tf.keras.backend.set_floatx("float32")
+
+
+def _first_batch(paths, spec, tasks=8, support=16, query=16):
+    return next(iter(data.task_dataset(paths["train"], spec, tasks, support, query)))
+
+
+def test_second_order_gradient_matches_finite_differences(float64, synthetic_tasks,
+                                                          synthetic_spec):
+    tf.keras.utils.set_random_seed(1)
+    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.5, inner_steps=2,
+                                                   jit_compile=False),
+                        meta_units=[6, 4], global_units=[8], cross_layers=1)
+    batch = _first_batch(synthetic_tasks, synthetic_spec, tasks=4, support=8, query=8)
+    encoded = model.encode(batch)
+
+    def loss(first_order=False):
+        return model._forward(encoded, 2, first_order)["loss"]
+
+    variables = {
+        "meta kernel": model.meta_block.adaptable_weights()["dense_0/kernel"],
+        "meta bias": model.meta_block.adaptable_weights()["dense_1/bias"],
+        "global kernel": model.global_block.adaptable_weights()["dense_0/kernel"],
+    }
+    for order in (False, True):
+        with tf.GradientTape(persistent=True) as tape:
+            value = loss(first_order=order)
+        grads = {k: tape.gradient(value, v) for k, v in variables.items()}
+        if not order:
+            second = grads
+        else:
+            first = grads
+    eps = 1e-6
+    rng = np.random.default_rng(0)
+    for name, variable in variables.items():
+        flat = variable.numpy().ravel()
+        for index in rng.choice(flat.size, size=min(3, flat.size), replace=False):
+            original = variable.numpy()
+            bumped = flat.copy()
+            bumped[index] += eps
+            variable.assign(bumped.reshape(original.shape))
+            up = float(loss())
+            bumped[index] -= 2 * eps
+            variable.assign(bumped.reshape(original.shape))
+            down = float(loss())
+            variable.assign(original)
+            numeric = (up - down) / (2 * eps)
+            analytic = float(second[name].numpy().ravel()[index])
+            assert abs(analytic - numeric) <= 1e-3 * max(abs(numeric), 1e-4), (
+                name, index, analytic, numeric)
+    difference = max(float(tf.reduce_max(tf.abs(second[k] - first[k]))) for k in variables)
+    scale = max(float(tf.reduce_max(tf.abs(second[k]))) for k in variables)
+    assert difference > 1e-3 * scale, "first-order gradient should differ from second-order"
+
+
+def test_vectorized_inner_loop_equals_per_task_steps(synthetic_tasks, synthetic_spec,
+                                                     small_model_kwargs):
+    tf.keras.utils.set_random_seed(2)
+    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.3, inner_steps=2,
+                                                   jit_compile=False), **small_model_kwargs)
+    batch = _first_batch(synthetic_tasks, synthetic_spec, tasks=6)
+    fast = model.adapt(batch)
+    embeddings = model.meta_embedding(batch).numpy()
+    scores = model.predict_query(batch).numpy()
+    grads, _ = model._meta_gradients(model.encode(batch))
+    per_task_grads = []
+    for t in range(6):
+        one = {k: v[t:t + 1] for k, v in batch.items()}
+        fast_one = model.adapt(one)
+        for name, value in fast_one.items():
+            np.testing.assert_allclose(value.numpy()[0], fast[name].numpy()[t], atol=1e-5)
+        np.testing.assert_allclose(model.meta_embedding(one).numpy()[0], embeddings[t],
+                                   atol=1e-5)
+        np.testing.assert_allclose(model.predict_query(one).numpy()[0], scores[t], atol=1e-5)
+        per_task_grads.append(model._meta_gradients(model.encode(one))[0])
+    # The outer loss is the mean of the tasks' query losses (all tasks have a query).
+    for i, grad in enumerate(grads):
+        mean = np.mean([tf.convert_to_tensor(g[i]).numpy() for g in per_task_grads], axis=0)
+        np.testing.assert_allclose(tf.convert_to_tensor(grad).numpy(), mean, atol=1e-5)
+
+
+def test_padding_rows_change_nothing(synthetic_tasks, synthetic_spec, small_model_kwargs):
+    tf.keras.utils.set_random_seed(3)
+    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.3, jit_compile=False),
+                        **small_model_kwargs)
+    tight = _first_batch(synthetic_tasks, synthetic_spec, tasks=8, support=40, query=40)
+    padded = _first_batch(synthetic_tasks, synthetic_spec, tasks=8, support=64, query=64)
+    # Fill padding rows with garbage: masked rows must not matter.
+    garbage = dict(padded)
+    mask = padded["support_mask"] > 0
+    garbage["support_f0"] = tf.where(mask, padded["support_f0"], 1e3)
+    garbage["support_label"] = tf.where(mask, padded["support_label"], 1.0)
+    garbage["support_item_id"] = tf.where(mask, padded["support_item_id"], "junk")
+    base = model.meta_embedding(tight).numpy()
+    for batch in (padded, garbage):
+        np.testing.assert_allclose(model.meta_embedding(batch).numpy(), base, atol=1e-5)
+        np.testing.assert_allclose(model.predict_query(batch).numpy()[:, :40],
+                                   model.predict_query(tight).numpy(), atol=1e-5)
+
+
+def test_empty_support_gives_the_unadapted_embedding(synthetic_tasks, synthetic_spec,
+                                                      small_model_kwargs):
+    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.3, inner_steps=3,
+                                                   jit_compile=False), **small_model_kwargs)
+    batch = dict(_first_batch(synthetic_tasks, synthetic_spec, tasks=4))
+    batch["support_mask"] = tf.concat([tf.zeros_like(batch["support_mask"][:2]),
+                                       batch["support_mask"][2:]], axis=0)
+    adapted = model.meta_embedding(batch).numpy()
+    unadapted = model.meta_embedding(batch, steps=0).numpy()
+    assert np.isfinite(adapted).all()
+    np.testing.assert_allclose(adapted[:2], unadapted[:2], atol=1e-7)
+    assert np.abs(adapted[2:] - unadapted[2:]).max() > 1e-4
+    assert np.isfinite(model.predict_query(batch).numpy()).all()
+    # A batch whose support has zero rows at all.
+    empty = dict(batch)
+    for key in [k for k in batch if k.startswith("support_")]:
+        empty[key] = batch[key][:, :0]
+    np.testing.assert_allclose(model.meta_embedding(empty).numpy(), unadapted, atol=1e-6)
+
+
+def test_no_meta_features_uses_a_learned_constant(small_model_kwargs):
+    spec = FeatureSpec.from_dict({"entity": "e", "time": "t", "label": "y",
+                                  "request_features": [{"name": "r", "type": "numeric"}]})
+    model = LiMAMLModel(spec, MetaConfig(jit_compile=False), **small_model_kwargs)
+    tasks = {"entity_id": tf.constant(["a", "b"]),
+             "support_r": tf.constant([[1.0, 2.0], [0.0, 0.0]]),
+             "support_label": tf.constant([[1.0, 0.0], [0.0, 0.0]]),
+             "support_mask": tf.constant([[1.0, 1.0], [0.0, 0.0]])}
+    embedding = model.meta_embedding(tasks).numpy()
+    default = model.meta_embedding(tasks, steps=0).numpy()
+    np.testing.assert_allclose(default[0], default[1])
+    np.testing.assert_allclose(embedding[1], default[1], atol=1e-7)
+    assert np.abs(embedding[0] - default[0]).max() > 0
+
+
+@pytest.fixture(scope="module")
+def trained_pair(synthetic_tasks, synthetic_spec):
+    """LiMAML and the same network trained without adaptation, fixed seeds."""
+    from tf_limaml import training
+
+    models = {}
+    for name, steps in (("limaml", 1), ("plain", 0)):
+        model, _ = training.train(
+            synthetic_tasks["train"], synthetic_spec,
+            str(synthetic_tasks["spec"]).replace("spec.json", f"model_{name}"),
+            MetaConfig(inner_steps=steps, inner_lr=0.5), epochs=6, learning_rate=3e-3,
+            seed=0, verbose=0,
+            model_kwargs={"meta_units": [32, 16], "global_units": [64, 32],
+                          "cross_layers": 1})
+        models[name] = model
+    return models
+
+
+def test_meta_training_beats_the_unadapted_network(trained_pair, synthetic_tasks,
+                                                   synthetic_spec):
+    from tf_limaml import evaluation
+
+    batches = list(data.task_dataset(synthetic_tasks["test"], synthetic_spec, 64, 32, 32))
+    limaml = evaluation.evaluate_model(trained_pair["limaml"], batches)
+    plain = evaluation.evaluate_model(trained_pair["plain"], batches)
+    assert limaml["adapted"]["auc"] >= plain["adapted"]["auc"] + 0.02, (limaml, plain)
+    # Adaptation itself is what helps: the meta-learned default alone is worse.
+    assert limaml["adapted"]["auc"] > limaml["unadapted"]["auc"]
+
+
+def test_adaptation_lowers_support_loss_for_most_tasks(trained_pair, synthetic_tasks,
+                                                       synthetic_spec):
+    model = trained_pair["limaml"]
+    lowered = total = 0
+    for batch in data.task_dataset(synthetic_tasks["test"], synthetic_spec, 64, 32, 32):
+        encoded = model.encode(batch)
+        before = model._per_task_loss(encoded["support_label"],
+                                      model._logits(encoded, "support", None)[0],
+                                      encoded["support_mask"])
+        fast, _ = model._inner_loop(encoded, 1, True)
+        after = model._per_task_loss(encoded["support_label"],
+                                     model._logits(encoded, "support", fast)[0],
+                                     encoded["support_mask"])
+        has_support = encoded["support_mask"].numpy().sum(1) > 0
+        lowered += int(np.sum((after.numpy() < before.numpy())[has_support]))
+        total += int(has_support.sum())
+    assert total > 0
+    assert lowered / total >= 0.95, (lowered, total)
+
+
+def test_config_round_trip_and_save_load(tmp_path, synthetic_tasks, synthetic_spec,
+                                         small_model_kwargs):
+    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.2, learn_inner_lr=True,
+                                                   jit_compile=False), **small_model_kwargs)
+    config = model.get_config()
+    clone = LiMAMLModel.from_config(config)
+    assert clone.get_config() == config
+    assert clone.meta_config == model.meta_config
+    assert len(clone.trainable_variables) == len(model.trainable_variables)
+    batch = _first_batch(synthetic_tasks, synthetic_spec)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    np.testing.assert_allclose(loaded.predict_query(batch).numpy(),
+                               model.predict_query(batch).numpy(), atol=1e-6)
+    np.testing.assert_allclose(loaded.meta_embedding(batch).numpy(),
+                               model.meta_embedding(batch).numpy(), atol=1e-6)
+
+
+def test_learned_inner_rates_are_trained(synthetic_tasks, synthetic_spec, small_model_kwargs):
+    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.2, learn_inner_lr=True,
+                                                   jit_compile=False), **small_model_kwargs)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    batch = _first_batch(synthetic_tasks, synthetic_spec)
+    before = {k: v.numpy().copy() for k, v in model.inner_lrs.items()}
+    logs = model.train_step(batch)
+    assert set(logs) >= {"loss", "support_loss", "query_loss", "regularization_loss", "auc"}
+    assert any(np.abs(model.inner_lrs[k].numpy() - v).max() > 0 for k, v in before.items())
+
+
+def test_xla_step_matches_eager_step(synthetic_tasks, synthetic_spec, small_model_kwargs):
+    batch = _first_batch(synthetic_tasks, synthetic_spec)
+    results = []
+    for jit in (True, False):
+        tf.keras.utils.set_random_seed(5)
+        model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.3, jit_compile=jit),
+                            **small_model_kwargs)
+        grads, out = model._function("g", model._meta_gradients, jit)(model.encode(batch))
+        results.append((float(out["loss"]), [tf.convert_to_tensor(g).numpy() for g in grads]))
+    assert abs(results[0][0] - results[1][0]) < 1e-5
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_meta_config_validation():
+    with pytest.raises(ValueError, match="inner_steps"):
+        MetaConfig(inner_steps=-1)
+    with pytest.raises(ValueError, match="adapt"):
+        MetaConfig(adapt="everything")
+    with pytest.raises(ValueError, match="Unknown MetaConfig key 'inner_step'"):
+        MetaConfig.from_dict({"inner_step": 2})
+    assert tf_limaml.MetaConfig.from_dict({"inner_steps": 3}).inner_steps == 3
