@@ -1,0 +1,371 @@
+"""Beam pipeline: every entity's adapted meta embedding, for online serving.
+
+This is the offline half of LiMAML's deployment: for each entity (member) it
+adapts the meta block on the entity's latest interactions (the support set of
+its task record) and stores the resulting meta embedding. Online, TF Serving's
+`serving_default` signature scores requests from that stored vector.
+
+The job reads task records (`tf_limaml.data` SequenceExamples, e.g. the output
+of `limaml make-tasks`), batches entities with `beam.BatchElements`, and calls
+the export's batched `meta_embedding` signature; each worker loads the
+SavedModel once, in `DoFn.setup`. Support longer than the export's
+`max_support` keeps its latest rows. Entities without support rows get the
+meta-learned default (cold-start) embedding.
+
+Outputs in DIR:
+
+* `embeddings-SSSSS-of-NNNNN.tfrecord.gz`: one tf.Example per entity with
+  `entity_id` (bytes), `embedding` (float list of length d), `model_version`
+  (int64: the export's version directory), `n_support` (int64: the support rows
+  the embedding was adapted on, after the cap) and `generated_at` (int64: Unix
+  seconds, UTC, one value per run);
+* `parquet/embeddings-SSSSS-of-NNNNN.parquet` with the same columns (--parquet);
+* `rejected-SSSSS-of-NNNNN.jsonl`: task records that could not be embedded
+  (unparsable, or labels other than 0/1), with the reason;
+* `summary.json`: the counters, written after the run; entities_in must equal
+  entities_out + records_rejected, and the job fails otherwise.
+
+Locally:
+
+    limaml embed --export exports/limaml/3 --tasks 'tasks/*.tfrecord.gz' \\
+        --output embeddings/v3 --parquet
+
+On Dataflow, add `--runner DataflowRunner --project P --region R
+--temp_location gs://B/tmp --setup_file ./setup.py` and gs:// paths.
+
+In code, `GenerateEmbeddings` turns a PCollection of serialized task records
+into embedding rows:
+
+    with beam.Pipeline() as p:
+        out = p | beam.Create(records) | GenerateEmbeddings("exports/limaml/3")
+        out["embeddings"]   # dicts: entity_id, embedding, model_version, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import logging
+import time
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+from beam_pipelines.options import embed_arguments
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "limaml.embed"
+ENTITIES_IN = "entities_in"
+ENTITIES_OUT = "entities_out"
+ENTITIES_COLD = "entities_cold_start"
+ENTITIES_TRUNCATED = "entities_support_truncated"
+RECORDS_REJECTED = "records_rejected"
+BATCHES = "batches"
+COUNTERS = (ENTITIES_IN, ENTITIES_OUT, ENTITIES_COLD, ENTITIES_TRUNCATED, RECORDS_REJECTED,
+            BATCHES)
+REJECTED = "rejected"
+EMBEDDINGS = "embeddings"
+EMBEDDINGS_PREFIX = "embeddings"
+TFRECORD_SUFFIX = ".tfrecord.gz"
+OUTPUT_PATTERNS = ("embeddings-*", "parquet/embeddings-*", "rejected-*", "summary.json")
+
+
+def _counter(name: str):
+    return Metrics.counter(NAMESPACE, name)
+
+
+class EmbedTasksFn(beam.DoFn):
+    """Batches of serialized task records -> one embedding row per entity.
+
+    Loads the SavedModel once per worker (in `setup`) and calls its batched
+    `meta_embedding` signature. A batch that fails (a malformed record, a label
+    other than 0/1) is retried record by record, and the failing records go to
+    the `rejected` output with the reason.
+
+    Args:
+        export_dir: The SavedModel version directory (or its base: the latest).
+        max_support: Support rows per entity (default: the export's maximum).
+        generated_at: Unix seconds stamped on every row.
+    """
+
+    def __init__(self, export_dir: str, max_support: int | None, generated_at: int):
+        self.export_dir = export_dir
+        self.max_support = max_support
+        self.generated_at = generated_at
+
+    def setup(self):
+        import tensorflow as tf  # noqa: PLC0415 - loaded on the worker
+
+        from tf_limaml import data, export  # noqa: PLC0415
+
+        metadata = export.read_metadata(self.export_dir)
+        spec = metadata["spec"]
+        self._max_support = self.max_support or metadata["max_support"]
+        self._model_version = int(metadata["model_version"])
+        self._loaded = tf.saved_model.load(metadata["export_dir"])
+        self._signature = self._loaded.signatures[export.META_EMBEDDING]
+        self._input_names = sorted(self._signature.structured_input_signature[1])
+        max_support = self._max_support
+        # Query rows are not needed for the embedding: parse at most one.
+        self._parse = tf.function(
+            lambda serialized: data.parse_task_batch(serialized, spec, max_support, 1),
+            input_signature=[tf.TensorSpec([None], tf.string)])
+        self._errors = (tf.errors.InvalidArgumentError,)
+        self._tf = tf
+        self._cold = _counter(ENTITIES_COLD)
+        self._truncated = _counter(ENTITIES_TRUNCATED)
+        self._rejected = _counter(RECORDS_REJECTED)
+        self._batches = _counter(BATCHES)
+
+    def _embed(self, records: Sequence[bytes]) -> list[dict[str, Any]]:
+        batch = self._parse(self._tf.constant(list(records), dtype=self._tf.string))
+        embeddings = self._signature(**{name: batch[name] for name in self._input_names})[
+            "meta_embedding"].numpy()
+        entity_ids = batch["entity_id"].numpy()
+        n_support = batch["n_support"].numpy()
+        rows = []
+        for i, entity_id in enumerate(entity_ids):
+            rows.append({
+                "entity_id": entity_id.decode("utf-8"),
+                "embedding": embeddings[i].tolist(),
+                "model_version": self._model_version,
+                "n_support": int(min(n_support[i], self._max_support)),
+                "generated_at": self.generated_at,
+            })
+            if n_support[i] == 0:
+                self._cold.inc()
+            elif n_support[i] > self._max_support:
+                self._truncated.inc()
+        return rows
+
+    def process(self, records: Sequence[bytes]) -> Iterable[Any]:
+        self._batches.inc()
+        try:
+            yield from self._embed(records)
+            return
+        except self._errors:
+            logger.warning("A batch of %d task records failed; retrying one by one",
+                           len(records))
+        for record in records:
+            try:
+                yield from self._embed([record])
+            except self._errors as err:
+                self._rejected.inc()
+                yield beam.pvalue.TaggedOutput(REJECTED, {
+                    "reason": "bad_task_record",
+                    "detail": err.message.strip().splitlines()[0][:500],
+                    "record_b64": base64.b64encode(record).decode("ascii"),
+                })
+
+
+def _count(name: str):
+    counter = _counter(name)
+
+    def count(element):
+        counter.inc()
+        return element
+
+    return count
+
+
+class GenerateEmbeddings(beam.PTransform):
+    """Serialized task records -> {"embeddings": rows, "rejected": dead letter}.
+
+    Args:
+        export_dir: The SavedModel version directory (or its base: the latest).
+        batch_size: Entities per signature call (the last batch of a bundle
+            may be smaller).
+        max_support: Support rows per entity (default: the export's maximum).
+        generated_at: Unix seconds stamped on every row (default: now).
+
+    Returns (from `expand`): a dict with "embeddings", a PCollection of dicts
+    (entity_id, embedding, model_version, n_support, generated_at), and
+    "rejected", the records that could not be embedded, with the reason.
+    """
+
+    def __init__(self, export_dir: str, batch_size: int = 256, max_support: int | None = None,
+                 generated_at: int | None = None):
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        self.export_dir = export_dir
+        self.batch_size = batch_size
+        self.max_support = max_support
+        self.generated_at = int(time.time()) if generated_at is None else int(generated_at)
+
+    def expand(self, records):
+        embedded = (
+            records
+            | "CountEntitiesIn" >> beam.Map(_count(ENTITIES_IN))
+            | "BatchEntities" >> beam.BatchElements(
+                min_batch_size=self.batch_size, max_batch_size=self.batch_size)
+            | "EmbedBatches" >> beam.ParDo(EmbedTasksFn(
+                self.export_dir, self.max_support, self.generated_at)).with_outputs(
+                    REJECTED, main=EMBEDDINGS))
+        rows = embedded[EMBEDDINGS] | "CountEntitiesOut" >> beam.Map(_count(ENTITIES_OUT))
+        return {EMBEDDINGS: rows, REJECTED: embedded[REJECTED]}
+
+
+def to_example(row: dict[str, Any]) -> bytes:
+    """One embedding row as a serialized tf.Example."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    def ints(value):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+    feature = {
+        "entity_id": tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[row["entity_id"].encode("utf-8")])),
+        "embedding": tf.train.Feature(float_list=tf.train.FloatList(value=row["embedding"])),
+        "model_version": ints(row["model_version"]),
+        "n_support": ints(row["n_support"]),
+        "generated_at": ints(row["generated_at"]),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def parquet_schema():
+    import pyarrow as pa  # noqa: PLC0415 - only --parquet runs need it
+
+    return pa.schema([("entity_id", pa.string()), ("embedding", pa.list_(pa.float32())),
+                      ("model_version", pa.int64()), ("n_support", pa.int64()),
+                      ("generated_at", pa.int64())])
+
+
+class WriteEmbeddings(beam.PTransform):
+    """Writes `GenerateEmbeddings` outputs to DIR (see the module doc)."""
+
+    def __init__(self, output_dir: str, parquet: bool = False):
+        super().__init__()
+        self.output_dir = output_dir
+        self.parquet = parquet
+
+    def expand(self, outputs):
+        path = lambda name: FileSystems.join(self.output_dir, name)  # noqa: E731
+        (outputs[EMBEDDINGS]
+         | "ToTFExample" >> beam.Map(to_example)
+         | "WriteTFRecords" >> beam.io.WriteToTFRecord(
+             path(EMBEDDINGS_PREFIX), file_name_suffix=TFRECORD_SUFFIX,
+             compression_type=CompressionTypes.GZIP))
+        if self.parquet:
+            outputs[EMBEDDINGS] | "WriteParquet" >> beam.io.WriteToParquet(
+                FileSystems.join(path("parquet"), EMBEDDINGS_PREFIX), parquet_schema(),
+                file_name_suffix=".parquet")
+        (outputs[REJECTED]
+         | "RejectedToJson" >> beam.Map(json.dumps)
+         | "WriteRejected" >> beam.io.WriteToText(path("rejected"), file_name_suffix=".jsonl"))
+        return outputs
+
+
+# ------------------------------------------------------------ command line
+def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    """This job's counters from a finished PipelineResult (0 when never incremented)."""
+    found = {name: 0 for name in COUNTERS}
+    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    for counter in query["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        found[counter.key.metric.name] += int(value or 0)
+    return found
+
+
+def _prepare_output(output_dir: str, overwrite: bool) -> None:
+    stale = []
+    for pattern in OUTPUT_PATTERNS:
+        result = FileSystems.match([FileSystems.join(output_dir, pattern)])[0]
+        stale += [m.path for m in result.metadata_list]
+    if not stale:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--output {output_dir} already holds embeddings of a run ({len(stale)} files, "
+            f"e.g. {sorted(stale)[0]}); pass a new --output (one per model version is a "
+            "good habit) or --overwrite")
+    logger.info("Deleting %d files of an earlier run in %s", len(stale), output_dir)
+    FileSystems.delete(stale)
+
+
+def run(argv: Sequence[str] | None = None, save_main_session: bool = True
+        ) -> beam.runners.runner.PipelineResult:
+    """Runs the job: `limaml embed ...` or `python -m beam_pipelines.generate_embeddings`.
+
+    Args:
+        argv: Flags (see `beam_pipelines.options.embed_arguments`, plus
+            `--overwrite`); flags this parser does not know go to Beam's
+            PipelineOptions. None: no flags.
+        save_main_session: Pickle the main module's globals for the workers.
+
+    Returns:
+        The finished PipelineResult.
+
+    Raises:
+        FileNotFoundError: No export or no task files.
+        ValueError: --output holds an earlier run (without --overwrite).
+        RuntimeError: Entities in != entities out + rejected.
+    """
+    from tf_limaml import export  # noqa: PLC0415 - imports TensorFlow
+
+    parser = argparse.ArgumentParser(
+        prog="generate_embeddings", description=__doc__.splitlines()[0], allow_abbrev=False)
+    embed_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Delete the embeddings of an earlier run in --output.")
+    known, pipeline_args = parser.parse_known_args(list(argv or []))
+    metadata = export.read_metadata(known.export)
+    if not FileSystems.match([known.tasks])[0].metadata_list:
+        raise FileNotFoundError(f"--tasks {known.tasks!r} matches no file; check the path "
+                                "or the glob")
+    _prepare_output(known.output, known.overwrite)
+    if not FileSystems.exists(known.output):
+        FileSystems.mkdirs(known.output)
+    generated_at = int(time.time())
+    logger.info("Embedding %s with model version %s (max_support %s)", known.tasks,
+                metadata["model_version"], known.max_support or metadata["max_support"])
+
+    options = PipelineOptions(pipeline_args)
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    pipeline = beam.Pipeline(options=options)
+    _ = (pipeline
+         | "ReadTasks" >> beam.io.ReadFromTFRecord(known.tasks,
+                                                   compression_type=CompressionTypes.AUTO)
+         | "GenerateEmbeddings" >> GenerateEmbeddings(
+             metadata["export_dir"], known.batch_size, known.max_support, generated_at)
+         | "WriteEmbeddings" >> WriteEmbeddings(known.output, known.parquet))
+    result = pipeline.run()
+    result.wait_until_finish()
+    counts = counters(result)
+    summary = {
+        "export_dir": metadata["export_dir"], "model_version": metadata["model_version"],
+        "tasks": known.tasks,
+        "max_support": known.max_support or metadata["max_support"],
+        "generated_at": generated_at,
+        "generated_at_utc": datetime.datetime.fromtimestamp(
+            generated_at, datetime.timezone.utc).isoformat(),
+        **counts,
+        "balanced": counts[ENTITIES_IN] == counts[ENTITIES_OUT] + counts[RECORDS_REJECTED],
+    }
+    with FileSystems.create(FileSystems.join(known.output, "summary.json")) as f:
+        f.write(json.dumps(summary, indent=2).encode("utf-8"))
+    logger.info("embed: %d entities in, %d out (%d cold start, %d with support cut to %s), "
+                "%d records rejected", counts[ENTITIES_IN], counts[ENTITIES_OUT],
+                counts[ENTITIES_COLD], counts[ENTITIES_TRUNCATED], summary["max_support"],
+                counts[RECORDS_REJECTED])
+    if not summary["balanced"]:
+        raise RuntimeError(
+            f"Entities in ({counts[ENTITIES_IN]}) != entities out ({counts[ENTITIES_OUT]}) "
+            f"+ rejected ({counts[RECORDS_REJECTED]}); see {known.output}/summary.json")
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    run(sys.argv[1:])

@@ -1,0 +1,152 @@
+"""The offline meta-embedding job, and its consistency with online scoring."""
+
+import glob
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
+
+from beam_pipelines import generate_embeddings
+from serving_fixture import SessionSignatures, build_test_export, entity_inputs
+from tf_limaml import data
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, synthetic_tasks):
+    return build_test_export(tmp_path_factory, synthetic_tasks)
+
+
+@pytest.fixture(scope="module")
+def session(exported):
+    model = SessionSignatures(exported["export_dir"])
+    yield model
+    model.close()
+
+
+def _records(pattern):
+    return [r.numpy() for r in tf.data.TFRecordDataset(glob.glob(pattern),
+                                                       compression_type="GZIP")]
+
+
+def _cold_record(spec, entity_id="cold_member"):
+    """A task with query rows but no support: an entity seen for the first time."""
+    query = [{"label": 1, "timestamp": 10, "item_id": "3", "topics": "news|film",
+              **{f"f{k}": 0.1 * k for k in range(4)}}]
+    return data.encode_task(spec, entity_id, {"segment": "seg_2", "activity": 12.0}, [],
+                            query).SerializeToString()
+
+
+def test_transform_embeds_every_entity_and_dead_letters_bad_records(exported):
+    spec, model = exported["spec"], exported["model"]
+    records = _records(exported["tasks"]["test"])
+    expected_ids = sorted(tf.train.SequenceExample.FromString(r).context.feature[
+        "entity_id"].bytes_list.value[0].decode() for r in records) + ["cold_member"]
+    cold = _cold_record(spec)
+    cold_batch = data.tasks_to_batch([cold], spec, max_support=16, max_query=4)
+    default = model.meta_embedding(cold_batch, steps=0).numpy()[0]
+
+    def check_cold(rows):
+        (row,) = [r for r in rows if r["entity_id"] == "cold_member"]
+        if row["n_support"] != 0 or not np.allclose(row["embedding"], default, atol=TOL):
+            raise BeamAssertException(f"cold entity got {row}, expected {default}")
+        versions = {r["model_version"] for r in rows}
+        stamps = {r["generated_at"] for r in rows}
+        if versions != {1} or stamps != {1_700_000_000}:
+            raise BeamAssertException(f"versions {versions}, stamps {stamps}")
+
+    with TestPipeline() as p:
+        out = (p | beam.Create(records + [cold, b"not a task record"])
+               | generate_embeddings.GenerateEmbeddings(
+                   exported["export_dir"], batch_size=7, generated_at=1_700_000_000))
+        ids = out["embeddings"] | "Ids" >> beam.Map(lambda r: r["entity_id"])
+        assert_that(ids, equal_to(expected_ids), label="EveryEntityOnce")
+        assert_that(out["embeddings"], check_cold, label="ColdStartDefault")
+        reasons = out["rejected"] | "Reasons" >> beam.Map(lambda r: r["reason"])
+        assert_that(reasons, equal_to(["bad_task_record"]), label="DeadLetter")
+    counts = generate_embeddings.counters(p.result)
+    assert counts["entities_in"] == len(records) + 2
+    assert counts["entities_out"] == len(records) + 1
+    assert counts["records_rejected"] == 1 and counts["entities_cold_start"] == 1
+
+
+@pytest.fixture(scope="module")
+def embed_run(exported, tmp_path_factory):
+    """`limaml embed` on the test tasks plus one cold entity, with Parquet."""
+    tasks_dir = tmp_path_factory.mktemp("embed_tasks")
+    pattern = str(tasks_dir / "*.tfrecord.gz")
+    data.write_tasks(str(tasks_dir / "test.tfrecord.gz"), _records(exported["tasks"]["test"]))
+    data.write_tasks(str(tasks_dir / "cold.tfrecord.gz"), [_cold_record(exported["spec"])])
+    output = str(tmp_path_factory.mktemp("embeddings"))
+    from tf_limaml import cli
+
+    assert cli.main(["embed", "--export", exported["export_base"], "--tasks", pattern,
+                     "--output", output, "--batch-size", "16", "--parquet"]) == 0
+    rows = {}
+    for record in _records(os.path.join(output, "embeddings-*.tfrecord.gz")):
+        feature = tf.train.Example.FromString(record).features.feature
+        rows[feature["entity_id"].bytes_list.value[0].decode()] = {
+            "embedding": np.array(feature["embedding"].float_list.value, np.float32),
+            "model_version": feature["model_version"].int64_list.value[0],
+            "n_support": feature["n_support"].int64_list.value[0],
+            "generated_at": feature["generated_at"].int64_list.value[0]}
+    return {"output": output, "rows": rows, "pattern": pattern}
+
+
+def test_embed_command_outputs_and_counts(embed_run, exported):
+    output, rows = embed_run["output"], embed_run["rows"]
+    with open(os.path.join(output, "summary.json")) as f:
+        summary = json.load(f)
+    n_test = len(_records(exported["tasks"]["test"]))
+    assert summary["entities_in"] == summary["entities_out"] == n_test + 1 == len(rows)
+    assert summary["records_rejected"] == 0 and summary["balanced"]
+    assert summary["entities_cold_start"] == 1 and summary["model_version"] == 1
+    assert summary["entities_support_truncated"] > 0
+    assert rows["cold_member"]["n_support"] == 0
+    assert max(r["n_support"] for r in rows.values()) == 16  # the export's max_support
+    import pandas as pd
+
+    table = pd.concat(pd.read_parquet(p) for p in glob.glob(
+        os.path.join(output, "parquet", "embeddings-*.parquet")))
+    assert sorted(table["entity_id"]) == sorted(rows)
+    for _, row in table.iterrows():
+        np.testing.assert_array_equal(np.asarray(row["embedding"], np.float32),
+                                      rows[row["entity_id"]]["embedding"])
+        assert row["generated_at"] == summary["generated_at"]
+
+    # A second run into the same directory would mix shards: refused.
+    from tf_limaml import cli
+
+    assert cli.main(["embed", "--export", exported["export_dir"], "--tasks",
+                     embed_run["pattern"], "--output", output]) == 2
+
+
+def test_serving_default_with_stored_embedding_equals_adapt_and_predict(
+        embed_run, exported, session):
+    """The paper's deployment contract, for every test entity."""
+    spec = exported["spec"]
+    ds = data.task_dataset(exported["tasks"]["test"], spec, batch_tasks=1000, max_support=64,
+                           max_query=64)
+    batch = {k: v.numpy() for k, v in next(iter(ds)).items()}
+    checked = 0
+    for i, entity_id in enumerate(batch["entity_id"]):
+        meta, support, labels, query = entity_inputs(batch, spec, i)
+        inputs = dict(meta)
+        inputs.update({f"support_{k}": v for k, v in support.items()})
+        inputs.update({f"query_{k}": v for k, v in query.items()})
+        inputs["support_label"] = labels
+        adapted = session.run("adapt_and_predict", inputs)
+        stored = embed_run["rows"][entity_id.decode()]["embedding"]
+        n_query = len(query["item_id"])
+        online = session.run("serving_default", {
+            "meta_embedding": np.repeat(stored[None], n_query, axis=0), **query})
+        np.testing.assert_allclose(online["score"], adapted["score"], atol=TOL)
+        np.testing.assert_allclose(stored, adapted["meta_embedding"], atol=TOL)
+        checked += 1
+    assert checked == len(embed_run["rows"]) - 1  # every entity but the cold one
