@@ -285,3 +285,7 @@ def _fail(command: str, message: str) -> int:
     print(f"limaml {command}: error: {first_line}", file=sys.stderr)
     return EXIT_USAGE
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+# tf-limaml: every install step lives here, so a fresh clone needs only `make`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 3
+
+.PHONY: install test test-slow test-all demo demo-synthetic bench lint clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[beam,serving,report,test]"
+	# MovieLens-100K ships inside this wheel; --no-deps keeps torch out.
+	$(PY) -m pip install -q --no-deps recbole==1.2.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Fast suite (the CI gate): everything but the end-to-end tests marked slow.
+test: install
+	$(PY) -m pytest -q -m "not slow" --durations=10
+
+test-slow: install
+	$(PY) -m pytest -q -m slow --durations=10
+
+test-all: install
+	$(PY) -m pytest -q --durations=20
+
+## The main job: MovieLens-100K end to end, report in runs/demo/.
+demo: install
+	$(VENV)/bin/limaml demo
+
+demo-synthetic: install
+	$(VENV)/bin/limaml demo --dataset synthetic
+
+bench: install
+	@for b in bench/meta_train.py bench/make_tasks.py bench/serving.py bench/startup.py; do \
+	  if [ -f $$b ]; then echo "== $$b"; $(PY) $$b || exit 1; fi; done
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info
