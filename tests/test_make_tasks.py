@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 
 import apache_beam as beam
 import pytest
@@ -110,33 +111,33 @@ RULE_CASES = {
 }
 
 
-@pytest.mark.parametrize("rule", sorted(RULE_CASES))
-def test_split_rules(rule):
-    n_support, n_query = RULE_CASES[rule]
+def test_split_rules():
     rows = history("u1", 5) + history("u2", 1, start=200)
     u1 = tuple((100 + 10 * k, f"i{k}", 1) for k in range(5))
+    # One pipeline, one BuildTasks per rule: a failure names the rule's label.
     with pipeline() as p:
-        out = build(p, rows, rule=rule)
-        assert_that(untagged(out["tasks"], "Summaries"),
-                    equal_to([("u1", u1[:n_support], u1[n_support:], ("us", 30.0))]))
-        # u2's single row cannot give both a support and a query row: cold.
-        assert_that(out["cold"] | beam.Map(lambda c: c[0]), equal_to(["u2"]), label="Cold")
+        created = p | "Rows" >> beam.Create(rows)
+        for rule, (n_support, n_query) in RULE_CASES.items():
+            out = created | f"Build[{rule}]" >> make_tasks.BuildTasks(SPEC, rule=rule)
+            assert n_support + n_query == len(u1)
+            assert_that(untagged(out["tasks"], f"Summaries[{rule}]"),
+                        equal_to([("u1", u1[:n_support], u1[n_support:], ("us", 30.0))]),
+                        label=f"Tasks[{rule}]")
+            # u2's single row cannot give both a support and a query row: cold.
+            assert_that(out["cold"] | f"ColdIds[{rule}]" >> beam.Map(lambda c: c[0]),
+                        equal_to(["u2"]), label=f"Cold[{rule}]")
 
 
 def test_cutoff_rule_colds_entities_with_no_query_rows():
     rows = history("early", 3, start=100) + history("late", 3, start=1000) + (
-        history("both", 2, start=400) + history("both_after", 2, start=600))
+        history("both", 2, start=400) + history("both_after", 2, start=600)) + [
+        row("u", 400, "a"), row("u", 600, "b")]
     with pipeline() as p:
         out = build(p, rows, rule="cutoff:500", min_support=1, min_query=1)
-        assert_that(out["tasks"] | beam.Map(lambda t: t[1]), equal_to([]), label="NoTasks")
-        assert_that(out["cold"] | beam.Map(lambda c: c[0]),
-                    equal_to(["early", "late", "both", "both_after"]), label="Cold")
-
-    rows = [row("u", 400, "a"), row("u", 600, "b")]
-    with pipeline() as p:
-        out = build(p, rows, rule="cutoff:500")
         assert_that(untagged(out["tasks"], "Summaries"),
                     equal_to([("u", ((400, "a", 1),), ((600, "b", 1),), ("us", 30.0))]))
+        assert_that(out["cold"] | beam.Map(lambda c: c[0]),
+                    equal_to(["early", "late", "both", "both_after"]), label="Cold")
 
 
 # ---------------------------------------------------------------------- ties
@@ -149,22 +150,23 @@ TIED_ROWS = [
 TIED_ORDER = ((50, "20", 1), (100, "9", 0), (100, "9", 1), (100, "10", 1))
 
 
-@pytest.mark.parametrize("order", ["given", "reversed", "shuffled"])
-def test_timestamp_ties_split_the_same_way_in_any_input_order(order):
-    rows = list(TIED_ROWS)
-    if order == "reversed":
-        rows.reverse()
-    elif order == "shuffled":
-        random.Random(5).shuffle(rows)
+def test_timestamp_ties_split_the_same_way_in_any_input_order():
+    shuffled = list(TIED_ROWS)
+    random.Random(5).shuffle(shuffled)
+    orders = {"given": list(TIED_ROWS), "reversed": TIED_ROWS[::-1], "shuffled": shuffled}
     expected = ("u", TIED_ORDER[:2], TIED_ORDER[2:], ("us", 30.0))
     with pipeline() as p:
-        out = build(p, rows, rule="last:2")
-        assert_that(untagged(out["tasks"], "Summaries"), equal_to([expected]))
-    # The in-process reference implementation agrees.
-    histories, _, _ = task_rules.build_tasks(SPEC, rows, "last:2")
-    reference = [(int(r["ts"]), r["item"], r["label"]) for r in
-                 histories[0].support + histories[0].query]
-    assert tuple(reference) == TIED_ORDER
+        for name, rows in orders.items():
+            out = (p | f"Rows[{name}]" >> beam.Create(rows)
+                   | f"Build[{name}]" >> make_tasks.BuildTasks(SPEC, rule="last:2"))
+            assert_that(untagged(out["tasks"], f"Summaries[{name}]"), equal_to([expected]),
+                        label=f"Tasks[{name}]")
+    # The in-process reference implementation agrees, in every order.
+    for rows in orders.values():
+        histories, _, _ = task_rules.build_tasks(SPEC, rows, "last:2")
+        reference = [(int(r["ts"]), r["item"], r["label"]) for r in
+                     histories[0].support + histories[0].query]
+        assert tuple(reference) == TIED_ORDER
 
 
 # ---------------------------------------------------------------------- caps
@@ -259,37 +261,51 @@ def _strict_json(line):
 
 
 def test_every_dead_letter_reason_is_routed_counted_and_json_safe():
+    from apache_beam.metrics.metric import MetricsFilter
+
     assert {reason for _, reason in BAD_ROWS} == set(task_rules.REJECT_REASONS)
     bad = []
     for element, reason in BAD_ROWS:
         if isinstance(element, dict):
             element = {**element, **GARBAGE}
         bad.append(element)
-    rows = bad + history("good", 4)
+    rows = bad + history("good", 4) + history("cold", 1, start=900)
     expected_reasons = [reason for _, reason in BAD_ROWS]
-    with pipeline() as p:
-        out = build(p, rows)
-        parsed = out["rejected"] | "Parse" >> beam.Map(_strict_json)
-        assert_that(parsed | "Reasons" >> beam.Map(lambda r: r["reason"]),
-                    equal_to(expected_reasons))
+    p = pipeline()
+    out = build(p, rows)
+    parsed = out["rejected"] | "Parse" >> beam.Map(_strict_json)
+    assert_that(parsed | "Reasons" >> beam.Map(lambda r: r["reason"]),
+                equal_to(expected_reasons))
 
-        def check_records(records):
-            for record in records:
-                assert record["source"] == "interactions" and record["detail"], record
-                if "blob" in record["row"]:
-                    assert record["row"]["nested"] == {"1": ["nan", "-inf"]}, record
-                    assert record["row"]["when"] == "2024-01-02T03:04:05", record
-                    assert record["row"]["odd"] == "Opaque()", record
-        assert_that(parsed, check_records, label="Records")
-        assert_that(out["tasks"] | beam.Map(lambda t: t[1]), equal_to(["good"]),
-                    label="Good")
+    def check_records(records):
+        for record in records:
+            assert record["source"] == "interactions" and record["detail"], record
+            if "blob" in record["row"]:
+                assert record["row"]["nested"] == {"1": ["nan", "-inf"]}, record
+                assert record["row"]["when"] == "2024-01-02T03:04:05", record
+                assert record["row"]["odd"] == "Opaque()", record
+    assert_that(parsed, check_records, label="Records")
+    assert_that(out["tasks"] | beam.Map(lambda t: t[1]), equal_to(["good"]), label="Good")
 
-        def check(stats):
-            want = {r: expected_reasons.count(r) for r in task_rules.REJECT_REASONS}
-            assert stats["rejected_by_reason"] == want, stats
-            assert stats["rows_rejected"] == len(BAD_ROWS), stats
-            assert stats["conservation"]["holds"], stats
-        assert_that(out["stats"], stats_matcher(check), label="Stats")
+    def check(stats):
+        want = {r: expected_reasons.count(r) for r in task_rules.REJECT_REASONS}
+        assert stats["rejected_by_reason"] == want, stats
+        assert stats["rows_rejected"] == len(BAD_ROWS), stats
+        assert stats["conservation"]["holds"], stats
+    assert_that(out["stats"], stats_matcher(check), label="Stats")
+    result = p.run()
+    result.wait_until_finish()
+
+    # The same numbers are Beam counters (the runner's job summary).
+    query = result.metrics().query(MetricsFilter().with_namespace(make_tasks.NAMESPACE))
+    counters = {c.key.metric.name: c.committed for c in query["counters"]}
+    for reason in task_rules.REJECT_REASONS:
+        assert counters[f"rejected_by_reason.{reason}"] == expected_reasons.count(reason), (
+            reason, counters)
+    assert counters["rows_read"] == len(rows)
+    assert counters["rows_rejected"] == len(BAD_ROWS)
+    assert (counters["rows_in_tasks"], counters["rows_cold"]) == (4, 1)
+    assert counters["entities_cold"] == 1
 
 
 def test_dead_letter_json_safe_handles_numpy_sets_and_undecodable_text():
@@ -437,14 +453,26 @@ def _rows_for_files(num_users=40):
     return rows
 
 
-def test_run_writes_every_output_and_refuses_to_mix_runs(tmp_path):
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory):
+    """One in-memory run() over a shuffled CSV with ties, caps, a cold and a bad row."""
+    tmp_path = tmp_path_factory.mktemp("csv_run")
     rows = _rows_for_files()
+    # Ties and duplicates, so the order of arrival would matter without the rules.
+    rows += [row("u001", 100, "i0", click=0), row("u001", 100, "i0", click=1)]
+    random.Random(1).shuffle(rows)
     input_path, spec_path = _write_inputs(tmp_path, rows)
     out = str(tmp_path / "out")
-    argv = ["--input", input_path, "--features", spec_path, "--output", out,
-            "--max-support", "3", "--seed", "1", "--val-fraction", "0.25",
+    argv = ["--input", input_path, "--features", spec_path, "--max-support", "3",
+            "--max-query", "2", "--seed", "1", "--val-fraction", "0.25",
             "--test-fraction", "0.25"]
-    make_tasks.run(argv)
+    make_tasks.run(argv + ["--output", out])
+    return {"rows": rows, "argv": argv, "input": input_path, "out": out,
+            "records": all_records(out)}
+
+
+def test_run_writes_every_output(csv_run):
+    out, rows, records = csv_run["out"], csv_run["rows"], csv_run["records"]
     names = sorted(os.listdir(out))
     for name in names:
         # Only our fixed names: no entity id ever becomes part of a path.
@@ -455,11 +483,10 @@ def test_run_writes_every_output_and_refuses_to_mix_runs(tmp_path):
     assert FeatureSpec.load(os.path.join(out, "spec.json")) == SPEC
     stats = json.load(open(os.path.join(out, "stats.json")))
     assert stats["rows_read"] == len(rows)
-    assert stats["rejected_by_reason"]["bad_numeric"] == 1
+    assert stats["rejected_by_reason"]["bad_numeric"] == stats["rows_rejected"] == 1
     assert (stats["entities"], stats["entities_cold"]) == (40, 1)
-    assert stats["conservation"]["holds"]
-    assert stats["options"]["input"] == input_path
-    records = all_records(out)
+    assert stats["rows_dropped_by_caps"] > 0 and stats["conservation"]["holds"]
+    assert stats["options"]["input"] == csv_run["input"]
     assert sum(len(v) for k, v in records.items() if k != "cold") == 40
     assert [summarize(r)[0] for r in records["cold"]] == ["lonely"]
     for split in task_rules.SPLITS:
@@ -469,13 +496,28 @@ def test_run_writes_every_output_and_refuses_to_mix_runs(tmp_path):
     rejected = [json.loads(line) for f in glob.glob(os.path.join(out, "rejected-*.jsonl"))
                 for line in open(f)]
     assert [r["row"]["price"] for r in rejected] == ["abc"]
+    # The tied rows of u001 (t=100, item i0) sit in content order: click 0, then 1.
+    u001 = next(summarize(r) for s in task_rules.SPLITS for r in records[s]
+                if summarize(r)[0] == "u001")
+    assert u001[1] == ((100, "i0", 0), (100, "i0", 1), (100, "i0", 1))
 
+
+def test_multi_processing_rerun_with_overwrite_gives_identical_records(csv_run, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(csv_run["out"], out)
+    argv = csv_run["argv"] + ["--output", out]
     with pytest.raises(ValueError, match="--overwrite"):
         make_tasks.run(argv)
-    make_tasks.run(argv + ["--overwrite", "--num-shards", "2"])
+    make_tasks.run(argv + ["--overwrite", "--num-shards", "2",
+                           "--direct_running_mode=multi_processing",
+                           "--direct_num_workers=2"])
+    # The old single shards are gone, so globs never mix two runs.
     assert len(glob.glob(os.path.join(out, "train-*-of-00002.tfrecord.gz"))) == 2
     assert not glob.glob(os.path.join(out, "train-*-of-00001.tfrecord.gz"))
-    assert all_records(out) == records
+    # Byte-identical records, in-memory vs multi_processing (sorted by entity).
+    assert all_records(out) == csv_run["records"]
+    assert json.load(open(os.path.join(out, "stats.json"))) == json.load(
+        open(os.path.join(csv_run["out"], "stats.json")))
 
 
 def test_run_reads_parquet_with_timestamp_columns(tmp_path):
@@ -510,7 +552,10 @@ def test_run_fails_fast_on_a_missing_column_or_input(tmp_path):
                         spec_path, "--output", str(tmp_path / "out")])
 
 
-def test_csv_reader_dead_letters_malformed_lines(tmp_path):
+def test_csv_reader_turns_malformed_lines_into_malformed_rows(tmp_path):
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.io.fileio import ReadableFile
+
     path = tmp_path / "bad.csv"
     path.write_bytes(b"user,ts,click,item,country,age,price,tags\n"
                      b"u,100,1,a,us,30,1.5,a\n"
@@ -519,39 +564,22 @@ def test_csv_reader_dead_letters_malformed_lines(tmp_path):
                      b"u,120,1,c,us,30,1.5,a,EXTRA\n"
                      b"u,130,1,\xff,us,30,1.5,a\n"
                      b"u,140,0,e,us,30,1.5,\"b|c\"\n")
-    spec_path = str(tmp_path / "spec.json")
-    SPEC.save(spec_path)
-    out = str(tmp_path / "out")
-    make_tasks.run(["--input", str(path), "--features", spec_path, "--output", out])
-    stats = json.load(open(os.path.join(out, "stats.json")))
-    assert stats["rows_read"] == 5  # the blank line is not a row
-    assert stats["rejected_by_reason"]["malformed_row"] == 3
-    assert stats["rows_in_tasks"] == 2 and stats["conservation"]["holds"]
-    rejected = [_strict_json(line) for f in glob.glob(os.path.join(out, "rejected-*"))
-                for line in open(f, encoding="utf-8")]
-    details = sorted(r["detail"].split(": ", 1)[1] for r in rejected)
-    assert details == ["4 fields, the header has 8", "9 fields, the header has 8",
-                       "bytes that are not UTF-8"]
-
-
-def test_in_memory_and_multi_processing_give_identical_records(tmp_path):
-    rows = _rows_for_files(num_users=30)
-    # Ties and duplicates, so the order of arrival would matter without the rules.
-    rows += [row("u001", 100, "i0", click=0), row("u001", 100, "i0", click=1)]
-    random.Random(1).shuffle(rows)
-    input_path, spec_path = _write_inputs(tmp_path, rows)
-    common = ["--input", input_path, "--features", spec_path, "--max-support", "4",
-              "--max-query", "2"]
-    make_tasks.run(common + ["--output", str(tmp_path / "a")])
-    make_tasks.run(common + ["--output", str(tmp_path / "b"),
-                             "--direct_running_mode=multi_processing",
-                             "--direct_num_workers=2"])
-    a, b = all_records(str(tmp_path / "a")), all_records(str(tmp_path / "b"))
-    assert sum(len(v) for v in a.values()) == 31
-    assert a == b
-    stats_a = json.load(open(tmp_path / "a" / "stats.json"))
-    stats_b = json.load(open(tmp_path / "b" / "stats.json"))
-    assert stats_a == stats_b
+    readable = ReadableFile(FileMetadata(str(path), path.stat().st_size))
+    out = list(make_tasks.read_csv_file(readable))
+    # The blank line is no row; the other five are, three of them malformed.
+    assert len(out) == 5
+    good = [r for r in out if isinstance(r, dict)]
+    assert [r["item"] for r in good] == ["a", "e"] and good[1]["tags"] == "b|c"
+    bad = [r for r in out if isinstance(r, make_tasks.MalformedRow)]
+    assert [b.detail.split(": ", 1)[1] for b in bad] == [
+        "4 fields, the header has 8", "9 fields, the header has 8",
+        "bytes that are not UTF-8"]
+    assert bad[0].detail.startswith(f"{path}:3")
+    assert bad[1].row["_extra_fields"] == ["EXTRA"]
+    # The dead letter can still write the undecodable cell.
+    line = make_tasks.dead_letter_record(bad[2].row, "malformed_row", bad[2].detail,
+                                         "interactions")
+    assert _strict_json(line)["row"]["item"] == "\\udcff"
 
 
 def test_end_to_end_cli_then_task_dataset_then_one_fit_step(tmp_path, small_model_kwargs):
