@@ -52,6 +52,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -105,6 +106,7 @@ class EmbedTasksFn(beam.DoFn):
         import tensorflow as tf  # noqa: PLC0415 - loaded on the worker
 
         from tf_limaml import data, export  # noqa: PLC0415
+        from tf_limaml.features import LABEL_KEY, MASK_KEY, SUPPORT  # noqa: PLC0415
 
         metadata = export.read_metadata(self.export_dir)
         spec = metadata["spec"]
@@ -113,11 +115,15 @@ class EmbedTasksFn(beam.DoFn):
         self._loaded = tf.saved_model.load(metadata["export_dir"])
         self._signature = self._loaded.signatures[export.META_EMBEDDING]
         self._input_names = sorted(self._signature.structured_input_signature[1])
+        self._support_keys = {spec.batch_key(SUPPORT, name) for name in (
+            [f.name for f in spec.request_features] + [LABEL_KEY, MASK_KEY])}
         max_support = self._max_support
-        # Query rows are not needed for the embedding: parse at most one.
+        # Query rows are not needed for the embedding: parse at most one. The
+        # parser has no tensor-dependent Python control flow, so autograph
+        # (seconds of source conversion per worker) is off.
         self._parse = tf.function(
             lambda serialized: data.parse_task_batch(serialized, spec, max_support, 1),
-            input_signature=[tf.TensorSpec([None], tf.string)])
+            input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
         self._errors = (tf.errors.InvalidArgumentError,)
         self._tf = tf
         self._cold = _counter(ENTITIES_COLD)
@@ -127,8 +133,13 @@ class EmbedTasksFn(beam.DoFn):
 
     def _embed(self, records: Sequence[bytes]) -> list[dict[str, Any]]:
         batch = self._parse(self._tf.constant(list(records), dtype=self._tf.string))
-        embeddings = self._signature(**{name: batch[name] for name in self._input_names})[
-            "meta_embedding"].numpy()
+        # The parser pads support to max_support; cut the columns no entity of
+        # this batch uses (masked rows do not change the result, only the cost).
+        used = np.flatnonzero(batch["support_mask"].numpy().any(axis=0))
+        width = int(used[-1]) + 1 if len(used) else 0
+        inputs = {name: batch[name][:, :width] if name in self._support_keys
+                  else batch[name] for name in self._input_names}
+        embeddings = self._signature(**inputs)["meta_embedding"].numpy()
         entity_ids = batch["entity_id"].numpy()
         n_support = batch["n_support"].numpy()
         rows = []
@@ -216,20 +227,17 @@ class GenerateEmbeddings(beam.PTransform):
 
 def to_example(row: dict[str, Any]) -> bytes:
     """One embedding row as a serialized tf.Example."""
-    import tensorflow as tf  # noqa: PLC0415
+    from tensorflow.core.example import example_pb2  # noqa: PLC0415
 
-    def ints(value):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-
-    feature = {
-        "entity_id": tf.train.Feature(
-            bytes_list=tf.train.BytesList(value=[row["entity_id"].encode("utf-8")])),
-        "embedding": tf.train.Feature(float_list=tf.train.FloatList(value=row["embedding"])),
-        "model_version": ints(row["model_version"]),
-        "n_support": ints(row["n_support"]),
-        "generated_at": ints(row["generated_at"]),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # Filled in place: cheaper than building Feature messages and copying them,
+    # which matters at one call per entity.
+    example = example_pb2.Example()
+    feature = example.features.feature
+    feature["entity_id"].bytes_list.value.append(row["entity_id"].encode("utf-8"))
+    feature["embedding"].float_list.value.extend(row["embedding"])
+    for key in ("model_version", "n_support", "generated_at"):
+        feature[key].int64_list.value.append(int(row[key]))
+    return example.SerializeToString()
 
 
 def parquet_schema():
