@@ -364,6 +364,27 @@ def finalize_stats(counts: Mapping[tuple, int], options: Mapping[str, Any],
 
 
 # ----------------------------------------------------------------- the logic
+def _check(element: Any, check: Any) -> tuple[Any, str | None, str, Any]:
+    """Runs `check(row)` on one read element without ever raising.
+
+    Returns:
+        (result, reason, detail, row): reason is None when the row passed;
+        otherwise a REJECT_REASONS key and what was wrong.
+    """
+    if isinstance(element, MalformedRow):
+        return None, task_rules.REASON_MALFORMED_ROW, element.detail, element.row
+    row = element._asdict() if hasattr(element, "_asdict") else element  # beam.Row
+    if not isinstance(row, Mapping):
+        return None, task_rules.REASON_MALFORMED_ROW, (
+            f"expected a mapping of column to value, got {type(row).__name__}"), row
+    try:
+        return check(row), None, "", row
+    except RowError as err:
+        return None, err.reason, err.detail, row
+    except Exception as err:  # noqa: BLE001 - one odd value must not fail the job
+        return None, task_rules.REASON_MALFORMED_ROW, f"{type(err).__name__}: {err}", row
+
+
 class ValidateRows(_CountingDoFn):
     """Validates interaction rows: (entity_id, clean row), or the dead letter."""
 
@@ -371,25 +392,15 @@ class ValidateRows(_CountingDoFn):
         super().__init__()
         self.spec = spec
 
+    def _validate(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        return task_rules.validate_row(self.spec, row)
+
     def process(self, element: Any):
         self._counts[("rows_read",)] += 1
-        if isinstance(element, MalformedRow):
-            row, reason, detail = element.row, task_rules.REASON_MALFORMED_ROW, element.detail
-        else:
-            row = element._asdict() if hasattr(element, "_asdict") else element
-            try:
-                if not isinstance(row, Mapping):
-                    raise RowError(task_rules.REASON_MALFORMED_ROW,
-                                   f"expected a mapping of column to value, got "
-                                   f"{type(row).__name__}")
-                clean = task_rules.validate_row(self.spec, row)
-            except RowError as err:
-                reason, detail = err.reason, err.detail
-            except Exception as err:  # noqa: BLE001 - a bad row must not fail the job
-                reason, detail = task_rules.REASON_MALFORMED_ROW, f"{type(err).__name__}: {err}"
-            else:
-                yield clean[self.spec.entity], clean
-                return
+        clean, reason, detail, row = _check(element, self._validate)
+        if reason is None:
+            yield clean[self.spec.entity], clean
+            return
         self._counts[("rows_rejected",)] += 1
         self._counts[("rejected_by_reason", reason)] += 1
         yield beam.pvalue.TaggedOutput(
@@ -403,23 +414,15 @@ class ValidateEntities(_CountingDoFn):
         super().__init__()
         self.spec = spec
 
+    def _validate(self, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        return task_rules.validate_meta_row(self.spec, row)
+
     def process(self, element: Any):
         self._counts[("entity_table", "rows_read")] += 1
-        if isinstance(element, MalformedRow):
-            row, reason, detail = element.row, task_rules.REASON_MALFORMED_ROW, element.detail
-        else:
-            row = element._asdict() if hasattr(element, "_asdict") else element
-            try:
-                if not isinstance(row, Mapping):
-                    raise RowError(task_rules.REASON_MALFORMED_ROW,
-                                   f"expected a mapping of column to value, got "
-                                   f"{type(row).__name__}")
-                yield task_rules.validate_meta_row(self.spec, row)
-                return
-            except RowError as err:
-                reason, detail = err.reason, err.detail
-            except Exception as err:  # noqa: BLE001 - a bad row must not fail the job
-                reason, detail = task_rules.REASON_MALFORMED_ROW, f"{type(err).__name__}: {err}"
+        entity_meta, reason, detail, row = _check(element, self._validate)
+        if reason is None:
+            yield entity_meta
+            return
         self._counts[("entity_table", "rows_rejected")] += 1
         self._counts[("entity_table", "rejected_by_reason", reason)] += 1
         yield beam.pvalue.TaggedOutput(
