@@ -1,6 +1,5 @@
 """The SavedModel export: signatures, TF1-loader parity with Keras, layout, warmup."""
 
-import json
 import os
 import subprocess
 import sys

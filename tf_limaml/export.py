@@ -5,12 +5,16 @@ tf.functions call the model's traceable methods, and writes a SavedModel that
 TF Serving, `saved_model_cli` and the TF1 loader read. The signatures (named
 inputs and outputs, `None` batch axes, standard TensorFlow ops only):
 
-| signature | inputs | outputs |
-| --- | --- | --- |
-| `serving_default` | `meta_embedding` [B, d], request features [B] / [B, K] | `score` [B] |
-| `adapt_and_predict` | meta features [] / [K], `support_<f>` [S] / [S, K], `support_label` [S], `query_<f>` [Q] / [Q, K] | `score` [Q], `meta_embedding` [d] |
-| `meta_embedding` | meta features [E] / [E, K], `support_<f>` [E, S] / [E, S, K], `support_label` [E, S], `support_mask` [E, S] | `meta_embedding` [E, d] |
-| `predict_examples` | `examples` [B] serialized tf.Example | `score` [B] |
+* `serving_default`: `meta_embedding` [B, d] and the request features, each
+  [B] ([B, K] multi-hot) -> `score` [B]. The online signature.
+* `adapt_and_predict`: one entity's meta features, each [] ([K]),
+  `support_<f>` [S] ([S, K]), `support_label` [S] and `query_<f>` [Q]
+  ([Q, K]) -> `score` [Q] and `meta_embedding` [d]; the inner loop runs in-graph.
+* `meta_embedding`: E entities' meta features [E] ([E, K]), `support_<f>`
+  [E, S] ([E, S, K]), `support_label` and `support_mask` [E, S] ->
+  `meta_embedding` [E, d]. Used by `beam_pipelines.generate_embeddings`.
+* `predict_examples`: `examples` [B], serialized tf.Example with the request
+  features and a float list `meta_embedding` of length d -> `score` [B].
 
 K is a multi-hot feature's `values_per_row` (pad with ""). Numeric features are
 float32, categorical and multi-hot ones strings.
