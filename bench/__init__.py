@@ -1,0 +1,1 @@
+"""Benchmarks: each prints one JSON object and appends it to bench/results.jsonl."""
