@@ -150,3 +150,13 @@ def test_serving_default_with_stored_embedding_equals_adapt_and_predict(
         np.testing.assert_allclose(stored, adapted["meta_embedding"], atol=TOL)
         checked += 1
     assert checked == len(embed_run["rows"]) - 1  # every entity but the cold one
+
+
+def test_check_serving_consistency_reports_the_contract(embed_run, exported):
+    from tf_limaml import export
+
+    report = export.check_serving_consistency(
+        exported["export_base"], embed_run["pattern"],
+        os.path.join(embed_run["output"], "embeddings-*.tfrecord.gz"))
+    assert report["consistent"] and report["entities"] == len(embed_run["rows"])
+    assert report["max_abs_score_diff"] <= TOL and report["max_abs_embedding_diff"] <= TOL
