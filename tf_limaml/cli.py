@@ -144,7 +144,15 @@ def cmd_make_tasks(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from beam_pipelines import make_tasks  # noqa: PLC0415
 
     _load_spec(args.features)
-    make_tasks.run(list(args.argv))
+    with Progress().phase(f"make-tasks {args.input} -> {args.output}"):
+        make_tasks.run(list(args.argv))
+    stats_path = os.path.join(args.output, "stats.json")
+    if os.path.exists(stats_path):
+        with open(stats_path, encoding="utf-8") as f:
+            stats = json.load(f)
+        summary = {k: stats[k] for k in ("rows_read", "rows_rejected", "rows_cold",
+                                         "rows_dropped_by_caps") if k in stats}
+        print(json.dumps({"stats": stats_path, **summary}))
     return 0
 
 
