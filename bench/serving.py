@@ -72,6 +72,22 @@ def machine() -> dict:
             "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
+def git_commit() -> str | None:
+    """The checked-out commit (with "+dirty" for local changes), if git is there."""
+    import subprocess  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tf_limaml",
+                                "beam_pipelines", "bench/serving.py"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def request_rows(spec: FeatureSpec, rows: int, rng: np.random.Generator) -> dict:
     """Random request features of `rows` interactions, typed as the export wants."""
     out = {}
@@ -250,6 +266,7 @@ def main(argv=None) -> dict:
     beam_rate = summary["entities_out"] / beam_seconds
     result = {
         "benchmark": "serving",
+        "git_commit": git_commit(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "model": {**training.default_model_kwargs(), "meta_dim": model.meta_dim,
