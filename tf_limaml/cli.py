@@ -286,6 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args.command, str(message))
     except KeyboardInterrupt:
         return _fail(args.command, "interrupted")
+    except RuntimeError as err:
+        # Raised by training on a non-finite loss: a data/config problem the
+        # message explains, not a bug to show a traceback for.
+        if type(err).__name__ != "NonFiniteLossError":
+            raise
+        _fail(args.command, str(err))
+        return 1
 
 
 def _fail(command: str, message: str) -> int:

@@ -176,6 +176,20 @@ def _roll_rows(value: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
     return tf.gather(value, index, batch_dims=1)
 
 
+def match_files(file_pattern: str | Sequence[str]) -> list[str]:
+    """Sorted files matching a glob or a list of globs.
+
+    Raises:
+        FileNotFoundError: Nothing matches.
+    """
+    patterns = [file_pattern] if isinstance(file_pattern, (str, os.PathLike)) else list(
+        file_pattern)
+    files = sorted({f for p in patterns for f in tf.io.gfile.glob(str(p))})
+    if not files:
+        raise FileNotFoundError(f"No task files match {file_pattern!r}")
+    return files
+
+
 def task_dataset(
     file_pattern: str | Sequence[str],
     spec: FeatureSpec,
@@ -208,11 +222,7 @@ def task_dataset(
     Raises:
         FileNotFoundError: No file matches the pattern.
     """
-    patterns = [file_pattern] if isinstance(file_pattern, (str, os.PathLike)) else list(
-        file_pattern)
-    files = sorted({f for p in patterns for f in tf.io.gfile.glob(str(p))})
-    if not files:
-        raise FileNotFoundError(f"No task files match {file_pattern!r}")
+    files = match_files(file_pattern)
     for name, value in (("batch_tasks", batch_tasks), ("max_support", max_support),
                         ("max_query", max_query)):
         if not isinstance(value, int) or value <= 0:
@@ -232,6 +242,12 @@ def task_dataset(
     ds = ds.map(lambda s: parse_task_batch(s, spec, max_support, max_query),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def count_tasks(file_pattern: str | Sequence[str]) -> int:
+    """Number of task records in the matching gzipped TFRecord files."""
+    records = tf.data.TFRecordDataset(match_files(file_pattern), compression_type=GZIP)
+    return int(records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
 
 
 def tasks_from_histories(spec: FeatureSpec, histories: Iterable[Any]

@@ -189,6 +189,9 @@ class LiMAMLModel(tf.keras.Model):
         }
         # tf.functions kept outside Keras attribute tracking (they are caches).
         object.__setattr__(self, "_function_cache", {})
+        self._nonfinite_entities = tf.Variable(
+            tf.constant([], tf.string), shape=tf.TensorShape([None]), trainable=False,
+            name="nonfinite_entities")
 
     # --------------------------------------------------------------- config
     @property
@@ -364,8 +367,31 @@ class LiMAMLModel(tf.keras.Model):
         step = self._function("meta_gradients", self._meta_gradients,
                               self.meta_config.jit_compile)
         grads, out = step(encoded)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        finite = tf.math.is_finite(out["loss"])
+        for grad in grads:
+            values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(values)))
+
+        def apply():
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+            return tf.constant(True)
+
+        def keep_weights():
+            # A non-finite step leaves every weight as it was and records the
+            # batch's entities, so the error can name them.
+            if "entity_id" in batch:
+                self._nonfinite_entities.assign(tf.strings.as_string(batch["entity_id"])
+                                                if batch["entity_id"].dtype != tf.string
+                                                else batch["entity_id"])
+            return tf.constant(False)
+
+        tf.cond(finite, apply, keep_weights)
         return self._update_metrics(encoded, out)
+
+    @property
+    def nonfinite_entities(self) -> list[str]:
+        """Entity ids of the last batch whose loss or gradients were not finite."""
+        return [e.decode("utf-8", "replace") for e in self._nonfinite_entities.numpy()]
 
     def test_step(self, batch):
         encoded = self.encode(batch)
@@ -482,8 +508,8 @@ def save_model(model: LiMAMLModel, model_dir: str | os.PathLike) -> str:
 def load_model(model_dir: str | os.PathLike) -> LiMAMLModel:
     """Loads a model written by `save_model` or `limaml train`.
 
-    Restores the final weights (`weights/`) or, for a run still in progress,
-    the latest training checkpoint (`checkpoints/`).
+    Restores the final weights (`weights/`) or, for a run that has not
+    finished (stopped or killed), its latest training checkpoint (`backup/`).
 
     Raises:
         FileNotFoundError: No config or no weights in the directory.
@@ -496,8 +522,10 @@ def load_model(model_dir: str | os.PathLike) -> LiMAMLModel:
         model = LiMAMLModel.from_config(json.load(f))
     path = os.path.join(model_dir, "weights", "model")
     if not tf.io.gfile.exists(path + ".index"):
-        path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+        path = tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief"))
         if path is None:
-            raise FileNotFoundError(f"No weights in {model_dir} (weights/ or checkpoints/)")
+            raise FileNotFoundError(f"No weights in {model_dir} (weights/ or backup/)")
+        logger.warning("%s has no final weights; loading the training checkpoint %s",
+                       model_dir, path)
     tf.train.Checkpoint(model=model).read(path).expect_partial()
     return model

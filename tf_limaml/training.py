@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -46,10 +47,13 @@ class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
             self.model.stop_training = True
+            entities = getattr(self.model, "nonfinite_entities", [])
+            shown = ", ".join(entities[:10]) + (" ..." if len(entities) > 10 else "")
             raise NonFiniteLossError(
-                f"Non-finite loss {loss} at training step {self._step} (batch {batch} of "
-                "its epoch); the last good checkpoint is kept. Lower the learning rate "
-                "or inner_lr, or check the inputs for extreme values.")
+                f"Non-finite loss at training step {self._step} (batch {batch} of its "
+                f"epoch), entities [{shown}]; that step was not applied and the last "
+                "good checkpoint is kept. Lower the learning rate or inner_lr, or check "
+                "those entities' rows for extreme values.")
 
 
 def default_model_kwargs() -> dict[str, Any]:
@@ -74,6 +78,7 @@ def train(
     early_stopping_patience: int | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     verbose: int | str = "auto",
+    steps_per_epoch: int | None = None,
 ) -> tuple[LiMAMLModel, dict[str, list[float]]]:
     """Meta-trains a LiMAMLModel on task files and writes the model directory.
 
@@ -97,6 +102,8 @@ def train(
             epochs, keeping the best weights (needs validation_tasks).
         model_kwargs: Architecture arguments of LiMAMLModel.
         verbose: Keras verbosity (progress bars by default).
+        steps_per_epoch: Meta-batches per epoch (default: every task once,
+            counted from the files).
 
     Returns:
         (model, history).
@@ -106,8 +113,11 @@ def train(
     tf.io.gfile.makedirs(model_dir)
     model = LiMAMLModel(spec, meta_config, **dict(model_kwargs or default_model_kwargs()))
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    if steps_per_epoch is None:
+        # A known epoch length lets checkpoints every N steps resume mid-epoch.
+        steps_per_epoch = max(math.ceil(data.count_tasks(tasks) / batch_tasks), 1)
     train_ds = data.task_dataset(tasks, spec, batch_tasks, max_support, max_query,
-                                 shuffle=True, seed=seed)
+                                 shuffle=True, seed=seed, repeat=True)
     val_ds = None
     if validation_tasks:
         val_ds = data.task_dataset(validation_tasks, spec, batch_tasks, max_support,
@@ -127,8 +137,8 @@ def train(
     with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(model.get_config(), f, indent=2)
     logger.info("Meta-training %s for %d epochs into %s", meta_config, epochs, model_dir)
-    history = model.fit(train_ds, epochs=epochs, validation_data=val_ds,
-                        callbacks=callbacks, verbose=verbose)
+    history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                        validation_data=val_ds, callbacks=callbacks, verbose=verbose)
     save_model(model, model_dir)
     record = {k: [float(x) for x in v] for k, v in history.history.items()}
     with tf.io.gfile.GFile(os.path.join(model_dir, "history.json"), "w") as f:
