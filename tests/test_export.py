@@ -322,3 +322,29 @@ def test_cli_export_and_serve_command(exported, tmp_path, capsys):
             f"--model_base_path={base}") in result.stdout
     assert (f"docker run --rm -p 8500:8500 -p 8501:8501 --mount type=bind,source={base},"
             "target=/models/recs -e MODEL_NAME=recs") in result.stdout
+
+
+def test_spec_without_meta_features_exports_and_adapts(tmp_path):
+    """No meta features: the meta block starts from a learned constant; E, S come from support."""
+    from tf_limaml.features import FeatureSpec
+    from tf_limaml.model import LiMAMLModel, MetaConfig
+
+    spec = FeatureSpec.from_dict({"entity": "u", "time": "t", "label": "y", "request_features": [
+        {"name": "item", "type": "categorical", "hash_buckets": 50, "dim": 4},
+        {"name": "x", "type": "numeric"}]})
+    tf.keras.utils.set_random_seed(1)
+    model = LiMAMLModel(spec, MetaConfig(jit_compile=False, inner_lr=0.5),
+                        meta_units=[8, 4], global_units=[8], cross_layers=0)
+    loaded = tf.saved_model.load(export.export_model(model, str(tmp_path)))
+    tasks = {"support_item": tf.constant([["a", "b", "c"]]),
+             "support_x": tf.constant([[1.0, 2.0, -1.0]]),
+             "support_label": tf.constant([[1.0, 0.0, 1.0]]),
+             "query_item": tf.constant([["c", "d"]]), "query_x": tf.constant([[0.5, 3.0]])}
+    out = loaded.signatures["adapt_and_predict"](**{k: v[0] for k, v in tasks.items()})
+    np.testing.assert_allclose(out["score"], model.predict_query(tasks).numpy()[0], atol=TOL)
+    embedding = model.meta_embedding(tasks).numpy()
+    np.testing.assert_allclose(out["meta_embedding"], embedding[0], atol=TOL)
+    batched = loaded.signatures["meta_embedding"](
+        support_item=tasks["support_item"], support_x=tasks["support_x"],
+        support_label=tasks["support_label"], support_mask=tf.ones([1, 3]))
+    np.testing.assert_allclose(batched["meta_embedding"], embedding, atol=TOL)
