@@ -30,6 +30,8 @@ setup(
         "report": ["matplotlib", "pandas"],
         "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
     },
+    package_data={"serving": ["*.txt", "models.config"]},
+    include_package_data=True,
     entry_points={"console_scripts": ["limaml=tf_limaml.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

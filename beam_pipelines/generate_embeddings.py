@@ -342,8 +342,6 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True
     parser = argparse.ArgumentParser(
         prog="generate_embeddings", description=__doc__.splitlines()[0], allow_abbrev=False)
     embed_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Delete the embeddings of an earlier run in --output.")
     known, pipeline_args = parser.parse_known_args(list(argv or []))
     metadata = export.read_metadata(known.export)
     if not FileSystems.match([known.tasks])[0].metadata_list:

@@ -84,4 +84,6 @@ def embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(default: the export's maximum).")
     parser.add_argument("--parquet", action="store_true",
                         help="Also write the embeddings as Parquet.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Delete the embeddings of an earlier run in --output.")
     return parser

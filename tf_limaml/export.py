@@ -530,7 +530,14 @@ def _write_warmup(path: str, model: LiMAMLModel, batch_sizes: Sequence[int]) -> 
 def export_from_model_dir(model_dir: str | os.PathLike, export_base: str | os.PathLike,
                           version: int | None = None, max_support: int | None = None
                           ) -> str:
-    """`limaml export`: loads a model directory and exports it (see `export_model`)."""
+    """`limaml export`: loads a model directory and exports it (see `export_model`).
+
+    `max_support` defaults to the value the model was trained with.
+    """
+    from tf_limaml.training import read_training_args  # noqa: PLC0415
+
+    if max_support is None:
+        max_support = read_training_args(str(model_dir)).get("max_support")
     return export_model(load_model(model_dir), export_base, version=version,
                         max_support=max_support)
 

@@ -66,10 +66,19 @@ def versions_of(export_base: str) -> list[int]:
 
 
 def default_batching_file() -> str | None:
-    """serving/batching_parameters.txt of this source tree, when present."""
+    """serving/batching_parameters.txt of this checkout or the installed package."""
+    import importlib.util  # noqa: PLC0415
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "serving", BATCHING_FILE)
-    return path if os.path.exists(path) else None
+    candidates = [os.path.join(root, "serving")]
+    found = importlib.util.find_spec("serving")
+    if found is not None and found.submodule_search_locations:
+        candidates += list(found.submodule_search_locations)
+    for folder in candidates:
+        path = os.path.join(folder, BATCHING_FILE)
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def serve_commands(export: str | os.PathLike, model_name: str = "limaml",

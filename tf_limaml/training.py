@@ -7,6 +7,8 @@ A model directory holds:
                      re-run with the same directory resumes from the latest
     weights/         the final weights (`load_model` reads them)
     history.json     Keras history of the finished run
+    training_args.json  task shapes and options of the run (export reads
+                     max_support from it)
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ from tf_limaml.features import FeatureSpec
 from tf_limaml.model import LiMAMLModel, MetaConfig, save_model
 
 logger = logging.getLogger(__name__)
+
+TRAINING_ARGS = "training_args.json"
+
+
+def read_training_args(model_dir: str) -> dict[str, Any]:
+    """The task shapes and options a model directory was trained with ({} if unknown)."""
+    path = os.path.join(str(model_dir), TRAINING_ARGS)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,6 +149,11 @@ def train(
             restore_best_weights=True))
     with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(model.get_config(), f, indent=2)
+    # The task shapes training used; export defaults its support limit to them.
+    with tf.io.gfile.GFile(os.path.join(model_dir, TRAINING_ARGS), "w") as f:
+        json.dump({"batch_tasks": batch_tasks, "max_support": max_support,
+                   "max_query": max_query, "epochs": epochs, "seed": seed,
+                   "learning_rate": learning_rate}, f, indent=2)
     logger.info("Meta-training %s for %d epochs into %s", meta_config, epochs, model_dir)
     history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
                         validation_data=val_ds, callbacks=callbacks, verbose=verbose)
