@@ -24,9 +24,7 @@ import argparse
 import datetime
 import glob
 import json
-import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -42,25 +40,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.common import machine  # noqa: E402
 from tf_limaml import tasks as task_rules  # noqa: E402
-from tf_limaml.features import CATEGORICAL, MULTI_HOT, NUMERIC, FeatureSpec  # noqa: E402
-
-
-def machine() -> dict[str, Any]:
-    import apache_beam as beam
-    import tensorflow as tf
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-            "python": platform.python_version(), "tensorflow": tf.__version__,
-            "apache_beam": beam.__version__, "pandas": pd.__version__,
-            "platform": platform.platform()}
+from tf_limaml.features import CATEGORICAL, NUMERIC, FeatureSpec  # noqa: E402
 
 
 def generate(rows: int, entities: int, seed: int, input_dir: str, shards: int

@@ -30,7 +30,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench.common import machine  # noqa: E402
 from tf_limaml import data, export, training  # noqa: E402
 from tf_limaml.datasets import synthetic  # noqa: E402
 from tf_limaml.features import MULTI_HOT, NUMERIC, FeatureSpec  # noqa: E402
@@ -52,24 +52,6 @@ SERVING_BATCH = 100
 SUPPORT_ROWS = 50
 QUERY_ROWS = 100
 WARMUP_ENTITIES = 20
-
-
-def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import apache_beam  # noqa: PLC0415
-
-    return {"cpu": model, "cores": os.cpu_count(), "tensorflow": tf.__version__,
-            "apache_beam": apache_beam.__version__, "python": platform.python_version(),
-            # The machine may be shared: the load says how much of it the run had.
-            "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def git_commit() -> str | None:

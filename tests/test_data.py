@@ -1,7 +1,6 @@
 """The task encoder and the tf.data reader."""
 
 import numpy as np
-import tensorflow as tf
 
 from tf_limaml import data, tasks
 from tf_limaml.features import FeatureSpec

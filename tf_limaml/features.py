@@ -178,7 +178,7 @@ class Feature:
             return cls(**kwargs)
         for key in ("mean", "std", "default"):
             if key in obj:
-                raise _fail(f"{where}.{key}", obj[key], f"only allowed on a numeric feature")
+                raise _fail(f"{where}.{key}", obj[key], "only allowed on a numeric feature")
         if (vocabulary is None) == (hash_buckets is None):
             raise _fail(
                 where, {"vocabulary": vocabulary, "hash_buckets": hash_buckets},

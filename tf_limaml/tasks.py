@@ -14,7 +14,7 @@ import itertools
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from tf_limaml.features import CATEGORICAL, MULTI_HOT, NUMERIC, Feature, FeatureSpec
+from tf_limaml.features import CATEGORICAL, NUMERIC, Feature, FeatureSpec
 
 # Dead-letter reasons; stable strings, counted by name.
 REASON_MISSING_ENTITY = "missing_entity"
