@@ -105,6 +105,14 @@ class MetaConfig:
         return dataclasses.asdict(self)
 
 
+def _where_finite(finite: tf.Tensor, grad):
+    """The gradient if the step is finite, else zeros of its shape."""
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.where(finite, grad.values, tf.zeros_like(grad.values)),
+                                grad.indices, grad.dense_shape)
+    return tf.where(finite, grad, tf.zeros_like(grad))
+
+
 def masked_task_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     """Per-task mean over real rows: sum(mask * v) / max(sum(mask), 1); [T, N] -> [T]."""
     return tf.reduce_sum(values * mask, axis=-1) / tf.maximum(
@@ -189,9 +197,12 @@ class LiMAMLModel(tf.keras.Model):
         }
         # tf.functions kept outside Keras attribute tracking (they are caches).
         object.__setattr__(self, "_function_cache", {})
+        # Under a distribution strategy the first replica's batch is recorded.
         self._nonfinite_entities = tf.Variable(
             tf.constant([], tf.string), shape=tf.TensorShape([None]), trainable=False,
-            name="nonfinite_entities")
+            name="nonfinite_entities",
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     # --------------------------------------------------------------- config
     @property
@@ -371,22 +382,22 @@ class LiMAMLModel(tf.keras.Model):
         for grad in grads:
             values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(values)))
-
-        def apply():
-            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-            return tf.constant(True)
-
-        def keep_weights():
-            # A non-finite step leaves every weight as it was and records the
-            # batch's entities, so the error can name them.
-            if "entity_id" in batch:
-                self._nonfinite_entities.assign(tf.strings.as_string(batch["entity_id"])
-                                                if batch["entity_id"].dtype != tf.string
-                                                else batch["entity_id"])
-            return tf.constant(False)
-
-        tf.cond(finite, apply, keep_weights)
+        # A non-finite step must not poison the weights. Zeroing its gradients
+        # (rather than skipping apply_gradients in a tf.cond) keeps the
+        # all-reduce of distribution strategies unconditional.
+        grads = [_where_finite(finite, g) for g in grads]
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        if "entity_id" in batch:
+            entity_ids = batch["entity_id"]
+            if entity_ids.dtype != tf.string:
+                entity_ids = tf.strings.as_string(entity_ids)
+            tf.cond(finite, lambda: tf.constant(True),
+                    lambda: self._record_nonfinite(entity_ids))
         return self._update_metrics(encoded, out)
+
+    def _record_nonfinite(self, entity_ids: tf.Tensor) -> tf.Tensor:
+        self._nonfinite_entities.assign(entity_ids)
+        return tf.constant(False)
 
     @property
     def nonfinite_entities(self) -> list[str]:
