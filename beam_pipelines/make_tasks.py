@@ -9,7 +9,8 @@ writes one `tf.train.SequenceExample` per entity with `tf_limaml.data.encode_tas
 Outputs in DIR:
 
 * `{train,val,test}-SSSSS-of-NNNNN.tfrecord.gz`: the task records (GZIP), read
-  by `tf_limaml.data.task_dataset`;
+  by `tf_limaml.data.task_dataset`; NNNNN is `--num-shards`, or with 0 one
+  shard per ~128 MiB of records;
 * `cold-SSSSS-of-NNNNN.tfrecord.gz`: entities with too little history for the
   split rule, encoded the same way but uncapped (their support rows can still
   give a cold-start embedding);
@@ -19,10 +20,12 @@ Outputs in DIR:
 * `stats.json`: counts, size histograms and the conservation identity
   rows_read = rows_in_tasks + rows_rejected + rows_dropped_by_caps + rows_cold.
 
-The output depends only on the input rows and the flags: the same records come
-out on every run and every runner (ties are ordered by content, the split is a
-SHA-256 of seed and entity id, records are serialized deterministically);
-which shard a record lands in may differ.
+The output depends only on the input rows and the flags: every run, on every
+runner and in any running mode, writes byte-identical files (ties are ordered
+by content, the split is a SHA-256 of seed and entity id, records are
+serialized deterministically, the shard of a record is a SHA-256 of its entity
+id, a shard holds its records sorted by entity id, and the GZIP header carries
+no time stamp). Entity ids are data only: they never become part of a path.
 
 Locally (DirectRunner, in memory or on several processes):
 
@@ -60,16 +63,21 @@ import datetime
 import decimal
 import io
 import json
+import hashlib
 import logging
 import math
+import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+# The TFRecord framing (length, masked CRC32C) that Beam's own TFRecord sink writes.
+from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.pvalue import AsDict
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -90,10 +98,16 @@ REJECTED = "rejected"
 STATS = "stats"
 COLD = "cold"
 TASK_SUFFIX = ".tfrecord.gz"
+REJECTED_SUFFIX = ".jsonl"
+# A shard file is written under this hidden name, then renamed into place.
+TEMP_PREFIX = ".tmp-"
+# With --num-shards 0 each output gets one shard per this many bytes of records:
+# a count that depends on the data only, never on the runner's bundles.
+AUTO_SHARD_BYTES = 128 << 20
 CONSERVATION = "rows_read = rows_in_tasks + rows_rejected + rows_dropped_by_caps + rows_cold"
 # Every file name the pipeline writes in DIR, for --overwrite and the stale-output check.
 OUTPUT_PATTERNS = tuple(f"{name}-*{TASK_SUFFIX}" for name in SPLITS + (COLD,)) + (
-    "rejected-*.jsonl", "stats.json", "spec.json")
+    f"rejected-*{REJECTED_SUFFIX}", "stats.json", "spec.json", f"{TEMP_PREFIX}*")
 
 
 # ------------------------------------------------------------------- reading
@@ -591,10 +605,6 @@ class BuildTasks(beam.PTransform):
         }
 
 
-def _split_index(element: tuple[str, str, bytes], num_partitions: int) -> int:
-    return SPLITS.index(element[0])
-
-
 def _log_conservation(stats: dict[str, Any]) -> dict[str, Any]:
     if not stats["conservation"]["holds"]:
         logger.error("Conservation identity broken: %s, but rows_read = %d and the sum "
@@ -602,13 +612,142 @@ def _log_conservation(stats: dict[str, Any]) -> dict[str, Any]:
     return stats
 
 
+# ------------------------------------------------------------------- writing
+TFRECORD = "tfrecord"
+TEXT = "text"
+
+
+def shard_count(total_bytes: int, num_shards: int = 0) -> int:
+    """Shards of one output: `num_shards`, or with 0 one per AUTO_SHARD_BYTES (>= 1)."""
+    if num_shards:
+        return num_shards
+    return max(1, math.ceil(total_bytes / AUTO_SHARD_BYTES))
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """The shard of a record, from a SHA-256 of its key (the same in every process)."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def shard_name(name: str, index: int, count: int, suffix: str) -> str:
+    """`NAME-SSSSS-of-NNNNN.suffix`, the layout Beam's file sinks use."""
+    return f"{name}-{index:05d}-of-{count:05d}{suffix}"
+
+
+def _payload_size(item: tuple[str, str, bytes]) -> tuple[str, int]:
+    return item[0], len(item[2])
+
+
+def _with_shard_count(name_bytes: tuple[str, int], num_shards: int) -> tuple[str, int]:
+    return name_bytes[0], shard_count(name_bytes[1], num_shards)
+
+
+def _every_shard(name: str, count: int) -> list[tuple[tuple[str, int], None]]:
+    # One marker per shard, so that an output with no records still gets its
+    # (empty) files and readers never find a shard missing.
+    return [((name, index), None) for index in range(count)]
+
+
+def _key_by_shard(item: tuple[str, str, bytes], counts: Mapping[str, int]
+                  ) -> tuple[tuple[str, int], tuple[str, bytes]]:
+    name, key, payload = item
+    return (name, shard_of(key, counts[name])), (key, payload)
+
+
+def _write_shard(element: tuple[tuple[str, int], Any], output_dir: str,
+                 formats: Mapping[str, tuple[str, str]], counts: Mapping[str, int]) -> str:
+    """Writes one shard, its records sorted by (key, payload), and returns its path.
+
+    The file is written under a hidden temporary name and renamed into place,
+    so a reader never sees half a shard; a retried bundle writes the same bytes
+    again.
+    """
+    (name, index), items = element
+    suffix, kind = formats[name]
+    records = sorted(item for item in items if item is not None)
+    path = FileSystems.join(output_dir, shard_name(name, index, counts[name], suffix))
+    temp = FileSystems.join(
+        output_dir, f"{TEMP_PREFIX}{shard_name(name, index, counts[name], suffix)}-"
+                    f"{uuid.uuid4().hex}")
+    compression = CompressionTypes.GZIP if kind == TFRECORD else (
+        CompressionTypes.UNCOMPRESSED)
+    try:
+        with FileSystems.create(temp, compression_type=compression) as f:
+            for _, payload in records:
+                if kind == TFRECORD:
+                    _TFRecordUtil.write_record(f, payload)
+                else:
+                    f.write(payload + b"\n")
+        FileSystems.rename([temp], [path])
+    except BaseException:
+        if FileSystems.exists(temp):
+            FileSystems.delete([temp])
+        raise
+    return path
+
+
+class WriteShards(beam.PTransform):
+    """(name, key, payload) triples -> `DIR/NAME-SSSSS-of-NNNNN<suffix>` files.
+
+    Unlike Beam's file sinks, whose shard of a record and order within a shard
+    follow the runner's bundles, the files are a function of the data: a
+    record's shard is `shard_of(key)`, a shard holds its records sorted by
+    (key, payload), and the shard count is `shard_count(bytes, num_shards)`.
+    So every run writes byte-identical files. A shard is sorted in memory
+    (auto sharding keeps it near AUTO_SHARD_BYTES).
+
+    Args:
+        output_dir: Directory (any Beam filesystem).
+        formats: {name: (suffix, "tfrecord" or "text")}. TFRecord files are
+            GZIP-compressed; text payloads are UTF-8 lines.
+        num_shards: Shards per name (0: from the bytes, see `shard_count`).
+
+    Returns (from `expand`): the paths written.
+    """
+
+    def __init__(self, output_dir: str, formats: Mapping[str, tuple[str, str]],
+                 num_shards: int = 0):
+        super().__init__()
+        self.output_dir = output_dir
+        self.formats = dict(formats)
+        self.num_shards = num_shards
+
+    def expand(self, items):
+        pipeline = items.pipeline
+        counts = (
+            (items | "PayloadBytes" >> beam.Map(_payload_size),
+             pipeline | "EveryName" >> beam.Create([(name, 0) for name in self.formats]))
+            | "FlattenSizes" >> beam.Flatten()
+            | "BytesPerName" >> beam.CombinePerKey(sum)
+            | "ShardCounts" >> beam.Map(_with_shard_count, self.num_shards))
+        keyed = items | "KeyByShard" >> beam.Map(_key_by_shard, AsDict(counts))
+        markers = counts | "EveryShard" >> beam.FlatMapTuple(_every_shard)
+        return ((keyed, markers)
+                | "FlattenShards" >> beam.Flatten()
+                | "GroupByShard" >> beam.GroupByKey()
+                | "WriteShard" >> beam.Map(_write_shard, self.output_dir, self.formats,
+                                           AsDict(counts)))
+
+
+def _cold_item(item: tuple[str, bytes]) -> tuple[str, str, bytes]:
+    return COLD, item[0], item[1]
+
+
+def _rejected_item(line: str) -> tuple[str, str, bytes]:
+    return REJECTED, line, line.encode("utf-8", "backslashreplace")
+
+
 class WriteTaskFiles(beam.PTransform):
     """Writes `BuildTasks` outputs and the spec to an output directory.
+
+    Task, cold and dead-letter files are written by `WriteShards`, so the
+    same outputs give byte-identical files on every run and runner.
 
     Args:
         output_dir: Directory (any Beam filesystem).
         spec: The FeatureSpec, copied to DIR/spec.json.
-        num_shards: Shards per task split (0: let the runner decide).
+        num_shards: Shards per output (0: one per ~128 MiB of records).
     """
 
     def __init__(self, output_dir: str, spec: FeatureSpec, num_shards: int = 0):
@@ -620,22 +759,16 @@ class WriteTaskFiles(beam.PTransform):
     def _path(self, name: str) -> str:
         return FileSystems.join(self.output_dir, name)
 
-    def _write_records(self, records, name: str):
-        return records | f"Write{name.capitalize()}" >> beam.io.WriteToTFRecord(
-            self._path(name), file_name_suffix=TASK_SUFFIX, num_shards=self.num_shards,
-            compression_type=CompressionTypes.GZIP)
-
     def expand(self, outputs: Mapping[str, beam.PCollection]):
-        by_split = outputs["tasks"] | "PartitionBySplit" >> beam.Partition(
-            _split_index, len(SPLITS))
-        for index, name in enumerate(SPLITS):
-            records = by_split[index] | f"{name.capitalize()}Records" >> beam.Map(
-                lambda task: task[2])
-            self._write_records(records, name)
-        cold = outputs["cold"] | "ColdRecords" >> beam.Map(lambda item: item[1])
-        self._write_records(cold, COLD)
-        outputs["rejected"] | "WriteRejected" >> beam.io.WriteToText(
-            self._path("rejected"), file_name_suffix=".jsonl", num_shards=self.num_shards)
+        formats = {name: (TASK_SUFFIX, TFRECORD) for name in SPLITS + (COLD,)}
+        formats[REJECTED] = (REJECTED_SUFFIX, TEXT)
+        items = (
+            outputs["tasks"],  # (split, entity_id, record) already
+            outputs["cold"] | "ColdItems" >> beam.Map(_cold_item),
+            outputs["rejected"] | "RejectedItems" >> beam.Map(_rejected_item))
+        _ = (items
+             | "FlattenOutputs" >> beam.Flatten()
+             | "WriteShards" >> WriteShards(self.output_dir, formats, self.num_shards))
         (outputs["stats"]
          | "CheckConservation" >> beam.Map(_log_conservation)
          | "StatsToJson" >> beam.Map(json.dumps, indent=2)
@@ -715,17 +848,22 @@ def _columns_of(path: str, file_format: str) -> list[str]:
 
 
 def check_columns(pattern: str, file_format: str, required: Sequence[tuple[str, str]],
-                  flag: str) -> None:
+                  flag: str) -> list[str]:
     """Fails fast when the first input file lacks a column every row needs.
 
-    Without the entity, time or label column every row would be rejected;
-    saying so before the job starts beats a dead letter of the whole input.
+    Without the entity, time or label column every row would be rejected, and
+    a feature column the file lacks (a typo in the spec, or the wrong file)
+    would reject or default every row; saying so before the job starts beats a
+    dead letter of the whole input.
 
     Args:
         pattern: The file pattern.
         file_format: "csv" or "parquet".
         required: (column, what the spec calls it) pairs.
         flag: The flag that named the files, for the message.
+
+    Returns:
+        The columns of the first file.
 
     Raises:
         FileNotFoundError: Nothing matches the pattern.
@@ -739,6 +877,39 @@ def check_columns(pattern: str, file_format: str, required: Sequence[tuple[str, 
                 f"{flag} file {path} has no column {column!r} (the spec's {role}); its "
                 f"columns are {columns}. Fix the spec or the file (is --format "
                 f"{file_format} right?)")
+    return columns
+
+
+def check_spec_columns(spec: FeatureSpec, input_pattern: str, file_format: str,
+                       entities_pattern: str | None = None) -> None:
+    """Checks that every column the spec names is in the input (see `check_columns`).
+
+    The entity, time, label, tie-break and request-feature columns must be in
+    the interactions; a meta feature may come from the entity table instead.
+
+    Raises:
+        FileNotFoundError: A pattern matches no file.
+        ValueError: A column is missing; the message names it and the file.
+    """
+    required = [(spec.entity, "entity"), (spec.time, "time"),
+                (spec.label.column, "label column")]
+    feature_names = {f.name for f in spec.features}
+    if spec.tie_break and spec.tie_break not in feature_names:
+        required.append((spec.tie_break, "tie_break column"))
+    required += [(f.name, "request feature") for f in spec.request_features]
+    if not entities_pattern:
+        required += [(f.name, "meta feature") for f in spec.meta_features]
+        check_columns(input_pattern, file_format, required, "--input")
+        return
+    input_columns = check_columns(input_pattern, file_format, required, "--input")
+    table_columns = check_columns(entities_pattern, file_format, [(spec.entity, "entity")],
+                                  "--entities")
+    for feature in spec.meta_features:
+        if feature.name not in input_columns and feature.name not in table_columns:
+            raise ValueError(
+                f"The spec's meta feature {feature.name!r} is a column of neither --input "
+                f"{input_pattern!r} (columns {input_columns}) nor --entities "
+                f"{entities_pattern!r} (columns {table_columns}); fix the spec or the files")
 
 
 def _prepare_output(output_dir: str, overwrite: bool) -> None:
@@ -785,12 +956,7 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True
     if known.val_fraction + known.test_fraction > 1.0:
         raise ValueError(f"--val-fraction {known.val_fraction} + --test-fraction "
                          f"{known.test_fraction} is more than 1; lower one of them")
-    check_columns(known.input, known.format,
-                  [(spec.entity, "entity"), (spec.time, "time"),
-                   (spec.label.column, "label column")], "--input")
-    if known.entities:
-        check_columns(known.entities, known.format, [(spec.entity, "entity")],
-                      "--entities")
+    check_spec_columns(spec, known.input, known.format, known.entities)
     _prepare_output(known.output, known.overwrite)
     if not FileSystems.exists(known.output):
         FileSystems.mkdirs(known.output)

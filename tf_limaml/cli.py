@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Sequence
@@ -83,11 +84,29 @@ def _load_spec(path: str):
     return FeatureSpec.load(path)
 
 
-def _check_tasks(pattern: str) -> None:
+def _check_tasks(pattern: str, spec=None) -> None:
     import tensorflow as tf  # noqa: PLC0415
 
-    if not tf.io.gfile.glob(pattern):
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
         raise CommandError(f"no task files match {pattern!r}")
+    if spec is None:
+        return
+    from tf_limaml import data  # noqa: PLC0415
+
+    # Parse one record now: a wrong file or a spec that does not match the
+    # records would otherwise fail deep inside training with a traceback.
+    try:
+        for record in tf.data.TFRecordDataset(files[:1], compression_type="GZIP").take(1):
+            data.parse_task_batch(record[None], spec, 1, 1)
+    except tf.errors.OpError as err:
+        # TF's first line, without its "{{function_node ...}}" and "[Op:...]" noise.
+        detail = (err.message.strip().splitlines() or [type(err).__name__])[0]
+        detail = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", detail))
+        detail = detail.replace("Name: <unknown>, ", "").split("  Did you mean")[0]
+        raise CommandError(
+            f"{files[0]} is not a GZIP TFRecord of task records for this feature spec "
+            f"({detail}); pass the make-tasks output and its spec.json") from None
 
 
 # ------------------------------------------------------------------ commands
@@ -97,9 +116,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = _load_spec(args.features)
     meta_config = MetaConfig.load(args.meta_config) if args.meta_config else MetaConfig()
-    _check_tasks(args.tasks)
+    _check_tasks(args.tasks, spec)
     if args.validation_tasks:
-        _check_tasks(args.validation_tasks)
+        _check_tasks(args.validation_tasks, spec)
     progress = Progress()
     with progress.phase(f"meta-train ({meta_config.inner_steps} inner steps, "
                         f"{'first' if meta_config.first_order else 'second'} order)"):
@@ -122,6 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _check_tasks(args.tasks)
     model = load_model(args.model_dir)
+    _check_tasks(args.tasks, model.spec)
     batches = data.task_dataset(args.tasks, model.spec, args.batch_tasks, args.max_support,
                                 args.max_query)
     with Progress().phase("evaluate"):
