@@ -1,0 +1,422 @@
+"""The comparison report: report.json, report.md and lift.png.
+
+`aggregate` turns per-seed measurements into means and standard deviations,
+`check_targets` judges them against the targets of the MovieLens issue, and
+`write_report` writes the three files:
+
+* `report.json`: `{"models": {NAME: {"overall_auc", "overall_auc_std", "logloss",
+  "logloss_std", "mean_member_auc", "mean_member_auc_std", "support_k": {"1":
+  {...}, ..., "all": {...}}, "wall_s", ...}}, "protocol": {...}, "targets": [...],
+  ...}`; values are means over the seeds;
+* `report.md`: the protocol, the tables, the chart, every target with what was
+  measured (met or not), and what was tried;
+* `lift.png`: overall-AUC lift over `global` against the support size k, one
+  line per model (matplotlib, Agg backend).
+
+Per seed, a model's measurement is a dict:
+
+    {"overall_auc": ..., "logloss": ..., "mean_member_auc": ...,
+     "support_k": {"1": {"overall_auc": ..., "logloss": ..., "mean_member_auc": ...},
+                   ..., "all": {...}},
+     "wall_s": ...}
+
+Example:
+
+    report = report.aggregate([seed0, seed1, seed2], protocol=Protocol().describe())
+    report.write_report(report, "runs/demo")
+    print(report.format_table(report))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MODEL_ORDER = ("global", "id_embedding", "finetune", "maml", "limaml", "limaml_offline")
+MODEL_LABELS = {
+    "global": "global (no per-member signal)",
+    "id_embedding": "global + member-ID embedding (wide & deep)",
+    "finetune": "global + plain fine-tuning of the meta block",
+    "maml": "full-network MAML",
+    "limaml": "LiMAML, in-graph adaptation",
+    "limaml_offline": "LiMAML, offline embeddings + serving_default",
+}
+METRICS = ("overall_auc", "logloss", "mean_member_auc")
+METRIC_LABELS = {"overall_auc": "overall AUC", "logloss": "log loss",
+                 "mean_member_auc": "mean per-member AUC"}
+K_ORDER = ("1", "3", "5", "10", "all")
+# The issue's targets.
+AUC_LIFT_TARGET = 0.02
+MEMBER_AUC_TOLERANCE = 0.005
+OFFLINE_TOLERANCE = 1e-4
+PROTOTYPE_FULL_SUPPORT_AUC = 0.760
+SMALL_KS = ("1", "3", "5")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); NaNs are skipped."""
+    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not finite:
+        return float("nan"), float("nan")
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+    return float(np.mean(finite)), std
+
+
+def _k_sort_key(k: str) -> tuple[int, int]:
+    return (1, 0) if k == "all" else (0, int(k))
+
+
+def aggregate(per_seed: Sequence[Mapping[str, Mapping[str, Any]]],
+              protocol: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """Means and standard deviations over seeds of every model's measurements.
+
+    Args:
+        per_seed: One dict per seed: model name -> its measurement (see the
+            module docstring). A model may be missing from some seeds.
+        protocol: The protocol, stored as is.
+        **extra: More top-level entries (run times, configuration, tried).
+
+    Returns:
+        The report dict (the content of report.json).
+
+    Raises:
+        ValueError: No seeds, or a model name outside MODEL_ORDER.
+    """
+    if not per_seed:
+        raise ValueError("aggregate needs the measurements of at least one seed")
+    names = [n for n in MODEL_ORDER if any(n in seed for seed in per_seed)]
+    unknown = sorted({n for seed in per_seed for n in seed} - set(MODEL_ORDER))
+    if unknown:
+        raise ValueError(f"Unknown model name {unknown[0]!r}; expected one of "
+                         f"{list(MODEL_ORDER)}")
+    models: dict[str, Any] = {}
+    for name in names:
+        runs = [seed[name] for seed in per_seed if name in seed]
+        entry: dict[str, Any] = {"seeds": len(runs)}
+        for metric in METRICS:
+            mean, std = _mean_std([r.get(metric, float("nan")) for r in runs])
+            entry[metric] = mean
+            entry[f"{metric}_std"] = std
+        ks = sorted({k for r in runs for k in r.get("support_k", {})}, key=_k_sort_key)
+        entry["support_k"] = {}
+        for k in ks:
+            cell = {}
+            for metric in METRICS:
+                mean, std = _mean_std([r["support_k"][k].get(metric, float("nan"))
+                                       for r in runs if k in r.get("support_k", {})])
+                cell[metric] = mean
+                cell[f"{metric}_std"] = std
+            entry["support_k"][k] = cell
+        entry["wall_s"], entry["wall_s_std"] = _mean_std([r.get("wall_s", float("nan"))
+                                                          for r in runs])
+        entry["per_seed"] = {metric: [r.get(metric) for r in runs] for metric in METRICS}
+        details = [r["details"] for r in runs if r.get("details")]
+        if details:
+            entry["details"] = details
+        models[name] = entry
+    report = {"models": models, "protocol": dict(protocol or {}), "seeds": len(per_seed)}
+    report.update(extra)
+    report["targets"] = check_targets(report)
+    return report
+
+
+def _get(models: Mapping[str, Any], name: str, metric: str, k: str | None = None) -> float:
+    entry = models.get(name)
+    if entry is None:
+        return float("nan")
+    if k is not None:
+        entry = entry.get("support_k", {}).get(k)
+        if entry is None:
+            return float("nan")
+    value = entry.get(metric)
+    return float("nan") if value is None else float(value)
+
+
+def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Judges the issue's targets on the means over seeds.
+
+    Returns:
+        One dict per target: "target", "measured" (text), "met" (True, False,
+        or None when a model it needs was not run), "stretch" (bool).
+    """
+    models = report["models"]
+    out = []
+
+    def add(target: str, measured: str, met: bool | None, stretch: bool = False):
+        out.append({"target": target, "measured": measured, "met": met, "stretch": stretch})
+
+    g_auc, l_auc = _get(models, "global", "overall_auc"), _get(models, "limaml", "overall_auc")
+    g_ll, l_ll = _get(models, "global", "logloss"), _get(models, "limaml", "logloss")
+    have = not (math.isnan(g_auc) or math.isnan(l_auc))
+    add(f"LiMAML overall AUC >= global + {AUC_LIFT_TARGET}, with lower log loss",
+        f"LiMAML {l_auc:.4f} vs global {g_auc:.4f} (lift {l_auc - g_auc:+.4f}); log loss "
+        f"{l_ll:.4f} vs {g_ll:.4f}",
+        (l_auc >= g_auc + AUC_LIFT_TARGET and l_ll < g_ll) if have else None)
+    g_m, l_m = (_get(models, "global", "mean_member_auc"),
+                _get(models, "limaml", "mean_member_auc"))
+    add(f"LiMAML mean per-member AUC >= global - {MEMBER_AUC_TOLERANCE}",
+        f"LiMAML {l_m:.4f} vs global {g_m:.4f} ({l_m - g_m:+.4f})",
+        (l_m >= g_m - MEMBER_AUC_TOLERANCE) if have else None)
+    cells, wins = [], []
+    for k in SMALL_KS:
+        lk, ik = (_get(models, "limaml", "overall_auc", k),
+                  _get(models, "id_embedding", "overall_auc", k))
+        if math.isnan(lk) or math.isnan(ik):
+            continue
+        cells.append(f"k={k}: {lk:.4f} vs {ik:.4f} ({lk - ik:+.4f})")
+        wins.append(lk > ik)
+    add("At k <= 5, LiMAML overall AUC beats the ID-embedding baseline",
+        "LiMAML vs ID embedding, " + "; ".join(cells) if cells else "not measured",
+        all(wins) if wins else None)
+    diffs = _offline_differences(models)
+    add(f"Offline-embedding path matches in-graph LiMAML to {OFFLINE_TOLERANCE:g} AUC",
+        (f"largest |offline - in-graph| overall AUC over seeds and k: {max(diffs):.2e}"
+         if diffs else "not measured"),
+        (max(diffs) <= OFFLINE_TOLERANCE) if diffs else None)
+    cells, ok = [], []
+    for k in K_ORDER:
+        lk, ik = (_get(models, "limaml", "overall_auc", k),
+                  _get(models, "id_embedding", "overall_auc", k))
+        if math.isnan(lk) or math.isnan(ik):
+            continue
+        cells.append(f"k={k}: {lk - ik:+.4f}")
+        ok.append(lk >= ik)
+    add("Stretch: LiMAML at least matches the ID-embedding baseline at every k",
+        "LiMAML - ID embedding, " + "; ".join(cells) if cells else "not measured",
+        all(ok) if ok else None, stretch=True)
+    add(f"Stretch: LiMAML beats the prototype's {PROTOTYPE_FULL_SUPPORT_AUC} at full support",
+        f"LiMAML {l_auc:.4f}", (l_auc > PROTOTYPE_FULL_SUPPORT_AUC) if have else None,
+        stretch=True)
+    return out
+
+
+def _offline_differences(models: Mapping[str, Any]) -> list[float]:
+    """|offline - in-graph| overall AUC per seed (full support) and per k (means)."""
+    online, offline = models.get("limaml"), models.get("limaml_offline")
+    if not online or not offline:
+        return []
+    diffs = []
+    a, b = online["per_seed"]["overall_auc"], offline["per_seed"]["overall_auc"]
+    diffs += [abs(x - y) for x, y in zip(a, b) if x is not None and y is not None]
+    for k, cell in offline.get("support_k", {}).items():
+        if k in online.get("support_k", {}):
+            diffs.append(abs(cell["overall_auc"] - online["support_k"][k]["overall_auc"]))
+    return [d for d in diffs if not math.isnan(d)]
+
+
+# ------------------------------------------------------------------ writing
+def _pm(mean: float, std: float, digits: int = 4) -> str:
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    if std is None or math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The main table and the support sweep of overall AUC, as markdown."""
+    models = report["models"]
+    lines = ["| model | overall AUC | log loss | mean member AUC | wall s |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, m in models.items():
+        lines.append(
+            f"| {name} | {_pm(m['overall_auc'], m['overall_auc_std'])} | "
+            f"{_pm(m['logloss'], m['logloss_std'])} | "
+            f"{_pm(m['mean_member_auc'], m['mean_member_auc_std'])} | "
+            f"{m['wall_s']:.0f} |")
+    lines += ["", sweep_table(report, "overall_auc")]
+    return "\n".join(lines)
+
+
+def sweep_table(report: Mapping[str, Any], metric: str) -> str:
+    """One metric against the support size k, one row per model (markdown)."""
+    models = report["models"]
+    ks = sorted({k for m in models.values() for k in m.get("support_k", {})},
+                key=_k_sort_key)
+    lines = [f"| {METRIC_LABELS[metric]} by k | " + " | ".join(ks) + " |",
+             "| --- |" + " --- |" * len(ks)]
+    for name, m in models.items():
+        cells = []
+        for k in ks:
+            cell = m.get("support_k", {}).get(k)
+            cells.append(_pm(cell[metric], cell[f"{metric}_std"]) if cell else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_lift(report: Mapping[str, Any], path: str | os.PathLike) -> str:
+    """Writes lift.png: overall-AUC lift over global against k, one line per model.
+
+    Raises:
+        ValueError: The report has no `global` model to take the lift over.
+    """
+    import matplotlib  # noqa: PLC0415 - optional extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    models = report["models"]
+    if "global" not in models:
+        raise ValueError("The lift chart needs the `global` model; it was not run.")
+    ks = [k for k in K_ORDER if k in models["global"].get("support_k", {})]
+    ks += sorted((k for k in models["global"].get("support_k", {}) if k not in ks),
+                 key=_k_sort_key)
+    x = np.arange(len(ks))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(0.0, color="grey", linewidth=1, linestyle="--", label="global")
+    for name, m in models.items():
+        if name == "global":
+            continue
+        lift, err = [], []
+        for k in ks:
+            cell = m.get("support_k", {}).get(k)
+            base = models["global"]["support_k"][k]["overall_auc"]
+            lift.append(cell["overall_auc"] - base if cell else np.nan)
+            err.append(cell["overall_auc_std"] if cell else np.nan)
+        style = "--" if name == "limaml_offline" else "-"
+        ax.errorbar(x, lift, yerr=err, marker="o", linestyle=style, capsize=3, label=name)
+    ax.set_xticks(x, [f"k={k}" for k in ks])
+    ax.set_xlabel("support interactions per test member (latest k)")
+    ax.set_ylabel("overall AUC - global's overall AUC")
+    ax.set_title(f"Lift over global by support size (mean ± std, {report.get('seeds', 1)} "
+                 "seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def _targets_md(report: Mapping[str, Any]) -> list[str]:
+    lines = ["## Targets", "",
+             "Judged on the means over seeds. A target not met is reported as measured.", ""]
+    for t in report.get("targets", []):
+        verdict = {True: "**met**", False: "**NOT met**", None: "not measured"}[t["met"]]
+        lines.append(f"- {t['target']}: {verdict}. {t['measured']}.")
+    return lines
+
+
+def _tried_md(report: Mapping[str, Any]) -> list[str]:
+    lines = []
+    chosen = []
+    for name, m in report["models"].items():
+        for i, detail in enumerate(m.get("details", [])):
+            chosen.append(f"- {name}, seed {i}: " + ", ".join(
+                f"{k}={_short(v)}" for k, v in detail.items()))
+    if chosen:
+        lines += ["## Chosen in this run", "",
+                  "Hyperparameters picked on the val members during this run:", ""] + chosen
+        lines.append("")
+    tried = report.get("tried")
+    if tried:
+        lines += ["## What was tried", ""]
+        source = tried.get("source")
+        if source:
+            lines += [f"Measured by {source}.", ""]
+        for note in tried.get("notes", []):
+            lines.append(f"- {note}")
+        if tried.get("notes"):
+            lines.append("")
+        rows = tried.get("experiments", [])
+        if rows:
+            metrics = [c for c in rows[0] if c not in ("name", "change")]
+            lines.append("| experiment | change | " + " | ".join(metrics) + " |")
+            lines.append("| --- | --- |" + " --- |" * len(metrics))
+            for row in rows:
+                lines.append(f"| {row.get('name', '')} | {row.get('change', '')} | " +
+                             " | ".join(_short(row.get(c)) for c in metrics) + " |")
+        lines.append("")
+    return lines
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> str:
+    """The text of report.md."""
+    lines = [f"# {report.get('title', 'LiMAML comparison report')}", ""]
+    if report.get("summary"):
+        lines += [report["summary"], ""]
+    lines += [f"Seeds: {report.get('seeds')}. Values are means ± sample standard "
+              "deviations over seeds.", ""]
+    lines += ["## Protocol", ""]
+    for key, value in report.get("protocol", {}).items():
+        lines.append(f"- **{key}**: {_short(value) if not isinstance(value, str) else value}")
+    lines += ["", "## Results (full support)", "", format_table(report).split("\n\n")[0], ""]
+    lines += ["Models:", ""]
+    lines += [f"- `{n}`: {MODEL_LABELS[n]}" for n in report["models"]]
+    lines += ["", "## Support-size sweep", "",
+              "Every test member's support cut to its latest k interactions "
+              "(`all`: the whole first half of its history).", ""]
+    for metric in METRICS:
+        lines += [sweep_table(report, metric), ""]
+    if chart:
+        lines += [f"![overall-AUC lift over global by support size]({chart})", ""]
+    lines += _targets_md(report) + [""]
+    lines += _tried_md(report)
+    run = report.get("run")
+    if run:
+        lines += ["## Run", ""]
+        for key, value in run.items():
+            lines.append(f"- {key}: {_short(value)}")
+        lines.append("")
+    config = report.get("config")
+    if config:
+        lines += ["## Configuration", "", "```json", json.dumps(config, indent=2,
+                                                                  default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
+    """Writes report.json, report.md and lift.png into `out_dir`.
+
+    NaN values (e.g. a metric of a model that was not run) are written as
+    null in the JSON.
+
+    Returns:
+        {"json": path, "markdown": path, "chart": path}.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "report.json"),
+             "markdown": os.path.join(out_dir, "report.md"),
+             "chart": os.path.join(out_dir, "lift.png")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(_json_safe(dict(report)), f, indent=2)
+    chart = None
+    if "global" in report["models"]:
+        plot_lift(report, paths["chart"])
+        chart = os.path.basename(paths["chart"])
+    else:
+        paths.pop("chart")
+    with open(paths["markdown"], "w", encoding="utf-8") as f:
+        f.write(to_markdown(report, chart))
+    logger.info("Report written to %s", out_dir)
+    return paths
