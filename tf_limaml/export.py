@@ -26,14 +26,18 @@ Rules the adaptation signatures enforce:
   `meta_embedding`), as `tf_limaml.data.parse_task_batch` does for training.
 * An empty support set (S = 0, or an all-zero mask) is not adapted: the entity
   gets the meta-learned default embedding (cold start).
-* Every real support label must be 0 or 1, and every support/query input of a
-  call must have the same number of rows; otherwise the call fails with
-  InvalidArgument naming the input.
+* Every input must have its declared rank and fixed dimensions (d of
+  `meta_embedding`, K of a multi-hot feature), checked in-graph because TF
+  Serving does not compare fed shapes with the signature; every real support
+  label must be 0 or 1; and every support/query input of a call must have the
+  same number of rows. Otherwise the call fails with InvalidArgument naming
+  the input. (Wrong dtypes are refused by TF Serving before the graph runs.)
 
 The directory is written under a hidden temporary name in the export base and
 renamed to `<version>` when complete, so TF Serving, which polls the base for
 numeric directories, never sees a partial version (on POSIX file systems,
-where a rename is atomic). `assets.extra/` holds TF Serving's warmup requests
+where a rename is atomic). An export killed midway leaves only its temporary
+directory, which the next export removes (`remove_abandoned_exports`). `assets.extra/` holds TF Serving's warmup requests
 and `limaml.json` (spec, meta_dim, max_support, inner_steps, version).
 
 Example:
@@ -50,6 +54,8 @@ import json
 import logging
 import os
 import re
+import socket
+import time
 import uuid
 from typing import Any, Callable, Mapping, Sequence
 
@@ -86,6 +92,13 @@ DEFAULT_MAX_SUPPORT = 32
 DEFAULT_WARMUP_BATCH_SIZES = (1, 10, 100)
 _TEMP_PREFIX = ".tmp-export-"
 _VERSION_PATTERN = re.compile(r"^[0-9]+$")
+# .tmp-export-<version>-<host>-<pid>-<uuid hex>: who wrote it, so that a later
+# export can tell an abandoned one (its process is gone) from a running one.
+_TEMP_PATTERN = re.compile(
+    rf"^{re.escape(_TEMP_PREFIX)}([0-9]+)-([A-Za-z0-9._]+)-([0-9]+)-([0-9a-f]{{32}})$")
+# A temporary export of another host (or an unrecognized name) is only
+# removed once it is this old: its writer cannot be asked whether it still runs.
+ABANDONED_AFTER_S = 24 * 3600
 
 
 # ----------------------------------------------------------------- input specs
@@ -169,6 +182,43 @@ def _keep_latest_rows(value: tf.Tensor, max_rows: int) -> tf.Tensor:
     return value[tf.maximum(rows - max_rows, 0):]
 
 
+def _shape_text(shape: tf.TensorShape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape.as_list()) + "]"
+
+
+def _checked_inputs(inputs: Mapping[str, tf.Tensor], specs: Mapping[str, tf.TensorSpec]
+                    ) -> dict[str, tf.Tensor]:
+    """The inputs, each made to wait for a check of its rank and fixed dimensions.
+
+    TF Serving feeds request tensors into the graph without comparing their
+    shapes with the signature, so a `[B, 3]` embedding or a multi-hot input of
+    the wrong width K would fail deep inside the model, or be scored silently.
+    Each check fails with InvalidArgument naming the input and both shapes.
+
+    The rank is read from the runtime shape padded with -1 sentinels (the
+    entry at index `rank` must be a sentinel, the one before it a real
+    dimension): `tf.rank` or `tf.size(tf.shape(x))` would be constant-folded
+    from the declared shape and never see the fed tensor's.
+    """
+    checks = []
+    for name, spec in specs.items():
+        expected = spec.shape.as_list()
+        rank = len(expected)
+        shape = tf.raw_ops.Shape(input=inputs[name])
+        padded = tf.concat([shape, tf.fill([rank + 1], -1)], axis=0)
+        ok = tf.equal(padded[rank], -1)
+        if rank:
+            ok = tf.logical_and(ok, tf.greater_equal(padded[rank - 1], 0))
+        for axis, dim in enumerate(expected):
+            if dim is not None:
+                ok = tf.logical_and(ok, tf.equal(padded[axis], dim))
+        checks.append(tf.debugging.Assert(ok, [
+            f"Input `{name}` must have shape {_shape_text(spec.shape)} ({spec.dtype.name}, "
+            "? = any length); got shape", shape]))
+    with tf.control_dependencies(checks):
+        return {name: tf.identity(value) for name, value in inputs.items()}
+
+
 def _assert_rows(values: Mapping[str, tf.Tensor], expected: tf.Tensor, reference: str,
                  axes: int) -> list[tf.Operation]:
     """Asserts every value's leading `axes` dims equal `expected` (those of `reference`)."""
@@ -238,6 +288,7 @@ class LiMAMLServingModule(tf.Module):
 
     # The four signature bodies. Each takes one dict of named tensors.
     def serve(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        inputs = _checked_inputs(inputs, self.input_specs[SERVING_DEFAULT])
         spec = self.model.spec
         embedding = inputs[EMBEDDING_KEY]
         request = {f.name: inputs[f.name] for f in spec.request_features}
@@ -247,6 +298,7 @@ class LiMAMLServingModule(tf.Module):
         return {SCORE_KEY: tf.cast(score, tf.float32)}
 
     def adapt_and_predict(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        inputs = _checked_inputs(inputs, self.input_specs[ADAPT_AND_PREDICT])
         spec = self.model.spec
         label = inputs[SUPPORT_LABEL_KEY]
         support = {spec.batch_key(SUPPORT, f.name): inputs[spec.batch_key(SUPPORT, f.name)]
@@ -270,6 +322,7 @@ class LiMAMLServingModule(tf.Module):
                 EMBEDDING_KEY: tf.cast(embedding[0], tf.float32)}
 
     def meta_embedding(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        inputs = _checked_inputs(inputs, self.input_specs[META_EMBEDDING])
         spec = self.model.spec
         label, mask = inputs[SUPPORT_LABEL_KEY], inputs[SUPPORT_MASK_KEY]
         support = {spec.batch_key(SUPPORT, f.name): inputs[spec.batch_key(SUPPORT, f.name)]
@@ -293,6 +346,7 @@ class LiMAMLServingModule(tf.Module):
         return {EMBEDDING_KEY: tf.cast(embedding, tf.float32)}
 
     def predict_examples(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        inputs = _checked_inputs(inputs, self.input_specs[PREDICT_EXAMPLES])
         spec = self.model.spec
         parsed = tf.io.parse_example(inputs[EXAMPLES_KEY],
                                      example_parsing_spec(spec, self.model.meta_dim))
@@ -430,6 +484,72 @@ def read_metadata(export_dir: str | os.PathLike) -> dict[str, Any]:
     return metadata
 
 
+# ------------------------------------------------------- temporary exports
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+
+
+def _temp_name(version: int) -> str:
+    return f"{_TEMP_PREFIX}{version}-{_host()}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _is_abandoned(name: str, path: str, now: float) -> bool:
+    match = _TEMP_PATTERN.match(name)
+    if match and match.group(2) == _host():
+        return not _process_exists(int(match.group(3)))
+    try:
+        modified = tf.io.gfile.stat(path).mtime_nsec / 1e9
+    except tf.errors.OpError:  # e.g. an object store without directory entries
+        return False
+    return now - modified > ABANDONED_AFTER_S
+
+
+def remove_abandoned_exports(export_base: str | os.PathLike) -> list[str]:
+    """Deletes the temporary directories of exports that were killed midway.
+
+    An export writes `.tmp-export-<version>-<host>-<pid>-<id>/` and renames it
+    to `<version>/` when complete; a killed export leaves the temporary
+    directory behind. TF Serving never loads it (the name is not a number),
+    and `export_model` calls this first, so it is removed by the next export:
+    at once when its process (on this host) no longer exists, otherwise once
+    it is `ABANDONED_AFTER_S` old. A running export's directory is left alone.
+
+    Args:
+        export_base: The export base directory.
+
+    Returns:
+        The directories removed.
+    """
+    export_base = str(export_base)
+    if not tf.io.gfile.isdir(export_base):
+        return []
+    now = time.time()
+    removed = []
+    for name in tf.io.gfile.listdir(export_base):
+        name = name.rstrip("/")
+        path = os.path.join(export_base, name)
+        if not name.startswith(_TEMP_PREFIX) or not _is_abandoned(name, path, now):
+            continue
+        try:
+            tf.io.gfile.rmtree(path)
+        except tf.errors.OpError as err:  # cleaning up must never fail an export
+            logger.warning("Could not remove the abandoned export %s: %s", path, err)
+            continue
+        logger.info("Removed the abandoned (killed midway) export %s", path)
+        removed.append(path)
+    return removed
+
+
 # -------------------------------------------------------------------- export
 def export_model(
     model: LiMAMLModel,
@@ -484,8 +604,9 @@ def export_model(
         logger.warning("inner_steps is 0: the adaptation signatures return the "
                        "unadapted (cold-start) embedding for every entity.")
     tf.io.gfile.makedirs(export_base)
+    remove_abandoned_exports(export_base)
     # Hidden and non-numeric, so TF Serving's version poller ignores it.
-    temp = os.path.join(export_base, f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex}")
+    temp = os.path.join(export_base, _temp_name(version))
     try:
         tf.saved_model.save(module, temp, signatures=module.concrete_signatures())
         extra = os.path.join(temp, ASSETS_EXTRA)
