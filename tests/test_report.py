@@ -1,0 +1,137 @@
+"""Comparison report: aggregation by hand, target verdicts, the three files."""
+
+import json
+import math
+
+import pytest
+
+from tf_limaml import report
+
+
+def _entry(auc, logloss, member_auc, sweep=None, wall=10.0):
+    sweep = sweep or {}
+    support_k = {k: {"overall_auc": sweep.get(k, auc), "logloss": logloss,
+                     "mean_member_auc": member_auc} for k in ("1", "3", "5", "10")}
+    support_k["all"] = {"overall_auc": auc, "logloss": logloss, "mean_member_auc": member_auc}
+    return {"overall_auc": auc, "logloss": logloss, "mean_member_auc": member_auc,
+            "support_k": support_k, "wall_s": wall}
+
+
+def _seeds(limaml_aucs=(0.76, 0.74), small_k=0.75, offline_shift=0.0):
+    seeds = []
+    for i, auc in enumerate(limaml_aucs):
+        seeds.append({
+            "global": _entry(0.72, 0.62, 0.70, wall=5.0 + i),
+            "id_embedding": _entry(0.76, 0.59, 0.70, {"1": 0.72, "3": 0.73, "5": 0.74}),
+            "limaml": _entry(auc, 0.60, 0.698, {"1": small_k, "3": small_k, "5": small_k}),
+            "limaml_offline": _entry(auc + offline_shift, 0.60, 0.698,
+                                     {"1": small_k, "3": small_k, "5": small_k}),
+        })
+    return seeds
+
+
+def test_aggregate_mean_and_sample_std_by_hand():
+    result = report.aggregate(_seeds(), protocol={"split": "fraction:0.5"})
+    limaml = result["models"]["limaml"]
+    assert limaml["overall_auc"] == pytest.approx(0.75)
+    # Sample std of (0.76, 0.74): sqrt(2 * 0.01**2 / 1) = 0.014142...
+    assert limaml["overall_auc_std"] == pytest.approx(math.sqrt(2) * 0.01)
+    assert limaml["support_k"]["1"]["overall_auc"] == pytest.approx(0.75)
+    assert limaml["support_k"]["all"]["overall_auc_std"] == pytest.approx(math.sqrt(2) * 0.01)
+    assert result["models"]["global"]["wall_s"] == pytest.approx(5.5)
+    assert result["seeds"] == 2 and result["protocol"] == {"split": "fraction:0.5"}
+    # Models come out in the report's fixed order.
+    assert list(result["models"]) == ["global", "id_embedding", "limaml", "limaml_offline"]
+
+
+def test_one_seed_has_zero_std_and_nan_is_skipped():
+    seed = _seeds(limaml_aucs=(0.75,))[0]
+    seed["global"]["mean_member_auc"] = float("nan")
+    result = report.aggregate([seed, _seeds(limaml_aucs=(0.75,))[0]])
+    assert result["models"]["global"]["mean_member_auc"] == pytest.approx(0.70)
+    single = report.aggregate(_seeds(limaml_aucs=(0.75,)))
+    assert single["models"]["limaml"]["overall_auc_std"] == 0.0
+
+
+def test_aggregate_rejects_unknown_models_and_no_seeds():
+    with pytest.raises(ValueError, match="Unknown model name 'mystery'"):
+        report.aggregate([{"mystery": _entry(0.5, 0.7, 0.5)}])
+    with pytest.raises(ValueError, match="at least one seed"):
+        report.aggregate([])
+
+
+def _verdicts(result):
+    return {t["target"].split(":")[0][:30]: t["met"] for t in result["targets"]}
+
+
+def test_targets_met():
+    result = report.aggregate(_seeds(limaml_aucs=(0.765, 0.765), small_k=0.745))
+    met = [t["met"] for t in result["targets"]]
+    # lift, member AUC, small k, offline, stretch every k, stretch 0.760.
+    assert met == [True, True, True, True, True, True]
+
+
+def test_targets_not_met_are_reported_with_the_numbers():
+    result = report.aggregate(_seeds(limaml_aucs=(0.735, 0.735), small_k=0.73,
+                                     offline_shift=0.001))
+    targets = result["targets"]
+    assert [t["met"] for t in targets] == [False, True, False, False, False, False]
+    assert "lift +0.0150" in targets[0]["measured"]
+    assert "k=1: 0.7300 vs 0.7200 (+0.0100)" in targets[2]["measured"]
+    assert "k=5: 0.7300 vs 0.7400 (-0.0100)" in targets[2]["measured"]
+    assert "1.00e-03" in targets[3]["measured"]
+
+
+def test_member_auc_tolerance_edge():
+    seeds = _seeds()
+    for seed in seeds:
+        seed["limaml"]["mean_member_auc"] = 0.70 - 0.006
+    result = report.aggregate(seeds)
+    assert result["targets"][1]["met"] is False
+
+
+def test_missing_models_are_not_measured():
+    result = report.aggregate([{"global": _entry(0.7, 0.6, 0.7)}])
+    assert all(t["met"] is None for t in result["targets"])
+
+
+def test_write_report_files(tmp_path):
+    result = report.aggregate(_seeds(limaml_aucs=(0.735, 0.735), small_k=0.73),
+                              protocol={"split": "fraction:0.5: support first"},
+                              tried={"source": "a tuning run", "notes": ["prior 5 helps k=1"],
+                                     "experiments": [{"name": "a", "change": "x",
+                                                      "auc_all": 0.75}]})
+    result["models"]["global"]["logloss"] = float("nan")
+    paths = report.write_report(result, tmp_path)
+    with open(paths["json"], encoding="utf-8") as f:
+        written = json.load(f)
+    entry = written["models"]["limaml"]
+    for key in ("overall_auc", "overall_auc_std", "logloss", "mean_member_auc",
+                "mean_member_auc_std", "support_k", "wall_s"):
+        assert key in entry
+    assert set(entry["support_k"]) == {"1", "3", "5", "10", "all"}
+    assert set(entry["support_k"]["3"]) >= {"overall_auc", "mean_member_auc"}
+    assert written["models"]["global"]["logloss"] is None
+    assert written["protocol"] == {"split": "fraction:0.5: support first"}
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "**NOT met**" in markdown and "fraction:0.5: support first" in markdown
+    assert "prior 5 helps k=1" in markdown and "![overall-AUC lift" in markdown
+    assert "| limaml | 0.7350 ± 0.0000 |" in markdown
+    with open(paths["chart"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lift_chart_needs_global(tmp_path):
+    result = report.aggregate([{"limaml": _entry(0.7, 0.6, 0.7)}])
+    with pytest.raises(ValueError, match="needs the `global` model"):
+        report.plot_lift(result, tmp_path / "lift.png")
+    paths = report.write_report(result, tmp_path)
+    assert "chart" not in paths
+
+
+def test_format_table_rows():
+    table = report.format_table(report.aggregate(_seeds()))
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | overall AUC | log loss")
+    assert lines[2].startswith("| global | 0.7200 ± 0.0000 | 0.6200 ± 0.0000 | 0.7000")
+    assert "| overall AUC by k | 1 | 3 | 5 | 10 | all |" in table
