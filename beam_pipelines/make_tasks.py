@@ -61,9 +61,9 @@ import csv
 import dataclasses
 import datetime
 import decimal
+import hashlib
 import io
 import json
-import hashlib
 import logging
 import math
 import uuid
@@ -73,7 +73,6 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-# The TFRecord framing (length, masked CRC32C) that Beam's own TFRecord sink writes.
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
@@ -676,6 +675,7 @@ def _write_shard(element: tuple[tuple[str, int], Any], output_dir: str,
         with FileSystems.create(temp, compression_type=compression) as f:
             for _, payload in records:
                 if kind == TFRECORD:
+                    # The framing (length, masked CRC32C) Beam's TFRecord sink writes.
                     _TFRecordUtil.write_record(f, payload)
                 else:
                     f.write(payload + b"\n")

@@ -31,7 +31,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
@@ -41,9 +42,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # the loopback serving fixture
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from serving_fixture import LoopbackServing, SessionSignatures  # noqa: E402
 
 from bench.common import RESULTS, record  # noqa: E402
-from serving_fixture import LoopbackServing, SessionSignatures  # noqa: E402
 from tf_limaml import data, export, training  # noqa: E402
 from tf_limaml.datasets import synthetic  # noqa: E402
 from tf_limaml.model import LiMAMLModel, MetaConfig  # noqa: E402

@@ -32,10 +32,14 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from serving_fixture import (
-    TEST_MAX_SUPPORT, LoopbackServing, SessionSignatures, build_test_export, entity_inputs,
+    TEST_MAX_SUPPORT,
+    LoopbackServing,
+    SessionSignatures,
+    build_test_export,
+    entity_inputs,
 )
+
 from tf_limaml import data, export, export_commands
 from tf_limaml.datasets import synthetic
 
@@ -252,7 +256,7 @@ def _raw_run(session: SessionSignatures, signature: str, inputs: dict) -> dict:
                                              fetch=[sig.outputs[n].name for n in outputs])
         _CALLABLES[key] = session.session._make_callable_from_options(options)  # noqa: SLF001
     values = _CALLABLES[key](*[np.asarray(inputs[n]) for n in names])
-    return dict(zip(outputs, values))
+    return dict(zip(outputs, values, strict=True))
 
 
 _CALLABLES: dict = {}
@@ -733,7 +737,7 @@ def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
 
     rows = synthetic.generate_interactions(num_entities=len(HOSTILE_IDS) + 2, seed=6)
     owners = sorted({r["member_id"] for r in rows})
-    rename = dict(zip(owners, HOSTILE_IDS))
+    rename = dict(zip(owners, HOSTILE_IDS, strict=False))
     for row in rows:
         row["member_id"] = rename.get(row["member_id"], row["member_id"])
     # Relative ids would resolve against the working directory: make it a

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from serving_fixture import SessionSignatures, build_test_export
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
