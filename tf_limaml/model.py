@@ -364,6 +364,12 @@ class LiMAMLModel(tf.keras.Model):
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        # Checked here so that XLA fuses the checks into the step.
+        finite = tf.math.is_finite(out["loss"])
+        for grad in grads:
+            values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(values)))
+        out["finite"] = finite
         return grads, out
 
     def _function(self, key: str, fn: Callable, jit: bool) -> Callable:
@@ -378,10 +384,7 @@ class LiMAMLModel(tf.keras.Model):
         step = self._function("meta_gradients", self._meta_gradients,
                               self.meta_config.jit_compile)
         grads, out = step(encoded)
-        finite = tf.math.is_finite(out["loss"])
-        for grad in grads:
-            values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
-            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(values)))
+        finite = out["finite"]
         # A non-finite step must not poison the weights. Zeroing its gradients
         # (rather than skipping apply_gradients in a tf.cond) keeps the
         # all-reduce of distribution strategies unconditional.
