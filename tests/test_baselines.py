@@ -257,6 +257,27 @@ def test_shrunk_support_scales_the_first_step(tiny):
                                atol=1e-6)
 
 
+def test_support_half_life_weights_by_recency():
+    """h = 1: the latest row weighs 1, the one before 0.5, then 0.25; padding 0."""
+    spec = _spec()
+    model = baselines.new_model(spec, MetaConfig(inner_steps=1, jit_compile=False), SMALL,
+                                model_class=ShrunkSupportModel, support_prior=1.0,
+                                support_half_life=1.0)
+    labels = tf.constant([[1.0, 0.0, 1.0, 0.0]])
+    logits = tf.constant([[0.0, 0.0, 0.0, 5.0]])
+    mask = tf.constant([[1.0, 1.0, 1.0, 0.0]])
+    object.__setattr__(model, "_in_inner_loop", True)
+    got = float(model._per_task_loss(labels, logits, mask)[0])
+    object.__setattr__(model, "_in_inner_loop", False)
+    # Every real row has loss log 2; weights 0.25, 0.5, 1 and a prior of 1 row.
+    assert got == pytest.approx(np.log(2.0) * 1.75 / (1.75 + 1.0), rel=1e-5)
+    plain = float(model._per_task_loss(labels, logits, mask)[0])
+    assert plain == pytest.approx(np.log(2.0), rel=1e-5)
+    with pytest.raises(ValueError, match="support_half_life"):
+        baselines.new_model(spec, MetaConfig(jit_compile=False), SMALL,
+                            model_class=ShrunkSupportModel, support_half_life=0.0)
+
+
 def test_shrunk_support_with_zero_prior_is_limaml(tiny):
     spec, _, splits, _ = tiny
     config = MetaConfig(inner_steps=2, inner_lr=0.5, jit_compile=False)

@@ -171,3 +171,38 @@ def test_embedded_copy_is_ml100k():
 
     # Found through importlib, never imported (importing recbole pulls in torch).
     assert "recbole" not in sys.modules and "torch" not in sys.modules
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("recbole") is None,
+                    reason="the recbole wheel (embedded copy) is not installed")
+def test_demo_end_to_end_fast(tmp_path, capsys):
+    """`limaml demo --fast --seeds 1`: Beam tasks, six models, offline path, report."""
+    import json
+
+    from tf_limaml import cli
+
+    assert cli.main(["demo", "--fast", "--seeds", "1", "--workdir", str(tmp_path)]) == 0
+    with open(tmp_path / "report.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert list(result["models"]) == ["global", "id_embedding", "finetune", "maml", "limaml",
+                                      "limaml_offline"]
+    for entry in result["models"].values():
+        assert set(entry["support_k"]) == {"1", "3", "5", "10", "all"}
+        assert 0.5 < entry["overall_auc"] < 1.0
+    offline = next(t for t in result["targets"] if t["target"].startswith("Offline"))
+    assert offline["met"] is True
+    assert (tmp_path / "lift.png").exists() and (tmp_path / "report.md").exists()
+    assert "| limaml_offline |" in capsys.readouterr().out
+
+
+def test_demo_input_needs_features(tmp_path):
+    import argparse
+
+    from tf_limaml import movielens_demo
+
+    args = argparse.Namespace(dataset=None, input=str(tmp_path / "x.csv"), format="csv",
+                              features=None, workdir=str(tmp_path), seeds=1, epochs=None,
+                              fast=True)
+    with pytest.raises(ValueError, match="--input needs --features"):
+        movielens_demo.run(args, progress=None)

@@ -658,10 +658,15 @@ class Recipe:
         first_order: First-order MAML.
         support_prior: c of `prototypes.ShrunkSupportModel` (0: the library's
             LiMAMLModel, unchanged).
+        support_half_life: Recency weighting of the inner-loop support loss
+            (`prototypes.ShrunkSupportModel`): a row's weight halves every
+            this many rows back in time. None weights rows equally.
         support_cut: Share of meta-training tasks whose support is cut to a
             random latest-k window.
         freeze_request_embeddings: Keep the pretrained item/genre embedding
             tables fixed while meta-training.
+        freeze_global_block: Keep the whole pretrained global block fixed
+            while meta-training (only the meta block and inner rates learn).
         meta_epochs: Most meta-training epochs (early stopping on val).
         meta_batch_tasks: Tasks per meta-batch.
         meta_learning_rate: Adam learning rate of the outer step.
@@ -678,12 +683,14 @@ class Recipe:
     id_l2: float = 0.0
     pretrain_epochs: int = 8
     inner_steps: int = 1
-    inner_lr: float = 0.1
+    inner_lr: float = 0.2
     learn_inner_lr: bool = False
     first_order: bool = True
-    support_prior: float = 5.0
+    support_prior: float = 10.0
+    support_half_life: float | None = None
     support_cut: float = 0.5
     freeze_request_embeddings: bool = True
+    freeze_global_block: bool = False
     meta_epochs: int = 20
     meta_batch_tasks: int = 32
     meta_learning_rate: float = 1e-3
@@ -841,11 +848,12 @@ def new_meta_learner(spec: FeatureSpec, recipe: Recipe, seed: int,
                      adapt: str = "meta_block") -> LiMAMLModel:
     """LiMAML (adapt="meta_block") or full MAML (adapt="all") with the recipe's options."""
     config = recipe.meta_config(adapt)
-    if recipe.support_prior:
+    if recipe.support_prior or recipe.support_half_life is not None:
         from tf_limaml.prototypes import ShrunkSupportModel  # noqa: PLC0415
 
         return new_model(spec, config, recipe.architecture, seed=seed,
-                         model_class=ShrunkSupportModel, support_prior=recipe.support_prior)
+                         model_class=ShrunkSupportModel, support_prior=recipe.support_prior,
+                         support_half_life=recipe.support_half_life)
     return new_model(spec, config, recipe.architecture, seed=seed)
 
 
@@ -872,7 +880,9 @@ def train_meta_learner(spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: 
     model = new_meta_learner(spec, recipe, seed, adapt)
     if init is not None:
         warm_start(model, init)
-    if recipe.freeze_request_embeddings:
+    if recipe.freeze_global_block:
+        model.global_block.trainable = False
+    elif recipe.freeze_request_embeddings:
         model.global_block.embedding.trainable = False
     history = meta_train(
         model, splits.train_meta, splits.val_meta, epochs=recipe.meta_epochs,

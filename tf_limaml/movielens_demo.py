@@ -201,14 +201,18 @@ def run_seed(spec, splits, records, recipe, protocol, seed: int, workdir: str,
                 model, history = baselines.train_meta_learner(
                     spec, splits, recipe, seed, adapt=adapt, init=init)
                 sweep = baselines.evaluate_sweep(
-                    lambda batch, k, m=model: baselines.query_probabilities(m, batch), splits.test,
-                    ks)
+                    lambda batch, k, m=model: baselines.query_probabilities(m, batch),
+                    splits.test, ks)
+            # The meta-learned default, as a member with no history gets it.
+            cold = baselines.query_metrics(
+                splits.test, baselines.query_probabilities(model, splits.test, 0))
             learners[name] = model
             results[name] = baselines.measurement(
                 sweep, pretrain_s + timer.seconds,
                 {"meta_epochs": len(history["loss"]),
                  "best_val_loss": round(min(history.get("val_loss", [float("nan")])), 4),
-                 "pretrain_s": round(pretrain_s, 1)})
+                 "pretrain_s": round(pretrain_s, 1),
+                 "unadapted_overall_auc": round(cold["auc"], 4)})
     if offline:
         sweep, details, seconds = run_offline(learners["limaml"], spec, splits,
                                               records["test"], ks, workdir, progress, seed)

@@ -11,6 +11,11 @@ far as one with a hundred, which on ML-100K costs AUC at k = 1 (the single
 label says little about the member's bias); with a prior of c pseudo-rows the
 step shrinks by n / (n + c), as an empirical-Bayes estimate of a member's
 shift would.
+
+The same class can also weight support rows by recency
+(`support_half_life`: a row's weight halves every h rows back in time), and
+adapt a subset of the meta block (`adapt_only`, e.g. only the embedding's
+last bias, as CAVIA-style context adaptation).
 """
 
 from __future__ import annotations
@@ -31,12 +36,19 @@ class ShrunkSupportModel(LiMAMLModel):
         *args: As LiMAMLModel.
         support_prior: c, pseudo-rows added to each task's support count in
             the inner loop's loss (0 gives the usual masked mean).
-        learn_support_prior: Learn c (as log c) in the outer loop.
+        learn_support_prior: Learn c (as log c) in the outer loop (needs
+            second order: c only enters through the inner gradient).
+        adapt_only: Names (as in `_adaptable_variables`, e.g.
+            "meta_block/dense_1/bias") of the only weights the inner loop adapts.
+        support_half_life: h, recency weighting of the support loss: the
+            latest real row weighs 1, the one before 0.5 ** (1 / h), ...
+            None weighs rows equally.
         **kwargs: As LiMAMLModel.
     """
 
     def __init__(self, *args, support_prior: float = 0.0, learn_support_prior: bool = False,
-                 adapt_only: Sequence[str] | None = None, **kwargs):
+                 adapt_only: Sequence[str] | None = None,
+                 support_half_life: float | None = None, **kwargs):
         # Read by `_adaptable_variables`, which the parent's __init__ calls.
         object.__setattr__(self, "_adapt_only", tuple(adapt_only or ()))
         super().__init__(*args, **kwargs)
@@ -53,6 +65,13 @@ class ShrunkSupportModel(LiMAMLModel):
         if learn_support_prior and support_prior <= 0:
             raise ValueError("`learn_support_prior` needs a starting `support_prior` > 0, "
                              f"got {support_prior!r}")
+        if support_half_life is not None and (
+                isinstance(support_half_life, bool)
+                or not isinstance(support_half_life, (int, float)) or support_half_life <= 0):
+            raise ValueError("`support_half_life` must be a number > 0 or None, got "
+                             f"{support_half_life!r}")
+        self.support_half_life = (None if support_half_life is None
+                                  else float(support_half_life))
         self.support_prior = float(support_prior)
         self.learn_support_prior = bool(learn_support_prior)
         self.log_support_prior = None
@@ -85,16 +104,25 @@ class ShrunkSupportModel(LiMAMLModel):
     def _per_task_loss(self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
                        ) -> tf.Tensor:
         if not self._in_inner_loop or (not self.support_prior and
-                                       self.log_support_prior is None):
+                                       self.log_support_prior is None and
+                                       self.support_half_life is None):
             return super()._per_task_loss(labels, logits, mask)
         pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
+        weights = mask
+        if self.support_half_life is not None:
+            # Rows are in time order: 1 for the latest real row, 2 for the one before...
+            rank = tf.cumsum(mask, axis=-1, reverse=True)
+            weights = mask * tf.pow(0.5, (rank - 1.0) / self.support_half_life)
         prior = self._prior(pointwise.dtype)
-        return tf.reduce_sum(pointwise * mask, axis=-1) / (
-            tf.reduce_sum(mask, axis=-1) + prior)
+        total = tf.reduce_sum(weights, axis=-1)
+        if not self.support_prior and self.log_support_prior is None:
+            total = tf.maximum(total, 1e-6)
+        return tf.reduce_sum(pointwise * weights, axis=-1) / (total + prior)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update({"support_prior": self.support_prior,
                        "learn_support_prior": self.learn_support_prior,
-                       "adapt_only": list(self._adapt_only)})
+                       "adapt_only": list(self._adapt_only),
+                       "support_half_life": self.support_half_life})
         return config
