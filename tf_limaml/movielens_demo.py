@@ -335,6 +335,7 @@ def run(args: argparse.Namespace, progress) -> int:
                  "python": platform.python_version(), "commit": _commit(),
                  "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                      timespec="seconds")},
+            training=_training_notes(recipe),
             config={"recipe": recipe.to_dict(), "protocol": dataclasses.asdict(protocol),
                     "limaml_model": _model_note(recipe)},
             tried=_tuning())
@@ -350,9 +351,49 @@ def run(args: argparse.Namespace, progress) -> int:
     return 0
 
 
+def _training_notes(recipe) -> list[str]:
+    """How each model was trained, in words, from the recipe."""
+    arch = recipe.architecture
+    order = "first" if recipe.first_order else "second"
+    lr = "learned (Meta-SGD) from " if recipe.learn_inner_lr else ""
+    notes = [
+        f"Shared network: meta block MLP {list(arch.meta_units)} (the last width is the meta "
+        f"embedding size), global block with {arch.cross_layers} DCN-v2 cross layer(s), MLP "
+        f"{list(arch.global_units)}, meta embedding interaction `{arch.interaction}`.",
+        f"global and id_embedding: Adam lr {recipe.learning_rate:g}, batches of "
+        f"{recipe.batch_size} rows, at most {recipe.epochs} epochs, early stopping on the val "
+        f"members' query loss (patience {recipe.patience}); id_embedding adds a zero-initialized "
+        "member vector (added to the meta embedding) and a member bias on the logit.",
+        "finetune: the global model; per k, SGD on the meta block over each test member's "
+        f"support, inner lr in {list(recipe.finetune_lrs)} and steps in "
+        f"{list(recipe.finetune_steps)} (or none) chosen by val overall AUC with the val "
+        "members' support cut to the same k.",
+        f"limaml and maml: start from the network pretrained for {recipe.pretrain_epochs} "
+        "epochs on the train members' rows with train-member ID embeddings (dropped "
+        "afterwards; val and test members are never seen), then meta-train on the train "
+        f"members' tasks: {recipe.inner_steps} inner step(s), {order} order, inner lr "
+        f"{lr}{recipe.inner_lr:g}, Adam lr {recipe.meta_learning_rate:g} on "
+        f"{recipe.meta_batch_tasks} tasks per step, at most {recipe.meta_epochs} epochs with "
+        f"early stopping on the val members' adapted query loss (patience "
+        f"{recipe.meta_patience}); {recipe.support_cut:.0%} of the tasks drawn see their "
+        "support cut to a random latest-k window"
+        + ("; item and genre embedding tables frozen while meta-training"
+           if recipe.freeze_request_embeddings else "") + ".",
+        "limaml adapts the meta block only; maml adapts every dense weight of both blocks.",
+        "limaml_offline: the limaml model exported as a SavedModel, every test member's "
+        "adapted embedding written by `limaml embed` (Beam), query rows scored by "
+        "`serving_default` from the stored vectors.",
+    ]
+    if recipe.support_prior or recipe.support_half_life:
+        notes.append(_model_note(recipe) + ".")
+    return notes
+
+
 def _model_note(recipe) -> str:
-    if recipe.support_prior:
-        return ("tf_limaml.prototypes.ShrunkSupportModel: LiMAMLModel whose inner-loop "
-                f"support loss is sum(mask*loss)/(sum(mask)+{recipe.support_prior:g}); "
-                "proposed for tf_limaml/model.py as MetaConfig.support_prior")
+    if recipe.support_prior or recipe.support_half_life:
+        return ("limaml and maml are tf_limaml.prototypes.ShrunkSupportModel: LiMAMLModel "
+                "whose inner-loop support loss is sum(mask*loss)/(sum(mask)+"
+                f"{recipe.support_prior:g}), so a member with n support rows moves n/(n+"
+                f"{recipe.support_prior:g}) as far; proposed for tf_limaml/model.py as "
+                "MetaConfig.support_prior")
     return "tf_limaml.model.LiMAMLModel"

@@ -357,6 +357,9 @@ def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> st
     lines += ["## Protocol", ""]
     for key, value in report.get("protocol", {}).items():
         lines.append(f"- **{key}**: {_short(value) if not isinstance(value, str) else value}")
+    if report.get("training"):
+        lines += ["", "## How the models were trained", ""]
+        lines += [f"- {line}" for line in report["training"]]
     lines += ["", "## Results (full support)", "", format_table(report).split("\n\n")[0], ""]
     lines += ["Models:", ""]
     lines += [f"- `{n}`: {MODEL_LABELS[n]}" for n in report["models"]]
