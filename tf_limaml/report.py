@@ -285,8 +285,8 @@ def plot_lift(report: Mapping[str, Any], path: str | os.PathLike) -> str:
     ax.set_xticks(x, [f"k={k}" for k in ks])
     ax.set_xlabel("support interactions per test member (latest k)")
     ax.set_ylabel("overall AUC - global's overall AUC")
-    ax.set_title(f"Lift over global by support size (mean ± std, {report.get('seeds', 1)} "
-                 "seeds)")
+    ax.set_title(f"Lift over global by support size (means over {report.get('seeds', 1)} "
+                 "seeds; bars: the model's AUC std)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
