@@ -1,5 +1,7 @@
 """Baselines and protocol helpers: hand-worked small cases, then tiny trainings."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -255,6 +257,21 @@ def test_shrunk_support_scales_the_first_step(tiny):
     np.testing.assert_allclose(baselines.query_probabilities(plain, splits.test, 0),
                                baselines.query_probabilities(shrunk, splits.test, 0),
                                atol=1e-6)
+
+
+def test_library_support_prior_equals_the_prototype(tiny):
+    """MetaConfig.support_prior (the library) adapts exactly as the prototype did."""
+    spec, _, splits, _ = tiny
+    config = MetaConfig(inner_steps=2, inner_lr=0.5, jit_compile=False)
+    prototype = baselines.new_model(spec, config, SMALL, seed=0,
+                                    model_class=ShrunkSupportModel, support_prior=4.0)
+    library = baselines.new_model(spec, dataclasses.replace(config, support_prior=4.0),
+                                  SMALL, seed=0)
+    library.set_weights(prototype.get_weights())
+    batch = _tasks_batch(splits)
+    for name, value in prototype.adapt(batch).items():
+        np.testing.assert_allclose(library.adapt(batch)[name].numpy(), value.numpy(),
+                                   atol=1e-6)
 
 
 def test_support_half_life_weights_by_recency():

@@ -303,3 +303,17 @@ def test_meta_config_validation():
     with pytest.raises(ValueError, match="Unknown MetaConfig key 'inner_step'"):
         MetaConfig.from_dict({"inner_step": 2})
     assert tf_limaml.MetaConfig.from_dict({"inner_steps": 3}).inner_steps == 3
+
+
+def test_support_prior_shrinks_the_inner_step():
+    tasks = {"a": tf.constant([2.0]), "support_r": tf.constant([[0.0, -1.0]]),
+             "support_label": tf.constant([[1.0, 0.0]]), "support_mask": tf.constant([[1.0, 1.0]])}
+    plain = _tiny_model(inner_lr=0.1).adapt(tasks)
+    shrunk = _tiny_model(inner_lr=0.1, support_prior=2.0).adapt(tasks)
+    # n = 2 support rows, c = 2: the step is n / (n + c) = 1/2 of the plain one.
+    for name in plain:
+        start = 0.5 if name.endswith("kernel") else 0.0
+        np.testing.assert_allclose(shrunk[name].numpy() - start,
+                                   0.5 * (plain[name].numpy() - start), atol=1e-7)
+    with pytest.raises(ValueError, match="support_prior"):
+        MetaConfig(support_prior=-1.0)

@@ -848,12 +848,14 @@ def new_meta_learner(spec: FeatureSpec, recipe: Recipe, seed: int,
                      adapt: str = "meta_block") -> LiMAMLModel:
     """LiMAML (adapt="meta_block") or full MAML (adapt="all") with the recipe's options."""
     config = recipe.meta_config(adapt)
-    if recipe.support_prior or recipe.support_half_life is not None:
+    if recipe.support_half_life is not None:
+        # Recency weighting is still a prototype (tf_limaml.prototypes).
         from tf_limaml.prototypes import ShrunkSupportModel  # noqa: PLC0415
 
         return new_model(spec, config, recipe.architecture, seed=seed,
                          model_class=ShrunkSupportModel, support_prior=recipe.support_prior,
                          support_half_life=recipe.support_half_life)
+    config = dataclasses.replace(config, support_prior=float(recipe.support_prior))
     return new_model(spec, config, recipe.architecture, seed=seed)
 
 

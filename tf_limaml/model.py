@@ -51,6 +51,10 @@ class MetaConfig:
         adapt: "meta_block" (LiMAML) or "all" (full-network MAML: every dense
             weight of both blocks adapts; embedding tables never do).
         adapt_embeddings: Also adapt the looked-up meta-feature embedding rows.
+        support_prior: c, pseudo-rows added to each task's support count in the
+            inner loop: the support loss is sum(mask * loss) / (sum(mask) + c),
+            so an entity with n support rows moves n / (n + c) as far as with
+            the plain mean (0, the default, keeps sum / max(sum(mask), 1)).
         jit_compile: Compile the meta-train step with XLA.
     """
 
@@ -61,6 +65,7 @@ class MetaConfig:
     adapt: str = "meta_block"
     adapt_embeddings: bool = False
     jit_compile: bool = True
+    support_prior: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or (
@@ -74,6 +79,10 @@ class MetaConfig:
         if self.adapt not in ADAPT_CHOICES:
             raise ValueError(f"MetaConfig.adapt must be one of {ADAPT_CHOICES}, got "
                              f"{self.adapt!r}")
+        if isinstance(self.support_prior, bool) or not isinstance(
+                self.support_prior, (int, float)) or not self.support_prior >= 0:
+            raise ValueError(f"MetaConfig.support_prior must be a number >= 0, got "
+                             f"{self.support_prior!r}")
         for name in ("learn_inner_lr", "first_order", "adapt_embeddings", "jit_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MetaConfig.{name} must be true or false, got "
@@ -295,6 +304,16 @@ class LiMAMLModel(tf.keras.Model):
         pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
         return masked_task_mean(pointwise, mask)
 
+    def _support_loss(self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
+                      ) -> tf.Tensor:
+        """Inner-loop loss per task; shrunk toward no update by `support_prior`."""
+        prior = self.meta_config.support_prior
+        if not prior:
+            return self._per_task_loss(labels, logits, mask)
+        pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
+        return tf.reduce_sum(pointwise * mask, axis=-1) / (
+            tf.reduce_sum(mask, axis=-1) + tf.cast(prior, pointwise.dtype))
+
     def _inner_loop(self, encoded: Mapping[str, Any], steps: int, first_order: bool
                     ) -> tuple[dict[str, tf.Tensor], tf.Tensor | None]:
         """k support steps; returns fast weights and the pre-adaptation support loss [T]."""
@@ -306,8 +325,8 @@ class LiMAMLModel(tf.keras.Model):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch([fast[n] for n in names])
                 logits, _ = self._logits(encoded, SUPPORT, fast)
-                per_task = self._per_task_loss(encoded["support_label"], logits,
-                                               encoded["support_mask"])
+                per_task = self._support_loss(encoded["support_label"], logits,
+                                              encoded["support_mask"])
                 total = tf.reduce_sum(per_task)
             grads = tape.gradient(total, [fast[n] for n in names])
             if initial_support_loss is None:

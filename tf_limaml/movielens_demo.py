@@ -390,10 +390,13 @@ def _training_notes(recipe) -> list[str]:
 
 
 def _model_note(recipe) -> str:
-    if recipe.support_prior or recipe.support_half_life:
-        return ("limaml and maml are tf_limaml.prototypes.ShrunkSupportModel: LiMAMLModel "
-                "whose inner-loop support loss is sum(mask*loss)/(sum(mask)+"
-                f"{recipe.support_prior:g}), so a member with n support rows moves n/(n+"
-                f"{recipe.support_prior:g}) as far; proposed for tf_limaml/model.py as "
-                "MetaConfig.support_prior")
+    if recipe.support_half_life:
+        return ("limaml and maml are tf_limaml.prototypes.ShrunkSupportModel "
+                f"(support prior {recipe.support_prior:g}, recency half-life "
+                f"{recipe.support_half_life:g} rows)")
+    if recipe.support_prior:
+        return ("limaml and maml are tf_limaml.LiMAMLModel with MetaConfig.support_prior="
+                f"{recipe.support_prior:g}: the inner-loop support loss is "
+                f"sum(mask*loss)/(sum(mask)+{recipe.support_prior:g}), so a member with n "
+                f"support rows moves n/(n+{recipe.support_prior:g}) as far")
     return "tf_limaml.model.LiMAMLModel"
