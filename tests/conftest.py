@@ -30,3 +30,21 @@ def synthetic_spec(synthetic_tasks):
 @pytest.fixture
 def small_model_kwargs():
     return dict(SMALL_MODEL)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, synthetic_tasks):
+    """The shared test export (tiny seeded model), built once per session."""
+    from serving_fixture import build_test_export
+
+    return build_test_export(tmp_path_factory, synthetic_tasks)
+
+
+@pytest.fixture(scope="module")
+def session(exported):
+    """The export loaded with the TF1 loader, as TF Serving loads it."""
+    from serving_fixture import SessionSignatures
+
+    model = SessionSignatures(exported["export_dir"])
+    yield model
+    model.close()

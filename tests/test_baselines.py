@@ -9,7 +9,7 @@ import tensorflow as tf
 from tf_limaml import baselines
 from tf_limaml.datasets import synthetic
 from tf_limaml.features import FeatureSpec
-from tf_limaml.model import LiMAMLModel, MetaConfig
+from tf_limaml.model import MetaConfig
 from tf_limaml.prototypes import ShrunkSupportModel
 from tf_limaml.tasks import assign_split, build_tasks
 

@@ -10,24 +10,12 @@ import pytest
 import tensorflow as tf
 
 from serving_fixture import (
-    TEST_MAX_SUPPORT, SessionSignatures, build_test_export, entity_inputs,
+    TEST_MAX_SUPPORT, entity_inputs,
 )
 from tf_limaml import data, export
 
 TOL = 1e-5
 VENV_BIN = os.path.dirname(sys.executable)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, synthetic_tasks):
-    return build_test_export(tmp_path_factory, synthetic_tasks)
-
-
-@pytest.fixture(scope="module")
-def session(exported):
-    model = SessionSignatures(exported["export_dir"])
-    yield model
-    model.close()
 
 
 def _batch(exported, max_support, max_query=32):

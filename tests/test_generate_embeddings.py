@@ -12,22 +12,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
 from beam_pipelines import generate_embeddings
-from serving_fixture import SessionSignatures, build_test_export, entity_inputs
+from serving_fixture import entity_inputs
 from tf_limaml import data
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, synthetic_tasks):
-    return build_test_export(tmp_path_factory, synthetic_tasks)
-
-
-@pytest.fixture(scope="module")
-def session(exported):
-    model = SessionSignatures(exported["export_dir"])
-    yield model
-    model.close()
 
 
 def _records(pattern):

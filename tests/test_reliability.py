@@ -36,7 +36,6 @@ from serving_fixture import (
     TEST_MAX_SUPPORT,
     LoopbackServing,
     SessionSignatures,
-    build_test_export,
     entity_inputs,
 )
 
@@ -51,11 +50,6 @@ def _env(**extra):
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.update(extra)
     return env
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, synthetic_tasks):
-    return build_test_export(tmp_path_factory, synthetic_tasks)
 
 
 @pytest.fixture(scope="module")

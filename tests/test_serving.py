@@ -11,25 +11,13 @@ import requests
 
 from serving import client as serving_client
 from serving_fixture import (
-    LoopbackServing, SessionSignatures, build_test_export, entity_inputs,
+    LoopbackServing, entity_inputs,
     make_test_certificates,
 )
 from tf_limaml import data
 
 TOL = 1e-5
 TOKEN = "Bearer test-token"
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, synthetic_tasks):
-    return build_test_export(tmp_path_factory, synthetic_tasks)
-
-
-@pytest.fixture(scope="module")
-def session(exported):
-    model = SessionSignatures(exported["export_dir"])
-    yield model
-    model.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,12 @@ import sys
 
 import numpy as np
 import pytest
-from serving_fixture import SessionSignatures, build_test_export
+from serving_fixture import SessionSignatures
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import soak  # noqa: E402
 
 CALLERS = 4
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, synthetic_tasks):
-    return build_test_export(tmp_path_factory, synthetic_tasks)
 
 
 def _check(result, seconds):

@@ -16,31 +16,14 @@ import sys
 import time
 from typing import Sequence
 
+from tf_limaml.argtypes import positive_float as _positive_float
+from tf_limaml.argtypes import positive_int as _positive_int
+
 EXIT_USAGE = 2
 
 
 class CommandError(Exception):
     """A user error: printed as one line, exit code 2."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _quiet_tensorflow() -> None:
