@@ -9,15 +9,28 @@ HERE = pathlib.Path(__file__).parent
 setup(
     name="tf-limaml",
     version="0.1.0",
-    description=("Per-member personalization of TensorFlow recommenders by "
-                 "meta-learning (LiMAML)"),
-    long_description=(HERE / "README.md").read_text(encoding="utf-8")
-    if (HERE / "README.md").exists() else "",
+    description=(
+        "Per-member personalization of TensorFlow recommenders by "
+        "meta-learning (LiMAML)"
+    ),
+    long_description=(
+        (HERE / "README.md").read_text(encoding="utf-8")
+        if (HERE / "README.md").exists()
+        else ""
+    ),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["tf_limaml", "tf_limaml.*", "beam_pipelines",
-                                    "beam_pipelines.*", "serving", "serving.*"]),
+    packages=find_packages(
+        include=[
+            "tf_limaml",
+            "tf_limaml.*",
+            "beam_pipelines",
+            "beam_pipelines.*",
+            "serving",
+            "serving.*",
+        ]
+    ),
     install_requires=[
         "tensorflow>=2.16",
         "tf-keras",

@@ -70,8 +70,14 @@ ENTITIES_COLD = "entities_cold_start"
 ENTITIES_TRUNCATED = "entities_support_truncated"
 RECORDS_REJECTED = "records_rejected"
 BATCHES = "batches"
-COUNTERS = (ENTITIES_IN, ENTITIES_OUT, ENTITIES_COLD, ENTITIES_TRUNCATED, RECORDS_REJECTED,
-            BATCHES)
+COUNTERS = (
+    ENTITIES_IN,
+    ENTITIES_OUT,
+    ENTITIES_COLD,
+    ENTITIES_TRUNCATED,
+    RECORDS_REJECTED,
+    BATCHES,
+)
 REJECTED = "rejected"
 EMBEDDINGS = "embeddings"
 EMBEDDINGS_PREFIX = "embeddings"
@@ -99,8 +105,13 @@ class EmbedTasksFn(beam.DoFn):
             sorted by support length and split into calls of this size.
     """
 
-    def __init__(self, export_dir: str, max_support: int | None, generated_at: int,
-                 call_size: int = 256):
+    def __init__(
+        self,
+        export_dir: str,
+        max_support: int | None,
+        generated_at: int,
+        call_size: int = 256,
+    ):
         self.export_dir = export_dir
         self.max_support = max_support
         self.generated_at = generated_at
@@ -119,8 +130,12 @@ class EmbedTasksFn(beam.DoFn):
         self._loaded = tf.saved_model.load(metadata["export_dir"])
         self._signature = self._loaded.signatures[export.META_EMBEDDING]
         self._input_names = sorted(self._signature.structured_input_signature[1])
-        self._support_keys = {spec.batch_key(SUPPORT, name) for name in (
-            [f.name for f in spec.request_features] + [LABEL_KEY, MASK_KEY])}
+        self._support_keys = {
+            spec.batch_key(SUPPORT, name)
+            for name in (
+                [f.name for f in spec.request_features] + [LABEL_KEY, MASK_KEY]
+            )
+        }
         self._mask_key = spec.batch_key(SUPPORT, MASK_KEY)
         max_support = self._max_support
         # Query rows are not needed for the embedding: parse at most one. The
@@ -128,7 +143,9 @@ class EmbedTasksFn(beam.DoFn):
         # (seconds of source conversion per worker) is off.
         self._parse = tf.function(
             lambda serialized: data.parse_task_batch(serialized, spec, max_support, 1),
-            input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+            input_signature=[tf.TensorSpec([None], tf.string)],
+            autograph=False,
+        )
         self._errors = (tf.errors.InvalidArgumentError,)
         self._tf = tf
         self._cold = _counter(ENTITIES_COLD)
@@ -148,7 +165,7 @@ class EmbedTasksFn(beam.DoFn):
         order = np.argsort(mask.sum(axis=1), kind="stable")
         rows = []
         for start in range(0, len(order), self.call_size):
-            chunk = order[start:start + self.call_size]
+            chunk = order[start : start + self.call_size]
             used = np.flatnonzero(mask[chunk].any(axis=0))
             width = int(used[-1]) + 1 if len(used) else 0
             index = tf.constant(chunk)
@@ -158,13 +175,15 @@ class EmbedTasksFn(beam.DoFn):
                 inputs[name] = value[:, :width] if name in self._support_keys else value
             embeddings = self._signature(**inputs)["meta_embedding"].numpy()
             for row, i in enumerate(chunk):
-                rows.append({
-                    "entity_id": entity_ids[i].decode("utf-8"),
-                    "embedding": embeddings[row].tolist(),
-                    "model_version": self._model_version,
-                    "n_support": int(min(n_support[i], self._max_support)),
-                    "generated_at": self.generated_at,
-                })
+                rows.append(
+                    {
+                        "entity_id": entity_ids[i].decode("utf-8"),
+                        "embedding": embeddings[row].tolist(),
+                        "model_version": self._model_version,
+                        "n_support": int(min(n_support[i], self._max_support)),
+                        "generated_at": self.generated_at,
+                    }
+                )
                 if n_support[i] == 0:
                     self._cold.inc()
                 elif n_support[i] > self._max_support:
@@ -177,18 +196,22 @@ class EmbedTasksFn(beam.DoFn):
             yield from self._embed(records)
             return
         except self._errors:
-            logger.warning("A batch of %d task records failed; retrying one by one",
-                           len(records))
+            logger.warning(
+                "A batch of %d task records failed; retrying one by one", len(records)
+            )
         for record in records:
             try:
                 yield from self._embed([record])
             except self._errors as err:
                 self._rejected.inc()
-                yield beam.pvalue.TaggedOutput(REJECTED, {
-                    "reason": "bad_task_record",
-                    "detail": err.message.strip().splitlines()[0][:500],
-                    "record_b64": base64.b64encode(record).decode("ascii"),
-                })
+                yield beam.pvalue.TaggedOutput(
+                    REJECTED,
+                    {
+                        "reason": "bad_task_record",
+                        "detail": err.message.strip().splitlines()[0][:500],
+                        "record_b64": base64.b64encode(record).decode("ascii"),
+                    },
+                )
 
 
 def _count(name: str):
@@ -218,8 +241,14 @@ class GenerateEmbeddings(beam.PTransform):
     "rejected", the records that could not be embedded, with the reason.
     """
 
-    def __init__(self, export_dir: str, batch_size: int = 256, max_support: int | None = None,
-                 generated_at: int | None = None, sort_window: int = 4):
+    def __init__(
+        self,
+        export_dir: str,
+        batch_size: int = 256,
+        max_support: int | None = None,
+        generated_at: int | None = None,
+        sort_window: int = 4,
+    ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("sort_window", sort_window)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -228,19 +257,32 @@ class GenerateEmbeddings(beam.PTransform):
         self.export_dir = export_dir
         self.batch_size = batch_size
         self.max_support = max_support
-        self.generated_at = int(time.time()) if generated_at is None else int(generated_at)
+        self.generated_at = (
+            int(time.time()) if generated_at is None else int(generated_at)
+        )
 
     def expand(self, records):
         embedded = (
             records
             | "CountEntitiesIn" >> beam.Map(_count(ENTITIES_IN))
-            | "BatchEntities" >> beam.BatchElements(
+            | "BatchEntities"
+            >> beam.BatchElements(
                 min_batch_size=self.batch_size * self.sort_window,
-                max_batch_size=self.batch_size * self.sort_window)
-            | "EmbedBatches" >> beam.ParDo(EmbedTasksFn(
-                self.export_dir, self.max_support, self.generated_at,
-                call_size=self.batch_size)).with_outputs(REJECTED, main=EMBEDDINGS))
-        rows = embedded[EMBEDDINGS] | "CountEntitiesOut" >> beam.Map(_count(ENTITIES_OUT))
+                max_batch_size=self.batch_size * self.sort_window,
+            )
+            | "EmbedBatches"
+            >> beam.ParDo(
+                EmbedTasksFn(
+                    self.export_dir,
+                    self.max_support,
+                    self.generated_at,
+                    call_size=self.batch_size,
+                )
+            ).with_outputs(REJECTED, main=EMBEDDINGS)
+        )
+        rows = embedded[EMBEDDINGS] | "CountEntitiesOut" >> beam.Map(
+            _count(ENTITIES_OUT)
+        )
         return {EMBEDDINGS: rows, REJECTED: embedded[REJECTED]}
 
 
@@ -262,9 +304,15 @@ def to_example(row: dict[str, Any]) -> bytes:
 def parquet_schema():
     import pyarrow as pa  # noqa: PLC0415 - only --parquet runs need it
 
-    return pa.schema([("entity_id", pa.string()), ("embedding", pa.list_(pa.float32())),
-                      ("model_version", pa.int64()), ("n_support", pa.int64()),
-                      ("generated_at", pa.int64())])
+    return pa.schema(
+        [
+            ("entity_id", pa.string()),
+            ("embedding", pa.list_(pa.float32())),
+            ("model_version", pa.int64()),
+            ("n_support", pa.int64()),
+            ("generated_at", pa.int64()),
+        ]
+    )
 
 
 class WriteEmbeddings(beam.PTransform):
@@ -277,18 +325,28 @@ class WriteEmbeddings(beam.PTransform):
 
     def expand(self, outputs):
         path = lambda name: FileSystems.join(self.output_dir, name)  # noqa: E731
-        (outputs[EMBEDDINGS]
-         | "ToTFExample" >> beam.Map(to_example)
-         | "WriteTFRecords" >> beam.io.WriteToTFRecord(
-             path(EMBEDDINGS_PREFIX), file_name_suffix=TFRECORD_SUFFIX,
-             compression_type=CompressionTypes.GZIP))
+        (
+            outputs[EMBEDDINGS]
+            | "ToTFExample" >> beam.Map(to_example)
+            | "WriteTFRecords"
+            >> beam.io.WriteToTFRecord(
+                path(EMBEDDINGS_PREFIX),
+                file_name_suffix=TFRECORD_SUFFIX,
+                compression_type=CompressionTypes.GZIP,
+            )
+        )
         if self.parquet:
             outputs[EMBEDDINGS] | "WriteParquet" >> beam.io.WriteToParquet(
-                FileSystems.join(path("parquet"), EMBEDDINGS_PREFIX), parquet_schema(),
-                file_name_suffix=".parquet")
-        (outputs[REJECTED]
-         | "RejectedToJson" >> beam.Map(json.dumps)
-         | "WriteRejected" >> beam.io.WriteToText(path("rejected"), file_name_suffix=".jsonl"))
+                FileSystems.join(path("parquet"), EMBEDDINGS_PREFIX),
+                parquet_schema(),
+                file_name_suffix=".parquet",
+            )
+        (
+            outputs[REJECTED]
+            | "RejectedToJson" >> beam.Map(json.dumps)
+            | "WriteRejected"
+            >> beam.io.WriteToText(path("rejected"), file_name_suffix=".jsonl")
+        )
         return outputs
 
 
@@ -298,7 +356,9 @@ def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
     found = {name: 0 for name in COUNTERS}
     query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     for counter in query["counters"]:
-        value = counter.committed if counter.committed is not None else counter.attempted
+        value = (
+            counter.committed if counter.committed is not None else counter.attempted
+        )
         found[counter.key.metric.name] += int(value or 0)
     return found
 
@@ -314,13 +374,15 @@ def _prepare_output(output_dir: str, overwrite: bool) -> None:
         raise ValueError(
             f"--output {output_dir} already holds embeddings of a run ({len(stale)} files, "
             f"e.g. {sorted(stale)[0]}); pass a new --output (one per model version is a "
-            "good habit) or --overwrite")
+            "good habit) or --overwrite"
+        )
     logger.info("Deleting %d files of an earlier run in %s", len(stale), output_dir)
     FileSystems.delete(stale)
 
 
-def run(argv: Sequence[str] | None = None, save_main_session: bool = True
-        ) -> beam.runners.runner.PipelineResult:
+def run(
+    argv: Sequence[str] | None = None, save_main_session: bool = True
+) -> beam.runners.runner.PipelineResult:
     """Runs the job: `limaml embed ...` or `python -m beam_pipelines.generate_embeddings`.
 
     Args:
@@ -340,52 +402,74 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True
     from tf_limaml import export  # noqa: PLC0415 - imports TensorFlow
 
     parser = argparse.ArgumentParser(
-        prog="generate_embeddings", description=__doc__.splitlines()[0], allow_abbrev=False)
+        prog="generate_embeddings",
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+    )
     embed_arguments(parser)
     known, pipeline_args = parser.parse_known_args(list(argv or []))
     metadata = export.read_metadata(known.export)
     if not FileSystems.match([known.tasks])[0].metadata_list:
-        raise FileNotFoundError(f"--tasks {known.tasks!r} matches no file; check the path "
-                                "or the glob")
+        raise FileNotFoundError(
+            f"--tasks {known.tasks!r} matches no file; check the path " "or the glob"
+        )
     _prepare_output(known.output, known.overwrite)
     if not FileSystems.exists(known.output):
         FileSystems.mkdirs(known.output)
     generated_at = int(time.time())
-    logger.info("Embedding %s with model version %s (max_support %s)", known.tasks,
-                metadata["model_version"], known.max_support or metadata["max_support"])
+    logger.info(
+        "Embedding %s with model version %s (max_support %s)",
+        known.tasks,
+        metadata["model_version"],
+        known.max_support or metadata["max_support"],
+    )
 
     options = PipelineOptions(pipeline_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
     pipeline = beam.Pipeline(options=options)
-    _ = (pipeline
-         | "ReadTasks" >> beam.io.ReadFromTFRecord(known.tasks,
-                                                   compression_type=CompressionTypes.AUTO)
-         | "GenerateEmbeddings" >> GenerateEmbeddings(
-             metadata["export_dir"], known.batch_size, known.max_support, generated_at)
-         | "WriteEmbeddings" >> WriteEmbeddings(known.output, known.parquet))
+    _ = (
+        pipeline
+        | "ReadTasks"
+        >> beam.io.ReadFromTFRecord(known.tasks, compression_type=CompressionTypes.AUTO)
+        | "GenerateEmbeddings"
+        >> GenerateEmbeddings(
+            metadata["export_dir"], known.batch_size, known.max_support, generated_at
+        )
+        | "WriteEmbeddings" >> WriteEmbeddings(known.output, known.parquet)
+    )
     result = pipeline.run()
     result.wait_until_finish()
     counts = counters(result)
     summary = {
-        "export_dir": metadata["export_dir"], "model_version": metadata["model_version"],
+        "export_dir": metadata["export_dir"],
+        "model_version": metadata["model_version"],
         "tasks": known.tasks,
         "max_support": known.max_support or metadata["max_support"],
         "generated_at": generated_at,
         "generated_at_utc": datetime.datetime.fromtimestamp(
-            generated_at, datetime.timezone.utc).isoformat(),
+            generated_at, datetime.timezone.utc
+        ).isoformat(),
         **counts,
-        "balanced": counts[ENTITIES_IN] == counts[ENTITIES_OUT] + counts[RECORDS_REJECTED],
+        "balanced": counts[ENTITIES_IN]
+        == counts[ENTITIES_OUT] + counts[RECORDS_REJECTED],
     }
     with FileSystems.create(FileSystems.join(known.output, "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode("utf-8"))
-    logger.info("embed: %d entities in, %d out (%d cold start, %d with support cut to %s), "
-                "%d records rejected", counts[ENTITIES_IN], counts[ENTITIES_OUT],
-                counts[ENTITIES_COLD], counts[ENTITIES_TRUNCATED], summary["max_support"],
-                counts[RECORDS_REJECTED])
+    logger.info(
+        "embed: %d entities in, %d out (%d cold start, %d with support cut to %s), "
+        "%d records rejected",
+        counts[ENTITIES_IN],
+        counts[ENTITIES_OUT],
+        counts[ENTITIES_COLD],
+        counts[ENTITIES_TRUNCATED],
+        summary["max_support"],
+        counts[RECORDS_REJECTED],
+    )
     if not summary["balanced"]:
         raise RuntimeError(
             f"Entities in ({counts[ENTITIES_IN]}) != entities out ({counts[ENTITIES_OUT]}) "
-            f"+ rejected ({counts[RECORDS_REJECTED]}); see {known.output}/summary.json")
+            f"+ rejected ({counts[RECORDS_REJECTED]}); see {known.output}/summary.json"
+        )
     return result
 
 

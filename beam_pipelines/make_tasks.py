@@ -103,10 +103,16 @@ TEMP_PREFIX = ".tmp-"
 # With --num-shards 0 each output gets one shard per this many bytes of records:
 # a count that depends on the data only, never on the runner's bundles.
 AUTO_SHARD_BYTES = 128 << 20
-CONSERVATION = "rows_read = rows_in_tasks + rows_rejected + rows_dropped_by_caps + rows_cold"
+CONSERVATION = (
+    "rows_read = rows_in_tasks + rows_rejected + rows_dropped_by_caps + rows_cold"
+)
 # Every file name the pipeline writes in DIR, for --overwrite and the stale-output check.
 OUTPUT_PATTERNS = tuple(f"{name}-*{TASK_SUFFIX}" for name in SPLITS + (COLD,)) + (
-    f"rejected-*{REJECTED_SUFFIX}", "stats.json", "spec.json", f"{TEMP_PREFIX}*")
+    f"rejected-*{REJECTED_SUFFIX}",
+    "stats.json",
+    "spec.json",
+    f"{TEMP_PREFIX}*",
+)
 
 
 # ------------------------------------------------------------------- reading
@@ -133,8 +139,9 @@ def read_csv_file(readable_file: fileio.ReadableFile) -> Iterator[dict | Malform
     path = readable_file.metadata.path
     with readable_file.open() as raw:
         # surrogateescape keeps undecodable bytes visible so the line can be rejected.
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
-                                newline="")
+        text = io.TextIOWrapper(
+            raw, encoding="utf-8-sig", errors="surrogateescape", newline=""
+        )
         reader = csv.reader(text)
         try:
             header = next(reader)
@@ -146,33 +153,43 @@ def read_csv_file(readable_file: fileio.ReadableFile) -> Iterator[dict | Malform
         header = [name.strip() for name in header]
         if len(set(header)) != len(header):
             duplicate = next(n for n in header if header.count(n) > 1)
-            logger.warning("%s: column %r appears twice in the header; the last one "
-                           "is used", path, duplicate)
+            logger.warning(
+                "%s: column %r appears twice in the header; the last one " "is used",
+                path,
+                duplicate,
+            )
         while True:
             try:
                 values = next(reader)
             except StopIteration:
                 return
             except csv.Error as err:
-                yield MalformedRow({"file": path, "line": reader.line_num},
-                                   f"{path}:{reader.line_num}: {err}")
+                yield MalformedRow(
+                    {"file": path, "line": reader.line_num},
+                    f"{path}:{reader.line_num}: {err}",
+                )
                 continue
             if not values:
                 continue  # A blank line holds no row.
             if len(values) != len(header):
                 row = dict(zip(header, values))
                 if len(values) > len(header):
-                    row["_extra_fields"] = values[len(header):]
-                yield MalformedRow(row, f"{path}:{reader.line_num}: {len(values)} fields, "
-                                        f"the header has {len(header)}")
+                    row["_extra_fields"] = values[len(header) :]
+                yield MalformedRow(
+                    row,
+                    f"{path}:{reader.line_num}: {len(values)} fields, "
+                    f"the header has {len(header)}",
+                )
                 continue
             joined = "".join(values)
             if not joined.isascii():
                 try:
                     joined.encode("utf-8")
                 except UnicodeEncodeError:
-                    yield MalformedRow(dict(zip(header, values)),
-                                       f"{path}:{reader.line_num}: bytes that are not UTF-8")
+                    yield MalformedRow(
+                        dict(zip(header, values)),
+                        f"{path}:{reader.line_num}: bytes that are not UTF-8",
+                    )
                     continue
             yield dict(zip(header, values))
 
@@ -197,22 +214,28 @@ class ReadInteractions(beam.PTransform):
     def __init__(self, file_pattern: str, file_format: str = "csv"):
         super().__init__()
         if file_format not in FORMATS:
-            raise ValueError(f"file_format must be one of {FORMATS}, got {file_format!r}")
+            raise ValueError(
+                f"file_format must be one of {FORMATS}, got {file_format!r}"
+            )
         self.file_pattern = file_pattern
         self.file_format = file_format
 
     def expand(self, pbegin):
         if self.file_format == "parquet":
-            return (pbegin
-                    | "ReadParquet" >> beam.io.ReadFromParquetBatched(self.file_pattern)
-                    | "BatchToRows" >> beam.FlatMap(_table_rows))
-        return (pbegin
-                | "MatchFiles" >> fileio.MatchFiles(self.file_pattern)
-                # A file is read whole by one worker; spreading the files is
-                # what lets several workers read at once.
-                | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadMatches" >> fileio.ReadMatches()
-                | "ParseCsv" >> beam.FlatMap(read_csv_file))
+            return (
+                pbegin
+                | "ReadParquet" >> beam.io.ReadFromParquetBatched(self.file_pattern)
+                | "BatchToRows" >> beam.FlatMap(_table_rows)
+            )
+        return (
+            pbegin
+            | "MatchFiles" >> fileio.MatchFiles(self.file_pattern)
+            # A file is read whole by one worker; spreading the files is
+            # what lets several workers read at once.
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadMatches" >> fileio.ReadMatches()
+            | "ParseCsv" >> beam.FlatMap(read_csv_file)
+        )
 
 
 # ----------------------------------------------------------------- dead letter
@@ -240,8 +263,12 @@ def json_safe(value: Any, _depth: int = 0) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", "backslashreplace")
     if isinstance(value, Mapping):
-        return {(_text(k) if isinstance(k, str) else _text(repr(k))): json_safe(v, _depth + 1)
-                for k, v in value.items()}
+        return {
+            (_text(k) if isinstance(k, str) else _text(repr(k))): json_safe(
+                v, _depth + 1
+            )
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [json_safe(v, _depth + 1) for v in value]
     if isinstance(value, (set, frozenset)):
@@ -260,8 +287,12 @@ def json_safe(value: Any, _depth: int = 0) -> Any:
 
 def dead_letter_record(row: Any, reason: str, detail: str, source: str) -> str:
     """One line of the dead letter: JSON with reason, detail, source and the row."""
-    record = {"reason": reason, "detail": _text(detail), "source": source,
-              "row": json_safe(row)}
+    record = {
+        "reason": reason,
+        "detail": _text(detail),
+        "source": source,
+        "row": json_safe(row),
+    }
     return json.dumps(record, ensure_ascii=False, allow_nan=False, sort_keys=True)
 
 
@@ -322,8 +353,9 @@ def _bucket_low(name: str) -> int:
     return int(name.split("-")[0])
 
 
-def finalize_stats(counts: Mapping[tuple, int], options: Mapping[str, Any],
-                   with_entity_table: bool) -> dict[str, Any]:
+def finalize_stats(
+    counts: Mapping[tuple, int], options: Mapping[str, Any], with_entity_table: bool
+) -> dict[str, Any]:
     """Turns the summed counters into the stats.json object.
 
     Args:
@@ -335,6 +367,7 @@ def finalize_stats(counts: Mapping[tuple, int], options: Mapping[str, Any],
         The stats, with every reject reason and split present (0 if none) and
         the conservation identity checked.
     """
+
     def get(*key: str) -> int:
         return int(counts.get(key, 0))
 
@@ -345,18 +378,31 @@ def finalize_stats(counts: Mapping[tuple, int], options: Mapping[str, Any],
         "rows_dropped_by_caps": get("rows_dropped_by_caps"),
         "rows_cold": get("rows_cold"),
     }
-    total = (stats["rows_in_tasks"] + stats["rows_rejected"] + stats["rows_dropped_by_caps"]
-             + stats["rows_cold"])
-    stats["conservation"] = {"identity": CONSERVATION, "rows_read": stats["rows_read"],
-                             "sum": total, "holds": stats["rows_read"] == total}
-    stats["rejected_by_reason"] = {r: get("rejected_by_reason", r) for r in REJECT_REASONS}
+    total = (
+        stats["rows_in_tasks"]
+        + stats["rows_rejected"]
+        + stats["rows_dropped_by_caps"]
+        + stats["rows_cold"]
+    )
+    stats["conservation"] = {
+        "identity": CONSERVATION,
+        "rows_read": stats["rows_read"],
+        "sum": total,
+        "holds": stats["rows_read"] == total,
+    }
+    stats["rejected_by_reason"] = {
+        r: get("rejected_by_reason", r) for r in REJECT_REASONS
+    }
     stats["entities"] = get("entities")
     stats["entities_cold"] = get("entities_cold")
     stats["meta_conflicts"] = get("meta_conflicts")
     stats["splits"] = {
-        split: {name: get("splits", split, name)
-                for name in ("entities", "interactions", "support_rows", "query_rows")}
-        for split in SPLITS}
+        split: {
+            name: get("splits", split, name)
+            for name in ("entities", "interactions", "support_rows", "query_rows")
+        }
+        for split in SPLITS
+    }
     for part in ("support", "query"):
         name = f"{part}_size_histogram"
         buckets = sorted((key[1] for key in counts if key[0] == name), key=_bucket_low)
@@ -365,12 +411,14 @@ def finalize_stats(counts: Mapping[tuple, int], options: Mapping[str, Any],
         stats["entity_table"] = {
             "rows_read": get("entity_table", "rows_read"),
             "rows_rejected": get("entity_table", "rows_rejected"),
-            "rejected_by_reason": {r: get("entity_table", "rejected_by_reason", r)
-                                   for r in REJECT_REASONS},
+            "rejected_by_reason": {
+                r: get("entity_table", "rejected_by_reason", r) for r in REJECT_REASONS
+            },
             "entities_used": get("entity_table", "entities_used"),
             "conflicts": get("entity_table", "conflicts"),
-            "entities_without_interactions": get("entity_table",
-                                                 "entities_without_interactions"),
+            "entities_without_interactions": get(
+                "entity_table", "entities_without_interactions"
+            ),
         }
     stats["options"] = dict(options)
     return stats
@@ -388,14 +436,23 @@ def _check(element: Any, check: Any) -> tuple[Any, str | None, str, Any]:
         return None, task_rules.REASON_MALFORMED_ROW, element.detail, element.row
     row = element._asdict() if hasattr(element, "_asdict") else element  # beam.Row
     if not isinstance(row, Mapping):
-        return None, task_rules.REASON_MALFORMED_ROW, (
-            f"expected a mapping of column to value, got {type(row).__name__}"), row
+        return (
+            None,
+            task_rules.REASON_MALFORMED_ROW,
+            (f"expected a mapping of column to value, got {type(row).__name__}"),
+            row,
+        )
     try:
         return check(row), None, "", row
     except RowError as err:
         return None, err.reason, err.detail, row
     except Exception as err:  # noqa: BLE001 - one odd value must not fail the job
-        return None, task_rules.REASON_MALFORMED_ROW, f"{type(err).__name__}: {err}", row
+        return (
+            None,
+            task_rules.REASON_MALFORMED_ROW,
+            f"{type(err).__name__}: {err}",
+            row,
+        )
 
 
 class ValidateRows(_CountingDoFn):
@@ -417,7 +474,8 @@ class ValidateRows(_CountingDoFn):
         self._counts[("rows_rejected",)] += 1
         self._counts[("rejected_by_reason", reason)] += 1
         yield beam.pvalue.TaggedOutput(
-            REJECTED, dead_letter_record(row, reason, detail, SOURCE_INTERACTIONS))
+            REJECTED, dead_letter_record(row, reason, detail, SOURCE_INTERACTIONS)
+        )
 
 
 class ValidateEntities(_CountingDoFn):
@@ -439,7 +497,8 @@ class ValidateEntities(_CountingDoFn):
         self._counts[("entity_table", "rows_rejected")] += 1
         self._counts[("entity_table", "rejected_by_reason", reason)] += 1
         yield beam.pvalue.TaggedOutput(
-            REJECTED, dead_letter_record(row, reason, detail, SOURCE_ENTITIES))
+            REJECTED, dead_letter_record(row, reason, detail, SOURCE_ENTITIES)
+        )
 
 
 class SplitEntities(_CountingDoFn):
@@ -450,10 +509,18 @@ class SplitEntities(_CountingDoFn):
     functions as the in-process `tf_limaml.tasks.build_tasks`.
     """
 
-    def __init__(self, spec: FeatureSpec, rule: SplitRule, min_support: int = 1,
-                 min_query: int = 1, max_support: int | None = None,
-                 max_query: int | None = None, seed: int = 0, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1):
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        rule: SplitRule,
+        min_support: int = 1,
+        min_query: int = 1,
+        max_support: int | None = None,
+        max_query: int | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+    ):
         super().__init__()
         self.spec = spec
         self.rule = rule
@@ -488,19 +555,28 @@ class SplitEntities(_CountingDoFn):
         else:
             rows, metas = grouped, []
         history = task_rules.split_history(
-            self.spec, entity_id, rows, self.rule, min_support=self.min_support,
-            min_query=self.min_query, max_support=self.max_support,
-            max_query=self.max_query, meta=self._table_meta(metas))
+            self.spec,
+            entity_id,
+            rows,
+            self.rule,
+            min_support=self.min_support,
+            min_query=self.min_query,
+            max_support=self.max_support,
+            max_query=self.max_query,
+            meta=self._table_meta(metas),
+        )
         self._counts[("meta_conflicts",)] += history.meta_conflicts
-        record = task_data.encode_task(self.spec, entity_id, history.meta, history.support,
-                                       history.query).SerializeToString(deterministic=True)
+        record = task_data.encode_task(
+            self.spec, entity_id, history.meta, history.support, history.query
+        ).SerializeToString(deterministic=True)
         if history.cold:
             self._counts[("entities_cold",)] += 1
             self._counts[("rows_cold",)] += history.n_rows
             yield beam.pvalue.TaggedOutput(COLD, (entity_id, record))
             return
-        split = task_rules.assign_split(entity_id, self.seed, self.val_fraction,
-                                        self.test_fraction)
+        split = task_rules.assign_split(
+            entity_id, self.seed, self.val_fraction, self.test_fraction
+        )
         n_support, n_query = len(history.support), len(history.query)
         counts = self._counts
         counts[("entities",)] += 1
@@ -543,11 +619,20 @@ class BuildTasks(beam.PTransform):
         "stats": one dict, the content of stats.json.
     """
 
-    def __init__(self, spec: FeatureSpec, rule: SplitRule | str = "fraction:0.5",
-                 min_support: int = 1, min_query: int = 1, max_support: int | None = None,
-                 max_query: int | None = None, seed: int = 0, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, entities: beam.PCollection | None = None,
-                 options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        rule: SplitRule | str = "fraction:0.5",
+        min_support: int = 1,
+        min_query: int = 1,
+        max_support: int | None = None,
+        max_query: int | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        entities: beam.PCollection | None = None,
+        options: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         self.spec = spec
         self.rule = SplitRule.parse(rule) if isinstance(rule, str) else rule
@@ -555,47 +640,76 @@ class BuildTasks(beam.PTransform):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}")
         for name, value in (("max_support", max_support), ("max_query", max_query)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value <= 0):
-                raise ValueError(f"`{name}` must be a positive integer or None, got "
-                                 f"{value!r}")
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise ValueError(
+                    f"`{name}` must be a positive integer or None, got " f"{value!r}"
+                )
+        for name, value in (
+            ("val_fraction", val_fraction),
+            ("test_fraction", test_fraction),
+        ):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
         if val_fraction + test_fraction > 1.0:
-            raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction} "
-                             "is more than 1; lower one of them")
-        self.split_fn = SplitEntities(spec, self.rule, min_support, min_query, max_support,
-                                      max_query, seed, val_fraction, test_fraction)
+            raise ValueError(
+                f"val_fraction + test_fraction = {val_fraction + test_fraction} "
+                "is more than 1; lower one of them"
+            )
+        self.split_fn = SplitEntities(
+            spec,
+            self.rule,
+            min_support,
+            min_query,
+            max_support,
+            max_query,
+            seed,
+            val_fraction,
+            test_fraction,
+        )
         self.entities = entities
         self.options = {
-            "split": str(self.rule), "min_support": min_support, "min_query": min_query,
-            "max_support": max_support, "max_query": max_query, "seed": seed,
-            "val_fraction": val_fraction, "test_fraction": test_fraction,
-            **dict(options or {})}
+            "split": str(self.rule),
+            "min_support": min_support,
+            "min_query": min_query,
+            "max_support": max_support,
+            "max_query": max_query,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            **dict(options or {}),
+        }
 
     def expand(self, rows):
-        validated = rows | "ValidateRows" >> beam.ParDo(ValidateRows(self.spec)).with_outputs(
-            REJECTED, STATS, main="clean")
+        validated = rows | "ValidateRows" >> beam.ParDo(
+            ValidateRows(self.spec)
+        ).with_outputs(REJECTED, STATS, main="clean")
         rejected = [validated[REJECTED]]
         stats = [validated[STATS]]
         if self.entities is None:
             grouped = validated.clean | "GroupByEntity" >> beam.GroupByKey()
         else:
             table = self.entities | "ValidateEntities" >> beam.ParDo(
-                ValidateEntities(self.spec)).with_outputs(REJECTED, STATS, main="meta")
+                ValidateEntities(self.spec)
+            ).with_outputs(REJECTED, STATS, main="meta")
             rejected.append(table[REJECTED])
             stats.append(table[STATS])
-            grouped = ({"rows": validated.clean, "meta": table.meta}
-                       | "GroupByEntityWithTable" >> beam.CoGroupByKey())
+            grouped = {
+                "rows": validated.clean,
+                "meta": table.meta,
+            } | "GroupByEntityWithTable" >> beam.CoGroupByKey()
         split = grouped | "SplitEntities" >> beam.ParDo(self.split_fn).with_outputs(
-            COLD, STATS, main="tasks")
+            COLD, STATS, main="tasks"
+        )
         stats.append(split[STATS])
         options, with_table = self.options, self.entities is not None
-        summary = (tuple(stats)
-                   | "FlattenStats" >> beam.Flatten()
-                   | "SumStats" >> beam.CombineGlobally(SumCounts())
-                   | "FinalizeStats" >> beam.Map(finalize_stats, options, with_table))
+        summary = (
+            tuple(stats)
+            | "FlattenStats" >> beam.Flatten()
+            | "SumStats" >> beam.CombineGlobally(SumCounts())
+            | "FinalizeStats" >> beam.Map(finalize_stats, options, with_table)
+        )
         return {
             "tasks": split.tasks,
             "cold": split[COLD],
@@ -606,8 +720,12 @@ class BuildTasks(beam.PTransform):
 
 def _log_conservation(stats: dict[str, Any]) -> dict[str, Any]:
     if not stats["conservation"]["holds"]:
-        logger.error("Conservation identity broken: %s, but rows_read = %d and the sum "
-                     "is %d", CONSERVATION, stats["rows_read"], stats["conservation"]["sum"])
+        logger.error(
+            "Conservation identity broken: %s, but rows_read = %d and the sum " "is %d",
+            CONSERVATION,
+            stats["rows_read"],
+            stats["conservation"]["sum"],
+        )
     return stats
 
 
@@ -648,14 +766,19 @@ def _every_shard(name: str, count: int) -> list[tuple[tuple[str, int], None]]:
     return [((name, index), None) for index in range(count)]
 
 
-def _key_by_shard(item: tuple[str, str, bytes], counts: Mapping[str, int]
-                  ) -> tuple[tuple[str, int], tuple[str, bytes]]:
+def _key_by_shard(
+    item: tuple[str, str, bytes], counts: Mapping[str, int]
+) -> tuple[tuple[str, int], tuple[str, bytes]]:
     name, key, payload = item
     return (name, shard_of(key, counts[name])), (key, payload)
 
 
-def _write_shard(element: tuple[tuple[str, int], Any], output_dir: str,
-                 formats: Mapping[str, tuple[str, str]], counts: Mapping[str, int]) -> str:
+def _write_shard(
+    element: tuple[tuple[str, int], Any],
+    output_dir: str,
+    formats: Mapping[str, tuple[str, str]],
+    counts: Mapping[str, int],
+) -> str:
     """Writes one shard, its records sorted by (key, payload), and returns its path.
 
     The file is written under a hidden temporary name and renamed into place,
@@ -667,10 +790,13 @@ def _write_shard(element: tuple[tuple[str, int], Any], output_dir: str,
     records = sorted(item for item in items if item is not None)
     path = FileSystems.join(output_dir, shard_name(name, index, counts[name], suffix))
     temp = FileSystems.join(
-        output_dir, f"{TEMP_PREFIX}{shard_name(name, index, counts[name], suffix)}-"
-                    f"{uuid.uuid4().hex}")
-    compression = CompressionTypes.GZIP if kind == TFRECORD else (
-        CompressionTypes.UNCOMPRESSED)
+        output_dir,
+        f"{TEMP_PREFIX}{shard_name(name, index, counts[name], suffix)}-"
+        f"{uuid.uuid4().hex}",
+    )
+    compression = (
+        CompressionTypes.GZIP if kind == TFRECORD else (CompressionTypes.UNCOMPRESSED)
+    )
     try:
         with FileSystems.create(temp, compression_type=compression) as f:
             for _, payload in records:
@@ -706,8 +832,12 @@ class WriteShards(beam.PTransform):
     Returns (from `expand`): the paths written.
     """
 
-    def __init__(self, output_dir: str, formats: Mapping[str, tuple[str, str]],
-                 num_shards: int = 0):
+    def __init__(
+        self,
+        output_dir: str,
+        formats: Mapping[str, tuple[str, str]],
+        num_shards: int = 0,
+    ):
         super().__init__()
         self.output_dir = output_dir
         self.formats = dict(formats)
@@ -716,18 +846,24 @@ class WriteShards(beam.PTransform):
     def expand(self, items):
         pipeline = items.pipeline
         counts = (
-            (items | "PayloadBytes" >> beam.Map(_payload_size),
-             pipeline | "EveryName" >> beam.Create([(name, 0) for name in self.formats]))
+            (
+                items | "PayloadBytes" >> beam.Map(_payload_size),
+                pipeline
+                | "EveryName" >> beam.Create([(name, 0) for name in self.formats]),
+            )
             | "FlattenSizes" >> beam.Flatten()
             | "BytesPerName" >> beam.CombinePerKey(sum)
-            | "ShardCounts" >> beam.Map(_with_shard_count, self.num_shards))
+            | "ShardCounts" >> beam.Map(_with_shard_count, self.num_shards)
+        )
         keyed = items | "KeyByShard" >> beam.Map(_key_by_shard, AsDict(counts))
         markers = counts | "EveryShard" >> beam.FlatMapTuple(_every_shard)
-        return ((keyed, markers)
-                | "FlattenShards" >> beam.Flatten()
-                | "GroupByShard" >> beam.GroupByKey()
-                | "WriteShard" >> beam.Map(_write_shard, self.output_dir, self.formats,
-                                           AsDict(counts)))
+        return (
+            (keyed, markers)
+            | "FlattenShards" >> beam.Flatten()
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard"
+            >> beam.Map(_write_shard, self.output_dir, self.formats, AsDict(counts))
+        )
 
 
 def _cold_item(item: tuple[str, bytes]) -> tuple[str, str, bytes]:
@@ -765,19 +901,36 @@ class WriteTaskFiles(beam.PTransform):
         items = (
             outputs["tasks"],  # (split, entity_id, record) already
             outputs["cold"] | "ColdItems" >> beam.Map(_cold_item),
-            outputs["rejected"] | "RejectedItems" >> beam.Map(_rejected_item))
-        _ = (items
-             | "FlattenOutputs" >> beam.Flatten()
-             | "WriteShards" >> WriteShards(self.output_dir, formats, self.num_shards))
-        (outputs["stats"]
-         | "CheckConservation" >> beam.Map(_log_conservation)
-         | "StatsToJson" >> beam.Map(json.dumps, indent=2)
-         | "WriteStats" >> beam.io.WriteToText(self._path("stats"), file_name_suffix=".json",
-                                               num_shards=1, shard_name_template=""))
-        (outputs["stats"].pipeline
-         | "SpecJson" >> beam.Create([self.spec.to_json()])
-         | "WriteSpec" >> beam.io.WriteToText(self._path("spec"), file_name_suffix=".json",
-                                              num_shards=1, shard_name_template=""))
+            outputs["rejected"] | "RejectedItems" >> beam.Map(_rejected_item),
+        )
+        _ = (
+            items
+            | "FlattenOutputs" >> beam.Flatten()
+            | "WriteShards" >> WriteShards(self.output_dir, formats, self.num_shards)
+        )
+        (
+            outputs["stats"]
+            | "CheckConservation" >> beam.Map(_log_conservation)
+            | "StatsToJson" >> beam.Map(json.dumps, indent=2)
+            | "WriteStats"
+            >> beam.io.WriteToText(
+                self._path("stats"),
+                file_name_suffix=".json",
+                num_shards=1,
+                shard_name_template="",
+            )
+        )
+        (
+            outputs["stats"].pipeline
+            | "SpecJson" >> beam.Create([self.spec.to_json()])
+            | "WriteSpec"
+            >> beam.io.WriteToText(
+                self._path("spec"),
+                file_name_suffix=".json",
+                num_shards=1,
+                shard_name_template="",
+            )
+        )
         return outputs
 
 
@@ -798,10 +951,17 @@ class MakeTasks(beam.PTransform):
     Returns (from `expand`): the `BuildTasks` outputs, after writing them.
     """
 
-    def __init__(self, input_pattern: str, spec: FeatureSpec, output_dir: str,
-                 file_format: str = "csv", rule: SplitRule | str = "fraction:0.5",
-                 entities_pattern: str | None = None, num_shards: int = 0,
-                 **build_kwargs: Any):
+    def __init__(
+        self,
+        input_pattern: str,
+        spec: FeatureSpec,
+        output_dir: str,
+        file_format: str = "csv",
+        rule: SplitRule | str = "fraction:0.5",
+        entities_pattern: str | None = None,
+        num_shards: int = 0,
+        **build_kwargs: Any,
+    ):
         super().__init__()
         self.input_pattern = input_pattern
         self.spec = spec
@@ -813,26 +973,38 @@ class MakeTasks(beam.PTransform):
         self.build_kwargs = build_kwargs
 
     def expand(self, pbegin):
-        rows = pbegin | "ReadInteractions" >> ReadInteractions(self.input_pattern,
-                                                               self.file_format)
+        rows = pbegin | "ReadInteractions" >> ReadInteractions(
+            self.input_pattern, self.file_format
+        )
         entities = None
         if self.entities_pattern:
-            entities = pbegin | "ReadEntityTable" >> ReadInteractions(self.entities_pattern,
-                                                                      self.file_format)
-        options = {"input": self.input_pattern, "format": self.file_format,
-                   "entities": self.entities_pattern}
+            entities = pbegin | "ReadEntityTable" >> ReadInteractions(
+                self.entities_pattern, self.file_format
+            )
+        options = {
+            "input": self.input_pattern,
+            "format": self.file_format,
+            "entities": self.entities_pattern,
+        }
         outputs = rows | "BuildTasks" >> BuildTasks(
-            self.spec, self.rule, entities=entities, options=options, **self.build_kwargs)
-        return outputs | "WriteTaskFiles" >> WriteTaskFiles(self.output_dir, self.spec,
-                                                            self.num_shards)
+            self.spec,
+            self.rule,
+            entities=entities,
+            options=options,
+            **self.build_kwargs,
+        )
+        return outputs | "WriteTaskFiles" >> WriteTaskFiles(
+            self.output_dir, self.spec, self.num_shards
+        )
 
 
 # ------------------------------------------------------------ command line
 def _first_file(pattern: str, flag: str) -> str:
     matches = FileSystems.match([pattern])[0].metadata_list
     if not matches:
-        raise FileNotFoundError(f"{flag} {pattern!r} matches no file; check the path or "
-                                "the glob")
+        raise FileNotFoundError(
+            f"{flag} {pattern!r} matches no file; check the path or " "the glob"
+        )
     return sorted(m.path for m in matches)[0]
 
 
@@ -847,8 +1019,9 @@ def _columns_of(path: str, file_format: str) -> list[str]:
         return [name.strip() for name in header]
 
 
-def check_columns(pattern: str, file_format: str, required: Sequence[tuple[str, str]],
-                  flag: str) -> list[str]:
+def check_columns(
+    pattern: str, file_format: str, required: Sequence[tuple[str, str]], flag: str
+) -> list[str]:
     """Fails fast when the first input file lacks a column every row needs.
 
     Without the entity, time or label column every row would be rejected, and
@@ -876,12 +1049,17 @@ def check_columns(pattern: str, file_format: str, required: Sequence[tuple[str, 
             raise ValueError(
                 f"{flag} file {path} has no column {column!r} (the spec's {role}); its "
                 f"columns are {columns}. Fix the spec or the file (is --format "
-                f"{file_format} right?)")
+                f"{file_format} right?)"
+            )
     return columns
 
 
-def check_spec_columns(spec: FeatureSpec, input_pattern: str, file_format: str,
-                       entities_pattern: str | None = None) -> None:
+def check_spec_columns(
+    spec: FeatureSpec,
+    input_pattern: str,
+    file_format: str,
+    entities_pattern: str | None = None,
+) -> None:
     """Checks that every column the spec names is in the input (see `check_columns`).
 
     The entity, time, label, tie-break and request-feature columns must be in
@@ -891,8 +1069,11 @@ def check_spec_columns(spec: FeatureSpec, input_pattern: str, file_format: str,
         FileNotFoundError: A pattern matches no file.
         ValueError: A column is missing; the message names it and the file.
     """
-    required = [(spec.entity, "entity"), (spec.time, "time"),
-                (spec.label.column, "label column")]
+    required = [
+        (spec.entity, "entity"),
+        (spec.time, "time"),
+        (spec.label.column, "label column"),
+    ]
     feature_names = {f.name for f in spec.features}
     if spec.tie_break and spec.tie_break not in feature_names:
         required.append((spec.tie_break, "tie_break column"))
@@ -902,14 +1083,16 @@ def check_spec_columns(spec: FeatureSpec, input_pattern: str, file_format: str,
         check_columns(input_pattern, file_format, required, "--input")
         return
     input_columns = check_columns(input_pattern, file_format, required, "--input")
-    table_columns = check_columns(entities_pattern, file_format, [(spec.entity, "entity")],
-                                  "--entities")
+    table_columns = check_columns(
+        entities_pattern, file_format, [(spec.entity, "entity")], "--entities"
+    )
     for feature in spec.meta_features:
         if feature.name not in input_columns and feature.name not in table_columns:
             raise ValueError(
                 f"The spec's meta feature {feature.name!r} is a column of neither --input "
                 f"{input_pattern!r} (columns {input_columns}) nor --entities "
-                f"{entities_pattern!r} (columns {table_columns}); fix the spec or the files")
+                f"{entities_pattern!r} (columns {table_columns}); fix the spec or the files"
+            )
 
 
 def _prepare_output(output_dir: str, overwrite: bool) -> None:
@@ -924,13 +1107,15 @@ def _prepare_output(output_dir: str, overwrite: bool) -> None:
         raise ValueError(
             f"--output {output_dir} already holds the output of a run "
             f"({len(stale)} files, e.g. {sorted(stale)[0]}); a new run with other "
-            "shard counts would mix with them. Pass --overwrite, or a new --output.")
+            "shard counts would mix with them. Pass --overwrite, or a new --output."
+        )
     logger.info("Deleting %d files of an earlier run in %s", len(stale), output_dir)
     FileSystems.delete(stale)
 
 
-def run(argv: Sequence[str] | None = None, save_main_session: bool = True
-        ) -> beam.runners.runner.PipelineResult:
+def run(
+    argv: Sequence[str] | None = None, save_main_session: bool = True
+) -> beam.runners.runner.PipelineResult:
     """Runs the pipeline: `limaml make-tasks ...` or `python -m beam_pipelines.make_tasks`.
 
     Args:
@@ -948,14 +1133,17 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True
             --output holds an earlier run (without --overwrite).
     """
     parser = argparse.ArgumentParser(
-        prog="make_tasks", description=__doc__.splitlines()[0], allow_abbrev=False)
+        prog="make_tasks", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     make_tasks_arguments(parser)
     known, pipeline_args = parser.parse_known_args(list(argv or []))
     spec = FeatureSpec.load(known.features)
     rule = SplitRule.parse(known.split)
     if known.val_fraction + known.test_fraction > 1.0:
-        raise ValueError(f"--val-fraction {known.val_fraction} + --test-fraction "
-                         f"{known.test_fraction} is more than 1; lower one of them")
+        raise ValueError(
+            f"--val-fraction {known.val_fraction} + --test-fraction "
+            f"{known.test_fraction} is more than 1; lower one of them"
+        )
     check_spec_columns(spec, known.input, known.format, known.entities)
     _prepare_output(known.output, known.overwrite)
     if not FileSystems.exists(known.output):
@@ -965,11 +1153,21 @@ def run(argv: Sequence[str] | None = None, save_main_session: bool = True
     options.view_as(SetupOptions).save_main_session = save_main_session
     pipeline = beam.Pipeline(options=options)
     _ = pipeline | "MakeTasks" >> MakeTasks(
-        known.input, spec, known.output, file_format=known.format, rule=rule,
-        entities_pattern=known.entities, num_shards=known.num_shards,
-        min_support=known.min_support, min_query=known.min_query,
-        max_support=known.max_support, max_query=known.max_query, seed=known.seed,
-        val_fraction=known.val_fraction, test_fraction=known.test_fraction)
+        known.input,
+        spec,
+        known.output,
+        file_format=known.format,
+        rule=rule,
+        entities_pattern=known.entities,
+        num_shards=known.num_shards,
+        min_support=known.min_support,
+        min_query=known.min_query,
+        max_support=known.max_support,
+        max_query=known.max_query,
+        seed=known.seed,
+        val_fraction=known.val_fraction,
+        test_fraction=known.test_fraction,
+    )
     result = pipeline.run()
     result.wait_until_finish()
     _log_summary(known.output)
@@ -987,10 +1185,14 @@ def _log_summary(output_dir: str) -> None:
     logger.info(
         "make-tasks: %d rows read, %d in tasks, %d rejected, %d dropped by caps, %d cold; "
         "entities train/val/test = %s; conservation holds: %s",
-        stats["rows_read"], stats["rows_in_tasks"], stats["rows_rejected"],
-        stats["rows_dropped_by_caps"], stats["rows_cold"],
+        stats["rows_read"],
+        stats["rows_in_tasks"],
+        stats["rows_rejected"],
+        stats["rows_dropped_by_caps"],
+        stats["rows_cold"],
         "/".join(str(stats["splits"][s]["entities"]) for s in SPLITS),
-        stats["conservation"]["holds"])
+        stats["conservation"]["holds"],
+    )
 
 
 if __name__ == "__main__":

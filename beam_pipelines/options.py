@@ -16,48 +16,99 @@ from tf_limaml.argtypes import positive_int as _positive_int
 
 def make_tasks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the flags of `limaml make-tasks` / `beam_pipelines.make_tasks`."""
-    parser.add_argument("--input", required=True,
-                        help="File pattern of the interactions (local, gs://, ...).")
-    parser.add_argument("--format", choices=("csv", "parquet"), default="csv",
-                        help="Input format; CSV needs a header row.")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="File pattern of the interactions (local, gs://, ...).",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("csv", "parquet"),
+        default="csv",
+        help="Input format; CSV needs a header row.",
+    )
     parser.add_argument("--features", required=True, help="FeatureSpec JSON file.")
     parser.add_argument("--output", required=True, help="Output directory.")
-    parser.add_argument("--entities", default=None,
-                        help="Optional entity table (same format) with the meta features.")
-    parser.add_argument("--split", default="fraction:0.5",
-                        help="fraction:F | cutoff:UNIX_TIME | last:K (default fraction:0.5).")
-    parser.add_argument("--min-support", type=_non_negative_int, default=1,
-                        help="Entities with fewer support rows are cold (default 1).")
-    parser.add_argument("--min-query", type=_non_negative_int, default=1,
-                        help="Entities with fewer query rows are cold (default 1).")
-    parser.add_argument("--max-support", type=_positive_int, default=None,
-                        help="Keep each entity's most recent N support rows.")
-    parser.add_argument("--max-query", type=_positive_int, default=None,
-                        help="Keep each entity's first N query rows.")
+    parser.add_argument(
+        "--entities",
+        default=None,
+        help="Optional entity table (same format) with the meta features.",
+    )
+    parser.add_argument(
+        "--split",
+        default="fraction:0.5",
+        help="fraction:F | cutoff:UNIX_TIME | last:K (default fraction:0.5).",
+    )
+    parser.add_argument(
+        "--min-support",
+        type=_non_negative_int,
+        default=1,
+        help="Entities with fewer support rows are cold (default 1).",
+    )
+    parser.add_argument(
+        "--min-query",
+        type=_non_negative_int,
+        default=1,
+        help="Entities with fewer query rows are cold (default 1).",
+    )
+    parser.add_argument(
+        "--max-support",
+        type=_positive_int,
+        default=None,
+        help="Keep each entity's most recent N support rows.",
+    )
+    parser.add_argument(
+        "--max-query",
+        type=_positive_int,
+        default=None,
+        help="Keep each entity's first N query rows.",
+    )
     parser.add_argument("--val-fraction", type=_fraction, default=0.1)
     parser.add_argument("--test-fraction", type=_fraction, default=0.1)
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the entity split hash.")
-    parser.add_argument("--num-shards", type=_non_negative_int, default=0,
-                        help="Output shards per split (0: let the runner decide).")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Delete the task files, dead letter and stats of an "
-                             "earlier run in --output first (otherwise they are an error).")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the entity split hash."
+    )
+    parser.add_argument(
+        "--num-shards",
+        type=_non_negative_int,
+        default=0,
+        help="Output shards per split (0: let the runner decide).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Delete the task files, dead letter and stats of an "
+        "earlier run in --output first (otherwise they are an error).",
+    )
     return parser
 
 
 def embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the flags of `limaml embed` / `beam_pipelines.generate_embeddings`."""
-    parser.add_argument("--export", required=True,
-                        help="SavedModel version directory, e.g. EXPORT/1.")
+    parser.add_argument(
+        "--export", required=True, help="SavedModel version directory, e.g. EXPORT/1."
+    )
     parser.add_argument("--tasks", required=True, help="File pattern of task records.")
     parser.add_argument("--output", required=True, help="Output directory.")
-    parser.add_argument("--batch-size", type=_positive_int, default=256,
-                        help="Largest batch of entities per signature call.")
-    parser.add_argument("--max-support", type=_positive_int, default=None,
-                        help="Support rows per entity fed to the signature "
-                             "(default: the export's maximum).")
-    parser.add_argument("--parquet", action="store_true",
-                        help="Also write the embeddings as Parquet.")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Delete the embeddings of an earlier run in --output.")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        help="Largest batch of entities per signature call.",
+    )
+    parser.add_argument(
+        "--max-support",
+        type=_positive_int,
+        default=None,
+        help="Support rows per entity fed to the signature "
+        "(default: the export's maximum).",
+    )
+    parser.add_argument(
+        "--parquet", action="store_true", help="Also write the embeddings as Parquet."
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Delete the embeddings of an earlier run in --output.",
+    )
     return parser

@@ -15,14 +15,20 @@ RESULTS = os.path.join(HERE, "results.jsonl")
 
 def machine() -> dict[str, Any]:
     """CPU model, cores, load and library versions, recorded with every result."""
-    info: dict[str, Any] = {"cpu": platform.processor() or "unknown", "cores": os.cpu_count(),
-                            "load_avg_1m": round(os.getloadavg()[0], 2),
-                            "python": platform.python_version(),
-                            "platform": platform.platform()}
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or "unknown",
+        "cores": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                               if line.startswith("model name"))
+            info["cpu"] = next(
+                line.split(":", 1)[1].strip()
+                for line in f
+                if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     for module in ("tensorflow", "apache_beam", "pandas"):
@@ -35,8 +41,11 @@ def machine() -> dict[str, Any]:
 
 def record(result: dict[str, Any], path: str = RESULTS) -> dict[str, Any]:
     """Adds the machine and a timestamp, prints the JSON line and appends it to `path`."""
-    result = {**result, "machine": machine(),
-              "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result = {
+        **result,
+        "machine": machine(),
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     line = json.dumps(result, sort_keys=False)
     print(line, flush=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -44,8 +53,9 @@ def record(result: dict[str, Any], path: str = RESULTS) -> dict[str, Any]:
     return result
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2,
-                   number: int = 1) -> float:
+def median_seconds(
+    fn: Callable[[], Any], repeats: int = 5, warmup: int = 2, number: int = 1
+) -> float:
     """Median wall time of `number` calls of fn, over `repeats` timed runs after warm-up."""
     for _ in range(warmup):
         fn()

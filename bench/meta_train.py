@@ -59,35 +59,68 @@ class ReferenceConfig:
 
     def spec(self) -> FeatureSpec:
         vocabulary = [f"v{i}" for i in range(self.meta_vocabulary)]
-        return FeatureSpec.from_dict({
-            "entity": "entity", "time": "time", "label": "label",
-            "meta_features": (
-                [{"name": f"m{i}", "type": "numeric"} for i in range(self.meta_numeric)]
-                + [{"name": f"mc{i}", "type": "categorical", "vocabulary": vocabulary,
-                    "dim": self.embedding_dim} for i in range(self.meta_categorical)]),
-            "request_features": (
-                [{"name": f"r{i}", "type": "numeric"} for i in range(self.request_numeric)]
-                + [{"name": f"rc{i}", "type": "categorical",
-                    "hash_buckets": self.request_buckets, "dim": self.embedding_dim}
-                   for i in range(self.request_categorical)]),
-        })
+        return FeatureSpec.from_dict(
+            {
+                "entity": "entity",
+                "time": "time",
+                "label": "label",
+                "meta_features": (
+                    [
+                        {"name": f"m{i}", "type": "numeric"}
+                        for i in range(self.meta_numeric)
+                    ]
+                    + [
+                        {
+                            "name": f"mc{i}",
+                            "type": "categorical",
+                            "vocabulary": vocabulary,
+                            "dim": self.embedding_dim,
+                        }
+                        for i in range(self.meta_categorical)
+                    ]
+                ),
+                "request_features": (
+                    [
+                        {"name": f"r{i}", "type": "numeric"}
+                        for i in range(self.request_numeric)
+                    ]
+                    + [
+                        {
+                            "name": f"rc{i}",
+                            "type": "categorical",
+                            "hash_buckets": self.request_buckets,
+                            "dim": self.embedding_dim,
+                        }
+                        for i in range(self.request_categorical)
+                    ]
+                ),
+            }
+        )
 
     def model(self, **meta_config) -> LiMAMLModel:
         config = MetaConfig(inner_steps=self.inner_steps, inner_lr=0.1, **meta_config)
-        return LiMAMLModel(self.spec(), config, meta_units=self.meta_units,
-                           global_units=self.global_units, cross_layers=self.cross_layers)
+        return LiMAMLModel(
+            self.spec(),
+            config,
+            meta_units=self.meta_units,
+            global_units=self.global_units,
+            cross_layers=self.cross_layers,
+        )
 
     def batch(self, seed: int = 0) -> dict[str, tf.Tensor]:
         """A random raw task batch of the reference shapes."""
         rng = np.random.default_rng(seed)
         t, spec = self.tasks, self.spec()
-        batch: dict[str, tf.Tensor] = {"entity_id": tf.constant([f"e{i}" for i in range(t)])}
+        batch: dict[str, tf.Tensor] = {
+            "entity_id": tf.constant([f"e{i}" for i in range(t)])
+        }
         for feature in spec.meta_features:
             if feature.is_numeric:
                 batch[feature.name] = tf.constant(rng.normal(size=t), tf.float32)
             else:
                 batch[feature.name] = tf.constant(
-                    rng.choice(feature.vocabulary, size=t).astype(object).astype(bytes))
+                    rng.choice(feature.vocabulary, size=t).astype(object).astype(bytes)
+                )
         for part, rows in (("support", self.support), ("query", self.query)):
             for feature in spec.request_features:
                 key = spec.batch_key(part, feature.name)
@@ -95,8 +128,11 @@ class ReferenceConfig:
                     batch[key] = tf.constant(rng.normal(size=(t, rows)), tf.float32)
                 else:
                     batch[key] = tf.constant(
-                        rng.integers(0, 10**6, size=(t, rows)).astype(str).astype(bytes))
-            batch[f"{part}_label"] = tf.constant(rng.integers(0, 2, size=(t, rows)), tf.float32)
+                        rng.integers(0, 10**6, size=(t, rows)).astype(str).astype(bytes)
+                    )
+            batch[f"{part}_label"] = tf.constant(
+                rng.integers(0, 2, size=(t, rows)), tf.float32
+            )
             batch[f"{part}_mask"] = tf.ones((t, rows), tf.float32)
         return batch
 
@@ -111,7 +147,9 @@ class ReferenceConfig:
         6 F(T*S) + 3 F(T*Q) + 12 Fm.
         """
         d = self.meta_units[-1]
-        request_width = self.request_numeric + self.request_categorical * self.embedding_dim
+        request_width = (
+            self.request_numeric + self.request_categorical * self.embedding_dim
+        )
         cross_width = d + request_width + d  # meta embedding, request, product term
         per_row = request_width * d + self.cross_layers * cross_width * cross_width
         width = cross_width
@@ -128,8 +166,12 @@ class ReferenceConfig:
         forward_query = 2.0 * self.tasks * self.query * per_row
         forward_meta = 2.0 * self.tasks * per_task
         total = 6 * forward_support + 3 * forward_query + 12 * forward_meta
-        return {"step": total, "forward_support": forward_support,
-                "forward_query": forward_query, "forward_meta": forward_meta}
+        return {
+            "step": total,
+            "forward_support": forward_support,
+            "forward_query": forward_query,
+            "forward_meta": forward_meta,
+        }
 
 
 REFERENCE = ReferenceConfig()
@@ -141,9 +183,9 @@ def _slice_task(encoded, t):
         if key == "batch_size":
             out[key] = tf.constant(1)
         elif isinstance(value, dict):
-            out[key] = {k: v[t:t + 1] for k, v in value.items()}
+            out[key] = {k: v[t : t + 1] for k, v in value.items()}
         else:
-            out[key] = value[t:t + 1]
+            out[key] = value[t : t + 1]
     return out
 
 
@@ -171,13 +213,15 @@ def build_steps(config: ReferenceConfig, batch) -> dict[str, callable]:
         with tf.GradientTape() as tape:
             total = tf.constant(0.0)
             for t in tf.range(config.tasks):
-                total += loop_model._forward(_slice_task(encoded, t), config.inner_steps,
-                                             False)["loss"]
+                total += loop_model._forward(
+                    _slice_task(encoded, t), config.inner_steps, False
+                )["loss"]
             loss = total / config.tasks
         variables = loop_model.trainable_variables
         grads = tape.gradient(loss, variables)
         loop_optimizer.apply_gradients(
-            (g, v) for g, v in zip(grads, variables) if g is not None)
+            (g, v) for g, v in zip(grads, variables) if g is not None
+        )
         return loss
 
     loop_encoded = loop_model.encode(batch)
@@ -193,8 +237,11 @@ def build_steps(config: ReferenceConfig, batch) -> dict[str, callable]:
             losses = []
             for part in ("support", "query"):
                 logits, _ = plain_model._logits(encoded, part, None)
-                losses.append(plain_model._per_task_loss(
-                    encoded[f"{part}_label"], logits, encoded[f"{part}_mask"]))
+                losses.append(
+                    plain_model._per_task_loss(
+                        encoded[f"{part}_label"], logits, encoded[f"{part}_mask"]
+                    )
+                )
             loss = tf.reduce_mean(tf.concat(losses, axis=0))
         return tape.gradient(loss, plain_model.trainable_variables), loss
 
@@ -230,7 +277,9 @@ def profile_top_ops(fn, steps: int = 5, top: int = 8) -> list[dict[str, float]]:
     import json  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
-    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin  # noqa: PLC0415
+    from tensorflow.python.profiler.internal import (
+        _pywrap_profiler_plugin,
+    )  # noqa: PLC0415
 
     logdir = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".profile")
     shutil.rmtree(logdir, ignore_errors=True)
@@ -241,20 +290,29 @@ def profile_top_ops(fn, steps: int = 5, top: int = 8) -> list[dict[str, float]]:
     planes = sorted(glob.glob(os.path.join(logdir, "plugins/profile/*/*.xplane.pb")))
     if not planes:
         return []
-    raw = _pywrap_profiler_plugin.xspace_to_tools_data([planes[-1]], "framework_op_stats",
-                                                         {})[0]
+    raw = _pywrap_profiler_plugin.xspace_to_tools_data(
+        [planes[-1]], "framework_op_stats", {}
+    )[0]
     table = json.loads(raw)[0]
     columns = [c["id"] for c in table["cols"]]
     totals: dict[str, float] = {}
     for row in table["rows"]:
         cells = dict(zip(columns, (c.get("v") for c in row["c"])))
         if cells["type"] != "IDLE":
-            totals[cells["type"]] = totals.get(cells["type"], 0.0) + cells["total_self_time"]
+            totals[cells["type"]] = (
+                totals.get(cells["type"], 0.0) + cells["total_self_time"]
+            )
     busy = sum(totals.values()) or 1.0
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
     shutil.rmtree(logdir, ignore_errors=True)
-    return [{"op_type": name, "ms_per_step": round(us / 1000.0 / steps, 3),
-             "share": round(us / busy, 3)} for name, us in ranked]
+    return [
+        {
+            "op_type": name,
+            "ms_per_step": round(us / 1000.0 / steps, 3),
+            "share": round(us / busy, 3),
+        }
+        for name, us in ranked
+    ]
 
 
 def main(argv=None) -> dict:
@@ -278,7 +336,9 @@ def main(argv=None) -> dict:
     samples: dict[str, list[float]] = {name: [] for name in [*steps, "peak"]}
     for _ in range(args.repeats):
         for name, fn in steps.items():
-            samples[name].append(median_seconds(fn, repeats=1, warmup=0, number=args.steps))
+            samples[name].append(
+                median_seconds(fn, repeats=1, warmup=0, number=args.steps)
+            )
         samples["peak"].append(matmul_peak_gflops(repeats=1))
     for name in steps:
         seconds[name] = statistics.median(samples[name])
@@ -291,10 +351,16 @@ def main(argv=None) -> dict:
         "config": "reference",
         "tasks_per_s": tasks_per_s,
         "step_ms": {name: round(seconds[name] * 1e3, 2) for name in steps},
-        "first_call_s": {name: round(seconds[f"{name}_first_call_s"], 2) for name in steps},
+        "first_call_s": {
+            name: round(seconds[f"{name}_first_call_s"], 2) for name in steps
+        },
         "ratios": {
-            "xla_over_per_task_loop": round(tasks_per_s["xla"] / tasks_per_s["per_task_loop"], 2),
-            "xla_cost_over_plain_step": round(tasks_per_s["plain_step"] / tasks_per_s["xla"], 2),
+            "xla_over_per_task_loop": round(
+                tasks_per_s["xla"] / tasks_per_s["per_task_loop"], 2
+            ),
+            "xla_cost_over_plain_step": round(
+                tasks_per_s["plain_step"] / tasks_per_s["xla"], 2
+            ),
             "xla_over_no_xla": round(tasks_per_s["xla"] / tasks_per_s["no_xla"], 2),
         },
         "step_gflop": round(flops["step"] / 1e9, 3),

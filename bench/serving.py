@@ -60,11 +60,28 @@ def git_commit() -> str | None:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tf_limaml",
-                                "beam_pipelines", "bench/serving.py"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--",
+                "tf_limaml",
+                "beam_pipelines",
+                "bench/serving.py",
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
@@ -79,11 +96,17 @@ def request_rows(spec: FeatureSpec, rows: int, rng: np.random.Generator) -> dict
         elif feature.type == MULTI_HOT:
             vocab = list(feature.vocabulary or ["x"])
             out[feature.name] = np.array(
-                [[vocab[rng.integers(len(vocab))].encode()] + [b""] * (
-                    feature.values_per_row - 1) for _ in range(rows)], dtype=object)
+                [
+                    [vocab[rng.integers(len(vocab))].encode()]
+                    + [b""] * (feature.values_per_row - 1)
+                    for _ in range(rows)
+                ],
+                dtype=object,
+            )
         else:
-            out[feature.name] = np.array([str(rng.integers(1000)).encode()
-                                          for _ in range(rows)], dtype=object)
+            out[feature.name] = np.array(
+                [str(rng.integers(1000)).encode() for _ in range(rows)], dtype=object
+            )
     return out
 
 
@@ -96,9 +119,12 @@ def latency(fn, calls: int, warmup: int = 20) -> dict:
         fn()
         times.append(time.perf_counter() - start)
     ms = np.array(times) * 1e3
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "mean_ms": round(float(ms.mean()), 3), "calls": calls}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "calls": calls,
+    }
 
 
 def session_runner(export_dir: str):
@@ -106,21 +132,29 @@ def session_runner(export_dir: str):
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph)
     with graph.as_default():
-        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], export_dir)
+        meta_graph = tf.compat.v1.saved_model.loader.load(
+            session, ["serve"], export_dir
+        )
     signatures = meta_graph.signature_def
 
     def run(name, inputs):
         sig = signatures[name]
-        return session.run({k: v.name for k, v in sig.outputs.items()},
-                           {sig.inputs[k].name: v for k, v in inputs.items()})
+        return session.run(
+            {k: v.name for k, v in sig.outputs.items()},
+            {sig.inputs[k].name: v for k, v in inputs.items()},
+        )
 
     return run, session.close
 
 
 def replicate_tasks(pattern: str, path: str, count: int) -> int:
     """Writes `count` task records cycling through `pattern`'s, with unique entity ids."""
-    base = [tf.train.SequenceExample.FromString(r.numpy()) for r in
-            tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), compression_type="GZIP")]
+    base = [
+        tf.train.SequenceExample.FromString(r.numpy())
+        for r in tf.data.TFRecordDataset(
+            tf.io.gfile.glob(pattern), compression_type="GZIP"
+        )
+    ]
 
     def records():
         for i in range(count):
@@ -133,8 +167,9 @@ def replicate_tasks(pattern: str, path: str, count: int) -> int:
     return data.write_tasks(path, records())
 
 
-def naive_loop(export_dir: str, spec: FeatureSpec, tasks_path: str, output: str,
-               entities: int) -> dict:
+def naive_loop(
+    export_dir: str, spec: FeatureSpec, tasks_path: str, output: str, entities: int
+) -> dict:
     """The naive job: one adapt_and_predict call per entity, in a Python loop.
 
     It reads, parses (with the same compiled parser as the Beam job) and writes
@@ -147,19 +182,25 @@ def naive_loop(export_dir: str, spec: FeatureSpec, tasks_path: str, output: str,
     adapt = loaded.signatures["adapt_and_predict"]
     metadata = export.read_metadata(export_dir)
     max_support = metadata["max_support"]
-    parse = tf.function(lambda s: data.parse_task_batch(s, spec, max_support, 64),
-                        input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+    parse = tf.function(
+        lambda s: data.parse_task_batch(s, spec, max_support, 64),
+        input_signature=[tf.TensorSpec([None], tf.string)],
+        autograph=False,
+    )
     meta_names = [f.name for f in spec.meta_features]
     request_names = [f.name for f in spec.request_features]
     calls_seconds = 0.0
     done = 0
     start = time.perf_counter()
     if entities <= WARMUP_ENTITIES:
-        raise ValueError(f"--naive-entities must be more than {WARMUP_ENTITIES} (warm-up)")
+        raise ValueError(
+            f"--naive-entities must be more than {WARMUP_ENTITIES} (warm-up)"
+        )
     options = tf.io.TFRecordOptions(compression_type="GZIP")
     with tf.io.TFRecordWriter(output + ".tfrecord.gz", options=options) as writer:
-        for serialized in tf.data.TFRecordDataset(tasks_path, compression_type="GZIP").take(
-                entities):
+        for serialized in tf.data.TFRecordDataset(
+            tasks_path, compression_type="GZIP"
+        ).take(entities):
             # Sliced as numpy: cheaper per entity than eager TF slicing ops.
             batch = {k: v.numpy() for k, v in parse(serialized[None]).items()}
             n_s = min(int(batch["n_support"][0]), max_support)
@@ -173,60 +214,100 @@ def naive_loop(export_dir: str, spec: FeatureSpec, tasks_path: str, output: str,
             embedding = adapt(**inputs)["meta_embedding"].numpy()
             if done >= WARMUP_ENTITIES:
                 calls_seconds += time.perf_counter() - call_start
-            writer.write(to_example({
-                "entity_id": batch["entity_id"][0].decode(), "embedding":
-                embedding.tolist(), "model_version": metadata["model_version"],
-                "n_support": n_s, "generated_at": 0}))
+            writer.write(
+                to_example(
+                    {
+                        "entity_id": batch["entity_id"][0].decode(),
+                        "embedding": embedding.tolist(),
+                        "model_version": metadata["model_version"],
+                        "n_support": n_s,
+                        "generated_at": 0,
+                    }
+                )
+            )
             done += 1
             if done == WARMUP_ENTITIES:
                 # Tracing the parser and first calls are one-time costs: not timed.
                 start = time.perf_counter()
     seconds = time.perf_counter() - start
     timed = done - WARMUP_ENTITIES
-    return {"entities_timed": timed, "seconds_end_to_end": round(seconds, 2),
-            "end_to_end_entities_per_s": round(timed / seconds, 1),
-            "calls_only_entities_per_s": round(timed / calls_seconds, 1)}
+    return {
+        "entities_timed": timed,
+        "seconds_end_to_end": round(seconds, 2),
+        "end_to_end_entities_per_s": round(timed / seconds, 1),
+        "calls_only_entities_per_s": round(timed / calls_seconds, 1),
+    }
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--entities", type=int, default=50_000,
-                        help="Entities embedded by the Beam job.")
-    parser.add_argument("--naive-entities", type=int, default=1_000,
-                        help="Entities of the naive per-entity loop.")
-    parser.add_argument("--calls", type=int, default=1_000, help="Calls per latency figure.")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="Entities per meta_embedding call in the Beam job.")
-    parser.add_argument("--workdir", default=None, help="Scratch directory (default: temp).")
-    parser.add_argument("--no-append", action="store_true",
-                        help="Do not append to bench/results.jsonl.")
+    parser.add_argument(
+        "--entities",
+        type=int,
+        default=50_000,
+        help="Entities embedded by the Beam job.",
+    )
+    parser.add_argument(
+        "--naive-entities",
+        type=int,
+        default=1_000,
+        help="Entities of the naive per-entity loop.",
+    )
+    parser.add_argument(
+        "--calls", type=int, default=1_000, help="Calls per latency figure."
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="Entities per meta_embedding call in the Beam job.",
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="Scratch directory (default: temp)."
+    )
+    parser.add_argument(
+        "--no-append", action="store_true", help="Do not append to bench/results.jsonl."
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     workdir = args.workdir or tempfile.mkdtemp(prefix="limaml-bench-")
     rng = np.random.default_rng(0)
 
-    paths = synthetic.write_tasks(os.path.join(workdir, "tasks"), num_entities=1000, seed=0)
+    paths = synthetic.write_tasks(
+        os.path.join(workdir, "tasks"), num_entities=1000, seed=0
+    )
     spec = FeatureSpec.load(paths["spec"])
     tf.keras.utils.set_random_seed(0)
-    model = LiMAMLModel(spec, MetaConfig(jit_compile=False),
-                        **training.default_model_kwargs())
-    export_dir = export.export_model(model, os.path.join(workdir, "export"),
-                                     max_support=SUPPORT_ROWS)
+    model = LiMAMLModel(
+        spec, MetaConfig(jit_compile=False), **training.default_model_kwargs()
+    )
+    export_dir = export.export_model(
+        model, os.path.join(workdir, "export"), max_support=SUPPORT_ROWS
+    )
     metadata = export.read_metadata(export_dir)
 
     # --- latency, as TF Serving runs the graph
     run, close = session_runner(export_dir)
-    serving_inputs = {"meta_embedding": rng.normal(
-        size=(SERVING_BATCH, model.meta_dim)).astype(np.float32),
-        **request_rows(spec, SERVING_BATCH, rng)}
-    adapt_inputs = {"segment": np.array(b"seg_1", dtype=object),
-                    "activity": np.array(30.0, np.float32),
-                    "support_label": rng.integers(0, 2, SUPPORT_ROWS).astype(np.float32)}
-    adapt_inputs.update({f"support_{k}": v
-                         for k, v in request_rows(spec, SUPPORT_ROWS, rng).items()})
-    adapt_inputs.update({f"query_{k}": v
-                         for k, v in request_rows(spec, QUERY_ROWS, rng).items()})
-    serving_latency = latency(lambda: run("serving_default", serving_inputs), args.calls)
+    serving_inputs = {
+        "meta_embedding": rng.normal(size=(SERVING_BATCH, model.meta_dim)).astype(
+            np.float32
+        ),
+        **request_rows(spec, SERVING_BATCH, rng),
+    }
+    adapt_inputs = {
+        "segment": np.array(b"seg_1", dtype=object),
+        "activity": np.array(30.0, np.float32),
+        "support_label": rng.integers(0, 2, SUPPORT_ROWS).astype(np.float32),
+    }
+    adapt_inputs.update(
+        {f"support_{k}": v for k, v in request_rows(spec, SUPPORT_ROWS, rng).items()}
+    )
+    adapt_inputs.update(
+        {f"query_{k}": v for k, v in request_rows(spec, QUERY_ROWS, rng).items()}
+    )
+    serving_latency = latency(
+        lambda: run("serving_default", serving_inputs), args.calls
+    )
     adapt_latency = latency(lambda: run("adapt_and_predict", adapt_inputs), args.calls)
     close()
 
@@ -237,37 +318,62 @@ def main(argv=None) -> dict:
 
     output = os.path.join(workdir, "embeddings")
     start = time.perf_counter()
-    generate_embeddings.run(["--export", export_dir, "--tasks", tasks_path, "--output",
-                             output, "--batch-size", str(args.batch_size)])
+    generate_embeddings.run(
+        [
+            "--export",
+            export_dir,
+            "--tasks",
+            tasks_path,
+            "--output",
+            output,
+            "--batch-size",
+            str(args.batch_size),
+        ]
+    )
     beam_seconds = time.perf_counter() - start
     with open(os.path.join(output, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
 
-    naive = naive_loop(export_dir, spec, tasks_path, os.path.join(workdir, "naive"),
-                       args.naive_entities)
+    naive = naive_loop(
+        export_dir,
+        spec,
+        tasks_path,
+        os.path.join(workdir, "naive"),
+        args.naive_entities,
+    )
     beam_rate = summary["entities_out"] / beam_seconds
     result = {
         "benchmark": "serving",
         "git_commit": git_commit(),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
         "machine": machine(),
-        "model": {**training.default_model_kwargs(), "meta_dim": model.meta_dim,
-                  "inner_steps": metadata["inner_steps"],
-                  "max_support": metadata["max_support"], "weights": "untrained"},
+        "model": {
+            **training.default_model_kwargs(),
+            "meta_dim": model.meta_dim,
+            "inner_steps": metadata["inner_steps"],
+            "max_support": metadata["max_support"],
+            "weights": "untrained",
+        },
         "latency_loader": "tf1_session (as TF Serving)",
         "serving_default_b100": serving_latency,
         "adapt_and_predict_s50_q100": adapt_latency,
         "generate_embeddings": {
-            "entities": summary["entities_out"], "balanced": summary["balanced"],
-            "batch_size": args.batch_size, "runner": "DirectRunner (defaults)",
+            "entities": summary["entities_out"],
+            "balanced": summary["balanced"],
+            "batch_size": args.batch_size,
+            "runner": "DirectRunner (defaults)",
             "seconds_end_to_end": round(beam_seconds, 2),
-            "entities_per_s": round(beam_rate, 1)},
+            "entities_per_s": round(beam_rate, 1),
+        },
         "naive_adapt_and_predict_loop": naive,
         # Same work on both sides: read, parse, embed, write.
         "throughput_ratio": round(beam_rate / naive["end_to_end_entities_per_s"], 2),
         # Against the signature calls alone: a lower bound on the speed-up.
         "throughput_ratio_vs_calls_only": round(
-            beam_rate / naive["calls_only_entities_per_s"], 2),
+            beam_rate / naive["calls_only_entities_per_s"], 2
+        ),
         "target_ratio": 20.0,
     }
     print(json.dumps(result))

@@ -68,13 +68,18 @@ def build_export(workdir: str, architecture: str = "default") -> tuple[str, str]
     Returns:
         (export version directory, task file pattern).
     """
-    paths = synthetic.write_tasks(os.path.join(workdir, "tasks"), num_entities=80, seed=0)
+    paths = synthetic.write_tasks(
+        os.path.join(workdir, "tasks"), num_entities=80, seed=0
+    )
     spec = synthetic.synthetic_spec()
-    kwargs = training.default_model_kwargs() if architecture == "default" else dict(TINY)
+    kwargs = (
+        training.default_model_kwargs() if architecture == "default" else dict(TINY)
+    )
     tf.keras.utils.set_random_seed(0)
     model = LiMAMLModel(spec, MetaConfig(jit_compile=False, inner_lr=0.5), **kwargs)
-    export_dir = export.export_model(model, os.path.join(workdir, "export"),
-                                     max_support=MAX_SUPPORT)
+    export_dir = export.export_model(
+        model, os.path.join(workdir, "export"), max_support=MAX_SUPPORT
+    )
     return export_dir, paths["test"]
 
 
@@ -82,32 +87,41 @@ def make_requests(export_dir: str, tasks: str, callers: int) -> list[list[Reques
     """Per caller: one `serving_default` and one `adapt_and_predict` request, its own."""
     metadata = export.read_metadata(export_dir)
     spec, meta_dim = metadata["spec"], metadata["meta_dim"]
-    batches = data.task_dataset(tasks, spec, batch_tasks=1000,
-                                max_support=metadata["max_support"], max_query=32)
+    batches = data.task_dataset(
+        tasks, spec, batch_tasks=1000, max_support=metadata["max_support"], max_query=32
+    )
     batch = {k: v.numpy() for k, v in next(iter(batches)).items()}
     n_support = batch["support_mask"].sum(axis=1).astype(int)
     n_query = batch["query_mask"].sum(axis=1).astype(int)
     usable = np.flatnonzero((n_support > 0) & (n_query > 0))
     if len(usable) < callers:
-        raise ValueError(f"{tasks} has {len(usable)} entities with support and query "
-                         f"rows; {callers} callers need as many")
+        raise ValueError(
+            f"{tasks} has {len(usable)} entities with support and query "
+            f"rows; {callers} callers need as many"
+        )
     query_mask = batch["query_mask"] > 0
-    all_rows = {f.name: batch[f"query_{f.name}"][query_mask] for f in spec.request_features}
+    all_rows = {
+        f.name: batch[f"query_{f.name}"][query_mask] for f in spec.request_features
+    }
     requests = []
     for caller in range(callers):
         rng = np.random.default_rng(caller)
         rows = rng.choice(len(all_rows[spec.request_features[0].name]), SERVING_ROWS)
         serving = {name: values[rows] for name, values in all_rows.items()}
-        serving[export.EMBEDDING_KEY] = rng.normal(size=(SERVING_ROWS, meta_dim)).astype(
-            np.float32)
+        serving[export.EMBEDDING_KEY] = rng.normal(
+            size=(SERVING_ROWS, meta_dim)
+        ).astype(np.float32)
         i = int(usable[caller])
         adapt = {f.name: batch[f.name][i] for f in spec.meta_features}
-        adapt[export.SUPPORT_LABEL_KEY] = batch[export.SUPPORT_LABEL_KEY][i, :n_support[i]]
+        adapt[export.SUPPORT_LABEL_KEY] = batch[export.SUPPORT_LABEL_KEY][
+            i, : n_support[i]
+        ]
         for f in spec.request_features:
-            adapt[f"support_{f.name}"] = batch[f"support_{f.name}"][i, :n_support[i]]
-            adapt[f"query_{f.name}"] = batch[f"query_{f.name}"][i, :n_query[i]]
-        requests.append([(export.SERVING_DEFAULT, serving),
-                         (export.ADAPT_AND_PREDICT, adapt)])
+            adapt[f"support_{f.name}"] = batch[f"support_{f.name}"][i, : n_support[i]]
+            adapt[f"query_{f.name}"] = batch[f"query_{f.name}"][i, : n_query[i]]
+        requests.append(
+            [(export.SERVING_DEFAULT, serving), (export.ADAPT_AND_PREDICT, adapt)]
+        )
     return requests
 
 
@@ -126,14 +140,21 @@ def _percentiles(seconds: Sequence[float]) -> dict[str, Any]:
     if not seconds:
         return {"calls": 0}
     ms = np.asarray(seconds) * 1e3
-    return {"calls": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "max_ms": round(float(ms.max()), 3)}
+    return {
+        "calls": len(ms),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "max_ms": round(float(ms.max()), 3),
+    }
 
 
-def soak(make_caller: Callable[[int], tuple[Callable, Callable]],
-         requests: list[list[Request]], expected: list[list[dict[str, np.ndarray]]],
-         seconds: float, max_calls: int) -> dict[str, Any]:
+def soak(
+    make_caller: Callable[[int], tuple[Callable, Callable]],
+    requests: list[list[Request]],
+    expected: list[list[dict[str, np.ndarray]]],
+    seconds: float,
+    max_calls: int,
+) -> dict[str, Any]:
     """Runs one caller thread per request list until the deadline or `max_calls`.
 
     Args:
@@ -172,17 +193,22 @@ def soak(make_caller: Callable[[int], tuple[Callable, Callable]],
                 began = time.perf_counter()
                 try:
                     outputs = call(signature, inputs)
-                except Exception as err:  # noqa: BLE001 - an error to count, not to stop on
+                except (
+                    Exception
+                ) as err:  # noqa: BLE001 - an error to count, not to stop on
                     with lock:
-                        errors.append(f"caller {index} {signature}: {type(err).__name__}: "
-                                      f"{str(err).splitlines()[0] if str(err) else ''}")
+                        errors.append(
+                            f"caller {index} {signature}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}"
+                        )
                     n += 1
                     continue
                 mine.setdefault(signature, []).append(time.perf_counter() - began)
                 for name, value in expected[index][k].items():
                     got = np.asarray(outputs.get(name))
-                    if got.shape != value.shape or not np.allclose(got, value,
-                                                                   atol=TOLERANCE):
+                    if got.shape != value.shape or not np.allclose(
+                        got, value, atol=TOLERANCE
+                    ):
                         with lock:
                             wrong[0] += 1
                             errors.append(f"caller {index} {signature}: wrong `{name}`")
@@ -194,8 +220,10 @@ def soak(make_caller: Callable[[int], tuple[Callable, Callable]],
                 for signature, values in mine.items():
                     latencies.setdefault(signature, []).extend(values)
 
-    threads = [threading.Thread(target=caller, args=(i,), daemon=True)
-               for i in range(len(requests))]
+    threads = [
+        threading.Thread(target=caller, args=(i,), daemon=True)
+        for i in range(len(requests))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -205,41 +233,58 @@ def soak(make_caller: Callable[[int], tuple[Callable, Callable]],
     with lock:
         everything = [t for values in latencies.values() for t in values]
         result = {
-            "callers": len(requests), "seconds": round(elapsed, 1),
+            "callers": len(requests),
+            "seconds": round(elapsed, 1),
             **_percentiles(everything),
             "calls_per_s": round(len(everything) / elapsed, 1),
-            "errors": len(errors) + stuck, "wrong_answers": wrong[0],
-            "stuck_callers": stuck, "error_samples": errors[:5],
-            "by_signature": {name: _percentiles(values)
-                             for name, values in sorted(latencies.items())},
-            "rss_mb_before": rss_before, "rss_mb_after": _rss_mb(),
+            "errors": len(errors) + stuck,
+            "wrong_answers": wrong[0],
+            "stuck_callers": stuck,
+            "error_samples": errors[:5],
+            "by_signature": {
+                name: _percentiles(values) for name, values in sorted(latencies.items())
+            },
+            "rss_mb_before": rss_before,
+            "rss_mb_after": _rss_mb(),
         }
     return result
 
 
-def run_soak(export_dir: str, tasks: str, seconds: float = 60.0, callers: int = 4,
-             max_calls: int = 1_000_000) -> dict[str, Any]:
+def run_soak(
+    export_dir: str,
+    tasks: str,
+    seconds: float = 60.0,
+    callers: int = 4,
+    max_calls: int = 1_000_000,
+) -> dict[str, Any]:
     """Both phases on one loaded export (see the module doc).
 
     Returns:
         {"in_process": ..., "grpc": ..., "errors": total, "zero_errors": bool, ...}.
     """
     if not seconds > 0 or callers <= 0 or max_calls <= 0:
-        raise ValueError(f"seconds, callers and max_calls must be positive; got "
-                         f"{seconds!r}, {callers!r}, {max_calls!r}")
+        raise ValueError(
+            f"seconds, callers and max_calls must be positive; got "
+            f"{seconds!r}, {callers!r}, {max_calls!r}"
+        )
     from serving.client import GrpcClient  # noqa: PLC0415 - needs grpc
 
     requests = make_requests(export_dir, tasks, callers)
     model = SessionSignatures(export_dir)
     try:
-        expected = [[model.run(signature, inputs) for signature, inputs in mine]
-                    for mine in requests]
+        expected = [
+            [model.run(signature, inputs) for signature, inputs in mine]
+            for mine in requests
+        ]
 
         def in_process(_: int):
             return model.run, lambda: None
 
-        results = {"in_process": soak(in_process, requests, expected, seconds, max_calls)}
+        results = {
+            "in_process": soak(in_process, requests, expected, seconds, max_calls)
+        }
         with LoopbackServing(export_dir, model_name="limaml", model=model) as server:
+
             def over_grpc(_: int):
                 client = GrpcClient(server.grpc_target, "limaml", timeout_s=10.0)
 
@@ -254,29 +299,58 @@ def run_soak(export_dir: str, tasks: str, seconds: float = 60.0, callers: int = 
         model.close()
     metadata = export.read_metadata(export_dir)
     errors = results["in_process"]["errors"] + results["grpc"]["errors"]
-    return {"benchmark": "soak", "export_dir": export_dir,
-            "model": {"meta_dim": metadata["meta_dim"], "max_support": metadata["max_support"],
-                      "inner_steps": metadata["inner_steps"]},
-            "serving_default_rows": SERVING_ROWS, "seconds_per_phase": seconds,
-            "callers": callers, "max_calls_per_caller": max_calls,
-            "loader": "tf1_session (as TF Serving)", **results,
-            "errors": errors, "zero_errors": errors == 0}
+    return {
+        "benchmark": "soak",
+        "export_dir": export_dir,
+        "model": {
+            "meta_dim": metadata["meta_dim"],
+            "max_support": metadata["max_support"],
+            "inner_steps": metadata["inner_steps"],
+        },
+        "serving_default_rows": SERVING_ROWS,
+        "seconds_per_phase": seconds,
+        "callers": callers,
+        "max_calls_per_caller": max_calls,
+        "loader": "tf1_session (as TF Serving)",
+        **results,
+        "errors": errors,
+        "zero_errors": errors == 0,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0, help="Seconds per phase.")
+    parser.add_argument(
+        "--seconds", type=float, default=60.0, help="Seconds per phase."
+    )
     parser.add_argument("--callers", type=int, default=4, help="Concurrent callers.")
-    parser.add_argument("--max-calls", type=int, default=1_000_000,
-                        help="Most calls per caller and phase.")
-    parser.add_argument("--architecture", choices=("default", "tiny"), default="default",
-                        help="Model built when --export is not given.")
-    parser.add_argument("--export", default=None,
-                        help="An existing export version directory (needs --tasks).")
+    parser.add_argument(
+        "--max-calls",
+        type=int,
+        default=1_000_000,
+        help="Most calls per caller and phase.",
+    )
+    parser.add_argument(
+        "--architecture",
+        choices=("default", "tiny"),
+        default="default",
+        help="Model built when --export is not given.",
+    )
+    parser.add_argument(
+        "--export",
+        default=None,
+        help="An existing export version directory (needs --tasks).",
+    )
     parser.add_argument("--tasks", default=None, help="Task files for the requests.")
-    parser.add_argument("--workdir", default=None, help="Scratch directory (default: temp).")
-    parser.add_argument("--results", default=RESULTS, help="JSON-lines file to append to.")
-    parser.add_argument("--no-append", action="store_true", help="Only print the result.")
+    parser.add_argument(
+        "--workdir", default=None, help="Scratch directory (default: temp)."
+    )
+    parser.add_argument(
+        "--results", default=RESULTS, help="JSON-lines file to append to."
+    )
+    parser.add_argument(
+        "--no-append", action="store_true", help="Only print the result."
+    )
     args = parser.parse_args(argv)
     if bool(args.export) != bool(args.tasks):
         parser.error("--export and --tasks go together")

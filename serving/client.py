@@ -36,7 +36,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tf_limaml.features import LABEL_KEY, MULTI_HOT, NUMERIC, QUERY, SUPPORT, FeatureSpec
+from tf_limaml.features import (
+    LABEL_KEY,
+    MULTI_HOT,
+    NUMERIC,
+    QUERY,
+    SUPPORT,
+    FeatureSpec,
+)
 
 SERVING_DEFAULT = "serving_default"
 ADAPT_AND_PREDICT = "adapt_and_predict"
@@ -74,13 +81,19 @@ def pad_multi_hot(rows: Sequence[Sequence[str]], width: int) -> list[list[str]]:
 def score_inputs(meta_embedding: Any, request: Mapping[str, Any]) -> dict[str, Any]:
     """Named inputs of `serving_default`."""
     if EMBEDDING in request:
-        raise ValueError(f"`request` must hold request features only; it has {EMBEDDING!r}, "
-                         "which is passed as `meta_embedding`")
+        raise ValueError(
+            f"`request` must hold request features only; it has {EMBEDDING!r}, "
+            "which is passed as `meta_embedding`"
+        )
     return {EMBEDDING: meta_embedding, **request}
 
 
-def adapt_and_predict_inputs(meta: Mapping[str, Any], support: Mapping[str, Any],
-                             support_label: Any, query: Mapping[str, Any]) -> dict[str, Any]:
+def adapt_and_predict_inputs(
+    meta: Mapping[str, Any],
+    support: Mapping[str, Any],
+    support_label: Any,
+    query: Mapping[str, Any],
+) -> dict[str, Any]:
     """Named inputs of `adapt_and_predict` for one entity.
 
     Args:
@@ -94,8 +107,10 @@ def adapt_and_predict_inputs(meta: Mapping[str, Any], support: Mapping[str, Any]
         {input name: value}, with `support_` / `query_` prefixes.
     """
     if set(support) != set(query):
-        raise ValueError(f"`support` and `query` must name the same request features; got "
-                         f"{sorted(support)} and {sorted(query)}")
+        raise ValueError(
+            f"`support` and `query` must name the same request features; got "
+            f"{sorted(support)} and {sorted(query)}"
+        )
     inputs = dict(meta)
     inputs.update({FeatureSpec.batch_key(SUPPORT, k): v for k, v in support.items()})
     inputs.update({FeatureSpec.batch_key(QUERY, k): v for k, v in query.items()})
@@ -110,12 +125,15 @@ def as_array(value: Any) -> np.ndarray:
         return array.astype(np.float32)
     if array.dtype.kind in "SUO":
         if array.size and not all(isinstance(v, (str, bytes)) for v in array.flat):
-            raise ValueError(f"Expected numbers or strings, got {value!r}; multi-hot "
-                             "features must be rectangular (use pad_multi_hot)")
+            raise ValueError(
+                f"Expected numbers or strings, got {value!r}; multi-hot "
+                "features must be rectangular (use pad_multi_hot)"
+            )
         flat = [v.encode("utf-8") if isinstance(v, str) else v for v in array.flat]
         return np.array(flat, dtype=object).reshape(array.shape)
-    raise ValueError(f"Cannot send {value!r} (dtype {array.dtype}): expected numbers or "
-                     "strings")
+    raise ValueError(
+        f"Cannot send {value!r} (dtype {array.dtype}): expected numbers or " "strings"
+    )
 
 
 def typed_inputs(inputs: Mapping[str, Any], spec: FeatureSpec) -> dict[str, np.ndarray]:
@@ -135,8 +153,8 @@ def typed_inputs(inputs: Mapping[str, Any], spec: FeatureSpec) -> dict[str, np.n
         base = name
         for part in (SUPPORT, QUERY):
             prefix = FeatureSpec.batch_key(part, "")
-            if name.startswith(prefix) and name[len(prefix):] in features:
-                base = name[len(prefix):]
+            if name.startswith(prefix) and name[len(prefix) :] in features:
+                base = name[len(prefix) :]
         feature = features.get(base)
         if feature is None or feature.type == NUMERIC:
             out[name] = np.asarray(value, dtype=np.float32)
@@ -159,7 +177,9 @@ def typed_inputs(inputs: Mapping[str, Any], spec: FeatureSpec) -> dict[str, np.n
     return out
 
 
-def _convert(inputs: Mapping[str, Any], spec: FeatureSpec | None) -> dict[str, np.ndarray]:
+def _convert(
+    inputs: Mapping[str, Any], spec: FeatureSpec | None
+) -> dict[str, np.ndarray]:
     if spec is not None:
         return typed_inputs(inputs, spec)
     return {name: as_array(value) for name, value in inputs.items()}
@@ -173,15 +193,17 @@ def _read_pem(value: bytes | str | os.PathLike | None) -> bytes | None:
         return f.read()
 
 
-def _name_outputs(outputs: Any, signature_name: str,
-                  output_names: Sequence[str] | None) -> dict[str, Any]:
+def _name_outputs(
+    outputs: Any, signature_name: str, output_names: Sequence[str] | None
+) -> dict[str, Any]:
     if isinstance(outputs, Mapping):
         return dict(outputs)
     names = tuple(output_names or OUTPUT_NAMES.get(signature_name, ()))
     if len(names) != 1:
         raise ValueError(
             f"Signature {signature_name!r} answered one unnamed output; pass "
-            "`output_names=[name]` to say which it is")
+            "`output_names=[name]` to say which it is"
+        )
     return {names[0]: outputs}
 
 
@@ -213,24 +235,34 @@ class GrpcClient:
         (`DEADLINE_EXCEEDED` when the timeout passes).
     """
 
-    def __init__(self, target: str = "localhost:8500", model_name: str = "limaml", *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, version: int | None = None,
-                 tls: bool = False,
-                 root_certificates: bytes | str | os.PathLike | None = None,
-                 private_key: bytes | str | os.PathLike | None = None,
-                 certificate_chain: bytes | str | os.PathLike | None = None,
-                 metadata: Sequence[tuple[str, str]] = (),
-                 channel_options: Sequence[tuple[str, Any]] = (),
-                 spec: FeatureSpec | None = None):
+    def __init__(
+        self,
+        target: str = "localhost:8500",
+        model_name: str = "limaml",
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        version: int | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | os.PathLike | None = None,
+        private_key: bytes | str | os.PathLike | None = None,
+        certificate_chain: bytes | str | os.PathLike | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel_options: Sequence[tuple[str, Any]] = (),
+        spec: FeatureSpec | None = None,
+    ):
         import grpc  # noqa: PLC0415 - only the gRPC client needs it
         from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: PLC0415
 
         if not timeout_s or timeout_s <= 0:
-            raise ValueError(f"`timeout_s` must be > 0 (every call needs a deadline), got "
-                             f"{timeout_s!r}")
+            raise ValueError(
+                f"`timeout_s` must be > 0 (every call needs a deadline), got "
+                f"{timeout_s!r}"
+            )
         if (private_key is None) != (certificate_chain is None):
-            raise ValueError("Mutual TLS needs both `private_key` and `certificate_chain`; "
-                             "pass both or neither")
+            raise ValueError(
+                "Mutual TLS needs both `private_key` and `certificate_chain`; "
+                "pass both or neither"
+            )
         self.target = target
         self.model_name = model_name
         self.timeout_s = float(timeout_s)
@@ -242,14 +274,19 @@ class GrpcClient:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read_pem(root_certificates),
                 private_key=_read_pem(private_key),
-                certificate_chain=_read_pem(certificate_chain))
+                certificate_chain=_read_pem(certificate_chain),
+            )
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
-    def predict(self, inputs: Mapping[str, Any], signature_name: str = SERVING_DEFAULT,
-                timeout_s: float | None = None) -> dict[str, np.ndarray]:
+    def predict(
+        self,
+        inputs: Mapping[str, Any],
+        signature_name: str = SERVING_DEFAULT,
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
         """Calls one signature; returns its outputs by name as numpy arrays."""
         import tensorflow as tf  # noqa: PLC0415 - tensor protos
         from tensorflow_serving.apis import predict_pb2  # noqa: PLC0415
@@ -262,22 +299,39 @@ class GrpcClient:
         for name, value in _convert(inputs, self.spec).items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
         response = self._stub.Predict(
-            request, timeout=self.timeout_s if timeout_s is None else timeout_s,
-            metadata=self.metadata or None)
-        return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+            request,
+            timeout=self.timeout_s if timeout_s is None else timeout_s,
+            metadata=self.metadata or None,
+        )
+        return {
+            name: tf.make_ndarray(proto) for name, proto in response.outputs.items()
+        }
 
-    def score(self, meta_embedding: Any, request: Mapping[str, Any],
-              timeout_s: float | None = None) -> np.ndarray:
+    def score(
+        self,
+        meta_embedding: Any,
+        request: Mapping[str, Any],
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
         """`serving_default`: probabilities `[B]` from embeddings `[B, d]` and requests."""
-        return self.predict(score_inputs(meta_embedding, request), SERVING_DEFAULT,
-                            timeout_s)[SCORE]
+        return self.predict(
+            score_inputs(meta_embedding, request), SERVING_DEFAULT, timeout_s
+        )[SCORE]
 
-    def adapt_and_predict(self, meta: Mapping[str, Any], support: Mapping[str, Any],
-                          support_label: Any, query: Mapping[str, Any],
-                          timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def adapt_and_predict(
+        self,
+        meta: Mapping[str, Any],
+        support: Mapping[str, Any],
+        support_label: Any,
+        query: Mapping[str, Any],
+        timeout_s: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`adapt_and_predict` for one entity: (score [Q], meta_embedding [d])."""
-        outputs = self.predict(adapt_and_predict_inputs(meta, support, support_label, query),
-                               ADAPT_AND_PREDICT, timeout_s)
+        outputs = self.predict(
+            adapt_and_predict_inputs(meta, support, support_label, query),
+            ADAPT_AND_PREDICT,
+            timeout_s,
+        )
         return outputs[SCORE], outputs[EMBEDDING]
 
     def close(self) -> None:
@@ -330,19 +384,30 @@ class RestClient:
         requests.HTTPError: From calls, with TF Serving's `error` message.
     """
 
-    def __init__(self, base_url: str = "http://localhost:8501", model_name: str = "limaml",
-                 *, timeout_s: float = DEFAULT_TIMEOUT_S, version: int | None = None,
-                 headers: Mapping[str, str] | None = None, verify: bool | str = True,
-                 cert: str | tuple[str, str] | None = None, session: Any = None,
-                 spec: FeatureSpec | None = None):
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8501",
+        model_name: str = "limaml",
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        version: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
+        session: Any = None,
+        spec: FeatureSpec | None = None,
+    ):
         import requests  # noqa: PLC0415 - only the REST client needs it
 
         if not timeout_s or timeout_s <= 0:
-            raise ValueError(f"`timeout_s` must be > 0 (every call needs a timeout), got "
-                             f"{timeout_s!r}")
+            raise ValueError(
+                f"`timeout_s` must be > 0 (every call needs a timeout), got "
+                f"{timeout_s!r}"
+            )
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"`base_url` must start with http:// or https://, got "
-                             f"{base_url!r}")
+            raise ValueError(
+                f"`base_url` must start with http:// or https://, got " f"{base_url!r}"
+            )
         self.base_url = base_url.rstrip("/")
         self.model_name = model_name
         self.timeout_s = float(timeout_s)
@@ -362,9 +427,13 @@ class RestClient:
         version = f"/versions/{int(self.version)}" if self.version is not None else ""
         return f"{self.base_url}/v1/models/{self.model_name}{version}:predict"
 
-    def predict(self, inputs: Mapping[str, Any], signature_name: str = SERVING_DEFAULT,
-                timeout_s: float | None = None,
-                output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def predict(
+        self,
+        inputs: Mapping[str, Any],
+        signature_name: str = SERVING_DEFAULT,
+        timeout_s: float | None = None,
+        output_names: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Calls one signature; returns its outputs by name as numpy arrays.
 
         Args:
@@ -376,12 +445,20 @@ class RestClient:
         """
         import requests  # noqa: PLC0415
 
-        body = {"signature_name": signature_name,
-                "inputs": {name: _json_value(value)
-                           for name, value in _convert(inputs, self.spec).items()}}
+        body = {
+            "signature_name": signature_name,
+            "inputs": {
+                name: _json_value(value)
+                for name, value in _convert(inputs, self.spec).items()
+            },
+        }
         response = self._session.post(
-            self.url, json=body, timeout=self.timeout_s if timeout_s is None else timeout_s,
-            verify=self.verify, cert=self.cert)
+            self.url,
+            json=body,
+            timeout=self.timeout_s if timeout_s is None else timeout_s,
+            verify=self.verify,
+            cert=self.cert,
+        )
         try:
             response.raise_for_status()
         except requests.HTTPError as err:
@@ -390,21 +467,38 @@ class RestClient:
             except ValueError:
                 detail = response.text
             raise requests.HTTPError(f"{err}: {detail}", response=response) from None
-        outputs = _name_outputs(response.json()["outputs"], signature_name, output_names)
-        return {name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()}
+        outputs = _name_outputs(
+            response.json()["outputs"], signature_name, output_names
+        )
+        return {
+            name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()
+        }
 
-    def score(self, meta_embedding: Any, request: Mapping[str, Any],
-              timeout_s: float | None = None) -> np.ndarray:
+    def score(
+        self,
+        meta_embedding: Any,
+        request: Mapping[str, Any],
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
         """`serving_default`: probabilities `[B]` from embeddings `[B, d]` and requests."""
-        return self.predict(score_inputs(meta_embedding, request), SERVING_DEFAULT,
-                            timeout_s)[SCORE]
+        return self.predict(
+            score_inputs(meta_embedding, request), SERVING_DEFAULT, timeout_s
+        )[SCORE]
 
-    def adapt_and_predict(self, meta: Mapping[str, Any], support: Mapping[str, Any],
-                          support_label: Any, query: Mapping[str, Any],
-                          timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def adapt_and_predict(
+        self,
+        meta: Mapping[str, Any],
+        support: Mapping[str, Any],
+        support_label: Any,
+        query: Mapping[str, Any],
+        timeout_s: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`adapt_and_predict` for one entity: (score [Q], meta_embedding [d])."""
-        outputs = self.predict(adapt_and_predict_inputs(meta, support, support_label, query),
-                               ADAPT_AND_PREDICT, timeout_s)
+        outputs = self.predict(
+            adapt_and_predict_inputs(meta, support, support_label, query),
+            ADAPT_AND_PREDICT,
+            timeout_s,
+        )
         return outputs[SCORE], outputs[EMBEDDING]
 
     def close(self) -> None:

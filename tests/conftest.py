@@ -7,8 +7,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-SMALL_MODEL = {"meta_units": [16, 8], "global_units": [32, 16], "cross_layers": 1,
-               "interaction": "product"}
+SMALL_MODEL = {
+    "meta_units": [16, 8],
+    "global_units": [32, 16],
+    "cross_layers": 1,
+    "interaction": "product",
+}
 
 
 @pytest.fixture(scope="session")

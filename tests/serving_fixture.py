@@ -50,20 +50,32 @@ class SessionSignatures:
         self.session = tf.compat.v1.Session(graph=self.graph)
         with self.graph.as_default():
             meta_graph = tf.compat.v1.saved_model.loader.load(
-                self.session, [tf.compat.v1.saved_model.tag_constants.SERVING], export_dir)
-        self.signatures = {name: sig for name, sig in meta_graph.signature_def.items()
-                           if not name.startswith("__")}
+                self.session,
+                [tf.compat.v1.saved_model.tag_constants.SERVING],
+                export_dir,
+            )
+        self.signatures = {
+            name: sig
+            for name, sig in meta_graph.signature_def.items()
+            if not name.startswith("__")
+        }
 
     def input_dtypes(self, signature_name: str) -> dict[str, tf.DType]:
-        return {k: tf.as_dtype(v.dtype)
-                for k, v in self._signature(signature_name).inputs.items()}
+        return {
+            k: tf.as_dtype(v.dtype)
+            for k, v in self._signature(signature_name).inputs.items()
+        }
 
     def _signature(self, name: str):
         if name not in self.signatures:
-            raise KeyError(f"Serving signature name: \"{name}\" not found in signature def")
+            raise KeyError(
+                f'Serving signature name: "{name}" not found in signature def'
+            )
         return self.signatures[name]
 
-    def run(self, signature_name: str, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def run(
+        self, signature_name: str, inputs: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
         """Runs one signature like TF Serving's Predict: exact names and dtypes.
 
         Raises:
@@ -75,8 +87,10 @@ class SessionSignatures:
         missing = sorted(set(signature.inputs) - set(inputs))
         unknown = sorted(set(inputs) - set(signature.inputs))
         if missing or unknown:
-            raise ValueError(f"input size does not match signature: missing {missing}, "
-                             f"unknown {unknown}")
+            raise ValueError(
+                f"input size does not match signature: missing {missing}, "
+                f"unknown {unknown}"
+            )
         feed = {}
         for name, value in inputs.items():
             info = signature.inputs[name]
@@ -84,8 +98,10 @@ class SessionSignatures:
             array = np.asarray(value)
             got = tf.string if array.dtype.kind in "OSU" else tf.as_dtype(array.dtype)
             if got != expected:
-                raise ValueError(f"Expects arg {name} to be {expected.name} but "
-                                 f"{got.name} is provided")
+                raise ValueError(
+                    f"Expects arg {name} to be {expected.name} but "
+                    f"{got.name} is provided"
+                )
             feed[info.name] = array
         fetches = {name: info.name for name, info in signature.outputs.items()}
         return self.session.run(fetches, feed_dict=feed)
@@ -95,10 +111,18 @@ class SessionSignatures:
 
 
 # --------------------------------------------------------------------- gRPC
-def _grpc_servicer(model: SessionSignatures, model_name: str, version: int,
-                   delay_s: float, required_metadata: Mapping[str, str]):
+def _grpc_servicer(
+    model: SessionSignatures,
+    model_name: str,
+    version: int,
+    delay_s: float,
+    required_metadata: Mapping[str, str],
+):
     import grpc  # noqa: PLC0415
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: PLC0415
+    from tensorflow_serving.apis import (
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )  # noqa: PLC0415
 
     class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         def Predict(self, request, context):  # noqa: N802 - the gRPC method name
@@ -109,10 +133,13 @@ def _grpc_servicer(model: SessionSignatures, model_name: str, version: int,
                 if metadata.get(key) != value:
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing {key}")
             spec = request.model_spec
-            if spec.name != model_name or (spec.HasField("version")
-                                           and spec.version.value != version):
-                context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"Servable not found for request: {spec.name}")
+            if spec.name != model_name or (
+                spec.HasField("version") and spec.version.value != version
+            ):
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"Servable not found for request: {spec.name}",
+                )
             signature_name = spec.signature_name or "serving_default"
             try:
                 inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
@@ -138,6 +165,7 @@ _PREDICT_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/([0-9]+))?:predict
 
 def _from_json(value: Any, dtype: tf.DType) -> np.ndarray:
     if dtype == tf.string:
+
         def decode(item):
             if isinstance(item, dict):
                 return base64.b64decode(item["b64"])
@@ -149,8 +177,12 @@ def _from_json(value: Any, dtype: tf.DType) -> np.ndarray:
     return np.asarray(value, dtype=dtype.as_numpy_dtype)
 
 
-def _rest_handler(model: SessionSignatures, model_name: str, version: int,
-                  required_headers: Mapping[str, str]):
+def _rest_handler(
+    model: SessionSignatures,
+    model_name: str,
+    version: int,
+    required_headers: Mapping[str, str],
+):
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):  # keep pytest output clean
             pass
@@ -168,8 +200,11 @@ def _rest_handler(model: SessionSignatures, model_name: str, version: int,
                 if self.headers.get(key) != value:
                     return self._answer(401, {"error": f"missing {key}"})
             match = _PREDICT_PATH.match(self.path)
-            if not match or match.group(1) != model_name or (
-                    match.group(2) is not None and int(match.group(2)) != version):
+            if (
+                not match
+                or match.group(1) != model_name
+                or (match.group(2) is not None and int(match.group(2)) != version)
+            ):
                 return self._answer(404, {"error": f"Servable not found: {self.path}"})
             try:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -216,10 +251,16 @@ class LoopbackServing:
     Use as a context manager; `grpc_target` and `rest_url` say where to call.
     """
 
-    def __init__(self, export_dir: str, model_name: str = "limaml", version: int = 1,
-                 tls: Mapping[str, bytes] | None = None, delay_s: float = 0.0,
-                 required_headers: Mapping[str, str] | None = None,
-                 model: SessionSignatures | None = None):
+    def __init__(
+        self,
+        export_dir: str,
+        model_name: str = "limaml",
+        version: int = 1,
+        tls: Mapping[str, bytes] | None = None,
+        delay_s: float = 0.0,
+        required_headers: Mapping[str, str] | None = None,
+        model: SessionSignatures | None = None,
+    ):
         self.export_dir = export_dir
         self.model_name = model_name
         self.version = version
@@ -235,15 +276,22 @@ class LoopbackServing:
 
         self._grpc = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            _grpc_servicer(self.model, self.model_name, self.version, self.delay_s,
-                           {k.lower(): v for k, v in self.required_headers.items()}),
-            self._grpc)
+            _grpc_servicer(
+                self.model,
+                self.model_name,
+                self.version,
+                self.delay_s,
+                {k.lower(): v for k, v in self.required_headers.items()},
+            ),
+            self._grpc,
+        )
         address = f"{LOOPBACK}:0"
         if self.tls:
             credentials = grpc.ssl_server_credentials(
                 [(self.tls["key"], self.tls["cert"])],
                 root_certificates=self.tls.get("client_ca"),
-                require_client_auth=self.tls.get("client_ca") is not None)
+                require_client_auth=self.tls.get("client_ca") is not None,
+            )
             port = self._grpc.add_secure_port(address, credentials)
         else:
             port = self._grpc.add_insecure_port(address)
@@ -251,8 +299,11 @@ class LoopbackServing:
         self.grpc_target = f"{LOOPBACK}:{port}"
 
         self._http = http.server.ThreadingHTTPServer(
-            (LOOPBACK, 0), _rest_handler(self.model, self.model_name, self.version,
-                                         self.required_headers))
+            (LOOPBACK, 0),
+            _rest_handler(
+                self.model, self.model_name, self.version, self.required_headers
+            ),
+        )
         scheme = "http"
         if self.tls:
             self._tls_files = _write_temp_pems(self.tls)
@@ -306,38 +357,68 @@ def make_test_certificates(directory: str) -> dict[str, Any]:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
     def key_pem(key) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM,
-                                 serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (x509.CertificateBuilder().subject_name(name("limaml test CA"))
-               .issuer_name(name("limaml test CA")).public_key(ca_key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(
-                   digital_signature=True, content_commitment=False, key_encipherment=False,
-                   data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                   crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                              critical=False)
-               .sign(ca_key, hashes.SHA256()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("limaml test CA"))
+        .issuer_name(name("limaml test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
 
     def leaf(common: str, server: bool):
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(common))
-                   .issuer_name(ca_cert.subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                       ca_key.public_key()), critical=False))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+        )
         if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]),
-                critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
+                        x509.DNSName("localhost"),
+                    ]
+                ),
+                critical=False,
+            )
         cert = builder.sign(ca_key, hashes.SHA256())
         return key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
 
@@ -347,8 +428,14 @@ def make_test_certificates(directory: str) -> dict[str, Any]:
     ca_path = os.path.join(directory, "ca.pem")
     with open(ca_path, "wb") as f:
         f.write(ca_pem)
-    return {"ca": ca_pem, "key": server_key, "cert": server_cert, "client_key": client_key,
-            "client_cert": client_cert, "ca_path": ca_path}
+    return {
+        "ca": ca_pem,
+        "key": server_key,
+        "cert": server_cert,
+        "client_key": client_key,
+        "client_cert": client_cert,
+        "ca_path": ca_path,
+    }
 
 
 # ------------------------------------------------------- shared test export
@@ -375,24 +462,38 @@ def build_test_export(tmp_path_factory, synthetic_tasks) -> dict[str, Any]:
 
     tf.keras.utils.set_random_seed(0)
     spec = FeatureSpec.load(synthetic_tasks["spec"])
-    model = LiMAMLModel(spec, MetaConfig(jit_compile=False, inner_steps=TEST_INNER_STEPS,
-                                         inner_lr=0.5),
-                        meta_units=[16, 8], global_units=[32, 16], cross_layers=1)
+    model = LiMAMLModel(
+        spec,
+        MetaConfig(jit_compile=False, inner_steps=TEST_INNER_STEPS, inner_lr=0.5),
+        meta_units=[16, 8],
+        global_units=[32, 16],
+        cross_layers=1,
+    )
     base = str(tmp_path_factory.mktemp("export"))
     export_dir = export_model(model, base, max_support=TEST_MAX_SUPPORT)
-    _EXPORT_CACHE["export"] = {"model": model, "export_dir": export_dir,
-                               "export_base": base, "spec": spec, "tasks": synthetic_tasks}
+    _EXPORT_CACHE["export"] = {
+        "model": model,
+        "export_dir": export_dir,
+        "export_base": base,
+        "spec": spec,
+        "tasks": synthetic_tasks,
+    }
     return _EXPORT_CACHE["export"]
 
 
-def entity_inputs(batch: Mapping[str, np.ndarray], spec, index: int
-                  ) -> tuple[dict, dict, np.ndarray, dict]:
+def entity_inputs(
+    batch: Mapping[str, np.ndarray], spec, index: int
+) -> tuple[dict, dict, np.ndarray, dict]:
     """One entity of a parsed task batch, padding removed: (meta, support, labels, query)."""
     n_support = int(np.sum(batch["support_mask"][index]))
     n_query = int(np.sum(batch["query_mask"][index]))
     meta = {f.name: np.asarray(batch[f.name][index]) for f in spec.meta_features}
-    support = {f.name: np.asarray(batch[f"support_{f.name}"][index][:n_support])
-               for f in spec.request_features}
-    query = {f.name: np.asarray(batch[f"query_{f.name}"][index][:n_query])
-             for f in spec.request_features}
+    support = {
+        f.name: np.asarray(batch[f"support_{f.name}"][index][:n_support])
+        for f in spec.request_features
+    }
+    query = {
+        f.name: np.asarray(batch[f"query_{f.name}"][index][:n_query])
+        for f in spec.request_features
+    }
     return meta, support, np.asarray(batch["support_label"][index][:n_support]), query

@@ -17,10 +17,19 @@ SMALL = baselines.Architecture(meta_units=(8, 4), global_units=(8,), cross_layer
 
 
 def _spec() -> FeatureSpec:
-    return FeatureSpec.from_dict({
-        "entity": "member", "time": "t", "label": "y",
-        "meta_features": [{"name": "g", "type": "categorical", "vocabulary": ["a", "b"]}],
-        "request_features": [{"name": "item", "type": "categorical", "hash_buckets": 10}]})
+    return FeatureSpec.from_dict(
+        {
+            "entity": "member",
+            "time": "t",
+            "label": "y",
+            "meta_features": [
+                {"name": "g", "type": "categorical", "vocabulary": ["a", "b"]}
+            ],
+            "request_features": [
+                {"name": "item", "type": "categorical", "hash_buckets": 10}
+            ],
+        }
+    )
 
 
 def _batch():
@@ -28,8 +37,9 @@ def _batch():
     return {
         "entity_id": np.array([b"m1", b"m2"], dtype=object),
         "g": np.array([b"a", b"b"], dtype=object),
-        "support_item": np.array([[b"i1", b"i2", b"i3", b""], [b"i4", b"i5", b"", b""]],
-                                 dtype=object),
+        "support_item": np.array(
+            [[b"i1", b"i2", b"i3", b""], [b"i4", b"i5", b"", b""]], dtype=object
+        ),
         "support_label": np.array([[1, 0, 1, 0], [0, 1, 0, 0]], np.float32),
         "support_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32),
         "query_item": np.array([[b"i6", b"i7"], [b"i8", b""]], dtype=object),
@@ -47,8 +57,9 @@ def test_cut_support_keeps_the_latest_k_rows():
     cut = baselines.cut_support(batch, 2)
     np.testing.assert_array_equal(cut["support_mask"], [[0, 1, 1, 0], [1, 1, 0, 0]])
     # k beyond the history keeps everything; k = 0 keeps nothing; None is all.
-    np.testing.assert_array_equal(baselines.cut_support(batch, 10)["support_mask"],
-                                  batch["support_mask"])
+    np.testing.assert_array_equal(
+        baselines.cut_support(batch, 10)["support_mask"], batch["support_mask"]
+    )
     assert baselines.cut_support(batch, 0)["support_mask"].sum() == 0
     assert baselines.cut_support(batch, None) is batch
     # The input is not modified.
@@ -63,8 +74,19 @@ def test_cut_support_rejects_bad_k(k):
 
 def test_flatten_repeats_meta_and_keeps_real_rows_in_order():
     rows = baselines.flatten(_batch(), _spec(), ("support", "query"))
-    assert rows["item"].tolist() == [b"i1", b"i2", b"i3", b"i4", b"i5", b"i6", b"i7", b"i8"]
-    assert rows["entity_id"].tolist() == [b"m1"] * 3 + [b"m2"] * 2 + [b"m1"] * 2 + [b"m2"]
+    assert rows["item"].tolist() == [
+        b"i1",
+        b"i2",
+        b"i3",
+        b"i4",
+        b"i5",
+        b"i6",
+        b"i7",
+        b"i8",
+    ]
+    assert rows["entity_id"].tolist() == [b"m1"] * 3 + [b"m2"] * 2 + [b"m1"] * 2 + [
+        b"m2"
+    ]
     assert rows["g"].tolist() == [b"a"] * 3 + [b"b"] * 2 + [b"a"] * 2 + [b"b"]
     assert rows["label"].tolist() == [1, 0, 1, 0, 1, 1, 0, 1]
 
@@ -109,8 +131,10 @@ def test_evaluate_sweep_passes_each_cut_and_labels_k():
 
 
 def test_measurement_layout():
-    sweep = {"1": {"overall_auc": 0.6, "logloss": 0.7, "mean_member_auc": 0.5},
-             "all": {"overall_auc": 0.8, "logloss": 0.6, "mean_member_auc": 0.55}}
+    sweep = {
+        "1": {"overall_auc": 0.6, "logloss": 0.7, "mean_member_auc": 0.5},
+        "all": {"overall_auc": 0.8, "logloss": 0.6, "mean_member_auc": 0.55},
+    }
     entry = baselines.measurement(sweep, 12.5, {"epochs": 3})
     assert entry["overall_auc"] == 0.8 and entry["wall_s"] == 12.5
     assert entry["support_k"]["1"]["overall_auc"] == 0.6
@@ -119,8 +143,13 @@ def test_measurement_layout():
 
 def test_protocol_describes_the_issue_rules():
     text = str(baselines.Protocol().describe())
-    for phrase in ("(timestamp, item id)", "80%/10%/10%", "val and test members' support",
-                   "['1', '3', '5', '10', 'all']", "retrained per k"):
+    for phrase in (
+        "(timestamp, item id)",
+        "80%/10%/10%",
+        "val and test members' support",
+        "['1', '3', '5', '10', 'all']",
+        "retrained per k",
+    ):
         assert phrase in text
 
 
@@ -144,13 +173,16 @@ def test_random_support_cut_keeps_a_latest_window():
 def tiny():
     """60 synthetic members, their task records and batches."""
     spec = synthetic.synthetic_spec(num_items=30)
-    rows = synthetic.generate_interactions(num_entities=60, num_items=30, seed=3,
-                                           min_interactions=8, max_interactions=16)
+    rows = synthetic.generate_interactions(
+        num_entities=60, num_items=30, seed=3, min_interactions=8, max_interactions=16
+    )
     histories, _, _ = build_tasks(spec, rows)
-    records = baselines.records_from_histories(histories, spec, val_fraction=0.2,
-                                               test_fraction=0.2)
-    splits = baselines.Splits.from_records(records, spec, baselines.Protocol(
-        max_support=8, max_query=8))
+    records = baselines.records_from_histories(
+        histories, spec, val_fraction=0.2, test_fraction=0.2
+    )
+    splits = baselines.Splits.from_records(
+        records, spec, baselines.Protocol(max_support=8, max_query=8)
+    )
     return spec, records, splits, histories
 
 
@@ -173,10 +205,16 @@ def test_pointwise_unseen_member_scores_like_the_base(tiny):
     base = baselines.new_model(spec, architecture=SMALL, seed=0)
     with_ids = baselines.PointwiseModel(base, members=["m_known"])
     without = baselines.PointwiseModel(base)
-    np.testing.assert_allclose(with_ids.task_probabilities(splits.test),
-                               without.task_probabilities(splits.test), atol=1e-6)
-    np.testing.assert_allclose(without.task_probabilities(splits.test),
-                               baselines.query_probabilities(base, splits.test, 0), atol=1e-6)
+    np.testing.assert_allclose(
+        with_ids.task_probabilities(splits.test),
+        without.task_probabilities(splits.test),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        without.task_probabilities(splits.test),
+        baselines.query_probabilities(base, splits.test, 0),
+        atol=1e-6,
+    )
 
 
 def test_pointwise_metrics_are_only_the_compiled_loss(tiny):
@@ -184,8 +222,12 @@ def test_pointwise_metrics_are_only_the_compiled_loss(tiny):
     base = baselines.new_model(spec, architecture=SMALL, seed=0)
     model = baselines.PointwiseModel(base)
     history = baselines.fit_pointwise(
-        model, baselines.training_rows(splits.train, splits.val, splits.test, spec),
-        baselines.flatten(splits.val, spec, ("query",)), epochs=2, batch_size=64)
+        model,
+        baselines.training_rows(splits.train, splits.val, splits.test, spec),
+        baselines.flatten(splits.val, spec, ("query",)),
+        epochs=2,
+        batch_size=64,
+    )
     assert set(history) == {"loss", "val_loss"}
     # The base model's own trackers would log 0.0; the compiled loss is positive.
     assert all(v > 0.1 for v in history["loss"] + history["val_loss"])
@@ -195,13 +237,17 @@ def test_id_embedding_learns_a_member_bias():
     """Two members with opposite labels on the same items: only IDs can tell them apart."""
     spec = _spec()
     n = 64
-    rows = {"entity_id": np.array([b"up", b"down"] * n, dtype=object),
-            "g": np.array([b"a"] * (2 * n), dtype=object),
-            "item": np.array([f"i{i % 4}".encode() for i in range(2 * n)], dtype=object),
-            "label": np.array([1.0, 0.0] * n, np.float32)}
+    rows = {
+        "entity_id": np.array([b"up", b"down"] * n, dtype=object),
+        "g": np.array([b"a"] * (2 * n), dtype=object),
+        "item": np.array([f"i{i % 4}".encode() for i in range(2 * n)], dtype=object),
+        "label": np.array([1.0, 0.0] * n, np.float32),
+    }
     base = baselines.new_model(spec, architecture=SMALL, seed=0)
     model = baselines.PointwiseModel(base, members=["up", "down"])
-    baselines.fit_pointwise(model, rows, None, epochs=30, batch_size=32, learning_rate=0.05)
+    baselines.fit_pointwise(
+        model, rows, None, epochs=30, batch_size=32, learning_rate=0.05
+    )
     probabilities = tf.sigmoid(model(model.encode_rows(rows))).numpy()
     assert probabilities[0] > 0.8 and probabilities[1] < 0.2
 
@@ -209,10 +255,16 @@ def test_id_embedding_learns_a_member_bias():
 def test_finetune_model_matches_a_scalar_inner_lr(tiny):
     """The variable inner lr gives exactly what MetaConfig(inner_lr=...) gives."""
     spec, _, splits, _ = tiny
-    tuned = baselines.new_model(spec, MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
-                                SMALL, seed=1, model_class=baselines.FineTuneModel)
-    plain = baselines.new_model(spec, MetaConfig(inner_steps=2, inner_lr=0.3, jit_compile=False),
-                                SMALL, seed=2)
+    tuned = baselines.new_model(
+        spec,
+        MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
+        SMALL,
+        seed=1,
+        model_class=baselines.FineTuneModel,
+    )
+    plain = baselines.new_model(
+        spec, MetaConfig(inner_steps=2, inner_lr=0.3, jit_compile=False), SMALL, seed=2
+    )
     plain.meta_block.set_weights(tuned.meta_block.get_weights())
     plain.global_block.set_weights(tuned.global_block.get_weights())
     expected = baselines.query_probabilities(plain, splits.test, 2)
@@ -226,10 +278,21 @@ def test_finetune_model_matches_a_scalar_inner_lr(tiny):
 
 def test_choose_finetune_considers_no_adaptation(tiny):
     spec, _, splits, _ = tiny
-    model = baselines.new_model(spec, MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
-                                SMALL, seed=1, model_class=baselines.FineTuneModel)
-    best, grid = baselines.choose_finetune(model, splits.val, lrs=(0.1, 100.0), steps=(1,))
-    assert [(g["inner_lr"], g["steps"]) for g in grid] == [(0.0, 0), (0.1, 1), (100.0, 1)]
+    model = baselines.new_model(
+        spec,
+        MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
+        SMALL,
+        seed=1,
+        model_class=baselines.FineTuneModel,
+    )
+    best, grid = baselines.choose_finetune(
+        model, splits.val, lrs=(0.1, 100.0), steps=(1,)
+    )
+    assert [(g["inner_lr"], g["steps"]) for g in grid] == [
+        (0.0, 0),
+        (0.1, 1),
+        (100.0, 1),
+    ]
     assert best == max(grid, key=lambda g: (g["auc"], -g["loss"]))
 
 
@@ -242,8 +305,9 @@ def test_shrunk_support_scales_the_first_step(tiny):
     spec, _, splits, _ = tiny
     config = MetaConfig(inner_steps=1, inner_lr=0.5, jit_compile=False)
     plain = baselines.new_model(spec, config, SMALL, seed=0)
-    shrunk = baselines.new_model(spec, config, SMALL, seed=0, model_class=ShrunkSupportModel,
-                                 support_prior=4.0)
+    shrunk = baselines.new_model(
+        spec, config, SMALL, seed=0, model_class=ShrunkSupportModel, support_prior=4.0
+    )
     shrunk.set_weights(plain.get_weights())
     batch = _tasks_batch(splits)
     n = splits.test["support_mask"].sum(axis=1)
@@ -251,35 +315,46 @@ def test_shrunk_support_scales_the_first_step(tiny):
     initial = plain.meta_block.adaptable_weights()["dense_1/bias"].numpy()
     moved_plain = plain.adapt(batch)[name].numpy() - initial
     moved_shrunk = shrunk.adapt(batch)[name].numpy() - initial
-    np.testing.assert_allclose(moved_shrunk, moved_plain * (n / (n + 4.0))[:, None],
-                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        moved_shrunk, moved_plain * (n / (n + 4.0))[:, None], rtol=1e-4, atol=1e-7
+    )
     # Without adaptation both score alike (the prior acts only in the inner loop).
-    np.testing.assert_allclose(baselines.query_probabilities(plain, splits.test, 0),
-                               baselines.query_probabilities(shrunk, splits.test, 0),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        baselines.query_probabilities(plain, splits.test, 0),
+        baselines.query_probabilities(shrunk, splits.test, 0),
+        atol=1e-6,
+    )
 
 
 def test_library_support_prior_equals_the_prototype(tiny):
     """MetaConfig.support_prior (the library) adapts exactly as the prototype did."""
     spec, _, splits, _ = tiny
     config = MetaConfig(inner_steps=2, inner_lr=0.5, jit_compile=False)
-    prototype = baselines.new_model(spec, config, SMALL, seed=0,
-                                    model_class=ShrunkSupportModel, support_prior=4.0)
-    library = baselines.new_model(spec, dataclasses.replace(config, support_prior=4.0),
-                                  SMALL, seed=0)
+    prototype = baselines.new_model(
+        spec, config, SMALL, seed=0, model_class=ShrunkSupportModel, support_prior=4.0
+    )
+    library = baselines.new_model(
+        spec, dataclasses.replace(config, support_prior=4.0), SMALL, seed=0
+    )
     library.set_weights(prototype.get_weights())
     batch = _tasks_batch(splits)
     for name, value in prototype.adapt(batch).items():
-        np.testing.assert_allclose(library.adapt(batch)[name].numpy(), value.numpy(),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            library.adapt(batch)[name].numpy(), value.numpy(), atol=1e-6
+        )
 
 
 def test_support_half_life_weights_by_recency():
     """h = 1: the latest row weighs 1, the one before 0.5, then 0.25; padding 0."""
     spec = _spec()
-    model = baselines.new_model(spec, MetaConfig(inner_steps=1, jit_compile=False), SMALL,
-                                model_class=ShrunkSupportModel, support_prior=1.0,
-                                support_half_life=1.0)
+    model = baselines.new_model(
+        spec,
+        MetaConfig(inner_steps=1, jit_compile=False),
+        SMALL,
+        model_class=ShrunkSupportModel,
+        support_prior=1.0,
+        support_half_life=1.0,
+    )
     labels = tf.constant([[1.0, 0.0, 1.0, 0.0]])
     logits = tf.constant([[0.0, 0.0, 0.0, 5.0]])
     mask = tf.constant([[1.0, 1.0, 1.0, 0.0]])
@@ -291,47 +366,79 @@ def test_support_half_life_weights_by_recency():
     plain = float(model._per_task_loss(labels, logits, mask)[0])
     assert plain == pytest.approx(np.log(2.0), rel=1e-5)
     with pytest.raises(ValueError, match="support_half_life"):
-        baselines.new_model(spec, MetaConfig(jit_compile=False), SMALL,
-                            model_class=ShrunkSupportModel, support_half_life=0.0)
+        baselines.new_model(
+            spec,
+            MetaConfig(jit_compile=False),
+            SMALL,
+            model_class=ShrunkSupportModel,
+            support_half_life=0.0,
+        )
 
 
 def test_shrunk_support_with_zero_prior_is_limaml(tiny):
     spec, _, splits, _ = tiny
     config = MetaConfig(inner_steps=2, inner_lr=0.5, jit_compile=False)
     plain = baselines.new_model(spec, config, SMALL, seed=0)
-    shrunk = baselines.new_model(spec, config, SMALL, seed=0, model_class=ShrunkSupportModel)
+    shrunk = baselines.new_model(
+        spec, config, SMALL, seed=0, model_class=ShrunkSupportModel
+    )
     shrunk.set_weights(plain.get_weights())
-    np.testing.assert_allclose(baselines.query_probabilities(shrunk, splits.test),
-                               baselines.query_probabilities(plain, splits.test), atol=1e-6)
+    np.testing.assert_allclose(
+        baselines.query_probabilities(shrunk, splits.test),
+        baselines.query_probabilities(plain, splits.test),
+        atol=1e-6,
+    )
 
 
 def test_shrunk_support_adapt_only_and_config_round_trip(tiny):
     spec, _, _, _ = tiny
-    model = baselines.new_model(spec, MetaConfig(inner_steps=1, learn_inner_lr=True,
-                                                 jit_compile=False), SMALL, seed=0,
-                                model_class=ShrunkSupportModel, support_prior=2.0,
-                                adapt_only=["meta_block/dense_1/bias"])
+    model = baselines.new_model(
+        spec,
+        MetaConfig(inner_steps=1, learn_inner_lr=True, jit_compile=False),
+        SMALL,
+        seed=0,
+        model_class=ShrunkSupportModel,
+        support_prior=2.0,
+        adapt_only=["meta_block/dense_1/bias"],
+    )
     assert list(model.inner_lrs) == ["meta_block/dense_1/bias"]
     clone = ShrunkSupportModel.from_config(model.get_config())
-    assert clone.support_prior == 2.0 and clone.adapt_only == ("meta_block/dense_1/bias",)
+    assert clone.support_prior == 2.0 and clone.adapt_only == (
+        "meta_block/dense_1/bias",
+    )
     with pytest.raises(ValueError, match="not adaptable"):
-        baselines.new_model(spec, MetaConfig(jit_compile=False), SMALL,
-                            model_class=ShrunkSupportModel, adapt_only=["nope"])
+        baselines.new_model(
+            spec,
+            MetaConfig(jit_compile=False),
+            SMALL,
+            model_class=ShrunkSupportModel,
+            adapt_only=["nope"],
+        )
     with pytest.raises(ValueError, match="support_prior"):
-        baselines.new_model(spec, MetaConfig(jit_compile=False), SMALL,
-                            model_class=ShrunkSupportModel, support_prior=-1.0)
+        baselines.new_model(
+            spec,
+            MetaConfig(jit_compile=False),
+            SMALL,
+            model_class=ShrunkSupportModel,
+            support_prior=-1.0,
+        )
 
 
 def test_warm_start_copies_both_blocks_and_checks_shapes(tiny):
     spec, _, splits, _ = tiny
     source = baselines.new_model(spec, architecture=SMALL, seed=0)
-    target = baselines.new_model(spec, MetaConfig(inner_steps=0, jit_compile=False), SMALL,
-                                 seed=5)
+    target = baselines.new_model(
+        spec, MetaConfig(inner_steps=0, jit_compile=False), SMALL, seed=5
+    )
     baselines.warm_start(target, source)
-    np.testing.assert_allclose(baselines.query_probabilities(target, splits.test, 0),
-                               baselines.query_probabilities(source, splits.test, 0),
-                               atol=1e-6)
-    other = baselines.new_model(spec, architecture=baselines.Architecture(meta_units=(8, 6)))
+    np.testing.assert_allclose(
+        baselines.query_probabilities(target, splits.test, 0),
+        baselines.query_probabilities(source, splits.test, 0),
+        atol=1e-6,
+    )
+    other = baselines.new_model(
+        spec, architecture=baselines.Architecture(meta_units=(8, 6))
+    )
     with pytest.raises(ValueError, match="Cannot warm-start"):
         baselines.warm_start(other, source)
 
@@ -347,9 +454,13 @@ def test_cut_record_keeps_latest_support_and_query(tiny):
     n = int(original["support_mask"].numpy().sum())
     assert cut["entity_id"].numpy()[0] == original["entity_id"].numpy()[0] + b"#k=2"
     assert cut["support_mask"].numpy().sum() == 2
-    np.testing.assert_array_equal(cut["support_item_id"].numpy()[0, :2],
-                                  original["support_item_id"].numpy()[0, n - 2:n])
-    np.testing.assert_array_equal(cut["query_label"].numpy(), original["query_label"].numpy())
+    np.testing.assert_array_equal(
+        cut["support_item_id"].numpy()[0, :2],
+        original["support_item_id"].numpy()[0, n - 2 : n],
+    )
+    np.testing.assert_array_equal(
+        cut["query_label"].numpy(), original["query_label"].numpy()
+    )
 
 
 @pytest.mark.slow
@@ -359,15 +470,19 @@ def test_limaml_recipe_beats_global_on_synthetic_members(tiny):
     rows = synthetic.generate_interactions(num_entities=400, num_items=60, seed=1)
     histories, _, _ = build_tasks(spec, rows)
     records = baselines.records_from_histories(histories, spec)
-    splits = baselines.Splits.from_records(records, spec, baselines.Protocol(max_support=24,
-                                                                             max_query=24))
-    recipe = baselines.Recipe(architecture=SMALL, epochs=8, pretrain_epochs=4,
-                              meta_epochs=8, inner_lr=0.5)
+    splits = baselines.Splits.from_records(
+        records, spec, baselines.Protocol(max_support=24, max_query=24)
+    )
+    recipe = baselines.Recipe(
+        architecture=SMALL, epochs=8, pretrain_epochs=4, meta_epochs=8, inner_lr=0.5
+    )
     base, _ = baselines.train_global(spec, splits, recipe, seed=0)
     init = baselines.pretrain(spec, splits, recipe, seed=0)
     limaml, _ = baselines.train_meta_learner(spec, splits, recipe, seed=0, init=init)
     global_auc = baselines.query_metrics(
-        splits.test, baselines.query_probabilities(base, splits.test, 0))["auc"]
+        splits.test, baselines.query_probabilities(base, splits.test, 0)
+    )["auc"]
     limaml_auc = baselines.query_metrics(
-        splits.test, baselines.query_probabilities(limaml, splits.test))["auc"]
+        splits.test, baselines.query_probabilities(limaml, splits.test)
+    )["auc"]
     assert limaml_auc > global_auc

@@ -15,41 +15,102 @@ PYTHON = sys.executable
 def _run(*args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     env.update(env_extra or {})
-    return subprocess.run([PYTHON, *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [PYTHON, *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_help_and_argument_errors_do_not_import_tensorflow():
-    code = ("import sys\nfrom tf_limaml import cli\n"
-            "for argv in (['--help'], ['train', '--help'], ['train', '--epochs', 'x'],"
-            " ['make-tasks', '--help'], ['demo', '--dataset', 'nope']):\n"
-            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
-            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
-            "assert 'apache_beam' not in sys.modules, 'beam was imported'\n")
+    code = (
+        "import sys\nfrom tf_limaml import cli\n"
+        "for argv in (['--help'], ['train', '--help'], ['train', '--epochs', 'x'],"
+        " ['make-tasks', '--help'], ['demo', '--dataset', 'nope']):\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+        "assert 'apache_beam' not in sys.modules, 'beam was imported'\n"
+    )
     result = _run("-c", code)
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--tasks", "x", "--features", "missing.json", "--model-dir", "m"],
-     "feature spec not found: missing.json"),
-    (["train", "--tasks", "x", "--features", "{spec}", "--model-dir", "m", "--epochs", "0"],
-     "--epochs: expected a positive integer, got '0'"),
-    (["train", "--tasks", "nothing-*.gz", "--features", "{spec}", "--model-dir", "m"],
-     "no task files match 'nothing-*.gz'"),
-    (["train", "--tasks", "x", "--features", "{bad_spec}", "--model-dir", "m"],
-     "Invalid feature spec: `type` = None"),
-    (["train", "--tasks", "x", "--features", "{spec}", "--model-dir", "m", "--bogus"],
-     "unrecognized arguments: --bogus"),
-    (["evaluate", "--tasks", "{tasks}", "--model-dir", "no-such-model"],
-     "No model in no-such-model"),
-])
-def test_user_errors_print_one_line_and_exit_2(tmp_path, synthetic_tasks, argv, message):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--tasks", "x", "--features", "missing.json", "--model-dir", "m"],
+            "feature spec not found: missing.json",
+        ),
+        (
+            [
+                "train",
+                "--tasks",
+                "x",
+                "--features",
+                "{spec}",
+                "--model-dir",
+                "m",
+                "--epochs",
+                "0",
+            ],
+            "--epochs: expected a positive integer, got '0'",
+        ),
+        (
+            [
+                "train",
+                "--tasks",
+                "nothing-*.gz",
+                "--features",
+                "{spec}",
+                "--model-dir",
+                "m",
+            ],
+            "no task files match 'nothing-*.gz'",
+        ),
+        (
+            ["train", "--tasks", "x", "--features", "{bad_spec}", "--model-dir", "m"],
+            "Invalid feature spec: `type` = None",
+        ),
+        (
+            [
+                "train",
+                "--tasks",
+                "x",
+                "--features",
+                "{spec}",
+                "--model-dir",
+                "m",
+                "--bogus",
+            ],
+            "unrecognized arguments: --bogus",
+        ),
+        (
+            ["evaluate", "--tasks", "{tasks}", "--model-dir", "no-such-model"],
+            "No model in no-such-model",
+        ),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(
+    tmp_path, synthetic_tasks, argv, message
+):
     bad_spec = tmp_path / "bad.json"
-    bad_spec.write_text(json.dumps({"entity": "e", "time": "t", "label": "y",
-                                    "request_features": [{"name": "x"}]}))
-    argv = [a.format(spec=synthetic_tasks["spec"], bad_spec=bad_spec,
-                     tasks=synthetic_tasks["test"]) for a in argv]
+    bad_spec.write_text(
+        json.dumps(
+            {
+                "entity": "e",
+                "time": "t",
+                "label": "y",
+                "request_features": [{"name": "x"}],
+            }
+        )
+    )
+    argv = [
+        a.format(
+            spec=synthetic_tasks["spec"],
+            bad_spec=bad_spec,
+            tasks=synthetic_tasks["test"],
+        )
+        for a in argv
+    ]
     result = _run("-m", "tf_limaml.cli", *argv, env_extra={"PYTHONPATH": os.getcwd()})
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -67,14 +128,43 @@ def test_train_then_evaluate(tmp_path, synthetic_tasks, capsys):
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"inner_steps": 1, "inner_lr": 0.5}))
     model_dir = tmp_path / "model"
-    assert cli.main(["train", "--tasks", synthetic_tasks["train"],
-                     "--features", synthetic_tasks["spec"], "--model-dir", str(model_dir),
-                     "--meta-config", str(meta), "--epochs", "1", "--batch-tasks", "64"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--tasks",
+                synthetic_tasks["train"],
+                "--features",
+                synthetic_tasks["spec"],
+                "--model-dir",
+                str(model_dir),
+                "--meta-config",
+                str(meta),
+                "--epochs",
+                "1",
+                "--batch-tasks",
+                "64",
+            ]
+        )
+        == 0
+    )
     assert (model_dir / "config.json").exists() and (model_dir / "weights").is_dir()
     out = tmp_path / "metrics.json"
     capsys.readouterr()
-    assert cli.main(["evaluate", "--tasks", synthetic_tasks["test"], "--model-dir",
-                     str(model_dir), "--output", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--tasks",
+                synthetic_tasks["test"],
+                "--model-dir",
+                str(model_dir),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == metrics
     assert set(metrics) >= {"adapted", "unadapted", "n_tasks"}

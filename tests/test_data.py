@@ -5,19 +5,33 @@ import numpy as np
 from tf_limaml import data, tasks
 from tf_limaml.features import FeatureSpec
 
-SPEC = FeatureSpec.from_dict({
-    "entity": "member", "time": "ts", "label": "clicked", "tie_break": "item",
-    "meta_features": [{"name": "job", "type": "categorical", "vocabulary": ["a", "b"]},
-                      {"name": "tags", "type": "multi_hot", "hash_buckets": 10}],
-    "request_features": [{"name": "item", "type": "categorical", "hash_buckets": 100},
-                         {"name": "genres", "type": "multi_hot",
-                          "vocabulary": ["x", "y", "z"]},
-                         {"name": "price", "type": "numeric"}],
-})
+SPEC = FeatureSpec.from_dict(
+    {
+        "entity": "member",
+        "time": "ts",
+        "label": "clicked",
+        "tie_break": "item",
+        "meta_features": [
+            {"name": "job", "type": "categorical", "vocabulary": ["a", "b"]},
+            {"name": "tags", "type": "multi_hot", "hash_buckets": 10},
+        ],
+        "request_features": [
+            {"name": "item", "type": "categorical", "hash_buckets": 100},
+            {"name": "genres", "type": "multi_hot", "vocabulary": ["x", "y", "z"]},
+            {"name": "price", "type": "numeric"},
+        ],
+    }
+)
 
 
 def _row(t, item, clicked, genres="x"):
-    return {"ts": t, "item": str(item), "label": clicked, "genres": genres, "price": t / 10}
+    return {
+        "ts": t,
+        "item": str(item),
+        "label": clicked,
+        "genres": genres,
+        "price": t / 10,
+    }
 
 
 def test_encode_and_parse_round_trip(tmp_path):
@@ -25,13 +39,24 @@ def test_encode_and_parse_round_trip(tmp_path):
     query = [_row(4, 13, 0, "z"), _row(5, 14, 1)]
     record = data.encode_task(SPEC, "m1", {"job": "b", "tags": "p|q|r"}, support, query)
     path = tmp_path / "t.tfrecord.gz"
-    assert data.write_tasks(path, [record, data.encode_task(SPEC, "m2", {}, [], query[:1])]) == 2
-    batch = next(iter(data.task_dataset(str(path), SPEC, batch_tasks=2, max_support=4,
-                                        max_query=3)))
+    assert (
+        data.write_tasks(
+            path, [record, data.encode_task(SPEC, "m2", {}, [], query[:1])]
+        )
+        == 2
+    )
+    batch = next(
+        iter(
+            data.task_dataset(
+                str(path), SPEC, batch_tasks=2, max_support=4, max_query=3
+            )
+        )
+    )
     assert batch["entity_id"].numpy().tolist() == [b"m1", b"m2"]
     assert batch["job"].numpy().tolist() == [b"b", b""]
-    np.testing.assert_array_equal(batch["support_mask"].numpy(),
-                                  [[1, 1, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(
+        batch["support_mask"].numpy(), [[1, 1, 1, 0], [0, 0, 0, 0]]
+    )
     np.testing.assert_array_equal(batch["query_mask"].numpy(), [[1, 1, 0], [1, 0, 0]])
     assert batch["support_item"].numpy()[0, :3].tolist() == [b"10", b"11", b"12"]
     assert batch["support_genres"].shape == (2, 4, 3)
@@ -44,34 +69,80 @@ def test_truncation_keeps_latest_support_and_first_query():
     support = [_row(t, t, t % 2) for t in range(10)]
     query = [_row(t, t, t % 2) for t in range(10, 20)]
     short = [_row(0, 1, 1)]
-    batch = data.tasks_to_batch([data.encode_task(SPEC, "m", {"job": "a"}, support, query),
-                                 data.encode_task(SPEC, "n", {"job": "a"}, short, short)],
-                                SPEC, max_support=4, max_query=3)
+    batch = data.tasks_to_batch(
+        [
+            data.encode_task(SPEC, "m", {"job": "a"}, support, query),
+            data.encode_task(SPEC, "n", {"job": "a"}, short, short),
+        ],
+        SPEC,
+        max_support=4,
+        max_query=3,
+    )
     assert batch["support_item"].numpy()[0].tolist() == [b"6", b"7", b"8", b"9"]
     assert batch["query_item"].numpy()[0].tolist() == [b"10", b"11", b"12"]
     assert batch["support_item"].numpy()[1, 0] == b"1"
-    np.testing.assert_array_equal(batch["support_mask"].numpy(), [[1, 1, 1, 1], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(
+        batch["support_mask"].numpy(), [[1, 1, 1, 1], [1, 0, 0, 0]]
+    )
     assert batch["n_support"].numpy().tolist() == [10, 1]
 
 
 def test_build_tasks_splits_in_time_order_with_stable_ties():
-    rows = [{"member": "m", "ts": 5, "clicked": 1, "item": "9", "genres": "x", "price": 1,
-             "job": "a", "tags": ""},
-            {"member": "m", "ts": 5, "clicked": 0, "item": "10", "genres": "y", "price": 2,
-             "job": "a", "tags": ""},
-            {"member": "m", "ts": 1, "clicked": 0, "item": "3", "genres": "y", "price": 3,
-             "job": "b", "tags": ""},
-            {"member": "m", "ts": 7, "clicked": 1, "item": "1", "genres": "z", "price": 4,
-             "job": "b", "tags": ""},
-            {"member": "", "ts": 7, "clicked": 1, "item": "1", "genres": "z", "price": 4}]
+    rows = [
+        {
+            "member": "m",
+            "ts": 5,
+            "clicked": 1,
+            "item": "9",
+            "genres": "x",
+            "price": 1,
+            "job": "a",
+            "tags": "",
+        },
+        {
+            "member": "m",
+            "ts": 5,
+            "clicked": 0,
+            "item": "10",
+            "genres": "y",
+            "price": 2,
+            "job": "a",
+            "tags": "",
+        },
+        {
+            "member": "m",
+            "ts": 1,
+            "clicked": 0,
+            "item": "3",
+            "genres": "y",
+            "price": 3,
+            "job": "b",
+            "tags": "",
+        },
+        {
+            "member": "m",
+            "ts": 7,
+            "clicked": 1,
+            "item": "1",
+            "genres": "z",
+            "price": 4,
+            "job": "b",
+            "tags": "",
+        },
+        {"member": "", "ts": 7, "clicked": 1, "item": "1", "genres": "z", "price": 4},
+    ]
     histories, rejected, counts = tasks.build_tasks(SPEC, rows, "fraction:0.5")
     (history,) = histories
     assert [r["item"] for r in history.support] == ["3", "9"]
     assert [r["item"] for r in history.query] == ["10", "1"]
     assert history.meta["job"] == "b" and history.meta_conflicts == 1
     assert [reason for _, reason in rejected] == ["missing_entity"]
-    assert counts["rows_read"] == (counts["rows_in_tasks"] + counts["rows_rejected"]
-                                   + counts["rows_dropped_by_caps"] + counts["rows_cold"])
+    assert counts["rows_read"] == (
+        counts["rows_in_tasks"]
+        + counts["rows_rejected"]
+        + counts["rows_dropped_by_caps"]
+        + counts["rows_cold"]
+    )
     # The same rows in another order give the same split.
     again, _, _ = tasks.build_tasks(SPEC, list(reversed(rows)), "fraction:0.5")
     assert again[0].support == history.support and again[0].query == history.query
@@ -80,6 +151,8 @@ def test_build_tasks_splits_in_time_order_with_stable_ties():
 def test_assign_split_is_stable_and_proportional():
     splits = [tasks.assign_split(f"e{i}", seed=7) for i in range(5000)]
     assert splits == [tasks.assign_split(f"e{i}", seed=7) for i in range(5000)]
-    share = {name: splits.count(name) / len(splits) for name in ("train", "val", "test")}
+    share = {
+        name: splits.count(name) / len(splits) for name in ("train", "val", "test")
+    }
     assert abs(share["train"] - 0.8) < 0.03 and abs(share["test"] - 0.1) < 0.02
     assert splits != [tasks.assign_split(f"e{i}", seed=8) for i in range(5000)]

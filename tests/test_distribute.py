@@ -37,9 +37,19 @@ print(json.dumps(results))
 
 def test_mirrored_strategy_step_equals_single_device_step(synthetic_tasks):
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, synthetic_tasks["spec"],
-                             synthetic_tasks["train"]], capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            synthetic_tasks["spec"],
+            synthetic_tasks["train"],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
     mirrored, single = results["mirrored"], results["single"]

@@ -19,30 +19,47 @@ TOL = 1e-5
 
 
 def _records(pattern):
-    return [r.numpy() for r in tf.data.TFRecordDataset(glob.glob(pattern),
-                                                       compression_type="GZIP")]
+    return [
+        r.numpy()
+        for r in tf.data.TFRecordDataset(glob.glob(pattern), compression_type="GZIP")
+    ]
 
 
 def _cold_record(spec, entity_id="cold_member"):
     """A task with query rows but no support: an entity seen for the first time."""
-    query = [{"label": 1, "timestamp": 10, "item_id": "3", "topics": "news|film",
-              **{f"f{k}": 0.1 * k for k in range(4)}}]
-    return data.encode_task(spec, entity_id, {"segment": "seg_2", "activity": 12.0}, [],
-                            query).SerializeToString()
+    query = [
+        {
+            "label": 1,
+            "timestamp": 10,
+            "item_id": "3",
+            "topics": "news|film",
+            **{f"f{k}": 0.1 * k for k in range(4)},
+        }
+    ]
+    return data.encode_task(
+        spec, entity_id, {"segment": "seg_2", "activity": 12.0}, [], query
+    ).SerializeToString()
 
 
 def test_transform_embeds_every_entity_and_dead_letters_bad_records(exported):
     spec, model = exported["spec"], exported["model"]
     records = _records(exported["tasks"]["test"])
-    expected_ids = sorted(tf.train.SequenceExample.FromString(r).context.feature[
-        "entity_id"].bytes_list.value[0].decode() for r in records) + ["cold_member"]
+    expected_ids = sorted(
+        tf.train.SequenceExample.FromString(r)
+        .context.feature["entity_id"]
+        .bytes_list.value[0]
+        .decode()
+        for r in records
+    ) + ["cold_member"]
     cold = _cold_record(spec)
     cold_batch = data.tasks_to_batch([cold], spec, max_support=16, max_query=4)
     default = model.meta_embedding(cold_batch, steps=0).numpy()[0]
 
     def check_cold(rows):
         (row,) = [r for r in rows if r["entity_id"] == "cold_member"]
-        if row["n_support"] != 0 or not np.allclose(row["embedding"], default, atol=TOL):
+        if row["n_support"] != 0 or not np.allclose(
+            row["embedding"], default, atol=TOL
+        ):
             raise BeamAssertException(f"cold entity got {row}, expected {default}")
         versions = {r["model_version"] for r in rows}
         stamps = {r["generated_at"] for r in rows}
@@ -50,9 +67,13 @@ def test_transform_embeds_every_entity_and_dead_letters_bad_records(exported):
             raise BeamAssertException(f"versions {versions}, stamps {stamps}")
 
     with TestPipeline() as p:
-        out = (p | beam.Create(records + [cold, b"not a task record"])
-               | generate_embeddings.GenerateEmbeddings(
-                   exported["export_dir"], batch_size=7, generated_at=1_700_000_000))
+        out = (
+            p
+            | beam.Create(records + [cold, b"not a task record"])
+            | generate_embeddings.GenerateEmbeddings(
+                exported["export_dir"], batch_size=7, generated_at=1_700_000_000
+            )
+        )
         ids = out["embeddings"] | "Ids" >> beam.Map(lambda r: r["entity_id"])
         assert_that(ids, equal_to(expected_ids), label="EveryEntityOnce")
         assert_that(out["embeddings"], check_cold, label="ColdStartDefault")
@@ -69,13 +90,32 @@ def embed_run(exported, tmp_path_factory):
     """`limaml embed` on the test tasks plus one cold entity, with Parquet."""
     tasks_dir = tmp_path_factory.mktemp("embed_tasks")
     pattern = str(tasks_dir / "*.tfrecord.gz")
-    data.write_tasks(str(tasks_dir / "test.tfrecord.gz"), _records(exported["tasks"]["test"]))
-    data.write_tasks(str(tasks_dir / "cold.tfrecord.gz"), [_cold_record(exported["spec"])])
+    data.write_tasks(
+        str(tasks_dir / "test.tfrecord.gz"), _records(exported["tasks"]["test"])
+    )
+    data.write_tasks(
+        str(tasks_dir / "cold.tfrecord.gz"), [_cold_record(exported["spec"])]
+    )
     output = str(tmp_path_factory.mktemp("embeddings"))
     from tf_limaml import cli
 
-    assert cli.main(["embed", "--export", exported["export_base"], "--tasks", pattern,
-                     "--output", output, "--batch-size", "16", "--parquet"]) == 0
+    assert (
+        cli.main(
+            [
+                "embed",
+                "--export",
+                exported["export_base"],
+                "--tasks",
+                pattern,
+                "--output",
+                output,
+                "--batch-size",
+                "16",
+                "--parquet",
+            ]
+        )
+        == 0
+    )
     rows = {}
     for record in _records(os.path.join(output, "embeddings-*.tfrecord.gz")):
         feature = tf.train.Example.FromString(record).features.feature
@@ -83,7 +123,8 @@ def embed_run(exported, tmp_path_factory):
             "embedding": np.array(feature["embedding"].float_list.value, np.float32),
             "model_version": feature["model_version"].int64_list.value[0],
             "n_support": feature["n_support"].int64_list.value[0],
-            "generated_at": feature["generated_at"].int64_list.value[0]}
+            "generated_at": feature["generated_at"].int64_list.value[0],
+        }
     return {"output": output, "rows": rows, "pattern": pattern}
 
 
@@ -100,27 +141,45 @@ def test_embed_command_outputs_and_counts(embed_run, exported):
     assert max(r["n_support"] for r in rows.values()) == 16  # the export's max_support
     import pandas as pd
 
-    table = pd.concat(pd.read_parquet(p) for p in glob.glob(
-        os.path.join(output, "parquet", "embeddings-*.parquet")))
+    table = pd.concat(
+        pd.read_parquet(p)
+        for p in glob.glob(os.path.join(output, "parquet", "embeddings-*.parquet"))
+    )
     assert sorted(table["entity_id"]) == sorted(rows)
     for _, row in table.iterrows():
-        np.testing.assert_array_equal(np.asarray(row["embedding"], np.float32),
-                                      rows[row["entity_id"]]["embedding"])
+        np.testing.assert_array_equal(
+            np.asarray(row["embedding"], np.float32),
+            rows[row["entity_id"]]["embedding"],
+        )
         assert row["generated_at"] == summary["generated_at"]
 
     # A second run into the same directory would mix shards: refused.
     from tf_limaml import cli
 
-    assert cli.main(["embed", "--export", exported["export_dir"], "--tasks",
-                     embed_run["pattern"], "--output", output]) == 2
+    assert (
+        cli.main(
+            [
+                "embed",
+                "--export",
+                exported["export_dir"],
+                "--tasks",
+                embed_run["pattern"],
+                "--output",
+                output,
+            ]
+        )
+        == 2
+    )
 
 
 def test_serving_default_with_stored_embedding_equals_adapt_and_predict(
-        embed_run, exported, session):
+    embed_run, exported, session
+):
     """The paper's deployment contract, for every test entity."""
     spec = exported["spec"]
-    ds = data.task_dataset(exported["tasks"]["test"], spec, batch_tasks=1000, max_support=64,
-                           max_query=64)
+    ds = data.task_dataset(
+        exported["tasks"]["test"], spec, batch_tasks=1000, max_support=64, max_query=64
+    )
     batch = {k: v.numpy() for k, v in next(iter(ds)).items()}
     checked = 0
     for i, entity_id in enumerate(batch["entity_id"]):
@@ -132,8 +191,10 @@ def test_serving_default_with_stored_embedding_equals_adapt_and_predict(
         adapted = session.run("adapt_and_predict", inputs)
         stored = embed_run["rows"][entity_id.decode()]["embedding"]
         n_query = len(query["item_id"])
-        online = session.run("serving_default", {
-            "meta_embedding": np.repeat(stored[None], n_query, axis=0), **query})
+        online = session.run(
+            "serving_default",
+            {"meta_embedding": np.repeat(stored[None], n_query, axis=0), **query},
+        )
         np.testing.assert_allclose(online["score"], adapted["score"], atol=TOL)
         np.testing.assert_allclose(stored, adapted["meta_embedding"], atol=TOL)
         checked += 1
@@ -144,7 +205,11 @@ def test_check_serving_consistency_reports_the_contract(embed_run, exported):
     from tf_limaml import export
 
     report = export.check_serving_consistency(
-        exported["export_base"], embed_run["pattern"],
-        os.path.join(embed_run["output"], "embeddings-*.tfrecord.gz"))
+        exported["export_base"],
+        embed_run["pattern"],
+        os.path.join(embed_run["output"], "embeddings-*.tfrecord.gz"),
+    )
     assert report["consistent"] and report["entities"] == len(embed_run["rows"])
-    assert report["max_abs_score_diff"] <= TOL and report["max_abs_embedding_diff"] <= TOL
+    assert (
+        report["max_abs_score_diff"] <= TOL and report["max_abs_embedding_diff"] <= TOL
+    )

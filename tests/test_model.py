@@ -9,18 +9,27 @@ from tf_limaml import data
 from tf_limaml.features import FeatureSpec
 from tf_limaml.model import LiMAMLModel, MetaConfig, load_model, save_model
 
-TINY_SPEC = FeatureSpec.from_dict({
-    "entity": "member", "time": "t", "label": "y",
-    "meta_features": [{"name": "a", "type": "numeric"}],
-    "request_features": [{"name": "r", "type": "numeric"}],
-})
+TINY_SPEC = FeatureSpec.from_dict(
+    {
+        "entity": "member",
+        "time": "t",
+        "label": "y",
+        "meta_features": [{"name": "a", "type": "numeric"}],
+        "request_features": [{"name": "r", "type": "numeric"}],
+    }
+)
 
 
 def _tiny_model(inner_lr=0.1, **config):
     """e = a*w + b; logit = e + r (global weights fixed to ones, linear)."""
-    model = LiMAMLModel(TINY_SPEC, MetaConfig(inner_lr=inner_lr, jit_compile=False, **config),
-                        meta_units=[1], global_units=[1], cross_layers=0,
-                        interaction="concat")
+    model = LiMAMLModel(
+        TINY_SPEC,
+        MetaConfig(inner_lr=inner_lr, jit_compile=False, **config),
+        meta_units=[1],
+        global_units=[1],
+        cross_layers=0,
+        interaction="concat",
+    )
     meta = model.meta_block.adaptable_weights()
     meta["dense_0/kernel"].assign([[0.5]])
     meta["dense_0/bias"].assign([0.0])
@@ -37,16 +46,21 @@ def test_hand_computed_inner_step():
     model = _tiny_model(inner_lr=0.1)
     tasks = {
         "a": tf.constant([2.0]),
-        "support_r": tf.constant([[0.0, -1.0]]), "support_label": tf.constant([[1.0, 0.0]]),
+        "support_r": tf.constant([[0.0, -1.0]]),
+        "support_label": tf.constant([[1.0, 0.0]]),
         "support_mask": tf.constant([[1.0, 1.0]]),
     }
     fast = model.adapt(tasks, steps=1)
     # e = 2 * 0.5 = 1; logits = [1, 0]; errors sigma(logit) - y = [-0.2689414, 0.5];
     # mean = 0.1155293; dL/dw = 0.1155293 * a = 0.2310586, dL/db = 0.1155293.
-    np.testing.assert_allclose(fast["meta_block/dense_0/kernel"].numpy().ravel(),
-                               [0.5 - 0.1 * 0.23105857], atol=1e-6)
-    np.testing.assert_allclose(fast["meta_block/dense_0/bias"].numpy().ravel(),
-                               [-0.1 * 0.11552929], atol=1e-6)
+    np.testing.assert_allclose(
+        fast["meta_block/dense_0/kernel"].numpy().ravel(),
+        [0.5 - 0.1 * 0.23105857],
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        fast["meta_block/dense_0/bias"].numpy().ravel(), [-0.1 * 0.11552929], atol=1e-6
+    )
     embedding = model.meta_embedding(tasks, steps=1).numpy().ravel()
     np.testing.assert_allclose(embedding, [2 * 0.47689414 - 0.01155293], atol=1e-6)
     # Global weights are not adapted in LiMAML mode.
@@ -55,12 +69,17 @@ def test_hand_computed_inner_step():
 
 def test_full_maml_adapts_global_block_too():
     model = _tiny_model(adapt="all")
-    tasks = {"a": tf.constant([2.0]), "support_r": tf.constant([[0.0, -1.0]]),
-             "support_label": tf.constant([[1.0, 0.0]]), "support_mask": tf.constant([[1.0, 1.0]])}
+    tasks = {
+        "a": tf.constant([2.0]),
+        "support_r": tf.constant([[0.0, -1.0]]),
+        "support_label": tf.constant([[1.0, 0.0]]),
+        "support_mask": tf.constant([[1.0, 1.0]]),
+    }
     fast = model.adapt(tasks)
     # dL/d(logit bias) = mean error = 0.1155293.
-    np.testing.assert_allclose(fast["global_block/logit/bias"].numpy().ravel(),
-                               [-0.1 * 0.11552929], atol=1e-6)
+    np.testing.assert_allclose(
+        fast["global_block/logit/bias"].numpy().ravel(), [-0.1 * 0.11552929], atol=1e-6
+    )
 
 
 @pytest.fixture
@@ -74,12 +93,17 @@ def _first_batch(paths, spec, tasks=8, support=16, query=16):
     return next(iter(data.task_dataset(paths["train"], spec, tasks, support, query)))
 
 
-def test_second_order_gradient_matches_finite_differences(float64, synthetic_tasks,
-                                                          synthetic_spec):
+def test_second_order_gradient_matches_finite_differences(
+    float64, synthetic_tasks, synthetic_spec
+):
     tf.keras.utils.set_random_seed(1)
-    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.5, inner_steps=2,
-                                                   jit_compile=False),
-                        meta_units=[6, 4], global_units=[8], cross_layers=1)
+    model = LiMAMLModel(
+        synthetic_spec,
+        MetaConfig(inner_lr=0.5, inner_steps=2, jit_compile=False),
+        meta_units=[6, 4],
+        global_units=[8],
+        cross_layers=1,
+    )
     batch = _first_batch(synthetic_tasks, synthetic_spec, tasks=4, support=8, query=8)
     encoded = model.encode(batch)
 
@@ -116,17 +140,29 @@ def test_second_order_gradient_matches_finite_differences(float64, synthetic_tas
             numeric = (up - down) / (2 * eps)
             analytic = float(second[name].numpy().ravel()[index])
             assert abs(analytic - numeric) <= 1e-3 * max(abs(numeric), 1e-4), (
-                name, index, analytic, numeric)
-    difference = max(float(tf.reduce_max(tf.abs(second[k] - first[k]))) for k in variables)
+                name,
+                index,
+                analytic,
+                numeric,
+            )
+    difference = max(
+        float(tf.reduce_max(tf.abs(second[k] - first[k]))) for k in variables
+    )
     scale = max(float(tf.reduce_max(tf.abs(second[k]))) for k in variables)
-    assert difference > 1e-3 * scale, "first-order gradient should differ from second-order"
+    assert (
+        difference > 1e-3 * scale
+    ), "first-order gradient should differ from second-order"
 
 
-def test_vectorized_inner_loop_equals_per_task_steps(synthetic_tasks, synthetic_spec,
-                                                     small_model_kwargs):
+def test_vectorized_inner_loop_equals_per_task_steps(
+    synthetic_tasks, synthetic_spec, small_model_kwargs
+):
     tf.keras.utils.set_random_seed(2)
-    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.3, inner_steps=2,
-                                                   jit_compile=False), **small_model_kwargs)
+    model = LiMAMLModel(
+        synthetic_spec,
+        MetaConfig(inner_lr=0.3, inner_steps=2, jit_compile=False),
+        **small_model_kwargs,
+    )
     batch = _first_batch(synthetic_tasks, synthetic_spec, tasks=6)
     fast = model.adapt(batch)
     embeddings = model.meta_embedding(batch).numpy()
@@ -134,26 +170,40 @@ def test_vectorized_inner_loop_equals_per_task_steps(synthetic_tasks, synthetic_
     grads, _ = model._meta_gradients(model.encode(batch))
     per_task_grads = []
     for t in range(6):
-        one = {k: v[t:t + 1] for k, v in batch.items()}
+        one = {k: v[t : t + 1] for k, v in batch.items()}
         fast_one = model.adapt(one)
         for name, value in fast_one.items():
-            np.testing.assert_allclose(value.numpy()[0], fast[name].numpy()[t], atol=1e-5)
-        np.testing.assert_allclose(model.meta_embedding(one).numpy()[0], embeddings[t],
-                                   atol=1e-5)
-        np.testing.assert_allclose(model.predict_query(one).numpy()[0], scores[t], atol=1e-5)
+            np.testing.assert_allclose(
+                value.numpy()[0], fast[name].numpy()[t], atol=1e-5
+            )
+        np.testing.assert_allclose(
+            model.meta_embedding(one).numpy()[0], embeddings[t], atol=1e-5
+        )
+        np.testing.assert_allclose(
+            model.predict_query(one).numpy()[0], scores[t], atol=1e-5
+        )
         per_task_grads.append(model._meta_gradients(model.encode(one))[0])
     # The outer loss is the mean of the tasks' query losses (all tasks have a query).
     for i, grad in enumerate(grads):
-        mean = np.mean([tf.convert_to_tensor(g[i]).numpy() for g in per_task_grads], axis=0)
+        mean = np.mean(
+            [tf.convert_to_tensor(g[i]).numpy() for g in per_task_grads], axis=0
+        )
         np.testing.assert_allclose(tf.convert_to_tensor(grad).numpy(), mean, atol=1e-5)
 
 
-def test_padding_rows_change_nothing(synthetic_tasks, synthetic_spec, small_model_kwargs):
+def test_padding_rows_change_nothing(
+    synthetic_tasks, synthetic_spec, small_model_kwargs
+):
     tf.keras.utils.set_random_seed(3)
-    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.3, jit_compile=False),
-                        **small_model_kwargs)
+    model = LiMAMLModel(
+        synthetic_spec,
+        MetaConfig(inner_lr=0.3, jit_compile=False),
+        **small_model_kwargs,
+    )
     tight = _first_batch(synthetic_tasks, synthetic_spec, tasks=8, support=40, query=40)
-    padded = _first_batch(synthetic_tasks, synthetic_spec, tasks=8, support=64, query=64)
+    padded = _first_batch(
+        synthetic_tasks, synthetic_spec, tasks=8, support=64, query=64
+    )
     # Fill padding rows with garbage: masked rows must not matter.
     garbage = dict(padded)
     mask = padded["support_mask"] > 0
@@ -163,17 +213,25 @@ def test_padding_rows_change_nothing(synthetic_tasks, synthetic_spec, small_mode
     base = model.meta_embedding(tight).numpy()
     for batch in (padded, garbage):
         np.testing.assert_allclose(model.meta_embedding(batch).numpy(), base, atol=1e-5)
-        np.testing.assert_allclose(model.predict_query(batch).numpy()[:, :40],
-                                   model.predict_query(tight).numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            model.predict_query(batch).numpy()[:, :40],
+            model.predict_query(tight).numpy(),
+            atol=1e-5,
+        )
 
 
-def test_empty_support_gives_the_unadapted_embedding(synthetic_tasks, synthetic_spec,
-                                                      small_model_kwargs):
-    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.3, inner_steps=3,
-                                                   jit_compile=False), **small_model_kwargs)
+def test_empty_support_gives_the_unadapted_embedding(
+    synthetic_tasks, synthetic_spec, small_model_kwargs
+):
+    model = LiMAMLModel(
+        synthetic_spec,
+        MetaConfig(inner_lr=0.3, inner_steps=3, jit_compile=False),
+        **small_model_kwargs,
+    )
     batch = dict(_first_batch(synthetic_tasks, synthetic_spec, tasks=4))
-    batch["support_mask"] = tf.concat([tf.zeros_like(batch["support_mask"][:2]),
-                                       batch["support_mask"][2:]], axis=0)
+    batch["support_mask"] = tf.concat(
+        [tf.zeros_like(batch["support_mask"][:2]), batch["support_mask"][2:]], axis=0
+    )
     adapted = model.meta_embedding(batch).numpy()
     unadapted = model.meta_embedding(batch, steps=0).numpy()
     assert np.isfinite(adapted).all()
@@ -184,17 +242,27 @@ def test_empty_support_gives_the_unadapted_embedding(synthetic_tasks, synthetic_
     empty = dict(batch)
     for key in [k for k in batch if k.startswith("support_")]:
         empty[key] = batch[key][:, :0]
-    np.testing.assert_allclose(model.meta_embedding(empty).numpy(), unadapted, atol=1e-6)
+    np.testing.assert_allclose(
+        model.meta_embedding(empty).numpy(), unadapted, atol=1e-6
+    )
 
 
 def test_no_meta_features_uses_a_learned_constant(small_model_kwargs):
-    spec = FeatureSpec.from_dict({"entity": "e", "time": "t", "label": "y",
-                                  "request_features": [{"name": "r", "type": "numeric"}]})
+    spec = FeatureSpec.from_dict(
+        {
+            "entity": "e",
+            "time": "t",
+            "label": "y",
+            "request_features": [{"name": "r", "type": "numeric"}],
+        }
+    )
     model = LiMAMLModel(spec, MetaConfig(jit_compile=False), **small_model_kwargs)
-    tasks = {"entity_id": tf.constant(["a", "b"]),
-             "support_r": tf.constant([[1.0, 2.0], [0.0, 0.0]]),
-             "support_label": tf.constant([[1.0, 0.0], [0.0, 0.0]]),
-             "support_mask": tf.constant([[1.0, 1.0], [0.0, 0.0]])}
+    tasks = {
+        "entity_id": tf.constant(["a", "b"]),
+        "support_r": tf.constant([[1.0, 2.0], [0.0, 0.0]]),
+        "support_label": tf.constant([[1.0, 0.0], [0.0, 0.0]]),
+        "support_mask": tf.constant([[1.0, 1.0], [0.0, 0.0]]),
+    }
     embedding = model.meta_embedding(tasks).numpy()
     default = model.meta_embedding(tasks, steps=0).numpy()
     np.testing.assert_allclose(default[0], default[1])
@@ -210,21 +278,32 @@ def trained_pair(synthetic_tasks, synthetic_spec):
     models = {}
     for name, steps in (("limaml", 1), ("plain", 0)):
         model, _ = training.train(
-            synthetic_tasks["train"], synthetic_spec,
+            synthetic_tasks["train"],
+            synthetic_spec,
             str(synthetic_tasks["spec"]).replace("spec.json", f"model_{name}"),
-            MetaConfig(inner_steps=steps, inner_lr=0.5), epochs=6, learning_rate=3e-3,
-            seed=0, verbose=0,
-            model_kwargs={"meta_units": [32, 16], "global_units": [64, 32],
-                          "cross_layers": 1})
+            MetaConfig(inner_steps=steps, inner_lr=0.5),
+            epochs=6,
+            learning_rate=3e-3,
+            seed=0,
+            verbose=0,
+            model_kwargs={
+                "meta_units": [32, 16],
+                "global_units": [64, 32],
+                "cross_layers": 1,
+            },
+        )
         models[name] = model
     return models
 
 
-def test_meta_training_beats_the_unadapted_network(trained_pair, synthetic_tasks,
-                                                   synthetic_spec):
+def test_meta_training_beats_the_unadapted_network(
+    trained_pair, synthetic_tasks, synthetic_spec
+):
     from tf_limaml import evaluation
 
-    batches = list(data.task_dataset(synthetic_tasks["test"], synthetic_spec, 64, 32, 32))
+    batches = list(
+        data.task_dataset(synthetic_tasks["test"], synthetic_spec, 64, 32, 32)
+    )
     limaml = evaluation.evaluate_model(trained_pair["limaml"], batches)
     plain = evaluation.evaluate_model(trained_pair["plain"], batches)
     assert limaml["adapted"]["auc"] >= plain["adapted"]["auc"] + 0.02, (limaml, plain)
@@ -232,19 +311,24 @@ def test_meta_training_beats_the_unadapted_network(trained_pair, synthetic_tasks
     assert limaml["adapted"]["auc"] > limaml["unadapted"]["auc"]
 
 
-def test_adaptation_lowers_support_loss_for_most_tasks(trained_pair, synthetic_tasks,
-                                                       synthetic_spec):
+def test_adaptation_lowers_support_loss_for_most_tasks(
+    trained_pair, synthetic_tasks, synthetic_spec
+):
     model = trained_pair["limaml"]
     lowered = total = 0
     for batch in data.task_dataset(synthetic_tasks["test"], synthetic_spec, 64, 32, 32):
         encoded = model.encode(batch)
-        before = model._per_task_loss(encoded["support_label"],
-                                      model._logits(encoded, "support", None)[0],
-                                      encoded["support_mask"])
+        before = model._per_task_loss(
+            encoded["support_label"],
+            model._logits(encoded, "support", None)[0],
+            encoded["support_mask"],
+        )
         fast, _ = model._inner_loop(encoded, 1, True)
-        after = model._per_task_loss(encoded["support_label"],
-                                     model._logits(encoded, "support", fast)[0],
-                                     encoded["support_mask"])
+        after = model._per_task_loss(
+            encoded["support_label"],
+            model._logits(encoded, "support", fast)[0],
+            encoded["support_mask"],
+        )
         has_support = encoded["support_mask"].numpy().sum(1) > 0
         lowered += int(np.sum((after.numpy() < before.numpy())[has_support]))
         total += int(has_support.sum())
@@ -252,10 +336,14 @@ def test_adaptation_lowers_support_loss_for_most_tasks(trained_pair, synthetic_t
     assert lowered / total >= 0.95, (lowered, total)
 
 
-def test_config_round_trip_and_save_load(tmp_path, synthetic_tasks, synthetic_spec,
-                                         small_model_kwargs):
-    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.2, learn_inner_lr=True,
-                                                   jit_compile=False), **small_model_kwargs)
+def test_config_round_trip_and_save_load(
+    tmp_path, synthetic_tasks, synthetic_spec, small_model_kwargs
+):
+    model = LiMAMLModel(
+        synthetic_spec,
+        MetaConfig(inner_lr=0.2, learn_inner_lr=True, jit_compile=False),
+        **small_model_kwargs,
+    )
     config = model.get_config()
     clone = LiMAMLModel.from_config(config)
     assert clone.get_config() == config
@@ -264,32 +352,60 @@ def test_config_round_trip_and_save_load(tmp_path, synthetic_tasks, synthetic_sp
     batch = _first_batch(synthetic_tasks, synthetic_spec)
     save_model(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
-    np.testing.assert_allclose(loaded.predict_query(batch).numpy(),
-                               model.predict_query(batch).numpy(), atol=1e-6)
-    np.testing.assert_allclose(loaded.meta_embedding(batch).numpy(),
-                               model.meta_embedding(batch).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict_query(batch).numpy(),
+        model.predict_query(batch).numpy(),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        loaded.meta_embedding(batch).numpy(),
+        model.meta_embedding(batch).numpy(),
+        atol=1e-6,
+    )
 
 
-def test_learned_inner_rates_are_trained(synthetic_tasks, synthetic_spec, small_model_kwargs):
-    model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.2, learn_inner_lr=True,
-                                                   jit_compile=False), **small_model_kwargs)
+def test_learned_inner_rates_are_trained(
+    synthetic_tasks, synthetic_spec, small_model_kwargs
+):
+    model = LiMAMLModel(
+        synthetic_spec,
+        MetaConfig(inner_lr=0.2, learn_inner_lr=True, jit_compile=False),
+        **small_model_kwargs,
+    )
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
     batch = _first_batch(synthetic_tasks, synthetic_spec)
     before = {k: v.numpy().copy() for k, v in model.inner_lrs.items()}
     logs = model.train_step(batch)
-    assert set(logs) >= {"loss", "support_loss", "query_loss", "regularization_loss", "auc"}
-    assert any(np.abs(model.inner_lrs[k].numpy() - v).max() > 0 for k, v in before.items())
+    assert set(logs) >= {
+        "loss",
+        "support_loss",
+        "query_loss",
+        "regularization_loss",
+        "auc",
+    }
+    assert any(
+        np.abs(model.inner_lrs[k].numpy() - v).max() > 0 for k, v in before.items()
+    )
 
 
-def test_xla_step_matches_eager_step(synthetic_tasks, synthetic_spec, small_model_kwargs):
+def test_xla_step_matches_eager_step(
+    synthetic_tasks, synthetic_spec, small_model_kwargs
+):
     batch = _first_batch(synthetic_tasks, synthetic_spec)
     results = []
     for jit in (True, False):
         tf.keras.utils.set_random_seed(5)
-        model = LiMAMLModel(synthetic_spec, MetaConfig(inner_lr=0.3, jit_compile=jit),
-                            **small_model_kwargs)
-        grads, out = model._function("g", model._meta_gradients, jit)(model.encode(batch))
-        results.append((float(out["loss"]), [tf.convert_to_tensor(g).numpy() for g in grads]))
+        model = LiMAMLModel(
+            synthetic_spec,
+            MetaConfig(inner_lr=0.3, jit_compile=jit),
+            **small_model_kwargs,
+        )
+        grads, out = model._function("g", model._meta_gradients, jit)(
+            model.encode(batch)
+        )
+        results.append(
+            (float(out["loss"]), [tf.convert_to_tensor(g).numpy() for g in grads])
+        )
     assert abs(results[0][0] - results[1][0]) < 1e-5
     for a, b in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(a, b, atol=1e-4)
@@ -306,14 +422,19 @@ def test_meta_config_validation():
 
 
 def test_support_prior_shrinks_the_inner_step():
-    tasks = {"a": tf.constant([2.0]), "support_r": tf.constant([[0.0, -1.0]]),
-             "support_label": tf.constant([[1.0, 0.0]]), "support_mask": tf.constant([[1.0, 1.0]])}
+    tasks = {
+        "a": tf.constant([2.0]),
+        "support_r": tf.constant([[0.0, -1.0]]),
+        "support_label": tf.constant([[1.0, 0.0]]),
+        "support_mask": tf.constant([[1.0, 1.0]]),
+    }
     plain = _tiny_model(inner_lr=0.1).adapt(tasks)
     shrunk = _tiny_model(inner_lr=0.1, support_prior=2.0).adapt(tasks)
     # n = 2 support rows, c = 2: the step is n / (n + c) = 1/2 of the plain one.
     for name in plain:
         start = 0.5 if name.endswith("kernel") else 0.0
-        np.testing.assert_allclose(shrunk[name].numpy() - start,
-                                   0.5 * (plain[name].numpy() - start), atol=1e-7)
+        np.testing.assert_allclose(
+            shrunk[name].numpy() - start, 0.5 * (plain[name].numpy() - start), atol=1e-7
+        )
     with pytest.raises(ValueError, match="support_prior"):
         MetaConfig(support_prior=-1.0)

@@ -62,9 +62,15 @@ def session(exported):
 
 # ------------------------------------------------------------ atomic export
 def _complete(version_dir: str) -> bool:
-    return all(os.path.exists(os.path.join(version_dir, p)) for p in (
-        "saved_model.pb", "variables/variables.index", "assets.extra/limaml.json",
-        "assets.extra/tf_serving_warmup_requests"))
+    return all(
+        os.path.exists(os.path.join(version_dir, p))
+        for p in (
+            "saved_model.pb",
+            "variables/variables.index",
+            "assets.extra/limaml.json",
+            "assets.extra/tf_serving_warmup_requests",
+        )
+    )
 
 
 def _assert_only_complete_versions(base: str, versions: list[int]) -> None:
@@ -113,8 +119,9 @@ def _wait_for(path: str, process: subprocess.Popen, timeout_s: float = 300.0) ->
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(path):
         if process.poll() is not None:
-            raise AssertionError(f"the export exited ({process.returncode}) before the "
-                                 "fault point")
+            raise AssertionError(
+                f"the export exited ({process.returncode}) before the " "fault point"
+            )
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError("the export did not reach the fault point in time")
@@ -128,8 +135,21 @@ def test_export_sigkilled_midway_leaves_no_partial_version(exported, tmp_path):
     sentinel = str(tmp_path / "temp_dir_written")
     log = open(tmp_path / "export.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-c", _EXPORT_THEN_HANG, sentinel, "export", "--model-dir",
-         model_dir, "--export-base", base], env=_env(), stdout=log, stderr=log)
+        [
+            sys.executable,
+            "-c",
+            _EXPORT_THEN_HANG,
+            sentinel,
+            "export",
+            "--model-dir",
+            model_dir,
+            "--export-base",
+            base,
+        ],
+        env=_env(),
+        stdout=log,
+        stderr=log,
+    )
     try:
         _wait_for(sentinel, process)
         temp_dir = open(sentinel).read()
@@ -145,7 +165,9 @@ def test_export_sigkilled_midway_leaves_no_partial_version(exported, tmp_path):
 
     # After the kill: version 1 only, still what TF Serving serves.
     _assert_only_complete_versions(base, [1])
-    assert os.path.isdir(temp_dir) and os.path.basename(temp_dir).startswith(".tmp-export-")
+    assert os.path.isdir(temp_dir) and os.path.basename(temp_dir).startswith(
+        ".tmp-export-"
+    )
     assert export.resolve_version_dir(base) == os.path.join(base, "1")
 
     # The next export works, takes the next number and removes the leftover.
@@ -158,9 +180,14 @@ def test_export_sigkilled_midway_leaves_no_partial_version(exported, tmp_path):
     try:
         inputs = export.warmup_inputs(exported["spec"], 8, 3)
         scores = loaded.run("serving_default", inputs)["score"]
-        expected = exported["model"].score(
-            tf.constant(inputs["meta_embedding"]),
-            {k: v for k, v in inputs.items() if k != "meta_embedding"}).numpy()
+        expected = (
+            exported["model"]
+            .score(
+                tf.constant(inputs["meta_embedding"]),
+                {k: v for k, v in inputs.items() if k != "meta_embedding"},
+            )
+            .numpy()
+        )
         np.testing.assert_allclose(scores, expected, atol=TOL)
     finally:
         loaded.close()
@@ -171,8 +198,12 @@ def test_abandoned_temp_dirs_are_removed_and_running_ones_kept(tmp_path):
     (base / "3").mkdir(parents=True)
     host = export._host()
     # A pid that existed and is gone: a child that has exited and been reaped.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead_pid = int(dead.stdout)
     hex_id = "0" * 32
     names = {
@@ -194,9 +225,11 @@ def test_abandoned_temp_dirs_are_removed_and_running_ones_kept(tmp_path):
 
     removed = export.remove_abandoned_exports(str(base))
     assert sorted(os.path.basename(p) for p in removed) == sorted(
-        names[k] for k in ("dead_here", "old_elsewhere", "old_unnamed"))
+        names[k] for k in ("dead_here", "old_elsewhere", "old_unnamed")
+    )
     assert sorted(os.listdir(base)) == sorted(
-        ["3", names["running_here"], names["fresh_elsewhere"]])
+        ["3", names["running_here"], names["fresh_elsewhere"]]
+    )
     assert export.remove_abandoned_exports(str(tmp_path / "missing")) == []
 
 
@@ -205,16 +238,25 @@ def test_plain_export_killed_at_random_moments(exported, tmp_path):
     """`limaml export` SIGKILLed at random points of its run, then re-run."""
     base = str(tmp_path / "exports")
     model_dir = _saved_model_dir(exported, tmp_path)
-    command = [sys.executable, "-m", "tf_limaml.cli", "export", "--model-dir", model_dir,
-               "--export-base", base]
+    command = [
+        sys.executable,
+        "-m",
+        "tf_limaml.cli",
+        "export",
+        "--model-dir",
+        model_dir,
+        "--export-base",
+        base,
+    ]
     start = time.monotonic()
     subprocess.run(command, env=_env(), check=True, capture_output=True, timeout=300)
     duration = time.monotonic() - start
     versions = [1]
     rng = random.Random(0)
     for attempt in range(4):
-        process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         # Late in the run is where the SavedModel is being written.
         time.sleep(duration * rng.uniform(0.5, 1.0))
         process.send_signal(signal.SIGKILL)
@@ -246,9 +288,13 @@ def _raw_run(session: SessionSignatures, signature: str, inputs: dict) -> dict:
     outputs = sorted(sig.outputs)
     key = (id(session), signature, tuple(names))
     if key not in _CALLABLES:  # each new callable prunes and optimizes the graph
-        options = config_pb2.CallableOptions(feed=[sig.inputs[n].name for n in names],
-                                             fetch=[sig.outputs[n].name for n in outputs])
-        _CALLABLES[key] = session.session._make_callable_from_options(options)  # noqa: SLF001
+        options = config_pb2.CallableOptions(
+            feed=[sig.inputs[n].name for n in names],
+            fetch=[sig.outputs[n].name for n in outputs],
+        )
+        _CALLABLES[key] = session.session._make_callable_from_options(
+            options
+        )  # noqa: SLF001
     values = _CALLABLES[key](*[np.asarray(inputs[n]) for n in names])
     return dict(zip(outputs, values, strict=True))
 
@@ -259,8 +305,13 @@ _CALLABLES: dict = {}
 @pytest.fixture(scope="module")
 def batches(exported):
     def parse(max_support):
-        ds = data.task_dataset(exported["tasks"]["test"], exported["spec"], batch_tasks=1000,
-                               max_support=max_support, max_query=8)
+        ds = data.task_dataset(
+            exported["tasks"]["test"],
+            exported["spec"],
+            batch_tasks=1000,
+            max_support=max_support,
+            max_query=8,
+        )
         return {k: v.numpy() for k, v in next(iter(ds)).items()}
 
     return {"full": parse(64), "capped": parse(TEST_MAX_SUPPORT)}
@@ -270,8 +321,12 @@ def _good_inputs(exported, batch) -> dict[str, dict[str, np.ndarray]]:
     """One valid request per signature, from real test tasks."""
     spec = exported["spec"]
     # An entity with a few support and query rows, so that cutting one is possible.
-    index = int(np.flatnonzero((batch["support_mask"].sum(axis=1) >= 2)
-                               & (batch["query_mask"].sum(axis=1) >= 3))[0])
+    index = int(
+        np.flatnonzero(
+            (batch["support_mask"].sum(axis=1) >= 2)
+            & (batch["query_mask"].sum(axis=1) >= 3)
+        )[0]
+    )
     meta, support, labels, query = entity_inputs(batch, spec, index)
     adapt = dict(meta)
     adapt.update({f"support_{k}": v for k, v in support.items()})
@@ -280,47 +335,71 @@ def _good_inputs(exported, batch) -> dict[str, dict[str, np.ndarray]]:
     serving = {k: v[:3] for k, v in query.items()}
     serving["meta_embedding"] = np.full([len(serving["item_id"]), 8], 0.1, np.float32)
     embed = {f.name: batch[f.name][:2] for f in spec.meta_features}
-    for key in ["support_label", "support_mask"] + [f"support_{f.name}"
-                                                     for f in spec.request_features]:
+    for key in ["support_label", "support_mask"] + [
+        f"support_{f.name}" for f in spec.request_features
+    ]:
         embed[key] = batch[key][:2].copy()
-    examples = [tf.train.Example(features=tf.train.Features(feature={
-        "meta_embedding": tf.train.Feature(float_list=tf.train.FloatList(value=[0.1] * 8)),
-        "item_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"7"])),
-        **{f"f{k}": tf.train.Feature(float_list=tf.train.FloatList(value=[0.5]))
-           for k in range(4)}})).SerializeToString()]
-    return {"serving_default": serving, "adapt_and_predict": adapt,
-            "meta_embedding": embed,
-            "predict_examples": {"examples": np.array(examples, dtype=object)}}
+    examples = [
+        tf.train.Example(
+            features=tf.train.Features(
+                feature={
+                    "meta_embedding": tf.train.Feature(
+                        float_list=tf.train.FloatList(value=[0.1] * 8)
+                    ),
+                    "item_id": tf.train.Feature(
+                        bytes_list=tf.train.BytesList(value=[b"7"])
+                    ),
+                    **{
+                        f"f{k}": tf.train.Feature(
+                            float_list=tf.train.FloatList(value=[0.5])
+                        )
+                        for k in range(4)
+                    },
+                }
+            )
+        ).SerializeToString()
+    ]
+    return {
+        "serving_default": serving,
+        "adapt_and_predict": adapt,
+        "meta_embedding": embed,
+        "predict_examples": {"examples": np.array(examples, dtype=object)},
+    }
 
 
 # (signature, input, how to break it): each must fail naming the input.
 BAD_SHAPES = [
-    ("serving_default", "meta_embedding", lambda v: v[:, :3]),           # d = 3, not 8
-    ("serving_default", "meta_embedding", lambda v: v[..., None]),       # rank 3
+    ("serving_default", "meta_embedding", lambda v: v[:, :3]),  # d = 3, not 8
+    ("serving_default", "meta_embedding", lambda v: v[..., None]),  # rank 3
     ("serving_default", "topics", lambda v: np.concatenate([v, v[:, :1]], 1)),  # K = 3
-    ("serving_default", "topics", lambda v: v[:, :1]),                   # K = 1
-    ("serving_default", "f0", lambda v: v[:, None]),                     # [B, 1]
-    ("adapt_and_predict", "segment", lambda v: np.array([v, v])),        # not a scalar
+    ("serving_default", "topics", lambda v: v[:, :1]),  # K = 1
+    ("serving_default", "f0", lambda v: v[:, None]),  # [B, 1]
+    ("adapt_and_predict", "segment", lambda v: np.array([v, v])),  # not a scalar
     ("adapt_and_predict", "support_topics", lambda v: v[:, :1]),
     ("adapt_and_predict", "support_label", lambda v: v[:, None]),
     ("adapt_and_predict", "query_item_id", lambda v: v[None]),
-    ("meta_embedding", "support_mask", lambda v: v[:, 0]),               # rank 1
+    ("meta_embedding", "support_mask", lambda v: v[:, 0]),  # rank 1
     ("meta_embedding", "support_item_id", lambda v: v[..., None]),
     ("meta_embedding", "activity", lambda v: v[:, None]),
     ("predict_examples", "examples", lambda v: v[:, None]),
 ]
 
 
-@pytest.mark.parametrize("signature, name, corrupt", BAD_SHAPES,
-                         ids=[f"{s}-{n}-{i}" for i, (s, n, _) in enumerate(BAD_SHAPES)])
-def test_wrong_shapes_fail_naming_the_input(exported, session, batches, signature, name,
-                                            corrupt):
+@pytest.mark.parametrize(
+    "signature, name, corrupt",
+    BAD_SHAPES,
+    ids=[f"{s}-{n}-{i}" for i, (s, n, _) in enumerate(BAD_SHAPES)],
+)
+def test_wrong_shapes_fail_naming_the_input(
+    exported, session, batches, signature, name, corrupt
+):
     inputs = dict(_good_inputs(exported, batches["capped"])[signature])
     _raw_run(session, signature, inputs)  # the valid request runs
     inputs[name] = corrupt(inputs[name])
     # As TF Serving runs it: the in-graph check.
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=f"Input `{name}` must have shape") as info:
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=f"Input `{name}` must have shape"
+    ) as info:
         _raw_run(session, signature, inputs)
     assert "got shape" in info.value.message
     # Through Python's Session.run: refused before running, naming the tensor.
@@ -329,7 +408,11 @@ def test_wrong_shapes_fail_naming_the_input(exported, session, batches, signatur
 
 
 BAD_DTYPES = [
-    ("serving_default", "f0", lambda v: v.astype(str).astype(object)),   # text for a number
+    (
+        "serving_default",
+        "f0",
+        lambda v: v.astype(str).astype(object),
+    ),  # text for a number
     ("serving_default", "item_id", lambda v: np.zeros(len(v), np.float32)),
     ("serving_default", "meta_embedding", lambda v: v.astype(np.float64)),
     ("adapt_and_predict", "support_label", lambda v: v.astype(np.int64)),
@@ -337,10 +420,12 @@ BAD_DTYPES = [
 ]
 
 
-@pytest.mark.parametrize("signature, name, corrupt", BAD_DTYPES,
-                         ids=[f"{s}-{n}" for s, n, _ in BAD_DTYPES])
-def test_wrong_dtypes_fail_naming_the_input(exported, session, batches, signature, name,
-                                            corrupt):
+@pytest.mark.parametrize(
+    "signature, name, corrupt", BAD_DTYPES, ids=[f"{s}-{n}" for s, n, _ in BAD_DTYPES]
+)
+def test_wrong_dtypes_fail_naming_the_input(
+    exported, session, batches, signature, name, corrupt
+):
     inputs = dict(_good_inputs(exported, batches["capped"])[signature])
     inputs[name] = corrupt(inputs[name])
     # TF Serving (and the fixture standing in for it) refuse it before running.
@@ -357,31 +442,68 @@ def _set(name, index, value):
         v = v.copy()
         v[index] = value
         return v
+
     return name, corrupt
 
 
 BAD_VALUES = [
     # (signature, input, corrupt, message)
-    ("adapt_and_predict", *_set("support_label", 0, 2.0), "`support_label` must be 0 or 1"),
-    ("adapt_and_predict", *_set("support_label", 0, np.nan), "`support_label` must be 0 or 1"),
-    ("adapt_and_predict", *_set("support_label", 0, -1.0), "`support_label` must be 0 or 1"),
-    ("meta_embedding", *_set("support_label", (0, 0), 5.0), "`support_label` must be 0 or 1"),
+    (
+        "adapt_and_predict",
+        *_set("support_label", 0, 2.0),
+        "`support_label` must be 0 or 1",
+    ),
+    (
+        "adapt_and_predict",
+        *_set("support_label", 0, np.nan),
+        "`support_label` must be 0 or 1",
+    ),
+    (
+        "adapt_and_predict",
+        *_set("support_label", 0, -1.0),
+        "`support_label` must be 0 or 1",
+    ),
+    (
+        "meta_embedding",
+        *_set("support_label", (0, 0), 5.0),
+        "`support_label` must be 0 or 1",
+    ),
     ("meta_embedding", *_set("support_mask", (1, 0), 0.5), "`support_mask` must be 1"),
-    ("adapt_and_predict", "support_item_id", lambda v: v[:-1],
-     "Input `support_item_id` must have as many rows as `support_label`"),
-    ("adapt_and_predict", "query_f1", lambda v: v[:-1],
-     "Input `query_f1` must have as many rows as `query_"),
-    ("serving_default", "item_id", lambda v: v[:-1],
-     "Input `item_id` must have as many rows as `meta_embedding`"),
-    ("meta_embedding", "segment", lambda v: v[:1],
-     "Input `segment` must have as many rows as `support_label`"),
+    (
+        "adapt_and_predict",
+        "support_item_id",
+        lambda v: v[:-1],
+        "Input `support_item_id` must have as many rows as `support_label`",
+    ),
+    (
+        "adapt_and_predict",
+        "query_f1",
+        lambda v: v[:-1],
+        "Input `query_f1` must have as many rows as `query_",
+    ),
+    (
+        "serving_default",
+        "item_id",
+        lambda v: v[:-1],
+        "Input `item_id` must have as many rows as `meta_embedding`",
+    ),
+    (
+        "meta_embedding",
+        "segment",
+        lambda v: v[:1],
+        "Input `segment` must have as many rows as `support_label`",
+    ),
 ]
 
 
-@pytest.mark.parametrize("signature, name, corrupt, message", BAD_VALUES,
-                         ids=[f"{s}-{n}-{i}" for i, (s, n, _, _) in enumerate(BAD_VALUES)])
-def test_bad_values_fail_naming_the_input(exported, session, batches, signature, name,
-                                          corrupt, message):
+@pytest.mark.parametrize(
+    "signature, name, corrupt, message",
+    BAD_VALUES,
+    ids=[f"{s}-{n}-{i}" for i, (s, n, _, _) in enumerate(BAD_VALUES)],
+)
+def test_bad_values_fail_naming_the_input(
+    exported, session, batches, signature, name, corrupt, message
+):
     inputs = dict(_good_inputs(exported, batches["capped"])[signature])
     inputs[name] = corrupt(inputs[name])
     with pytest.raises(tf.errors.InvalidArgumentError) as info:
@@ -401,22 +523,24 @@ def test_padding_rows_may_hold_any_label(exported, session, batches):
     assert np.all(np.isfinite(out))
 
 
-def test_batched_support_beyond_max_support_equals_only_the_latest_rows(exported, session,
-                                                                         batches):
+def test_batched_support_beyond_max_support_equals_only_the_latest_rows(
+    exported, session, batches
+):
     """meta_embedding [E, S > max_support]: same as sending only the latest real rows."""
     spec, full = exported["spec"], batches["full"]
     n_real = full["support_mask"].sum(axis=1).astype(int)
     assert n_real.max() > TEST_MAX_SUPPORT, "no entity has more rows than max_support"
-    support_keys = ["support_label", "support_mask"] + [f"support_{f.name}"
-                                                         for f in spec.request_features]
+    support_keys = ["support_label", "support_mask"] + [
+        f"support_{f.name}" for f in spec.request_features
+    ]
     everything = {f.name: full[f.name] for f in spec.meta_features}
     everything.update({k: full[k] for k in support_keys})
     latest = {f.name: full[f.name] for f in spec.meta_features}
     for key in support_keys:
         rows = []
         for i, n in enumerate(n_real):
-            kept = full[key][i, max(n - TEST_MAX_SUPPORT, 0):n]
-            pad = np.zeros_like(full[key][i, :TEST_MAX_SUPPORT - len(kept)])
+            kept = full[key][i, max(n - TEST_MAX_SUPPORT, 0) : n]
+            pad = np.zeros_like(full[key][i, : TEST_MAX_SUPPORT - len(kept)])
             if pad.dtype == object:
                 pad[...] = b""
             rows.append(np.concatenate([kept, pad]))
@@ -425,8 +549,11 @@ def test_batched_support_beyond_max_support_equals_only_the_latest_rows(exported
     expected = session.run("meta_embedding", latest)["meta_embedding"]
     np.testing.assert_allclose(got, expected, atol=TOL)
     # The cap matters: with the oldest rows instead, long histories differ.
-    oldest = dict(everything, support_mask=everything["support_mask"] * (
-        np.arange(everything["support_mask"].shape[1]) < TEST_MAX_SUPPORT))
+    oldest = dict(
+        everything,
+        support_mask=everything["support_mask"]
+        * (np.arange(everything["support_mask"].shape[1]) < TEST_MAX_SUPPORT),
+    )
     other = session.run("meta_embedding", oldest)["meta_embedding"]
     long = n_real > TEST_MAX_SUPPORT
     assert np.max(np.abs(other[long] - got[long])) > 1e-6
@@ -442,7 +569,9 @@ def test_zero_width_support_is_the_cold_start_embedding(exported, session, batch
         value = capped[f"support_{f.name}"][:4, :0]
         inputs[f"support_{f.name}"] = value
     cold = _raw_run(session, "meta_embedding", inputs)["meta_embedding"]
-    default = model.meta_embedding({k: v[:4] for k, v in capped.items()}, steps=0).numpy()
+    default = model.meta_embedding(
+        {k: v[:4] for k, v in capped.items()}, steps=0
+    ).numpy()
     assert np.all(np.isfinite(cold))
     np.testing.assert_allclose(cold, default, atol=TOL)
     adapted = model.meta_embedding({k: v[:4] for k, v in capped.items()}).numpy()
@@ -457,7 +586,9 @@ def test_grpc_caller_gets_invalid_argument_naming_the_input(exported, session, b
     inputs = dict(_good_inputs(exported, batches["capped"])["serving_default"])
     inputs["meta_embedding"] = inputs["meta_embedding"][:, :3]
     with LoopbackServing(exported["export_dir"], model=session) as server:
-        with serving_client.GrpcClient(server.grpc_target, "limaml", timeout_s=10.0) as client:
+        with serving_client.GrpcClient(
+            server.grpc_target, "limaml", timeout_s=10.0
+        ) as client:
             with pytest.raises(grpc.RpcError) as info:
                 client.predict(inputs)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -469,8 +600,10 @@ def test_grpc_caller_gets_invalid_argument_naming_the_input(exported, session, b
 def cli_files(tmp_path_factory, synthetic_tasks):
     root = tmp_path_factory.mktemp("cli_errors")
     spec = synthetic.synthetic_spec()
-    synthetic.write_csv(synthetic.generate_interactions(num_entities=5, seed=2),
-                        root / "interactions.csv")
+    synthetic.write_csv(
+        synthetic.generate_interactions(num_entities=5, seed=2),
+        root / "interactions.csv",
+    )
     spec.save(str(root / "spec.json"))
     extra = spec.to_dict()
     extra["request_features"].append({"name": "price_typo", "type": "numeric"})
@@ -478,74 +611,209 @@ def cli_files(tmp_path_factory, synthetic_tasks):
     unknown = dict(spec.to_dict(), weights="uniform")
     (root / "spec_unknown_key.json").write_text(json.dumps(unknown))
     (root / "spec_malformed.json").write_text('{"entity": "member_id", ')
-    (root / "meta_unknown_key.json").write_text(json.dumps({"inner_steps": 1,
-                                                            "inner_learning_rate": 0.1}))
+    (root / "meta_unknown_key.json").write_text(
+        json.dumps({"inner_steps": 1, "inner_learning_rate": 0.1})
+    )
     return {"root": str(root), "tasks": synthetic_tasks["train"]}
 
 
 # (name, argv, what the one error line must say). {root} and {tasks} are filled in.
 CLI_ERRORS = [
-    ("missing-input", ["make-tasks", "--input", "{root}/nothing-*.csv", "--features",
-                       "{root}/spec.json", "--output", "{root}/out1"],
-     "--input '{root}/nothing-*.csv' matches no file"),
-    ("malformed-spec", ["make-tasks", "--input", "{root}/interactions.csv", "--features",
-                        "{root}/spec_malformed.json", "--output", "{root}/out2"],
-     "Invalid feature spec: not valid JSON"),
-    ("unknown-spec-key", ["make-tasks", "--input", "{root}/interactions.csv", "--features",
-                          "{root}/spec_unknown_key.json", "--output", "{root}/out3"],
-     "`<spec>.weights` = 'uniform': unknown key"),
-    ("spec-column-not-in-input", ["make-tasks", "--input", "{root}/interactions.csv",
-                                  "--features", "{root}/spec_extra_column.json",
-                                  "--output", "{root}/out4"],
-     "has no column 'price_typo' (the spec's request feature)"),
-    ("bad-flag-make-tasks", ["make-tasks", "--input", "{root}/interactions.csv",
-                             "--features", "{root}/spec.json", "--output", "{root}/out5",
-                             "--max-support", "-3"],
-     "argument --max-support: expected a positive integer, got '-3'"),
-    ("bad-fraction-flag", ["make-tasks", "--input", "{root}/interactions.csv",
-                           "--features", "{root}/spec.json", "--output", "{root}/out6",
-                           "--val-fraction", "1.5"],
-     "argument --val-fraction: expected a number in [0, 1), got '1.5'"),
-    ("unknown-meta-config-key", ["train", "--tasks", "{tasks}", "--features",
-                                 "{root}/spec.json", "--model-dir", "{root}/m1",
-                                 "--meta-config", "{root}/meta_unknown_key.json"],
-     "Unknown MetaConfig key 'inner_learning_rate'"),
-    ("spec-feature-not-in-tasks", ["train", "--tasks", "{tasks}", "--features",
-                                   "{root}/spec_extra_column.json", "--model-dir",
-                                   "{root}/m3"],
-     "Feature list 'query/price_typo' is required but could not be found"),
-    ("tasks-not-tfrecords", ["train", "--tasks", "{root}/interactions.csv", "--features",
-                             "{root}/spec.json", "--model-dir", "{root}/m4"],
-     "interactions.csv is not a GZIP TFRecord of task records"),
-    ("bad-flag-train", ["train", "--tasks", "{tasks}", "--features", "{root}/spec.json",
-                        "--model-dir", "{root}/m5", "--learning-rate", "nan"],
-     "argument --learning-rate: expected a positive number, got 'nan'"),
-    ("missing-export", ["embed", "--export", "{root}/no-export", "--tasks", "{tasks}",
-                        "--output", "{root}/embeddings"],
-     "No SavedModel at {root}/no-export"),
-    ("bad-flag-embed", ["embed", "--export", "{root}/no-export", "--tasks", "{tasks}",
-                        "--output", "{root}/embeddings", "--batch-size", "0"],
-     "argument --batch-size: expected a positive integer, got '0'"),
+    (
+        "missing-input",
+        [
+            "make-tasks",
+            "--input",
+            "{root}/nothing-*.csv",
+            "--features",
+            "{root}/spec.json",
+            "--output",
+            "{root}/out1",
+        ],
+        "--input '{root}/nothing-*.csv' matches no file",
+    ),
+    (
+        "malformed-spec",
+        [
+            "make-tasks",
+            "--input",
+            "{root}/interactions.csv",
+            "--features",
+            "{root}/spec_malformed.json",
+            "--output",
+            "{root}/out2",
+        ],
+        "Invalid feature spec: not valid JSON",
+    ),
+    (
+        "unknown-spec-key",
+        [
+            "make-tasks",
+            "--input",
+            "{root}/interactions.csv",
+            "--features",
+            "{root}/spec_unknown_key.json",
+            "--output",
+            "{root}/out3",
+        ],
+        "`<spec>.weights` = 'uniform': unknown key",
+    ),
+    (
+        "spec-column-not-in-input",
+        [
+            "make-tasks",
+            "--input",
+            "{root}/interactions.csv",
+            "--features",
+            "{root}/spec_extra_column.json",
+            "--output",
+            "{root}/out4",
+        ],
+        "has no column 'price_typo' (the spec's request feature)",
+    ),
+    (
+        "bad-flag-make-tasks",
+        [
+            "make-tasks",
+            "--input",
+            "{root}/interactions.csv",
+            "--features",
+            "{root}/spec.json",
+            "--output",
+            "{root}/out5",
+            "--max-support",
+            "-3",
+        ],
+        "argument --max-support: expected a positive integer, got '-3'",
+    ),
+    (
+        "bad-fraction-flag",
+        [
+            "make-tasks",
+            "--input",
+            "{root}/interactions.csv",
+            "--features",
+            "{root}/spec.json",
+            "--output",
+            "{root}/out6",
+            "--val-fraction",
+            "1.5",
+        ],
+        "argument --val-fraction: expected a number in [0, 1), got '1.5'",
+    ),
+    (
+        "unknown-meta-config-key",
+        [
+            "train",
+            "--tasks",
+            "{tasks}",
+            "--features",
+            "{root}/spec.json",
+            "--model-dir",
+            "{root}/m1",
+            "--meta-config",
+            "{root}/meta_unknown_key.json",
+        ],
+        "Unknown MetaConfig key 'inner_learning_rate'",
+    ),
+    (
+        "spec-feature-not-in-tasks",
+        [
+            "train",
+            "--tasks",
+            "{tasks}",
+            "--features",
+            "{root}/spec_extra_column.json",
+            "--model-dir",
+            "{root}/m3",
+        ],
+        "Feature list 'query/price_typo' is required but could not be found",
+    ),
+    (
+        "tasks-not-tfrecords",
+        [
+            "train",
+            "--tasks",
+            "{root}/interactions.csv",
+            "--features",
+            "{root}/spec.json",
+            "--model-dir",
+            "{root}/m4",
+        ],
+        "interactions.csv is not a GZIP TFRecord of task records",
+    ),
+    (
+        "bad-flag-train",
+        [
+            "train",
+            "--tasks",
+            "{tasks}",
+            "--features",
+            "{root}/spec.json",
+            "--model-dir",
+            "{root}/m5",
+            "--learning-rate",
+            "nan",
+        ],
+        "argument --learning-rate: expected a positive number, got 'nan'",
+    ),
+    (
+        "missing-export",
+        [
+            "embed",
+            "--export",
+            "{root}/no-export",
+            "--tasks",
+            "{tasks}",
+            "--output",
+            "{root}/embeddings",
+        ],
+        "No SavedModel at {root}/no-export",
+    ),
+    (
+        "bad-flag-embed",
+        [
+            "embed",
+            "--export",
+            "{root}/no-export",
+            "--tasks",
+            "{tasks}",
+            "--output",
+            "{root}/embeddings",
+            "--batch-size",
+            "0",
+        ],
+        "argument --batch-size: expected a positive integer, got '0'",
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def cli_results(cli_files):
     """Runs every CLI_ERRORS command as its own process, two at a time."""
+
     def run(case):
         name, argv, _ = case
         argv = [a.format(**cli_files) for a in argv]
-        return name, subprocess.run([sys.executable, "-m", "tf_limaml.cli", *argv],
-                                    capture_output=True, text=True, env=_env(),
-                                    cwd=cli_files["root"], timeout=300)
+        return name, subprocess.run(
+            [sys.executable, "-m", "tf_limaml.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            cwd=cli_files["root"],
+            timeout=300,
+        )
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(run, CLI_ERRORS))
 
 
-@pytest.mark.parametrize("name, argv, message", CLI_ERRORS, ids=[c[0] for c in CLI_ERRORS])
-def test_cli_user_error_is_one_line_exit_2_no_traceback(cli_files, cli_results, name, argv,
-                                                        message):
+@pytest.mark.parametrize(
+    "name, argv, message", CLI_ERRORS, ids=[c[0] for c in CLI_ERRORS]
+)
+def test_cli_user_error_is_one_line_exit_2_no_traceback(
+    cli_files, cli_results, name, argv, message
+):
     result = cli_results[name]
     command = argv[0]
     assert result.returncode == 2, result.stderr
@@ -569,14 +837,26 @@ def _write_split_inputs(directory, num_entities=60, parts=3, seed=4) -> str:
 
 
 def _file_bytes(directory) -> dict[str, bytes]:
-    return {name: open(os.path.join(directory, name), "rb").read()
-            for name in sorted(os.listdir(directory))}
+    return {
+        name: open(os.path.join(directory, name), "rb").read()
+        for name in sorted(os.listdir(directory))
+    }
 
 
 def _make_tasks_argv(inputs, output, *extra):
-    return ["--input", inputs, "--features", os.path.join(os.path.dirname(inputs),
-                                                          "spec.json"),
-            "--output", output, "--max-support", "8", "--seed", "3", *extra]
+    return [
+        "--input",
+        inputs,
+        "--features",
+        os.path.join(os.path.dirname(inputs), "spec.json"),
+        "--output",
+        output,
+        "--max-support",
+        "8",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def test_make_tasks_writes_byte_identical_files(tmp_path):
@@ -598,33 +878,55 @@ def test_make_tasks_writes_byte_identical_files(tmp_path):
     for name in a:
         if name.endswith(".gz"):
             assert a[name][:2] == b"\x1f\x8b" and a[name][4:8] == b"\0\0\0\0", name
-    records = [r.numpy() for r in tf.data.TFRecordDataset(
-        sorted(glob.glob(os.path.join(first, "train-*.tfrecord.gz"))),
-        compression_type="GZIP")]
+    records = [
+        r.numpy()
+        for r in tf.data.TFRecordDataset(
+            sorted(glob.glob(os.path.join(first, "train-*.tfrecord.gz"))),
+            compression_type="GZIP",
+        )
+    ]
     stats = json.load(open(os.path.join(first, "stats.json")))
     assert len(records) == stats["splits"]["train"]["entities"] > 0
     assert stats["rows_rejected"] == 1 and stats["conservation"]["holds"]
     # Within a shard, records are sorted by entity id.
     shard = sorted(glob.glob(os.path.join(first, "train-00000-*.tfrecord.gz")))[0]
-    ids = [tf.train.SequenceExample.FromString(r.numpy()).context.feature[
-        "entity_id"].bytes_list.value[0] for r in tf.data.TFRecordDataset(
-            shard, compression_type="GZIP")]
+    ids = [
+        tf.train.SequenceExample.FromString(r.numpy())
+        .context.feature["entity_id"]
+        .bytes_list.value[0]
+        for r in tf.data.TFRecordDataset(shard, compression_type="GZIP")
+    ]
     assert ids == sorted(ids) and len(ids) > 1
 
 
 @pytest.mark.slow
 def test_make_tasks_is_byte_identical_across_processes_and_running_modes(tmp_path):
     inputs = _write_split_inputs(str(tmp_path / "in"), num_entities=200)
-    runs = {"in_memory_hashseed_1": ({"PYTHONHASHSEED": "1"}, []),
-            "in_memory_hashseed_2": ({"PYTHONHASHSEED": "2"}, []),
-            "multi_processing": ({}, ["--direct_running_mode=multi_processing",
-                                      "--direct_num_workers=2"])}
+    runs = {
+        "in_memory_hashseed_1": ({"PYTHONHASHSEED": "1"}, []),
+        "in_memory_hashseed_2": ({"PYTHONHASHSEED": "2"}, []),
+        "multi_processing": (
+            {},
+            ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+        ),
+    }
     outputs = {}
     for name, (env, flags) in runs.items():
         out = str(tmp_path / name)
-        subprocess.run([sys.executable, "-m", "tf_limaml.cli", "make-tasks",
-                        *_make_tasks_argv(inputs, out), *flags], env=_env(**env),
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tf_limaml.cli",
+                "make-tasks",
+                *_make_tasks_argv(inputs, out),
+                *flags,
+            ],
+            env=_env(**env),
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         outputs[name] = _file_bytes(out)
     reference = outputs.pop("in_memory_hashseed_1")
     for name, files in outputs.items():
@@ -635,13 +937,28 @@ def test_make_tasks_is_byte_identical_across_processes_and_running_modes(tmp_pat
 DATA_PATH_PACKAGES = ("tf_limaml", "beam_pipelines", "serving")
 # Calls that run or unpickle what they read.
 UNSAFE_CALLS = {
-    ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"),
-    ("cPickle", "load"), ("cPickle", "loads"), ("_pickle", "load"), ("_pickle", "loads"),
-    ("dill", "load"), ("dill", "loads"), ("cloudpickle", "load"), ("cloudpickle", "loads"),
-    ("marshal", "load"), ("marshal", "loads"), ("shelve", "open"),
-    ("yaml", "unsafe_load"), ("yaml", "full_load"), ("yaml", "unsafe_load_all"),
-    ("pd", "read_pickle"), ("pandas", "read_pickle"), ("joblib", "load"),
-    ("torch", "load"), ("jsonpickle", "decode"),
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("pickle", "Unpickler"),
+    ("cPickle", "load"),
+    ("cPickle", "loads"),
+    ("_pickle", "load"),
+    ("_pickle", "loads"),
+    ("dill", "load"),
+    ("dill", "loads"),
+    ("cloudpickle", "load"),
+    ("cloudpickle", "loads"),
+    ("marshal", "load"),
+    ("marshal", "loads"),
+    ("shelve", "open"),
+    ("yaml", "unsafe_load"),
+    ("yaml", "full_load"),
+    ("yaml", "unsafe_load_all"),
+    ("pd", "read_pickle"),
+    ("pandas", "read_pickle"),
+    ("joblib", "load"),
+    ("torch", "load"),
+    ("jsonpickle", "decode"),
 }
 UNSAFE_BUILTINS = {"eval", "exec", "compile", "__import__", "input"}
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader"}
@@ -660,11 +977,22 @@ def unsafe_calls(source: str, filename: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [
-                node.module or ""]
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+            )
             for module in modules:
-                if module.split(".")[0] in ("pickle", "cPickle", "_pickle", "dill",
-                                            "cloudpickle", "marshal", "shelve", "jsonpickle"):
+                if module.split(".")[0] in (
+                    "pickle",
+                    "cPickle",
+                    "_pickle",
+                    "dill",
+                    "cloudpickle",
+                    "marshal",
+                    "shelve",
+                    "jsonpickle",
+                ):
                     found.append(f"{filename}:{node.lineno}: import {module}")
         if not isinstance(node, ast.Call):
             continue
@@ -674,18 +1002,33 @@ def unsafe_calls(source: str, filename: str) -> list[str]:
         if name in UNSAFE_BUILTINS or parts[-2:] in UNSAFE_CALLS:
             found.append(f"{filename}:{node.lineno}: {name}()")
         elif parts[-2:] in (("yaml", "load"), ("yaml", "load_all")):
-            loader = keywords.get("Loader") or (node.args[1] if len(node.args) > 1 else None)
-            if loader is None or _dotted(loader).split(".")[-1] not in SAFE_YAML_LOADERS:
+            loader = keywords.get("Loader") or (
+                node.args[1] if len(node.args) > 1 else None
+            )
+            if (
+                loader is None
+                or _dotted(loader).split(".")[-1] not in SAFE_YAML_LOADERS
+            ):
                 found.append(f"{filename}:{node.lineno}: {name}() without SafeLoader")
         elif parts[-1] in ("load", "loadtxt") and parts[0] in ("np", "numpy"):
             allow = keywords.get("allow_pickle")
-            if allow is not None and not (isinstance(allow, ast.Constant)
-                                          and allow.value is False):
+            if allow is not None and not (
+                isinstance(allow, ast.Constant) and allow.value is False
+            ):
                 found.append(f"{filename}:{node.lineno}: {name}(allow_pickle=...)")
-        elif parts[-1] in ("Popen", "run", "call", "check_call", "check_output", "system"):
+        elif parts[-1] in (
+            "Popen",
+            "run",
+            "call",
+            "check_call",
+            "check_output",
+            "system",
+        ):
             shell = keywords.get("shell")
-            if parts[0] == "os" or (shell is not None and not (
-                    isinstance(shell, ast.Constant) and shell.value is False)):
+            if parts[0] == "os" or (
+                shell is not None
+                and not (isinstance(shell, ast.Constant) and shell.value is False)
+            ):
                 found.append(f"{filename}:{node.lineno}: {name}(shell)")
         elif parts[-1] == "load_model" and "safe_mode" in keywords:
             found.append(f"{filename}:{node.lineno}: {name}(safe_mode=...)")
@@ -693,23 +1036,30 @@ def unsafe_calls(source: str, filename: str) -> list[str]:
 
 
 def test_the_scanner_finds_what_it_looks_for():
-    bad = ("import pickle\nimport numpy as np\nimport yaml\nfrom dill import loads\n"
-           "pickle.loads(b)\neval(text)\nexec(code)\nyaml.load(f)\n"
-           "yaml.load(f, Loader=yaml.Loader)\nnp.load(p, allow_pickle=True)\n"
-           "pd.read_pickle(p)\nsubprocess.run(cmd, shell=True)\nos.system(cmd)\n")
+    bad = (
+        "import pickle\nimport numpy as np\nimport yaml\nfrom dill import loads\n"
+        "pickle.loads(b)\neval(text)\nexec(code)\nyaml.load(f)\n"
+        "yaml.load(f, Loader=yaml.Loader)\nnp.load(p, allow_pickle=True)\n"
+        "pd.read_pickle(p)\nsubprocess.run(cmd, shell=True)\nos.system(cmd)\n"
+    )
     lines = [int(hit.split(":")[1]) for hit in unsafe_calls(bad, "bad.py")]
     # Every line but the harmless imports of numpy (2) and yaml (3).
     assert lines == [1] + list(range(4, 14))
-    good = ("import json\nimport numpy as np\nimport yaml\njson.loads(s)\n"
-            "yaml.load(f, Loader=yaml.SafeLoader)\nyaml.safe_load(f)\n"
-            "np.load(p)\nnp.load(p, allow_pickle=False)\nsubprocess.run([a, b])\n"
-            "tf.saved_model.load(path)\nmodel.evaluate(x)\n")
+    good = (
+        "import json\nimport numpy as np\nimport yaml\njson.loads(s)\n"
+        "yaml.load(f, Loader=yaml.SafeLoader)\nyaml.safe_load(f)\n"
+        "np.load(p)\nnp.load(p, allow_pickle=False)\nsubprocess.run([a, b])\n"
+        "tf.saved_model.load(path)\nmodel.evaluate(x)\n"
+    )
     assert unsafe_calls(good, "good.py") == []
 
 
 def test_nothing_on_the_data_path_unpickles_or_evaluates_input():
-    files = [path for package in DATA_PATH_PACKAGES
-             for path in glob.glob(os.path.join(ROOT, package, "**", "*.py"), recursive=True)]
+    files = [
+        path
+        for package in DATA_PATH_PACKAGES
+        for path in glob.glob(os.path.join(ROOT, package, "**", "*.py"), recursive=True)
+    ]
     assert len(files) > 15
     found = []
     for path in files:
@@ -718,8 +1068,17 @@ def test_nothing_on_the_data_path_unpickles_or_evaluates_input():
     assert not found, "unsafe calls on the data path:\n" + "\n".join(found)
 
 
-HOSTILE_IDS = ["../../etc", "/abs", "../../../../../../tmp/limaml-escape", "a/../../b",
-               "..", "~root", "$(touch pwned)", "C:\\Windows\\x", "name\nwith newline"]
+HOSTILE_IDS = [
+    "../../etc",
+    "/abs",
+    "../../../../../../tmp/limaml-escape",
+    "a/../../b",
+    "..",
+    "~root",
+    "$(touch pwned)",
+    "C:\\Windows\\x",
+    "name\nwith newline",
+]
 
 
 def _snapshot(root: str) -> set[str]:
@@ -746,11 +1105,27 @@ def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
     existed = {p: os.path.exists(p) for p in outside}
 
     tasks_dir, embed_dir = str(tmp_path / "tasks"), str(tmp_path / "embeddings")
-    make_tasks.run(["--input", str(tmp_path / "interactions.csv"), "--features",
-                    str(tmp_path / "spec.json"), "--output", tasks_dir])
-    generate_embeddings.run(["--export", exported["export_dir"], "--tasks",
-                             os.path.join(tasks_dir, "*.tfrecord.gz"), "--output",
-                             embed_dir, "--parquet"])
+    make_tasks.run(
+        [
+            "--input",
+            str(tmp_path / "interactions.csv"),
+            "--features",
+            str(tmp_path / "spec.json"),
+            "--output",
+            tasks_dir,
+        ]
+    )
+    generate_embeddings.run(
+        [
+            "--export",
+            exported["export_dir"],
+            "--tasks",
+            os.path.join(tasks_dir, "*.tfrecord.gz"),
+            "--output",
+            embed_dir,
+            "--parquet",
+        ]
+    )
 
     written = _snapshot(str(tmp_path)) - before
     assert written, "the jobs wrote nothing"
@@ -761,18 +1136,24 @@ def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
     # File names come from the fixed output names only.
     for path in written:
         name = os.path.relpath(path, tmp_path)
-        assert not any(bad in name for bad in ("etc", "abs", "escape", "pwned", "~")), name
+        assert not any(
+            bad in name for bad in ("etc", "abs", "escape", "pwned", "~")
+        ), name
 
     # And every id is still there, byte for byte, as data.
     task_ids = set()
-    for record in tf.data.TFRecordDataset(sorted(glob.glob(os.path.join(
-            tasks_dir, "*.tfrecord.gz"))), compression_type="GZIP"):
+    for record in tf.data.TFRecordDataset(
+        sorted(glob.glob(os.path.join(tasks_dir, "*.tfrecord.gz"))),
+        compression_type="GZIP",
+    ):
         example = tf.train.SequenceExample.FromString(record.numpy())
         task_ids.add(example.context.feature["entity_id"].bytes_list.value[0].decode())
     assert set(HOSTILE_IDS) <= task_ids
     embedded = set()
-    for record in tf.data.TFRecordDataset(sorted(glob.glob(os.path.join(
-            embed_dir, "embeddings-*.tfrecord.gz"))), compression_type="GZIP"):
+    for record in tf.data.TFRecordDataset(
+        sorted(glob.glob(os.path.join(embed_dir, "embeddings-*.tfrecord.gz"))),
+        compression_type="GZIP",
+    ):
         example = tf.train.Example.FromString(record.numpy())
         embedded.add(example.features.feature["entity_id"].bytes_list.value[0].decode())
     assert embedded == task_ids

@@ -10,23 +10,48 @@ from tf_limaml import report
 
 def _entry(auc, logloss, member_auc, sweep=None, wall=10.0):
     sweep = sweep or {}
-    support_k = {k: {"overall_auc": sweep.get(k, auc), "logloss": logloss,
-                     "mean_member_auc": member_auc} for k in ("1", "3", "5", "10")}
-    support_k["all"] = {"overall_auc": auc, "logloss": logloss, "mean_member_auc": member_auc}
-    return {"overall_auc": auc, "logloss": logloss, "mean_member_auc": member_auc,
-            "support_k": support_k, "wall_s": wall}
+    support_k = {
+        k: {
+            "overall_auc": sweep.get(k, auc),
+            "logloss": logloss,
+            "mean_member_auc": member_auc,
+        }
+        for k in ("1", "3", "5", "10")
+    }
+    support_k["all"] = {
+        "overall_auc": auc,
+        "logloss": logloss,
+        "mean_member_auc": member_auc,
+    }
+    return {
+        "overall_auc": auc,
+        "logloss": logloss,
+        "mean_member_auc": member_auc,
+        "support_k": support_k,
+        "wall_s": wall,
+    }
 
 
 def _seeds(limaml_aucs=(0.76, 0.74), small_k=0.75, offline_shift=0.0):
     seeds = []
     for i, auc in enumerate(limaml_aucs):
-        seeds.append({
-            "global": _entry(0.72, 0.62, 0.70, wall=5.0 + i),
-            "id_embedding": _entry(0.76, 0.59, 0.70, {"1": 0.72, "3": 0.73, "5": 0.74}),
-            "limaml": _entry(auc, 0.60, 0.698, {"1": small_k, "3": small_k, "5": small_k}),
-            "limaml_offline": _entry(auc + offline_shift, 0.60, 0.698,
-                                     {"1": small_k, "3": small_k, "5": small_k}),
-        })
+        seeds.append(
+            {
+                "global": _entry(0.72, 0.62, 0.70, wall=5.0 + i),
+                "id_embedding": _entry(
+                    0.76, 0.59, 0.70, {"1": 0.72, "3": 0.73, "5": 0.74}
+                ),
+                "limaml": _entry(
+                    auc, 0.60, 0.698, {"1": small_k, "3": small_k, "5": small_k}
+                ),
+                "limaml_offline": _entry(
+                    auc + offline_shift,
+                    0.60,
+                    0.698,
+                    {"1": small_k, "3": small_k, "5": small_k},
+                ),
+            }
+        )
     return seeds
 
 
@@ -37,11 +62,18 @@ def test_aggregate_mean_and_sample_std_by_hand():
     # Sample std of (0.76, 0.74): sqrt(2 * 0.01**2 / 1) = 0.014142...
     assert limaml["overall_auc_std"] == pytest.approx(math.sqrt(2) * 0.01)
     assert limaml["support_k"]["1"]["overall_auc"] == pytest.approx(0.75)
-    assert limaml["support_k"]["all"]["overall_auc_std"] == pytest.approx(math.sqrt(2) * 0.01)
+    assert limaml["support_k"]["all"]["overall_auc_std"] == pytest.approx(
+        math.sqrt(2) * 0.01
+    )
     assert result["models"]["global"]["wall_s"] == pytest.approx(5.5)
     assert result["seeds"] == 2 and result["protocol"] == {"split": "fraction:0.5"}
     # Models come out in the report's fixed order.
-    assert list(result["models"]) == ["global", "id_embedding", "limaml", "limaml_offline"]
+    assert list(result["models"]) == [
+        "global",
+        "id_embedding",
+        "limaml",
+        "limaml_offline",
+    ]
 
 
 def test_one_seed_has_zero_std_and_nan_is_skipped():
@@ -72,8 +104,9 @@ def test_targets_met():
 
 
 def test_targets_not_met_are_reported_with_the_numbers():
-    result = report.aggregate(_seeds(limaml_aucs=(0.735, 0.735), small_k=0.73,
-                                     offline_shift=0.001))
+    result = report.aggregate(
+        _seeds(limaml_aucs=(0.735, 0.735), small_k=0.73, offline_shift=0.001)
+    )
     targets = result["targets"]
     assert [t["met"] for t in targets] == [False, True, False, False, False, False]
     assert "lift +0.0150" in targets[0]["measured"]
@@ -96,18 +129,29 @@ def test_missing_models_are_not_measured():
 
 
 def test_write_report_files(tmp_path):
-    result = report.aggregate(_seeds(limaml_aucs=(0.735, 0.735), small_k=0.73),
-                              protocol={"split": "fraction:0.5: support first"},
-                              tried={"source": "a tuning run", "notes": ["prior 5 helps k=1"],
-                                     "experiments": [{"name": "a", "change": "x",
-                                                      "auc_all": 0.75}]})
+    result = report.aggregate(
+        _seeds(limaml_aucs=(0.735, 0.735), small_k=0.73),
+        protocol={"split": "fraction:0.5: support first"},
+        tried={
+            "source": "a tuning run",
+            "notes": ["prior 5 helps k=1"],
+            "experiments": [{"name": "a", "change": "x", "auc_all": 0.75}],
+        },
+    )
     result["models"]["global"]["logloss"] = float("nan")
     paths = report.write_report(result, tmp_path)
     with open(paths["json"], encoding="utf-8") as f:
         written = json.load(f)
     entry = written["models"]["limaml"]
-    for key in ("overall_auc", "overall_auc_std", "logloss", "mean_member_auc",
-                "mean_member_auc_std", "support_k", "wall_s"):
+    for key in (
+        "overall_auc",
+        "overall_auc_std",
+        "logloss",
+        "mean_member_auc",
+        "mean_member_auc_std",
+        "support_k",
+        "wall_s",
+    ):
         assert key in entry
     assert set(entry["support_k"]) == {"1", "3", "5", "10", "all"}
     assert set(entry["support_k"]["3"]) >= {"overall_auc", "mean_member_auc"}

@@ -11,7 +11,8 @@ import requests
 
 from serving import client as serving_client
 from serving_fixture import (
-    LoopbackServing, entity_inputs,
+    LoopbackServing,
+    entity_inputs,
     make_test_certificates,
 )
 from tf_limaml import data
@@ -22,32 +23,53 @@ TOKEN = "Bearer test-token"
 
 @pytest.fixture(scope="module")
 def server(exported, session):
-    with LoopbackServing(exported["export_dir"], model_name="limaml", model=session,
-                         required_headers={"Authorization": TOKEN}) as running:
+    with LoopbackServing(
+        exported["export_dir"],
+        model_name="limaml",
+        model=session,
+        required_headers={"Authorization": TOKEN},
+    ) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def batch(exported):
-    ds = data.task_dataset(exported["tasks"]["test"], exported["spec"], batch_tasks=8,
-                           max_support=64, max_query=32)
+    ds = data.task_dataset(
+        exported["tasks"]["test"],
+        exported["spec"],
+        batch_tasks=8,
+        max_support=64,
+        max_query=32,
+    )
     return {k: v.numpy() for k, v in next(iter(ds)).items()}
 
 
 def _grpc(server, **kwargs):
-    return serving_client.GrpcClient(server.grpc_target, "limaml", timeout_s=10.0,
-                                     metadata=[("authorization", TOKEN)], **kwargs)
+    return serving_client.GrpcClient(
+        server.grpc_target,
+        "limaml",
+        timeout_s=10.0,
+        metadata=[("authorization", TOKEN)],
+        **kwargs,
+    )
 
 
 def _rest(server, **kwargs):
-    return serving_client.RestClient(server.rest_url, "limaml", timeout_s=10.0,
-                                     headers={"Authorization": TOKEN}, **kwargs)
+    return serving_client.RestClient(
+        server.rest_url,
+        "limaml",
+        timeout_s=10.0,
+        headers={"Authorization": TOKEN},
+        **kwargs,
+    )
 
 
 def _serving_request(exported, batch, rows=20):
     spec = exported["spec"]
     mask = batch["query_mask"] > 0
-    request = {f.name: batch[f"query_{f.name}"][mask][:rows] for f in spec.request_features}
+    request = {
+        f.name: batch[f"query_{f.name}"][mask][:rows] for f in spec.request_features
+    }
     rng = np.random.default_rng(0)
     embedding = rng.normal(size=(len(request["item_id"]), 8)).astype(np.float32)
     return embedding, request
@@ -56,24 +78,34 @@ def _serving_request(exported, batch, rows=20):
 @pytest.mark.parametrize("make_client", [_grpc, _rest], ids=["grpc", "rest"])
 def test_score_matches_session(make_client, server, session, exported, batch):
     embedding, request = _serving_request(exported, batch)
-    expected = session.run("serving_default", {"meta_embedding": embedding, **request})["score"]
+    expected = session.run("serving_default", {"meta_embedding": embedding, **request})[
+        "score"
+    ]
     with make_client(server) as client:
         # Plain Python values, as an application would send them.
-        scores = client.score(embedding.tolist(), {k: v.tolist() for k, v in request.items()})
+        scores = client.score(
+            embedding.tolist(), {k: v.tolist() for k, v in request.items()}
+        )
     assert scores.shape == (20,)
     np.testing.assert_allclose(scores, expected, atol=TOL)
 
 
 @pytest.mark.parametrize("make_client", [_grpc, _rest], ids=["grpc", "rest"])
-def test_adapt_and_predict_matches_session(make_client, server, session, exported, batch):
+def test_adapt_and_predict_matches_session(
+    make_client, server, session, exported, batch
+):
     spec = exported["spec"]
     with make_client(server) as client:
         for i in range(3):
             meta, support, labels, query = entity_inputs(batch, spec, i)
             scores, embedding = client.adapt_and_predict(meta, support, labels, query)
-            inputs = serving_client.adapt_and_predict_inputs(meta, support, labels, query)
-            expected = session.run("adapt_and_predict",
-                                   {k: serving_client.as_array(v) for k, v in inputs.items()})
+            inputs = serving_client.adapt_and_predict_inputs(
+                meta, support, labels, query
+            )
+            expected = session.run(
+                "adapt_and_predict",
+                {k: serving_client.as_array(v) for k, v in inputs.items()},
+            )
             assert scores.shape == (len(query["item_id"]),) and embedding.shape == (8,)
             np.testing.assert_allclose(scores, expected["score"], atol=TOL)
             np.testing.assert_allclose(embedding, expected["meta_embedding"], atol=TOL)
@@ -90,8 +122,12 @@ def test_cold_start_over_grpc_with_spec_typing(server, session, exported, batch)
     with _grpc(server, spec=spec) as client:
         scores, embedding = client.adapt_and_predict(meta, empty, [], query)
     inputs = serving_client.typed_inputs(
-        serving_client.adapt_and_predict_inputs(meta, empty, [], query), spec)
-    assert inputs["support_topics"].shape == (0, 2) and inputs["query_topics"].shape[1] == 2
+        serving_client.adapt_and_predict_inputs(meta, empty, [], query), spec
+    )
+    assert (
+        inputs["support_topics"].shape == (0, 2)
+        and inputs["query_topics"].shape[1] == 2
+    )
     expected = session.run("adapt_and_predict", inputs)
     np.testing.assert_allclose(scores, expected["score"], atol=TOL)
     np.testing.assert_allclose(embedding, expected["meta_embedding"], atol=TOL)
@@ -106,11 +142,16 @@ def test_errors_reach_the_caller(server, exported, batch):
         client.adapt_and_predict(meta, support, bad, query)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "support_label" in info.value.details()
-    with _rest(server) as client, pytest.raises(requests.HTTPError, match="support_label"):
+    with (
+        _rest(server) as client,
+        pytest.raises(requests.HTTPError, match="support_label"),
+    ):
         client.adapt_and_predict(meta, support, bad, query)
     embedding, request = _serving_request(exported, batch)
-    with serving_client.RestClient(server.rest_url, "limaml") as client, pytest.raises(
-            requests.HTTPError, match="401"):
+    with (
+        serving_client.RestClient(server.rest_url, "limaml") as client,
+        pytest.raises(requests.HTTPError, match="401"),
+    ):
         client.score(embedding, request)
     with _rest(server) as client, pytest.raises(requests.HTTPError, match="404"):
         client.model_name = "other"
@@ -130,24 +171,36 @@ def test_tls_grpc_with_client_certificate_and_https(exported, session, batch, tm
     pytest.importorskip("cryptography")
     pems = make_test_certificates(str(tmp_path))
     embedding, request = _serving_request(exported, batch)
-    expected = session.run("serving_default", {"meta_embedding": embedding, **request})["score"]
+    expected = session.run("serving_default", {"meta_embedding": embedding, **request})[
+        "score"
+    ]
     tls = {"key": pems["key"], "cert": pems["cert"], "client_ca": pems["ca"]}
     with LoopbackServing(exported["export_dir"], model=session, tls=tls) as secure:
         with serving_client.GrpcClient(
-                secure.grpc_target, "limaml", timeout_s=10.0, root_certificates=pems["ca"],
-                private_key=pems["client_key"],
-                certificate_chain=pems["client_cert"]) as client:
-            np.testing.assert_allclose(client.score(embedding, request), expected, atol=TOL)
+            secure.grpc_target,
+            "limaml",
+            timeout_s=10.0,
+            root_certificates=pems["ca"],
+            private_key=pems["client_key"],
+            certificate_chain=pems["client_cert"],
+        ) as client:
+            np.testing.assert_allclose(
+                client.score(embedding, request), expected, atol=TOL
+            )
         # Without the client certificate the server refuses the handshake.
-        with serving_client.GrpcClient(secure.grpc_target, "limaml", timeout_s=5.0,
-                                       root_certificates=pems["ca"]) as client:
+        with serving_client.GrpcClient(
+            secure.grpc_target, "limaml", timeout_s=5.0, root_certificates=pems["ca"]
+        ) as client:
             with pytest.raises(grpc.RpcError) as info:
                 client.score(embedding, request)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        with serving_client.RestClient(secure.rest_url, "limaml", timeout_s=10.0,
-                                       verify=pems["ca_path"]) as client:
+        with serving_client.RestClient(
+            secure.rest_url, "limaml", timeout_s=10.0, verify=pems["ca_path"]
+        ) as client:
             assert client.url.startswith("https://127.0.0.1:")
-            np.testing.assert_allclose(client.score(embedding, request), expected, atol=TOL)
+            np.testing.assert_allclose(
+                client.score(embedding, request), expected, atol=TOL
+            )
 
 
 def test_rest_body_is_columnar(server, exported, batch):
@@ -180,4 +233,7 @@ def test_client_argument_errors():
         serving_client.GrpcClient("127.0.0.1:1", private_key=b"key")
     with pytest.raises(ValueError, match="same request features"):
         serving_client.adapt_and_predict_inputs({}, {"a": [1]}, [1], {"b": [1]})
-    assert serving_client.pad_multi_hot([["a"], ["b", "c", "d"]], 2) == [["a", ""], ["b", "c"]]
+    assert serving_client.pad_multi_hot([["a"], ["b", "c", "d"]], 2) == [
+        ["a", ""],
+        ["b", "c"],
+    ]

@@ -23,7 +23,9 @@ def _check(result, seconds):
     assert result["zero_errors"], json.dumps(result, indent=1)
     for phase in ("in_process", "grpc"):
         stats = result[phase]
-        assert stats["errors"] == stats["wrong_answers"] == stats["stuck_callers"] == 0, stats
+        assert (
+            stats["errors"] == stats["wrong_answers"] == stats["stuck_callers"] == 0
+        ), stats
         assert stats["callers"] == CALLERS
         # Bounded in time: the phase ends at its deadline (plus the calls in flight).
         assert seconds <= stats["seconds"] < seconds + 30
@@ -36,12 +38,27 @@ def _check(result, seconds):
 
 def test_short_soak_zero_errors_and_one_json_line(exported, tmp_path, capsys):
     results = tmp_path / "results.jsonl"
-    result = soak.main(["--export", exported["export_dir"], "--tasks",
-                        exported["tasks"]["test"], "--seconds", "3", "--callers",
-                        str(CALLERS), "--results", str(results)])
+    result = soak.main(
+        [
+            "--export",
+            exported["export_dir"],
+            "--tasks",
+            exported["tasks"]["test"],
+            "--seconds",
+            "3",
+            "--callers",
+            str(CALLERS),
+            "--results",
+            str(results),
+        ]
+    )
     _check(result, 3)
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(printed) == 1 and json.loads(printed[0]) == json.loads(results.read_text())
+    printed = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
+    assert len(printed) == 1 and json.loads(printed[0]) == json.loads(
+        results.read_text()
+    )
     assert json.loads(printed[0])["machine"]["cores"] == os.cpu_count()
 
 
@@ -50,14 +67,24 @@ def test_callers_stop_at_max_calls_and_wrong_answers_count_as_errors(exported):
     model = SessionSignatures(exported["export_dir"])
     try:
         expected = [[model.run(s, inputs) for s, inputs in mine] for mine in requests]
-        bounded = soak.soak(lambda _: (model.run, lambda: None), requests, expected,
-                            seconds=60, max_calls=5)
+        bounded = soak.soak(
+            lambda _: (model.run, lambda: None),
+            requests,
+            expected,
+            seconds=60,
+            max_calls=5,
+        )
         assert bounded["calls"] == 10 and bounded["errors"] == 0
         assert bounded["seconds"] < 60
         # A caller answered with another caller's results: counted, never hidden.
         swapped = [expected[1], expected[0]]
-        wrong = soak.soak(lambda _: (model.run, lambda: None), requests, swapped,
-                          seconds=60, max_calls=3)
+        wrong = soak.soak(
+            lambda _: (model.run, lambda: None),
+            requests,
+            swapped,
+            seconds=60,
+            max_calls=3,
+        )
         assert wrong["wrong_answers"] == wrong["errors"] == 6
         assert "wrong `score`" in wrong["error_samples"][0]
         # Exceptions are counted too, and the callers carry on.
@@ -65,8 +92,13 @@ def test_callers_stop_at_max_calls_and_wrong_answers_count_as_errors(exported):
         def failing(signature, inputs):
             raise RuntimeError("backend down")
 
-        failed = soak.soak(lambda _: (failing, lambda: None), requests, expected,
-                           seconds=60, max_calls=2)
+        failed = soak.soak(
+            lambda _: (failing, lambda: None),
+            requests,
+            expected,
+            seconds=60,
+            max_calls=2,
+        )
         assert failed["errors"] == 4 and failed["calls"] == 0
         assert "RuntimeError: backend down" in failed["error_samples"][0]
     finally:
@@ -76,6 +108,7 @@ def test_callers_stop_at_max_calls_and_wrong_answers_count_as_errors(exported):
 
 @pytest.mark.slow
 def test_sixty_second_soak(exported):
-    result = soak.run_soak(exported["export_dir"], exported["tasks"]["test"], seconds=60,
-                           callers=CALLERS)
+    result = soak.run_soak(
+        exported["export_dir"], exported["tasks"]["test"], seconds=60, callers=CALLERS
+    )
     _check(result, 60)

@@ -31,8 +31,17 @@ _PUBLIC = {
     "load_model": "tf_limaml.model",
     "save_model": "tf_limaml.model",
 }
-_SUBMODULES = ("data", "datasets", "evaluation", "features", "layers", "model", "tasks",
-               "training", "export")
+_SUBMODULES = (
+    "data",
+    "datasets",
+    "evaluation",
+    "features",
+    "layers",
+    "model",
+    "tasks",
+    "training",
+    "export",
+)
 
 __all__ = sorted(_PUBLIC) + list(_SUBMODULES)
 

@@ -18,5 +18,6 @@ def use_legacy_keras() -> None:
             "tf_limaml needs Keras 2 (tf-keras), but Keras 3 (`import keras`) was "
             "already imported in this process. Import tf_limaml before keras and "
             "tensorflow, or set TF_USE_LEGACY_KERAS=1 in the environment before "
-            "starting Python.")
+            "starting Python."
+        )
     os.environ["TF_USE_LEGACY_KERAS"] = "1"

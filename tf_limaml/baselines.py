@@ -46,7 +46,14 @@ import tensorflow as tf
 
 from tf_limaml import data as task_data
 from tf_limaml import evaluation
-from tf_limaml.features import ENTITY_ID_KEY, LABEL_KEY, MASK_KEY, QUERY, SUPPORT, FeatureSpec
+from tf_limaml.features import (
+    ENTITY_ID_KEY,
+    LABEL_KEY,
+    MASK_KEY,
+    QUERY,
+    SUPPORT,
+    FeatureSpec,
+)
 from tf_limaml.model import LiMAMLModel, MetaConfig
 from tf_limaml.tasks import SPLITS, assign_split
 
@@ -62,7 +69,7 @@ FINETUNE_STEPS = (1, 3, 5, 10)
 
 
 def k_label(k: int | None) -> str:
-    """"all" for the whole support set, else the number: the report's key."""
+    """ "all" for the whole support set, else the number: the report's key."""
     return "all" if k is None else str(k)
 
 
@@ -93,31 +100,43 @@ class Protocol:
         """The protocol as the JSON of `report.json`."""
         return {
             "order": "each member's interactions sorted by (timestamp, item id), stable; "
-                     "rows still tied are ordered by content",
+            "rows still tied are ordered by content",
             "split": f"{self.split_rule}: support is the earlier part, query the later",
-            "members": (f"train/val/test {1 - self.val_fraction - self.test_fraction:.0%}/"
-                        f"{self.val_fraction:.0%}/{self.test_fraction:.0%} by SHA-256 of "
-                        f"(seed {self.split_seed}, member id)"),
+            "members": (
+                f"train/val/test {1 - self.val_fraction - self.test_fraction:.0%}/"
+                f"{self.val_fraction:.0%}/{self.test_fraction:.0%} by SHA-256 of "
+                f"(seed {self.split_seed}, member id)"
+            ),
             "conventional_training_rows": "train members' support and query, plus val "
-                                          "and test members' support",
-            "meta_training_tasks": (f"train members' tasks (latest {self.max_support} "
-                                    f"support rows, first {self.max_query} query rows)"),
+            "and test members' support",
+            "meta_training_tasks": (
+                f"train members' tasks (latest {self.max_support} "
+                f"support rows, first {self.max_query} query rows)"
+            ),
             "scored_on": "every query row of every test member",
             "val_members": "early stopping of every model; inner lr and steps of finetune",
-            "support_sweep": ("each test member's support cut to its latest k rows, k in "
-                              f"{[k_label(k) for k in self.support_ks]}; id_embedding "
-                              "retrained per k seeing only those k rows of each val and "
-                              "test member"),
-            "metrics": ["overall AUC over all test query rows (exact)",
-                        "log loss over all test query rows",
-                        "mean per-member AUC over members whose query holds both classes"],
+            "support_sweep": (
+                "each test member's support cut to its latest k rows, k in "
+                f"{[k_label(k) for k in self.support_ks]}; id_embedding "
+                "retrained per k seeing only those k rows of each val and "
+                "test member"
+            ),
+            "metrics": [
+                "overall AUC over all test query rows (exact)",
+                "log loss over all test query rows",
+                "mean per-member AUC over members whose query holds both classes",
+            ],
         }
 
 
 # ------------------------------------------------------------ task records
-def records_from_histories(histories: Iterable[Any], spec: FeatureSpec, seed: int = 0,
-                           val_fraction: float = 0.1, test_fraction: float = 0.1
-                           ) -> dict[str, list[bytes]]:
+def records_from_histories(
+    histories: Iterable[Any],
+    spec: FeatureSpec,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> dict[str, list[bytes]]:
     """Serialized task records by split, from `tasks.build_tasks` histories.
 
     The same split as `limaml make-tasks --seed SEED`: SHA-256 of seed and id.
@@ -127,8 +146,9 @@ def records_from_histories(histories: Iterable[Any], spec: FeatureSpec, seed: in
         if history.cold:
             continue
         split = assign_split(history.entity_id, seed, val_fraction, test_fraction)
-        record = task_data.encode_task(spec, history.entity_id, history.meta,
-                                       history.support, history.query)
+        record = task_data.encode_task(
+            spec, history.entity_id, history.meta, history.support, history.query
+        )
         out[split].append(record.SerializeToString())
     return out
 
@@ -149,7 +169,8 @@ def records_from_dir(task_dir: str | os.PathLike) -> dict[str, list[bytes]]:
         if not files:
             raise FileNotFoundError(
                 f"No {split} task files match {pattern}; run `limaml make-tasks "
-                f"--output {task_dir}` first.")
+                f"--output {task_dir}` first."
+            )
         dataset = tf.data.TFRecordDataset(files, compression_type=task_data.GZIP)
         out[split] = sorted(bytes(r) for r in dataset.as_numpy_iterator())
     return out
@@ -165,8 +186,12 @@ def _part_lengths(records: Sequence[bytes], part: str) -> np.ndarray:
     return np.asarray(lengths, dtype=np.int64)
 
 
-def task_batch(records: Sequence[bytes], spec: FeatureSpec, max_support: int | None = None,
-               max_query: int | None = None) -> Batch:
+def task_batch(
+    records: Sequence[bytes],
+    spec: FeatureSpec,
+    max_support: int | None = None,
+    max_query: int | None = None,
+) -> Batch:
     """All records as one padded task batch of NumPy arrays.
 
     Args:
@@ -179,8 +204,10 @@ def task_batch(records: Sequence[bytes], spec: FeatureSpec, max_support: int | N
         ValueError: No records.
     """
     if not records:
-        raise ValueError("No task records to batch: the split is empty. Use more "
-                         "members, or larger --val-fraction/--test-fraction.")
+        raise ValueError(
+            "No task records to batch: the split is empty. Use more "
+            "members, or larger --val-fraction/--test-fraction."
+        )
     if max_support is None:
         max_support = max(1, int(_part_lengths(records, SUPPORT).max()))
     if max_query is None:
@@ -203,7 +230,9 @@ def cut_support(batch: Batch, k: int | None) -> Batch:
     if k is None:
         return batch
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-        raise ValueError(f"Support size k must be an integer >= 0 or None (all), got {k!r}")
+        raise ValueError(
+            f"Support size k must be an integer >= 0 or None (all), got {k!r}"
+        )
     mask = batch[f"{SUPPORT}_{MASK_KEY}"]
     n = mask.sum(axis=1, keepdims=True)
     position = np.arange(mask.shape[1])[None, :]
@@ -219,7 +248,9 @@ def select_tasks(batch: Batch, index: np.ndarray | Sequence[int]) -> Batch:
     return {key: value[index] for key, value in batch.items()}
 
 
-def flatten(batch: Batch, spec: FeatureSpec, parts: Sequence[str]) -> dict[str, np.ndarray]:
+def flatten(
+    batch: Batch, spec: FeatureSpec, parts: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Real rows of the given parts as flat arrays, meta features repeated per row.
 
     Returns:
@@ -230,8 +261,10 @@ def flatten(batch: Batch, spec: FeatureSpec, parts: Sequence[str]) -> dict[str, 
     for part in parts:
         mask = batch[f"{part}_{MASK_KEY}"] > 0
         per_task = mask.sum(axis=1)
-        columns = {ENTITY_ID_KEY: np.repeat(batch[ENTITY_ID_KEY], per_task, axis=0),
-                   LABEL_KEY: batch[spec.batch_key(part, LABEL_KEY)][mask]}
+        columns = {
+            ENTITY_ID_KEY: np.repeat(batch[ENTITY_ID_KEY], per_task, axis=0),
+            LABEL_KEY: batch[spec.batch_key(part, LABEL_KEY)][mask],
+        }
         for feature in spec.meta_features:
             columns[feature.name] = np.repeat(batch[feature.name], per_task, axis=0)
         for feature in spec.request_features:
@@ -243,13 +276,16 @@ def flatten(batch: Batch, spec: FeatureSpec, parts: Sequence[str]) -> dict[str, 
     return {key: np.concatenate(values) for key, values in out.items()}
 
 
-def training_rows(train: Batch, val: Batch, test: Batch, spec: FeatureSpec,
-                  k: int | None = None) -> dict[str, np.ndarray]:
+def training_rows(
+    train: Batch, val: Batch, test: Batch, spec: FeatureSpec, k: int | None = None
+) -> dict[str, np.ndarray]:
     """Rows of the conventional baselines: train members' support and query,
     plus val and test members' support (cut to their latest k rows)."""
-    parts = [flatten(train, spec, (SUPPORT, QUERY)),
-             flatten(cut_support(val, k), spec, (SUPPORT,)),
-             flatten(cut_support(test, k), spec, (SUPPORT,))]
+    parts = [
+        flatten(train, spec, (SUPPORT, QUERY)),
+        flatten(cut_support(val, k), spec, (SUPPORT,)),
+        flatten(cut_support(test, k), spec, (SUPPORT,)),
+    ]
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -266,14 +302,24 @@ class Architecture:
     l2: float = 0.0
 
     def kwargs(self) -> dict[str, Any]:
-        return {"meta_units": list(self.meta_units), "global_units": list(self.global_units),
-                "cross_layers": self.cross_layers, "projection_dim": self.projection_dim,
-                "interaction": self.interaction, "l2": self.l2}
+        return {
+            "meta_units": list(self.meta_units),
+            "global_units": list(self.global_units),
+            "cross_layers": self.cross_layers,
+            "projection_dim": self.projection_dim,
+            "interaction": self.interaction,
+            "l2": self.l2,
+        }
 
 
-def new_model(spec: FeatureSpec, meta_config: MetaConfig | None = None,
-              architecture: Architecture | None = None, seed: int = 0,
-              model_class: type[LiMAMLModel] = LiMAMLModel, **extra) -> LiMAMLModel:
+def new_model(
+    spec: FeatureSpec,
+    meta_config: MetaConfig | None = None,
+    architecture: Architecture | None = None,
+    seed: int = 0,
+    model_class: type[LiMAMLModel] = LiMAMLModel,
+    **extra,
+) -> LiMAMLModel:
     """A freshly initialized LiMAMLModel, its weights seeded by `seed`."""
     tf.keras.utils.set_random_seed(seed)
     architecture = architecture or Architecture()
@@ -293,11 +339,16 @@ class FineTuneModel(LiMAMLModel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.meta_config.learn_inner_lr:
-            raise ValueError("FineTuneModel has one scalar inner lr; build it with "
-                             "MetaConfig(learn_inner_lr=False)")
+            raise ValueError(
+                "FineTuneModel has one scalar inner lr; build it with "
+                "MetaConfig(learn_inner_lr=False)"
+            )
         self.finetune_lr = self.add_weight(
-            name="finetune_lr", shape=(), trainable=False,
-            initializer=tf.keras.initializers.Constant(self.meta_config.inner_lr))
+            name="finetune_lr",
+            shape=(),
+            trainable=False,
+            initializer=tf.keras.initializers.Constant(self.meta_config.inner_lr),
+        )
         # The inner loop reads a per-parameter rate from `inner_lrs` when one is
         # there; the same scalar variable for every parameter is plain SGD.
         for name in self._adaptable_variables():
@@ -322,8 +373,13 @@ class PointwiseModel(tf.keras.Model):
     Inputs: rows encoded by `encode_rows`. Output: logits `[B]`.
     """
 
-    def __init__(self, base: LiMAMLModel, members: Sequence[str] | None = None,
-                 id_l2: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        base: LiMAMLModel,
+        members: Sequence[str] | None = None,
+        id_l2: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.base = base
         self.members = tuple(members) if members is not None else ()
@@ -333,15 +389,26 @@ class PointwiseModel(tf.keras.Model):
         self.member_lookup = None
         if self.members:
             self.member_lookup = tf.keras.layers.StringLookup(
-                vocabulary=list(self.members), num_oov_indices=1, mask_token=None,
-                name="member_lookup")
+                vocabulary=list(self.members),
+                num_oov_indices=1,
+                mask_token=None,
+                name="member_lookup",
+            )
             regularizer = tf.keras.regularizers.l2(self.id_l2) if self.id_l2 else None
             self.member_embedding = tf.keras.layers.Embedding(
-                len(self.members) + 1, base.meta_dim, embeddings_initializer="zeros",
-                embeddings_regularizer=regularizer, name="member_embedding")
+                len(self.members) + 1,
+                base.meta_dim,
+                embeddings_initializer="zeros",
+                embeddings_regularizer=regularizer,
+                name="member_embedding",
+            )
             self.member_bias = tf.keras.layers.Embedding(
-                len(self.members) + 1, 1, embeddings_initializer="zeros",
-                embeddings_regularizer=regularizer, name="member_bias")
+                len(self.members) + 1,
+                1,
+                embeddings_initializer="zeros",
+                embeddings_regularizer=regularizer,
+                name="member_bias",
+            )
             self.member_embedding.build((None,))
             self.member_bias.build((None,))
 
@@ -362,20 +429,25 @@ class PointwiseModel(tf.keras.Model):
         """Raw rows (or tasks) -> numeric inputs; runs the string ops once, eagerly."""
         spec = self.base.spec
         encoded = {
-            "meta": self.base.meta_block.encode({f.name: rows[f.name]
-                                                 for f in spec.meta_features}),
-            "request": self.base.global_block.encode({f.name: rows[f.name]
-                                                      for f in spec.request_features}),
+            "meta": self.base.meta_block.encode(
+                {f.name: rows[f.name] for f in spec.meta_features}
+            ),
+            "request": self.base.global_block.encode(
+                {f.name: rows[f.name] for f in spec.request_features}
+            ),
         }
         if self.member_lookup is not None:
-            encoded["member"] = tf.cast(self.member_lookup(rows[ENTITY_ID_KEY]), tf.int32)
+            encoded["member"] = tf.cast(
+                self.member_lookup(rows[ENTITY_ID_KEY]), tf.int32
+            )
         return encoded
 
     def call(self, encoded: Mapping[str, Any], training: bool = False) -> tf.Tensor:
         # Rows [B] or tasks [T, Q]: the leading axis is the meta block's batch.
         first = next(iter(encoded["request"].values()))
-        embedding = self.base.meta_block.call(encoded["meta"],
-                                              batch_size=tf.shape(first)[0])
+        embedding = self.base.meta_block.call(
+            encoded["meta"], batch_size=tf.shape(first)[0]
+        )
         bias = None
         if self.member_lookup is not None:
             embedding = embedding + self.member_embedding(encoded["member"])
@@ -390,51 +462,79 @@ class PointwiseModel(tf.keras.Model):
         spec = self.base.spec
         rows = {ENTITY_ID_KEY: batch[ENTITY_ID_KEY]}
         rows.update({f.name: batch[f.name] for f in spec.meta_features})
-        rows.update({f.name: batch[spec.batch_key(QUERY, f.name)]
-                     for f in spec.request_features})
+        rows.update(
+            {
+                f.name: batch[spec.batch_key(QUERY, f.name)]
+                for f in spec.request_features
+            }
+        )
         return tf.sigmoid(self(self.encode_rows(rows))).numpy()
 
 
-def _row_dataset(model: PointwiseModel, rows: Mapping[str, np.ndarray], batch_size: int,
-                 shuffle: bool, seed: int) -> tf.data.Dataset:
+def _row_dataset(
+    model: PointwiseModel,
+    rows: Mapping[str, np.ndarray],
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+) -> tf.data.Dataset:
     encoded = model.encode_rows(rows)
     labels = tf.constant(rows[LABEL_KEY], tf.float32)
     dataset = tf.data.Dataset.from_tensor_slices((encoded, labels))
     if shuffle:
-        dataset = dataset.shuffle(int(labels.shape[0]), seed=seed,
-                                  reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(
+            int(labels.shape[0]), seed=seed, reshuffle_each_iteration=True
+        )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def fit_pointwise(model: PointwiseModel, train_rows: Mapping[str, np.ndarray],
-                  val_rows: Mapping[str, np.ndarray] | None = None, epochs: int = 10,
-                  batch_size: int = 512, learning_rate: float = 1e-3, patience: int = 2,
-                  seed: int = 0, verbose: int | str = 0) -> dict[str, list[float]]:
+def fit_pointwise(
+    model: PointwiseModel,
+    train_rows: Mapping[str, np.ndarray],
+    val_rows: Mapping[str, np.ndarray] | None = None,
+    epochs: int = 10,
+    batch_size: int = 512,
+    learning_rate: float = 1e-3,
+    patience: int = 2,
+    seed: int = 0,
+    verbose: int | str = 0,
+) -> dict[str, list[float]]:
     """Trains a PointwiseModel with binary cross-entropy, early stopping on val loss.
 
     Returns:
         The Keras history.
     """
     tf.keras.utils.set_random_seed(seed)
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate),
-                  loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
-                  # Measured: for this small network XLA's compile time costs
-                  # more than it saves (2x the CPU time over a 3-epoch fit).
-                  jit_compile=False)
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(learning_rate),
+        loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+        # Measured: for this small network XLA's compile time costs
+        # more than it saves (2x the CPU time over a 3-epoch fit).
+        jit_compile=False,
+    )
     train_ds = _row_dataset(model, train_rows, batch_size, True, seed)
     val_ds = None
     callbacks = []
     if val_rows is not None:
         val_ds = _row_dataset(model, val_rows, 4096, False, seed)
-        callbacks.append(tf.keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=patience, restore_best_weights=True))
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                        callbacks=callbacks, verbose=verbose)
+        callbacks.append(
+            tf.keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=patience, restore_best_weights=True
+            )
+        )
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     return {k: [float(x) for x in v] for k, v in history.history.items()}
 
 
-def random_support_cut(task: Mapping[str, tf.Tensor], rate: float, seed: int
-                       ) -> dict[str, tf.Tensor]:
+def random_support_cut(
+    task: Mapping[str, tf.Tensor], rate: float, seed: int
+) -> dict[str, tf.Tensor]:
     """With probability `rate`, cuts one task's support to its latest k rows.
 
     k is log-uniform between 1 and the task's n support rows, so meta-training
@@ -454,16 +554,24 @@ def random_support_cut(task: Mapping[str, tf.Tensor], rate: float, seed: int
     return out
 
 
-def _task_dataset(batch: Batch, batch_tasks: int, shuffle: bool, seed: int,
-                  drop_remainder: bool, support_cut: float = 0.0) -> tf.data.Dataset:
+def _task_dataset(
+    batch: Batch,
+    batch_tasks: int,
+    shuffle: bool,
+    seed: int,
+    drop_remainder: bool,
+    support_cut: float = 0.0,
+) -> tf.data.Dataset:
     dataset = tf.data.Dataset.from_tensor_slices(dict(batch))
     if shuffle:
-        dataset = dataset.shuffle(len(batch[ENTITY_ID_KEY]), seed=seed,
-                                  reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(
+            len(batch[ENTITY_ID_KEY]), seed=seed, reshuffle_each_iteration=True
+        )
     if support_cut:
         dataset = dataset.map(lambda t: random_support_cut(t, support_cut, seed))
     return dataset.batch(batch_tasks, drop_remainder=drop_remainder).prefetch(
-        tf.data.AUTOTUNE)
+        tf.data.AUTOTUNE
+    )
 
 
 def warm_start(model: LiMAMLModel, source: LiMAMLModel) -> None:
@@ -472,17 +580,27 @@ def warm_start(model: LiMAMLModel, source: LiMAMLModel) -> None:
         target, origin = getattr(model, name), getattr(source, name)
         shapes = [w.shape for w in target.get_weights()]
         if shapes != [w.shape for w in origin.get_weights()]:
-            raise ValueError(f"Cannot warm-start: the {name} of the two models differ "
-                             f"({shapes} vs {[w.shape for w in origin.get_weights()]}); "
-                             "build both with the same Architecture and spec.")
+            raise ValueError(
+                f"Cannot warm-start: the {name} of the two models differ "
+                f"({shapes} vs {[w.shape for w in origin.get_weights()]}); "
+                "build both with the same Architecture and spec."
+            )
         target.set_weights(origin.get_weights())
 
 
-def meta_train(model: LiMAMLModel, train: Batch, val: Batch | None = None, epochs: int = 20,
-               batch_tasks: int = 32, learning_rate: float = 1e-3, patience: int = 3,
-               seed: int = 0, verbose: int | str = 0, support_cut: float = 0.0,
-               callbacks: Sequence[tf.keras.callbacks.Callback] = ()
-               ) -> dict[str, list[float]]:
+def meta_train(
+    model: LiMAMLModel,
+    train: Batch,
+    val: Batch | None = None,
+    epochs: int = 20,
+    batch_tasks: int = 32,
+    learning_rate: float = 1e-3,
+    patience: int = 3,
+    seed: int = 0,
+    verbose: int | str = 0,
+    support_cut: float = 0.0,
+    callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+) -> dict[str, list[float]]:
     """Meta-trains a LiMAMLModel on in-memory task batches (`Model.fit`).
 
     Meta-batches have a fixed size (the last partial one is dropped) so the
@@ -510,16 +628,25 @@ def meta_train(model: LiMAMLModel, train: Batch, val: Batch | None = None, epoch
     tf.keras.utils.set_random_seed(seed)
     batch_tasks = min(batch_tasks, len(train[ENTITY_ID_KEY]))
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
-    train_ds = _task_dataset(train, batch_tasks, True, seed, drop_remainder=True,
-                             support_cut=support_cut)
+    train_ds = _task_dataset(
+        train, batch_tasks, True, seed, drop_remainder=True, support_cut=support_cut
+    )
     val_ds = None
     callbacks = list(callbacks)
     if val is not None:
         val_ds = _task_dataset(val, len(val[ENTITY_ID_KEY]), False, seed, False)
-        callbacks.append(tf.keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=patience, restore_best_weights=True))
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                        callbacks=callbacks, verbose=verbose)
+        callbacks.append(
+            tf.keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=patience, restore_best_weights=True
+            )
+        )
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     return {k: [float(x) for x in v] for k, v in history.history.items()}
 
 
@@ -552,6 +679,7 @@ def _query_function(model: LiMAMLModel, steps: int, inner_lr: float | None) -> C
         object.__setattr__(model, "_baseline_query_functions", cache)
     key = (steps, inner_lr)
     if key not in cache:
+
         def probabilities(batch):
             return tf.sigmoid(model.compute_query_logits(batch, steps)[0])
 
@@ -559,8 +687,13 @@ def _query_function(model: LiMAMLModel, steps: int, inner_lr: float | None) -> C
     return cache[key]
 
 
-def query_probabilities(model: LiMAMLModel, batch: Mapping[str, Any], steps: int | None = None,
-                        inner_lr: float | None = None, chunk: int = 128) -> np.ndarray:
+def query_probabilities(
+    model: LiMAMLModel,
+    batch: Mapping[str, Any],
+    steps: int | None = None,
+    inner_lr: float | None = None,
+    chunk: int = 128,
+) -> np.ndarray:
     """Query probabilities `[T, Q]`, adapted on each task's (masked) support.
 
     Args:
@@ -580,12 +713,14 @@ def query_probabilities(model: LiMAMLModel, batch: Mapping[str, Any], steps: int
     out = []
     with _inner_lr(model, inner_lr):
         for start in range(0, n, chunk):
-            part = {k: v[start:start + chunk] for k, v in batch.items()}
+            part = {k: v[start : start + chunk] for k, v in batch.items()}
             out.append(fn(part).numpy())
     return np.concatenate(out)
 
 
-def query_metrics(batch: Mapping[str, Any], probabilities: np.ndarray) -> dict[str, Any]:
+def query_metrics(
+    batch: Mapping[str, Any], probabilities: np.ndarray
+) -> dict[str, Any]:
     """Overall AUC, log loss and mean per-member AUC on a batch's real query rows."""
     mask = np.asarray(batch[f"{QUERY}_{MASK_KEY}"]) > 0
     labels = np.asarray(batch[f"{QUERY}_{LABEL_KEY}"])[mask]
@@ -594,8 +729,12 @@ def query_metrics(batch: Mapping[str, Any], probabilities: np.ndarray) -> dict[s
     return evaluation.summarize(ids, labels, scores)
 
 
-def choose_finetune(model: LiMAMLModel, val: Batch, lrs: Sequence[float] = FINETUNE_LRS,
-                    steps: Sequence[int] = FINETUNE_STEPS) -> tuple[dict[str, Any], list]:
+def choose_finetune(
+    model: LiMAMLModel,
+    val: Batch,
+    lrs: Sequence[float] = FINETUNE_LRS,
+    steps: Sequence[int] = FINETUNE_STEPS,
+) -> tuple[dict[str, Any], list]:
     """Picks the fine-tuning baseline's inner lr and steps by val overall AUC.
 
     Steps 0 (no fine-tuning, i.e. the global model) is always a candidate, so
@@ -612,15 +751,27 @@ def choose_finetune(model: LiMAMLModel, val: Batch, lrs: Sequence[float] = FINET
     """
     grid = []
     plain = query_metrics(val, query_probabilities(model, val, 0))
-    grid.append({"inner_lr": 0.0, "steps": 0, "auc": plain["auc"], "loss": plain["loss"]})
+    grid.append(
+        {"inner_lr": 0.0, "steps": 0, "auc": plain["auc"], "loss": plain["loss"]}
+    )
     for step in steps:
         for lr in lrs:
             metrics = query_metrics(val, query_probabilities(model, val, step, lr))
-            grid.append({"inner_lr": lr, "steps": step, "auc": metrics["auc"],
-                         "loss": metrics["loss"]})
+            grid.append(
+                {
+                    "inner_lr": lr,
+                    "steps": step,
+                    "auc": metrics["auc"],
+                    "loss": metrics["loss"],
+                }
+            )
     best = max(grid, key=lambda g: (g["auc"], -g["loss"]))
-    logger.info("Fine-tuning: inner_lr=%s, steps=%d chosen on val (AUC %.4f)",
-                best["inner_lr"], best["steps"], best["auc"])
+    logger.info(
+        "Fine-tuning: inner_lr=%s, steps=%d chosen on val (AUC %.4f)",
+        best["inner_lr"],
+        best["steps"],
+        best["auc"],
+    )
     return best, grid
 
 
@@ -699,9 +850,14 @@ class Recipe:
     finetune_steps: tuple[int, ...] = (1, 3, 10)
 
     def meta_config(self, adapt: str = "meta_block") -> MetaConfig:
-        return MetaConfig(inner_steps=self.inner_steps, inner_lr=self.inner_lr,
-                          learn_inner_lr=self.learn_inner_lr, first_order=self.first_order,
-                          adapt=adapt, jit_compile=True)
+        return MetaConfig(
+            inner_steps=self.inner_steps,
+            inner_lr=self.inner_lr,
+            learn_inner_lr=self.learn_inner_lr,
+            first_order=self.first_order,
+            adapt=adapt,
+            jit_compile=True,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -711,8 +867,13 @@ class Recipe:
     @classmethod
     def fast(cls) -> "Recipe":
         """A quicker recipe (`limaml demo --fast`, tests): fewer epochs, smaller grid."""
-        return cls(epochs=6, pretrain_epochs=4, meta_epochs=6, finetune_lrs=(0.01, 0.1),
-                   finetune_steps=(1, 3))
+        return cls(
+            epochs=6,
+            pretrain_epochs=4,
+            meta_epochs=6,
+            finetune_lrs=(0.01, 0.1),
+            finetune_steps=(1, 3),
+        )
 
 
 @dataclasses.dataclass
@@ -735,15 +896,23 @@ class Splits:
     val_meta: Batch
 
     @classmethod
-    def from_records(cls, records: Mapping[str, Sequence[bytes]], spec: FeatureSpec,
-                     protocol: Protocol) -> "Splits":
+    def from_records(
+        cls,
+        records: Mapping[str, Sequence[bytes]],
+        spec: FeatureSpec,
+        protocol: Protocol,
+    ) -> "Splits":
         return cls(
-            train=task_batch(records["train"], spec), val=task_batch(records["val"], spec),
+            train=task_batch(records["train"], spec),
+            val=task_batch(records["val"], spec),
             test=task_batch(records["test"], spec),
-            train_meta=task_batch(records["train"], spec, protocol.max_support,
-                                  protocol.max_query),
-            val_meta=task_batch(records["val"], spec, protocol.max_support,
-                                protocol.max_query))
+            train_meta=task_batch(
+                records["train"], spec, protocol.max_support, protocol.max_query
+            ),
+            val_meta=task_batch(
+                records["val"], spec, protocol.max_support, protocol.max_query
+            ),
+        )
 
     def members(self, *splits: str) -> list[str]:
         """Sorted member ids of the named splits."""
@@ -753,12 +922,18 @@ class Splits:
 
 def metrics_entry(metrics: Mapping[str, Any]) -> dict[str, float]:
     """`evaluation.summarize` output under the report's names."""
-    return {"overall_auc": float(metrics["auc"]), "logloss": float(metrics["loss"]),
-            "mean_member_auc": float(metrics["mean_member_auc"])}
+    return {
+        "overall_auc": float(metrics["auc"]),
+        "logloss": float(metrics["loss"]),
+        "mean_member_auc": float(metrics["mean_member_auc"]),
+    }
 
 
-def evaluate_sweep(score: Callable[[Batch, int | None], np.ndarray], test: Batch,
-                   ks: Sequence[int | None] = SUPPORT_KS) -> dict[str, dict[str, float]]:
+def evaluate_sweep(
+    score: Callable[[Batch, int | None], np.ndarray],
+    test: Batch,
+    ks: Sequence[int | None] = SUPPORT_KS,
+) -> dict[str, dict[str, float]]:
     """Scores the test members once per support size k.
 
     Args:
@@ -776,58 +951,94 @@ def evaluate_sweep(score: Callable[[Batch, int | None], np.ndarray], test: Batch
     return out
 
 
-def measurement(sweep: Mapping[str, Mapping[str, float]], wall_s: float,
-                details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def measurement(
+    sweep: Mapping[str, Mapping[str, float]],
+    wall_s: float,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """A model's per-seed entry of the report: full-support metrics, the sweep, time."""
     full = sweep["all"]
-    out = {**full, "support_k": {k: dict(v) for k, v in sweep.items()}, "wall_s": wall_s}
+    out = {
+        **full,
+        "support_k": {k: dict(v) for k, v in sweep.items()},
+        "wall_s": wall_s,
+    }
     if details:
         out["details"] = dict(details)
     return out
 
 
-def train_global(spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: int,
-                 verbose: int | str = 0) -> tuple[FineTuneModel, dict[str, list[float]]]:
+def train_global(
+    spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: int, verbose: int | str = 0
+) -> tuple[FineTuneModel, dict[str, list[float]]]:
     """The global baseline: rows of train members plus val/test members' support.
 
     Returns:
         (the trained LiMAMLModel-shaped network, the Keras history). It is a
         FineTuneModel, so the fine-tuning baseline adapts it directly.
     """
-    base = new_model(spec, MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
-                     recipe.architecture, seed=seed, model_class=FineTuneModel)
+    base = new_model(
+        spec,
+        MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
+        recipe.architecture,
+        seed=seed,
+        model_class=FineTuneModel,
+    )
     model = PointwiseModel(base)
     history = fit_pointwise(
-        model, training_rows(splits.train, splits.val, splits.test, spec),
-        flatten(splits.val, spec, (QUERY,)), epochs=recipe.epochs,
-        batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-        patience=recipe.patience, seed=seed, verbose=verbose)
+        model,
+        training_rows(splits.train, splits.val, splits.test, spec),
+        flatten(splits.val, spec, (QUERY,)),
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        patience=recipe.patience,
+        seed=seed,
+        verbose=verbose,
+    )
     return base, history
 
 
-def train_id_embedding(spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: int,
-                       k: int | None = None, verbose: int | str = 0
-                       ) -> tuple[PointwiseModel, dict[str, list[float]]]:
+def train_id_embedding(
+    spec: FeatureSpec,
+    splits: Splits,
+    recipe: Recipe,
+    seed: int,
+    k: int | None = None,
+    verbose: int | str = 0,
+) -> tuple[PointwiseModel, dict[str, list[float]]]:
     """The ID-embedding baseline, trained seeing the latest k support rows of
     each val and test member (all rows of train members).
 
     Early stopping reads the val members' query loss, their IDs learned from
     their k support rows, as the test members' are.
     """
-    base = new_model(spec, MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
-                     recipe.architecture, seed=seed)
-    model = PointwiseModel(base, members=splits.members("train", "val", "test"),
-                           id_l2=recipe.id_l2)
+    base = new_model(
+        spec,
+        MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
+        recipe.architecture,
+        seed=seed,
+    )
+    model = PointwiseModel(
+        base, members=splits.members("train", "val", "test"), id_l2=recipe.id_l2
+    )
     history = fit_pointwise(
-        model, training_rows(splits.train, splits.val, splits.test, spec, k),
-        flatten(splits.val, spec, (QUERY,)), epochs=recipe.epochs,
-        batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-        patience=recipe.patience, seed=seed, verbose=verbose)
+        model,
+        training_rows(splits.train, splits.val, splits.test, spec, k),
+        flatten(splits.val, spec, (QUERY,)),
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        patience=recipe.patience,
+        seed=seed,
+        verbose=verbose,
+    )
     return model, history
 
 
-def pretrain(spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: int,
-             verbose: int | str = 0) -> LiMAMLModel:
+def pretrain(
+    spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: int, verbose: int | str = 0
+) -> LiMAMLModel:
     """The meta-learners' starting point: the network trained on the train
     members' rows with their member-ID embeddings, for a fixed number of epochs.
 
@@ -835,35 +1046,58 @@ def pretrain(spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: int,
     parts learn item quality rather than who rated the item; the IDs are then
     dropped. Only train members are seen: val and test members stay new.
     """
-    base = new_model(spec, MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
-                     recipe.architecture, seed=seed)
+    base = new_model(
+        spec,
+        MetaConfig(inner_steps=0, inner_lr=0.0, jit_compile=False),
+        recipe.architecture,
+        seed=seed,
+    )
     model = PointwiseModel(base, members=splits.members("train"), id_l2=recipe.id_l2)
-    fit_pointwise(model, flatten(splits.train, spec, (SUPPORT, QUERY)), None,
-                  epochs=recipe.pretrain_epochs, batch_size=recipe.batch_size,
-                  learning_rate=recipe.learning_rate, seed=seed, verbose=verbose)
+    fit_pointwise(
+        model,
+        flatten(splits.train, spec, (SUPPORT, QUERY)),
+        None,
+        epochs=recipe.pretrain_epochs,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        seed=seed,
+        verbose=verbose,
+    )
     return base
 
 
-def new_meta_learner(spec: FeatureSpec, recipe: Recipe, seed: int,
-                     adapt: str = "meta_block") -> LiMAMLModel:
+def new_meta_learner(
+    spec: FeatureSpec, recipe: Recipe, seed: int, adapt: str = "meta_block"
+) -> LiMAMLModel:
     """LiMAML (adapt="meta_block") or full MAML (adapt="all") with the recipe's options."""
     config = recipe.meta_config(adapt)
     if recipe.support_half_life is not None:
         # Recency weighting is still a prototype (tf_limaml.prototypes).
         from tf_limaml.prototypes import ShrunkSupportModel  # noqa: PLC0415
 
-        return new_model(spec, config, recipe.architecture, seed=seed,
-                         model_class=ShrunkSupportModel, support_prior=recipe.support_prior,
-                         support_half_life=recipe.support_half_life)
+        return new_model(
+            spec,
+            config,
+            recipe.architecture,
+            seed=seed,
+            model_class=ShrunkSupportModel,
+            support_prior=recipe.support_prior,
+            support_half_life=recipe.support_half_life,
+        )
     config = dataclasses.replace(config, support_prior=float(recipe.support_prior))
     return new_model(spec, config, recipe.architecture, seed=seed)
 
 
-def train_meta_learner(spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: int,
-                       adapt: str = "meta_block", init: LiMAMLModel | None = None,
-                       verbose: int | str = 0,
-                       callbacks: Sequence[tf.keras.callbacks.Callback] = ()
-                       ) -> tuple[LiMAMLModel, dict[str, list[float]]]:
+def train_meta_learner(
+    spec: FeatureSpec,
+    splits: Splits,
+    recipe: Recipe,
+    seed: int,
+    adapt: str = "meta_block",
+    init: LiMAMLModel | None = None,
+    verbose: int | str = 0,
+    callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+) -> tuple[LiMAMLModel, dict[str, list[float]]]:
     """Meta-trains LiMAML or MAML on the train members' tasks.
 
     Args:
@@ -887,16 +1121,27 @@ def train_meta_learner(spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: 
     elif recipe.freeze_request_embeddings:
         model.global_block.embedding.trainable = False
     history = meta_train(
-        model, splits.train_meta, splits.val_meta, epochs=recipe.meta_epochs,
-        batch_tasks=recipe.meta_batch_tasks, learning_rate=recipe.meta_learning_rate,
-        patience=recipe.meta_patience, seed=seed, verbose=verbose,
-        support_cut=recipe.support_cut, callbacks=callbacks)
+        model,
+        splits.train_meta,
+        splits.val_meta,
+        epochs=recipe.meta_epochs,
+        batch_tasks=recipe.meta_batch_tasks,
+        learning_rate=recipe.meta_learning_rate,
+        patience=recipe.meta_patience,
+        seed=seed,
+        verbose=verbose,
+        support_cut=recipe.support_cut,
+        callbacks=callbacks,
+    )
     return model, history
 
 
-def finetune_sweep(model: FineTuneModel, splits: Splits, recipe: Recipe,
-                   ks: Sequence[int | None] = SUPPORT_KS
-                   ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+def finetune_sweep(
+    model: FineTuneModel,
+    splits: Splits,
+    recipe: Recipe,
+    ks: Sequence[int | None] = SUPPORT_KS,
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """The fine-tuning baseline at every k, lr and steps chosen on val per k.
 
     Val members' support is cut to k as the test members' is, so each
@@ -907,11 +1152,18 @@ def finetune_sweep(model: FineTuneModel, splits: Splits, recipe: Recipe,
     """
     sweep, chosen = {}, {}
     for k in ks:
-        best, _ = choose_finetune(model, cut_support(splits.val, k), recipe.finetune_lrs,
-                                  recipe.finetune_steps)
+        best, _ = choose_finetune(
+            model,
+            cut_support(splits.val, k),
+            recipe.finetune_lrs,
+            recipe.finetune_steps,
+        )
         cut = cut_support(splits.test, k)
         probabilities = query_probabilities(model, cut, best["steps"], best["inner_lr"])
         sweep[k_label(k)] = metrics_entry(query_metrics(cut, probabilities))
-        chosen[k_label(k)] = {"inner_lr": best["inner_lr"], "steps": best["steps"],
-                              "val_auc": round(best["auc"], 4)}
+        chosen[k_label(k)] = {
+            "inner_lr": best["inner_lr"],
+            "steps": best["steps"],
+            "val_auc": round(best["auc"], 4),
+        }
     return sweep, chosen

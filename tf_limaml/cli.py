@@ -52,8 +52,11 @@ class Progress:
             def __exit__(self, exc_type, exc, tb):
                 if exc_type is None:
                     seconds = time.perf_counter() - self.start
-                    print(f"[limaml] {name}: done in {seconds:.1f} s", file=progress.stream,
-                          flush=True)
+                    print(
+                        f"[limaml] {name}: done in {seconds:.1f} s",
+                        file=progress.stream,
+                        flush=True,
+                    )
                 return False
 
         return _Phase()
@@ -80,7 +83,9 @@ def _check_tasks(pattern: str, spec=None) -> None:
     # Parse one record now: a wrong file or a spec that does not match the
     # records would otherwise fail deep inside training with a traceback.
     try:
-        for record in tf.data.TFRecordDataset(files[:1], compression_type="GZIP").take(1):
+        for record in tf.data.TFRecordDataset(files[:1], compression_type="GZIP").take(
+            1
+        ):
             data.parse_task_batch(record[None], spec, 1, 1)
     except tf.errors.OpError as err:
         # TF's first line, without its "{{function_node ...}}" and "[Op:...]" noise.
@@ -89,7 +94,8 @@ def _check_tasks(pattern: str, spec=None) -> None:
         detail = detail.replace("Name: <unknown>, ", "").split("  Did you mean")[0]
         raise CommandError(
             f"{files[0]} is not a GZIP TFRecord of task records for this feature spec "
-            f"({detail}); pass the make-tasks output and its spec.json") from None
+            f"({detail}); pass the make-tasks output and its spec.json"
+        ) from None
 
 
 # ------------------------------------------------------------------ commands
@@ -98,19 +104,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tf_limaml.model import MetaConfig  # noqa: PLC0415
 
     spec = _load_spec(args.features)
-    meta_config = MetaConfig.load(args.meta_config) if args.meta_config else MetaConfig()
+    meta_config = (
+        MetaConfig.load(args.meta_config) if args.meta_config else MetaConfig()
+    )
     _check_tasks(args.tasks, spec)
     if args.validation_tasks:
         _check_tasks(args.validation_tasks, spec)
     progress = Progress()
-    with progress.phase(f"meta-train ({meta_config.inner_steps} inner steps, "
-                        f"{'first' if meta_config.first_order else 'second'} order)"):
+    with progress.phase(
+        f"meta-train ({meta_config.inner_steps} inner steps, "
+        f"{'first' if meta_config.first_order else 'second'} order)"
+    ):
         _, history = training.train(
-            args.tasks, spec, args.model_dir, meta_config, epochs=args.epochs,
-            batch_tasks=args.batch_tasks, max_support=args.max_support,
-            max_query=args.max_query, seed=args.seed, learning_rate=args.learning_rate,
-            validation_tasks=args.validation_tasks, tensorboard=args.tensorboard,
-            checkpoint_every=args.checkpoint_every)
+            args.tasks,
+            spec,
+            args.model_dir,
+            meta_config,
+            epochs=args.epochs,
+            batch_tasks=args.batch_tasks,
+            max_support=args.max_support,
+            max_query=args.max_query,
+            seed=args.seed,
+            learning_rate=args.learning_rate,
+            validation_tasks=args.validation_tasks,
+            tensorboard=args.tensorboard,
+            checkpoint_every=args.checkpoint_every,
+        )
     final = {k: round(v[-1], 4) for k, v in history.items()}
     print(json.dumps({"model_dir": args.model_dir, "final": final}))
     return 0
@@ -125,8 +144,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_tasks(args.tasks)
     model = load_model(args.model_dir)
     _check_tasks(args.tasks, model.spec)
-    batches = data.task_dataset(args.tasks, model.spec, args.batch_tasks, args.max_support,
-                                args.max_query)
+    batches = data.task_dataset(
+        args.tasks, model.spec, args.batch_tasks, args.max_support, args.max_query
+    )
     with Progress().phase("evaluate"):
         metrics = evaluation.evaluate_model(model, batches)
     text = json.dumps(metrics, indent=2, default=float)
@@ -153,8 +173,11 @@ def cmd_make_tasks(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if os.path.exists(stats_path):
         with open(stats_path, encoding="utf-8") as f:
             stats = json.load(f)
-        summary = {k: stats[k] for k in ("rows_read", "rows_rejected", "rows_cold",
-                                         "rows_dropped_by_caps") if k in stats}
+        summary = {
+            k: stats[k]
+            for k in ("rows_read", "rows_rejected", "rows_cold", "rows_dropped_by_caps")
+            if k in stats
+        }
         print(json.dumps({"stats": stats_path, **summary}))
     return 0
 
@@ -170,9 +193,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tf_limaml import export  # noqa: PLC0415
 
     with Progress().phase("export"):
-        path = export.export_from_model_dir(args.model_dir, args.export_base,
-                                            version=args.version,
-                                            max_support=args.max_support)
+        path = export.export_from_model_dir(
+            args.model_dir,
+            args.export_base,
+            version=args.version,
+            max_support=args.max_support,
+        )
     print(path)
     return 0
 
@@ -186,20 +212,28 @@ def cmd_serve_command(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from beam_pipelines.options import embed_arguments, make_tasks_arguments  # noqa: PLC0415
+    from beam_pipelines.options import (
+        embed_arguments,
+        make_tasks_arguments,
+    )  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
         prog="limaml",
         description="Meta-learned per-member personalization (LiMAML) for TensorFlow "
-                    "recommenders.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
+        "recommenders.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="Log at INFO level."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     train = sub.add_parser("train", help="Meta-train on task records.")
     train.add_argument("--tasks", required=True, help="File pattern of training tasks.")
     train.add_argument("--features", required=True, help="FeatureSpec JSON file.")
-    train.add_argument("--model-dir", required=True, help="Output (and resume) directory.")
+    train.add_argument(
+        "--model-dir", required=True, help="Output (and resume) directory."
+    )
     train.add_argument("--meta-config", help="MetaConfig JSON file.")
     train.add_argument("--epochs", type=_positive_int, default=5)
     train.add_argument("--batch-tasks", type=_positive_int, default=32)
@@ -209,11 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--validation-tasks", help="File pattern of validation tasks.")
     train.add_argument("--tensorboard", help="TensorBoard log directory.")
-    train.add_argument("--checkpoint-every", type=_positive_int, default=None,
-                       help="Checkpoint every N steps (default: every epoch).")
+    train.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        help="Checkpoint every N steps (default: every epoch).",
+    )
     train.set_defaults(handler=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="Query AUC and loss, adapted and unadapted.")
+    evaluate = sub.add_parser(
+        "evaluate", help="Query AUC and loss, adapted and unadapted."
+    )
     evaluate.add_argument("--tasks", required=True)
     evaluate.add_argument("--model-dir", required=True)
     evaluate.add_argument("--output", help="Write the metrics JSON here too.")
@@ -223,43 +263,69 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="Build tasks, train, evaluate and report.")
-    demo.add_argument("--dataset", choices=("synthetic", "movielens"), default=None,
-                      help="Embedded dataset (default: movielens, or the --input file).")
+    demo.add_argument(
+        "--dataset",
+        choices=("synthetic", "movielens"),
+        default=None,
+        help="Embedded dataset (default: movielens, or the --input file).",
+    )
     demo.add_argument("--input", help="Interactions file (instead of --dataset).")
     demo.add_argument("--format", choices=("csv", "parquet"), default="csv")
     demo.add_argument("--features", help="FeatureSpec JSON of --input.")
-    demo.add_argument("--workdir", default=None, help="Output directory (default runs/demo).")
-    demo.add_argument("--seeds", type=_positive_int, default=None,
-                      help="Number of seeds (default 3 for movielens, 1 for synthetic).")
+    demo.add_argument(
+        "--workdir", default=None, help="Output directory (default runs/demo)."
+    )
+    demo.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help="Number of seeds (default 3 for movielens, 1 for synthetic).",
+    )
     demo.add_argument("--epochs", type=_positive_int, default=None)
     demo.add_argument("--fast", action="store_true", help="A smaller, quicker run.")
     demo.set_defaults(handler=cmd_demo)
 
     make_tasks = sub.add_parser(
-        "make-tasks", help="Beam: interactions -> per-entity task records.",
+        "make-tasks",
+        help="Beam: interactions -> per-entity task records.",
         epilog="Any other flag goes to Beam's PipelineOptions (--runner, "
-               "--direct_running_mode, --direct_num_workers, Dataflow flags).")
+        "--direct_running_mode, --direct_num_workers, Dataflow flags).",
+    )
     make_tasks_arguments(make_tasks)
     make_tasks.set_defaults(handler=cmd_make_tasks, takes_extra=True)
 
     export = sub.add_parser("export", help="Write a SavedModel for TF Serving.")
     export.add_argument("--model-dir", required=True)
-    export.add_argument("--export-base", required=True,
-                        help="Versions are written to EXPORT_BASE/<version>/.")
-    export.add_argument("--version", type=_positive_int, default=None,
-                        help="Version number (default: latest + 1).")
-    export.add_argument("--max-support", type=_positive_int, default=None,
-                        help="Longest support set the adaptation signatures accept.")
+    export.add_argument(
+        "--export-base",
+        required=True,
+        help="Versions are written to EXPORT_BASE/<version>/.",
+    )
+    export.add_argument(
+        "--version",
+        type=_positive_int,
+        default=None,
+        help="Version number (default: latest + 1).",
+    )
+    export.add_argument(
+        "--max-support",
+        type=_positive_int,
+        default=None,
+        help="Longest support set the adaptation signatures accept.",
+    )
     export.set_defaults(handler=cmd_export)
 
     embed = sub.add_parser(
-        "embed", help="Beam: adapted meta embeddings for every entity.",
-        epilog="Any other flag goes to Beam's PipelineOptions.")
+        "embed",
+        help="Beam: adapted meta embeddings for every entity.",
+        epilog="Any other flag goes to Beam's PipelineOptions.",
+    )
     embed_arguments(embed)
     embed.set_defaults(handler=cmd_embed, takes_extra=True)
 
-    serve = sub.add_parser("serve-command",
-                           help="Print the TF Serving command lines for an export.")
+    serve = sub.add_parser(
+        "serve-command", help="Print the TF Serving command lines for an export."
+    )
     serve.add_argument("export", help="Export base directory or a version directory.")
     serve.add_argument("--model-name", default="limaml")
     serve.set_defaults(handler=cmd_serve_command)
@@ -272,12 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     _quiet_tensorflow()
     # Pipelines re-parse their own flags (Beam style), so hand them the argv
     # after the subcommand name.
-    args.argv = argv[argv.index(args.command) + 1:] if args.command in argv else []
+    args.argv = argv[argv.index(args.command) + 1 :] if args.command in argv else []
     try:
         if getattr(args, "takes_extra", False):
             return args.handler(args, extra)
@@ -302,7 +370,6 @@ def _fail(command: str, message: str) -> int:
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
     print(f"limaml {command}: error: {first_line}", file=sys.stderr)
     return EXIT_USAGE
-
 
 
 if __name__ == "__main__":

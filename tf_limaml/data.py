@@ -23,8 +23,18 @@ from typing import Any, Iterable, Mapping, Sequence
 import tensorflow as tf
 
 from tf_limaml.features import (
-    CATEGORICAL, ENTITY_ID_KEY, LABEL_KEY, MASK_KEY, MULTI_HOT, NUMERIC, PARTS, QUERY,
-    SUPPORT, TIME_KEY, Feature, FeatureSpec,
+    CATEGORICAL,
+    ENTITY_ID_KEY,
+    LABEL_KEY,
+    MASK_KEY,
+    MULTI_HOT,
+    NUMERIC,
+    PARTS,
+    QUERY,
+    SUPPORT,
+    TIME_KEY,
+    Feature,
+    FeatureSpec,
 )
 
 GZIP = "GZIP"
@@ -34,9 +44,13 @@ def _value_feature(feature: Feature, value: Any) -> tf.train.Feature:
     if feature.type == NUMERIC:
         return tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
     if feature.type == CATEGORICAL:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(value).encode()]))
+        return tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[str(value).encode()])
+        )
     values = feature.parse_values(value)[: feature.values_per_row]
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in values]))
+    return tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[v.encode() for v in values])
+    )
 
 
 def encode_task(
@@ -61,43 +75,66 @@ def encode_task(
     Returns:
         The task record. `.SerializeToString()` gives the bytes to write.
     """
-    context = {ENTITY_ID_KEY: tf.train.Feature(
-        bytes_list=tf.train.BytesList(value=[str(entity_id).encode()]))}
+    context = {
+        ENTITY_ID_KEY: tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[str(entity_id).encode()])
+        )
+    }
     for feature in spec.meta_features:
         value = meta.get(feature.name)
         if value is None:
-            value = (feature.default or 0.0) if feature.type == NUMERIC else (
-                "" if feature.type == CATEGORICAL else [])
+            value = (
+                (feature.default or 0.0)
+                if feature.type == NUMERIC
+                else ("" if feature.type == CATEGORICAL else [])
+            )
         context[feature.name] = _value_feature(feature, value)
     feature_lists = {}
     for part, rows in ((SUPPORT, support), (QUERY, query)):
-        feature_lists[spec.sequence_key(part, LABEL_KEY)] = tf.train.FeatureList(feature=[
-            tf.train.Feature(float_list=tf.train.FloatList(value=[float(r[LABEL_KEY])]))
-            for r in rows])
-        feature_lists[spec.sequence_key(part, TIME_KEY)] = tf.train.FeatureList(feature=[
-            tf.train.Feature(int64_list=tf.train.Int64List(value=[int(r[spec.time])]))
-            for r in rows])
+        feature_lists[spec.sequence_key(part, LABEL_KEY)] = tf.train.FeatureList(
+            feature=[
+                tf.train.Feature(
+                    float_list=tf.train.FloatList(value=[float(r[LABEL_KEY])])
+                )
+                for r in rows
+            ]
+        )
+        feature_lists[spec.sequence_key(part, TIME_KEY)] = tf.train.FeatureList(
+            feature=[
+                tf.train.Feature(
+                    int64_list=tf.train.Int64List(value=[int(r[spec.time])])
+                )
+                for r in rows
+            ]
+        )
         for feature in spec.request_features:
             feature_lists[spec.sequence_key(part, feature.name)] = tf.train.FeatureList(
-                feature=[_value_feature(feature, r[feature.name]) for r in rows])
+                feature=[_value_feature(feature, r[feature.name]) for r in rows]
+            )
     return tf.train.SequenceExample(
         context=tf.train.Features(feature=context),
-        feature_lists=tf.train.FeatureLists(feature_list=feature_lists))
+        feature_lists=tf.train.FeatureLists(feature_list=feature_lists),
+    )
 
 
-def write_tasks(path: str | os.PathLike, records: Iterable[tf.train.SequenceExample | bytes]
-                ) -> int:
+def write_tasks(
+    path: str | os.PathLike, records: Iterable[tf.train.SequenceExample | bytes]
+) -> int:
     """Writes task records to one gzipped TFRecord file; returns how many."""
     count = 0
     options = tf.io.TFRecordOptions(compression_type=GZIP)
     with tf.io.TFRecordWriter(str(path), options=options) as writer:
         for record in records:
-            writer.write(record if isinstance(record, bytes) else record.SerializeToString())
+            writer.write(
+                record if isinstance(record, bytes) else record.SerializeToString()
+            )
             count += 1
     return count
 
 
-def _pad_axis(tensor: tf.Tensor, axis: int, size: int, keep_last: bool = False) -> tf.Tensor:
+def _pad_axis(
+    tensor: tf.Tensor, axis: int, size: int, keep_last: bool = False
+) -> tf.Tensor:
     """Truncates or zero/""-pads `tensor` along `axis` to exactly `size`.
 
     keep_last keeps the last `size` entries when truncating (support keeps its
@@ -126,8 +163,9 @@ def _dense_multi_hot(value: tf.SparseTensor | tf.Tensor, width: int) -> tf.Tenso
     return _pad_axis(value, value.shape.rank - 1, width)
 
 
-def parse_task_batch(serialized: tf.Tensor, spec: FeatureSpec, max_support: int,
-                     max_query: int) -> dict[str, tf.Tensor]:
+def parse_task_batch(
+    serialized: tf.Tensor, spec: FeatureSpec, max_support: int, max_query: int
+) -> dict[str, tf.Tensor]:
     """Parses a [T] batch of serialized task records into padded tensors.
 
     Support keeps each task's most recent `max_support` rows and query its first
@@ -135,7 +173,8 @@ def parse_task_batch(serialized: tf.Tensor, spec: FeatureSpec, max_support: int,
     """
     context_spec, sequence_spec = spec.sequence_example_schema()
     context, sequences, lengths = tf.io.parse_sequence_example(
-        serialized, context_features=context_spec, sequence_features=sequence_spec)
+        serialized, context_features=context_spec, sequence_features=sequence_spec
+    )
     batch: dict[str, tf.Tensor] = {ENTITY_ID_KEY: context[ENTITY_ID_KEY]}
     for feature in spec.meta_features:
         value = context[feature.name]
@@ -162,7 +201,8 @@ def parse_task_batch(serialized: tf.Tensor, spec: FeatureSpec, max_support: int,
             batch[spec.batch_key(part, name)] = value
         kept = tf.minimum(n_rows, size)
         batch[spec.batch_key(part, MASK_KEY)] = tf.sequence_mask(
-            kept, size, dtype=tf.float32)
+            kept, size, dtype=tf.float32
+        )
         if part == SUPPORT:
             batch["n_support"] = n_rows
     return batch
@@ -182,8 +222,11 @@ def match_files(file_pattern: str | Sequence[str]) -> list[str]:
     Raises:
         FileNotFoundError: Nothing matches.
     """
-    patterns = [file_pattern] if isinstance(file_pattern, (str, os.PathLike)) else list(
-        file_pattern)
+    patterns = (
+        [file_pattern]
+        if isinstance(file_pattern, (str, os.PathLike))
+        else list(file_pattern)
+    )
     files = sorted({f for p in patterns for f in tf.io.gfile.glob(str(p))})
     if not files:
         raise FileNotFoundError(f"No task files match {file_pattern!r}")
@@ -223,8 +266,11 @@ def task_dataset(
         FileNotFoundError: No file matches the pattern.
     """
     files = match_files(file_pattern)
-    for name, value in (("batch_tasks", batch_tasks), ("max_support", max_support),
-                        ("max_query", max_query)):
+    for name, value in (
+        ("batch_tasks", batch_tasks),
+        ("max_support", max_support),
+        ("max_query", max_query),
+    ):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
     ds = tf.data.Dataset.from_tensor_slices(files)
@@ -232,15 +278,20 @@ def task_dataset(
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(
         lambda f: tf.data.TFRecordDataset(f, compression_type=GZIP),
-        cycle_length=min(len(files), 4), num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
+        cycle_length=min(len(files), 4),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_tasks, drop_remainder=drop_remainder)
-    ds = ds.map(lambda s: parse_task_batch(s, spec, max_support, max_query),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(
+        lambda s: parse_task_batch(s, spec, max_support, max_query),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -250,18 +301,27 @@ def count_tasks(file_pattern: str | Sequence[str]) -> int:
     return int(records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
 
 
-def tasks_from_histories(spec: FeatureSpec, histories: Iterable[Any]
-                         ) -> list[tf.train.SequenceExample]:
+def tasks_from_histories(
+    spec: FeatureSpec, histories: Iterable[Any]
+) -> list[tf.train.SequenceExample]:
     """Encodes non-cold `tasks.EntityHistory` objects."""
-    return [encode_task(spec, h.entity_id, h.meta, h.support, h.query)
-            for h in histories if not h.cold]
+    return [
+        encode_task(spec, h.entity_id, h.meta, h.support, h.query)
+        for h in histories
+        if not h.cold
+    ]
 
 
-def tasks_to_batch(records: Sequence[tf.train.SequenceExample | bytes], spec: FeatureSpec,
-                   max_support: int, max_query: int) -> dict[str, tf.Tensor]:
+def tasks_to_batch(
+    records: Sequence[tf.train.SequenceExample | bytes],
+    spec: FeatureSpec,
+    max_support: int,
+    max_query: int,
+) -> dict[str, tf.Tensor]:
     """Parses in-memory task records into one padded batch (notebooks, tests)."""
-    serialized = tf.constant([r if isinstance(r, bytes) else r.SerializeToString()
-                              for r in records])
+    serialized = tf.constant(
+        [r if isinstance(r, bytes) else r.SerializeToString() for r in records]
+    )
     return parse_task_batch(serialized, spec, max_support, max_query)
 
 

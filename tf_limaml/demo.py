@@ -12,10 +12,15 @@ logger = logging.getLogger(__name__)
 
 
 def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    lines = ["| model | query AUC | log loss | mean member AUC |", "| --- | --- | --- | --- |"]
+    lines = [
+        "| model | query AUC | log loss | mean member AUC |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, m in rows:
-        lines.append(f"| {name} | {m['auc']:.4f} | {m['loss']:.4f} | "
-                     f"{m['mean_member_auc']:.4f} |")
+        lines.append(
+            f"| {name} | {m['auc']:.4f} | {m['loss']:.4f} | "
+            f"{m['mean_member_auc']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -31,26 +36,39 @@ def run_synthetic(args: argparse.Namespace, progress) -> int:
     epochs = args.epochs or (4 if fast else 10)
     num_entities = 400 if fast else 1500
     with progress.phase(f"make tasks ({num_entities} synthetic members, in-process)"):
-        paths = synthetic.write_tasks(os.path.join(workdir, "tasks"), num_entities=num_entities,
-                                      seed=0)
+        paths = synthetic.write_tasks(
+            os.path.join(workdir, "tasks"), num_entities=num_entities, seed=0
+        )
     spec = FeatureSpec.load(paths["spec"])
     results = {}
     for name, steps in (("limaml", 1), ("global", 0)):
         config = MetaConfig(inner_steps=steps, inner_lr=0.5)
         with progress.phase(f"train {name} ({epochs} epochs)"):
-            model, _ = training.train(paths["train"], spec, os.path.join(workdir, name), config,
-                                      epochs=epochs, learning_rate=3e-3,
-                                      validation_tasks=paths["val"], verbose=0)
+            model, _ = training.train(
+                paths["train"],
+                spec,
+                os.path.join(workdir, name),
+                config,
+                epochs=epochs,
+                learning_rate=3e-3,
+                validation_tasks=paths["val"],
+                verbose=0,
+            )
         with progress.phase(f"evaluate {name}"):
             batches = data.task_dataset(paths["test"], spec, 64, 32, 32)
             results[name] = evaluation.evaluate_model(model, batches)["adapted"]
-    report = {"dataset": "synthetic", "models": results,
-              "auc_lift": results["limaml"]["auc"] - results["global"]["auc"]}
+    report = {
+        "dataset": "synthetic",
+        "models": results,
+        "auc_lift": results["limaml"]["auc"] - results["global"]["auc"],
+    }
     with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     print(_table([(k, v) for k, v in results.items()]))
-    print(f"LiMAML query-AUC lift over the same network without adaptation: "
-          f"{report['auc_lift']:+.4f}  (report: {os.path.join(workdir, 'report.json')})")
+    print(
+        f"LiMAML query-AUC lift over the same network without adaptation: "
+        f"{report['auc_lift']:+.4f}  (report: {os.path.join(workdir, 'report.json')})"
+    )
     return 0
 
 

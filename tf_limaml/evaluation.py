@@ -44,8 +44,9 @@ def logloss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) ->
     return float(-np.mean(labels * np.log(p) + (1.0 - labels) * np.log(1.0 - p)))
 
 
-def mean_entity_auc(entity_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray
-                    ) -> tuple[float, int]:
+def mean_entity_auc(
+    entity_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray
+) -> tuple[float, int]:
     """Mean per-entity AUC over entities whose rows hold both classes.
 
     Returns:
@@ -66,8 +67,9 @@ def mean_entity_auc(entity_ids: np.ndarray, labels: np.ndarray, scores: np.ndarr
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
-def summarize(entity_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray
-              ) -> dict[str, Any]:
+def summarize(
+    entity_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray
+) -> dict[str, Any]:
     """Overall AUC, log loss and mean per-entity AUC of flat query rows."""
     member_auc, n_members = mean_entity_auc(entity_ids, labels, scores)
     return {
@@ -79,8 +81,12 @@ def summarize(entity_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray
     }
 
 
-def collect_query_predictions(model, batches: Iterable[Mapping[str, Any]], adapt: bool = True,
-                              steps: int | None = None) -> dict[str, np.ndarray]:
+def collect_query_predictions(
+    model,
+    batches: Iterable[Mapping[str, Any]],
+    adapt: bool = True,
+    steps: int | None = None,
+) -> dict[str, np.ndarray]:
     """Runs `model.predict_query` over task batches; returns flat real query rows.
 
     Returns:
@@ -95,15 +101,17 @@ def collect_query_predictions(model, batches: Iterable[Mapping[str, Any]], adapt
         out["score"].append(scores[mask])
         out["label"].append(batch["query_label"].numpy()[mask])
         out["entity_id"].append(np.repeat(batch["entity_id"].numpy(), rows))
-        out["n_support"].append(np.repeat(
-            batch["support_mask"].numpy().sum(axis=1).astype(np.int64), rows))
+        out["n_support"].append(
+            np.repeat(batch["support_mask"].numpy().sum(axis=1).astype(np.int64), rows)
+        )
     if not out["score"]:
         raise ValueError("No task batches to evaluate: the task files hold no tasks")
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def support_size_buckets(n_support: np.ndarray,
-                         edges: tuple[int, ...] = (0, 1, 5, 10, 20, 50)) -> np.ndarray:
+def support_size_buckets(
+    n_support: np.ndarray, edges: tuple[int, ...] = (0, 1, 5, 10, 20, 50)
+) -> np.ndarray:
     """Bucket label per row by support size, e.g. "0", "1-4", "5-9", ..., "50+"."""
     labels = []
     for low, high in zip(edges, edges[1:]):
@@ -135,8 +143,9 @@ def evaluate_model(model, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any
         }
     return {
         "adapted": summarize(adapted["entity_id"], adapted["label"], adapted["score"]),
-        "unadapted": summarize(unadapted["entity_id"], unadapted["label"],
-                               unadapted["score"]),
+        "unadapted": summarize(
+            unadapted["entity_id"], unadapted["label"], unadapted["score"]
+        ),
         "n_tasks": int(sum(int(b["entity_id"].shape[0]) for b in batches)),
         "by_support_size": by_size,
     }

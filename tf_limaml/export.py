@@ -64,7 +64,14 @@ import tensorflow as tf
 
 from tf_limaml import data
 from tf_limaml.features import (
-    CATEGORICAL, LABEL_KEY, MASK_KEY, MULTI_HOT, NUMERIC, QUERY, SUPPORT, Feature,
+    CATEGORICAL,
+    LABEL_KEY,
+    MASK_KEY,
+    MULTI_HOT,
+    NUMERIC,
+    QUERY,
+    SUPPORT,
+    Feature,
     FeatureSpec,
 )
 from tf_limaml.model import LiMAMLModel, load_model
@@ -95,7 +102,8 @@ _VERSION_PATTERN = re.compile(r"^[0-9]+$")
 # .tmp-export-<version>-<host>-<pid>-<uuid hex>: who wrote it, so that a later
 # export can tell an abandoned one (its process is gone) from a running one.
 _TEMP_PATTERN = re.compile(
-    rf"^{re.escape(_TEMP_PREFIX)}([0-9]+)-([A-Za-z0-9._]+)-([0-9]+)-([0-9a-f]{{32}})$")
+    rf"^{re.escape(_TEMP_PREFIX)}([0-9]+)-([A-Za-z0-9._]+)-([0-9]+)-([0-9a-f]{{32}})$"
+)
 # A temporary export of another host (or an unrecognized name) is only
 # removed once it is this old: its writer cannot be asked whether it still runs.
 ABANDONED_AFTER_S = 24 * 3600
@@ -116,12 +124,15 @@ def _unique(specs: Sequence[tf.TensorSpec], signature: str) -> dict[str, tf.Tens
             raise ValueError(
                 f"Signature {signature!r} would have two inputs named {spec.name!r}; "
                 "rename the feature in the FeatureSpec (meta features, `meta_embedding` "
-                "and `support_*`/`query_*` names must not collide).")
+                "and `support_*`/`query_*` names must not collide)."
+            )
         out[spec.name] = spec
     return out
 
 
-def signature_input_specs(spec: FeatureSpec, meta_dim: int) -> dict[str, dict[str, tf.TensorSpec]]:
+def signature_input_specs(
+    spec: FeatureSpec, meta_dim: int
+) -> dict[str, dict[str, tf.TensorSpec]]:
     """The named inputs of every signature, by signature name.
 
     Args:
@@ -142,14 +153,20 @@ def signature_input_specs(spec: FeatureSpec, meta_dim: int) -> dict[str, dict[st
     adapt += [tf.TensorSpec([None], tf.float32, name=SUPPORT_LABEL_KEY)]
     adapt += [_row_spec(f, [None], spec.batch_key(QUERY, f.name)) for f in request]
     embed = [_row_spec(f, [None], f.name) for f in meta]
-    embed += [_row_spec(f, [None, None], spec.batch_key(SUPPORT, f.name)) for f in request]
-    embed += [tf.TensorSpec([None, None], tf.float32, name=SUPPORT_LABEL_KEY),
-              tf.TensorSpec([None, None], tf.float32, name=SUPPORT_MASK_KEY)]
+    embed += [
+        _row_spec(f, [None, None], spec.batch_key(SUPPORT, f.name)) for f in request
+    ]
+    embed += [
+        tf.TensorSpec([None, None], tf.float32, name=SUPPORT_LABEL_KEY),
+        tf.TensorSpec([None, None], tf.float32, name=SUPPORT_MASK_KEY),
+    ]
     examples = [tf.TensorSpec([None], tf.string, name=EXAMPLES_KEY)]
-    return {SERVING_DEFAULT: _unique(serving, SERVING_DEFAULT),
-            ADAPT_AND_PREDICT: _unique(adapt, ADAPT_AND_PREDICT),
-            META_EMBEDDING: _unique(embed, META_EMBEDDING),
-            PREDICT_EXAMPLES: _unique(examples, PREDICT_EXAMPLES)}
+    return {
+        SERVING_DEFAULT: _unique(serving, SERVING_DEFAULT),
+        ADAPT_AND_PREDICT: _unique(adapt, ADAPT_AND_PREDICT),
+        META_EMBEDDING: _unique(embed, META_EMBEDDING),
+        PREDICT_EXAMPLES: _unique(examples, PREDICT_EXAMPLES),
+    }
 
 
 def example_parsing_spec(spec: FeatureSpec, meta_dim: int) -> dict[str, Any]:
@@ -161,15 +178,19 @@ def example_parsing_spec(spec: FeatureSpec, meta_dim: int) -> dict[str, Any]:
     hash buckets or `allow_oov` becomes "" (the OOV bucket), a multi-hot
     feature may hold 0..K values; anything else is required.
     """
-    features: dict[str, Any] = {EMBEDDING_KEY: tf.io.FixedLenFeature([meta_dim], tf.float32)}
+    features: dict[str, Any] = {
+        EMBEDDING_KEY: tf.io.FixedLenFeature([meta_dim], tf.float32)
+    }
     for feature in spec.request_features:
         if feature.type == NUMERIC:
             features[feature.name] = tf.io.FixedLenFeature(
-                [], tf.float32, default_value=feature.default)
+                [], tf.float32, default_value=feature.default
+            )
         elif feature.type == CATEGORICAL:
             optional = feature.vocabulary is None or feature.allow_oov
             features[feature.name] = tf.io.FixedLenFeature(
-                [], tf.string, default_value="" if optional else None)
+                [], tf.string, default_value="" if optional else None
+            )
         else:
             features[feature.name] = tf.io.VarLenFeature(tf.string)
     return features
@@ -179,15 +200,16 @@ def example_parsing_spec(spec: FeatureSpec, meta_dim: int) -> dict[str, Any]:
 def _keep_latest_rows(value: tf.Tensor, max_rows: int) -> tf.Tensor:
     """The last `max_rows` rows of axis 0 (all rows when there are fewer)."""
     rows = tf.shape(value)[0]
-    return value[tf.maximum(rows - max_rows, 0):]
+    return value[tf.maximum(rows - max_rows, 0) :]
 
 
 def _shape_text(shape: tf.TensorShape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape.as_list()) + "]"
 
 
-def _checked_inputs(inputs: Mapping[str, tf.Tensor], specs: Mapping[str, tf.TensorSpec]
-                    ) -> dict[str, tf.Tensor]:
+def _checked_inputs(
+    inputs: Mapping[str, tf.Tensor], specs: Mapping[str, tf.TensorSpec]
+) -> dict[str, tf.Tensor]:
     """The inputs, each made to wait for a check of its rank and fixed dimensions.
 
     TF Serving feeds request tensors into the graph without comparing their
@@ -212,33 +234,54 @@ def _checked_inputs(inputs: Mapping[str, tf.Tensor], specs: Mapping[str, tf.Tens
         for axis, dim in enumerate(expected):
             if dim is not None:
                 ok = tf.logical_and(ok, tf.equal(padded[axis], dim))
-        checks.append(tf.debugging.Assert(ok, [
-            f"Input `{name}` must have shape {_shape_text(spec.shape)} ({spec.dtype.name}, "
-            "? = any length); got shape", shape]))
+        checks.append(
+            tf.debugging.Assert(
+                ok,
+                [
+                    f"Input `{name}` must have shape {_shape_text(spec.shape)} ({spec.dtype.name}, "
+                    "? = any length); got shape",
+                    shape,
+                ],
+            )
+        )
     with tf.control_dependencies(checks):
         return {name: tf.identity(value) for name, value in inputs.items()}
 
 
-def _assert_rows(values: Mapping[str, tf.Tensor], expected: tf.Tensor, reference: str,
-                 axes: int) -> list[tf.Operation]:
+def _assert_rows(
+    values: Mapping[str, tf.Tensor], expected: tf.Tensor, reference: str, axes: int
+) -> list[tf.Operation]:
     """Asserts every value's leading `axes` dims equal `expected` (those of `reference`)."""
     checks = []
     for name, value in values.items():
-        checks.append(tf.debugging.assert_equal(
-            tf.shape(value)[:axes], expected,
-            message=(f"Input `{name}` must have as many rows as `{reference}` (one per "
-                     "interaction); send equal-length support/query inputs")))
+        checks.append(
+            tf.debugging.assert_equal(
+                tf.shape(value)[:axes],
+                expected,
+                message=(
+                    f"Input `{name}` must have as many rows as `{reference}` (one per "
+                    "interaction); send equal-length support/query inputs"
+                ),
+            )
+        )
     return checks
 
 
-def _assert_binary_labels(label: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Operation:
+def _assert_binary_labels(
+    label: tf.Tensor, mask: tf.Tensor | None = None
+) -> tf.Operation:
     ok = tf.logical_or(tf.equal(label, 0.0), tf.equal(label, 1.0))
     if mask is not None:
         ok = tf.logical_or(ok, tf.equal(mask, 0.0))
     return tf.debugging.Assert(
         tf.reduce_all(ok),
-        [f"`{SUPPORT_LABEL_KEY}` must be 0 or 1 on every real support row "
-         "(binarize labels as the task records do); got", label], summarize=32)
+        [
+            f"`{SUPPORT_LABEL_KEY}` must be 0 or 1 on every real support row "
+            "(binarize labels as the task records do); got",
+            label,
+        ],
+        summarize=32,
+    )
 
 
 class _Untracked:
@@ -263,23 +306,40 @@ class LiMAMLServingModule(tf.Module):
         inner_steps: Inner-loop steps run in-graph (default: the model's).
     """
 
-    def __init__(self, model: LiMAMLModel, max_support: int = DEFAULT_MAX_SUPPORT,
-                 inner_steps: int | None = None):
+    def __init__(
+        self,
+        model: LiMAMLModel,
+        max_support: int = DEFAULT_MAX_SUPPORT,
+        inner_steps: int | None = None,
+    ):
         super().__init__(name="limaml_serving")
-        if isinstance(max_support, bool) or not isinstance(max_support, int) or (
-                max_support <= 0):
-            raise ValueError(f"`max_support` must be a positive integer, got {max_support!r}")
+        if (
+            isinstance(max_support, bool)
+            or not isinstance(max_support, int)
+            or (max_support <= 0)
+        ):
+            raise ValueError(
+                f"`max_support` must be a positive integer, got {max_support!r}"
+            )
         self._model = _Untracked(model)
         self.model_variables = list(model.variables)
         self.lookup_tables = [
-            obj for obj in tf.train.TrackableView(model).descendants()
-            if isinstance(obj, tf.saved_model.experimental.TrackableResource)]
+            obj
+            for obj in tf.train.TrackableView(model).descendants()
+            if isinstance(obj, tf.saved_model.experimental.TrackableResource)
+        ]
         self.max_support = max_support
-        self.inner_steps = model.meta_config.inner_steps if inner_steps is None else (
-            inner_steps)
-        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or (
-                self.inner_steps < 0):
-            raise ValueError(f"`inner_steps` must be an integer >= 0, got {inner_steps!r}")
+        self.inner_steps = (
+            model.meta_config.inner_steps if inner_steps is None else (inner_steps)
+        )
+        if (
+            isinstance(self.inner_steps, bool)
+            or not isinstance(self.inner_steps, int)
+            or (self.inner_steps < 0)
+        ):
+            raise ValueError(
+                f"`inner_steps` must be an integer >= 0, got {inner_steps!r}"
+            )
         self.input_specs = signature_input_specs(model.spec, model.meta_dim)
 
     @property
@@ -297,14 +357,20 @@ class LiMAMLServingModule(tf.Module):
             score = self.model.score(embedding, request)
         return {SCORE_KEY: tf.cast(score, tf.float32)}
 
-    def adapt_and_predict(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def adapt_and_predict(
+        self, inputs: Mapping[str, tf.Tensor]
+    ) -> dict[str, tf.Tensor]:
         inputs = _checked_inputs(inputs, self.input_specs[ADAPT_AND_PREDICT])
         spec = self.model.spec
         label = inputs[SUPPORT_LABEL_KEY]
-        support = {spec.batch_key(SUPPORT, f.name): inputs[spec.batch_key(SUPPORT, f.name)]
-                   for f in spec.request_features}
-        query = {spec.batch_key(QUERY, f.name): inputs[spec.batch_key(QUERY, f.name)]
-                 for f in spec.request_features}
+        support = {
+            spec.batch_key(SUPPORT, f.name): inputs[spec.batch_key(SUPPORT, f.name)]
+            for f in spec.request_features
+        }
+        query = {
+            spec.batch_key(QUERY, f.name): inputs[spec.batch_key(QUERY, f.name)]
+            for f in spec.request_features
+        }
         first_query = next(iter(query))
         checks = _assert_rows(support, tf.shape(label)[:1], SUPPORT_LABEL_KEY, 1)
         checks += _assert_rows(query, tf.shape(query[first_query])[:1], first_query, 1)
@@ -318,38 +384,58 @@ class LiMAMLServingModule(tf.Module):
             tasks[SUPPORT_MASK_KEY] = tf.ones_like(tasks[SUPPORT_LABEL_KEY])
             tasks.update({key: value[None] for key, value in query.items()})
             logits, embedding = self.model.compute_query_logits(tasks, self.inner_steps)
-        return {SCORE_KEY: tf.cast(tf.sigmoid(logits[0]), tf.float32),
-                EMBEDDING_KEY: tf.cast(embedding[0], tf.float32)}
+        return {
+            SCORE_KEY: tf.cast(tf.sigmoid(logits[0]), tf.float32),
+            EMBEDDING_KEY: tf.cast(embedding[0], tf.float32),
+        }
 
     def meta_embedding(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         inputs = _checked_inputs(inputs, self.input_specs[META_EMBEDDING])
         spec = self.model.spec
         label, mask = inputs[SUPPORT_LABEL_KEY], inputs[SUPPORT_MASK_KEY]
-        support = {spec.batch_key(SUPPORT, f.name): inputs[spec.batch_key(SUPPORT, f.name)]
-                   for f in spec.request_features}
+        support = {
+            spec.batch_key(SUPPORT, f.name): inputs[spec.batch_key(SUPPORT, f.name)]
+            for f in spec.request_features
+        }
         meta = {f.name: inputs[f.name] for f in spec.meta_features}
-        checks = _assert_rows({**support, SUPPORT_MASK_KEY: mask}, tf.shape(label)[:2],
-                              SUPPORT_LABEL_KEY, 2)
+        checks = _assert_rows(
+            {**support, SUPPORT_MASK_KEY: mask},
+            tf.shape(label)[:2],
+            SUPPORT_LABEL_KEY,
+            2,
+        )
         checks += _assert_rows(meta, tf.shape(label)[:1], SUPPORT_LABEL_KEY, 1)
-        checks.append(tf.debugging.Assert(
-            tf.reduce_all(tf.logical_or(tf.equal(mask, 0.0), tf.equal(mask, 1.0))),
-            [f"`{SUPPORT_MASK_KEY}` must be 1 for real rows and 0 for padding; got", mask],
-            summarize=32))
+        checks.append(
+            tf.debugging.Assert(
+                tf.reduce_all(tf.logical_or(tf.equal(mask, 0.0), tf.equal(mask, 1.0))),
+                [
+                    f"`{SUPPORT_MASK_KEY}` must be 1 for real rows and 0 for padding; got",
+                    mask,
+                ],
+                summarize=32,
+            )
+        )
         checks.append(_assert_binary_labels(label, mask))
         with tf.control_dependencies(checks):
             # Keep each entity's latest `max_support` real rows: count real rows
             # from the end and drop those beyond the cap.
             from_end = tf.cumsum(mask, axis=1, reverse=True)
             kept = mask * tf.cast(from_end <= float(self.max_support), mask.dtype)
-            tasks = {**meta, **support, SUPPORT_LABEL_KEY: label, SUPPORT_MASK_KEY: kept}
+            tasks = {
+                **meta,
+                **support,
+                SUPPORT_LABEL_KEY: label,
+                SUPPORT_MASK_KEY: kept,
+            }
             embedding = self.model.compute_meta_embedding(tasks, self.inner_steps)
         return {EMBEDDING_KEY: tf.cast(embedding, tf.float32)}
 
     def predict_examples(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         inputs = _checked_inputs(inputs, self.input_specs[PREDICT_EXAMPLES])
         spec = self.model.spec
-        parsed = tf.io.parse_example(inputs[EXAMPLES_KEY],
-                                     example_parsing_spec(spec, self.model.meta_dim))
+        parsed = tf.io.parse_example(
+            inputs[EXAMPLES_KEY], example_parsing_spec(spec, self.model.meta_dim)
+        )
         request = {}
         for feature in spec.request_features:
             value = parsed[feature.name]
@@ -357,8 +443,9 @@ class LiMAMLServingModule(tf.Module):
                 value = tf.sparse.to_dense(value, default_value="")
                 width = feature.values_per_row
                 value = value[:, :width]
-                value = tf.pad(value, [[0, 0], [0, width - tf.shape(value)[1]]],
-                               constant_values="")
+                value = tf.pad(
+                    value, [[0, 0], [0, width - tf.shape(value)[1]]], constant_values=""
+                )
             request[feature.name] = value
         score = self.model.score(parsed[EMBEDDING_KEY], request)
         return {SCORE_KEY: tf.cast(score, tf.float32)}
@@ -366,10 +453,15 @@ class LiMAMLServingModule(tf.Module):
     def concrete_signatures(self) -> dict[str, Any]:
         """{signature name: concrete function}, ready for tf.saved_model.save."""
         bodies: dict[str, Callable] = {
-            SERVING_DEFAULT: self.serve, ADAPT_AND_PREDICT: self.adapt_and_predict,
-            META_EMBEDDING: self.meta_embedding, PREDICT_EXAMPLES: self.predict_examples}
-        return {name: tf.function(body).get_concrete_function(self.input_specs[name])
-                for name, body in bodies.items()}
+            SERVING_DEFAULT: self.serve,
+            ADAPT_AND_PREDICT: self.adapt_and_predict,
+            META_EMBEDDING: self.meta_embedding,
+            PREDICT_EXAMPLES: self.predict_examples,
+        }
+        return {
+            name: tf.function(body).get_concrete_function(self.input_specs[name])
+            for name, body in bodies.items()
+        }
 
 
 # --------------------------------------------------------- warmup requests
@@ -390,8 +482,9 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def prediction_log_bytes(inputs: Mapping[str, np.ndarray], signature_name: str,
-                         model_name: str = "limaml") -> bytes:
+def prediction_log_bytes(
+    inputs: Mapping[str, np.ndarray], signature_name: str, model_name: str = "limaml"
+) -> bytes:
     """Serializes a tensorflow.serving.PredictionLog holding one PredictRequest.
 
     Written by hand from the proto field numbers (PredictionLog.predict_log = 6,
@@ -407,10 +500,13 @@ def prediction_log_bytes(inputs: Mapping[str, np.ndarray], signature_name: str,
     return _field(6, _field(1, request))
 
 
-def warmup_inputs(spec: FeatureSpec, meta_dim: int, batch_size: int) -> dict[str, np.ndarray]:
+def warmup_inputs(
+    spec: FeatureSpec, meta_dim: int, batch_size: int
+) -> dict[str, np.ndarray]:
     """A representative `serving_default` request of `batch_size` rows."""
     inputs: dict[str, np.ndarray] = {
-        EMBEDDING_KEY: np.zeros([batch_size, meta_dim], np.float32)}
+        EMBEDDING_KEY: np.zeros([batch_size, meta_dim], np.float32)
+    }
     for feature in spec.request_features:
         if feature.type == NUMERIC:
             inputs[feature.name] = np.full([batch_size], feature.mean, np.float32)
@@ -434,7 +530,8 @@ def list_versions(export_base: str | os.PathLike) -> list[int]:
     for name in tf.io.gfile.listdir(export_base):
         name = name.rstrip("/")
         if _VERSION_PATTERN.match(name) and tf.io.gfile.isdir(
-                os.path.join(export_base, name)):
+            os.path.join(export_base, name)
+        ):
             versions.append(int(name))
     return sorted(versions)
 
@@ -455,7 +552,8 @@ def resolve_version_dir(path: str | os.PathLike) -> str:
     if not versions:
         raise FileNotFoundError(
             f"No SavedModel at {path}: expected EXPORT/<version>/saved_model.pb. Write "
-            "one with `limaml export --model-dir MODEL --export-base EXPORT`.")
+            "one with `limaml export --model-dir MODEL --export-base EXPORT`."
+        )
     latest = os.path.join(path, str(versions[-1]))
     logger.info("Using the latest version of %s: %s", path, latest)
     return latest
@@ -473,7 +571,8 @@ def read_metadata(export_dir: str | os.PathLike) -> dict[str, Any]:
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(
             f"{path} is missing: {export_dir} was not written by tf_limaml.export; "
-            "re-export it with `limaml export`.")
+            "re-export it with `limaml export`."
+        )
     with tf.io.gfile.GFile(path) as f:
         metadata = json.load(f)
     metadata["spec"] = FeatureSpec.from_dict(metadata["spec"])
@@ -587,22 +686,30 @@ def export_model(
         raise ValueError(f"`version` must be a positive integer, got {version!r}")
     for size in warmup_batch_sizes:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"`warmup_batch_sizes` must hold positive integers, got "
-                             f"{list(warmup_batch_sizes)!r}")
+            raise ValueError(
+                f"`warmup_batch_sizes` must hold positive integers, got "
+                f"{list(warmup_batch_sizes)!r}"
+            )
     final = os.path.join(export_base, str(version))
     if tf.io.gfile.exists(final):
         raise FileExistsError(
             f"Export version {final} exists already; pass another --version or omit "
-            "it to write the next one.")
-    module = LiMAMLServingModule(model, max_support=max_support, inner_steps=inner_steps)
+            "it to write the next one."
+        )
+    module = LiMAMLServingModule(
+        model, max_support=max_support, inner_steps=inner_steps
+    )
     if model.meta_config.adapt == "all":
         logger.warning(
             "The model adapts the global block too (adapt='all'): serving_default and "
             "predict_examples score with the shared global block, so they reproduce "
-            "adapt_and_predict only for the meta-block part of the adaptation.")
+            "adapt_and_predict only for the meta-block part of the adaptation."
+        )
     if module.inner_steps == 0:
-        logger.warning("inner_steps is 0: the adaptation signatures return the "
-                       "unadapted (cold-start) embedding for every entity.")
+        logger.warning(
+            "inner_steps is 0: the adaptation signatures return the "
+            "unadapted (cold-start) embedding for every entity."
+        )
     tf.io.gfile.makedirs(export_base)
     remove_abandoned_exports(export_base)
     # Hidden and non-numeric, so TF Serving's version poller ignores it.
@@ -619,38 +726,54 @@ def export_model(
             "max_support": max_support,
             "inner_steps": module.inner_steps,
             "adapt": model.meta_config.adapt,
-            "signatures": {name: {key: {"dtype": spec.dtype.name,
-                                        "shape": spec.shape.as_list()}
-                                  for key, spec in specs.items()}
-                           for name, specs in module.input_specs.items()},
+            "signatures": {
+                name: {
+                    key: {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
+                    for key, spec in specs.items()
+                }
+                for name, specs in module.input_specs.items()
+            },
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "spec": model.spec.to_dict(),
         }
         with tf.io.gfile.GFile(os.path.join(extra, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
         if tf.io.gfile.exists(final):
-            raise FileExistsError(f"Export version {final} appeared while exporting "
-                                  "(another export?); pass another --version.")
+            raise FileExistsError(
+                f"Export version {final} appeared while exporting "
+                "(another export?); pass another --version."
+            )
         tf.io.gfile.rename(temp, final, overwrite=False)
     except BaseException:
         if tf.io.gfile.exists(temp):
             tf.io.gfile.rmtree(temp)
         raise
-    logger.info("Exported version %d (max_support=%d, inner_steps=%d) to %s", version,
-                max_support, module.inner_steps, final)
+    logger.info(
+        "Exported version %d (max_support=%d, inner_steps=%d) to %s",
+        version,
+        max_support,
+        module.inner_steps,
+        final,
+    )
     return final
 
 
 def _write_warmup(path: str, model: LiMAMLModel, batch_sizes: Sequence[int]) -> None:
     with tf.io.TFRecordWriter(path) as writer:
         for size in batch_sizes:
-            writer.write(prediction_log_bytes(
-                warmup_inputs(model.spec, model.meta_dim, size), SERVING_DEFAULT))
+            writer.write(
+                prediction_log_bytes(
+                    warmup_inputs(model.spec, model.meta_dim, size), SERVING_DEFAULT
+                )
+            )
 
 
-def export_from_model_dir(model_dir: str | os.PathLike, export_base: str | os.PathLike,
-                          version: int | None = None, max_support: int | None = None
-                          ) -> str:
+def export_from_model_dir(
+    model_dir: str | os.PathLike,
+    export_base: str | os.PathLike,
+    version: int | None = None,
+    max_support: int | None = None,
+) -> str:
     """`limaml export`: loads a model directory and exports it (see `export_model`).
 
     `max_support` defaults to the value the model was trained with.
@@ -659,13 +782,18 @@ def export_from_model_dir(model_dir: str | os.PathLike, export_base: str | os.Pa
 
     if max_support is None:
         max_support = read_training_args(str(model_dir)).get("max_support")
-    return export_model(load_model(model_dir), export_base, version=version,
-                        max_support=max_support)
+    return export_model(
+        load_model(model_dir), export_base, version=version, max_support=max_support
+    )
 
 
-def check_serving_consistency(export_dir: str | os.PathLike, tasks: str | Sequence[str],
-                              embeddings: str | Sequence[str], max_query: int = 64,
-                              tolerance: float = 1e-5) -> dict[str, Any]:
+def check_serving_consistency(
+    export_dir: str | os.PathLike,
+    tasks: str | Sequence[str],
+    embeddings: str | Sequence[str],
+    max_query: int = 64,
+    tolerance: float = 1e-5,
+) -> dict[str, Any]:
     """Checks that stored embeddings reproduce in-graph adaptation, entity by entity.
 
     For every entity in both the task records and the embedding files (the
@@ -689,7 +817,9 @@ def check_serving_consistency(export_dir: str | os.PathLike, tasks: str | Sequen
     loaded = tf.saved_model.load(metadata["export_dir"])
     serve = loaded.signatures[SERVING_DEFAULT]
     adapt = loaded.signatures[ADAPT_AND_PREDICT]
-    patterns = [embeddings] if isinstance(embeddings, (str, os.PathLike)) else embeddings
+    patterns = (
+        [embeddings] if isinstance(embeddings, (str, os.PathLike)) else embeddings
+    )
     files = sorted({f for p in patterns for f in tf.io.gfile.glob(str(p))})
     if not files:
         raise FileNotFoundError(f"No embedding files match {embeddings!r}")
@@ -697,11 +827,17 @@ def check_serving_consistency(export_dir: str | os.PathLike, tasks: str | Sequen
     for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
         feature = tf.train.Example.FromString(record.numpy()).features.feature
         stored[feature["entity_id"].bytes_list.value[0]] = np.array(
-            feature["embedding"].float_list.value, np.float32)
+            feature["embedding"].float_list.value, np.float32
+        )
     score_diff = embedding_diff = 0.0
     checked = 0
-    for batch in data.task_dataset(tasks, spec, batch_tasks=64,
-                                   max_support=metadata["max_support"], max_query=max_query):
+    for batch in data.task_dataset(
+        tasks,
+        spec,
+        batch_tasks=64,
+        max_support=metadata["max_support"],
+        max_query=max_query,
+    ):
         batch = {k: v.numpy() for k, v in batch.items()}
         for i, entity_id in enumerate(batch["entity_id"]):
             if entity_id not in stored:
@@ -717,16 +853,33 @@ def check_serving_consistency(export_dir: str | os.PathLike, tasks: str | Sequen
                 request[f.name] = batch[spec.batch_key(QUERY, f.name)][i, :n_query]
                 inputs[spec.batch_key(QUERY, f.name)] = request[f.name]
             adapted = adapt(**inputs)
-            online = serve(**request, meta_embedding=np.repeat(
-                stored[entity_id][None], n_query, axis=0))[SCORE_KEY].numpy()
-            score_diff = max(score_diff, float(np.max(
-                np.abs(online - adapted[SCORE_KEY].numpy()), initial=0.0)))
-            embedding_diff = max(embedding_diff, float(np.max(
-                np.abs(stored[entity_id] - adapted[EMBEDDING_KEY].numpy()))))
+            online = serve(
+                **request,
+                meta_embedding=np.repeat(stored[entity_id][None], n_query, axis=0),
+            )[SCORE_KEY].numpy()
+            score_diff = max(
+                score_diff,
+                float(np.max(np.abs(online - adapted[SCORE_KEY].numpy()), initial=0.0)),
+            )
+            embedding_diff = max(
+                embedding_diff,
+                float(
+                    np.max(np.abs(stored[entity_id] - adapted[EMBEDDING_KEY].numpy()))
+                ),
+            )
             checked += 1
-    result = {"entities": checked, "max_abs_score_diff": score_diff,
-              "max_abs_embedding_diff": embedding_diff, "tolerance": tolerance,
-              "consistent": checked > 0 and score_diff <= tolerance}
-    logger.info("Serving consistency over %d entities: max |score diff| %.3g (tolerance "
-                "%.0e)", checked, score_diff, tolerance)
+    result = {
+        "entities": checked,
+        "max_abs_score_diff": score_diff,
+        "max_abs_embedding_diff": embedding_diff,
+        "tolerance": tolerance,
+        "consistent": checked > 0 and score_diff <= tolerance,
+    }
+    logger.info(
+        "Serving consistency over %d entities: max |score diff| %.3g (tolerance "
+        "%.0e)",
+        checked,
+        score_diff,
+        tolerance,
+    )
     return result

@@ -45,14 +45,17 @@ def export_base_of(export: str | os.PathLike) -> str:
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"Export not found: {path}; write one with `limaml export --model-dir "
-                f"MODEL --export-base {path}`")
+                f"MODEL --export-base {path}`"
+            )
     if _VERSION.match(os.path.basename(path)) and (
-            remote or os.path.exists(os.path.join(path, "saved_model.pb"))):
+        remote or os.path.exists(os.path.join(path, "saved_model.pb"))
+    ):
         path = os.path.dirname(path)
     if not remote and not versions_of(path):
         raise ValueError(
             f"{path} holds no version directory (EXPORT/<number>/saved_model.pb); pass "
-            "the --export-base given to `limaml export`, or its version directory")
+            "the --export-base given to `limaml export`, or its version directory"
+        )
     return path
 
 
@@ -60,9 +63,12 @@ def versions_of(export_base: str) -> list[int]:
     """Numeric version directories holding a SavedModel, ascending (local paths)."""
     if not os.path.isdir(export_base):
         return []
-    return sorted(int(name) for name in os.listdir(export_base)
-                  if _VERSION.match(name)
-                  and os.path.exists(os.path.join(export_base, name, "saved_model.pb")))
+    return sorted(
+        int(name)
+        for name in os.listdir(export_base)
+        if _VERSION.match(name)
+        and os.path.exists(os.path.join(export_base, name, "saved_model.pb"))
+    )
 
 
 def default_batching_file() -> str | None:
@@ -81,8 +87,11 @@ def default_batching_file() -> str | None:
     return None
 
 
-def serve_commands(export: str | os.PathLike, model_name: str = "limaml",
-                   batching_parameters: str | None = None) -> str:
+def serve_commands(
+    export: str | os.PathLike,
+    model_name: str = "limaml",
+    batching_parameters: str | None = None,
+) -> str:
     """The `tensorflow_model_server` and `docker run` lines that serve an export.
 
     Args:
@@ -96,19 +105,30 @@ def serve_commands(export: str | os.PathLike, model_name: str = "limaml",
         Shell commands with comments, one per line, ready to print.
     """
     if not _MODEL_NAME.match(model_name or ""):
-        raise ValueError(f"--model-name {model_name!r}: use letters, digits, '_', '.' or '-'")
+        raise ValueError(
+            f"--model-name {model_name!r}: use letters, digits, '_', '.' or '-'"
+        )
     base = export_base_of(export)
     batching = batching_parameters or default_batching_file()
     versions = versions_of(base) if "://" not in base else []
     quote = shlex.quote
-    server = (f"tensorflow_model_server --port={GRPC_PORT} --rest_api_port={REST_PORT} "
-              f"--model_name={quote(model_name)} --model_base_path={quote(base)}")
-    docker = (f"docker run --rm -p {GRPC_PORT}:{GRPC_PORT} -p {REST_PORT}:{REST_PORT} "
-              f"--mount type=bind,source={quote(base)},"
-              f"target={DOCKER_MODELS_DIR}/{model_name} -e MODEL_NAME={quote(model_name)}")
-    found = f" (versions {', '.join(map(str, versions))}; the latest is served)" if (
-        versions) else ""
-    lines = [f"# Serve {base}{found}: gRPC on port {GRPC_PORT}, REST on port {REST_PORT}."]
+    server = (
+        f"tensorflow_model_server --port={GRPC_PORT} --rest_api_port={REST_PORT} "
+        f"--model_name={quote(model_name)} --model_base_path={quote(base)}"
+    )
+    docker = (
+        f"docker run --rm -p {GRPC_PORT}:{GRPC_PORT} -p {REST_PORT}:{REST_PORT} "
+        f"--mount type=bind,source={quote(base)},"
+        f"target={DOCKER_MODELS_DIR}/{model_name} -e MODEL_NAME={quote(model_name)}"
+    )
+    found = (
+        f" (versions {', '.join(map(str, versions))}; the latest is served)"
+        if (versions)
+        else ""
+    )
+    lines = [
+        f"# Serve {base}{found}: gRPC on port {GRPC_PORT}, REST on port {REST_PORT}."
+    ]
     if batching:
         in_docker = f"{DOCKER_MODELS_DIR}/{BATCHING_FILE}"
         lines += [
@@ -120,7 +140,9 @@ def serve_commands(export: str | os.PathLike, model_name: str = "limaml",
             "rejects scalar inputs and inputs of different lengths):",
         ]
     else:
-        lines.append("# Without request batching (every signature, adapt_and_predict "
-                     "included):")
+        lines.append(
+            "# Without request batching (every signature, adapt_and_predict "
+            "included):"
+        )
     lines += [server, f"{docker} {DOCKER_IMAGE}"]
     return "\n".join(lines)

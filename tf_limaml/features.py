@@ -61,7 +61,8 @@ def _check_keys(where: str, obj: Mapping[str, Any], allowed: Iterable[str]) -> N
     unknown = sorted(set(obj) - set(allowed))
     if unknown:
         raise _fail(
-            f"{where}.{unknown[0]}", obj[unknown[0]],
+            f"{where}.{unknown[0]}",
+            obj[unknown[0]],
             f"unknown key; allowed keys are {sorted(allowed)}",
         )
 
@@ -69,7 +70,8 @@ def _check_keys(where: str, obj: Mapping[str, Any], allowed: Iterable[str]) -> N
 def _check_name(field: str, name: Any) -> str:
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
         raise _fail(
-            field, name,
+            field,
+            name,
             "must be a string of letters, digits, '_', '.' or '-' that starts "
             "with a letter or '_' (at most 128 characters)",
         )
@@ -122,8 +124,17 @@ class Feature:
     default: float | None = None
 
     _KEYS = (
-        "name", "type", "vocabulary", "hash_buckets", "dim", "separator",
-        "max_values", "allow_oov", "mean", "std", "default",
+        "name",
+        "type",
+        "vocabulary",
+        "hash_buckets",
+        "dim",
+        "separator",
+        "max_values",
+        "allow_oov",
+        "mean",
+        "std",
+        "default",
     )
 
     @property
@@ -165,10 +176,18 @@ class Feature:
         hash_buckets = obj.get("hash_buckets")
         kwargs: dict[str, Any] = {"name": name, "type": ftype}
         if ftype == NUMERIC:
-            for key in ("vocabulary", "hash_buckets", "dim", "separator", "max_values",
-                        "allow_oov"):
+            for key in (
+                "vocabulary",
+                "hash_buckets",
+                "dim",
+                "separator",
+                "max_values",
+                "allow_oov",
+            ):
                 if key in obj:
-                    raise _fail(f"{where}.{key}", obj[key], "not allowed on a numeric feature")
+                    raise _fail(
+                        f"{where}.{key}", obj[key], "not allowed on a numeric feature"
+                    )
             kwargs["mean"] = _finite_number(f"{where}.mean", obj.get("mean", 0.0))
             kwargs["std"] = _finite_number(f"{where}.std", obj.get("std", 1.0))
             if kwargs["std"] <= 0:
@@ -178,25 +197,38 @@ class Feature:
             return cls(**kwargs)
         for key in ("mean", "std", "default"):
             if key in obj:
-                raise _fail(f"{where}.{key}", obj[key], "only allowed on a numeric feature")
+                raise _fail(
+                    f"{where}.{key}", obj[key], "only allowed on a numeric feature"
+                )
         if (vocabulary is None) == (hash_buckets is None):
             raise _fail(
-                where, {"vocabulary": vocabulary, "hash_buckets": hash_buckets},
+                where,
+                {"vocabulary": vocabulary, "hash_buckets": hash_buckets},
                 "a categorical or multi_hot feature needs exactly one of "
                 "`vocabulary` or `hash_buckets`",
             )
         if vocabulary is not None:
-            if (not isinstance(vocabulary, (list, tuple)) or not vocabulary
-                    or not all(isinstance(v, str) and v for v in vocabulary)):
-                raise _fail(f"{where}.vocabulary", vocabulary,
-                            "must be a non-empty list of non-empty strings")
+            if (
+                not isinstance(vocabulary, (list, tuple))
+                or not vocabulary
+                or not all(isinstance(v, str) and v for v in vocabulary)
+            ):
+                raise _fail(
+                    f"{where}.vocabulary",
+                    vocabulary,
+                    "must be a non-empty list of non-empty strings",
+                )
             if len(set(vocabulary)) != len(vocabulary):
                 dup = next(v for v in vocabulary if vocabulary.count(v) > 1)
                 raise _fail(f"{where}.vocabulary", dup, "appears more than once")
             kwargs["vocabulary"] = tuple(vocabulary)
         else:
-            kwargs["hash_buckets"] = _positive_int(f"{where}.hash_buckets", hash_buckets)
-        kwargs["dim"] = _positive_int(f"{where}.dim", obj.get("dim", _DEFAULT_EMBEDDING_DIM))
+            kwargs["hash_buckets"] = _positive_int(
+                f"{where}.hash_buckets", hash_buckets
+            )
+        kwargs["dim"] = _positive_int(
+            f"{where}.dim", obj.get("dim", _DEFAULT_EMBEDDING_DIM)
+        )
         allow_oov = obj.get("allow_oov", False)
         if not isinstance(allow_oov, bool):
             raise _fail(f"{where}.allow_oov", allow_oov, "must be true or false")
@@ -204,14 +236,22 @@ class Feature:
         if ftype == MULTI_HOT:
             separator = obj.get("separator", "|")
             if not isinstance(separator, str) or not separator:
-                raise _fail(f"{where}.separator", separator, "must be a non-empty string")
+                raise _fail(
+                    f"{where}.separator", separator, "must be a non-empty string"
+                )
             kwargs["separator"] = separator
             if obj.get("max_values") is not None:
-                kwargs["max_values"] = _positive_int(f"{where}.max_values", obj["max_values"])
+                kwargs["max_values"] = _positive_int(
+                    f"{where}.max_values", obj["max_values"]
+                )
         else:
             for key in ("separator", "max_values"):
                 if key in obj:
-                    raise _fail(f"{where}.{key}", obj[key], "only allowed on a multi_hot feature")
+                    raise _fail(
+                        f"{where}.{key}",
+                        obj[key],
+                        "only allowed on a multi_hot feature",
+                    )
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,7 +305,9 @@ class LabelSpec:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"label `{self.column}` = {value!r} is not a number") from None
+            raise ValueError(
+                f"label `{self.column}` = {value!r} is not a number"
+            ) from None
         if not math.isfinite(number):
             raise ValueError(f"label `{self.column}` = {value!r} is not finite")
         if self.threshold is not None:
@@ -295,7 +337,14 @@ class FeatureSpec:
     request_features: tuple[Feature, ...]
     tie_break: str | None = None
 
-    _KEYS = ("entity", "time", "label", "meta_features", "request_features", "tie_break")
+    _KEYS = (
+        "entity",
+        "time",
+        "label",
+        "meta_features",
+        "request_features",
+        "tie_break",
+    )
 
     # ----------------------------------------------------------------- JSON I/O
     @classmethod
@@ -320,46 +369,66 @@ class FeatureSpec:
                 threshold = _finite_number("label.threshold", threshold)
             label = LabelSpec(column, threshold)
         else:
-            raise _fail("label", label_obj,
-                        'must be a column name or {"column": ..., "threshold": ...}')
+            raise _fail(
+                "label",
+                label_obj,
+                'must be a column name or {"column": ..., "threshold": ...}',
+            )
         features = {}
         for part in ("meta_features", "request_features"):
             items = obj.get(part, [])
             if not isinstance(items, (list, tuple)):
                 raise _fail(part, items, "must be a list of features")
             features[part] = tuple(
-                Feature.from_dict(item, f"{part}[{i}]") for i, item in enumerate(items))
+                Feature.from_dict(item, f"{part}[{i}]") for i, item in enumerate(items)
+            )
         if not features["request_features"]:
             raise _fail("request_features", [], "needs at least one feature")
         tie_break = obj.get("tie_break")
         if tie_break is not None:
             tie_break = _check_name("tie_break", tie_break)
-        spec = cls(entity, time, label, features["meta_features"],
-                   features["request_features"], tie_break)
+        spec = cls(
+            entity,
+            time,
+            label,
+            features["meta_features"],
+            features["request_features"],
+            tie_break,
+        )
         spec._check_names()
         return spec
 
     def _check_names(self) -> None:
         seen: dict[str, str] = {}
-        columns = [("entity", self.entity), ("time", self.time),
-                   ("label.column", self.label.column)]
+        columns = [
+            ("entity", self.entity),
+            ("time", self.time),
+            ("label.column", self.label.column),
+        ]
         columns += [(f"meta_features[{f.name}]", f.name) for f in self.meta_features]
-        columns += [(f"request_features[{f.name}]", f.name) for f in self.request_features]
+        columns += [
+            (f"request_features[{f.name}]", f.name) for f in self.request_features
+        ]
         for field, name in columns:
             if name in seen:
                 raise _fail(field, name, f"is already used by `{seen[name]}`")
             seen[name] = field
         for feature in self.features:
             if feature.name in RESERVED_NAMES:
-                raise _fail(f"feature {feature.name}", feature.name,
-                            f"is reserved; rename it (reserved: {sorted(RESERVED_NAMES)})")
+                raise _fail(
+                    f"feature {feature.name}",
+                    feature.name,
+                    f"is reserved; rename it (reserved: {sorted(RESERVED_NAMES)})",
+                )
 
     @classmethod
     def from_json(cls, text: str) -> "FeatureSpec":
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
-            raise FeatureSpecError(f"Invalid feature spec: not valid JSON ({err})") from None
+            raise FeatureSpecError(
+                f"Invalid feature spec: not valid JSON ({err})"
+            ) from None
         return cls.from_dict(obj)
 
     @classmethod
@@ -405,8 +474,10 @@ class FeatureSpec:
         for feature in self.features:
             if feature.name == name:
                 return feature
-        raise KeyError(f"No feature named {name!r}; the spec has "
-                       f"{[f.name for f in self.features]}")
+        raise KeyError(
+            f"No feature named {name!r}; the spec has "
+            f"{[f.name for f in self.features]}"
+        )
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -451,9 +522,11 @@ class FeatureSpec:
         sequence: dict[str, Any] = {}
         for part in PARTS:
             sequence[self.sequence_key(part, LABEL_KEY)] = (
-                tf.io.FixedLenSequenceFeature([], tf.float32))
-            sequence[self.sequence_key(part, TIME_KEY)] = (
-                tf.io.FixedLenSequenceFeature([], tf.int64))
+                tf.io.FixedLenSequenceFeature([], tf.float32)
+            )
+            sequence[self.sequence_key(part, TIME_KEY)] = tf.io.FixedLenSequenceFeature(
+                [], tf.int64
+            )
             for feature in self.request_features:
                 key = self.sequence_key(part, feature.name)
                 if feature.type == NUMERIC:
@@ -465,7 +538,9 @@ class FeatureSpec:
         return context, sequence
 
 
-def load_spec(spec: "FeatureSpec | str | os.PathLike | Mapping[str, Any]") -> FeatureSpec:
+def load_spec(
+    spec: "FeatureSpec | str | os.PathLike | Mapping[str, Any]",
+) -> FeatureSpec:
     """Accepts a FeatureSpec, a JSON object, or a path to a JSON file."""
     if isinstance(spec, FeatureSpec):
         return spec

@@ -23,20 +23,28 @@ _PACKAGE = "tf_limaml"
 Weights = Mapping[str, tf.Tensor]
 
 
-def _as_features(features: Sequence[Feature | Mapping[str, Any]]) -> tuple[Feature, ...]:
-    return tuple(f if isinstance(f, Feature) else Feature.from_dict(f, "features")
-                 for f in features)
+def _as_features(
+    features: Sequence[Feature | Mapping[str, Any]],
+) -> tuple[Feature, ...]:
+    return tuple(
+        f if isinstance(f, Feature) else Feature.from_dict(f, "features")
+        for f in features
+    )
 
 
 def _check_units(name: str, units: Sequence[int]) -> tuple[int, ...]:
     units = tuple(units)
     if not units or not all(isinstance(u, int) and u > 0 for u in units):
-        raise ValueError(f"`{name}` must be a non-empty list of positive integers, "
-                         f"got {list(units)!r}")
+        raise ValueError(
+            f"`{name}` must be a non-empty list of positive integers, "
+            f"got {list(units)!r}"
+        )
     return units
 
 
-def apply_dense(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+def apply_dense(
+    x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
+) -> tf.Tensor:
     """x @ kernel + bias, with optional per-task weights.
 
     Args:
@@ -56,15 +64,19 @@ def apply_dense(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) 
             # rank-3 dots with a broadcast kernel far slower (and their
             # second-order gradients slower still).
             rows = tf.reshape(x, [-1, tf.shape(x)[-1]])
-            y = tf.reshape(tf.matmul(rows, kernel),
-                           tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[-1:]], axis=0))
+            y = tf.reshape(
+                tf.matmul(rows, kernel),
+                tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[-1:]], axis=0),
+            )
             y.set_shape(x.shape[:-1].concatenate(kernel.shape[-1:]))
     elif x.shape.rank == 2:
         y = tf.einsum("ti,tio->to", x, kernel)
     elif x.shape.rank == 3:
         y = tf.einsum("tsi,tio->tso", x, kernel)
     else:
-        raise ValueError(f"Per-task kernels need inputs of rank 2 or 3, got shape {x.shape}")
+        raise ValueError(
+            f"Per-task kernels need inputs of rank 2 or 3, got shape {x.shape}"
+        )
     if bias is None:
         return y
     if bias.shape.rank == 2 and y.shape.rank == 3:
@@ -98,8 +110,11 @@ class FeatureEmbedding(tf.keras.layers.Layer):
                 # id 0 is the OOV bucket: unknown values of an open vocabulary
                 # and missing ("") values land there.
                 self._lookups[feature.name] = tf.keras.layers.StringLookup(
-                    vocabulary=list(feature.vocabulary), num_oov_indices=1,
-                    mask_token=None, name=f"{feature.name}_lookup")
+                    vocabulary=list(feature.vocabulary),
+                    num_oov_indices=1,
+                    mask_token=None,
+                    name=f"{feature.name}_lookup",
+                )
 
     @property
     def output_dim(self) -> int:
@@ -110,17 +125,20 @@ class FeatureEmbedding(tf.keras.layers.Layer):
         for feature in self.features:
             if feature.type != NUMERIC:
                 self.tables[feature.name] = self.add_weight(
-                    name=f"{feature.name}_embedding", shape=(feature.num_ids, feature.dim),
+                    name=f"{feature.name}_embedding",
+                    shape=(feature.num_ids, feature.dim),
                     initializer=tf.keras.initializers.RandomNormal(stddev=0.05),
-                    trainable=True)
+                    trainable=True,
+                )
         super().build(input_shape)
 
     def _ids(self, feature: Feature, value: tf.Tensor) -> tf.Tensor:
         if feature.vocabulary is not None:
             ids = tf.cast(self._lookups[feature.name](value), tf.int32)
         else:
-            ids = tf.cast(tf.strings.to_hash_bucket_fast(value, feature.hash_buckets),
-                          tf.int32)
+            ids = tf.cast(
+                tf.strings.to_hash_bucket_fast(value, feature.hash_buckets), tf.int32
+            )
         if feature.type == MULTI_HOT:
             ids = tf.where(tf.equal(value, ""), tf.constant(-1, tf.int32), ids)
         return ids
@@ -137,7 +155,9 @@ class FeatureEmbedding(tf.keras.layers.Layer):
                 raise KeyError(f"Missing feature {feature.name!r}; got {sorted(raw)}")
             value = raw[feature.name]
             if feature.type == NUMERIC:
-                value = (tf.cast(value, self.compute_dtype) - feature.mean) / feature.std
+                value = (
+                    tf.cast(value, self.compute_dtype) - feature.mean
+                ) / feature.std
                 encoded[feature.name] = value
             else:
                 encoded[feature.name] = self._ids(feature, tf.convert_to_tensor(value))
@@ -170,8 +190,9 @@ class _DenseStack(tf.keras.layers.Layer):
 
     def _dense_weight(self, name: str, shape: tuple[int, ...], bias: bool = False):
         initializer = "zeros" if bias else tf.keras.initializers.GlorotUniform()
-        variable = self.add_weight(name=name, shape=shape, initializer=initializer,
-                                   trainable=True)
+        variable = self.add_weight(
+            name=name, shape=shape, initializer=initializer, trainable=True
+        )
         self._adaptable[name] = variable
         return variable
 
@@ -204,20 +225,30 @@ class MetaBlock(_DenseStack):
     Output shape: `[T, d]`.
     """
 
-    def __init__(self, features: Sequence[Feature | Mapping[str, Any]] = (),
-                 units: Sequence[int] = (64, 32), activation: str = "relu",
-                 constant_input_dim: int = 8, **kwargs):
+    def __init__(
+        self,
+        features: Sequence[Feature | Mapping[str, Any]] = (),
+        units: Sequence[int] = (64, 32),
+        activation: str = "relu",
+        constant_input_dim: int = 8,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.features = _as_features(features)
         self.units = _check_units("units", units)
         self.activation = activation
         self._activation = tf.keras.activations.get(activation)
         if not isinstance(constant_input_dim, int) or constant_input_dim <= 0:
-            raise ValueError("`constant_input_dim` must be a positive integer, got "
-                             f"{constant_input_dim!r}")
+            raise ValueError(
+                "`constant_input_dim` must be a positive integer, got "
+                f"{constant_input_dim!r}"
+            )
         self.constant_input_dim = constant_input_dim
-        self.embedding = FeatureEmbedding(self.features, name="meta_features") if (
-            self.features) else None
+        self.embedding = (
+            FeatureEmbedding(self.features, name="meta_features")
+            if (self.features)
+            else None
+        )
         self._adaptable: dict[str, tf.Variable] = {}
 
     @property
@@ -233,8 +264,11 @@ class MetaBlock(_DenseStack):
             self.embedding.build(None)
         else:
             self.constant_input = self.add_weight(
-                name="constant_input", shape=(self.constant_input_dim,),
-                initializer=tf.keras.initializers.RandomNormal(stddev=0.1), trainable=True)
+                name="constant_input",
+                shape=(self.constant_input_dim,),
+                initializer=tf.keras.initializers.RandomNormal(stddev=0.1),
+                trainable=True,
+            )
         width = self.input_dim
         for i, units in enumerate(self.units):
             self._dense_weight(f"dense_{i}/kernel", (width, units))
@@ -245,8 +279,9 @@ class MetaBlock(_DenseStack):
     def encode(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return self.embedding.encode(raw) if self.embedding else {}
 
-    def embed_inputs(self, encoded: Mapping[str, tf.Tensor], batch_size: tf.Tensor | int
-                     ) -> tf.Tensor:
+    def embed_inputs(
+        self, encoded: Mapping[str, tf.Tensor], batch_size: tf.Tensor | int
+    ) -> tf.Tensor:
         """The MLP's input `[T, M]`: embedded meta features or the constant."""
         if self.embedding is not None:
             return self.embedding(encoded)
@@ -264,14 +299,21 @@ class MetaBlock(_DenseStack):
     def mlp(self, x: tf.Tensor, weights: Weights | None = None) -> tf.Tensor:
         """Runs the MLP on `[T, M]`; `weights` may override any dense weight."""
         for i in range(len(self.units)):
-            x = apply_dense(x, self._w(weights, f"dense_{i}/kernel"),
-                            self._w(weights, f"dense_{i}/bias"))
+            x = apply_dense(
+                x,
+                self._w(weights, f"dense_{i}/kernel"),
+                self._w(weights, f"dense_{i}/bias"),
+            )
             if i < len(self.units) - 1:
                 x = self._activation(x)
         return x
 
-    def call(self, encoded: Mapping[str, tf.Tensor], weights: Weights | None = None,
-             batch_size: tf.Tensor | int | None = None) -> tf.Tensor:
+    def call(
+        self,
+        encoded: Mapping[str, tf.Tensor],
+        weights: Weights | None = None,
+        batch_size: tf.Tensor | int | None = None,
+    ) -> tf.Tensor:
         if batch_size is None:
             batch_size = _batch_size(encoded, weights)
         if weights is not None and "inputs" in weights:
@@ -282,12 +324,14 @@ class MetaBlock(_DenseStack):
 
     def get_config(self):
         config = super().get_config()
-        config.update({
-            "features": [f.to_dict() for f in self.features],
-            "units": list(self.units),
-            "activation": self.activation,
-            "constant_input_dim": self.constant_input_dim,
-        })
+        config.update(
+            {
+                "features": [f.to_dict() for f in self.features],
+                "units": list(self.units),
+                "activation": self.activation,
+                "constant_input_dim": self.constant_input_dim,
+            }
+        )
         return config
 
 
@@ -296,8 +340,10 @@ def _batch_size(encoded: Mapping[str, tf.Tensor], weights: Weights | None) -> tf
         return tf.shape(weights["inputs"])[0]
     for value in encoded.values():
         return tf.shape(value)[0]
-    raise ValueError("Cannot infer the batch size: pass `batch_size` when the block has "
-                     "no meta features")
+    raise ValueError(
+        "Cannot infer the batch size: pass `batch_size` when the block has "
+        "no meta features"
+    )
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
@@ -316,25 +362,29 @@ class FunctionalCross(tf.keras.layers.Layer):
 
     def __init__(self, projection_dim: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        if projection_dim is not None and (not isinstance(projection_dim, int)
-                                           or projection_dim <= 0):
-            raise ValueError("`projection_dim` must be a positive integer or None, got "
-                             f"{projection_dim!r}")
+        if projection_dim is not None and (
+            not isinstance(projection_dim, int) or projection_dim <= 0
+        ):
+            raise ValueError(
+                "`projection_dim` must be a positive integer or None, got "
+                f"{projection_dim!r}"
+            )
         self.projection_dim = projection_dim
 
     def build(self, input_shape):
         width = int(input_shape[-1])
         init = tf.keras.initializers.GlorotUniform()
         if self.projection_dim is None:
-            self.kernel = self.add_weight(name="kernel", shape=(width, width),
-                                          initializer=init)
+            self.kernel = self.add_weight(
+                name="kernel", shape=(width, width), initializer=init
+            )
         else:
-            self.kernel_u = self.add_weight(name="kernel_u",
-                                            shape=(width, self.projection_dim),
-                                            initializer=init)
-            self.kernel_v = self.add_weight(name="kernel_v",
-                                            shape=(self.projection_dim, width),
-                                            initializer=init)
+            self.kernel_u = self.add_weight(
+                name="kernel_u", shape=(width, self.projection_dim), initializer=init
+            )
+            self.kernel_v = self.add_weight(
+                name="kernel_v", shape=(self.projection_dim, width), initializer=init
+            )
         self.bias = self.add_weight(name="bias", shape=(width,), initializer="zeros")
         super().build(input_shape)
 
@@ -343,8 +393,9 @@ class FunctionalCross(tf.keras.layers.Layer):
             return {"kernel": self.kernel, "bias": self.bias}
         return {"kernel_u": self.kernel_u, "kernel_v": self.kernel_v, "bias": self.bias}
 
-    def call(self, x0: tf.Tensor, x: tf.Tensor | None = None,
-             weights: Weights | None = None) -> tf.Tensor:
+    def call(
+        self, x0: tf.Tensor, x: tf.Tensor | None = None, weights: Weights | None = None
+    ) -> tf.Tensor:
         if x is None:
             x = x0
         w = dict(self.weight_dict())
@@ -352,7 +403,9 @@ class FunctionalCross(tf.keras.layers.Layer):
         if self.projection_dim is None:
             projected = apply_dense(x, w["kernel"], w["bias"])
         else:
-            projected = apply_dense(apply_dense(x, w["kernel_u"]), w["kernel_v"], w["bias"])
+            projected = apply_dense(
+                apply_dense(x, w["kernel_u"]), w["kernel_v"], w["bias"]
+            )
         return x0 * projected + x
 
     def get_config(self):
@@ -386,10 +439,17 @@ class GlobalBlock(_DenseStack):
     Output shape: logits `[B]` or `[T, S]`.
     """
 
-    def __init__(self, features: Sequence[Feature | Mapping[str, Any]], meta_dim: int,
-                 interaction: str = "product", cross_layers: int = 2,
-                 projection_dim: int | None = None, units: Sequence[int] = (256, 128),
-                 activation: str = "relu", **kwargs):
+    def __init__(
+        self,
+        features: Sequence[Feature | Mapping[str, Any]],
+        meta_dim: int,
+        interaction: str = "product",
+        cross_layers: int = 2,
+        projection_dim: int | None = None,
+        units: Sequence[int] = (256, 128),
+        activation: str = "relu",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.features = _as_features(features)
         if not self.features:
@@ -397,10 +457,13 @@ class GlobalBlock(_DenseStack):
         if not isinstance(meta_dim, int) or meta_dim <= 0:
             raise ValueError(f"`meta_dim` must be a positive integer, got {meta_dim!r}")
         if interaction not in INTERACTIONS:
-            raise ValueError(f"`interaction` must be one of {INTERACTIONS}, got "
-                             f"{interaction!r}")
+            raise ValueError(
+                f"`interaction` must be one of {INTERACTIONS}, got " f"{interaction!r}"
+            )
         if not isinstance(cross_layers, int) or cross_layers < 0:
-            raise ValueError(f"`cross_layers` must be an integer >= 0, got {cross_layers!r}")
+            raise ValueError(
+                f"`cross_layers` must be an integer >= 0, got {cross_layers!r}"
+            )
         self.meta_dim = meta_dim
         self.interaction = interaction
         self.cross_layers = cross_layers
@@ -409,8 +472,10 @@ class GlobalBlock(_DenseStack):
         self.activation = activation
         self._activation = tf.keras.activations.get(activation)
         self.embedding = FeatureEmbedding(self.features, name="request_features")
-        self.crosses = [FunctionalCross(projection_dim, name=f"cross_{i}")
-                        for i in range(cross_layers)]
+        self.crosses = [
+            FunctionalCross(projection_dim, name=f"cross_{i}")
+            for i in range(cross_layers)
+        ]
         self._adaptable: dict[str, tf.Variable] = {}
 
     @property
@@ -421,8 +486,9 @@ class GlobalBlock(_DenseStack):
     def build(self, input_shape=None):
         self.embedding.build(None)
         if self.interaction == "product":
-            self._dense_weight("interaction/kernel",
-                               (self.embedding.output_dim, self.meta_dim))
+            self._dense_weight(
+                "interaction/kernel", (self.embedding.output_dim, self.meta_dim)
+            )
             self._dense_weight("interaction/bias", (self.meta_dim,), bias=True)
         width = self.cross_width
         for cross in self.crosses:
@@ -440,41 +506,61 @@ class GlobalBlock(_DenseStack):
     def encode(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return self.embedding.encode(raw)
 
-    def call(self, meta_embedding: tf.Tensor, encoded: Mapping[str, tf.Tensor],
-             weights: Weights | None = None) -> tf.Tensor:
+    def call(
+        self,
+        meta_embedding: tf.Tensor,
+        encoded: Mapping[str, tf.Tensor],
+        weights: Weights | None = None,
+    ) -> tf.Tensor:
         request = self.embedding(encoded)
         if meta_embedding.shape.rank < request.shape.rank:
             # One embedding per task, broadcast over its S rows.
             meta_embedding = tf.broadcast_to(
                 meta_embedding[:, None, :],
-                tf.concat([tf.shape(request)[:-1], [self.meta_dim]], axis=0))
+                tf.concat([tf.shape(request)[:-1], [self.meta_dim]], axis=0),
+            )
         parts = [meta_embedding, request]
         if self.interaction == "product":
-            item_side = apply_dense(request, self._w(weights, "interaction/kernel"),
-                                    self._w(weights, "interaction/bias"))
+            item_side = apply_dense(
+                request,
+                self._w(weights, "interaction/kernel"),
+                self._w(weights, "interaction/bias"),
+            )
             parts.append(meta_embedding * item_side)
         x0 = tf.concat(parts, axis=-1)
         x = x0
         for cross in self.crosses:
             prefix = f"{cross.name}/"
-            cross_weights = {k[len(prefix):]: v for k, v in (weights or {}).items()
-                             if k.startswith(prefix)}
+            cross_weights = {
+                k[len(prefix) :]: v
+                for k, v in (weights or {}).items()
+                if k.startswith(prefix)
+            }
             x = cross(x0, x, weights=cross_weights)
         for i in range(len(self.units)):
-            x = self._activation(apply_dense(x, self._w(weights, f"dense_{i}/kernel"),
-                                             self._w(weights, f"dense_{i}/bias")))
-        logits = apply_dense(x, self._w(weights, "logit/kernel"), self._w(weights, "logit/bias"))
+            x = self._activation(
+                apply_dense(
+                    x,
+                    self._w(weights, f"dense_{i}/kernel"),
+                    self._w(weights, f"dense_{i}/bias"),
+                )
+            )
+        logits = apply_dense(
+            x, self._w(weights, "logit/kernel"), self._w(weights, "logit/bias")
+        )
         return tf.squeeze(logits, axis=-1)
 
     def get_config(self):
         config = super().get_config()
-        config.update({
-            "features": [f.to_dict() for f in self.features],
-            "meta_dim": self.meta_dim,
-            "interaction": self.interaction,
-            "cross_layers": self.cross_layers,
-            "projection_dim": self.projection_dim,
-            "units": list(self.units),
-            "activation": self.activation,
-        })
+        config.update(
+            {
+                "features": [f.to_dict() for f in self.features],
+                "meta_dim": self.meta_dim,
+                "interaction": self.interaction,
+                "cross_layers": self.cross_layers,
+                "projection_dim": self.projection_dim,
+                "units": list(self.units),
+                "activation": self.activation,
+            }
+        )
         return config

@@ -27,7 +27,13 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tf_limaml.features import (
-    LABEL_KEY, MASK_KEY, PARTS, QUERY, SUPPORT, FeatureSpec, load_spec,
+    LABEL_KEY,
+    MASK_KEY,
+    PARTS,
+    QUERY,
+    SUPPORT,
+    FeatureSpec,
+    load_spec,
 )
 from tf_limaml.layers import GlobalBlock, MetaBlock
 
@@ -68,25 +74,48 @@ class MetaConfig:
     support_prior: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or (
-                self.inner_steps < 0):
-            raise ValueError(f"MetaConfig.inner_steps must be an integer >= 0, got "
-                             f"{self.inner_steps!r}")
-        if isinstance(self.inner_lr, bool) or not isinstance(self.inner_lr, (int, float)) or (
-                not self.inner_lr >= 0):
-            raise ValueError(f"MetaConfig.inner_lr must be a number >= 0, got "
-                             f"{self.inner_lr!r}")
+        if (
+            isinstance(self.inner_steps, bool)
+            or not isinstance(self.inner_steps, int)
+            or (self.inner_steps < 0)
+        ):
+            raise ValueError(
+                f"MetaConfig.inner_steps must be an integer >= 0, got "
+                f"{self.inner_steps!r}"
+            )
+        if (
+            isinstance(self.inner_lr, bool)
+            or not isinstance(self.inner_lr, (int, float))
+            or (not self.inner_lr >= 0)
+        ):
+            raise ValueError(
+                f"MetaConfig.inner_lr must be a number >= 0, got " f"{self.inner_lr!r}"
+            )
         if self.adapt not in ADAPT_CHOICES:
-            raise ValueError(f"MetaConfig.adapt must be one of {ADAPT_CHOICES}, got "
-                             f"{self.adapt!r}")
-        if isinstance(self.support_prior, bool) or not isinstance(
-                self.support_prior, (int, float)) or not self.support_prior >= 0:
-            raise ValueError(f"MetaConfig.support_prior must be a number >= 0, got "
-                             f"{self.support_prior!r}")
-        for name in ("learn_inner_lr", "first_order", "adapt_embeddings", "jit_compile"):
+            raise ValueError(
+                f"MetaConfig.adapt must be one of {ADAPT_CHOICES}, got "
+                f"{self.adapt!r}"
+            )
+        if (
+            isinstance(self.support_prior, bool)
+            or not isinstance(self.support_prior, (int, float))
+            or not self.support_prior >= 0
+        ):
+            raise ValueError(
+                f"MetaConfig.support_prior must be a number >= 0, got "
+                f"{self.support_prior!r}"
+            )
+        for name in (
+            "learn_inner_lr",
+            "first_order",
+            "adapt_embeddings",
+            "jit_compile",
+        ):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"MetaConfig.{name} must be true or false, got "
-                                 f"{getattr(self, name)!r}")
+                raise ValueError(
+                    f"MetaConfig.{name} must be true or false, got "
+                    f"{getattr(self, name)!r}"
+                )
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> "MetaConfig":
@@ -95,8 +124,10 @@ class MetaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(obj) - known)
         if unknown:
-            raise ValueError(f"Unknown MetaConfig key {unknown[0]!r}; known keys are "
-                             f"{sorted(known)}")
+            raise ValueError(
+                f"Unknown MetaConfig key {unknown[0]!r}; known keys are "
+                f"{sorted(known)}"
+            )
         return cls(**obj)
 
     @classmethod
@@ -107,7 +138,9 @@ class MetaConfig:
             try:
                 obj = json.load(f)
             except json.JSONDecodeError as err:
-                raise ValueError(f"Meta config {path} is not valid JSON ({err})") from None
+                raise ValueError(
+                    f"Meta config {path} is not valid JSON ({err})"
+                ) from None
         return cls.from_dict(obj)
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,15 +150,19 @@ class MetaConfig:
 def _where_finite(finite: tf.Tensor, grad):
     """The gradient if the step is finite, else zeros of its shape."""
     if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(tf.where(finite, grad.values, tf.zeros_like(grad.values)),
-                                grad.indices, grad.dense_shape)
+        return tf.IndexedSlices(
+            tf.where(finite, grad.values, tf.zeros_like(grad.values)),
+            grad.indices,
+            grad.dense_shape,
+        )
     return tf.where(finite, grad, tf.zeros_like(grad))
 
 
 def masked_task_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     """Per-task mean over real rows: sum(mask * v) / max(sum(mask), 1); [T, N] -> [T]."""
     return tf.reduce_sum(values * mask, axis=-1) / tf.maximum(
-        tf.reduce_sum(mask, axis=-1), 1.0)
+        tf.reduce_sum(mask, axis=-1), 1.0
+    )
 
 
 @tf.keras.utils.register_keras_serializable(package="tf_limaml")
@@ -148,12 +185,18 @@ class LiMAMLModel(tf.keras.Model):
     labels and masks). `call` returns adapted query probabilities `[T, Q]`.
     """
 
-    def __init__(self, spec: FeatureSpec | Mapping[str, Any] | str,
-                 meta_config: MetaConfig | Mapping[str, Any] | None = None,
-                 meta_units: Sequence[int] = (64, 32),
-                 global_units: Sequence[int] = (256, 128), cross_layers: int = 2,
-                 projection_dim: int | None = None, interaction: str = "product",
-                 l2: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        spec: FeatureSpec | Mapping[str, Any] | str,
+        meta_config: MetaConfig | Mapping[str, Any] | None = None,
+        meta_units: Sequence[int] = (64, 32),
+        global_units: Sequence[int] = (256, 128),
+        cross_layers: int = 2,
+        projection_dim: int | None = None,
+        interaction: str = "product",
+        l2: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.spec = load_spec(spec)
         if meta_config is None:
@@ -164,12 +207,18 @@ class LiMAMLModel(tf.keras.Model):
         if not isinstance(l2, (int, float)) or l2 < 0:
             raise ValueError(f"`l2` must be a number >= 0, got {l2!r}")
         self.l2 = float(l2)
-        self.meta_block = MetaBlock(self.spec.meta_features, units=meta_units,
-                                    name="meta_block")
+        self.meta_block = MetaBlock(
+            self.spec.meta_features, units=meta_units, name="meta_block"
+        )
         self.global_block = GlobalBlock(
-            self.spec.request_features, meta_dim=self.meta_block.output_dim,
-            interaction=interaction, cross_layers=cross_layers,
-            projection_dim=projection_dim, units=global_units, name="global_block")
+            self.spec.request_features,
+            meta_dim=self.meta_block.output_dim,
+            interaction=interaction,
+            cross_layers=cross_layers,
+            projection_dim=projection_dim,
+            units=global_units,
+            name="global_block",
+        )
         self.meta_block.build(None)
         self.global_block.build(None)
         # Every weight exists now (no input-shape inference is needed), so
@@ -178,40 +227,59 @@ class LiMAMLModel(tf.keras.Model):
         # One pointwise loss object: the inner loop reduces it per task, and the
         # TFRS ranking task uses it for the reported query loss and AUC.
         self.pointwise_loss = tf.keras.losses.BinaryCrossentropy(
-            from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+            from_logits=True, reduction=tf.keras.losses.Reduction.NONE
+        )
         self.task = tfrs.tasks.Ranking(
             loss=self.pointwise_loss,
-            metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
+            metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")],
+        )
         self.inner_lrs: dict[str, tf.Variable] = {}
         if self.meta_config.learn_inner_lr:
             for name, variable in self._adaptable_variables().items():
                 self.inner_lrs[name] = self.add_weight(
-                    name=f"inner_lr/{name}", shape=variable.shape, trainable=True,
-                    initializer=tf.keras.initializers.Constant(self.meta_config.inner_lr))
+                    name=f"inner_lr/{name}",
+                    shape=variable.shape,
+                    trainable=True,
+                    initializer=tf.keras.initializers.Constant(
+                        self.meta_config.inner_lr
+                    ),
+                )
             if self.meta_config.adapt_embeddings:
                 self.inner_lrs[META_INPUTS] = self.add_weight(
-                    name="inner_lr/meta_inputs", shape=(self.meta_block.input_dim,),
+                    name="inner_lr/meta_inputs",
+                    shape=(self.meta_block.input_dim,),
                     trainable=True,
-                    initializer=tf.keras.initializers.Constant(self.meta_config.inner_lr))
-        self._trackers = {name: tf.keras.metrics.Mean(name=name) for name in (
-            "loss", "support_loss", "query_loss", "regularization_loss")}
+                    initializer=tf.keras.initializers.Constant(
+                        self.meta_config.inner_lr
+                    ),
+                )
+        self._trackers = {
+            name: tf.keras.metrics.Mean(name=name)
+            for name in ("loss", "support_loss", "query_loss", "regularization_loss")
+        }
         self.loss_tracker = self._trackers["loss"]
         self.support_loss_tracker = self._trackers["support_loss"]
         self.query_loss_tracker = self._trackers["query_loss"]
         self.regularization_loss_tracker = self._trackers["regularization_loss"]
         self._config = {
-            "meta_units": list(meta_units), "global_units": list(global_units),
-            "cross_layers": cross_layers, "projection_dim": projection_dim,
-            "interaction": interaction, "l2": self.l2,
+            "meta_units": list(meta_units),
+            "global_units": list(global_units),
+            "cross_layers": cross_layers,
+            "projection_dim": projection_dim,
+            "interaction": interaction,
+            "l2": self.l2,
         }
         # tf.functions kept outside Keras attribute tracking (they are caches).
         object.__setattr__(self, "_function_cache", {})
         # Under a distribution strategy the first replica's batch is recorded.
         self._nonfinite_entities = tf.Variable(
-            tf.constant([], tf.string), shape=tf.TensorShape([None]), trainable=False,
+            tf.constant([], tf.string),
+            shape=tf.TensorShape([None]),
+            trainable=False,
             name="nonfinite_entities",
             synchronization=tf.VariableSynchronization.ON_READ,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
 
     # --------------------------------------------------------------- config
     @property
@@ -219,8 +287,12 @@ class LiMAMLModel(tf.keras.Model):
         return self.meta_block.output_dim
 
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "spec": self.spec.to_dict(),
-                "meta_config": self.meta_config.to_dict(), **self._config}
+        return {
+            "name": self.name,
+            "spec": self.spec.to_dict(),
+            "meta_config": self.meta_config.to_dict(),
+            **self._config,
+        }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -239,11 +311,15 @@ class LiMAMLModel(tf.keras.Model):
         spec = self.spec
         missing = [f.name for f in spec.meta_features if f.name not in batch]
         if missing:
-            raise KeyError(f"Task batch lacks meta feature(s) {missing}; it has "
-                           f"{sorted(batch)}")
+            raise KeyError(
+                f"Task batch lacks meta feature(s) {missing}; it has "
+                f"{sorted(batch)}"
+            )
         encoded: dict[str, Any] = {
-            "meta": self.meta_block.encode({f.name: batch[f.name]
-                                            for f in spec.meta_features})}
+            "meta": self.meta_block.encode(
+                {f.name: batch[f.name] for f in spec.meta_features}
+            )
+        }
         dtype = self.compute_dtype
         for part in PARTS:
             keys = {f.name: spec.batch_key(part, f.name) for f in spec.request_features}
@@ -252,7 +328,9 @@ class LiMAMLModel(tf.keras.Model):
             absent = [k for k in keys.values() if k not in batch]
             if absent:
                 raise KeyError(f"Task batch lacks {absent}; it has {sorted(batch)}")
-            encoded[part] = self.global_block.encode({n: batch[k] for n, k in keys.items()})
+            encoded[part] = self.global_block.encode(
+                {n: batch[k] for n, k in keys.items()}
+            )
             first = batch[keys[spec.request_features[0].name]]
             rows_shape = tf.shape(first)[:2]
             mask_key = spec.batch_key(part, MASK_KEY)
@@ -271,10 +349,16 @@ class LiMAMLModel(tf.keras.Model):
 
     # ---------------------------------------------------------- inner loop
     def _adaptable_variables(self) -> dict[str, tf.Variable]:
-        params = {META_PREFIX + k: v for k, v in self.meta_block.adaptable_weights().items()}
+        params = {
+            META_PREFIX + k: v for k, v in self.meta_block.adaptable_weights().items()
+        }
         if self.meta_config.adapt == "all":
-            params.update({GLOBAL_PREFIX + k: v
-                           for k, v in self.global_block.adaptable_weights().items()})
+            params.update(
+                {
+                    GLOBAL_PREFIX + k: v
+                    for k, v in self.global_block.adaptable_weights().items()
+                }
+            )
         return params
 
     def _initial_fast_weights(self, encoded: Mapping[str, Any]) -> dict[str, tf.Tensor]:
@@ -288,34 +372,50 @@ class LiMAMLModel(tf.keras.Model):
             fast[META_INPUTS] = self.meta_block.embed_inputs(encoded["meta"], tasks)
         return fast
 
-    def _logits(self, encoded: Mapping[str, Any], part: str,
-                fast: Mapping[str, tf.Tensor] | None) -> tuple[tf.Tensor, tf.Tensor]:
+    def _logits(
+        self,
+        encoded: Mapping[str, Any],
+        part: str,
+        fast: Mapping[str, tf.Tensor] | None,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         fast = fast or {}
-        meta_w = {k[len(META_PREFIX):]: v for k, v in fast.items() if k.startswith(META_PREFIX)}
-        global_w = {k[len(GLOBAL_PREFIX):]: v for k, v in fast.items()
-                    if k.startswith(GLOBAL_PREFIX)}
-        embedding = self.meta_block.call(encoded["meta"], weights=meta_w,
-                                         batch_size=encoded["batch_size"])
+        meta_w = {
+            k[len(META_PREFIX) :]: v
+            for k, v in fast.items()
+            if k.startswith(META_PREFIX)
+        }
+        global_w = {
+            k[len(GLOBAL_PREFIX) :]: v
+            for k, v in fast.items()
+            if k.startswith(GLOBAL_PREFIX)
+        }
+        embedding = self.meta_block.call(
+            encoded["meta"], weights=meta_w, batch_size=encoded["batch_size"]
+        )
         logits = self.global_block.call(embedding, encoded[part], weights=global_w)
         return logits, embedding
 
-    def _per_task_loss(self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
-                       ) -> tf.Tensor:
+    def _per_task_loss(
+        self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
+    ) -> tf.Tensor:
         pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
         return masked_task_mean(pointwise, mask)
 
-    def _support_loss(self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
-                      ) -> tf.Tensor:
+    def _support_loss(
+        self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
+    ) -> tf.Tensor:
         """Inner-loop loss per task; shrunk toward no update by `support_prior`."""
         prior = self.meta_config.support_prior
         if not prior:
             return self._per_task_loss(labels, logits, mask)
         pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
         return tf.reduce_sum(pointwise * mask, axis=-1) / (
-            tf.reduce_sum(mask, axis=-1) + tf.cast(prior, pointwise.dtype))
+            tf.reduce_sum(mask, axis=-1) + tf.cast(prior, pointwise.dtype)
+        )
 
-    def _inner_loop(self, encoded: Mapping[str, Any], steps: int, first_order: bool
-                    ) -> tuple[dict[str, tf.Tensor], tf.Tensor | None]:
+    def _inner_loop(
+        self, encoded: Mapping[str, Any], steps: int, first_order: bool
+    ) -> tuple[dict[str, tf.Tensor], tf.Tensor | None]:
         """k support steps; returns fast weights and the pre-adaptation support loss [T]."""
         fast = self._initial_fast_weights(encoded)
         initial_support_loss = None
@@ -325,8 +425,9 @@ class LiMAMLModel(tf.keras.Model):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch([fast[n] for n in names])
                 logits, _ = self._logits(encoded, SUPPORT, fast)
-                per_task = self._support_loss(encoded["support_label"], logits,
-                                              encoded["support_mask"])
+                per_task = self._support_loss(
+                    encoded["support_label"], logits, encoded["support_mask"]
+                )
                 total = tf.reduce_sum(per_task)
             grads = tape.gradient(total, [fast[n] for n in names])
             if initial_support_loss is None:
@@ -341,27 +442,36 @@ class LiMAMLModel(tf.keras.Model):
                 if name == META_INPUTS:
                     grad = grad * inputs_mask
                 lr = self.inner_lrs.get(name)
-                lr = tf.cast(self.meta_config.inner_lr, grad.dtype) if lr is None else lr
+                lr = (
+                    tf.cast(self.meta_config.inner_lr, grad.dtype) if lr is None else lr
+                )
                 updated[name] = fast[name] - lr * grad
             fast = updated
         return fast, initial_support_loss
 
-    def _forward(self, encoded: Mapping[str, Any], steps: int, first_order: bool
-                 ) -> dict[str, tf.Tensor]:
+    def _forward(
+        self, encoded: Mapping[str, Any], steps: int, first_order: bool
+    ) -> dict[str, tf.Tensor]:
         """Adapt on support, score query; all the meta-train math, no metrics."""
         fast, support_loss = self._inner_loop(encoded, steps, first_order)
         logits, embedding = self._logits(encoded, QUERY, fast)
         out = {"query_logits": logits, "meta_embedding": embedding}
         if "query_label" in encoded:
-            per_task = self._per_task_loss(encoded["query_label"], logits,
-                                           encoded["query_mask"])
-            has_query = tf.cast(tf.reduce_sum(encoded["query_mask"], -1) > 0, per_task.dtype)
+            per_task = self._per_task_loss(
+                encoded["query_label"], logits, encoded["query_mask"]
+            )
+            has_query = tf.cast(
+                tf.reduce_sum(encoded["query_mask"], -1) > 0, per_task.dtype
+            )
             out["query_loss"] = tf.reduce_sum(per_task * has_query) / tf.maximum(
-                tf.reduce_sum(has_query), 1.0)
+                tf.reduce_sum(has_query), 1.0
+            )
             if support_loss is None:
                 support_loss = self._per_task_loss(
-                    encoded["support_label"], self._logits(encoded, SUPPORT, fast)[0],
-                    encoded["support_mask"])
+                    encoded["support_label"],
+                    self._logits(encoded, SUPPORT, fast)[0],
+                    encoded["support_mask"],
+                )
             out["support_loss"] = tf.reduce_mean(support_loss)
             out["regularization_loss"] = self._regularization_loss(logits.dtype)
             out["loss"] = out["query_loss"] + out["regularization_loss"]
@@ -400,8 +510,9 @@ class LiMAMLModel(tf.keras.Model):
     # ------------------------------------------------------------- Keras API
     def train_step(self, batch):
         encoded = self.encode(batch)
-        step = self._function("meta_gradients", self._meta_gradients,
-                              self.meta_config.jit_compile)
+        step = self._function(
+            "meta_gradients", self._meta_gradients, self.meta_config.jit_compile
+        )
         grads, out = step(encoded)
         finite = out["finite"]
         # A non-finite step must not poison the weights. Zeroing its gradients
@@ -413,8 +524,11 @@ class LiMAMLModel(tf.keras.Model):
             entity_ids = batch["entity_id"]
             if entity_ids.dtype != tf.string:
                 entity_ids = tf.strings.as_string(entity_ids)
-            tf.cond(finite, lambda: tf.constant(True),
-                    lambda: self._record_nonfinite(entity_ids))
+            tf.cond(
+                finite,
+                lambda: tf.constant(True),
+                lambda: self._record_nonfinite(entity_ids),
+            )
         return self._update_metrics(encoded, out)
 
     def _record_nonfinite(self, entity_ids: tf.Tensor) -> tf.Tensor:
@@ -429,18 +543,23 @@ class LiMAMLModel(tf.keras.Model):
     def test_step(self, batch):
         encoded = self.encode(batch)
         cfg = self.meta_config
-        forward = self._function(f"forward_{cfg.inner_steps}_{cfg.first_order}",
-                                 lambda e: self._forward(e, cfg.inner_steps, True),
-                                 cfg.jit_compile)
+        forward = self._function(
+            f"forward_{cfg.inner_steps}_{cfg.first_order}",
+            lambda e: self._forward(e, cfg.inner_steps, True),
+            cfg.jit_compile,
+        )
         return self._update_metrics(encoded, forward(encoded))
 
     def _update_metrics(self, encoded, out) -> dict[str, tf.Tensor]:
         for name, tracker in self._trackers.items():
             tracker.update_state(out[name])
         mask = tf.reshape(encoded["query_mask"], [-1])
-        self.task(labels=tf.reshape(encoded["query_label"], [-1, 1]),
-                  predictions=tf.reshape(out["query_logits"], [-1, 1]),
-                  sample_weight=mask, compute_metrics=True)
+        self.task(
+            labels=tf.reshape(encoded["query_label"], [-1, 1]),
+            predictions=tf.reshape(out["query_logits"], [-1, 1]),
+            sample_weight=mask,
+            compute_metrics=True,
+        )
         return {m.name: m.result() for m in self.metrics}
 
     @property
@@ -457,8 +576,12 @@ class LiMAMLModel(tf.keras.Model):
             raise ValueError(f"`steps` must be an integer >= 0, got {steps!r}")
         return steps
 
-    def adapt(self, tasks: Mapping[str, tf.Tensor], steps: int | None = None,
-              first_order: bool | None = None) -> dict[str, tf.Tensor]:
+    def adapt(
+        self,
+        tasks: Mapping[str, tf.Tensor],
+        steps: int | None = None,
+        first_order: bool | None = None,
+    ) -> dict[str, tf.Tensor]:
         """Runs the inner loop on the tasks' support sets.
 
         Args:
@@ -469,26 +592,41 @@ class LiMAMLModel(tf.keras.Model):
         Returns:
             Fast weights by name, each with a leading task axis `[T, ...]`.
         """
-        first_order = self.meta_config.first_order if first_order is None else first_order
+        first_order = (
+            self.meta_config.first_order if first_order is None else first_order
+        )
         fast, _ = self._inner_loop(self.encode(tasks), self._steps(steps), first_order)
         return fast
 
-    def meta_embedding(self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
-                       ) -> tf.Tensor:
+    def meta_embedding(
+        self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
+    ) -> tf.Tensor:
         """Adapted meta embeddings `[T, d]`; tasks without support get the default."""
         steps = self._steps(steps)
-        fn = self._function(f"embedding_{steps}", lambda e: self._embedding(e, steps),
-                            self.meta_config.jit_compile)
+        fn = self._function(
+            f"embedding_{steps}",
+            lambda e: self._embedding(e, steps),
+            self.meta_config.jit_compile,
+        )
         return fn(self.encode(tasks))
 
     def _embedding(self, encoded, steps):
         fast, _ = self._inner_loop(encoded, steps, True)
-        meta_w = {k[len(META_PREFIX):]: v for k, v in fast.items() if k.startswith(META_PREFIX)}
-        return self.meta_block.call(encoded["meta"], weights=meta_w,
-                                    batch_size=encoded["batch_size"])
+        meta_w = {
+            k[len(META_PREFIX) :]: v
+            for k, v in fast.items()
+            if k.startswith(META_PREFIX)
+        }
+        return self.meta_block.call(
+            encoded["meta"], weights=meta_w, batch_size=encoded["batch_size"]
+        )
 
-    def predict_query(self, tasks: Mapping[str, tf.Tensor], adapt: bool = True,
-                      steps: int | None = None) -> tf.Tensor:
+    def predict_query(
+        self,
+        tasks: Mapping[str, tf.Tensor],
+        adapt: bool = True,
+        steps: int | None = None,
+    ) -> tf.Tensor:
         """Query click probabilities `[T, Q]` (padding rows included; see the mask).
 
         Args:
@@ -498,25 +636,31 @@ class LiMAMLModel(tf.keras.Model):
             steps: Inner steps; defaults to `meta_config.inner_steps`.
         """
         steps = self._steps(steps) if adapt else 0
-        fn = self._function(f"query_{steps}",
-                            lambda e: tf.sigmoid(self._forward(e, steps, True)["query_logits"]),
-                            self.meta_config.jit_compile)
+        fn = self._function(
+            f"query_{steps}",
+            lambda e: tf.sigmoid(self._forward(e, steps, True)["query_logits"]),
+            self.meta_config.jit_compile,
+        )
         return fn(self.encode(tasks))
 
     # Traceable forms (no caching): for use inside the caller's own tf.function,
     # e.g. the export signatures.
-    def compute_query_logits(self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
-                             ) -> tuple[tf.Tensor, tf.Tensor]:
+    def compute_query_logits(
+        self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """(query logits [T, Q], adapted meta embedding [T, d]), traceable."""
         out = self._forward(self.encode(tasks), self._steps(steps), True)
         return out["query_logits"], out["meta_embedding"]
 
-    def compute_meta_embedding(self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
-                               ) -> tf.Tensor:
+    def compute_meta_embedding(
+        self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
+    ) -> tf.Tensor:
         """Adapted meta embedding [T, d] from meta features and support, traceable."""
         return self._embedding(self.encode(tasks), self._steps(steps))
 
-    def score(self, meta_embedding: tf.Tensor, request: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    def score(
+        self, meta_embedding: tf.Tensor, request: Mapping[str, tf.Tensor]
+    ) -> tf.Tensor:
         """Online scoring: probabilities `[B]` from stored meta embeddings `[B, d]`.
 
         Args:
@@ -524,8 +668,9 @@ class LiMAMLModel(tf.keras.Model):
             request: Raw request features by name, each `[B]` (`[B, K]` multi-hot).
         """
         encoded = self.global_block.encode(request)
-        return tf.sigmoid(self.global_block.call(
-            tf.cast(meta_embedding, self.compute_dtype), encoded))
+        return tf.sigmoid(
+            self.global_block.call(tf.cast(meta_embedding, self.compute_dtype), encoded)
+        )
 
 
 def save_model(model: LiMAMLModel, model_dir: str | os.PathLike) -> str:
@@ -558,7 +703,10 @@ def load_model(model_dir: str | os.PathLike) -> LiMAMLModel:
         path = tf.train.latest_checkpoint(os.path.join(model_dir, "backup", "chief"))
         if path is None:
             raise FileNotFoundError(f"No weights in {model_dir} (weights/ or backup/)")
-        logger.warning("%s has no final weights; loading the training checkpoint %s",
-                       model_dir, path)
+        logger.warning(
+            "%s has no final weights; loading the training checkpoint %s",
+            model_dir,
+            path,
+        )
     tf.train.Checkpoint(model=model).read(path).expect_partial()
     return model

@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WORKDIR = os.path.join("runs", "demo")
 DEFAULT_SEEDS = 3
-TUNING_FILE = os.path.join(os.path.dirname(__file__), "datasets", "movielens_tuning.json")
+TUNING_FILE = os.path.join(
+    os.path.dirname(__file__), "datasets", "movielens_tuning.json"
+)
 _ALL = "all"
 
 
@@ -49,8 +51,13 @@ def _cpu_seconds() -> float:
 
 def _commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=os.path.dirname(__file__))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=os.path.dirname(__file__),
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -93,17 +100,26 @@ def read_embeddings(pattern: str) -> dict[str, Any]:
 
     files = tf.io.gfile.glob(pattern)
     if not files:
-        raise FileNotFoundError(f"No embeddings match {pattern}; did `limaml embed` run?")
+        raise FileNotFoundError(
+            f"No embeddings match {pattern}; did `limaml embed` run?"
+        )
     out = {}
     for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
         feature = tf.train.Example.FromString(record.numpy()).features.feature
         out[feature["entity_id"].bytes_list.value[0].decode()] = np.array(
-            feature["embedding"].float_list.value, np.float32)
+            feature["embedding"].float_list.value, np.float32
+        )
     return out
 
 
-def serve_scores(serving_fn, spec, batch: Mapping[str, Any], embeddings: Mapping[str, Any],
-                 suffix: str, chunk: int = 4096):
+def serve_scores(
+    serving_fn,
+    spec,
+    batch: Mapping[str, Any],
+    embeddings: Mapping[str, Any],
+    suffix: str,
+    chunk: int = 4096,
+):
     """Query probabilities [T, Q] from `serving_default` fed stored embeddings."""
     import numpy as np  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
@@ -112,25 +128,39 @@ def serve_scores(serving_fn, spec, batch: Mapping[str, Any], embeddings: Mapping
     ids = [e.decode() if isinstance(e, bytes) else str(e) for e in batch["entity_id"]]
     missing = [i for i in ids if i + suffix not in embeddings]
     if missing:
-        raise KeyError(f"No stored embedding for {len(missing)} test members "
-                       f"(e.g. {missing[0] + suffix!r}); the embed job skipped them")
+        raise KeyError(
+            f"No stored embedding for {len(missing)} test members "
+            f"(e.g. {missing[0] + suffix!r}); the embed job skipped them"
+        )
     per_task = np.stack([embeddings[i + suffix] for i in ids])
     rows = np.repeat(per_task, mask.sum(axis=1), axis=0)
-    request = {f.name: batch[spec.batch_key("query", f.name)][mask]
-               for f in spec.request_features}
+    request = {
+        f.name: batch[spec.batch_key("query", f.name)][mask]
+        for f in spec.request_features
+    }
     scores = []
     for start in range(0, len(rows), chunk):
-        inputs = {name: tf.constant(value[start:start + chunk])
-                  for name, value in request.items()}
-        inputs["meta_embedding"] = tf.constant(rows[start:start + chunk])
+        inputs = {
+            name: tf.constant(value[start : start + chunk])
+            for name, value in request.items()
+        }
+        inputs["meta_embedding"] = tf.constant(rows[start : start + chunk])
         scores.append(serving_fn(**inputs)["score"].numpy())
     out = np.zeros(mask.shape, np.float32)
     out[mask] = np.concatenate(scores) if scores else []
     return out
 
 
-def run_offline(model, spec, splits, records_test: Sequence[bytes], ks, workdir: str,
-                progress, seed: int) -> tuple[dict[str, Any], dict[str, Any], float]:
+def run_offline(
+    model,
+    spec,
+    splits,
+    records_test: Sequence[bytes],
+    ks,
+    workdir: str,
+    progress,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Any], float]:
     """Export, `limaml embed` (Beam), then serving_default: the offline LiMAML path.
 
     Returns:
@@ -149,18 +179,31 @@ def run_offline(model, spec, splits, records_test: Sequence[bytes], ks, workdir:
         shutil.rmtree(export_base)
     max_support = int(splits.test["support_mask"].sum(axis=1).max())
     with progress.phase(f"export (seed {seed}): SavedModel for TF Serving"):
-        export_dir = export.export_model(model, export_base, version=1,
-                                         max_support=max(max_support, 1))
+        export_dir = export.export_model(
+            model, export_base, version=1, max_support=max(max_support, 1)
+        )
     tasks_path = os.path.join(seed_dir, "embed_tasks.tfrecord.gz")
     from tf_limaml import data  # noqa: PLC0415
 
-    data.write_tasks(tasks_path, [cut_record(r, k, _suffix(k))
-                                  for k in ks for r in records_test])
+    data.write_tasks(
+        tasks_path, [cut_record(r, k, _suffix(k)) for k in ks for r in records_test]
+    )
     out_dir = os.path.join(seed_dir, "embeddings")
-    with progress.phase(f"embed (seed {seed}): limaml embed, Beam DirectRunner, "
-                        f"{len(ks)} support sizes x {len(records_test)} test members"):
-        generate_embeddings.run(["--export", export_dir, "--tasks", tasks_path,
-                                 "--output", out_dir, "--overwrite"])
+    with progress.phase(
+        f"embed (seed {seed}): limaml embed, Beam DirectRunner, "
+        f"{len(ks)} support sizes x {len(records_test)} test members"
+    ):
+        generate_embeddings.run(
+            [
+                "--export",
+                export_dir,
+                "--tasks",
+                tasks_path,
+                "--output",
+                out_dir,
+                "--overwrite",
+            ]
+        )
     embeddings = read_embeddings(os.path.join(out_dir, "embeddings-*.tfrecord.gz"))
     serving_fn = tf.saved_model.load(export_dir).signatures[export.SERVING_DEFAULT]
     sweep = {}
@@ -168,23 +211,37 @@ def run_offline(model, spec, splits, records_test: Sequence[bytes], ks, workdir:
         cut = baselines.cut_support(splits.test, k)
         scores = serve_scores(serving_fn, spec, cut, embeddings, _suffix(k))
         sweep[baselines.k_label(k)] = baselines.metrics_entry(
-            baselines.query_metrics(cut, scores))
+            baselines.query_metrics(cut, scores)
+        )
     details = {"export": export_dir, "embeddings": len(embeddings)}
     test_pattern = os.path.join(workdir, "tasks", "test-*.tfrecord.gz")
     if tf.io.gfile.glob(test_pattern):
         check = export.check_serving_consistency(
-            export_dir, test_pattern, os.path.join(out_dir, "embeddings-*.tfrecord.gz"),
-            max_query=int(np.max(splits.test["query_mask"].sum(axis=1))))
+            export_dir,
+            test_pattern,
+            os.path.join(out_dir, "embeddings-*.tfrecord.gz"),
+            max_query=int(np.max(splits.test["query_mask"].sum(axis=1))),
+        )
         details["serving_consistency"] = {
             "entities": check["entities"],
             "max_abs_score_diff": float(f"{check['max_abs_score_diff']:.3g}"),
-            "consistent": check["consistent"]}
+            "consistent": check["consistent"],
+        }
     return sweep, details, time.perf_counter() - start
 
 
 # ------------------------------------------------------------------- seeds
-def run_seed(spec, splits, records, recipe, protocol, seed: int, workdir: str,
-             progress, offline: bool = True) -> dict[str, Any]:
+def run_seed(
+    spec,
+    splits,
+    records,
+    recipe,
+    protocol,
+    seed: int,
+    workdir: str,
+    progress,
+    offline: bool = True,
+) -> dict[str, Any]:
     """Every model for one seed; returns {model name: measurement}."""
     from tf_limaml import baselines  # noqa: PLC0415
 
@@ -199,60 +256,92 @@ def run_seed(spec, splits, records, recipe, protocol, seed: int, workdir: str,
         for name, adapt in (("limaml", "meta_block"), ("maml", "all")):
             with baselines.Timer() as timer:
                 model, history = baselines.train_meta_learner(
-                    spec, splits, recipe, seed, adapt=adapt, init=init)
+                    spec, splits, recipe, seed, adapt=adapt, init=init
+                )
                 sweep = baselines.evaluate_sweep(
                     lambda batch, k, m=model: baselines.query_probabilities(m, batch),
-                    splits.test, ks)
+                    splits.test,
+                    ks,
+                )
             # The meta-learned default, as a member with no history gets it.
             cold = baselines.query_metrics(
-                splits.test, baselines.query_probabilities(model, splits.test, 0))
+                splits.test, baselines.query_probabilities(model, splits.test, 0)
+            )
             learners[name] = model
             results[name] = baselines.measurement(
-                sweep, pretrain_s + timer.seconds,
-                {"meta_epochs": len(history["loss"]),
-                 "best_val_loss": round(min(history.get("val_loss", [float("nan")])), 4),
-                 "pretrain_s": round(pretrain_s, 1),
-                 "unadapted_overall_auc": round(cold["auc"], 4)})
+                sweep,
+                pretrain_s + timer.seconds,
+                {
+                    "meta_epochs": len(history["loss"]),
+                    "best_val_loss": round(
+                        min(history.get("val_loss", [float("nan")])), 4
+                    ),
+                    "pretrain_s": round(pretrain_s, 1),
+                    "unadapted_overall_auc": round(cold["auc"], 4),
+                },
+            )
     if offline:
-        sweep, details, seconds = run_offline(learners["limaml"], spec, splits,
-                                              records["test"], ks, workdir, progress, seed)
+        sweep, details, seconds = run_offline(
+            learners["limaml"],
+            spec,
+            splits,
+            records["test"],
+            ks,
+            workdir,
+            progress,
+            seed,
+        )
         results["limaml_offline"] = baselines.measurement(
-            sweep, results["limaml"]["wall_s"] + seconds, details)
-    with progress.phase(f"baselines (seed {seed}): global, fine-tuning, ID embedding "
-                        f"retrained for each of {len(ks)} support sizes"):
+            sweep, results["limaml"]["wall_s"] + seconds, details
+        )
+    with progress.phase(
+        f"baselines (seed {seed}): global, fine-tuning, ID embedding "
+        f"retrained for each of {len(ks)} support sizes"
+    ):
         with baselines.Timer() as timer:
             base, history = baselines.train_global(spec, splits, recipe, seed)
             sweep = baselines.evaluate_sweep(
-                lambda batch, k: baselines.query_probabilities(base, batch, 0), splits.test,
-                ks)
-        results["global"] = baselines.measurement(sweep, timer.seconds,
-                                                  {"epochs": len(history["loss"])})
+                lambda batch, k: baselines.query_probabilities(base, batch, 0),
+                splits.test,
+                ks,
+            )
+        results["global"] = baselines.measurement(
+            sweep, timer.seconds, {"epochs": len(history["loss"])}
+        )
         global_s = timer.seconds
         with baselines.Timer() as timer:
             sweep, chosen = baselines.finetune_sweep(base, splits, recipe, ks)
-        results["finetune"] = baselines.measurement(sweep, global_s + timer.seconds,
-                                                    {"chosen_on_val": chosen})
+        results["finetune"] = baselines.measurement(
+            sweep, global_s + timer.seconds, {"chosen_on_val": chosen}
+        )
         sweep, epochs = {}, {}
         with baselines.Timer() as timer:
             for k in ks:
-                model, history = baselines.train_id_embedding(spec, splits, recipe, seed, k)
+                model, history = baselines.train_id_embedding(
+                    spec, splits, recipe, seed, k
+                )
                 cut = baselines.cut_support(splits.test, k)
                 sweep[baselines.k_label(k)] = baselines.metrics_entry(
-                    baselines.query_metrics(cut, model.task_probabilities(cut)))
+                    baselines.query_metrics(cut, model.task_probabilities(cut))
+                )
                 epochs[baselines.k_label(k)] = len(history["loss"])
-        results["id_embedding"] = baselines.measurement(sweep, timer.seconds,
-                                                        {"epochs": epochs})
+        results["id_embedding"] = baselines.measurement(
+            sweep, timer.seconds, {"epochs": epochs}
+        )
     return results
 
 
 # ------------------------------------------------------------------ inputs
-def _prepare_input(args: argparse.Namespace, workdir: str, progress) -> tuple[str, str, str,
-                                                                              str]:
+def _prepare_input(
+    args: argparse.Namespace, workdir: str, progress
+) -> tuple[str, str, str, str]:
     """(interactions path, format, spec path, dataset name) for make-tasks."""
     if args.input:
         if not args.features:
-            raise ValueError("--input needs --features SPEC.json, the FeatureSpec of the file "
-                             "(see tf_limaml/datasets/movielens.py for an example)")
+            raise ValueError(
+                "--input needs --features SPEC.json, the FeatureSpec of the file "
+                "(see tf_limaml/datasets/movielens.py for an example)"
+            )
         if not os.path.exists(args.features):
             raise FileNotFoundError(f"feature spec not found: {args.features}")
         return args.input, args.format, args.features, os.path.basename(args.input)
@@ -291,7 +380,9 @@ def run(args: argparse.Namespace, progress) -> int:
     workdir = args.workdir or DEFAULT_WORKDIR
     os.makedirs(workdir, exist_ok=True)
     seeds = args.seeds or DEFAULT_SEEDS
-    input_path, input_format, spec_path, dataset = _prepare_input(args, workdir, progress)
+    input_path, input_format, spec_path, dataset = _prepare_input(
+        args, workdir, progress
+    )
 
     from beam_pipelines import make_tasks  # noqa: PLC0415
     from tf_limaml import baselines, report  # noqa: PLC0415
@@ -299,15 +390,33 @@ def run(args: argparse.Namespace, progress) -> int:
 
     recipe = baselines.Recipe.fast() if args.fast else baselines.Recipe()
     if args.epochs:
-        recipe = dataclasses.replace(recipe, epochs=args.epochs, meta_epochs=args.epochs)
+        recipe = dataclasses.replace(
+            recipe, epochs=args.epochs, meta_epochs=args.epochs
+        )
     protocol = baselines.Protocol()
     tasks_dir = os.path.join(workdir, "tasks")
     with progress.phase("make-tasks (Beam, DirectRunner)"):
-        make_tasks.run(["--input", input_path, "--format", input_format,
-                        "--features", spec_path, "--output", tasks_dir,
-                        "--split", protocol.split_rule, "--seed", str(protocol.split_seed),
-                        "--val-fraction", str(protocol.val_fraction),
-                        "--test-fraction", str(protocol.test_fraction), "--overwrite"])
+        make_tasks.run(
+            [
+                "--input",
+                input_path,
+                "--format",
+                input_format,
+                "--features",
+                spec_path,
+                "--output",
+                tasks_dir,
+                "--split",
+                protocol.split_rule,
+                "--seed",
+                str(protocol.split_seed),
+                "--val-fraction",
+                str(protocol.val_fraction),
+                "--test-fraction",
+                str(protocol.test_fraction),
+                "--overwrite",
+            ]
+        )
     spec = FeatureSpec.load(os.path.join(tasks_dir, "spec.json"))
     with open(os.path.join(tasks_dir, "stats.json"), encoding="utf-8") as f:
         stats = json.load(f)
@@ -315,30 +424,48 @@ def run(args: argparse.Namespace, progress) -> int:
     splits = baselines.Splits.from_records(records, spec, protocol)
     per_seed = []
     for seed in range(seeds):
-        per_seed.append(run_seed(spec, splits, records, recipe, protocol, seed, workdir,
-                                 progress))
+        per_seed.append(
+            run_seed(spec, splits, records, recipe, protocol, seed, workdir, progress)
+        )
     with progress.phase("report"):
         wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
         members = {s: len(records[s]) for s in ("train", "val", "test")}
         result = report.aggregate(
-            per_seed, protocol={**protocol.describe(), "members": (
-                f"{protocol.describe()['members']}: {members['train']}/{members['val']}/"
-                f"{members['test']} members")},
+            per_seed,
+            protocol={
+                **protocol.describe(),
+                "members": (
+                    f"{protocol.describe()['members']}: {members['train']}/{members['val']}/"
+                    f"{members['test']} members"
+                ),
+            },
             title=f"LiMAML on {dataset}: comparison report",
-            summary=(f"{dataset}: {stats.get('rows_in_tasks', 'n/a')} interactions in tasks "
-                     f"({stats.get('rows_rejected', 0)} rejected), "
-                     f"{sum(members.values())} members; every model shares one network "
-                     "(meta block + global block) and the same features."),
-            run={"seeds": seeds, "wall_s_before_report": round(wall, 1),
-                 "cpu_s_before_report": round(cpu, 1), "cpu_count": os.cpu_count(),
-                 "load_average_1m": round(os.getloadavg()[0], 2),
-                 "python": platform.python_version(), "commit": _commit(),
-                 "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                     timespec="seconds")},
+            summary=(
+                f"{dataset}: {stats.get('rows_in_tasks', 'n/a')} interactions in tasks "
+                f"({stats.get('rows_rejected', 0)} rejected), "
+                f"{sum(members.values())} members; every model shares one network "
+                "(meta block + global block) and the same features."
+            ),
+            run={
+                "seeds": seeds,
+                "wall_s_before_report": round(wall, 1),
+                "cpu_s_before_report": round(cpu, 1),
+                "cpu_count": os.cpu_count(),
+                "load_average_1m": round(os.getloadavg()[0], 2),
+                "python": platform.python_version(),
+                "commit": _commit(),
+                "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+            },
             training=_training_notes(recipe),
-            config={"recipe": recipe.to_dict(), "protocol": dataclasses.asdict(protocol),
-                    "limaml_model": _model_note(recipe)},
-            tried=_tuning())
+            config={
+                "recipe": recipe.to_dict(),
+                "protocol": dataclasses.asdict(protocol),
+                "limaml_model": _model_note(recipe),
+            },
+            tried=_tuning(),
+        )
         paths = report.write_report(result, workdir)
     print(report.format_table(result))
     print()
@@ -346,8 +473,10 @@ def run(args: argparse.Namespace, progress) -> int:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
         print(f"[{verdict}] {target['target']}: {target['measured']}")
     total = time.perf_counter() - started
-    print(f"\nReport: {paths['markdown']} (+ report.json, lift.png). Total wall time "
-          f"{total:.0f} s for {seeds} seed(s); CPU time {_cpu_seconds() - cpu_started:.0f} s.")
+    print(
+        f"\nReport: {paths['markdown']} (+ report.json, lift.png). Total wall time "
+        f"{total:.0f} s for {seeds} seed(s); CPU time {_cpu_seconds() - cpu_started:.0f} s."
+    )
     return 0
 
 
@@ -377,8 +506,12 @@ def _training_notes(recipe) -> list[str]:
         f"early stopping on the val members' adapted query loss (patience "
         f"{recipe.meta_patience}); {recipe.support_cut:.0%} of the tasks drawn see their "
         "support cut to a random latest-k window"
-        + ("; item and genre embedding tables frozen while meta-training"
-           if recipe.freeze_request_embeddings else "") + ".",
+        + (
+            "; item and genre embedding tables frozen while meta-training"
+            if recipe.freeze_request_embeddings
+            else ""
+        )
+        + ".",
         "limaml adapts the meta block only; maml adapts every dense weight of both blocks.",
         "limaml_offline: the limaml model exported as a SavedModel, every test member's "
         "adapted embedding written by `limaml embed` (Beam), query rows scored by "
@@ -391,12 +524,16 @@ def _training_notes(recipe) -> list[str]:
 
 def _model_note(recipe) -> str:
     if recipe.support_half_life:
-        return ("limaml and maml are tf_limaml.prototypes.ShrunkSupportModel "
-                f"(support prior {recipe.support_prior:g}, recency half-life "
-                f"{recipe.support_half_life:g} rows)")
+        return (
+            "limaml and maml are tf_limaml.prototypes.ShrunkSupportModel "
+            f"(support prior {recipe.support_prior:g}, recency half-life "
+            f"{recipe.support_half_life:g} rows)"
+        )
     if recipe.support_prior:
-        return ("limaml and maml are tf_limaml.LiMAMLModel with MetaConfig.support_prior="
-                f"{recipe.support_prior:g}: the inner-loop support loss is "
-                f"sum(mask*loss)/(sum(mask)+{recipe.support_prior:g}), so a member with n "
-                f"support rows moves n/(n+{recipe.support_prior:g}) as far")
+        return (
+            "limaml and maml are tf_limaml.LiMAMLModel with MetaConfig.support_prior="
+            f"{recipe.support_prior:g}: the inner-loop support loss is "
+            f"sum(mask*loss)/(sum(mask)+{recipe.support_prior:g}), so a member with n "
+            f"support rows moves n/(n+{recipe.support_prior:g}) as far"
+        )
     return "tf_limaml.model.LiMAMLModel"

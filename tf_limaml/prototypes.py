@@ -46,9 +46,15 @@ class ShrunkSupportModel(LiMAMLModel):
         **kwargs: As LiMAMLModel.
     """
 
-    def __init__(self, *args, support_prior: float = 0.0, learn_support_prior: bool = False,
-                 adapt_only: Sequence[str] | None = None,
-                 support_half_life: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        support_prior: float = 0.0,
+        learn_support_prior: bool = False,
+        adapt_only: Sequence[str] | None = None,
+        support_half_life: float | None = None,
+        **kwargs,
+    ):
         # Read by `_adaptable_variables`, which the parent's __init__ calls.
         object.__setattr__(self, "_adapt_only", tuple(adapt_only or ()))
         super().__init__(*args, **kwargs)
@@ -56,29 +62,48 @@ class ShrunkSupportModel(LiMAMLModel):
             known = set(LiMAMLModel._adaptable_variables(self))
             unknown = [n for n in self._adapt_only if n not in known]
             if unknown:
-                raise ValueError(f"`adapt_only` names {unknown}, which are not adaptable; "
-                                 f"choose from {sorted(known)}")
+                raise ValueError(
+                    f"`adapt_only` names {unknown}, which are not adaptable; "
+                    f"choose from {sorted(known)}"
+                )
         self.adapt_only = self._adapt_only
-        if isinstance(support_prior, bool) or not isinstance(support_prior, (int, float)) or (
-                not support_prior >= 0):
-            raise ValueError(f"`support_prior` must be a number >= 0, got {support_prior!r}")
+        if (
+            isinstance(support_prior, bool)
+            or not isinstance(support_prior, (int, float))
+            or (not support_prior >= 0)
+        ):
+            raise ValueError(
+                f"`support_prior` must be a number >= 0, got {support_prior!r}"
+            )
         if learn_support_prior and support_prior <= 0:
-            raise ValueError("`learn_support_prior` needs a starting `support_prior` > 0, "
-                             f"got {support_prior!r}")
+            raise ValueError(
+                "`learn_support_prior` needs a starting `support_prior` > 0, "
+                f"got {support_prior!r}"
+            )
         if support_half_life is not None and (
-                isinstance(support_half_life, bool)
-                or not isinstance(support_half_life, (int, float)) or support_half_life <= 0):
-            raise ValueError("`support_half_life` must be a number > 0 or None, got "
-                             f"{support_half_life!r}")
-        self.support_half_life = (None if support_half_life is None
-                                  else float(support_half_life))
+            isinstance(support_half_life, bool)
+            or not isinstance(support_half_life, (int, float))
+            or support_half_life <= 0
+        ):
+            raise ValueError(
+                "`support_half_life` must be a number > 0 or None, got "
+                f"{support_half_life!r}"
+            )
+        self.support_half_life = (
+            None if support_half_life is None else float(support_half_life)
+        )
         self.support_prior = float(support_prior)
         self.learn_support_prior = bool(learn_support_prior)
         self.log_support_prior = None
         if self.learn_support_prior:
             self.log_support_prior = self.add_weight(
-                name="log_support_prior", shape=(), trainable=True,
-                initializer=tf.keras.initializers.Constant(math.log(self.support_prior)))
+                name="log_support_prior",
+                shape=(),
+                trainable=True,
+                initializer=tf.keras.initializers.Constant(
+                    math.log(self.support_prior)
+                ),
+            )
         # A trace-time switch: the loss below is the support loss only inside
         # the inner loop (the query loss of the outer step stays a plain mean).
         object.__setattr__(self, "_in_inner_loop", False)
@@ -101,11 +126,14 @@ class ShrunkSupportModel(LiMAMLModel):
         finally:
             object.__setattr__(self, "_in_inner_loop", False)
 
-    def _per_task_loss(self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
-                       ) -> tf.Tensor:
-        if not self._in_inner_loop or (not self.support_prior and
-                                       self.log_support_prior is None and
-                                       self.support_half_life is None):
+    def _per_task_loss(
+        self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
+    ) -> tf.Tensor:
+        if not self._in_inner_loop or (
+            not self.support_prior
+            and self.log_support_prior is None
+            and self.support_half_life is None
+        ):
             return super()._per_task_loss(labels, logits, mask)
         pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
         weights = mask
@@ -121,8 +149,12 @@ class ShrunkSupportModel(LiMAMLModel):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update({"support_prior": self.support_prior,
-                       "learn_support_prior": self.learn_support_prior,
-                       "adapt_only": list(self._adapt_only),
-                       "support_half_life": self.support_half_life})
+        config.update(
+            {
+                "support_prior": self.support_prior,
+                "learn_support_prior": self.learn_support_prior,
+                "adapt_only": list(self._adapt_only),
+                "support_half_life": self.support_half_life,
+            }
+        )
         return config

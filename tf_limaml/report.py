@@ -49,8 +49,11 @@ MODEL_LABELS = {
     "limaml_offline": "LiMAML, offline embeddings + serving_default",
 }
 METRICS = ("overall_auc", "logloss", "mean_member_auc")
-METRIC_LABELS = {"overall_auc": "overall AUC", "logloss": "log loss",
-                 "mean_member_auc": "mean per-member AUC"}
+METRIC_LABELS = {
+    "overall_auc": "overall AUC",
+    "logloss": "log loss",
+    "mean_member_auc": "mean per-member AUC",
+}
 K_ORDER = ("1", "3", "5", "10", "all")
 # The issue's targets.
 AUC_LIFT_TARGET = 0.02
@@ -73,8 +76,11 @@ def _k_sort_key(k: str) -> tuple[int, int]:
     return (1, 0) if k == "all" else (0, int(k))
 
 
-def aggregate(per_seed: Sequence[Mapping[str, Mapping[str, Any]]],
-              protocol: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+def aggregate(
+    per_seed: Sequence[Mapping[str, Mapping[str, Any]]],
+    protocol: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """Means and standard deviations over seeds of every model's measurements.
 
     Args:
@@ -94,8 +100,10 @@ def aggregate(per_seed: Sequence[Mapping[str, Mapping[str, Any]]],
     names = [n for n in MODEL_ORDER if any(n in seed for seed in per_seed)]
     unknown = sorted({n for seed in per_seed for n in seed} - set(MODEL_ORDER))
     if unknown:
-        raise ValueError(f"Unknown model name {unknown[0]!r}; expected one of "
-                         f"{list(MODEL_ORDER)}")
+        raise ValueError(
+            f"Unknown model name {unknown[0]!r}; expected one of "
+            f"{list(MODEL_ORDER)}"
+        )
     models: dict[str, Any] = {}
     for name in names:
         runs = [seed[name] for seed in per_seed if name in seed]
@@ -109,25 +117,39 @@ def aggregate(per_seed: Sequence[Mapping[str, Mapping[str, Any]]],
         for k in ks:
             cell = {}
             for metric in METRICS:
-                mean, std = _mean_std([r["support_k"][k].get(metric, float("nan"))
-                                       for r in runs if k in r.get("support_k", {})])
+                mean, std = _mean_std(
+                    [
+                        r["support_k"][k].get(metric, float("nan"))
+                        for r in runs
+                        if k in r.get("support_k", {})
+                    ]
+                )
                 cell[metric] = mean
                 cell[f"{metric}_std"] = std
             entry["support_k"][k] = cell
-        entry["wall_s"], entry["wall_s_std"] = _mean_std([r.get("wall_s", float("nan"))
-                                                          for r in runs])
-        entry["per_seed"] = {metric: [r.get(metric) for r in runs] for metric in METRICS}
+        entry["wall_s"], entry["wall_s_std"] = _mean_std(
+            [r.get("wall_s", float("nan")) for r in runs]
+        )
+        entry["per_seed"] = {
+            metric: [r.get(metric) for r in runs] for metric in METRICS
+        }
         details = [r["details"] for r in runs if r.get("details")]
         if details:
             entry["details"] = details
         models[name] = entry
-    report = {"models": models, "protocol": dict(protocol or {}), "seeds": len(per_seed)}
+    report = {
+        "models": models,
+        "protocol": dict(protocol or {}),
+        "seeds": len(per_seed),
+    }
     report.update(extra)
     report["targets"] = check_targets(report)
     return report
 
 
-def _get(models: Mapping[str, Any], name: str, metric: str, k: str | None = None) -> float:
+def _get(
+    models: Mapping[str, Any], name: str, metric: str, k: str | None = None
+) -> float:
     entry = models.get(name)
     if entry is None:
         return float("nan")
@@ -150,50 +172,77 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = []
 
     def add(target: str, measured: str, met: bool | None, stretch: bool = False):
-        out.append({"target": target, "measured": measured, "met": met, "stretch": stretch})
+        out.append(
+            {"target": target, "measured": measured, "met": met, "stretch": stretch}
+        )
 
-    g_auc, l_auc = _get(models, "global", "overall_auc"), _get(models, "limaml", "overall_auc")
+    g_auc, l_auc = _get(models, "global", "overall_auc"), _get(
+        models, "limaml", "overall_auc"
+    )
     g_ll, l_ll = _get(models, "global", "logloss"), _get(models, "limaml", "logloss")
     have = not (math.isnan(g_auc) or math.isnan(l_auc))
-    add(f"LiMAML overall AUC >= global + {AUC_LIFT_TARGET}, with lower log loss",
+    add(
+        f"LiMAML overall AUC >= global + {AUC_LIFT_TARGET}, with lower log loss",
         f"LiMAML {l_auc:.4f} vs global {g_auc:.4f} (lift {l_auc - g_auc:+.4f}); log loss "
         f"{l_ll:.4f} vs {g_ll:.4f}",
-        (l_auc >= g_auc + AUC_LIFT_TARGET and l_ll < g_ll) if have else None)
-    g_m, l_m = (_get(models, "global", "mean_member_auc"),
-                _get(models, "limaml", "mean_member_auc"))
-    add(f"LiMAML mean per-member AUC >= global - {MEMBER_AUC_TOLERANCE}",
+        (l_auc >= g_auc + AUC_LIFT_TARGET and l_ll < g_ll) if have else None,
+    )
+    g_m, l_m = (
+        _get(models, "global", "mean_member_auc"),
+        _get(models, "limaml", "mean_member_auc"),
+    )
+    add(
+        f"LiMAML mean per-member AUC >= global - {MEMBER_AUC_TOLERANCE}",
         f"LiMAML {l_m:.4f} vs global {g_m:.4f} ({l_m - g_m:+.4f})",
-        (l_m >= g_m - MEMBER_AUC_TOLERANCE) if have else None)
+        (l_m >= g_m - MEMBER_AUC_TOLERANCE) if have else None,
+    )
     cells, wins = [], []
     for k in SMALL_KS:
-        lk, ik = (_get(models, "limaml", "overall_auc", k),
-                  _get(models, "id_embedding", "overall_auc", k))
+        lk, ik = (
+            _get(models, "limaml", "overall_auc", k),
+            _get(models, "id_embedding", "overall_auc", k),
+        )
         if math.isnan(lk) or math.isnan(ik):
             continue
         cells.append(f"k={k}: {lk:.4f} vs {ik:.4f} ({lk - ik:+.4f})")
         wins.append(lk > ik)
-    add("At k <= 5, LiMAML overall AUC beats the ID-embedding baseline",
+    add(
+        "At k <= 5, LiMAML overall AUC beats the ID-embedding baseline",
         "LiMAML vs ID embedding, " + "; ".join(cells) if cells else "not measured",
-        all(wins) if wins else None)
+        all(wins) if wins else None,
+    )
     diffs = _offline_differences(models)
-    add(f"Offline-embedding path matches in-graph LiMAML to {OFFLINE_TOLERANCE:g} AUC",
-        (f"largest |offline - in-graph| overall AUC over seeds and k: {max(diffs):.2e}"
-         if diffs else "not measured"),
-        (max(diffs) <= OFFLINE_TOLERANCE) if diffs else None)
+    add(
+        f"Offline-embedding path matches in-graph LiMAML to {OFFLINE_TOLERANCE:g} AUC",
+        (
+            f"largest |offline - in-graph| overall AUC over seeds and k: {max(diffs):.2e}"
+            if diffs
+            else "not measured"
+        ),
+        (max(diffs) <= OFFLINE_TOLERANCE) if diffs else None,
+    )
     cells, ok = [], []
     for k in K_ORDER:
-        lk, ik = (_get(models, "limaml", "overall_auc", k),
-                  _get(models, "id_embedding", "overall_auc", k))
+        lk, ik = (
+            _get(models, "limaml", "overall_auc", k),
+            _get(models, "id_embedding", "overall_auc", k),
+        )
         if math.isnan(lk) or math.isnan(ik):
             continue
         cells.append(f"k={k}: {lk - ik:+.4f}")
         ok.append(lk >= ik)
-    add("Stretch: LiMAML at least matches the ID-embedding baseline at every k",
+    add(
+        "Stretch: LiMAML at least matches the ID-embedding baseline at every k",
         "LiMAML - ID embedding, " + "; ".join(cells) if cells else "not measured",
-        all(ok) if ok else None, stretch=True)
-    add(f"Stretch: LiMAML beats the prototype's {PROTOTYPE_FULL_SUPPORT_AUC} at full support",
-        f"LiMAML {l_auc:.4f}", (l_auc > PROTOTYPE_FULL_SUPPORT_AUC) if have else None,
-        stretch=True)
+        all(ok) if ok else None,
+        stretch=True,
+    )
+    add(
+        f"Stretch: LiMAML beats the prototype's {PROTOTYPE_FULL_SUPPORT_AUC} at full support",
+        f"LiMAML {l_auc:.4f}",
+        (l_auc > PROTOTYPE_FULL_SUPPORT_AUC) if have else None,
+        stretch=True,
+    )
     return out
 
 
@@ -207,7 +256,9 @@ def _offline_differences(models: Mapping[str, Any]) -> list[float]:
     diffs += [abs(x - y) for x, y in zip(a, b) if x is not None and y is not None]
     for k, cell in offline.get("support_k", {}).items():
         if k in online.get("support_k", {}):
-            diffs.append(abs(cell["overall_auc"] - online["support_k"][k]["overall_auc"]))
+            diffs.append(
+                abs(cell["overall_auc"] - online["support_k"][k]["overall_auc"])
+            )
     return [d for d in diffs if not math.isnan(d)]
 
 
@@ -223,14 +274,17 @@ def _pm(mean: float, std: float, digits: int = 4) -> str:
 def format_table(report: Mapping[str, Any]) -> str:
     """The main table and the support sweep of overall AUC, as markdown."""
     models = report["models"]
-    lines = ["| model | overall AUC | log loss | mean member AUC | wall s |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | overall AUC | log loss | mean member AUC | wall s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, m in models.items():
         lines.append(
             f"| {name} | {_pm(m['overall_auc'], m['overall_auc_std'])} | "
             f"{_pm(m['logloss'], m['logloss_std'])} | "
             f"{_pm(m['mean_member_auc'], m['mean_member_auc_std'])} | "
-            f"{m['wall_s']:.0f} |")
+            f"{m['wall_s']:.0f} |"
+        )
     lines += ["", sweep_table(report, "overall_auc")]
     return "\n".join(lines)
 
@@ -238,10 +292,13 @@ def format_table(report: Mapping[str, Any]) -> str:
 def sweep_table(report: Mapping[str, Any], metric: str) -> str:
     """One metric against the support size k, one row per model (markdown)."""
     models = report["models"]
-    ks = sorted({k for m in models.values() for k in m.get("support_k", {})},
-                key=_k_sort_key)
-    lines = [f"| {METRIC_LABELS[metric]} by k | " + " | ".join(ks) + " |",
-             "| --- |" + " --- |" * len(ks)]
+    ks = sorted(
+        {k for m in models.values() for k in m.get("support_k", {})}, key=_k_sort_key
+    )
+    lines = [
+        f"| {METRIC_LABELS[metric]} by k | " + " | ".join(ks) + " |",
+        "| --- |" + " --- |" * len(ks),
+    ]
     for name, m in models.items():
         cells = []
         for k in ks:
@@ -266,8 +323,10 @@ def plot_lift(report: Mapping[str, Any], path: str | os.PathLike) -> str:
     if "global" not in models:
         raise ValueError("The lift chart needs the `global` model; it was not run.")
     ks = [k for k in K_ORDER if k in models["global"].get("support_k", {})]
-    ks += sorted((k for k in models["global"].get("support_k", {}) if k not in ks),
-                 key=_k_sort_key)
+    ks += sorted(
+        (k for k in models["global"].get("support_k", {}) if k not in ks),
+        key=_k_sort_key,
+    )
     x = np.arange(len(ks))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(0.0, color="grey", linewidth=1, linestyle="--", label="global")
@@ -281,12 +340,17 @@ def plot_lift(report: Mapping[str, Any], path: str | os.PathLike) -> str:
             lift.append(cell["overall_auc"] - base if cell else np.nan)
             err.append(cell["overall_auc_std"] if cell else np.nan)
         style = "--" if name == "limaml_offline" else "-"
-        ax.errorbar(x, lift, yerr=err, marker="o", linestyle=style, capsize=3, label=name)
+        ax.errorbar(
+            x, lift, yerr=err, marker="o", linestyle=style, capsize=3, label=name
+        )
     ax.set_xticks(x, [f"k={k}" for k in ks])
     ax.set_xlabel("support interactions per test member (latest k)")
     ax.set_ylabel("overall AUC - global's overall AUC")
-    ax.set_title(f"Lift over global by support size (means over {report.get('seeds', 1)} "
-                 "seeds; bars: the model's AUC std)", fontsize=10)
+    ax.set_title(
+        f"Lift over global by support size (means over {report.get('seeds', 1)} "
+        "seeds; bars: the model's AUC std)",
+        fontsize=10,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -296,10 +360,16 @@ def plot_lift(report: Mapping[str, Any], path: str | os.PathLike) -> str:
 
 
 def _targets_md(report: Mapping[str, Any]) -> list[str]:
-    lines = ["## Targets", "",
-             "Judged on the means over seeds. A target not met is reported as measured.", ""]
+    lines = [
+        "## Targets",
+        "",
+        "Judged on the means over seeds. A target not met is reported as measured.",
+        "",
+    ]
     for t in report.get("targets", []):
-        verdict = {True: "**met**", False: "**NOT met**", None: "not measured"}[t["met"]]
+        verdict = {True: "**met**", False: "**NOT met**", None: "not measured"}[
+            t["met"]
+        ]
         lines.append(f"- {t['target']}: {verdict}. {t['measured']}.")
     return lines
 
@@ -309,11 +379,17 @@ def _tried_md(report: Mapping[str, Any]) -> list[str]:
     chosen = []
     for name, m in report["models"].items():
         for i, detail in enumerate(m.get("details", [])):
-            chosen.append(f"- {name}, seed {i}: " + ", ".join(
-                f"{k}={_short(v)}" for k, v in detail.items()))
+            chosen.append(
+                f"- {name}, seed {i}: "
+                + ", ".join(f"{k}={_short(v)}" for k, v in detail.items())
+            )
     if chosen:
-        lines += ["## Chosen in this run", "",
-                  "Hyperparameters picked on the val members during this run:", ""] + chosen
+        lines += [
+            "## Chosen in this run",
+            "",
+            "Hyperparameters picked on the val members during this run:",
+            "",
+        ] + chosen
         lines.append("")
     tried = report.get("tried")
     if tried:
@@ -331,8 +407,11 @@ def _tried_md(report: Mapping[str, Any]) -> list[str]:
             lines.append("| experiment | change | " + " | ".join(metrics) + " |")
             lines.append("| --- | --- |" + " --- |" * len(metrics))
             for row in rows:
-                lines.append(f"| {row.get('name', '')} | {row.get('change', '')} | " +
-                             " | ".join(_short(row.get(c)) for c in metrics) + " |")
+                lines.append(
+                    f"| {row.get('name', '')} | {row.get('change', '')} | "
+                    + " | ".join(_short(row.get(c)) for c in metrics)
+                    + " |"
+                )
         lines.append("")
     return lines
 
@@ -352,20 +431,36 @@ def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> st
     lines = [f"# {report.get('title', 'LiMAML comparison report')}", ""]
     if report.get("summary"):
         lines += [report["summary"], ""]
-    lines += [f"Seeds: {report.get('seeds')}. Values are means ± sample standard "
-              "deviations over seeds.", ""]
+    lines += [
+        f"Seeds: {report.get('seeds')}. Values are means ± sample standard "
+        "deviations over seeds.",
+        "",
+    ]
     lines += ["## Protocol", ""]
     for key, value in report.get("protocol", {}).items():
-        lines.append(f"- **{key}**: {_short(value) if not isinstance(value, str) else value}")
+        lines.append(
+            f"- **{key}**: {_short(value) if not isinstance(value, str) else value}"
+        )
     if report.get("training"):
         lines += ["", "## How the models were trained", ""]
         lines += [f"- {line}" for line in report["training"]]
-    lines += ["", "## Results (full support)", "", format_table(report).split("\n\n")[0], ""]
+    lines += [
+        "",
+        "## Results (full support)",
+        "",
+        format_table(report).split("\n\n")[0],
+        "",
+    ]
     lines += ["Models:", ""]
     lines += [f"- `{n}`: {MODEL_LABELS[n]}" for n in report["models"]]
-    lines += ["", "## Support-size sweep", "",
-              "Every test member's support cut to its latest k interactions "
-              "(`all`: the whole first half of its history).", ""]
+    lines += [
+        "",
+        "## Support-size sweep",
+        "",
+        "Every test member's support cut to its latest k interactions "
+        "(`all`: the whole first half of its history).",
+        "",
+    ]
     for metric in METRICS:
         lines += [sweep_table(report, metric), ""]
     if chart:
@@ -380,8 +475,14 @@ def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> st
         lines.append("")
     config = report.get("config")
     if config:
-        lines += ["## Configuration", "", "```json", json.dumps(config, indent=2,
-                                                                  default=str), "```", ""]
+        lines += [
+            "## Configuration",
+            "",
+            "```json",
+            json.dumps(config, indent=2, default=str),
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -397,7 +498,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
+def write_report(
+    report: Mapping[str, Any], out_dir: str | os.PathLike
+) -> dict[str, str]:
     """Writes report.json, report.md and lift.png into `out_dir`.
 
     NaN values (e.g. a metric of a model that was not run) are written as
@@ -408,9 +511,11 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "report.json"),
-             "markdown": os.path.join(out_dir, "report.md"),
-             "chart": os.path.join(out_dir, "lift.png")}
+    paths = {
+        "json": os.path.join(out_dir, "report.json"),
+        "markdown": os.path.join(out_dir, "report.md"),
+        "chart": os.path.join(out_dir, "lift.png"),
+    }
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(_json_safe(dict(report)), f, indent=2)
     chart = None

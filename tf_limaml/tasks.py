@@ -28,9 +28,15 @@ REASON_OUT_OF_VOCABULARY = "out_of_vocabulary"
 # A record the reader could not turn into a row (wrong field count, bad UTF-8).
 REASON_MALFORMED_ROW = "malformed_row"
 REJECT_REASONS = (
-    REASON_MISSING_ENTITY, REASON_MISSING_TIME, REASON_BAD_TIME, REASON_MISSING_LABEL,
-    REASON_BAD_LABEL, REASON_BAD_NUMERIC, REASON_MISSING_FEATURE,
-    REASON_OUT_OF_VOCABULARY, REASON_MALFORMED_ROW,
+    REASON_MISSING_ENTITY,
+    REASON_MISSING_TIME,
+    REASON_BAD_TIME,
+    REASON_MISSING_LABEL,
+    REASON_BAD_LABEL,
+    REASON_BAD_NUMERIC,
+    REASON_MISSING_FEATURE,
+    REASON_OUT_OF_VOCABULARY,
+    REASON_MALFORMED_ROW,
 )
 SPLITS = ("train", "val", "test")
 
@@ -72,8 +78,11 @@ def _to_time(value: Any) -> float | None:
             value = value.replace(tzinfo=datetime.timezone.utc)
         return value.timestamp()
     if isinstance(value, datetime.date):
-        return float(datetime.datetime(value.year, value.month, value.day,
-                                       tzinfo=datetime.timezone.utc).timestamp())
+        return float(
+            datetime.datetime(
+                value.year, value.month, value.day, tzinfo=datetime.timezone.utc
+            ).timestamp()
+        )
     if type(value).__name__ == "datetime64":
         # numpy.datetime64, recognized without importing numpy here.
         if str(value) == "NaT":
@@ -95,8 +104,10 @@ def _clean_feature(feature: Feature, value: Any) -> Any:
             return feature.default
         number = _to_float(value)
         if number is None or abs(number) > 3.0e38:
-            raise RowError(REASON_BAD_NUMERIC,
-                           f"`{feature.name}` = {value!r} is not a finite number")
+            raise RowError(
+                REASON_BAD_NUMERIC,
+                f"`{feature.name}` = {value!r} is not a finite number",
+            )
         # + 0.0 turns -0.0 into 0.0: they compare equal when ordering rows but
         # encode to different bytes, so keeping both would make output order-dependent.
         return number + 0.0
@@ -104,17 +115,25 @@ def _clean_feature(feature: Feature, value: Any) -> Any:
         text = "" if _is_missing(value) else _id_str(value)
         if not text and feature.vocabulary is not None and not feature.allow_oov:
             raise RowError(REASON_MISSING_FEATURE, f"`{feature.name}` is missing")
-        if (feature.vocabulary is not None and not feature.allow_oov and text
-                and text not in feature.vocabulary):
-            raise RowError(REASON_OUT_OF_VOCABULARY,
-                           f"`{feature.name}` = {text!r} is not in its vocabulary")
+        if (
+            feature.vocabulary is not None
+            and not feature.allow_oov
+            and text
+            and text not in feature.vocabulary
+        ):
+            raise RowError(
+                REASON_OUT_OF_VOCABULARY,
+                f"`{feature.name}` = {text!r} is not in its vocabulary",
+            )
         return text
     values = [] if _is_missing(value) else feature.parse_values(value)
     if feature.vocabulary is not None and not feature.allow_oov:
         unknown = [v for v in values if v not in feature.vocabulary]
         if unknown:
-            raise RowError(REASON_OUT_OF_VOCABULARY,
-                           f"`{feature.name}` value {unknown[0]!r} is not in its vocabulary")
+            raise RowError(
+                REASON_OUT_OF_VOCABULARY,
+                f"`{feature.name}` value {unknown[0]!r} is not in its vocabulary",
+            )
     return values[: feature.values_per_row]
 
 
@@ -143,7 +162,9 @@ def validate_row(spec: FeatureSpec, row: Mapping[str, Any]) -> dict[str, Any]:
         raise RowError(REASON_MISSING_TIME, f"`{spec.time}` is missing")
     time = _to_time(raw_time)
     if time is None or abs(time) >= 2**62:
-        raise RowError(REASON_BAD_TIME, f"`{spec.time}` = {raw_time!r} is not a finite number")
+        raise RowError(
+            REASON_BAD_TIME, f"`{spec.time}` = {raw_time!r} is not a finite number"
+        )
     raw_label = row.get(spec.label.column)
     if _is_missing(raw_label):
         raise RowError(REASON_MISSING_LABEL, f"`{spec.label.column}` is missing")
@@ -160,8 +181,9 @@ def validate_row(spec: FeatureSpec, row: Mapping[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def validate_meta_row(spec: FeatureSpec, row: Mapping[str, Any]
-                      ) -> tuple[str, dict[str, Any]]:
+def validate_meta_row(
+    spec: FeatureSpec, row: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
     """Checks one row of an entity table (entity id + meta features).
 
     Returns:
@@ -171,7 +193,9 @@ def validate_meta_row(spec: FeatureSpec, row: Mapping[str, Any]
         RowError: The entity id is missing or a meta feature breaks its rule.
     """
     entity = _clean_entity(spec, row)
-    return entity, {f.name: _clean_feature(f, row.get(f.name)) for f in spec.meta_features}
+    return entity, {
+        f.name: _clean_feature(f, row.get(f.name)) for f in spec.meta_features
+    }
 
 
 def _id_str(value: Any) -> str:
@@ -191,8 +215,11 @@ def order_key(spec: FeatureSpec, row: Mapping[str, Any]) -> tuple:
         return (row[spec.time],)
     tie = row.get(spec.tie_break, "")
     number = _to_float(tie)
-    return (row[spec.time], 0, number, "") if number is not None else (
-        row[spec.time], 1, 0.0, str(tie))
+    return (
+        (row[spec.time], 0, number, "")
+        if number is not None
+        else (row[spec.time], 1, 0.0, str(tie))
+    )
 
 
 def _rank(value: Any) -> tuple:
@@ -251,7 +278,8 @@ class SplitRule:
         number = _to_float(raw)
         if kind not in ("fraction", "cutoff", "last") or number is None:
             raise ValueError(
-                f"--split {text!r}: expected fraction:F, cutoff:UNIX_TIME or last:K")
+                f"--split {text!r}: expected fraction:F, cutoff:UNIX_TIME or last:K"
+            )
         if kind == "fraction" and not 0.0 < number < 1.0:
             raise ValueError(f"--split {text!r}: the fraction must be in (0, 1)")
         if kind == "last" and (number < 1 or not float(number).is_integer()):
@@ -289,7 +317,9 @@ class EntityHistory:
         return len(self.support) + len(self.query)
 
 
-def merge_meta(spec: FeatureSpec, rows: Sequence[Mapping[str, Any]]) -> tuple[dict, int]:
+def merge_meta(
+    spec: FeatureSpec, rows: Sequence[Mapping[str, Any]]
+) -> tuple[dict, int]:
     """Meta features of an entity from its time-sorted rows: the latest value wins.
 
     Returns:
@@ -334,21 +364,29 @@ def split_history(
     n_support = rule.support_size([r[spec.time] for r in ordered])
     support, query = ordered[:n_support], ordered[n_support:]
     if len(support) < min_support or len(query) < min_query:
-        return EntityHistory(entity_id, support, query, dict(meta), cold=True,
-                             meta_conflicts=conflicts)
+        return EntityHistory(
+            entity_id, support, query, dict(meta), cold=True, meta_conflicts=conflicts
+        )
     dropped = 0
     if max_support is not None and len(support) > max_support:
         dropped += len(support) - max_support
-        support = support[len(support) - max_support:]
+        support = support[len(support) - max_support :]
     if max_query is not None and len(query) > max_query:
         dropped += len(query) - max_query
         query = query[:max_query]
-    return EntityHistory(entity_id, support, query, dict(meta), dropped_by_caps=dropped,
-                         meta_conflicts=conflicts)
+    return EntityHistory(
+        entity_id,
+        support,
+        query,
+        dict(meta),
+        dropped_by_caps=dropped,
+        meta_conflicts=conflicts,
+    )
 
 
-def assign_split(entity_id: str, seed: int = 0, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1) -> str:
+def assign_split(
+    entity_id: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> str:
     """Train/val/test by a stable hash of (seed, entity id).
 
     Uses SHA-256, not Python's `hash`, so the answer is the same in every
@@ -411,9 +449,19 @@ def build_tasks(
         meta = None
         if entities is not None and entity_id in entities:
             meta = dict(entities[entity_id])
-        histories.append(split_history(
-            spec, entity_id, groups[entity_id], rule, min_support=min_support,
-            min_query=min_query, max_support=max_support, max_query=max_query, meta=meta))
+        histories.append(
+            split_history(
+                spec,
+                entity_id,
+                groups[entity_id],
+                rule,
+                min_support=min_support,
+                min_query=min_query,
+                max_support=max_support,
+                max_query=max_query,
+                meta=meta,
+            )
+        )
     counts["rows_in_tasks"] = sum(h.n_rows for h in histories if not h.cold)
     counts["rows_dropped_by_caps"] = sum(h.dropped_by_caps for h in histories)
     counts["rows_cold"] = sum(h.n_rows for h in histories if h.cold)

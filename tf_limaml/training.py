@@ -66,12 +66,17 @@ class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
                 f"Non-finite loss at training step {self._step} (batch {batch} of its "
                 f"epoch), entities [{shown}]; that step was not applied and the last "
                 "good checkpoint is kept. Lower the learning rate or inner_lr, or check "
-                "those entities' rows for extreme values.")
+                "those entities' rows for extreme values."
+            )
 
 
 def default_model_kwargs() -> dict[str, Any]:
-    return {"meta_units": [64, 32], "global_units": [256, 128], "cross_layers": 2,
-            "interaction": "product"}
+    return {
+        "meta_units": [64, 32],
+        "global_units": [256, 128],
+        "cross_layers": 2,
+        "interaction": "product",
+    }
 
 
 def train(
@@ -124,39 +129,73 @@ def train(
     meta_config = meta_config or MetaConfig()
     tf.keras.utils.set_random_seed(seed)
     tf.io.gfile.makedirs(model_dir)
-    model = LiMAMLModel(spec, meta_config, **dict(model_kwargs or default_model_kwargs()))
+    model = LiMAMLModel(
+        spec, meta_config, **dict(model_kwargs or default_model_kwargs())
+    )
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
     if steps_per_epoch is None:
         # A known epoch length lets checkpoints every N steps resume mid-epoch.
         steps_per_epoch = max(math.ceil(data.count_tasks(tasks) / batch_tasks), 1)
-    train_ds = data.task_dataset(tasks, spec, batch_tasks, max_support, max_query,
-                                 shuffle=True, seed=seed, repeat=True)
+    train_ds = data.task_dataset(
+        tasks,
+        spec,
+        batch_tasks,
+        max_support,
+        max_query,
+        shuffle=True,
+        seed=seed,
+        repeat=True,
+    )
     val_ds = None
     if validation_tasks:
-        val_ds = data.task_dataset(validation_tasks, spec, batch_tasks, max_support,
-                                   max_query)
+        val_ds = data.task_dataset(
+            validation_tasks, spec, batch_tasks, max_support, max_query
+        )
     callbacks: list[tf.keras.callbacks.Callback] = [
         StopOnNonFiniteLoss(),
         tf.keras.callbacks.BackupAndRestore(
             os.path.join(model_dir, "backup"),
-            save_freq=checkpoint_every or "epoch", delete_checkpoint=True),
+            save_freq=checkpoint_every or "epoch",
+            delete_checkpoint=True,
+        ),
     ]
     if tensorboard:
         callbacks.append(tf.keras.callbacks.TensorBoard(tensorboard))
     if early_stopping_patience and val_ds is not None:
-        callbacks.append(tf.keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=early_stopping_patience,
-            restore_best_weights=True))
+        callbacks.append(
+            tf.keras.callbacks.EarlyStopping(
+                monitor="val_loss",
+                patience=early_stopping_patience,
+                restore_best_weights=True,
+            )
+        )
     with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(model.get_config(), f, indent=2)
     # The task shapes training used; export defaults its support limit to them.
     with tf.io.gfile.GFile(os.path.join(model_dir, TRAINING_ARGS), "w") as f:
-        json.dump({"batch_tasks": batch_tasks, "max_support": max_support,
-                   "max_query": max_query, "epochs": epochs, "seed": seed,
-                   "learning_rate": learning_rate}, f, indent=2)
-    logger.info("Meta-training %s for %d epochs into %s", meta_config, epochs, model_dir)
-    history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                        validation_data=val_ds, callbacks=callbacks, verbose=verbose)
+        json.dump(
+            {
+                "batch_tasks": batch_tasks,
+                "max_support": max_support,
+                "max_query": max_query,
+                "epochs": epochs,
+                "seed": seed,
+                "learning_rate": learning_rate,
+            },
+            f,
+            indent=2,
+        )
+    logger.info(
+        "Meta-training %s for %d epochs into %s", meta_config, epochs, model_dir
+    )
+    history = model.fit(
+        train_ds,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=val_ds,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     save_model(model, model_dir)
     record = {k: [float(x) for x in v] for k, v in history.history.items()}
     with tf.io.gfile.GFile(os.path.join(model_dir, "history.json"), "w") as f:

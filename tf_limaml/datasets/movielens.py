@@ -52,24 +52,74 @@ GROUPLENS_FILES = ("u.data", "u.user", "u.item")
 
 # u.genre's order: the 19 flag columns of u.item follow it.
 GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 OCCUPATIONS = (
-    "administrator", "artist", "doctor", "educator", "engineer", "entertainment",
-    "executive", "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none",
-    "other", "programmer", "retired", "salesman", "scientist", "student", "technician",
+    "administrator",
+    "artist",
+    "doctor",
+    "educator",
+    "engineer",
+    "entertainment",
+    "executive",
+    "healthcare",
+    "homemaker",
+    "lawyer",
+    "librarian",
+    "marketing",
+    "none",
+    "other",
+    "programmer",
+    "retired",
+    "salesman",
+    "scientist",
+    "student",
+    "technician",
     "writer",
 )
 GENDERS = ("F", "M")
 # The age groups of MovieLens-1M, so both datasets read alike.
-AGE_BUCKETS = ((18, "under_18"), (25, "18-24"), (35, "25-34"), (45, "35-44"),
-               (50, "45-49"), (56, "50-55"), (math.inf, "56+"))
+AGE_BUCKETS = (
+    (18, "under_18"),
+    (25, "18-24"),
+    (35, "25-34"),
+    (45, "35-44"),
+    (50, "45-49"),
+    (56, "50-55"),
+    (math.inf, "56+"),
+)
 ZIP_PREFIXES = tuple(str(d) for d in range(10))
 
-COLUMNS = ("user_id", "item_id", "timestamp", "rating", "age_bucket", "gender",
-           "occupation", "zip_prefix", "genres", "release_year")
+COLUMNS = (
+    "user_id",
+    "item_id",
+    "timestamp",
+    "rating",
+    "age_bucket",
+    "gender",
+    "occupation",
+    "zip_prefix",
+    "genres",
+    "release_year",
+)
 # The label: a rating of 4 or 5 is a positive.
 POSITIVE_RATING = 4
 # Most genres one ML-100K movie has.
@@ -143,7 +193,8 @@ def find_recbole_dir() -> str:
         raise FileNotFoundError(
             "The embedded MovieLens-100K copy needs the recbole wheel: run "
             "`pip install --no-deps recbole==1.2.1`, or pass a GroupLens ml-100k "
-            "directory (u.data, u.user, u.item).")
+            "directory (u.data, u.user, u.item)."
+        )
     for location in spec.submodule_search_locations:
         path = os.path.join(location, RECBOLE_SUBDIR)
         if all(os.path.exists(os.path.join(path, f)) for f in RECBOLE_FILES):
@@ -151,11 +202,12 @@ def find_recbole_dir() -> str:
     raise FileNotFoundError(
         f"recbole is installed at {list(spec.submodule_search_locations)} but has no "
         f"{RECBOLE_SUBDIR}/{{{','.join(RECBOLE_FILES)}}}; reinstall recbole==1.2.1 "
-        "with --no-deps.")
+        "with --no-deps."
+    )
 
 
 def detect_layout(path: str) -> str:
-    """"grouplens" or "recbole" for a directory, by the files it holds.
+    """ "grouplens" or "recbole" for a directory, by the files it holds.
 
     Raises:
         MovieLensError: Neither set of files is there.
@@ -168,7 +220,8 @@ def detect_layout(path: str) -> str:
         f"{path} is not a MovieLens-100K directory: expected GroupLens's "
         f"{', '.join(GROUPLENS_FILES)} or recbole's {', '.join(RECBOLE_FILES)}. "
         "Download ml-100k.zip from grouplens.org and unzip it, or omit the path to "
-        "use the embedded copy.")
+        "use the embedded copy."
+    )
 
 
 # ------------------------------------------------------------ file readers
@@ -182,20 +235,28 @@ def _fields(line: str, separator: str, count: int, path: str, number: int) -> li
     if len(fields) < count:
         raise MovieLensError(
             f"{path} line {number}: expected {count} {separator!r}-separated fields, got "
-            f"{len(fields)} ({line[:80]!r}); is the file complete?")
+            f"{len(fields)} ({line[:80]!r}); is the file complete?"
+        )
     return fields
 
 
-def _user(path: str, number: int, age: str, gender: str, occupation: str,
-          zip_code: str) -> User:
+def _user(
+    path: str, number: int, age: str, gender: str, occupation: str, zip_code: str
+) -> User:
     try:
         years = int(age)
     except ValueError:
-        raise MovieLensError(f"{path} line {number}: age {age!r} is not an integer") from None
-    return User(age_bucket(years), gender.strip(), occupation.strip(), zip_prefix(zip_code))
+        raise MovieLensError(
+            f"{path} line {number}: age {age!r} is not an integer"
+        ) from None
+    return User(
+        age_bucket(years), gender.strip(), occupation.strip(), zip_prefix(zip_code)
+    )
 
 
-def _recbole_header(path: str, lines: Sequence[str], expected: Sequence[str]) -> dict[str, int]:
+def _recbole_header(
+    path: str, lines: Sequence[str], expected: Sequence[str]
+) -> dict[str, int]:
     """Column index by name of a recbole atomic file (`name:type` headers)."""
     if not lines:
         raise MovieLensError(f"{path} is empty")
@@ -206,52 +267,78 @@ def _recbole_header(path: str, lines: Sequence[str], expected: Sequence[str]) ->
     return {name: names.index(name) for name in expected}
 
 
-def _read_recbole(path: str) -> tuple[list[tuple[str, str, str, str]], dict[str, User],
-                                      dict[str, Item]]:
+def _read_recbole(
+    path: str,
+) -> tuple[list[tuple[str, str, str, str]], dict[str, User], dict[str, Item]]:
     inter_path, user_path, item_path = (os.path.join(path, f) for f in RECBOLE_FILES)
     lines = _read_lines(user_path, "utf-8")
-    cols = _recbole_header(user_path, lines, ("user_id", "age", "gender", "occupation",
-                                              "zip_code"))
+    cols = _recbole_header(
+        user_path, lines, ("user_id", "age", "gender", "occupation", "zip_code")
+    )
     users = {}
     for number, line in enumerate(lines[1:], start=2):
         f = _fields(line, "\t", len(cols), user_path, number)
-        users[f[cols["user_id"]]] = _user(user_path, number, f[cols["age"]],
-                                          f[cols["gender"]], f[cols["occupation"]],
-                                          f[cols["zip_code"]])
+        users[f[cols["user_id"]]] = _user(
+            user_path,
+            number,
+            f[cols["age"]],
+            f[cols["gender"]],
+            f[cols["occupation"]],
+            f[cols["zip_code"]],
+        )
     lines = _read_lines(item_path, "utf-8")
-    cols = _recbole_header(item_path, lines, ("item_id", "movie_title", "release_year",
-                                              "class"))
+    cols = _recbole_header(
+        item_path, lines, ("item_id", "movie_title", "release_year", "class")
+    )
     items = {}
     for number, line in enumerate(lines[1:], start=2):
         f = line.split("\t")
         if len(f) < 2:
-            raise MovieLensError(f"{item_path} line {number}: too few fields ({line[:80]!r})")
+            raise MovieLensError(
+                f"{item_path} line {number}: too few fields ({line[:80]!r})"
+            )
         f += [""] * (len(cols) - len(f))
         title = f[cols["movie_title"]]
         genres = tuple(g for g in f[cols["class"]].split() if g)
-        year = None if title.strip() in _UNKNOWN_TITLES else release_year(
-            f[cols["release_year"]], title=title)
+        year = (
+            None
+            if title.strip() in _UNKNOWN_TITLES
+            else release_year(f[cols["release_year"]], title=title)
+        )
         items[f[cols["item_id"]]] = Item(genres, year)
     lines = _read_lines(inter_path, "utf-8")
-    cols = _recbole_header(inter_path, lines, ("user_id", "item_id", "rating", "timestamp"))
+    cols = _recbole_header(
+        inter_path, lines, ("user_id", "item_id", "rating", "timestamp")
+    )
     ratings = []
     for number, line in enumerate(lines[1:], start=2):
         f = _fields(line, "\t", len(cols), inter_path, number)
-        ratings.append((f[cols["user_id"]], f[cols["item_id"]], f[cols["rating"]],
-                        f[cols["timestamp"]]))
+        ratings.append(
+            (
+                f[cols["user_id"]],
+                f[cols["item_id"]],
+                f[cols["rating"]],
+                f[cols["timestamp"]],
+            )
+        )
     return ratings, users, items
 
 
-def _read_grouplens(path: str) -> tuple[list[tuple[str, str, str, str]], dict[str, User],
-                                        dict[str, Item]]:
+def _read_grouplens(
+    path: str,
+) -> tuple[list[tuple[str, str, str, str]], dict[str, User], dict[str, Item]]:
     data_path, user_path, item_path = (os.path.join(path, f) for f in GROUPLENS_FILES)
     genres = GENRES
     genre_path = os.path.join(path, "u.genre")
     if os.path.exists(genre_path):
         # u.genre is "name|index" per line; the flag columns follow the index.
         pairs = [line.split("|") for line in _read_lines(genre_path, "latin-1")]
-        genres = tuple(name for name, _ in sorted(
-            ((p[0], int(p[1])) for p in pairs if len(p) == 2), key=lambda p: p[1]))
+        genres = tuple(
+            name
+            for name, _ in sorted(
+                ((p[0], int(p[1])) for p in pairs if len(p) == 2), key=lambda p: p[1]
+            )
+        )
     users = {}
     for number, line in enumerate(_read_lines(user_path, "latin-1"), start=1):
         f = _fields(line, "|", 5, user_path, number)
@@ -259,11 +346,14 @@ def _read_grouplens(path: str) -> tuple[list[tuple[str, str, str, str]], dict[st
     items = {}
     for number, line in enumerate(_read_lines(item_path, "latin-1"), start=1):
         f = _fields(line, "|", 5 + len(genres), item_path, number)
-        flags = f[5:5 + len(genres)]
+        flags = f[5 : 5 + len(genres)]
         item_genres = tuple(g for g, flag in zip(genres, flags) if flag.strip() == "1")
         title = f[1]
-        year = None if title.strip().lower() in _UNKNOWN_TITLES else release_year(
-            "", title=title, date=f[2])
+        year = (
+            None
+            if title.strip().lower() in _UNKNOWN_TITLES
+            else release_year("", title=title, date=f[2])
+        )
         items[f[0]] = Item(item_genres, year)
     ratings = []
     for number, line in enumerate(_read_lines(data_path, "latin-1"), start=1):
@@ -301,29 +391,42 @@ def load_interactions(path: str | os.PathLike | None = None) -> list[dict[str, A
             unknown_users.add(user_id)
         if item is None:
             unknown_items.add(item_id)
-        rows.append({
-            "user_id": user_id,
-            "item_id": item_id,
-            "timestamp": int(float(timestamp)),
-            "rating": float(rating),
-            "age_bucket": user.age_bucket if user else "",
-            "gender": user.gender if user else "",
-            "occupation": user.occupation if user else "",
-            "zip_prefix": user.zip_prefix if user else "",
-            "genres": "|".join(item.genres) if item else "",
-            "release_year": item.release_year if item else None,
-        })
+        rows.append(
+            {
+                "user_id": user_id,
+                "item_id": item_id,
+                "timestamp": int(float(timestamp)),
+                "rating": float(rating),
+                "age_bucket": user.age_bucket if user else "",
+                "gender": user.gender if user else "",
+                "occupation": user.occupation if user else "",
+                "zip_prefix": user.zip_prefix if user else "",
+                "genres": "|".join(item.genres) if item else "",
+                "release_year": item.release_year if item else None,
+            }
+        )
     if unknown_users or unknown_items:
         # The task builder rejects these rows (missing vocabulary values) with a reason.
-        logger.warning("Ratings name %d users and %d items absent from the user/item "
-                       "files of %s", len(unknown_users), len(unknown_items), path)
-    logger.info("Read %d MovieLens ratings (%s layout) from %s", len(rows), layout, path)
+        logger.warning(
+            "Ratings name %d users and %d items absent from the user/item "
+            "files of %s",
+            len(unknown_users),
+            len(unknown_items),
+            path,
+        )
+    logger.info(
+        "Read %d MovieLens ratings (%s layout) from %s", len(rows), layout, path
+    )
     return rows
 
 
-def feature_spec(item_hash_buckets: int = DEFAULT_ITEM_BUCKETS, item_dim: int = 16,
-                 meta_dim: int = 8, genre_dim: int = 8,
-                 release_year_stats: tuple[float, float] = (1988.0, 14.0)) -> FeatureSpec:
+def feature_spec(
+    item_hash_buckets: int = DEFAULT_ITEM_BUCKETS,
+    item_dim: int = 16,
+    meta_dim: int = 8,
+    genre_dim: int = 8,
+    release_year_stats: tuple[float, float] = (1988.0, 14.0),
+) -> FeatureSpec:
     """The FeatureSpec of `load_interactions`' table.
 
     Args:
@@ -340,30 +443,64 @@ def feature_spec(item_hash_buckets: int = DEFAULT_ITEM_BUCKETS, item_dim: int = 
         prefix; request features item id, genres, release year.
     """
     mean, std = release_year_stats
-    return FeatureSpec.from_dict({
-        "entity": "user_id",
-        "time": "timestamp",
-        "label": {"column": "rating", "threshold": POSITIVE_RATING},
-        "tie_break": "item_id",
-        "meta_features": [
-            {"name": "age_bucket", "type": "categorical",
-             "vocabulary": [name for _, name in AGE_BUCKETS], "dim": meta_dim},
-            {"name": "gender", "type": "categorical", "vocabulary": list(GENDERS),
-             "dim": meta_dim},
-            {"name": "occupation", "type": "categorical", "vocabulary": list(OCCUPATIONS),
-             "dim": meta_dim, "allow_oov": True},
-            {"name": "zip_prefix", "type": "categorical", "vocabulary": list(ZIP_PREFIXES),
-             "dim": meta_dim, "allow_oov": True},
-        ],
-        "request_features": [
-            {"name": "item_id", "type": "categorical", "hash_buckets": item_hash_buckets,
-             "dim": item_dim},
-            {"name": "genres", "type": "multi_hot", "vocabulary": list(GENRES),
-             "dim": genre_dim, "max_values": MAX_GENRES},
-            {"name": "release_year", "type": "numeric", "mean": mean, "std": std,
-             "default": mean},
-        ],
-    })
+    return FeatureSpec.from_dict(
+        {
+            "entity": "user_id",
+            "time": "timestamp",
+            "label": {"column": "rating", "threshold": POSITIVE_RATING},
+            "tie_break": "item_id",
+            "meta_features": [
+                {
+                    "name": "age_bucket",
+                    "type": "categorical",
+                    "vocabulary": [name for _, name in AGE_BUCKETS],
+                    "dim": meta_dim,
+                },
+                {
+                    "name": "gender",
+                    "type": "categorical",
+                    "vocabulary": list(GENDERS),
+                    "dim": meta_dim,
+                },
+                {
+                    "name": "occupation",
+                    "type": "categorical",
+                    "vocabulary": list(OCCUPATIONS),
+                    "dim": meta_dim,
+                    "allow_oov": True,
+                },
+                {
+                    "name": "zip_prefix",
+                    "type": "categorical",
+                    "vocabulary": list(ZIP_PREFIXES),
+                    "dim": meta_dim,
+                    "allow_oov": True,
+                },
+            ],
+            "request_features": [
+                {
+                    "name": "item_id",
+                    "type": "categorical",
+                    "hash_buckets": item_hash_buckets,
+                    "dim": item_dim,
+                },
+                {
+                    "name": "genres",
+                    "type": "multi_hot",
+                    "vocabulary": list(GENRES),
+                    "dim": genre_dim,
+                    "max_values": MAX_GENRES,
+                },
+                {
+                    "name": "release_year",
+                    "type": "numeric",
+                    "mean": mean,
+                    "std": std,
+                    "default": mean,
+                },
+            ],
+        }
+    )
 
 
 def release_year_stats(rows: Iterable[dict[str, Any]]) -> tuple[float, float]:
@@ -380,8 +517,9 @@ def release_year_stats(rows: Iterable[dict[str, Any]]) -> tuple[float, float]:
     return round(mean, 1), round(std, 1)
 
 
-def load(path: str | os.PathLike | None = None, as_frame: bool = False, **spec_kwargs
-         ) -> tuple[Any, FeatureSpec]:
+def load(
+    path: str | os.PathLike | None = None, as_frame: bool = False, **spec_kwargs
+) -> tuple[Any, FeatureSpec]:
     """Interactions and their FeatureSpec.
 
     Args:

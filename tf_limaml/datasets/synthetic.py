@@ -31,28 +31,50 @@ TOPICS = ("news", "sports", "music", "film", "tech", "food")
 
 def synthetic_spec(num_items: int = 200) -> FeatureSpec:
     """The FeatureSpec of the synthetic interactions."""
-    return FeatureSpec.from_dict({
-        "entity": "member_id",
-        "time": "timestamp",
-        "label": "clicked",
-        "tie_break": "item_id",
-        "meta_features": [
-            {"name": "segment", "type": "categorical",
-             "vocabulary": [f"seg_{i}" for i in range(NUM_SEGMENTS)], "dim": 8},
-            {"name": "activity", "type": "numeric", "mean": 30.0, "std": 10.0},
-        ],
-        "request_features": [
-            {"name": "item_id", "type": "categorical", "hash_buckets": 2 * num_items,
-             "dim": 8},
-            {"name": "topics", "type": "multi_hot", "vocabulary": list(TOPICS),
-             "dim": 4, "max_values": 2},
-        ] + [{"name": f"f{k}", "type": "numeric"} for k in range(LATENT_DIM)],
-    })
+    return FeatureSpec.from_dict(
+        {
+            "entity": "member_id",
+            "time": "timestamp",
+            "label": "clicked",
+            "tie_break": "item_id",
+            "meta_features": [
+                {
+                    "name": "segment",
+                    "type": "categorical",
+                    "vocabulary": [f"seg_{i}" for i in range(NUM_SEGMENTS)],
+                    "dim": 8,
+                },
+                {"name": "activity", "type": "numeric", "mean": 30.0, "std": 10.0},
+            ],
+            "request_features": [
+                {
+                    "name": "item_id",
+                    "type": "categorical",
+                    "hash_buckets": 2 * num_items,
+                    "dim": 8,
+                },
+                {
+                    "name": "topics",
+                    "type": "multi_hot",
+                    "vocabulary": list(TOPICS),
+                    "dim": 4,
+                    "max_values": 2,
+                },
+            ]
+            + [{"name": f"f{k}", "type": "numeric"} for k in range(LATENT_DIM)],
+        }
+    )
 
 
-def generate_interactions(num_entities: int = 1000, num_items: int = 200, seed: int = 0,
-                          min_interactions: int = 16, max_interactions: int = 48,
-                          deviation: float = 1.0, scale: float = 1.5) -> list[dict[str, Any]]:
+def generate_interactions(
+    num_entities: int = 1000,
+    num_items: int = 200,
+    seed: int = 0,
+    min_interactions: int = 16,
+    max_interactions: int = 48,
+    deviation: float = 1.0,
+    scale: float = 1.5,
+) -> list[dict[str, Any]]:
     """Interaction rows (one dict per interaction, meta features repeated per row).
 
     Args:
@@ -73,8 +95,10 @@ def generate_interactions(num_entities: int = 1000, num_items: int = 200, seed: 
     centres = rng.normal(0.0, 0.7, size=(NUM_SEGMENTS, LATENT_DIM))
     items = rng.normal(0.0, 1.0, size=(num_items, LATENT_DIM))
     item_bias = rng.normal(0.0, 0.5, size=num_items)
-    item_topics = [sorted(rng.choice(len(TOPICS), size=rng.integers(1, 3), replace=False))
-                   for _ in range(num_items)]
+    item_topics = [
+        sorted(rng.choice(len(TOPICS), size=rng.integers(1, 3), replace=False))
+        for _ in range(num_items)
+    ]
     rows = []
     for e in range(num_entities):
         segment = int(rng.integers(NUM_SEGMENTS))
@@ -85,7 +109,8 @@ def generate_interactions(num_entities: int = 1000, num_items: int = 200, seed: 
         start = 1_600_000_000 + int(rng.integers(0, 10_000_000))
         times = start + np.cumsum(rng.integers(0, 600, size=count))
         logits = scale * items[chosen] @ preference / np.sqrt(LATENT_DIM) + (
-            item_bias[chosen] + entity_bias)
+            item_bias[chosen] + entity_bias
+        )
         clicks = rng.random(count) < 1.0 / (1.0 + np.exp(-logits))
         for i, item in enumerate(chosen):
             row = {
@@ -97,7 +122,9 @@ def generate_interactions(num_entities: int = 1000, num_items: int = 200, seed: 
                 "item_id": str(int(item)),
                 "topics": "|".join(TOPICS[t] for t in item_topics[item]),
             }
-            row.update({f"f{k}": round(float(items[item, k]), 6) for k in range(LATENT_DIM)})
+            row.update(
+                {f"f{k}": round(float(items[item, k]), 6) for k in range(LATENT_DIM)}
+            )
             rows.append(row)
     return rows
 
@@ -110,10 +137,16 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
         writer.writerows(rows)
 
 
-def write_tasks(output_dir: str | os.PathLike, num_entities: int = 1000,
-                num_items: int = 200, seed: int = 0, split: str = "fraction:0.5",
-                val_fraction: float = 0.1, test_fraction: float = 0.1,
-                **generate_kwargs) -> dict[str, str]:
+def write_tasks(
+    output_dir: str | os.PathLike,
+    num_entities: int = 1000,
+    num_items: int = 200,
+    seed: int = 0,
+    split: str = "fraction:0.5",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    **generate_kwargs,
+) -> dict[str, str]:
     """Generates interactions and writes train/val/test task files in-process.
 
     Uses the same rules (`tf_limaml.tasks`) and encoder (`tf_limaml.data`) as
@@ -132,8 +165,9 @@ def write_tasks(output_dir: str | os.PathLike, num_entities: int = 1000,
     by_split: dict[str, list] = {name: [] for name in SPLITS}
     for history in histories:
         if not history.cold:
-            by_split[assign_split(history.entity_id, seed, val_fraction,
-                                  test_fraction)].append(history)
+            by_split[
+                assign_split(history.entity_id, seed, val_fraction, test_fraction)
+            ].append(history)
     paths = {}
     for name in SPLITS:
         path = os.path.join(output_dir, f"{name}-00000-of-00001.tfrecord.gz")
