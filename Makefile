@@ -39,5 +39,11 @@ bench: install
 	@for b in bench/meta_train.py bench/startup.py bench/train_memory.py bench/serving.py bench/soak.py bench/make_tasks.py; do \
 	  if [ -f $$b ]; then echo "== $$b"; $(PY) $$b || exit 1; fi; done
 
+## black + ruff, as pyproject.toml configures them.
+lint: install
+	$(PY) -m pip install -q black ruff
+	$(PY) -m black --check tf_limaml beam_pipelines serving bench tests setup.py
+	$(PY) -m ruff check --select F tf_limaml beam_pipelines serving bench tests
+
 clean:
 	rm -rf runs .pytest_cache build *.egg-info
