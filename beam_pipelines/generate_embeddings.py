@@ -60,6 +60,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from beam_pipelines.options import embed_arguments
+from beam_pipelines.outputs import prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -363,23 +364,6 @@ def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
     return found
 
 
-def _prepare_output(output_dir: str, overwrite: bool) -> None:
-    stale = []
-    for pattern in OUTPUT_PATTERNS:
-        result = FileSystems.match([FileSystems.join(output_dir, pattern)])[0]
-        stale += [m.path for m in result.metadata_list]
-    if not stale:
-        return
-    if not overwrite:
-        raise ValueError(
-            f"--output {output_dir} already holds embeddings of a run ({len(stale)} files, "
-            f"e.g. {sorted(stale)[0]}); pass a new --output (one per model version is a "
-            "good habit) or --overwrite"
-        )
-    logger.info("Deleting %d files of an earlier run in %s", len(stale), output_dir)
-    FileSystems.delete(stale)
-
-
 def run(
     argv: Sequence[str] | None = None, save_main_session: bool = True
 ) -> beam.runners.runner.PipelineResult:
@@ -413,7 +397,7 @@ def run(
         raise FileNotFoundError(
             f"--tasks {known.tasks!r} matches no file; check the path " "or the glob"
         )
-    _prepare_output(known.output, known.overwrite)
+    prepare_output(known.output, OUTPUT_PATTERNS, known.overwrite)
     if not FileSystems.exists(known.output):
         FileSystems.mkdirs(known.output)
     generated_at = int(time.time())

@@ -81,6 +81,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_pipelines.options import make_tasks_arguments
+from beam_pipelines.outputs import prepare_output
 from tf_limaml import data as task_data
 from tf_limaml import tasks as task_rules
 from tf_limaml.features import FeatureSpec
@@ -1095,24 +1096,6 @@ def check_spec_columns(
             )
 
 
-def _prepare_output(output_dir: str, overwrite: bool) -> None:
-    """Refuses to mix a new run's shards with an old run's, or deletes the old ones."""
-    stale = []
-    for pattern in OUTPUT_PATTERNS:
-        result = FileSystems.match([FileSystems.join(output_dir, pattern)])[0]
-        stale += [m.path for m in result.metadata_list]
-    if not stale:
-        return
-    if not overwrite:
-        raise ValueError(
-            f"--output {output_dir} already holds the output of a run "
-            f"({len(stale)} files, e.g. {sorted(stale)[0]}); a new run with other "
-            "shard counts would mix with them. Pass --overwrite, or a new --output."
-        )
-    logger.info("Deleting %d files of an earlier run in %s", len(stale), output_dir)
-    FileSystems.delete(stale)
-
-
 def run(
     argv: Sequence[str] | None = None, save_main_session: bool = True
 ) -> beam.runners.runner.PipelineResult:
@@ -1145,7 +1128,7 @@ def run(
             f"{known.test_fraction} is more than 1; lower one of them"
         )
     check_spec_columns(spec, known.input, known.format, known.entities)
-    _prepare_output(known.output, known.overwrite)
+    prepare_output(known.output, OUTPUT_PATTERNS, known.overwrite)
     if not FileSystems.exists(known.output):
         FileSystems.mkdirs(known.output)
 
