@@ -208,7 +208,38 @@ def _name_outputs(
 
 
 # -------------------------------------------------------------------- gRPC
-class GrpcClient:
+class _SignatureCalls:
+    """`score` and `adapt_and_predict` on top of a client's `predict`."""
+
+    def score(
+        self,
+        meta_embedding: Any,
+        request: Mapping[str, Any],
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
+        """`serving_default`: probabilities `[B]` from embeddings `[B, d]` and requests."""
+        return self.predict(
+            score_inputs(meta_embedding, request), SERVING_DEFAULT, timeout_s
+        )[SCORE]
+
+    def adapt_and_predict(
+        self,
+        meta: Mapping[str, Any],
+        support: Mapping[str, Any],
+        support_label: Any,
+        query: Mapping[str, Any],
+        timeout_s: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`adapt_and_predict` for one entity: (score [Q], meta_embedding [d])."""
+        outputs = self.predict(
+            adapt_and_predict_inputs(meta, support, support_label, query),
+            ADAPT_AND_PREDICT,
+            timeout_s,
+        )
+        return outputs[SCORE], outputs[EMBEDDING]
+
+
+class GrpcClient(_SignatureCalls):
     """Calls TF Serving's gRPC PredictionService.
 
     Args:
@@ -307,33 +338,6 @@ class GrpcClient:
             name: tf.make_ndarray(proto) for name, proto in response.outputs.items()
         }
 
-    def score(
-        self,
-        meta_embedding: Any,
-        request: Mapping[str, Any],
-        timeout_s: float | None = None,
-    ) -> np.ndarray:
-        """`serving_default`: probabilities `[B]` from embeddings `[B, d]` and requests."""
-        return self.predict(
-            score_inputs(meta_embedding, request), SERVING_DEFAULT, timeout_s
-        )[SCORE]
-
-    def adapt_and_predict(
-        self,
-        meta: Mapping[str, Any],
-        support: Mapping[str, Any],
-        support_label: Any,
-        query: Mapping[str, Any],
-        timeout_s: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """`adapt_and_predict` for one entity: (score [Q], meta_embedding [d])."""
-        outputs = self.predict(
-            adapt_and_predict_inputs(meta, support, support_label, query),
-            ADAPT_AND_PREDICT,
-            timeout_s,
-        )
-        return outputs[SCORE], outputs[EMBEDDING]
-
     def close(self) -> None:
         self._channel.close()
 
@@ -362,7 +366,7 @@ def _json_value(value: Any) -> Any:
     return np.vectorize(encode, otypes=[object])(array).tolist()
 
 
-class RestClient:
+class RestClient(_SignatureCalls):
     """Calls TF Serving's REST API (`POST /v1/models/NAME[:versions/V]:predict`).
 
     Sends the columnar form, `{"signature_name": ..., "inputs": {name: value}}`,
@@ -473,33 +477,6 @@ class RestClient:
         return {
             name: np.asarray(value, dtype=np.float32) for name, value in outputs.items()
         }
-
-    def score(
-        self,
-        meta_embedding: Any,
-        request: Mapping[str, Any],
-        timeout_s: float | None = None,
-    ) -> np.ndarray:
-        """`serving_default`: probabilities `[B]` from embeddings `[B, d]` and requests."""
-        return self.predict(
-            score_inputs(meta_embedding, request), SERVING_DEFAULT, timeout_s
-        )[SCORE]
-
-    def adapt_and_predict(
-        self,
-        meta: Mapping[str, Any],
-        support: Mapping[str, Any],
-        support_label: Any,
-        query: Mapping[str, Any],
-        timeout_s: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """`adapt_and_predict` for one entity: (score [Q], meta_embedding [d])."""
-        outputs = self.predict(
-            adapt_and_predict_inputs(meta, support, support_label, query),
-            ADAPT_AND_PREDICT,
-            timeout_s,
-        )
-        return outputs[SCORE], outputs[EMBEDDING]
 
     def close(self) -> None:
         if self._owns_session:
