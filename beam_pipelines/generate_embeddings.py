@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import datetime
 import json
 import logging
@@ -58,6 +59,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_pipelines.options import embed_arguments
 from beam_pipelines.outputs import prepare_output
@@ -126,103 +128,189 @@ class EmbedTasksFn(beam.DoFn):
 
         metadata = export.read_metadata(self.export_dir)
         spec = metadata["spec"]
-        self._max_support = self.max_support or metadata["max_support"]
+        max_support = self.max_support or metadata["max_support"]
+        self._max_support = max_support
         self._model_version = int(metadata["model_version"])
         self._loaded = tf.saved_model.load(metadata["export_dir"])
-        self._signature = self._loaded.signatures[export.META_EMBEDDING]
-        self._input_names = sorted(self._signature.structured_input_signature[1])
-        self._support_keys = {
+        signature = self._loaded.signatures[export.META_EMBEDDING]
+        input_specs = signature.structured_input_signature[1]
+        support_keys = {
             spec.batch_key(SUPPORT, name)
             for name in (
                 [f.name for f in spec.request_features] + [LABEL_KEY, MASK_KEY]
             )
         }
-        self._mask_key = spec.batch_key(SUPPORT, MASK_KEY)
-        max_support = self._max_support
-        # Query rows are not needed for the embedding: parse at most one. The
-        # parser has no tensor-dependent Python control flow, so autograph
-        # (seconds of source conversion per worker) is off.
-        self._parse = tf.function(
-            lambda serialized: data.parse_task_batch(serialized, spec, max_support, 1),
-            input_signature=[tf.TensorSpec([None], tf.string)],
+        mask_key = spec.batch_key(SUPPORT, MASK_KEY)
+
+        # Two compiled functions keep per-entity work out of Python and eager
+        # ops (which cost more than the signature itself at ~1,000 entities a
+        # batch). Neither has tensor-dependent Python control flow, so
+        # autograph (seconds of source conversion per worker) is off.
+        @tf.function(
+            input_signature=[tf.TensorSpec([None], tf.string)], autograph=False
+        )
+        def parse_sorted(serialized):
+            # Only the support lists are decoded (query rows play no part in
+            # the embedding), padded only to the batch's longest. Entities come
+            # back sorted by support length, so consecutive calls pad little.
+            batch = data.parse_task_batch(
+                serialized, spec, max_support, 1, parts=(SUPPORT,), pad_rows=False
+            )
+            kept = tf.cast(tf.reduce_sum(batch[mask_key], axis=1), tf.int32)
+            order = tf.argsort(kept, stable=True)
+            sorted_batch = {k: tf.gather(v, order) for k, v in batch.items()}
+            return sorted_batch, tf.gather(kept, order)
+
+        @tf.function(
+            input_signature=[
+                input_specs,
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([], tf.int32),
+            ],
             autograph=False,
         )
+        def embed_range(inputs, start, stop, width):
+            # Masked rows change the cost, never the result: each call keeps
+            # only the support columns its entities use.
+            sliced = {
+                name: (
+                    value[start:stop, :width]
+                    if name in support_keys
+                    else value[start:stop]
+                )
+                for name, value in inputs.items()
+            }
+            return signature(**sliced)["meta_embedding"]
+
+        self._parse_sorted = parse_sorted
+        self._embed_range = embed_range
+        self._input_names = list(input_specs)
         self._errors = (tf.errors.InvalidArgumentError,)
         self._tf = tf
         self._cold = _counter(ENTITIES_COLD)
         self._truncated = _counter(ENTITIES_TRUNCATED)
         self._rejected = _counter(RECORDS_REJECTED)
         self._batches = _counter(BATCHES)
+        self._entities_in = _counter(ENTITIES_IN)
+        self._entities_out = _counter(ENTITIES_OUT)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="limaml-embed"
+        )
+        self._pending = None
 
-    def _embed(self, records: Sequence[bytes]) -> list[dict[str, Any]]:
+    def _compute(
+        self, records: Sequence[bytes]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """TensorFlow's part: (entity ids, support lengths, embeddings), sorted."""
         tf = self._tf
-        batch = self._parse(tf.constant(list(records), dtype=tf.string))
-        mask = batch[self._mask_key].numpy()
-        entity_ids = batch["entity_id"].numpy()
-        n_support = batch["n_support"].numpy()
-        # The parser pads every support set to max_support. Calls on entities
-        # sorted by support length, each cut to the columns its entities use,
-        # pad far less (masked rows change the cost, never the result).
-        order = np.argsort(mask.sum(axis=1), kind="stable")
-        rows = []
-        for start in range(0, len(order), self.call_size):
-            chunk = order[start : start + self.call_size]
-            used = np.flatnonzero(mask[chunk].any(axis=0))
-            width = int(used[-1]) + 1 if len(used) else 0
-            index = tf.constant(chunk)
-            inputs = {}
-            for name in self._input_names:
-                value = tf.gather(batch[name], index)
-                inputs[name] = value[:, :width] if name in self._support_keys else value
-            embeddings = self._signature(**inputs)["meta_embedding"].numpy()
-            for row, i in enumerate(chunk):
-                rows.append(
-                    {
-                        "entity_id": entity_ids[i].decode("utf-8"),
-                        "embedding": embeddings[row].tolist(),
-                        "model_version": self._model_version,
-                        "n_support": int(min(n_support[i], self._max_support)),
-                        "generated_at": self.generated_at,
-                    }
-                )
-                if n_support[i] == 0:
-                    self._cold.inc()
-                elif n_support[i] > self._max_support:
-                    self._truncated.inc()
+        batch, kept = self._parse_sorted(tf.constant(list(records), dtype=tf.string))
+        kept = kept.numpy()
+        inputs = {name: batch[name] for name in self._input_names}
+        pieces = []
+        for start in range(0, len(kept), self.call_size):
+            stop = min(start + self.call_size, len(kept))
+            # Sorted: the chunk's widest support set is its last.
+            width = int(kept[stop - 1])
+            pieces.append(
+                self._embed_range(
+                    inputs,
+                    tf.constant(start, tf.int32),
+                    tf.constant(stop, tf.int32),
+                    tf.constant(width, tf.int32),
+                ).numpy()
+            )
+        embeddings = np.concatenate(pieces) if pieces else np.zeros((0, 0))
+        return batch["entity_id"].numpy(), batch["n_support"].numpy(), embeddings
+
+    def _rows(self, computed) -> list[dict[str, Any]]:
+        """Output rows of `_compute`'s result; counts cold and cut support sets."""
+        entity_ids, n_support, embeddings = computed
+        rows = [
+            {
+                "entity_id": entity_id.decode("utf-8"),
+                "embedding": embedding,
+                "model_version": self._model_version,
+                "n_support": min(int(n), self._max_support),
+                "generated_at": self.generated_at,
+            }
+            for entity_id, n, embedding in zip(
+                entity_ids, n_support, embeddings.tolist()
+            )
+        ]
+        cold = int(np.count_nonzero(n_support == 0))
+        truncated = int(np.count_nonzero(n_support > self._max_support))
+        if cold:
+            self._cold.inc(cold)
+        if truncated:
+            self._truncated.inc(truncated)
         return rows
 
-    def process(self, records: Sequence[bytes]) -> Iterable[Any]:
+    def start_bundle(self):
+        self._pending = None
+
+    def process(
+        self,
+        records: Sequence[bytes],
+        window=beam.DoFn.WindowParam,
+        timestamp=beam.DoFn.TimestampParam,
+    ) -> Iterable[Any]:
+        # TensorFlow runs this batch on the worker's thread (it releases the
+        # GIL) while Beam reads and batches the next records on this one; the
+        # previous batch's rows go out now, and the last batch's at the end
+        # of the bundle. Counters are only touched on this thread.
         self._batches.inc()
+        self._entities_in.inc(len(records))
+        future = self._executor.submit(self._compute, list(records))
+        previous, self._pending = self._pending, (records, future, window, timestamp)
+        if previous is not None:
+            yield from self._complete(*previous)
+
+    def finish_bundle(self):
+        previous, self._pending = self._pending, None
+        if previous is not None:
+            yield from self._complete(*previous)
+
+    def _complete(self, records, future, window, timestamp) -> Iterable[Any]:
+        """Windowed outputs of one batch: its rows, or its dead letter on failure."""
+
+        def windowed(value):
+            return WindowedValue(value, timestamp, [window])
+
         try:
-            yield from self._embed(records)
-            return
+            rows = self._rows(future.result())
         except self._errors:
-            logger.warning(
-                "A batch of %d task records failed; retrying one by one", len(records)
-            )
+            rows = None
+        if rows is not None:
+            self._entities_out.inc(len(rows))
+            yield from map(windowed, rows)
+            return
+        logger.warning(
+            "A batch of %d task records failed; retrying one by one", len(records)
+        )
         for record in records:
             try:
-                yield from self._embed([record])
+                rows = self._rows(self._compute([record]))
             except self._errors as err:
                 self._rejected.inc()
                 yield beam.pvalue.TaggedOutput(
                     REJECTED,
-                    {
-                        "reason": "bad_task_record",
-                        "detail": err.message.strip().splitlines()[0][:500],
-                        "record_b64": base64.b64encode(record).decode("ascii"),
-                    },
+                    windowed(
+                        {
+                            "reason": "bad_task_record",
+                            "detail": err.message.strip().splitlines()[0][:500],
+                            "record_b64": base64.b64encode(record).decode("ascii"),
+                        }
+                    ),
                 )
+                continue
+            self._entities_out.inc(len(rows))
+            yield from map(windowed, rows)
 
-
-def _count(name: str):
-    counter = _counter(name)
-
-    def count(element):
-        counter.inc()
-        return element
-
-    return count
+    def teardown(self):
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
 
 
 class GenerateEmbeddings(beam.PTransform):
@@ -248,7 +336,7 @@ class GenerateEmbeddings(beam.PTransform):
         batch_size: int = 256,
         max_support: int | None = None,
         generated_at: int | None = None,
-        sort_window: int = 4,
+        sort_window: int = 8,
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("sort_window", sort_window)):
@@ -265,7 +353,6 @@ class GenerateEmbeddings(beam.PTransform):
     def expand(self, records):
         embedded = (
             records
-            | "CountEntitiesIn" >> beam.Map(_count(ENTITIES_IN))
             | "BatchEntities"
             >> beam.BatchElements(
                 min_batch_size=self.batch_size * self.sort_window,
@@ -281,10 +368,7 @@ class GenerateEmbeddings(beam.PTransform):
                 )
             ).with_outputs(REJECTED, main=EMBEDDINGS)
         )
-        rows = embedded[EMBEDDINGS] | "CountEntitiesOut" >> beam.Map(
-            _count(ENTITIES_OUT)
-        )
-        return {EMBEDDINGS: rows, REJECTED: embedded[REJECTED]}
+        return {EMBEDDINGS: embedded[EMBEDDINGS], REJECTED: embedded[REJECTED]}
 
 
 def to_example(row: dict[str, Any]) -> bytes:

@@ -1,9 +1,11 @@
 """The task encoder and the tf.data reader."""
 
 import numpy as np
+import pytest
+import tensorflow as tf
 
 from tf_limaml import data, tasks
-from tf_limaml.features import FeatureSpec
+from tf_limaml.features import SUPPORT, FeatureSpec
 
 SPEC = FeatureSpec.from_dict(
     {
@@ -85,6 +87,40 @@ def test_truncation_keeps_latest_support_and_first_query():
         batch["support_mask"].numpy(), [[1, 1, 1, 1], [1, 0, 0, 0]]
     )
     assert batch["n_support"].numpy().tolist() == [10, 1]
+
+
+def test_support_only_parse_equals_the_full_parse_without_query():
+    support = [_row(t, t, t % 2, "x|z") for t in range(6)]
+    records = tf.constant(
+        [
+            data.encode_task(
+                SPEC, "m", {"job": "a"}, support, support
+            ).SerializeToString(),
+            data.encode_task(SPEC, "n", {}, [], support[:2]).SerializeToString(),
+        ]
+    )
+    full = data.parse_task_batch(records, SPEC, max_support=4, max_query=3)
+    support_only = data.parse_task_batch(records, SPEC, 4, 3, parts=(SUPPORT,))
+    assert not [k for k in support_only if k.startswith("query_")]
+    assert set(support_only) == {k for k in full if not k.startswith("query_")}
+    for key, value in support_only.items():
+        np.testing.assert_array_equal(value.numpy(), full[key].numpy(), err_msg=key)
+    # Unpadded rows: the padded batch cut to the longest kept set (6 of 8).
+    padded = data.parse_task_batch(records, SPEC, 8, 3, (SUPPORT,))
+    unpadded = data.parse_task_batch(records, SPEC, 8, 3, (SUPPORT,), pad_rows=False)
+    assert unpadded["support_mask"].shape == (2, 6)
+    for key, value in unpadded.items():
+        expected = padded[key].numpy()
+        if key.startswith("support_"):
+            expected = expected[:, :6]
+        np.testing.assert_array_equal(value.numpy(), expected, err_msg=key)
+    empty = data.parse_task_batch(records[1:], SPEC, 8, 3, (SUPPORT,), pad_rows=False)
+    assert empty["support_item"].shape == (1, 0) and empty["support_mask"].shape == (
+        1,
+        0,
+    )
+    with pytest.raises(ValueError, match="`parts`"):
+        data.parse_task_batch(records, SPEC, 4, 3, parts=("history",))
 
 
 def test_build_tasks_splits_in_time_order_with_stable_ties():

@@ -85,6 +85,42 @@ def test_transform_embeds_every_entity_and_dead_letters_bad_records(exported):
     assert counts["records_rejected"] == 1 and counts["entities_cold_start"] == 1
 
 
+def test_small_batches_overlap_and_keep_each_entity_its_own_embedding(exported):
+    """Many batches: TF works on one while the next is read; a bad one mid-way."""
+    spec, model = exported["spec"], exported["model"]
+    records = _records(exported["tasks"]["test"])[:12]
+    expected = {}
+    for record in records:
+        batch = data.tasks_to_batch([record], spec, max_support=16, max_query=1)
+        entity_id = batch["entity_id"].numpy()[0].decode()
+        expected[entity_id] = model.meta_embedding(batch).numpy()[0]
+    inputs = records[:5] + [b"\x00 broken"] + records[5:]
+
+    def check(rows):
+        got = {r["entity_id"]: np.array(r["embedding"]) for r in rows}
+        if sorted(got) != sorted(expected):
+            raise BeamAssertException(f"ids {sorted(got)} != {sorted(expected)}")
+        for entity_id, embedding in expected.items():
+            if not np.allclose(got[entity_id], embedding, atol=TOL):
+                raise BeamAssertException(f"{entity_id}: wrong embedding")
+
+    with TestPipeline() as p:
+        out = (
+            p
+            | beam.Create(inputs, reshuffle=False)
+            | generate_embeddings.GenerateEmbeddings(
+                exported["export_dir"], batch_size=2, max_support=16, sort_window=2
+            )
+        )
+        assert_that(out["embeddings"], check, label="OwnEmbeddings")
+        reasons = out["rejected"] | "Reasons" >> beam.Map(lambda r: r["reason"])
+        assert_that(reasons, equal_to(["bad_task_record"]), label="DeadLetter")
+    counts = generate_embeddings.counters(p.result)
+    assert counts["batches"] >= 3
+    assert counts["entities_in"] == len(inputs)
+    assert counts["entities_out"] == len(records) and counts["records_rejected"] == 1
+
+
 @pytest.fixture(scope="module")
 def embed_run(exported, tmp_path_factory):
     """`limaml embed` on the test tasks plus one cold entity, with Parquet."""

@@ -164,14 +164,38 @@ def _dense_multi_hot(value: tf.SparseTensor | tf.Tensor, width: int) -> tf.Tenso
 
 
 def parse_task_batch(
-    serialized: tf.Tensor, spec: FeatureSpec, max_support: int, max_query: int
+    serialized: tf.Tensor,
+    spec: FeatureSpec,
+    max_support: int,
+    max_query: int,
+    parts: Sequence[str] = PARTS,
+    pad_rows: bool = True,
 ) -> dict[str, tf.Tensor]:
     """Parses a [T] batch of serialized task records into padded tensors.
 
     Support keeps each task's most recent `max_support` rows and query its first
     `max_query` rows, matching the pipeline's caps.
+
+    Args:
+        serialized: `[T]` serialized task records.
+        spec: The feature spec the records were written with.
+        max_support: S, support rows per task after padding/truncation.
+        max_query: Q, query rows per task after padding/truncation.
+        parts: The parts to parse; `(SUPPORT,)` skips decoding the query lists
+            (the embedding job needs only the support set), and the batch then
+            has no `query_*` keys.
+        pad_rows: Pad each part's row axis to exactly S (Q), for fixed shapes.
+            False pads only to the batch's longest kept set (a dynamic axis of
+            at most S), which saves work when shapes need not be fixed.
     """
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(
+            f"`parts` must be a non-empty subset of {PARTS}, got {parts!r}"
+        )
     context_spec, sequence_spec = spec.sequence_example_schema()
+    prefixes = tuple(spec.sequence_key(part, "") for part in parts)
+    sequence_spec = {k: v for k, v in sequence_spec.items() if k.startswith(prefixes)}
     context, sequences, lengths = tf.io.parse_sequence_example(
         serialized, context_features=context_spec, sequence_features=sequence_spec
     )
@@ -181,7 +205,11 @@ def parse_task_batch(
         if feature.type == MULTI_HOT:
             value = _dense_multi_hot(value, feature.values_per_row)
         batch[feature.name] = value
-    for part, size in ((SUPPORT, max_support), (QUERY, max_query)):
+    sizes = {SUPPORT: max_support, QUERY: max_query}
+    for part in PARTS:
+        if part not in parts:
+            continue
+        size = sizes[part]
         keep_last = part == SUPPORT
         label_key = spec.sequence_key(part, LABEL_KEY)
         n_rows = tf.cast(lengths[label_key], tf.int32)
@@ -195,13 +223,16 @@ def parse_task_batch(
                 value = tf.sparse.to_dense(value, default_value="")
             if keep_last:
                 value = _roll_rows(value, shift)
-            value = _pad_axis(value, 1, size)
+            value = _pad_axis(value, 1, size) if pad_rows else value[:, :size]
             if name != LABEL_KEY and spec.feature(name).type == MULTI_HOT:
                 value = _pad_axis(value, 2, spec.feature(name).values_per_row)
             batch[spec.batch_key(part, name)] = value
         kept = tf.minimum(n_rows, size)
+        width = (
+            size if pad_rows else tf.shape(batch[spec.batch_key(part, LABEL_KEY)])[1]
+        )
         batch[spec.batch_key(part, MASK_KEY)] = tf.sequence_mask(
-            kept, size, dtype=tf.float32
+            kept, width, dtype=tf.float32
         )
         if part == SUPPORT:
             batch["n_support"] = n_rows
