@@ -96,9 +96,11 @@ class EmbedTasksFn(beam.DoFn):
     """Batches of serialized task records -> one embedding row per entity.
 
     Loads the SavedModel once per worker (in `setup`) and calls its batched
-    `meta_embedding` signature. A batch that fails (a malformed record, a label
-    other than 0/1) is retried record by record, and the failing records go to
-    the `rejected` output with the reason.
+    `meta_embedding` signature. TensorFlow works on a batch on a helper thread
+    while Beam reads the next, so a batch's rows are emitted when the next
+    batch arrives, or at the end of the bundle. A batch that fails (a
+    malformed record, a label other than 0/1) is retried record by record, and
+    the failing records go to the `rejected` output with the reason.
 
     Args:
         export_dir: The SavedModel version directory (or its base: the latest).
