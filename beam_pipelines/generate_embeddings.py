@@ -23,7 +23,9 @@ Outputs in DIR:
 * `rejected-SSSSS-of-NNNNN.jsonl`: task records that could not be embedded
   (unparsable, or labels other than 0/1), with the reason;
 * `summary.json`: the counters, written after the run; entities_in must equal
-  entities_out + records_rejected, and the job fails otherwise.
+  entities_out + records_rejected, and the job fails otherwise. It also fails,
+  after writing all of the above, when more than --max-rejected-fraction of the
+  records (default: any) were rejected.
 
 Locally:
 
@@ -86,6 +88,10 @@ EMBEDDINGS = "embeddings"
 EMBEDDINGS_PREFIX = "embeddings"
 TFRECORD_SUFFIX = ".tfrecord.gz"
 OUTPUT_PATTERNS = ("embeddings-*", "parquet/embeddings-*", "rejected-*", "summary.json")
+
+
+class TooManyRejectedError(ValueError):
+    """More task records were rejected than --max-rejected-fraction allows."""
 
 
 def _counter(name: str):
@@ -467,6 +473,8 @@ def run(
     Raises:
         FileNotFoundError: No export or no task files.
         ValueError: --output holds an earlier run (without --overwrite).
+        TooManyRejectedError: More than --max-rejected-fraction of the records
+            were rejected; every output, the dead letter included, is written.
         RuntimeError: Entities in != entities out + rejected.
     """
     from tf_limaml import export  # noqa: PLC0415 - imports TensorFlow
@@ -539,6 +547,18 @@ def run(
         raise RuntimeError(
             f"Entities in ({counts[ENTITIES_IN]}) != entities out ({counts[ENTITIES_OUT]}) "
             f"+ rejected ({counts[RECORDS_REJECTED]}); see {known.output}/summary.json"
+        )
+    rejected, entities_in = counts[RECORDS_REJECTED], counts[ENTITIES_IN]
+    if rejected > known.max_rejected_fraction * entities_in:
+        hint = (
+            "none could be embedded: do they match the export's feature spec?"
+            if counts[ENTITIES_OUT] == 0
+            else "raise --max-rejected-fraction to accept them"
+        )
+        raise TooManyRejectedError(
+            f"{rejected} of {entities_in} task records were rejected (more than "
+            f"--max-rejected-fraction {known.max_rejected_fraction:g}); the reasons "
+            f"are in {known.output}/rejected-*.jsonl, and {hint}"
         )
     return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from tf_limaml.argtypes import fraction as _fraction
+from tf_limaml.argtypes import unit_interval as _unit_interval
 from tf_limaml.argtypes import non_negative_int as _non_negative_int
 from tf_limaml.argtypes import positive_int as _positive_int
 
@@ -105,6 +106,13 @@ def embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--parquet", action="store_true", help="Also write the embeddings as Parquet."
+    )
+    parser.add_argument(
+        "--max-rejected-fraction",
+        type=_unit_interval,
+        default=0.0,
+        help="Fail the run (after writing every output) when more than this "
+        "fraction of the task records is rejected (default 0: any).",
     )
     parser.add_argument(
         "--overwrite",

@@ -249,3 +249,77 @@ def test_check_serving_consistency_reports_the_contract(embed_run, exported):
     assert (
         report["max_abs_score_diff"] <= TOL and report["max_abs_embedding_diff"] <= TOL
     )
+
+
+def test_embed_fails_in_a_line_on_records_of_another_spec(exported, tmp_path, capsys):
+    from tf_limaml import cli
+    from tf_limaml.features import FeatureSpec
+
+    other = FeatureSpec.from_dict(
+        {
+            "entity": "user",
+            "time": "ts",
+            "label": "label",
+            "meta_features": [
+                {"name": "country", "type": "categorical", "hash_buckets": 8}
+            ],
+            "request_features": [{"name": "price", "type": "numeric"}],
+        }
+    )
+    row = {"ts": 1, "label": 1, "price": 2.0}
+    data.write_tasks(
+        str(tmp_path / "other.tfrecord.gz"),
+        [data.encode_task(other, "u1", {"country": "fr"}, [row], [row])],
+    )
+    output = tmp_path / "out"
+    code = cli.main(
+        [
+            "embed",
+            "--export",
+            exported["export_dir"],
+            "--tasks",
+            str(tmp_path / "*.tfrecord.gz"),
+            "--output",
+            str(output),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "not a GZIP TFRecord of task records for this feature spec" in err[0]
+    assert not output.exists()  # failed before the job started
+
+
+def test_embed_fails_after_writing_everything_when_records_are_rejected(
+    exported, tmp_path, capsys
+):
+    from tf_limaml import cli
+
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    good = _records(exported["tasks"]["test"])[:6]
+    data.write_tasks(str(tasks_dir / "a.tfrecord.gz"), good)
+    data.write_tasks(str(tasks_dir / "b.tfrecord.gz"), [b"\x08 not a task record"])
+    output = tmp_path / "out"
+    argv = [
+        "embed",
+        "--export",
+        exported["export_dir"],
+        "--tasks",
+        str(tasks_dir / "*.tfrecord.gz"),
+        "--output",
+        str(output),
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of 7 task records were rejected" in err[0]
+    # Nothing is lost: the good rows, the dead letter and the counters are there.
+    assert len(_records(str(output / "embeddings-*.tfrecord.gz"))) == len(good)
+    (rejected_file,) = glob.glob(str(output / "rejected-*.jsonl"))
+    with open(rejected_file) as f:
+        (line,) = f.read().splitlines()
+    assert json.loads(line)["reason"] == "bad_task_record"
+    with open(output / "summary.json") as f:
+        assert json.load(f)["records_rejected"] == 1
+
+    argv += ["--overwrite", "--max-rejected-fraction", "0.2"]
+    assert cli.main(argv) == 0

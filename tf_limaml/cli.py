@@ -184,7 +184,11 @@ def cmd_make_tasks(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def cmd_embed(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from beam_pipelines import generate_embeddings  # noqa: PLC0415
+    from tf_limaml import export  # noqa: PLC0415
 
+    # A wrong file or records of another spec fail here, in a line, rather
+    # than after the whole job has dead-lettered every record.
+    _check_tasks(args.tasks, export.read_metadata(args.export)["spec"])
     generate_embeddings.run(list(args.argv))
     return 0
 
