@@ -469,6 +469,27 @@ BAD_VALUES = [
         "`support_label` must be 0 or 1",
     ),
     ("meta_embedding", *_set("support_mask", (1, 0), 0.5), "`support_mask` must be 1"),
+    ("serving_default", *_set("f0", 1, np.nan), "Input `f0` must be finite"),
+    (
+        "serving_default",
+        *_set("meta_embedding", (0, 2), np.inf),
+        "`meta_embedding` must be finite",
+    ),
+    (
+        "adapt_and_predict",
+        *_set("query_f2", 0, np.nan),
+        "Input `query_f2` must be finite",
+    ),
+    (
+        "adapt_and_predict",
+        *_set("activity", (), np.nan),
+        "Input `activity` must be finite",
+    ),
+    (
+        "meta_embedding",
+        *_set("support_f3", (0, 0), -np.inf),
+        "Input `support_f3` must be finite",
+    ),
     (
         "adapt_and_predict",
         "support_item_id",

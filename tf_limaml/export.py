@@ -267,6 +267,23 @@ def _assert_rows(
     return checks
 
 
+def _assert_finite(values: Mapping[str, tf.Tensor]) -> list[tf.Operation]:
+    """Asserts every float input holds no NaN or Inf, naming the first bad one.
+
+    A NaN numeric feature would otherwise come back as a NaN score (or poison
+    an adapted embedding) without an error.
+    """
+    return [
+        tf.debugging.Assert(
+            tf.reduce_all(tf.math.is_finite(value)),
+            [f"Input `{name}` must be finite (no NaN or Inf); got", value],
+            summarize=16,
+        )
+        for name, value in values.items()
+        if value.dtype.is_floating
+    ]
+
+
 def _assert_binary_labels(
     label: tf.Tensor, mask: tf.Tensor | None = None
 ) -> tf.Operation:
@@ -353,6 +370,7 @@ class LiMAMLServingModule(tf.Module):
         embedding = inputs[EMBEDDING_KEY]
         request = {f.name: inputs[f.name] for f in spec.request_features}
         checks = _assert_rows(request, tf.shape(embedding)[:1], EMBEDDING_KEY, 1)
+        checks += _assert_finite({EMBEDDING_KEY: embedding, **request})
         with tf.control_dependencies(checks):
             score = self.model.score(embedding, request)
         return {SCORE_KEY: tf.cast(score, tf.float32)}
@@ -375,6 +393,13 @@ class LiMAMLServingModule(tf.Module):
         checks = _assert_rows(support, tf.shape(label)[:1], SUPPORT_LABEL_KEY, 1)
         checks += _assert_rows(query, tf.shape(query[first_query])[:1], first_query, 1)
         checks.append(_assert_binary_labels(label))
+        checks += _assert_finite(
+            {
+                **{f.name: inputs[f.name] for f in spec.meta_features},
+                **support,
+                **query,
+            }
+        )
         with tf.control_dependencies(checks):
             # One task: a leading axis of 1 on everything.
             tasks = {f.name: inputs[f.name][None] for f in spec.meta_features}
@@ -416,6 +441,7 @@ class LiMAMLServingModule(tf.Module):
             )
         )
         checks.append(_assert_binary_labels(label, mask))
+        checks += _assert_finite({**meta, **support})
         with tf.control_dependencies(checks):
             # Keep each entity's latest `max_support` real rows: count real rows
             # from the end and drop those beyond the cap.
@@ -447,7 +473,9 @@ class LiMAMLServingModule(tf.Module):
                     value, [[0, 0], [0, width - tf.shape(value)[1]]], constant_values=""
                 )
             request[feature.name] = value
-        score = self.model.score(parsed[EMBEDDING_KEY], request)
+        checks = _assert_finite({EMBEDDING_KEY: parsed[EMBEDDING_KEY], **request})
+        with tf.control_dependencies(checks):
+            score = self.model.score(parsed[EMBEDDING_KEY], request)
         return {SCORE_KEY: tf.cast(score, tf.float32)}
 
     def concrete_signatures(self) -> dict[str, Any]:
