@@ -43,7 +43,7 @@ bench: install
 lint: install
 	$(PY) -m pip install -q black ruff
 	$(PY) -m black --check tf_limaml beam_pipelines serving bench tests setup.py
-	$(PY) -m ruff check --select F tf_limaml beam_pipelines serving bench tests
+	$(PY) -m ruff check tf_limaml beam_pipelines serving bench tests examples
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

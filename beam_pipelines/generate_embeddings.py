@@ -52,7 +52,8 @@ import datetime
 import json
 import logging
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -243,7 +244,7 @@ class EmbedTasksFn(beam.DoFn):
                 "generated_at": self.generated_at,
             }
             for entity_id, n, embedding in zip(
-                entity_ids, n_support, embeddings.tolist()
+                entity_ids, n_support, embeddings.tolist(), strict=True
             )
         ]
         cold = int(np.count_nonzero(n_support == 0))

@@ -67,7 +67,8 @@ import json
 import logging
 import math
 import uuid
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -173,7 +174,7 @@ def read_csv_file(readable_file: fileio.ReadableFile) -> Iterator[dict | Malform
             if not values:
                 continue  # A blank line holds no row.
             if len(values) != len(header):
-                row = dict(zip(header, values))
+                row = dict(zip(header, values, strict=False))
                 if len(values) > len(header):
                     row["_extra_fields"] = values[len(header) :]
                 yield MalformedRow(
@@ -188,11 +189,11 @@ def read_csv_file(readable_file: fileio.ReadableFile) -> Iterator[dict | Malform
                     joined.encode("utf-8")
                 except UnicodeEncodeError:
                     yield MalformedRow(
-                        dict(zip(header, values)),
+                        dict(zip(header, values, strict=True)),
                         f"{path}:{reader.line_num}: bytes that are not UTF-8",
                     )
                     continue
-            yield dict(zip(header, values))
+            yield dict(zip(header, values, strict=True))
 
 
 def _table_rows(table: Any) -> list[dict]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 
 from tf_limaml.argtypes import fraction as _fraction
-from tf_limaml.argtypes import unit_interval as _unit_interval
 from tf_limaml.argtypes import non_negative_int as _non_negative_int
 from tf_limaml.argtypes import positive_int as _positive_int
+from tf_limaml.argtypes import unit_interval as _unit_interval
 
 
 def make_tasks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

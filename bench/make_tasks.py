@@ -29,7 +29,8 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -128,14 +129,14 @@ def pandas_floor(
         else:
             width, separator = feature.values_per_row, feature.separator
             values = column.map(
-                lambda cell: tuple(
+                lambda cell, separator=separator: tuple(
                     v for v in (v.strip() for v in cell.split(separator)) if v
                 )
             )
             if feature.vocabulary is not None and not feature.allow_oov:
                 vocabulary = set(feature.vocabulary)
                 ok &= values.map(vocabulary.issuperset).to_numpy()
-            clean[feature.name] = values.map(lambda v: v[:width])
+            clean[feature.name] = values.map(lambda v, width=width: v[:width])
     if spec.tie_break and spec.tie_break not in clean:
         clean[spec.tie_break] = raw[spec.tie_break].str.strip()
     rows_rejected = int((~ok).sum())
@@ -195,7 +196,7 @@ def pandas_floor(
     by_split: dict[str, list[bytes]] = {
         name: [] for name in task_rules.SPLITS + ("cold",)
     }
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         entity_id = entity_ids[start]
         meta_values = meta.get(entity_id, {})
         split_at = start + int(kept_support[start:end].sum())

@@ -220,7 +220,7 @@ def build_steps(config: ReferenceConfig, batch) -> dict[str, callable]:
         variables = loop_model.trainable_variables
         grads = tape.gradient(loss, variables)
         loop_optimizer.apply_gradients(
-            (g, v) for g, v in zip(grads, variables) if g is not None
+            (g, v) for g, v in zip(grads, variables, strict=True) if g is not None
         )
         return loss
 
@@ -248,7 +248,9 @@ def build_steps(config: ReferenceConfig, batch) -> dict[str, callable]:
     @tf.function
     def plain_step(batch):
         grads, loss = plain_gradients(plain_model.encode(batch))
-        plain_optimizer.apply_gradients(zip(grads, plain_model.trainable_variables))
+        plain_optimizer.apply_gradients(
+            zip(grads, plain_model.trainable_variables, strict=True)
+        )
         return loss
 
     steps["plain_step"] = lambda: plain_step(batch)
@@ -297,7 +299,7 @@ def profile_top_ops(fn, steps: int = 5, top: int = 8) -> list[dict[str, float]]:
     columns = [c["id"] for c in table["cols"]]
     totals: dict[str, float] = {}
     for row in table["rows"]:
-        cells = dict(zip(columns, (c.get("v") for c in row["c"])))
+        cells = dict(zip(columns, (c.get("v") for c in row["c"]), strict=True))
         if cells["type"] != "IDLE":
             totals[cells["type"]] = (
                 totals.get(cells["type"], 0.0) + cells["total_self_time"]

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -341,7 +342,7 @@ class GrpcClient(_SignatureCalls):
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "GrpcClient":
+    def __enter__(self) -> GrpcClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -482,7 +483,7 @@ class RestClient(_SignatureCalls):
         if self._owns_session:
             self._session.close()
 
-    def __enter__(self) -> "RestClient":
+    def __enter__(self) -> RestClient:
         return self
 
     def __exit__(self, *exc) -> None:

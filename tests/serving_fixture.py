@@ -29,7 +29,8 @@ import re
 import ssl
 import threading
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -270,7 +271,7 @@ class LoopbackServing:
         self._owns_model = model is None
         self.model = model or SessionSignatures(export_dir)
 
-    def __enter__(self) -> "LoopbackServing":
+    def __enter__(self) -> LoopbackServing:
         import grpc  # noqa: PLC0415
         from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: PLC0415
 

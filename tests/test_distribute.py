@@ -57,5 +57,5 @@ def test_mirrored_strategy_step_equals_single_device_step(synthetic_tasks):
     # Each replica sees half the tasks; the loss scaling makes the summed
     # gradients the mean over all 16 tasks, so the updates match.
     assert abs(mirrored["loss"] - single["loss"]) < 1e-4, results
-    for a, b in zip(mirrored["update"], single["update"]):
+    for a, b in zip(mirrored["update"], single["update"], strict=True):
         assert abs(a - b) <= 1e-3 * max(b, 1e-6) + 1e-5, results

@@ -8,11 +8,11 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from serving_fixture import (
     TEST_MAX_SUPPORT,
     entity_inputs,
 )
+
 from tf_limaml import data, export
 
 TOL = 1e-5

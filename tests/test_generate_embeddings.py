@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
+from serving_fixture import entity_inputs
 
 from beam_pipelines import generate_embeddings
-from serving_fixture import entity_inputs
 from tf_limaml import data
 
 TOL = 1e-5

@@ -83,7 +83,7 @@ def summarize(record: bytes):
         times = [int(f.int64_list.value[0]) for f in lists[f"{name}/time"].feature]
         items = [f.bytes_list.value[0].decode() for f in lists[f"{name}/item"].feature]
         labels = [int(f.float_list.value[0]) for f in lists[f"{name}/label"].feature]
-        return tuple(zip(times, items, labels))
+        return tuple(zip(times, items, labels, strict=True))
 
     meta = (
         context["country"].bytes_list.value[0].decode(),
@@ -346,7 +346,7 @@ def test_every_dead_letter_reason_is_routed_counted_and_json_safe():
 
     assert {reason for _, reason in BAD_ROWS} == set(task_rules.REJECT_REASONS)
     bad = []
-    for element, reason in BAD_ROWS:
+    for element, _reason in BAD_ROWS:
         if isinstance(element, dict):
             element = {**element, **GARBAGE}
         bad.append(element)
@@ -764,8 +764,8 @@ def test_run_fails_fast_on_a_missing_column_or_input(tmp_path):
 
 
 def test_csv_reader_turns_malformed_lines_into_malformed_rows(tmp_path):
-    from apache_beam.io.filesystem import FileMetadata
     from apache_beam.io.fileio import ReadableFile
+    from apache_beam.io.filesystem import FileMetadata
 
     path = tmp_path / "bad.csv"
     path.write_bytes(
@@ -858,7 +858,7 @@ def test_end_to_end_cli_then_task_dataset_then_one_fit_step(
     loss = history.history["loss"][0]
     assert math.isfinite(loss) and loss > 0
     after = model.trainable_variables
-    assert any(not (b == a.numpy()).all() for b, a in zip(before, after))
+    assert any(not (b == a.numpy()).all() for b, a in zip(before, after, strict=True))
 
 
 def test_cli_make_tasks_reports_user_errors_with_exit_code_2(tmp_path, capsys):

@@ -407,7 +407,7 @@ def test_xla_step_matches_eager_step(
             (float(out["loss"]), [tf.convert_to_tensor(g).numpy() for g in grads])
         )
     assert abs(results[0][0] - results[1][0]) < 1e-5
-    for a, b in zip(results[0][1], results[1][1]):
+    for a, b in zip(results[0][1], results[1][1], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 

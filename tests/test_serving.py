@@ -8,13 +8,13 @@ import grpc
 import numpy as np
 import pytest
 import requests
-
-from serving import client as serving_client
 from serving_fixture import (
     LoopbackServing,
     entity_inputs,
     make_test_certificates,
 )
+
+from serving import client as serving_client
 from tf_limaml import data
 
 TOL = 1e-5

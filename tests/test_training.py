@@ -151,5 +151,5 @@ def test_same_seed_gives_identical_weights(tmp_path, synthetic_tasks, synthetic_
             model_kwargs=SMALL,
         )
         weights.append([v.numpy() for v in model.trainable_variables])
-    for a, b in zip(*weights):
+    for a, b in zip(*weights, strict=True):
         np.testing.assert_array_equal(a, b)

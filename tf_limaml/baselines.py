@@ -39,7 +39,8 @@ import glob
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -778,7 +779,7 @@ def choose_finetune(
 class Timer:
     """Wall seconds of a block: `with Timer() as t: ...; t.seconds`."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.start = time.perf_counter()
         self.seconds = 0.0
         return self
@@ -865,7 +866,7 @@ class Recipe:
         return out
 
     @classmethod
-    def fast(cls) -> "Recipe":
+    def fast(cls) -> Recipe:
         """A quicker recipe (`limaml demo --fast`, tests): fewer epochs, smaller grid."""
         return cls(
             epochs=6,
@@ -901,7 +902,7 @@ class Splits:
         records: Mapping[str, Sequence[bytes]],
         spec: FeatureSpec,
         protocol: Protocol,
-    ) -> "Splits":
+    ) -> Splits:
         return cls(
             train=task_batch(records["train"], spec),
             val=task_batch(records["val"], spec),

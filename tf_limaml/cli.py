@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from tf_limaml.argtypes import positive_float as _positive_float
 from tf_limaml.argtypes import positive_int as _positive_int

@@ -7,7 +7,8 @@ streaming estimate of `tf.keras.metrics.AUC` used for progress bars.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def mean_entity_auc(
     ids, starts = np.unique(entity_ids[order], return_index=True)
     ends = np.append(starts[1:], order.size)
     values = []
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         idx = order[start:end]
         value = auc(labels[idx], scores[idx])
         if not np.isnan(value):
@@ -114,7 +115,7 @@ def support_size_buckets(
 ) -> np.ndarray:
     """Bucket label per row by support size, e.g. "0", "1-4", "5-9", ..., "50+"."""
     labels = []
-    for low, high in zip(edges, edges[1:]):
+    for low, high in zip(edges, edges[1:], strict=False):
         labels.append((low, high, str(low) if high - low == 1 else f"{low}-{high - 1}"))
     n_support = np.asarray(n_support)
     names = np.full(n_support.shape, f"{edges[-1]}+", dtype=object)

@@ -27,7 +27,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
@@ -163,7 +164,7 @@ class Feature:
         return _DEFAULT_MAX_VALUES
 
     @classmethod
-    def from_dict(cls, obj: Any, where: str) -> "Feature":
+    def from_dict(cls, obj: Any, where: str) -> Feature:
         if not isinstance(obj, Mapping):
             raise _fail(where, obj, "each feature must be a JSON object")
         _check_keys(where, obj, cls._KEYS)
@@ -348,7 +349,7 @@ class FeatureSpec:
 
     # ----------------------------------------------------------------- JSON I/O
     @classmethod
-    def from_dict(cls, obj: Any) -> "FeatureSpec":
+    def from_dict(cls, obj: Any) -> FeatureSpec:
         """Builds and validates a spec from its JSON object form."""
         if not isinstance(obj, Mapping):
             raise _fail("<spec>", obj, "the spec must be a JSON object")
@@ -422,7 +423,7 @@ class FeatureSpec:
                 )
 
     @classmethod
-    def from_json(cls, text: str) -> "FeatureSpec":
+    def from_json(cls, text: str) -> FeatureSpec:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
@@ -432,7 +433,7 @@ class FeatureSpec:
         return cls.from_dict(obj)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FeatureSpec":
+    def load(cls, path: str | os.PathLike) -> FeatureSpec:
         """Reads a spec from a JSON file (any path tf.io.gfile reads)."""
         import tensorflow as tf  # noqa: PLC0415 - keeps `limaml --help` TF-free
 
@@ -539,7 +540,7 @@ class FeatureSpec:
 
 
 def load_spec(
-    spec: "FeatureSpec | str | os.PathLike | Mapping[str, Any]",
+    spec: FeatureSpec | str | os.PathLike | Mapping[str, Any],
 ) -> FeatureSpec:
     """Accepts a FeatureSpec, a JSON object, or a path to a JSON file."""
     if isinstance(spec, FeatureSpec):

@@ -21,7 +21,8 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -118,7 +119,7 @@ class MetaConfig:
                 )
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> "MetaConfig":
+    def from_dict(cls, obj: Mapping[str, Any]) -> MetaConfig:
         if not isinstance(obj, Mapping):
             raise ValueError(f"MetaConfig must be a JSON object, got {obj!r}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -131,7 +132,7 @@ class MetaConfig:
         return cls(**obj)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MetaConfig":
+    def load(cls, path: str | os.PathLike) -> MetaConfig:
         if not tf.io.gfile.exists(str(path)):
             raise FileNotFoundError(f"Meta config not found: {path}")
         with tf.io.gfile.GFile(str(path)) as f:
@@ -433,7 +434,7 @@ class LiMAMLModel(tf.keras.Model):
             if initial_support_loss is None:
                 initial_support_loss = per_task
             updated = {}
-            for name, grad in zip(names, grads):
+            for name, grad in zip(names, grads, strict=True):
                 if grad is None:
                     updated[name] = fast[name]
                     continue
@@ -492,7 +493,10 @@ class LiMAMLModel(tf.keras.Model):
             scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        grads = [
+            tf.zeros_like(v) if g is None else g
+            for g, v in zip(grads, variables, strict=True)
+        ]
         # Checked here so that XLA fuses the checks into the step.
         finite = tf.math.is_finite(out["loss"])
         for grad in grads:
@@ -519,7 +523,9 @@ class LiMAMLModel(tf.keras.Model):
         # (rather than skipping apply_gradients in a tf.cond) keeps the
         # all-reduce of distribution strategies unconditional.
         grads = [_where_finite(finite, g) for g in grads]
-        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        self.optimizer.apply_gradients(
+            zip(grads, self.trainable_variables, strict=True)
+        )
         if "entity_id" in batch:
             entity_ids = batch["entity_id"]
             if entity_ids.dtype != tf.string:

@@ -31,7 +31,8 @@ import resource
 import shutil
 import subprocess
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ last bias, as CAVIA-style context adaptation).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import tensorflow as tf
 

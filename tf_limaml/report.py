@@ -33,7 +33,8 @@ import json
 import logging
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -253,7 +254,11 @@ def _offline_differences(models: Mapping[str, Any]) -> list[float]:
         return []
     diffs = []
     a, b = online["per_seed"]["overall_auc"], offline["per_seed"]["overall_auc"]
-    diffs += [abs(x - y) for x, y in zip(a, b) if x is not None and y is not None]
+    diffs += [
+        abs(x - y)
+        for x, y in zip(a, b, strict=False)
+        if x is not None and y is not None
+    ]
     for k, cell in offline.get("support_k", {}).items():
         if k in online.get("support_k", {}):
             diffs.append(

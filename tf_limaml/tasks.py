@@ -12,7 +12,8 @@ import datetime
 import hashlib
 import itertools
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from tf_limaml.features import CATEGORICAL, NUMERIC, Feature, FeatureSpec
 
@@ -272,7 +273,7 @@ class SplitRule:
     value: float
 
     @classmethod
-    def parse(cls, text: str) -> "SplitRule":
+    def parse(cls, text: str) -> SplitRule:
         """Parses "fraction:0.5", "cutoff:UNIX_TIME" or "last:K"."""
         kind, _, raw = str(text).partition(":")
         number = _to_float(raw)
@@ -392,7 +393,7 @@ def assign_split(
     Uses SHA-256, not Python's `hash`, so the answer is the same in every
     process, run and runner.
     """
-    digest = hashlib.sha256(f"{seed}:{entity_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{entity_id}".encode()).digest()
     unit = int.from_bytes(digest[:8], "big") / 2.0**64
     if unit < test_fraction:
         return "test"

@@ -40,7 +40,8 @@ import logging
 import math
 import os
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tf_limaml.features import FeatureSpec
 
@@ -347,7 +348,9 @@ def _read_grouplens(
     for number, line in enumerate(_read_lines(item_path, "latin-1"), start=1):
         f = _fields(line, "|", 5 + len(genres), item_path, number)
         flags = f[5 : 5 + len(genres)]
-        item_genres = tuple(g for g, flag in zip(genres, flags) if flag.strip() == "1")
+        item_genres = tuple(
+            g for g, flag in zip(genres, flags, strict=False) if flag.strip() == "1"
+        )
         title = f[1]
         year = (
             None
