@@ -843,6 +843,9 @@ def test_cli_user_error_is_one_line_exit_2_no_traceback(
     assert len(errors) == 1, result.stderr
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last == errors[0] and last.startswith(f"limaml {command}: error: ")
+    # No TensorFlow C++ start-up lines and no Beam import warnings around it.
+    for noise in ("I0000", "absl::", "oneDNN", "cuda", "apitools"):
+        assert noise not in result.stderr, result.stderr
     assert message.format(**cli_files) in last
 
 

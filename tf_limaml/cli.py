@@ -8,6 +8,7 @@ Beam; each subcommand imports what it needs only when it runs. User errors
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,47 @@ def _quiet_tensorflow() -> None:
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+
+
+# Commands that import TensorFlow, and those that also run Beam pipelines.
+_TF_FREE_COMMANDS = {"serve-command"}
+_BEAM_COMMANDS = {"make-tasks", "embed", "demo"}
+
+
+@contextlib.contextmanager
+def _quiet_imports():
+    """Hides what importing TensorFlow and Beam prints to a terminal.
+
+    absl's C++ start-up lines (oneDNN, CUDA drivers) go straight to file
+    descriptor 2, out of reach of TF_CPP_MIN_LOG_LEVEL, so fd 2 points at
+    /dev/null for the import; Beam warns on the root logger about optional
+    GCP libraries a local run does not use. Exceptions still propagate, after
+    stderr is restored.
+    """
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    root = logging.getLogger()
+    saved_level = root.level
+    os.dup2(devnull, 2)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        os.close(devnull)
+        root.setLevel(saved_level)
+
+
+def _import_quietly(command: str) -> None:
+    if command in _TF_FREE_COMMANDS:
+        return
+    with _quiet_imports():
+        import tensorflow  # noqa: F401, PLC0415
+
+        if command in _BEAM_COMMANDS:
+            import apache_beam.io  # noqa: F401, PLC0415
 
 
 class Progress:
@@ -188,8 +230,26 @@ def cmd_embed(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     # A wrong file or records of another spec fail here, in a line, rather
     # than after the whole job has dead-lettered every record.
-    _check_tasks(args.tasks, export.read_metadata(args.export)["spec"])
-    generate_embeddings.run(list(args.argv))
+    metadata = export.read_metadata(args.export)
+    _check_tasks(args.tasks, metadata["spec"])
+    with Progress().phase(
+        f"embed {args.tasks} with model version {metadata['model_version']} "
+        f"-> {args.output}"
+    ):
+        generate_embeddings.run(list(args.argv))
+    import tensorflow as tf  # noqa: PLC0415 - gfile reads gs:// outputs too
+
+    summary_path = os.path.join(args.output, "summary.json")
+    with tf.io.gfile.GFile(summary_path) as f:
+        summary = json.load(f)
+    keys = (
+        "entities_in",
+        "entities_out",
+        "entities_cold_start",
+        "entities_support_truncated",
+        "records_rejected",
+    )
+    print(json.dumps({"summary": summary_path, **{k: summary[k] for k in keys}}))
     return 0
 
 
@@ -347,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     _quiet_tensorflow()
+    if not args.verbose:
+        _import_quietly(args.command)
     # Pipelines re-parse their own flags (Beam style), so hand them the argv
     # after the subcommand name.
     args.argv = argv[argv.index(args.command) + 1 :] if args.command in argv else []
