@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import os
@@ -328,6 +329,8 @@ def main(argv=None) -> dict:
 
     beam_runs, naive_runs = [], []
     for round_index in range(args.rounds):
+        # Each timed run starts without the previous one's garbage.
+        gc.collect()
         naive_runs.append(
             naive_loop(
                 export_dir,
@@ -338,6 +341,7 @@ def main(argv=None) -> dict:
             )
         )
         output = os.path.join(workdir, f"embeddings-{round_index}")
+        gc.collect()
         start = time.perf_counter()
         generate_embeddings.run(
             [
