@@ -514,10 +514,24 @@ def fit_pointwise(
         jit_compile=False,
     )
     train_ds = _row_dataset(model, train_rows, batch_size, True, seed)
-    val_ds = None
-    callbacks = []
-    if val_rows is not None:
-        val_ds = _row_dataset(model, val_rows, 4096, False, seed)
+    val_ds = (
+        None if val_rows is None else _row_dataset(model, val_rows, 4096, False, seed)
+    )
+    return _fit(model, train_ds, val_ds, epochs, patience, [], verbose)
+
+
+def _fit(
+    model: tf.keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset | None,
+    epochs: int,
+    patience: int,
+    callbacks: Sequence[tf.keras.callbacks.Callback],
+    verbose: int | str,
+) -> dict[str, list[float]]:
+    """`model.fit`, early-stopped on validation loss when there is a validation set."""
+    callbacks = list(callbacks)
+    if val_ds is not None:
         callbacks.append(
             tf.keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=patience, restore_best_weights=True
@@ -632,23 +646,12 @@ def meta_train(
     train_ds = _task_dataset(
         train, batch_tasks, True, seed, drop_remainder=True, support_cut=support_cut
     )
-    val_ds = None
-    callbacks = list(callbacks)
-    if val is not None:
-        val_ds = _task_dataset(val, len(val[ENTITY_ID_KEY]), False, seed, False)
-        callbacks.append(
-            tf.keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=patience, restore_best_weights=True
-            )
-        )
-    history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=epochs,
-        callbacks=callbacks,
-        verbose=verbose,
+    val_ds = (
+        None
+        if val is None
+        else _task_dataset(val, len(val[ENTITY_ID_KEY]), False, seed, False)
     )
-    return {k: [float(x) for x in v] for k, v in history.history.items()}
+    return _fit(model, train_ds, val_ds, epochs, patience, callbacks, verbose)
 
 
 # -------------------------------------------------------------- inference
