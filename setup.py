@@ -43,7 +43,11 @@ setup(
         "report": ["matplotlib", "pandas"],
         "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
     },
-    package_data={"serving": ["*.txt", "models.config"]},
+    # Every data file the package reads at run time ships in the wheel.
+    package_data={
+        "serving": ["*.txt", "models.config"],
+        "tf_limaml": ["datasets/*.json"],
+    },
     include_package_data=True,
     entry_points={"console_scripts": ["limaml=tf_limaml.cli:main"]},
     classifiers=[
