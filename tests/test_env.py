@@ -37,3 +37,20 @@ def test_tf_keras_resolved_to_keras_3_first_is_refused_in_one_message(touch):
     result = _run(f"import tensorflow as tf\n{touch}\nimport tf_limaml\n")
     assert result.returncode != 0
     assert "already resolved to Keras 3" in result.stderr
+
+
+def test_type_checking_block_names_every_lazy_public_name():
+    import ast
+
+    import tf_limaml
+
+    tree = ast.parse(open(tf_limaml.__file__, encoding="utf-8").read())
+    block = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+    )
+    imported = {
+        alias.name for node in block.body for alias in node.names  # type: ignore
+    }
+    assert imported == set(tf_limaml.__all__)

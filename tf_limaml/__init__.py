@@ -10,6 +10,7 @@ or dataset is touched.
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from tf_limaml._env import use_legacy_keras
 
@@ -44,6 +45,37 @@ _SUBMODULES = (
 )
 
 __all__ = sorted(_PUBLIC) + list(_SUBMODULES)
+
+if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
+    from tf_limaml import (  # noqa: F401
+        data,
+        datasets,
+        evaluation,
+        export,
+        features,
+        layers,
+        model,
+        tasks,
+        training,
+    )
+    from tf_limaml.features import (  # noqa: F401
+        Feature,
+        FeatureSpec,
+        FeatureSpecError,
+        LabelSpec,
+    )
+    from tf_limaml.layers import (  # noqa: F401
+        FeatureEmbedding,
+        FunctionalCross,
+        GlobalBlock,
+        MetaBlock,
+    )
+    from tf_limaml.model import (  # noqa: F401
+        LiMAMLModel,
+        MetaConfig,
+        load_model,
+        save_model,
+    )
 
 
 def __getattr__(name):
