@@ -99,7 +99,9 @@ def statistics_experiment(args, root: str) -> dict[str, Any]:
     hand = _write(os.path.join(root, "hand.json"), spec.to_dict())
     auto = _write(os.path.join(root, "types_only.json"), types_only(spec.to_dict()))
     reports = {
-        name: _demo(os.path.join(root, name), csv_path, path, args, "--tune-budget", "0")
+        name: _demo(
+            os.path.join(root, name), csv_path, path, args, "--tune-budget", "0"
+        )
         for name, path in (("hand_prepared", hand), ("types_only", auto))
     }
     limaml = {name: _auc(r, "limaml") for name, r in reports.items()}
@@ -146,9 +148,7 @@ def item_entity_experiment(args, root: str) -> dict[str, Any]:
     report = _demo(os.path.join(root, "item_entity"), csv_path, spec_path, args)
     limaml, base = _sweep(report, "limaml"), _sweep(report, "global")
     lift = {k: round(limaml[k] - base[k], 4) for k in limaml}
-    member = {
-        m: report["models"][m]["mean_member_auc"] for m in ("limaml", "global")
-    }
+    member = {m: report["models"][m]["mean_member_auc"] for m in ("limaml", "global")}
     return {
         "experiment": "item_entity",
         "seeds": args.seeds,

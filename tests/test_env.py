@@ -24,9 +24,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_tensorflow_first_then_tf_limaml_gives_keras_2():
     result = _run(
-        "import tensorflow as tf\n"
-        "import tf_limaml\n"
-        "print(tf.keras.__name__)\n"
+        "import tensorflow as tf\n" "import tf_limaml\n" "print(tf.keras.__name__)\n"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("tf_keras"), result.stdout
