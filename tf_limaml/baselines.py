@@ -57,6 +57,7 @@ from tf_limaml.features import (
 )
 from tf_limaml.model import LiMAMLModel, MetaConfig
 from tf_limaml.tasks import SPLITS, assign_split
+from tf_limaml.training import GRADIENT_CLIPNORM
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ SUPPORT_KS: tuple[int | None, ...] = (1, 3, 5, 10, None)
 # Grid of the fine-tuning baseline's inner learning rate and steps (chosen on val).
 FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
 FINETUNE_STEPS = (1, 3, 5, 10)
+# Starting points of the meta-learners (`Recipe.warm_start`).
+WARM_STARTS = ("pretrain", "global")
 
 
 def k_label(k: int | None) -> str:
@@ -507,7 +510,9 @@ def fit_pointwise(
     """
     tf.keras.utils.set_random_seed(seed)
     model.compile(
-        optimizer=tf.keras.optimizers.Adam(learning_rate),
+        optimizer=tf.keras.optimizers.Adam(
+            learning_rate, global_clipnorm=GRADIENT_CLIPNORM
+        ),
         loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
         # Measured: for this small network XLA's compile time costs
         # more than it saves (2x the CPU time over a 3-epoch fit).
@@ -642,7 +647,11 @@ def meta_train(
     """
     tf.keras.utils.set_random_seed(seed)
     batch_tasks = min(batch_tasks, len(train[ENTITY_ID_KEY]))
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(
+            learning_rate, global_clipnorm=GRADIENT_CLIPNORM
+        )
+    )
     train_ds = _task_dataset(
         train, batch_tasks, True, seed, drop_remainder=True, support_cut=support_cut
     )
@@ -656,20 +665,33 @@ def meta_train(
 
 # -------------------------------------------------------------- inference
 @contextlib.contextmanager
-def _inner_lr(model: LiMAMLModel, inner_lr: float | None):
-    """Temporarily sets the scalar inner learning rate read while tracing."""
-    if inner_lr is None:
+def _inner_lr(
+    model: LiMAMLModel, inner_lr: float | None, support_prior: float | None = None
+):
+    """Temporarily sets the scalar inner learning rate (and support prior) read
+    while tracing."""
+    changes = {}
+    if inner_lr is not None:
+        changes["inner_lr"] = float(inner_lr)
+    if support_prior is not None:
+        changes["support_prior"] = float(support_prior)
+    if not changes:
         yield
         return
     previous = model.meta_config
-    model.meta_config = model.with_meta_config(inner_lr=float(inner_lr))
+    model.meta_config = model.with_meta_config(**changes)
     try:
         yield
     finally:
         model.meta_config = previous
 
 
-def _query_function(model: LiMAMLModel, steps: int, inner_lr: float | None) -> Callable:
+def _query_function(
+    model: LiMAMLModel,
+    steps: int,
+    inner_lr: float | None,
+    support_prior: float | None = None,
+) -> Callable:
     """A cached tf.function scoring query rows after `steps` inner steps.
 
     Cached on the model itself (not by id(), which a collected model's
@@ -681,7 +703,7 @@ def _query_function(model: LiMAMLModel, steps: int, inner_lr: float | None) -> C
     if cache is None:
         cache = {}
         object.__setattr__(model, "_baseline_query_functions", cache)
-    key = (steps, inner_lr)
+    key = (steps, inner_lr, support_prior)
     if key not in cache:
 
         def probabilities(batch):
@@ -697,6 +719,7 @@ def query_probabilities(
     steps: int | None = None,
     inner_lr: float | None = None,
     chunk: int = 128,
+    support_prior: float | None = None,
 ) -> np.ndarray:
     """Query probabilities `[T, Q]`, adapted on each task's (masked) support.
 
@@ -707,15 +730,17 @@ def query_probabilities(
         inner_lr: Scalar inner learning rate instead of the model's (for the
             fine-tuning baseline; learned rates, when the model has them, win).
         chunk: Tasks per call, to bound memory.
+        support_prior: `MetaConfig.support_prior` instead of the model's (the
+            test-time knobs of `limaml tune`).
     """
     steps = model.meta_config.inner_steps if steps is None else steps
     if inner_lr is not None and isinstance(model, FineTuneModel):
         model.finetune_lr.assign(float(inner_lr))
         inner_lr = None
-    fn = _query_function(model, steps, inner_lr)
+    fn = _query_function(model, steps, inner_lr, support_prior)
     n = len(batch[ENTITY_ID_KEY])
     out = []
-    with _inner_lr(model, inner_lr):
+    with _inner_lr(model, inner_lr, support_prior):
         for start in range(0, n, chunk):
             part = {k: v[start : start + chunk] for k, v in batch.items()}
             out.append(fn(part).numpy())
@@ -828,6 +853,17 @@ class Recipe:
         meta_patience: Early-stopping patience of meta-training.
         finetune_lrs: Inner learning rates the fine-tuning baseline tries.
         finetune_steps: Inner steps the fine-tuning baseline tries.
+        warm_start: What the meta-learners start from: "pretrain" (the
+            member-ID pretraining, `pretrain`) or "global" (the trained global
+            baseline of the same seed). With "global", meta_epochs=0 and
+            inner_steps=0, LiMAML scores exactly as the global model does:
+            the fallback `limaml tune` always keeps.
+        adapt_inner_steps: Inner steps when scoring and exporting, if not
+            `inner_steps` (test-time knobs chosen on val by `limaml tune`).
+        adapt_inner_lr: Inner learning rate when scoring and exporting, if
+            not `inner_lr`.
+        adapt_support_prior: Support prior when scoring and exporting, if
+            not `support_prior`.
     """
 
     architecture: Architecture = Architecture()
@@ -852,6 +888,23 @@ class Recipe:
     meta_patience: int = 3
     finetune_lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
     finetune_steps: tuple[int, ...] = (1, 3, 10)
+    warm_start: str = "pretrain"
+    adapt_inner_steps: int | None = None
+    adapt_inner_lr: float | None = None
+    adapt_support_prior: float | None = None
+
+    def __post_init__(self):
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(
+                f"Recipe.warm_start must be one of {WARM_STARTS}, got "
+                f"{self.warm_start!r}"
+            )
+        for name in ("meta_epochs", "pretrain_epochs", "inner_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"Recipe.{name} must be an integer >= 0, got {value!r}"
+                )
 
     def meta_config(self, adapt: str = "meta_block") -> MetaConfig:
         return MetaConfig(
@@ -863,10 +916,47 @@ class Recipe:
             jit_compile=True,
         )
 
+    def adaptation(self) -> dict[str, Any]:
+        """The MetaConfig changes that turn the trained model into the scored
+        (and exported) one: the test-time knobs, where set."""
+        changes = {
+            "inner_steps": self.adapt_inner_steps,
+            "inner_lr": self.adapt_inner_lr,
+            "support_prior": self.adapt_support_prior,
+        }
+        return {k: v for k, v in changes.items() if v is not None}
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["architecture"] = dataclasses.asdict(self.architecture)
         return out
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Recipe:
+        """The inverse of `to_dict` (lists become tuples).
+
+        Raises:
+            ValueError: A key that is not a Recipe field.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - fields)
+        if unknown:
+            raise ValueError(
+                f"Unknown recipe field(s) {unknown}; expected some of {sorted(fields)}"
+            )
+        values = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in obj.items()
+            if k != "architecture"
+        }
+        if "architecture" in obj:
+            values["architecture"] = Architecture(
+                **{
+                    k: tuple(v) if isinstance(v, list) else v
+                    for k, v in obj["architecture"].items()
+                }
+            )
+        return cls(**values)
 
     @classmethod
     def fast(cls) -> Recipe:
@@ -1110,7 +1200,8 @@ def train_meta_learner(
         recipe: Training choices.
         seed: Weights, shuffling and support cuts.
         adapt: "meta_block" (LiMAML) or "all" (full-network MAML).
-        init: A network to start from (`pretrain`), or None.
+        init: A network to start from (`pretrain`, or the global model when
+            `recipe.warm_start` is "global"), or None.
         verbose: Keras verbosity.
         callbacks: More Keras callbacks.
 
@@ -1124,19 +1215,24 @@ def train_meta_learner(
         model.global_block.trainable = False
     elif recipe.freeze_request_embeddings:
         model.global_block.embedding.trainable = False
-    history = meta_train(
-        model,
-        splits.train_meta,
-        splits.val_meta,
-        epochs=recipe.meta_epochs,
-        batch_tasks=recipe.meta_batch_tasks,
-        learning_rate=recipe.meta_learning_rate,
-        patience=recipe.meta_patience,
-        seed=seed,
-        verbose=verbose,
-        support_cut=recipe.support_cut,
-        callbacks=callbacks,
-    )
+    history = {}
+    if recipe.meta_epochs > 0:
+        history = meta_train(
+            model,
+            splits.train_meta,
+            splits.val_meta,
+            epochs=recipe.meta_epochs,
+            batch_tasks=recipe.meta_batch_tasks,
+            learning_rate=recipe.meta_learning_rate,
+            patience=recipe.meta_patience,
+            seed=seed,
+            verbose=verbose,
+            support_cut=recipe.support_cut,
+            callbacks=callbacks,
+        )
+    if recipe.adaptation():
+        # The test-time knobs: scoring and the export read the model's config.
+        model.meta_config = model.with_meta_config(**recipe.adaptation())
     return model, history
 
 

@@ -21,6 +21,8 @@ from tf_limaml.argtypes import positive_float as _positive_float
 from tf_limaml.argtypes import positive_int as _positive_int
 
 EXIT_USAGE = 2
+# A run that finished but whose model failed (diverged, constant, chance-level).
+EXIT_FAILED = 1
 
 
 class CommandError(Exception):
@@ -424,12 +426,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail(args.command, "interrupted")
     except RuntimeError as err:
-        # Raised by training on a non-finite loss: a data/config problem the
-        # message explains, not a bug to show a traceback for.
-        if type(err).__name__ != "NonFiniteLossError":
+        # Raised by training on a non-finite loss or a model that failed its
+        # health check: a data/config problem the message explains, not a bug
+        # to show a traceback for.
+        if type(err).__name__ not in ("NonFiniteLossError", "ModelFailedError"):
             raise
         _fail(args.command, str(err))
-        return 1
+        return EXIT_FAILED
 
 
 def _fail(command: str, message: str) -> int:

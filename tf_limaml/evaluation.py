@@ -150,3 +150,73 @@ def evaluate_model(model, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any
         "n_tasks": int(sum(int(b["entity_id"].shape[0]) for b in batches)),
         "by_support_size": by_size,
     }
+
+
+def health_check(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    val_loss: float | None = None,
+    name: str = "model",
+) -> dict[str, Any]:
+    """Whether a trained model's scores are usable, and if not, why.
+
+    A model that diverged (NaN weights), collapsed to one output, or ranks no
+    better than chance still "finishes" training; this is the check that
+    says so, so that no report or export treats its numbers as results.
+
+    A model is failed when any of these holds:
+    * `val_loss` is given and is not finite;
+    * some score is not finite;
+    * every score is the same (a constant model: every AUC would be 0.5);
+    * the AUC of `scores` against `labels` is <= 0.5 (no better than chance).
+      Labels of a single class give no AUC; that alone does not fail a model.
+
+    Args:
+        labels: 0/1 labels of the scored rows (any shape; flattened).
+        scores: The model's scores (probabilities or logits) of the same rows.
+        val_loss: The validation loss training ended with, if known.
+        name: The model's name, for the log line.
+
+    Returns:
+        {"healthy": bool, "reasons": [str, ...], "auc": float or None,
+        "n_rows": int}; "reasons" is empty when healthy.
+
+    Example:
+
+        health = health_check(labels, model_scores, val_loss=history["val_loss"][-1])
+        if not health["healthy"]:
+            raise RuntimeError("; ".join(health["reasons"]))
+    """
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    reasons = []
+    if val_loss is not None and not np.isfinite(float(val_loss)):
+        reasons.append(f"validation loss is {float(val_loss)} (not finite)")
+    value = None
+    if scores.size == 0:
+        reasons.append("no scores to check (0 rows)")
+    else:
+        finite = np.isfinite(scores)
+        if not finite.all():
+            reasons.append(
+                f"{int((~finite).sum())} of {scores.size} scores are not finite "
+                "(NaN or Inf)"
+            )
+        elif float(scores.max() - scores.min()) == 0.0:
+            reasons.append(
+                f"every one of the {scores.size} scores is {scores[0]:.6g} "
+                "(a constant model)"
+            )
+        else:
+            value = auc(labels, scores)
+            if not np.isnan(value) and value <= 0.5:
+                reasons.append(f"AUC {value:.4f} <= 0.5 (no better than chance)")
+    healthy = not reasons
+    if not healthy:
+        logger.warning("%s failed the health check: %s", name, "; ".join(reasons))
+    return {
+        "healthy": healthy,
+        "reasons": reasons,
+        "auc": None if value is None or np.isnan(value) else float(value),
+        "n_rows": int(scores.size),
+    }

@@ -7,6 +7,8 @@ A model directory holds:
                      re-run with the same directory resumes from the latest
     weights/         the final weights (`load_model` reads them)
     history.json     Keras history of the finished run
+    health.json      the health check of the trained model
+                     (`tf_limaml.evaluation.health_check`)
     training_args.json  task shapes and options of the run (export reads
                      max_support from it)
 """
@@ -23,13 +25,21 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_limaml import data
+from tf_limaml import data, evaluation
 from tf_limaml.features import FeatureSpec
 from tf_limaml.model import LiMAMLModel, MetaConfig, save_model
 
 logger = logging.getLogger(__name__)
 
 TRAINING_ARGS = "training_args.json"
+HEALTH = "health.json"
+# Global-norm gradient clipping of the outer step: a guard against one
+# exploding meta-batch wrecking the weights, loose enough that ordinary steps
+# are untouched.
+GRADIENT_CLIPNORM = 10.0
+# Task batches scored for the health check when there are no validation tasks.
+HEALTH_BATCHES = 8
+ON_FAILURE = ("raise", "warn")
 
 
 def read_training_args(model_dir: str) -> dict[str, Any]:
@@ -43,6 +53,52 @@ def read_training_args(model_dir: str) -> dict[str, Any]:
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss."""
+
+
+class ModelFailedError(RuntimeError):
+    """Training finished, but the model failed its health check.
+
+    Attributes:
+        health: The `evaluation.health_check` result ("healthy", "reasons", ...).
+    """
+
+    def __init__(self, message: str, health: Mapping[str, Any]):
+        super().__init__(message)
+        self.health = dict(health)
+
+
+def read_health(model_dir: str) -> dict[str, Any]:
+    """The health check a model directory was written with ({} if unknown)."""
+    path = os.path.join(str(model_dir), HEALTH)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def _final_val_loss(
+    history: Mapping[str, Sequence[float]], restored_best: bool
+) -> float | None:
+    """The val loss of the weights training ends with (None without validation)."""
+    losses = list(history.get("val_loss", []))
+    if not losses:
+        return None
+    if restored_best:
+        finite = [v for v in losses if np.isfinite(v)]
+        return min(finite) if finite else losses[-1]
+    return losses[-1]
+
+
+def check_trained_model(
+    model: LiMAMLModel,
+    batches: tf.data.Dataset,
+    val_loss: float | None = None,
+) -> dict[str, Any]:
+    """`evaluation.health_check` of a model's adapted query scores on task batches."""
+    predictions = evaluation.collect_query_predictions(model, batches, adapt=True)
+    return evaluation.health_check(
+        predictions["label"], predictions["score"], val_loss=val_loss, name="LiMAML"
+    )
 
 
 class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
@@ -98,6 +154,8 @@ def train(
     model_kwargs: Mapping[str, Any] | None = None,
     verbose: int | str = "auto",
     steps_per_epoch: int | None = None,
+    clipnorm: float | None = GRADIENT_CLIPNORM,
+    on_failure: str = "raise",
 ) -> tuple[LiMAMLModel, dict[str, list[float]]]:
     """Meta-trains a LiMAMLModel on task files and writes the model directory.
 
@@ -123,17 +181,33 @@ def train(
         verbose: Keras verbosity (progress bars by default).
         steps_per_epoch: Meta-batches per epoch (default: every task once,
             counted from the files).
+        clipnorm: Global-norm clipping of the outer gradients (None: none).
+        on_failure: What to do when the trained model fails its health check
+            (`evaluation.health_check` on the validation tasks' adapted query
+            scores, or on a few training batches without validation tasks):
+            "raise" a ModelFailedError, or "warn" (log and return the model).
+            Either way the model directory is written, with `health.json`.
 
     Returns:
         (model, history).
+
+    Raises:
+        ModelFailedError: The model failed its health check (on_failure="raise").
+        NonFiniteLossError: A training step had a non-finite loss.
     """
+    if on_failure not in ON_FAILURE:
+        raise ValueError(
+            f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}"
+        )
     meta_config = meta_config or MetaConfig()
     tf.keras.utils.set_random_seed(seed)
     tf.io.gfile.makedirs(model_dir)
     model = LiMAMLModel(
         spec, meta_config, **dict(model_kwargs or default_model_kwargs())
     )
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(learning_rate, global_clipnorm=clipnorm)
+    )
     if steps_per_epoch is None:
         # A known epoch length lets checkpoints every N steps resume mid-epoch.
         steps_per_epoch = max(math.ceil(data.count_tasks(tasks) / batch_tasks), 1)
@@ -201,4 +275,29 @@ def train(
     record = {k: [float(x) for x in v] for k, v in history.history.items()}
     with tf.io.gfile.GFile(os.path.join(model_dir, "history.json"), "w") as f:
         json.dump(record, f, indent=2)
+    if val_ds is not None:
+        check_batches = val_ds
+    else:
+        check_batches = data.task_dataset(
+            tasks, spec, batch_tasks, max_support, max_query
+        ).take(HEALTH_BATCHES)
+    restored = bool(early_stopping_patience and val_ds is not None)
+    health = check_trained_model(
+        model, check_batches, _final_val_loss(record, restored)
+    )
+    health["checked_on"] = "validation tasks" if val_ds is not None else (
+        f"the first {HEALTH_BATCHES} training batches"
+    )
+    with tf.io.gfile.GFile(os.path.join(model_dir, HEALTH), "w") as f:
+        json.dump(health, f, indent=2)
+    if not health["healthy"]:
+        message = (
+            f"The trained model in {model_dir} failed its health check on "
+            f"{health['checked_on']}: {'; '.join(health['reasons'])}. Lower the "
+            "learning rate or inner_lr, check the features' scales (spec.json "
+            "means/stds), or look at the data for a label that is constant."
+        )
+        if on_failure == "raise":
+            raise ModelFailedError(message, health)
+        logger.warning("%s", message)
     return model, record
