@@ -16,8 +16,12 @@ Outputs in DIR:
   give a cold-start embedding);
 * `rejected-SSSSS-of-NNNNN.jsonl`: the dead letter, one JSON object per bad row
   with `reason`, `detail`, `source` and the `row` as read;
-* `spec.json`: the FeatureSpec the records were written with;
-* `stats.json`: counts, size histograms and the conservation identity
+* `spec.json`: the FeatureSpec the records were written with, completed
+  with statistics of the TRAIN entities (numeric mean/std, `"auto"`
+  vocabularies; see `beam_pipelines.analyze`) where the input spec left them
+  to the data;
+* `stats.json`: counts, size histograms, rejections by reason and by feature,
+  and the conservation identity
   rows_read = rows_in_tasks + rows_rejected + rows_dropped_by_caps + rows_cold.
 
 The output depends only on the input rows and the flags: every run, on every
@@ -81,6 +85,7 @@ from apache_beam.pvalue import AsDict
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_pipelines.analyze import AnalyzeFeatures, analysis_inputs
 from beam_pipelines.options import make_tasks_arguments
 from beam_pipelines.outputs import prepare_output
 from tf_limaml import data as task_data
@@ -98,6 +103,8 @@ SOURCE_ENTITIES = "entities"
 REJECTED = "rejected"
 STATS = "stats"
 COLD = "cold"
+# Inputs of the feature analyzers, emitted for train entities only.
+ANALYSIS = "analysis"
 TASK_SUFFIX = ".tfrecord.gz"
 REJECTED_SUFFIX = ".jsonl"
 # A shard file is written under this hidden name, then renamed into place.
@@ -356,7 +363,10 @@ def _bucket_low(name: str) -> int:
 
 
 def finalize_stats(
-    counts: Mapping[tuple, int], options: Mapping[str, Any], with_entity_table: bool
+    counts: Mapping[tuple, int],
+    options: Mapping[str, Any],
+    with_entity_table: bool,
+    feature_names: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Turns the summed counters into the stats.json object.
 
@@ -364,6 +374,8 @@ def finalize_stats(
         counts: {key tuple: count} from the pipeline's DoFns.
         options: The flags of the run, recorded for provenance.
         with_entity_table: Whether an entity table was read.
+        feature_names: The spec's features, each listed (0 if none) under
+            `rejected_by_feature`.
 
     Returns:
         The stats, with every reject reason and split present (0 if none) and
@@ -395,6 +407,9 @@ def finalize_stats(
     stats["rejected_by_reason"] = {
         r: get("rejected_by_reason", r) for r in REJECT_REASONS
     }
+    stats["rejected_by_feature"] = _by_feature(
+        counts, "rejected_by_feature", feature_names
+    )
     stats["entities"] = get("entities")
     stats["entities_cold"] = get("entities_cold")
     stats["meta_conflicts"] = get("meta_conflicts")
@@ -416,6 +431,9 @@ def finalize_stats(
             "rejected_by_reason": {
                 r: get("entity_table", "rejected_by_reason", r) for r in REJECT_REASONS
             },
+            "rejected_by_feature": _by_feature(
+                counts, ("entity_table", "rejected_by_feature"), feature_names
+            ),
             "entities_used": get("entity_table", "entities_used"),
             "conflicts": get("entity_table", "conflicts"),
             "entities_without_interactions": get(
@@ -426,34 +444,56 @@ def finalize_stats(
     return stats
 
 
+def _by_feature(
+    counts: Mapping[tuple, int], prefix: str | tuple[str, ...], names: Sequence[str]
+) -> dict[str, int]:
+    prefix = (prefix,) if isinstance(prefix, str) else prefix
+    found = {
+        key[len(prefix)]: int(n)
+        for key, n in counts.items()
+        if key[: len(prefix)] == prefix and len(key) == len(prefix) + 1
+    }
+    return {name: found.get(name, 0) for name in sorted(set(names) | set(found))}
+
+
 # ----------------------------------------------------------------- the logic
-def _check(element: Any, check: Any) -> tuple[Any, str | None, str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """What `_check` found: a result, or why the row was rejected."""
+
+    result: Any
+    reason: str | None
+    detail: str
+    row: Any
+    feature: str | None = None
+
+
+def _check(element: Any, check: Any) -> _Checked:
     """Runs `check(row)` on one read element without ever raising.
 
     Returns:
-        (result, reason, detail, row): reason is None when the row passed;
-        otherwise a REJECT_REASONS key and what was wrong.
+        reason is None when the row passed; otherwise a REJECT_REASONS key,
+        what was wrong, and the feature whose cell broke a rule (if one did).
     """
     if isinstance(element, MalformedRow):
-        return None, task_rules.REASON_MALFORMED_ROW, element.detail, element.row
+        return _Checked(
+            None, task_rules.REASON_MALFORMED_ROW, element.detail, element.row
+        )
     row = element._asdict() if hasattr(element, "_asdict") else element  # beam.Row
     if not isinstance(row, Mapping):
-        return (
+        return _Checked(
             None,
             task_rules.REASON_MALFORMED_ROW,
-            (f"expected a mapping of column to value, got {type(row).__name__}"),
+            f"expected a mapping of column to value, got {type(row).__name__}",
             row,
         )
     try:
-        return check(row), None, "", row
+        return _Checked(check(row), None, "", row)
     except RowError as err:
-        return None, err.reason, err.detail, row
+        return _Checked(None, err.reason, err.detail, row, err.feature)
     except Exception as err:  # noqa: BLE001 - one odd value must not fail the job
-        return (
-            None,
-            task_rules.REASON_MALFORMED_ROW,
-            f"{type(err).__name__}: {err}",
-            row,
+        return _Checked(
+            None, task_rules.REASON_MALFORMED_ROW, f"{type(err).__name__}: {err}", row
         )
 
 
@@ -469,14 +509,19 @@ class ValidateRows(_CountingDoFn):
 
     def process(self, element: Any):
         self._counts[("rows_read",)] += 1
-        clean, reason, detail, row = _check(element, self._validate)
-        if reason is None:
-            yield clean[self.spec.entity], clean
+        checked = _check(element, self._validate)
+        if checked.reason is None:
+            yield checked.result[self.spec.entity], checked.result
             return
         self._counts[("rows_rejected",)] += 1
-        self._counts[("rejected_by_reason", reason)] += 1
+        self._counts[("rejected_by_reason", checked.reason)] += 1
+        if checked.feature is not None:
+            self._counts[("rejected_by_feature", checked.feature)] += 1
         yield beam.pvalue.TaggedOutput(
-            REJECTED, dead_letter_record(row, reason, detail, SOURCE_INTERACTIONS)
+            REJECTED,
+            dead_letter_record(
+                checked.row, checked.reason, checked.detail, SOURCE_INTERACTIONS
+            ),
         )
 
 
@@ -492,14 +537,20 @@ class ValidateEntities(_CountingDoFn):
 
     def process(self, element: Any):
         self._counts[("entity_table", "rows_read")] += 1
-        entity_meta, reason, detail, row = _check(element, self._validate)
-        if reason is None:
-            yield entity_meta
+        checked = _check(element, self._validate)
+        if checked.reason is None:
+            yield checked.result
             return
-        self._counts[("entity_table", "rows_rejected")] += 1
-        self._counts[("entity_table", "rejected_by_reason", reason)] += 1
+        counts = self._counts
+        counts[("entity_table", "rows_rejected")] += 1
+        counts[("entity_table", "rejected_by_reason", checked.reason)] += 1
+        if checked.feature is not None:
+            counts[("entity_table", "rejected_by_feature", checked.feature)] += 1
         yield beam.pvalue.TaggedOutput(
-            REJECTED, dead_letter_record(row, reason, detail, SOURCE_ENTITIES)
+            REJECTED,
+            dead_letter_record(
+                checked.row, checked.reason, checked.detail, SOURCE_ENTITIES
+            ),
         )
 
 
@@ -590,6 +641,14 @@ class SplitEntities(_CountingDoFn):
         counts[("splits", split, "query_rows")] += n_query
         counts[("support_size_histogram", size_bucket(n_support))] += 1
         counts[("query_size_histogram", size_bucket(n_query))] += 1
+        if split == "train":
+            # Statistics come from the training entities only, from exactly the
+            # rows of their tasks: a value seen only in val or test never
+            # reaches a mean or a vocabulary.
+            for item in analysis_inputs(
+                self.spec, history.meta, history.support + history.query
+            ):
+                yield beam.pvalue.TaggedOutput(ANALYSIS, item)
         yield split, entity_id, record
 
 
@@ -618,7 +677,9 @@ class BuildTasks(beam.PTransform):
         "tasks": (split, entity_id, serialized SequenceExample);
         "cold": (entity_id, serialized SequenceExample) of cold entities;
         "rejected": dead-letter JSON lines (interactions and entity table);
-        "stats": one dict, the content of stats.json.
+        "stats": one dict, the content of stats.json;
+        "spec": one string, the JSON of the spec completed with statistics of
+            the train entities (`beam_pipelines.analyze.AnalyzeFeatures`).
     """
 
     def __init__(
@@ -702,21 +763,23 @@ class BuildTasks(beam.PTransform):
                 "meta": table.meta,
             } | "GroupByEntityWithTable" >> beam.CoGroupByKey()
         split = grouped | "SplitEntities" >> beam.ParDo(self.split_fn).with_outputs(
-            COLD, STATS, main="tasks"
+            COLD, STATS, ANALYSIS, main="tasks"
         )
         stats.append(split[STATS])
         options, with_table = self.options, self.entities is not None
+        names = [f.name for f in self.spec.features]
         summary = (
             tuple(stats)
             | "FlattenStats" >> beam.Flatten()
             | "SumStats" >> beam.CombineGlobally(SumCounts())
-            | "FinalizeStats" >> beam.Map(finalize_stats, options, with_table)
+            | "FinalizeStats" >> beam.Map(finalize_stats, options, with_table, names)
         )
         return {
             "tasks": split.tasks,
             "cold": split[COLD],
             "rejected": tuple(rejected) | "FlattenRejected" >> beam.Flatten(),
             "stats": summary,
+            "spec": split[ANALYSIS] | "AnalyzeFeatures" >> AnalyzeFeatures(self.spec),
         }
 
 
@@ -882,9 +945,14 @@ class WriteTaskFiles(beam.PTransform):
     Task, cold and dead-letter files are written by `WriteShards`, so the
     same outputs give byte-identical files on every run and runner.
 
+    DIR/spec.json is `outputs["spec"]` (the spec completed with statistics
+    by `BuildTasks`), so records and spec come from the same job; without it,
+    `spec` as given.
+
     Args:
         output_dir: Directory (any Beam filesystem).
-        spec: The FeatureSpec, copied to DIR/spec.json.
+        spec: The FeatureSpec, written to DIR/spec.json when `outputs` has no
+            completed spec.
         num_shards: Shards per output (0: one per ~128 MiB of records).
     """
 
@@ -922,9 +990,13 @@ class WriteTaskFiles(beam.PTransform):
                 shard_name_template="",
             )
         )
+        spec_json = outputs.get("spec")
+        if spec_json is None:
+            spec_json = outputs["stats"].pipeline | "SpecJson" >> beam.Create(
+                [self.spec.to_json()]
+            )
         (
-            outputs["stats"].pipeline
-            | "SpecJson" >> beam.Create([self.spec.to_json()])
+            spec_json
             | "WriteSpec"
             >> beam.io.WriteToText(
                 self._path("spec"),

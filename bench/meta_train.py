@@ -66,7 +66,7 @@ class ReferenceConfig:
                 "label": "label",
                 "meta_features": (
                     [
-                        {"name": f"m{i}", "type": "numeric"}
+                        {"name": f"m{i}", "type": "numeric", "normalize": False}
                         for i in range(self.meta_numeric)
                     ]
                     + [
@@ -81,7 +81,7 @@ class ReferenceConfig:
                 ),
                 "request_features": (
                     [
-                        {"name": f"r{i}", "type": "numeric"}
+                        {"name": f"r{i}", "type": "numeric", "normalize": False}
                         for i in range(self.request_numeric)
                     ]
                     + [

@@ -20,7 +20,7 @@ SPEC = FeatureSpec.from_dict(
         "request_features": [
             {"name": "item", "type": "categorical", "hash_buckets": 100},
             {"name": "genres", "type": "multi_hot", "vocabulary": ["x", "y", "z"]},
-            {"name": "price", "type": "numeric"},
+            {"name": "price", "type": "numeric", "normalize": False},
         ],
     }
 )

@@ -417,7 +417,7 @@ def test_spec_without_meta_features_exports_and_adapts(tmp_path):
             "label": "y",
             "request_features": [
                 {"name": "item", "type": "categorical", "hash_buckets": 50, "dim": 4},
-                {"name": "x", "type": "numeric"},
+                {"name": "x", "type": "numeric", "normalize": False},
             ],
         }
     )

@@ -263,7 +263,9 @@ def test_embed_fails_in_a_line_on_records_of_another_spec(exported, tmp_path, ca
             "meta_features": [
                 {"name": "country", "type": "categorical", "hash_buckets": 8}
             ],
-            "request_features": [{"name": "price", "type": "numeric"}],
+            "request_features": [
+                {"name": "price", "type": "numeric", "normalize": False}
+            ],
         }
     )
     row = {"ts": 1, "label": 1, "price": 2.0}

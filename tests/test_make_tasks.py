@@ -66,6 +66,15 @@ def history(user, n, start=100, step=10, **kwargs):
     return [row(user, start + step * k, f"i{k}", **kwargs) for k in range(n)]
 
 
+def strip_statistics(spec: FeatureSpec) -> dict:
+    """The spec's JSON without what the analyzer fills in."""
+    obj = spec.to_dict()
+    for feature in obj["meta_features"] + obj["request_features"]:
+        for key in ("mean", "std", "statistics"):
+            feature.pop(key, None)
+    return obj
+
+
 def pipeline():
     # flags=[] so Beam never reads pytest's sys.argv.
     return TestPipeline(options=PipelineOptions(flags=[]))
@@ -643,10 +652,22 @@ def test_run_writes_every_output(csv_run):
         ), name
         assert not any(f"u{k:03d}" in name for k in range(40)), name
     assert {"stats.json", "spec.json"} <= set(names)
-    assert FeatureSpec.load(os.path.join(out, "spec.json")) == SPEC
+    # spec.json is SPEC completed with the train entities' statistics.
+    written = FeatureSpec.load(os.path.join(out, "spec.json"))
+    assert SPEC.missing_statistics() == ["age", "price"]
+    assert written.missing_statistics() == []
+    assert written.feature("age").statistics["source"] == "make_tasks"
+    assert strip_statistics(written) == strip_statistics(SPEC)
     stats = json.load(open(os.path.join(out, "stats.json")))
     assert stats["rows_read"] == len(rows)
     assert stats["rejected_by_reason"]["bad_numeric"] == stats["rows_rejected"] == 1
+    assert stats["rejected_by_feature"] == {
+        "age": 0,
+        "country": 0,
+        "item": 0,
+        "price": 1,
+        "tags": 0,
+    }
     assert (stats["entities"], stats["entities_cold"]) == (40, 1)
     assert stats["rows_dropped_by_caps"] > 0 and stats["conservation"]["holds"]
     assert stats["options"]["input"] == csv_run["input"]

@@ -14,8 +14,8 @@ TINY_SPEC = FeatureSpec.from_dict(
         "entity": "member",
         "time": "t",
         "label": "y",
-        "meta_features": [{"name": "a", "type": "numeric"}],
-        "request_features": [{"name": "r", "type": "numeric"}],
+        "meta_features": [{"name": "a", "type": "numeric", "normalize": False}],
+        "request_features": [{"name": "r", "type": "numeric", "normalize": False}],
     }
 )
 
@@ -253,7 +253,7 @@ def test_no_meta_features_uses_a_learned_constant(small_model_kwargs):
             "entity": "e",
             "time": "t",
             "label": "y",
-            "request_features": [{"name": "r", "type": "numeric"}],
+            "request_features": [{"name": "r", "type": "numeric", "normalize": False}],
         }
     )
     model = LiMAMLModel(spec, MetaConfig(jit_compile=False), **small_model_kwargs)

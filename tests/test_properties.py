@@ -22,13 +22,13 @@ SPEC = FeatureSpec.from_dict(
         "label": {"column": "rating", "threshold": 4},
         "tie_break": "item",
         "meta_features": [
-            {"name": "age", "type": "numeric"},
+            {"name": "age", "type": "numeric", "normalize": False},
             {"name": "job", "type": "categorical", "vocabulary": ["a", "b"]},
         ],
         "request_features": [
             {"name": "item", "type": "categorical", "hash_buckets": 50},
             {"name": "genres", "type": "multi_hot", "vocabulary": ["x", "y"]},
-            {"name": "price", "type": "numeric"},
+            {"name": "price", "type": "numeric", "normalize": False},
         ],
     }
 )

@@ -43,7 +43,10 @@ GZIP = "GZIP"
 
 def _value_feature(feature: Feature, value: Any) -> tf.train.Feature:
     if feature.type == NUMERIC:
-        return tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
+        values = value if feature.shape else [value]
+        return tf.train.Feature(
+            float_list=tf.train.FloatList(value=[float(v) for v in values])
+        )
     if feature.type == CATEGORICAL:
         return tf.train.Feature(
             bytes_list=tf.train.BytesList(value=[str(value).encode()])
@@ -52,6 +55,11 @@ def _value_feature(feature: Feature, value: Any) -> tf.train.Feature:
     return tf.train.Feature(
         bytes_list=tf.train.BytesList(value=[v.encode() for v in values])
     )
+
+
+def _numeric_default(feature: Feature) -> float | list[float]:
+    default = feature.default or 0.0
+    return [default] * feature.size if feature.shape else default
 
 
 def encode_task(
@@ -85,7 +93,7 @@ def encode_task(
         value = meta.get(feature.name)
         if value is None:
             value = (
-                (feature.default or 0.0)
+                _numeric_default(feature)
                 if feature.type == NUMERIC
                 else ("" if feature.type == CATEGORICAL else [])
             )

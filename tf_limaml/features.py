@@ -48,6 +48,10 @@ RESERVED_NAMES = frozenset({ENTITY_ID_KEY, LABEL_KEY, TIME_KEY, MASK_KEY, "n_sup
 _NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 _DEFAULT_EMBEDDING_DIM = 8
 _DEFAULT_MAX_VALUES = 8
+# `"vocabulary": "auto"`: the vocabulary is computed from the training data.
+AUTO = "auto"
+LOG1P = "log1p"
+TRANSFORMS = (None, LOG1P)
 
 
 class FeatureSpecError(ValueError):
@@ -93,6 +97,37 @@ def _finite_number(field: str, value: Any) -> float:
     return float(value)
 
 
+def _optional_number(field: str, value: Any) -> float | None:
+    return None if value is None else _finite_number(field, value)
+
+
+def _number_or_vector(
+    field: str, value: Any, size: int | None
+) -> float | tuple[float, ...] | None:
+    """A mean or std: None, a number, or (for a vector feature) a list of `size`."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if size is None:
+            raise _fail(field, value, "must be a number on a scalar feature")
+        if len(value) != size:
+            raise _fail(field, value, f"must be a number or a list of {size} numbers")
+        return tuple(_finite_number(field, v) for v in value)
+    return _finite_number(field, value)
+
+
+def _json_mapping(field: str, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _fail(field, value, "must be a JSON object (written by the analyzer)")
+    # A round trip through JSON keeps the spec serializable and the copy private.
+    try:
+        return json.loads(json.dumps(dict(value), sort_keys=True))
+    except (TypeError, ValueError):
+        raise _fail(field, value, "must hold only JSON values") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Feature:
     """One feature column.
@@ -100,16 +135,31 @@ class Feature:
     Attributes:
         name: Column name in the interactions table and key in every tensor dict.
         type: One of "numeric", "categorical" or "multi_hot".
-        vocabulary: Closed vocabulary of a categorical or multi-hot feature.
+        vocabulary: Closed vocabulary of a categorical or multi-hot feature
+            (None while an "auto" vocabulary is not computed yet).
         hash_buckets: Number of hash buckets, instead of a vocabulary.
         dim: Embedding size of a categorical or multi-hot feature.
         separator: Separator of the values of a multi-hot cell, e.g. "A|B".
         max_values: Most values one multi-hot cell holds; extra values are cut.
         allow_oov: Whether a value outside `vocabulary` maps to an OOV bucket
             (True) or makes the row invalid (False, the default).
-        mean: Numeric features are fed as (x - mean) / std.
+        mean: Numeric features are fed as (transform(x) - mean) / std. None
+            means not known yet (the analyzer of make-tasks computes it). A
+            vector feature may give one number or one per component.
         std: See `mean`.
         default: Value used for a missing numeric cell. None makes it invalid.
+        normalize: Whether a numeric feature is standardized (False: fed raw).
+        transform: None or "log1p" (sign(x) * log1p(|x|)), applied before
+            standardizing and before statistics are computed.
+        clip: Clip the standardized value to [-clip, clip] (None: no clip).
+        shape: () for a scalar numeric feature, (n,) for a dense vector.
+        auto_vocabulary: The vocabulary comes from the training data
+            (`"vocabulary": "auto"`); `vocabulary` is None until it is computed.
+        top_k: Most values an auto vocabulary keeps (None: no limit).
+        min_count: Fewest training occurrences for a value to enter an auto
+            vocabulary.
+        statistics: Provenance written by the analyzer (counts, min, max,
+            source); informative only.
     """
 
     name: str
@@ -120,9 +170,17 @@ class Feature:
     separator: str = "|"
     max_values: int | None = None
     allow_oov: bool = False
-    mean: float = 0.0
-    std: float = 1.0
+    mean: float | tuple[float, ...] | None = None
+    std: float | tuple[float, ...] | None = None
     default: float | None = None
+    normalize: bool = True
+    transform: str | None = None
+    clip: float | None = None
+    shape: tuple[int, ...] = ()
+    auto_vocabulary: bool = False
+    top_k: int | None = None
+    min_count: int = 1
+    statistics: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     _KEYS = (
         "name",
@@ -136,11 +194,44 @@ class Feature:
         "mean",
         "std",
         "default",
+        "normalize",
+        "transform",
+        "clip",
+        "shape",
+        "top_k",
+        "min_count",
+        "statistics",
     )
+    _NUMERIC_ONLY = (
+        "mean",
+        "std",
+        "default",
+        "normalize",
+        "transform",
+        "clip",
+        "shape",
+    )
+    _VOCABULARY_ONLY = ("top_k", "min_count")
 
     @property
     def is_numeric(self) -> bool:
         return self.type == NUMERIC
+
+    @property
+    def size(self) -> int:
+        """Numbers per row of a numeric feature: 1 (scalar) or n (shape [n])."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether the feature lacks a value the analyzer computes from data.
+
+        A normalized numeric feature without mean or std, or an "auto"
+        vocabulary not computed yet.
+        """
+        if self.type == NUMERIC:
+            return self.normalize and (self.mean is None or self.std is None)
+        return self.auto_vocabulary and self.vocabulary is None
 
     @property
     def num_ids(self) -> int:
@@ -159,9 +250,17 @@ class Feature:
             return 1
         if self.max_values is not None:
             return self.max_values
-        if self.vocabulary is not None:
+        # An auto vocabulary is only known after the records are written, so
+        # the width cannot depend on it.
+        if self.vocabulary is not None and not self.auto_vocabulary:
             return len(self.vocabulary)
         return _DEFAULT_MAX_VALUES
+
+    def transform_value(self, value: float) -> float:
+        """`transform` of one number, in Python (the analyzer's side)."""
+        if self.transform == LOG1P:
+            return math.copysign(math.log1p(abs(value)), value)
+        return value
 
     @classmethod
     def from_dict(cls, obj: Any, where: str) -> Feature:
@@ -176,27 +275,12 @@ class Feature:
         vocabulary = obj.get("vocabulary")
         hash_buckets = obj.get("hash_buckets")
         kwargs: dict[str, Any] = {"name": name, "type": ftype}
+        kwargs["statistics"] = _json_mapping(
+            f"{where}.statistics", obj.get("statistics")
+        )
         if ftype == NUMERIC:
-            for key in (
-                "vocabulary",
-                "hash_buckets",
-                "dim",
-                "separator",
-                "max_values",
-                "allow_oov",
-            ):
-                if key in obj:
-                    raise _fail(
-                        f"{where}.{key}", obj[key], "not allowed on a numeric feature"
-                    )
-            kwargs["mean"] = _finite_number(f"{where}.mean", obj.get("mean", 0.0))
-            kwargs["std"] = _finite_number(f"{where}.std", obj.get("std", 1.0))
-            if kwargs["std"] <= 0:
-                raise _fail(f"{where}.std", obj.get("std"), "must be > 0")
-            if obj.get("default") is not None:
-                kwargs["default"] = _finite_number(f"{where}.default", obj["default"])
-            return cls(**kwargs)
-        for key in ("mean", "std", "default"):
+            return cls._numeric_from_dict(obj, where, kwargs)
+        for key in cls._NUMERIC_ONLY:
             if key in obj:
                 raise _fail(
                     f"{where}.{key}", obj[key], "only allowed on a numeric feature"
@@ -208,7 +292,15 @@ class Feature:
                 "a categorical or multi_hot feature needs exactly one of "
                 "`vocabulary` or `hash_buckets`",
             )
-        if vocabulary is not None:
+        # A resolved auto vocabulary is written as its list plus `min_count`.
+        auto = vocabulary == AUTO or "min_count" in obj or "top_k" in obj
+        if auto and vocabulary is None:
+            raise _fail(
+                f"{where}.top_k/min_count",
+                {k: obj[k] for k in cls._VOCABULARY_ONLY if k in obj},
+                'only allowed with `"vocabulary": "auto"`',
+            )
+        if vocabulary is not None and vocabulary != AUTO:
             if (
                 not isinstance(vocabulary, (list, tuple))
                 or not vocabulary
@@ -217,22 +309,36 @@ class Feature:
                 raise _fail(
                     f"{where}.vocabulary",
                     vocabulary,
-                    "must be a non-empty list of non-empty strings",
+                    'must be "auto" or a non-empty list of non-empty strings',
                 )
             if len(set(vocabulary)) != len(vocabulary):
                 dup = next(v for v in vocabulary if vocabulary.count(v) > 1)
                 raise _fail(f"{where}.vocabulary", dup, "appears more than once")
             kwargs["vocabulary"] = tuple(vocabulary)
-        else:
+        elif vocabulary is None:
             kwargs["hash_buckets"] = _positive_int(
                 f"{where}.hash_buckets", hash_buckets
             )
         kwargs["dim"] = _positive_int(
             f"{where}.dim", obj.get("dim", _DEFAULT_EMBEDDING_DIM)
         )
-        allow_oov = obj.get("allow_oov", False)
+        allow_oov = obj.get("allow_oov", auto)
         if not isinstance(allow_oov, bool):
             raise _fail(f"{where}.allow_oov", allow_oov, "must be true or false")
+        if auto:
+            if not allow_oov:
+                raise _fail(
+                    f"{where}.allow_oov",
+                    allow_oov,
+                    "an auto vocabulary always has an OOV bucket (values unseen "
+                    "in training land there); drop `allow_oov` or set it true",
+                )
+            kwargs["auto_vocabulary"] = True
+            if obj.get("top_k") is not None:
+                kwargs["top_k"] = _positive_int(f"{where}.top_k", obj["top_k"])
+            kwargs["min_count"] = _positive_int(
+                f"{where}.min_count", obj.get("min_count", 1)
+            )
         kwargs["allow_oov"] = allow_oov
         if ftype == MULTI_HOT:
             separator = obj.get("separator", "|")
@@ -255,25 +361,106 @@ class Feature:
                     )
         return cls(**kwargs)
 
+    @classmethod
+    def _numeric_from_dict(
+        cls, obj: Mapping[str, Any], where: str, kwargs: dict[str, Any]
+    ) -> Feature:
+        for key in (
+            "vocabulary",
+            "hash_buckets",
+            "dim",
+            "separator",
+            "max_values",
+            "allow_oov",
+            "top_k",
+            "min_count",
+        ):
+            if key in obj:
+                raise _fail(
+                    f"{where}.{key}", obj[key], "not allowed on a numeric feature"
+                )
+        shape = obj.get("shape")
+        if shape is not None and shape not in ([], ()):
+            if (
+                not isinstance(shape, (list, tuple))
+                or len(shape) != 1
+                or isinstance(shape[0], bool)
+                or not isinstance(shape[0], int)
+                or shape[0] <= 0
+            ):
+                raise _fail(
+                    f"{where}.shape",
+                    shape,
+                    "must be [n] with n a positive integer (a dense vector), or "
+                    "omitted for a scalar",
+                )
+            kwargs["shape"] = (shape[0],)
+        size = kwargs["shape"][0] if kwargs.get("shape") else None
+        normalize = obj.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise _fail(f"{where}.normalize", normalize, "must be true or false")
+        kwargs["normalize"] = normalize
+        for key in ("mean", "std"):
+            kwargs[key] = _number_or_vector(f"{where}.{key}", obj.get(key), size)
+        if not normalize and (kwargs["mean"] is not None or kwargs["std"] is not None):
+            raise _fail(
+                f"{where}.normalize",
+                normalize,
+                "a feature fed raw has no mean or std; drop them or drop "
+                "`normalize: false`",
+            )
+        std = kwargs["std"]
+        if std is not None and min(std if isinstance(std, tuple) else (std,)) <= 0:
+            raise _fail(f"{where}.std", obj.get("std"), "must be > 0")
+        transform = obj.get("transform")
+        if transform not in TRANSFORMS:
+            raise _fail(f"{where}.transform", transform, f"must be one of {TRANSFORMS}")
+        kwargs["transform"] = transform
+        clip = _optional_number(f"{where}.clip", obj.get("clip"))
+        if clip is not None and clip <= 0:
+            raise _fail(f"{where}.clip", obj.get("clip"), "must be > 0 (or null)")
+        kwargs["clip"] = clip
+        if obj.get("default") is not None:
+            kwargs["default"] = _finite_number(f"{where}.default", obj["default"])
+        return cls(**kwargs)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "type": self.type}
         if self.type == NUMERIC:
-            if self.mean != 0.0 or self.std != 1.0:
-                out.update(mean=self.mean, std=self.std)
+            if self.shape:
+                out["shape"] = list(self.shape)
+            if not self.normalize:
+                out["normalize"] = False
+            if self.transform is not None:
+                out["transform"] = self.transform
+            for key in ("mean", "std"):
+                value = getattr(self, key)
+                if value is not None:
+                    out[key] = list(value) if isinstance(value, tuple) else value
+            if self.clip is not None:
+                out["clip"] = self.clip
             if self.default is not None:
                 out["default"] = self.default
-            return out
-        if self.vocabulary is not None:
-            out["vocabulary"] = list(self.vocabulary)
         else:
-            out["hash_buckets"] = self.hash_buckets
-        out["dim"] = self.dim
-        if self.allow_oov:
-            out["allow_oov"] = True
-        if self.type == MULTI_HOT:
-            out["separator"] = self.separator
-            if self.max_values is not None:
-                out["max_values"] = self.max_values
+            if self.vocabulary is not None:
+                out["vocabulary"] = list(self.vocabulary)
+            elif self.auto_vocabulary:
+                out["vocabulary"] = AUTO
+            else:
+                out["hash_buckets"] = self.hash_buckets
+            if self.auto_vocabulary:
+                if self.top_k is not None:
+                    out["top_k"] = self.top_k
+                out["min_count"] = self.min_count
+            out["dim"] = self.dim
+            if self.allow_oov:
+                out["allow_oov"] = True
+            if self.type == MULTI_HOT:
+                out["separator"] = self.separator
+                if self.max_values is not None:
+                    out["max_values"] = self.max_values
+        if self.statistics is not None:
+            out["statistics"] = self.statistics
         return out
 
     def parse_values(self, raw: Any) -> list[str]:
@@ -471,6 +658,16 @@ class FeatureSpec:
     def features(self) -> tuple[Feature, ...]:
         return self.meta_features + self.request_features
 
+    def missing_statistics(self) -> list[str]:
+        """Names of the features that still need statistics from the data.
+
+        A normalized numeric feature without `mean`/`std`, or an `"auto"`
+        vocabulary not computed yet. make-tasks writes the completed spec to
+        DIR/spec.json; `tf_limaml.statistics.complete_spec_from_tasks` computes
+        it from task records.
+        """
+        return [f.name for f in self.features if f.needs_statistics]
+
     def feature(self, name: str) -> Feature:
         for feature in self.features:
             if feature.name == name:
@@ -504,7 +701,8 @@ class FeatureSpec:
 
         A task is one `tf.train.SequenceExample` per entity:
 
-        * context: `entity_id` (bytes) and every meta feature (numeric: one float;
+        * context: `entity_id` (bytes) and every meta feature (numeric: one float,
+          or n for a feature of shape [n];
           categorical: one bytes value; multi-hot: any number of bytes values);
         * feature lists, for part in (support, query): `part/label` (float),
           `part/time` (int64), and `part/<name>` for every request feature, one
@@ -515,7 +713,9 @@ class FeatureSpec:
         context: dict[str, Any] = {ENTITY_ID_KEY: tf.io.FixedLenFeature([], tf.string)}
         for feature in self.meta_features:
             if feature.type == NUMERIC:
-                context[feature.name] = tf.io.FixedLenFeature([], tf.float32)
+                context[feature.name] = tf.io.FixedLenFeature(
+                    list(feature.shape), tf.float32
+                )
             elif feature.type == CATEGORICAL:
                 context[feature.name] = tf.io.FixedLenFeature([], tf.string)
             else:
@@ -531,12 +731,40 @@ class FeatureSpec:
             for feature in self.request_features:
                 key = self.sequence_key(part, feature.name)
                 if feature.type == NUMERIC:
-                    sequence[key] = tf.io.FixedLenSequenceFeature([], tf.float32)
+                    sequence[key] = tf.io.FixedLenSequenceFeature(
+                        list(feature.shape), tf.float32
+                    )
                 elif feature.type == CATEGORICAL:
                     sequence[key] = tf.io.FixedLenSequenceFeature([], tf.string)
                 else:
                     sequence[key] = tf.io.VarLenFeature(tf.string)
         return context, sequence
+
+
+def check_statistics(features: Iterable[Feature]) -> None:
+    """Refuses features that still need statistics from the data.
+
+    A model built on them would train on raw scales (or without a vocabulary),
+    which diverges on columns such as a year or a price in thousands.
+
+    Raises:
+        FeatureSpecError: Names the features and says how to get the statistics.
+    """
+    missing = [f for f in features if f.needs_statistics]
+    if not missing:
+        return
+    what = ", ".join(
+        f"`{f.name}` ({'mean/std' if f.type == NUMERIC else 'auto vocabulary'})"
+        for f in missing
+    )
+    raise FeatureSpecError(
+        f"Invalid feature spec: feature(s) {what} need statistics computed from "
+        "the training data. Use the spec that `limaml make-tasks` writes beside the "
+        "records (DIR/spec.json), or complete it with "
+        "`tf_limaml.statistics.complete_spec_from_tasks(spec, 'DIR/train-*')`; "
+        'or write `mean` and `std` (or a vocabulary list, or `"normalize": false`) '
+        "in the spec"
+    )
 
 
 def load_spec(

@@ -18,7 +18,14 @@ from typing import Any
 
 import tensorflow as tf
 
-from tf_limaml.features import CATEGORICAL, MULTI_HOT, NUMERIC, Feature
+from tf_limaml.features import (
+    CATEGORICAL,
+    LOG1P,
+    MULTI_HOT,
+    NUMERIC,
+    Feature,
+    check_statistics,
+)
 
 _PACKAGE = "tf_limaml"
 Weights = Mapping[str, tf.Tensor]
@@ -89,15 +96,21 @@ def apply_dense(
 class FeatureEmbedding(tf.keras.layers.Layer):
     """Turns a dict of raw features into one dense vector per row.
 
-    Numeric features pass through as (x - mean) / std; categorical features are
-    looked up in an embedding table; multi-hot features average the embeddings
-    of their values.
+    Numeric features pass through as clip((transform(x) - mean) / std) (raw
+    with `"normalize": false`); categorical features are looked up in an
+    embedding table; multi-hot features average the embeddings of their values.
 
-    Input shape: a dict name -> `[...]` (numeric, categorical) or `[..., K]`
-    (multi-hot, "" for padding). Output shape: `[..., output_dim]`.
+    Input shape: a dict name -> `[...]` (numeric, categorical), `[..., n]`
+    (numeric of shape [n]) or `[..., K]` (multi-hot, "" for padding). Output
+    shape: `[..., output_dim]`.
+
+    Raises:
+        FeatureSpecError: A feature still needs statistics from the data (see
+            `FeatureSpec.missing_statistics`).
 
     Example:
-        >>> layer = FeatureEmbedding([{"name": "x", "type": "numeric"}])
+        >>> layer = FeatureEmbedding(
+        ...     [{"name": "x", "type": "numeric", "mean": 3.0, "std": 2.0}])
         >>> layer(layer.encode({"x": tf.constant([1.0])})).shape
         TensorShape([1, 1])
     """
@@ -105,6 +118,8 @@ class FeatureEmbedding(tf.keras.layers.Layer):
     def __init__(self, features: Sequence[Feature | Mapping[str, Any]], **kwargs):
         super().__init__(**kwargs)
         self.features = _as_features(features)
+        # The one place a model meets its features: refuse raw scales here.
+        check_statistics(self.features)
         self._lookups: dict[str, tf.keras.layers.StringLookup] = {}
         for feature in self.features:
             if feature.type != NUMERIC and feature.vocabulary is not None:
@@ -119,7 +134,7 @@ class FeatureEmbedding(tf.keras.layers.Layer):
 
     @property
     def output_dim(self) -> int:
-        return sum(1 if f.type == NUMERIC else f.dim for f in self.features)
+        return sum(f.size if f.type == NUMERIC else f.dim for f in self.features)
 
     def build(self, input_shape=None):
         self.tables = {}
@@ -144,6 +159,19 @@ class FeatureEmbedding(tf.keras.layers.Layer):
             ids = tf.where(tf.equal(value, ""), tf.constant(-1, tf.int32), ids)
         return ids
 
+    def _standardize(self, feature: Feature, value: tf.Tensor) -> tf.Tensor:
+        value = tf.cast(value, self.compute_dtype)
+        if feature.transform == LOG1P:
+            value = tf.sign(value) * tf.math.log1p(tf.abs(value))
+        if feature.normalize:
+            # A vector's per-component mean/std broadcast over its last axis.
+            mean = tf.constant(feature.mean, self.compute_dtype)
+            std = tf.constant(feature.std, self.compute_dtype)
+            value = (value - mean) / std
+        if feature.clip is not None:
+            value = tf.clip_by_value(value, -feature.clip, feature.clip)
+        return value
+
     def encode(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Maps raw values to numbers: floats for numeric, int32 ids otherwise.
 
@@ -156,10 +184,7 @@ class FeatureEmbedding(tf.keras.layers.Layer):
                 raise KeyError(f"Missing feature {feature.name!r}; got {sorted(raw)}")
             value = raw[feature.name]
             if feature.type == NUMERIC:
-                value = (
-                    tf.cast(value, self.compute_dtype) - feature.mean
-                ) / feature.std
-                encoded[feature.name] = value
+                encoded[feature.name] = self._standardize(feature, value)
             else:
                 encoded[feature.name] = self._ids(feature, tf.convert_to_tensor(value))
         return encoded
@@ -169,7 +194,8 @@ class FeatureEmbedding(tf.keras.layers.Layer):
         for feature in self.features:
             value = encoded[feature.name]
             if feature.type == NUMERIC:
-                parts.append(tf.cast(value, self.compute_dtype)[..., None])
+                value = tf.cast(value, self.compute_dtype)
+                parts.append(value if feature.shape else value[..., None])
             elif feature.type == CATEGORICAL:
                 parts.append(tf.gather(self.tables[feature.name], value))
             else:

@@ -43,12 +43,20 @@ SPLITS = ("train", "val", "test")
 
 
 class RowError(ValueError):
-    """A row that cannot become part of a task; `reason` is a REJECT_REASONS key."""
+    """A row that cannot become part of a task; `reason` is a REJECT_REASONS key.
 
-    def __init__(self, reason: str, detail: str):
+    Attributes:
+        reason: Why (a REJECT_REASONS key).
+        detail: What was wrong, with the value.
+        feature: The feature whose cell broke a rule (None for the entity,
+            time and label columns).
+    """
+
+    def __init__(self, reason: str, detail: str, feature: str | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.feature = feature
 
 
 def _is_missing(value: Any) -> bool:
@@ -92,30 +100,67 @@ def _to_time(value: Any) -> float | None:
     return _to_float(value)
 
 
+def _clean_number(feature: Feature, value: Any) -> float:
+    number = _to_float(value)
+    if number is None or abs(number) > 3.0e38:
+        raise RowError(
+            REASON_BAD_NUMERIC,
+            f"`{feature.name}` = {value!r} is not a finite number",
+            feature.name,
+        )
+    # + 0.0 turns -0.0 into 0.0: they compare equal when ordering rows but
+    # encode to different bytes, so keeping both would make output order-dependent.
+    return number + 0.0
+
+
+def _clean_vector(feature: Feature, value: Any) -> list[float]:
+    """A dense vector cell: "0.1|0.2|..." (CSV) or a list (Parquet)."""
+    if isinstance(value, str):
+        items = value.split("|")
+    elif hasattr(value, "tolist"):  # a numpy array from a Parquet reader
+        items = value.tolist()
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    if len(items) != feature.size:
+        raise RowError(
+            REASON_BAD_NUMERIC,
+            f"`{feature.name}` has {len(items)} value(s), its shape is "
+            f"[{feature.size}] (write n numbers separated by '|', or a list)",
+            feature.name,
+        )
+    return [_clean_number(feature, item) for item in items]
+
+
 def _clean_feature(feature: Feature, value: Any) -> Any:
     """Checks and normalizes one feature cell; see `validate_row`.
 
+    An `"auto"` vocabulary not computed yet accepts any value: values unseen
+    in training land in its OOV bucket.
+
     Raises:
-        RowError: The cell breaks a rule of the feature.
+        RowError: The cell breaks a rule of the feature (`feature` names it).
     """
     if feature.type == NUMERIC:
-        if _is_missing(value):
+        missing = not value if isinstance(value, (list, tuple)) else _is_missing(value)
+        if missing:
             if feature.default is None:
-                raise RowError(REASON_MISSING_FEATURE, f"`{feature.name}` is missing")
-            return feature.default
-        number = _to_float(value)
-        if number is None or abs(number) > 3.0e38:
-            raise RowError(
-                REASON_BAD_NUMERIC,
-                f"`{feature.name}` = {value!r} is not a finite number",
+                raise RowError(
+                    REASON_MISSING_FEATURE, f"`{feature.name}` is missing", feature.name
+                )
+            return (
+                [feature.default] * feature.size if feature.shape else feature.default
             )
-        # + 0.0 turns -0.0 into 0.0: they compare equal when ordering rows but
-        # encode to different bytes, so keeping both would make output order-dependent.
-        return number + 0.0
+        if feature.shape:
+            return _clean_vector(feature, value)
+        return _clean_number(feature, value)
     if feature.type == CATEGORICAL:
         text = "" if _is_missing(value) else _id_str(value)
         if not text and feature.vocabulary is not None and not feature.allow_oov:
-            raise RowError(REASON_MISSING_FEATURE, f"`{feature.name}` is missing")
+            raise RowError(
+                REASON_MISSING_FEATURE, f"`{feature.name}` is missing", feature.name
+            )
         if (
             feature.vocabulary is not None
             and not feature.allow_oov
@@ -125,6 +170,7 @@ def _clean_feature(feature: Feature, value: Any) -> Any:
             raise RowError(
                 REASON_OUT_OF_VOCABULARY,
                 f"`{feature.name}` = {text!r} is not in its vocabulary",
+                feature.name,
             )
         return text
     values = [] if _is_missing(value) else feature.parse_values(value)
@@ -134,6 +180,7 @@ def _clean_feature(feature: Feature, value: Any) -> Any:
             raise RowError(
                 REASON_OUT_OF_VOCABULARY,
                 f"`{feature.name}` value {unknown[0]!r} is not in its vocabulary",
+                feature.name,
             )
     return values[: feature.values_per_row]
 

@@ -61,7 +61,17 @@ def synthetic_spec(num_items: int = 200) -> FeatureSpec:
                     "max_values": 2,
                 },
             ]
-            + [{"name": f"f{k}", "type": "numeric"} for k in range(LATENT_DIM)],
+            # The item vectors are drawn N(0, 1), so their statistics are known.
+            + [
+                {
+                    "name": f"f{k}",
+                    "type": "numeric",
+                    "mean": 0.0,
+                    "std": 1.0,
+                    "statistics": {"source": "generator"},
+                }
+                for k in range(LATENT_DIM)
+            ],
         }
     )
 

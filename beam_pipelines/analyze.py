@@ -1,0 +1,155 @@
+"""Beam analyzers: feature statistics of the training entities, and the completed spec.
+
+The make-tasks job computes, the way tf.Transform analyzers do, what a spec
+leaves to the data: the mean and std of numeric features and the `"auto"`
+vocabularies. Only TRAIN entities feed them: `SplitEntities` emits analysis
+inputs for an entity only after its split is known to be "train", and only from
+the rows that went into its task (support + query, after caps). Meta features
+count once per entity.
+
+The arithmetic is `tf_limaml.statistics` (the same accumulators `limaml train`
+runs in-process); this module only wraps it in plain combiners:
+
+* numeric: `beam.CombinePerKey(MomentsCombineFn())` over per-entity partial
+  moments keyed by feature name (Chan's merge of partial results);
+* vocabularies: `beam.combiners.Count.PerElement()` on (feature, value), then
+  per feature the deterministic selection (count descending, value ascending,
+  `min_count`, `top_k`).
+
+Everything meets in one element, the completed `FeatureSpec` as JSON, which
+`WriteTaskFiles` writes to DIR/spec.json in the same job as the records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+
+from tf_limaml import statistics
+from tf_limaml.features import FeatureSpec
+
+# Kinds of analysis elements, (kind, feature name, payload).
+MOMENTS = "moments"
+VALUE = "value"
+
+
+def analysis_inputs(
+    spec: FeatureSpec, meta: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]
+) -> list[tuple[str, str, Any]]:
+    """The analysis elements of one TRAIN entity.
+
+    Numeric features give one partial `Moments` per entity (its rows in task
+    order, so the partial is the same on every runner); vocabulary features
+    one element per value occurrence. Only features that need statistics are
+    analyzed.
+
+    Args:
+        spec: The feature spec.
+        meta: The entity's meta feature values (counted once).
+        rows: The rows that went into its task (support + query, after caps).
+    """
+    entity_stats = statistics.SpecStatistics(spec)
+    if not entity_stats.numeric and not entity_stats.vocab:
+        return []
+    entity_stats.add_entity(meta, rows)
+    out: list[tuple[str, str, Any]] = [
+        (MOMENTS, name, moments)
+        for name, moments in sorted(entity_stats.numeric.items())
+        if moments.count
+    ]
+    for name, counter in sorted(entity_stats.vocab.items()):
+        for value, count in sorted(counter.items()):
+            out.extend([(VALUE, name, value)] * count)
+    return out
+
+
+class MomentsCombineFn(beam.CombineFn):
+    """Merges partial `tf_limaml.statistics.Moments` of one feature (Chan's merge)."""
+
+    def create_accumulator(self) -> statistics.Moments | None:
+        # The size of a feature is only known from its first input.
+        return None
+
+    def add_input(self, accumulator, element: statistics.Moments):
+        return self._merge(accumulator, element)
+
+    def merge_accumulators(self, accumulators):
+        merged = None
+        for accumulator in accumulators:
+            merged = self._merge(merged, accumulator)
+        return merged
+
+    @staticmethod
+    def _merge(accumulator, other):
+        if other is None:
+            return accumulator
+        if accumulator is None:
+            accumulator = statistics.Moments(other.size)
+        return accumulator.merge(other)
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def _vocabulary_counts(
+    element: tuple[str, Iterable[tuple[str, int]]], spec: FeatureSpec
+) -> tuple[str, statistics.VocabularyCounts]:
+    name, pairs = element
+    feature = spec.feature(name)
+    return name, statistics.VocabularyCounts.of(
+        dict(pairs), feature.top_k, feature.min_count
+    )
+
+
+def _complete(
+    parts: Sequence[tuple[str, str, Any]], spec: FeatureSpec, source: str
+) -> str:
+    numeric = {name: value for kind, name, value in parts if kind == MOMENTS}
+    vocab = {name: value for kind, name, value in parts if kind == VALUE}
+    return statistics.complete_spec(spec, numeric, vocab, source).to_json()
+
+
+class AnalyzeFeatures(beam.PTransform):
+    """Analysis elements of the train entities -> the completed spec as JSON.
+
+    Args:
+        spec: The spec whose missing statistics are computed; what the user
+            wrote (a mean, a vocabulary list) is kept.
+        source: Provenance recorded in each completed feature's `statistics`.
+
+    Returns (from `expand`): a PCollection of one string, `spec.to_json()` of
+    the completed spec (the spec unchanged when it needs nothing).
+    """
+
+    def __init__(self, spec: FeatureSpec, source: str = statistics.SOURCE_MAKE_TASKS):
+        super().__init__()
+        self.spec = spec
+        self.source = source
+
+    def expand(self, inputs):
+        numeric = (
+            inputs
+            | "NumericInputs"
+            >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == MOMENTS else [])
+            | "CombineMoments" >> beam.CombinePerKey(MomentsCombineFn())
+            | "TagMoments" >> beam.MapTuple(lambda name, m: (MOMENTS, name, m))
+        )
+        vocab = (
+            inputs
+            | "VocabularyInputs"
+            >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == VALUE else [])
+            | "CountValues" >> beam.combiners.Count.PerElement()
+            | "KeyByFeature"
+            >> beam.MapTuple(lambda name_value, n: (name_value[0], (name_value[1], n)))
+            | "GroupByFeature" >> beam.GroupByKey()
+            | "SelectVocabulary" >> beam.Map(_vocabulary_counts, self.spec)
+            | "TagVocabulary" >> beam.MapTuple(lambda name, c: (VALUE, name, c))
+        )
+        return (
+            (numeric, vocab)
+            | "FlattenStatistics" >> beam.Flatten()
+            | "AllStatistics" >> beam.combiners.ToList()
+            | "CompleteSpec" >> beam.Map(_complete, self.spec, self.source)
+        )
