@@ -143,6 +143,34 @@ def _check_tasks(pattern: str, spec=None) -> None:
 
 
 # ------------------------------------------------------------------ commands
+def _complete_spec(spec, tasks: str, model_dir: str, progress: Progress):
+    """The spec with its missing statistics computed from the TRAIN task records.
+
+    A spec of types only would otherwise train on raw scales (a year of 1990,
+    a price in thousands) and diverge; saying so and fixing it beats that.
+    """
+    missing = spec.missing_statistics()
+    if not missing:
+        return spec
+    import tensorflow as tf  # noqa: PLC0415
+
+    from tf_limaml.features import FeatureSpecError  # noqa: PLC0415
+    from tf_limaml.statistics import complete_spec_from_tasks  # noqa: PLC0415
+
+    path = os.path.join(model_dir, "spec.json")
+    with progress.phase(
+        f"statistics of {', '.join(missing)} (the spec has none) from the train "
+        f"tasks {tasks} -> {path}"
+    ):
+        try:
+            spec = complete_spec_from_tasks(spec, tasks)
+        except FeatureSpecError as err:
+            raise CommandError(str(err)) from None
+        tf.io.gfile.makedirs(model_dir)
+        spec.save(path)
+    return spec
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tf_limaml import training  # noqa: PLC0415
     from tf_limaml.model import MetaConfig  # noqa: PLC0415
@@ -155,6 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.validation_tasks:
         _check_tasks(args.validation_tasks, spec)
     progress = Progress()
+    spec = _complete_spec(spec, args.tasks, args.model_dir, progress)
     with progress.phase(
         f"meta-train ({meta_config.inner_steps} inner steps, "
         f"{'first' if meta_config.first_order else 'second'} order)"

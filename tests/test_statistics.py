@@ -1,0 +1,501 @@
+"""Feature statistics from the data (tf_limaml/statistics.py, beam_pipelines/analyze.py).
+
+Numeric mean/std and `"auto"` vocabularies are computed from the TRAIN entities
+only, by the make-tasks job (written to DIR/spec.json) or by `limaml train`.
+Standard deviations are population ones (ddof=0), as numpy's default.
+"""
+
+import collections
+import csv
+import glob
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from beam_pipelines import make_tasks
+from tf_limaml import cli, data, statistics
+from tf_limaml import tasks as task_rules
+from tf_limaml.features import FeatureSpec, FeatureSpecError
+from tf_limaml.layers import FeatureEmbedding
+from tf_limaml.model import LiMAMLModel, MetaConfig
+from tf_limaml.statistics import Moments, select_vocabulary
+
+TYPES_ONLY = {
+    "entity": "user",
+    "time": "ts",
+    "label": "click",
+    "tie_break": "item",
+    "meta_features": [
+        {"name": "year", "type": "numeric"},
+        {"name": "country", "type": "categorical", "vocabulary": "auto"},
+    ],
+    "request_features": [
+        {"name": "item", "type": "categorical", "vocabulary": "auto", "min_count": 2},
+        {"name": "price", "type": "numeric", "transform": "log1p", "clip": 5.0},
+        {"name": "tags", "type": "multi_hot", "vocabulary": "auto", "top_k": 3},
+    ],
+}
+SEED, VAL, TEST = 3, 0.25, 0.25
+
+
+# ------------------------------------------------------------ the accumulators
+def test_chan_merge_of_any_split_equals_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1990.0, 12.0, size=(500, 3)) * [1.0, 1e4, 1e-3]
+    whole = Moments.of(x.tolist(), size=3)
+    parts = [Moments.of(chunk.tolist(), size=3) for chunk in np.split(x, [7, 8, 300])]
+    merged = Moments(3)
+    for part in reversed(parts):
+        merged.merge(part)
+    for moments in (whole, merged):
+        assert moments.count == 500
+        np.testing.assert_allclose(moments.mean, x.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(moments.std(), x.std(axis=0, ddof=0), rtol=1e-9)
+        assert moments.min == x.min(axis=0).tolist()
+        assert moments.max == x.max(axis=0).tolist()
+
+
+def test_vocabulary_is_count_descending_then_value_ascending():
+    counts = {"b": 3, "a": 3, "c": 5, "d": 1, "e": 2}
+    assert select_vocabulary(counts) == ["c", "a", "b", "e", "d"]
+    assert select_vocabulary(counts, min_count=2) == ["c", "a", "b", "e"]
+    assert select_vocabulary(counts, top_k=2) == ["c", "a"]
+    assert select_vocabulary(counts, top_k=3, min_count=4) == ["c"]
+
+
+# --------------------------------------------------------------------- the spec
+def test_spec_keys_round_trip_and_missing_statistics():
+    spec = FeatureSpec.from_dict(TYPES_ONLY)
+    assert spec.missing_statistics() == ["year", "country", "item", "price", "tags"]
+    assert FeatureSpec.from_json(spec.to_json()) == spec
+    price = spec.feature("price")
+    assert (price.transform, price.clip, price.mean, price.std) == (
+        "log1p",
+        5.0,
+        None,
+        None,
+    )
+    assert spec.feature("tags").allow_oov and spec.feature("tags").top_k == 3
+    vector = FeatureSpec.from_dict(
+        dict(
+            TYPES_ONLY,
+            request_features=[
+                {
+                    "name": "v",
+                    "type": "numeric",
+                    "shape": [3],
+                    "mean": [1, 2, 3],
+                    "std": 2,
+                }
+            ],
+        )
+    )
+    assert vector.feature("v").shape == (3,) and vector.missing_statistics() == [
+        "year",
+        "country",
+    ]
+    assert FeatureSpec.from_json(vector.to_json()) == vector
+    raw = dict(
+        TYPES_ONLY,
+        meta_features=[],
+        request_features=[{"name": "x", "type": "numeric", "normalize": False}],
+    )
+    assert FeatureSpec.from_dict(raw).missing_statistics() == []
+
+
+@pytest.mark.parametrize(
+    "feature, message",
+    [
+        ({"name": "x", "type": "numeric", "transform": "log"}, r"transform` = 'log'"),
+        ({"name": "x", "type": "numeric", "clip": -1}, r"clip` = -1"),
+        ({"name": "x", "type": "numeric", "shape": [0]}, r"shape` = \[0\]"),
+        ({"name": "x", "type": "numeric", "shape": [2], "mean": [1]}, r"mean` = \[1\]"),
+        (
+            {"name": "x", "type": "numeric", "normalize": False, "mean": 1},
+            r"normalize` = False",
+        ),
+        (
+            {"name": "x", "type": "categorical", "hash_buckets": 5, "top_k": 2},
+            r"only allowed with `\"vocabulary\": \"auto\"`",
+        ),
+        (
+            {"name": "x", "type": "categorical", "vocabulary": "auto", "min_count": 0},
+            r"min_count` = 0",
+        ),
+        (
+            {
+                "name": "x",
+                "type": "categorical",
+                "vocabulary": "auto",
+                "allow_oov": False,
+            },
+            r"allow_oov` = False: an auto vocabulary",
+        ),
+    ],
+)
+def test_invalid_statistics_keys_name_the_field(feature, message):
+    with pytest.raises(FeatureSpecError, match=message):
+        FeatureSpec.from_dict(dict(TYPES_ONLY, request_features=[feature]))
+
+
+def test_complete_spec_keeps_what_the_user_wrote():
+    obj = json.loads(json.dumps(TYPES_ONLY))
+    obj["meta_features"][0]["mean"] = 2000.0  # std left to the data
+    obj["meta_features"][1]["vocabulary"] = ["fr", "us"]  # a list is never replaced
+    spec = FeatureSpec.from_dict(obj)
+    stats = statistics.SpecStatistics(spec)
+    stats.add_entity(
+        {"year": 1990.0, "country": "de"},
+        [
+            {"item": "i1", "price": 9.0, "tags": ["a", "b"]},
+            {"item": "i1", "price": 99.0, "tags": ["b"]},
+            {"item": "i2", "price": -9.0, "tags": []},
+        ],
+    )
+    stats.add_entity({"year": 2010.0, "country": "us"}, [])
+    done = stats.complete("unit")
+    year = done.feature("year")
+    assert (year.mean, year.std) == (2000.0, 10.0)
+    assert year.statistics == {
+        "count": 2,
+        "min": 1990.0,
+        "max": 2010.0,
+        "source": "unit",
+    }
+    assert done.feature("country").vocabulary == ("fr", "us")
+    assert done.feature("item").vocabulary == ("i1",)  # i2 is under min_count 2
+    assert done.feature("item").statistics == {
+        "values_seen": 3,
+        "distinct": 2,
+        "kept": 1,
+        "kept_count": 2,
+        "source": "unit",
+    }
+    assert done.feature("tags").vocabulary == ("b", "a")
+    logged = [np.sign(p) * np.log1p(abs(p)) for p in (9.0, 99.0, -9.0)]
+    assert done.feature("price").mean == pytest.approx(np.mean(logged), rel=1e-9)
+    assert done.feature("price").std == pytest.approx(np.std(logged), rel=1e-9)
+    assert done.missing_statistics() == []
+    assert FeatureSpec.from_json(done.to_json()) == done
+
+
+def test_a_model_on_a_spec_without_statistics_says_how_to_get_them():
+    spec = FeatureSpec.from_dict(TYPES_ONLY)
+    for build, named in (
+        (lambda: LiMAMLModel(spec, MetaConfig(jit_compile=False)), "`year` (mean/std)"),
+        (lambda: FeatureEmbedding(spec.request_features), "`item` (auto vocabulary)"),
+    ):
+        with pytest.raises(FeatureSpecError) as err:
+            build()
+        assert named in str(err.value)
+        assert "spec.json" in str(err.value)
+        assert "complete_spec_from_tasks" in str(err.value)
+
+
+def test_encode_applies_transform_standardizes_per_component_and_clips():
+    layer = FeatureEmbedding(
+        [
+            {
+                "name": "p",
+                "type": "numeric",
+                "transform": "log1p",
+                "mean": 1.0,
+                "std": 2.0,
+                "clip": 1.0,
+            },
+            {
+                "name": "v",
+                "type": "numeric",
+                "shape": [2],
+                "mean": [1.0, -1.0],
+                "std": [2.0, 4.0],
+            },
+            {"name": "r", "type": "numeric", "normalize": False},
+        ]
+    )
+    encoded = layer.encode(
+        {
+            "p": tf.constant([0.0, np.e - 1.0, 1e9]),
+            "v": tf.constant([[3.0, 3.0], [1.0, -1.0], [0.0, 0.0]]),
+            "r": tf.constant([5.0, 6.0, 7.0]),
+        }
+    )
+    np.testing.assert_allclose(encoded["p"], [-0.5, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(encoded["v"], [[1.0, 1.0], [0.0, 0.0], [-0.5, 0.25]])
+    np.testing.assert_allclose(encoded["r"], [5.0, 6.0, 7.0])
+    assert layer.output_dim == 4
+    assert layer(encoded).shape == (3, 4)
+
+
+# --------------------------------------------------------------- the Beam job
+def _entities_by_split(n=200):
+    split = {
+        f"u{k:03d}": task_rules.assign_split(f"u{k:03d}", SEED, VAL, TEST)
+        for k in range(n)
+    }
+    by = collections.defaultdict(list)
+    for entity, name in sorted(split.items()):
+        by[name].append(entity)
+    return by
+
+
+def _rows():
+    """Interactions where some values occur only in val or test entities."""
+    by = _entities_by_split()
+    rng = np.random.default_rng(1)
+    rows = []
+    for name, entities in by.items():
+        for e, entity in enumerate(entities[:12]):
+            year = 1980 + (e * 7) % 40
+            for k in range(6):
+                item = f"i{(e + k) % 9}"
+                tags = "|".join(sorted({f"t{(e * k) % 5}", f"t{k % 3}"}))
+                price = float(np.round(rng.lognormal(6.0, 1.0), 3))
+                country = ["us", "fr", "de"][(e + k) % 3]
+                if name != "train":
+                    # Leaks: values no train entity has.
+                    item, tags, country = "ONLY_HELD_OUT", "ONLY_HELD_OUT", "zz"
+                    price, year = 1e12, 3000
+                rows.append(
+                    {
+                        "user": entity,
+                        "ts": 100 + 10 * k,
+                        "click": int(k % 2 == e % 2),
+                        "item": item,
+                        "price": price,
+                        "tags": tags,
+                        "country": country,
+                        "year": year,
+                    }
+                )
+    # A train entity's rows past the cap never reach its task, nor statistics.
+    rows.append(
+        {
+            "user": by["train"][0],
+            "ts": 1,
+            "click": 1,
+            "item": "CAPPED",
+            "price": 1e15,
+            "tags": "CAPPED",
+            "country": "us",
+            "year": 1980,
+        }
+    )
+    return rows
+
+
+def _run_make_tasks(tmp_path, name, flags=()):
+    folder = tmp_path / name
+    folder.mkdir()
+    rows = _rows()
+    with open(folder / "in.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "spec.json").write_text(json.dumps(TYPES_ONLY))
+    out = folder / "out"
+    make_tasks.run(
+        [
+            "--input",
+            str(folder / "in.csv"),
+            "--features",
+            str(folder / "spec.json"),
+            "--output",
+            str(out),
+            "--split",
+            "fraction:0.5",
+            "--max-support",
+            "2",
+            "--seed",
+            str(SEED),
+            "--val-fraction",
+            str(VAL),
+            "--test-fraction",
+            str(TEST),
+            *flags,
+        ]
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    return _run_make_tasks(tmp_path_factory.mktemp("statistics"), "in_memory")
+
+
+def _train_values(out):
+    """Every value of the train records, as the model reads them."""
+    spec = FeatureSpec.from_dict(TYPES_ONLY)
+    context_schema, sequence_schema = spec.sequence_example_schema()
+    values = collections.defaultdict(list)
+    for path in sorted(glob.glob(str(out / "train-*"))):
+        for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            context, seqs = tf.io.parse_single_sequence_example(
+                record, context_schema, sequence_schema
+            )
+            values["year"].append(float(context["year"]))
+            values["country"].append(context["country"].numpy().decode())
+            for part in ("support", "query"):
+                values["price"] += seqs[f"{part}/price"].numpy().tolist()
+                values["item"] += [v.decode() for v in seqs[f"{part}/item"].numpy()]
+                values["tags"] += [
+                    v.decode() for v in seqs[f"{part}/tags"].values.numpy()
+                ]
+    return values
+
+
+def test_beam_statistics_equal_numpy_on_the_train_records(job):
+    spec = FeatureSpec.load(str(job / "spec.json"))
+    assert spec.missing_statistics() == []
+    values = _train_values(job)
+    year = np.array(values["year"])
+    price = np.array(values["price"])
+    logged = np.sign(price) * np.log1p(np.abs(price))
+    assert (
+        len(year) == json.load(open(job / "stats.json"))["splits"]["train"]["entities"]
+    )
+    for name, x in (("year", year), ("price", logged)):
+        feature = spec.feature(name)
+        assert feature.mean == pytest.approx(x.mean(), abs=1e-6, rel=1e-9)
+        assert feature.std == pytest.approx(x.std(ddof=0), abs=1e-6, rel=1e-9)
+        assert feature.statistics["count"] == len(x)
+        assert feature.statistics["source"] == "make_tasks"
+    assert spec.feature("price").statistics["max"] == pytest.approx(logged.max())
+    for name, top_k, min_count in (
+        ("country", None, 1),
+        ("item", None, 2),
+        ("tags", 3, 1),
+    ):
+        counts = collections.Counter(values[name])
+        want = sorted(
+            (v for v in counts if counts[v] >= min_count), key=lambda v: (-counts[v], v)
+        )[:top_k]
+        assert list(spec.feature(name).vocabulary) == want
+        assert spec.feature(name).statistics["values_seen"] == sum(counts.values())
+    # The guarantee: nothing only val/test entities (or capped rows) hold.
+    for name in ("country", "item", "tags"):
+        vocabulary = spec.feature(name).vocabulary
+        assert not {"ONLY_HELD_OUT", "zz", "CAPPED"} & set(vocabulary), vocabulary
+    assert spec.feature("year").statistics["max"] < 3000
+    assert spec.feature("price").statistics["max"] < np.log1p(1e12)
+    # Held-out values still made tasks (their auto vocabulary has an OOV bucket).
+    stats = json.load(open(job / "stats.json"))
+    assert stats["splits"]["val"]["entities"] > 0 and stats["rows_rejected"] == 0
+    assert set(stats["rejected_by_feature"]) == {f.name for f in spec.features}
+
+
+def test_spec_json_is_identical_across_direct_runner_modes(job, tmp_path):
+    other = _run_make_tasks(
+        tmp_path,
+        "multi_processing",
+        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    )
+    assert (other / "spec.json").read_bytes() == (job / "spec.json").read_bytes()
+
+
+# ------------------------------------------------------------ scale invariance
+def _scaled_rows(scale, offset, entities=24, rows=12):
+    rng = np.random.default_rng(5)
+    out = []
+    for e in range(entities):
+        w = rng.normal()
+        for k in range(rows):
+            x = rng.normal()
+            out.append(
+                {
+                    "user": f"e{e}",
+                    "ts": k,
+                    "click": int(w * x > 0),
+                    "x": x * scale + offset,
+                    "g": "ab"[k % 2],
+                }
+            )
+    return out
+
+
+def _scores(tmp_path, scale, offset):
+    spec = FeatureSpec.from_dict(
+        {
+            "entity": "user",
+            "time": "ts",
+            "label": "click",
+            "request_features": [
+                {"name": "x", "type": "numeric"},
+                {"name": "g", "type": "categorical", "vocabulary": "auto"},
+            ],
+        }
+    )
+    histories, _, _ = task_rules.build_tasks(spec, _scaled_rows(scale, offset))
+    analyzer = statistics.SpecStatistics(spec)
+    for history in histories:
+        analyzer.add_entity(history.meta, history.support + history.query)
+    spec = analyzer.complete("test")
+    path = str(tmp_path / f"tasks-{scale}.tfrecord.gz")
+    data.write_tasks(path, data.tasks_from_histories(spec, histories))
+    batches = data.task_dataset(path, spec, batch_tasks=8, max_support=6, max_query=6)
+    tf.keras.utils.set_random_seed(0)
+    model = LiMAMLModel(
+        spec,
+        MetaConfig(jit_compile=False),
+        meta_units=[8],
+        global_units=[8],
+        cross_layers=0,
+    )
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    history = model.fit(batches, epochs=3, verbose=0)
+    assert all(np.isfinite(history.history["loss"]))
+    return np.concatenate([model.predict_query(b).numpy() for b in batches]), spec
+
+
+def test_scores_do_not_depend_on_the_scale_of_a_numeric_column(tmp_path):
+    plain, plain_spec = _scores(tmp_path, 1.0, 0.0)
+    scaled, scaled_spec = _scores(tmp_path, 1e4, 1e6)
+    assert scaled_spec.feature("x").mean == pytest.approx(1e6, rel=1e-3)
+    assert np.isfinite(scaled).all()
+    # float32 holds 1e6 + 1e4 x to ~0.06, i.e. ~6e-6 of a std: scores agree to 1e-4.
+    np.testing.assert_allclose(scaled, plain, atol=1e-4)
+
+
+# ------------------------------------------------------------------ limaml train
+def test_limaml_train_computes_missing_statistics(tmp_path, synthetic_tasks, capsys):
+    obj = json.loads(open(synthetic_tasks["spec"]).read())
+    for feature in obj["meta_features"] + obj["request_features"]:
+        for key in ("mean", "std", "statistics"):
+            feature.pop(key, None)
+        if feature["name"] == "segment":
+            feature["vocabulary"] = "auto"
+    types_only = tmp_path / "types_only.json"
+    types_only.write_text(json.dumps(obj))
+    model_dir = tmp_path / "model"
+    argv = [
+        "train",
+        "--tasks",
+        synthetic_tasks["train"],
+        "--features",
+        str(types_only),
+        "--model-dir",
+        str(model_dir),
+        "--epochs",
+        "1",
+        "--batch-tasks",
+        "64",
+    ]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "statistics of segment, activity, f0, f1, f2, f3" in err, err
+    saved = FeatureSpec.load(str(model_dir / "spec.json"))
+    expected = statistics.complete_spec_from_tasks(
+        FeatureSpec.from_dict(obj), synthetic_tasks["train"]
+    )
+    assert saved == expected and saved.missing_statistics() == []
+    assert saved.feature("activity").statistics["source"] == "train_tasks"
+    assert len(saved.feature("segment").vocabulary) == 8
+
+    # A vocabulary nothing reaches is refused in one line naming the feature.
+    obj["meta_features"][0]["min_count"] = 10**9
+    types_only.write_text(json.dumps(obj))
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "meta_features[segment].vocabulary" in lines[-1], lines
