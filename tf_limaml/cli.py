@@ -236,6 +236,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args, Progress())
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tf_limaml import baselines, tune  # noqa: PLC0415
+
+    spec_path = os.path.join(args.tasks, "spec.json")
+    if not os.path.isdir(args.tasks):
+        raise CommandError(
+            f"--tasks {args.tasks!r} is not a directory; pass the --output "
+            "directory of `limaml make-tasks`"
+        )
+    spec = _load_spec(spec_path)
+    progress = Progress()
+    protocol = baselines.Protocol()
+    with progress.phase(f"load tasks from {args.tasks}"):
+        records = baselines.records_from_dir(args.tasks)
+        splits = baselines.Splits.from_records(records, spec, protocol)
+    recipe = baselines.Recipe.fast() if args.fast else baselines.Recipe()
+    with progress.phase(
+        f"tune: {args.budget} trained candidate(s) + the global fallback, on "
+        f"{len(records['val'])} val entities"
+    ):
+        result = tune.tune(
+            spec,
+            splits,
+            recipe,
+            budget=args.budget,
+            seed=args.seed,
+            ks=protocol.support_ks,
+            report_line=lambda text: print(text, file=sys.stderr, flush=True),
+        )
+        paths = tune.write_outputs(result, args.output)
+    trial = result["trials"][result["chosen"]]
+    print(
+        json.dumps(
+            {
+                **paths,
+                "chosen": result["chosen_name"],
+                "is_fallback": bool(trial["fallback"]),
+                "val_mean_lift": round(trial["mean_lift"], 4),
+            }
+        )
+    )
+    return 0
+
+
 def cmd_make_tasks(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from beam_pipelines import make_tasks  # noqa: PLC0415
 
@@ -378,7 +422,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--epochs", type=_positive_int, default=None)
     demo.add_argument("--fast", action="store_true", help="A smaller, quicker run.")
+    demo.add_argument(
+        "--tune-budget",
+        type=_positive_int,
+        default=None,
+        help="With --input: trained candidates of `limaml tune` (default 4, "
+        "2 with --fast).",
+    )
     demo.set_defaults(handler=cmd_demo)
+
+    tune = sub.add_parser(
+        "tune",
+        help="Choose LiMAML's recipe on the val entities (never worse than global).",
+    )
+    tune.add_argument(
+        "--tasks", required=True, help="make-tasks output directory (records + spec.json)."
+    )
+    tune.add_argument(
+        "--output",
+        required=True,
+        help="Writes tune_config.json, tune_trials.json and tune_trials.md here.",
+    )
+    tune.add_argument(
+        "--budget",
+        type=_positive_int,
+        default=6,
+        help="Trained candidates (meta-training runs); the global fallback and "
+        "test-time knobs come on top (default 6).",
+    )
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--fast", action="store_true", help="Fewer epochs per trial.")
+    tune.set_defaults(handler=cmd_tune)
 
     make_tasks = sub.add_parser(
         "make-tasks",

@@ -30,6 +30,7 @@ import platform
 import resource
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WORKDIR = os.path.join("runs", "demo")
 DEFAULT_SEEDS = 3
+# Trained candidates of `limaml tune` when `--input` picks its own recipe: a
+# budget that keeps the tuning within about one seed's time.
+DEMO_TUNE_BUDGET = 4
+DEMO_TUNE_BUDGET_FAST = 2
 TUNING_FILE = os.path.join(
     os.path.dirname(__file__), "datasets", "movielens_tuning.json"
 )
@@ -207,14 +212,18 @@ def run_offline(
         )
     embeddings = read_embeddings(os.path.join(out_dir, "embeddings-*.tfrecord.gz"))
     serving_fn = tf.saved_model.load(export_dir).signatures[export.SERVING_DEFAULT]
-    sweep = {}
+    sweep, health = {}, None
     for k in ks:
         cut = baselines.cut_support(splits.test, k)
         scores = serve_scores(serving_fn, spec, cut, embeddings, _suffix(k))
         sweep[baselines.k_label(k)] = baselines.metrics_entry(
             baselines.query_metrics(cut, scores)
         )
+        if k is None:
+            health = model_health(splits.test, scores, name="limaml_offline")
     details = {"export": export_dir, "embeddings": len(embeddings)}
+    if health is not None:
+        details["health"] = health
     test_pattern = os.path.join(workdir, "tasks", "test-*.tfrecord.gz")
     if tf.io.gfile.glob(test_pattern):
         check = export.check_serving_consistency(
@@ -232,6 +241,37 @@ def run_offline(
 
 
 # ------------------------------------------------------------------- seeds
+def model_health(
+    batch: Mapping[str, Any],
+    probabilities,
+    history: Mapping[str, Sequence[float]] | None = None,
+    name: str = "model",
+) -> dict[str, Any]:
+    """`evaluation.health_check` of a model's query scores on a task batch.
+
+    Args:
+        batch: The task batch scored (its real query rows are checked).
+        probabilities: Query probabilities `[T, Q]`.
+        history: The Keras history; its best val loss is checked when present.
+        name: The model's name, for the log.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    from tf_limaml import evaluation  # noqa: PLC0415
+
+    mask = np.asarray(batch["query_mask"]) > 0
+    val_losses = list((history or {}).get("val_loss", []))
+    finite = [v for v in val_losses if np.isfinite(v)]
+    # Early stopping keeps the best weights; a loss that was never finite fails.
+    val_loss = (min(finite) if finite else val_losses[-1]) if val_losses else None
+    return evaluation.health_check(
+        np.asarray(batch["query_label"])[mask],
+        np.asarray(probabilities)[mask],
+        val_loss=val_loss,
+        name=name,
+    )
+
+
 def run_seed(
     spec,
     splits,
@@ -248,10 +288,34 @@ def run_seed(
 
     ks = protocol.support_ks
     results: dict[str, Any] = {}
-    with progress.phase(f"meta-train (seed {seed}): pretrain, LiMAML, full MAML"):
+    with progress.phase(f"global (seed {seed}): conventional training"):
+        with baselines.Timer() as timer:
+            base, history = baselines.train_global(spec, splits, recipe, seed)
+            sweep = baselines.evaluate_sweep(
+                lambda batch, k: baselines.query_probabilities(base, batch, 0),
+                splits.test,
+                ks,
+            )
+        results["global"] = baselines.measurement(
+            sweep, timer.seconds, {"epochs": len(history["loss"])}
+        )
+        results["global"]["health"] = model_health(
+            splits.test,
+            baselines.query_probabilities(base, splits.test, 0),
+            history,
+            name="global",
+        )
+        global_s = timer.seconds
+    start = "the global model" if recipe.warm_start == "global" else "pretrain"
+    with progress.phase(f"meta-train (seed {seed}): {start}, LiMAML, full MAML"):
         timer = baselines.Timer()
         with timer:
-            init = baselines.pretrain(spec, splits, recipe, seed)
+            if recipe.warm_start == "global":
+                init = base
+            elif recipe.pretrain_epochs:
+                init = baselines.pretrain(spec, splits, recipe, seed)
+            else:
+                init = None
         pretrain_s = timer.seconds
         learners = {}
         for name, adapt in (("limaml", "meta_block"), ("maml", "all")):
@@ -273,13 +337,19 @@ def run_seed(
                 sweep,
                 pretrain_s + timer.seconds,
                 {
-                    "meta_epochs": len(history["loss"]),
+                    "meta_epochs": len(history.get("loss", [])),
                     "best_val_loss": round(
                         min(history.get("val_loss", [float("nan")])), 4
                     ),
                     "pretrain_s": round(pretrain_s, 1),
                     "unadapted_overall_auc": round(cold["auc"], 4),
                 },
+            )
+            results[name]["health"] = model_health(
+                splits.test,
+                baselines.query_probabilities(model, splits.test),
+                history,
+                name=name,
             )
     if offline:
         sweep, details, seconds = run_offline(
@@ -292,43 +362,51 @@ def run_seed(
             progress,
             seed,
         )
+        health = details.pop("health", None)
         results["limaml_offline"] = baselines.measurement(
             sweep, results["limaml"]["wall_s"] + seconds, details
         )
+        if health is not None:
+            results["limaml_offline"]["health"] = health
     with progress.phase(
-        f"baselines (seed {seed}): global, fine-tuning, ID embedding "
+        f"baselines (seed {seed}): fine-tuning, ID embedding "
         f"retrained for each of {len(ks)} support sizes"
     ):
-        with baselines.Timer() as timer:
-            base, history = baselines.train_global(spec, splits, recipe, seed)
-            sweep = baselines.evaluate_sweep(
-                lambda batch, k: baselines.query_probabilities(base, batch, 0),
-                splits.test,
-                ks,
-            )
-        results["global"] = baselines.measurement(
-            sweep, timer.seconds, {"epochs": len(history["loss"])}
-        )
-        global_s = timer.seconds
         with baselines.Timer() as timer:
             sweep, chosen = baselines.finetune_sweep(base, splits, recipe, ks)
         results["finetune"] = baselines.measurement(
             sweep, global_s + timer.seconds, {"chosen_on_val": chosen}
         )
-        sweep, epochs = {}, {}
+        full = chosen.get(baselines.k_label(None))
+        if full is not None:
+            results["finetune"]["health"] = model_health(
+                splits.test,
+                baselines.query_probabilities(
+                    base, splits.test, full["steps"], full["inner_lr"]
+                ),
+                name="finetune",
+            )
+        sweep, epochs, id_health = {}, {}, None
         with baselines.Timer() as timer:
             for k in ks:
                 model, history = baselines.train_id_embedding(
                     spec, splits, recipe, seed, k
                 )
                 cut = baselines.cut_support(splits.test, k)
+                probabilities = model.task_probabilities(cut)
                 sweep[baselines.k_label(k)] = baselines.metrics_entry(
-                    baselines.query_metrics(cut, model.task_probabilities(cut))
+                    baselines.query_metrics(cut, probabilities)
                 )
                 epochs[baselines.k_label(k)] = len(history["loss"])
+                if k is None:
+                    id_health = model_health(
+                        cut, probabilities, history, name="id_embedding"
+                    )
         results["id_embedding"] = baselines.measurement(
             sweep, timer.seconds, {"epochs": epochs}
         )
+        if id_health is not None:
+            results["id_embedding"]["health"] = id_health
     return results
 
 
@@ -394,6 +472,7 @@ def run(args: argparse.Namespace, progress) -> int:
         recipe = dataclasses.replace(
             recipe, epochs=args.epochs, meta_epochs=args.epochs
         )
+    own_data = bool(args.input)
     protocol = baselines.Protocol()
     tasks_dir = os.path.join(workdir, "tasks")
     with progress.phase("make-tasks (Beam, DirectRunner)"):
@@ -423,6 +502,29 @@ def run(args: argparse.Namespace, progress) -> int:
         stats = json.load(f)
     records = baselines.records_from_dir(tasks_dir)
     splits = baselines.Splits.from_records(records, spec, protocol)
+    tuned = None
+    if own_data:
+        # The MovieLens recipe was tuned on MovieLens; other data gets its own,
+        # chosen on its val members with the global fallback always available.
+        from tf_limaml import tune  # noqa: PLC0415
+
+        budget = getattr(args, "tune_budget", None) or (
+            DEMO_TUNE_BUDGET_FAST if args.fast else DEMO_TUNE_BUDGET
+        )
+        with progress.phase(
+            f"tune (budget {budget}): LiMAML's recipe on the val members vs global"
+        ):
+            tuned = tune.tune(
+                spec,
+                splits,
+                recipe,
+                budget=budget,
+                seed=protocol.split_seed,
+                ks=protocol.support_ks,
+                report_line=lambda text: print(text, file=sys.stderr, flush=True),
+            )
+            tune_paths = tune.write_outputs(tuned, os.path.join(workdir, "tune"))
+        recipe = tune.chosen_recipe(tuned)
     per_seed = []
     for seed in range(seeds):
         per_seed.append(
@@ -465,7 +567,18 @@ def run(args: argparse.Namespace, progress) -> int:
                 "protocol": dataclasses.asdict(protocol),
                 "limaml_model": _model_note(recipe),
             },
-            tried=_tuning(),
+            # MovieLens's tuning record and targets describe MovieLens only.
+            tried=None if own_data else _tuning(),
+            target_set="own" if own_data else "movielens",
+            data=report.data_summary(tasks_dir) if own_data else None,
+            tune=(
+                {
+                    **report.tune_summary(tuned),
+                    "files": {k: os.path.relpath(v, workdir) for k, v in tune_paths.items()},
+                }
+                if tuned
+                else None
+            ),
         )
         paths = report.write_report(result, workdir)
     print(report.format_table(result))
@@ -473,11 +586,23 @@ def run(args: argparse.Namespace, progress) -> int:
     for target in result["targets"]:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
         print(f"[{verdict}] {target['target']}: {target['measured']}")
+    for failed in result["failed"]:
+        print(
+            f"[FAILED] {failed['model']} (seed {failed['seed']}): "
+            + "; ".join(failed["reasons"])
+        )
     total = time.perf_counter() - started
     print(
         f"\nReport: {paths['markdown']} (+ report.json, lift.png). Total wall time "
         f"{total:.0f} s for {seeds} seed(s); CPU time {_cpu_seconds() - cpu_started:.0f} s."
     )
+    if any(f["model"] in ("limaml", "limaml_offline") for f in result["failed"]):
+        print(
+            "limaml demo: error: LiMAML failed its health check (see [FAILED] above); "
+            "its numbers are not results.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -1,8 +1,9 @@
 """The comparison report: report.json, report.md and lift.png.
 
 `aggregate` turns per-seed measurements into means and standard deviations,
-`check_targets` judges them against the targets of the MovieLens issue, and
-`write_report` writes the three files:
+`check_targets` judges them against the targets of the MovieLens issue (or,
+for a user's own data, `target_set="own"`, only against that run's own
+baselines), and `write_report` writes the three files:
 
 * `report.json`: `{"models": {NAME: {"overall_auc", "overall_auc_std", "logloss",
   "logloss_std", "mean_member_auc", "mean_member_auc_std", "support_k": {"1":
@@ -18,7 +19,11 @@ Per seed, a model's measurement is a dict:
     {"overall_auc": ..., "logloss": ..., "mean_member_auc": ...,
      "support_k": {"1": {"overall_auc": ..., "logloss": ..., "mean_member_auc": ...},
                    ..., "all": {...}},
-     "wall_s": ...}
+     "wall_s": ...,
+     "health": {"healthy": ..., "reasons": [...]}}   # optional
+
+Every model whose health check failed in some seed is listed under
+`report["failed"]` (model, seed, reasons).
 
 Example:
 
@@ -33,7 +38,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +67,9 @@ MEMBER_AUC_TOLERANCE = 0.005
 OFFLINE_TOLERANCE = 1e-4
 PROTOTYPE_FULL_SUPPORT_AUC = 0.760
 SMALL_KS = ("1", "3", "5")
+# Which targets a report is judged on: the MovieLens issue's, or only the
+# run's own baselines (any other data: MovieLens's numbers mean nothing there).
+TARGET_SETS = ("movielens", "own")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -80,6 +88,7 @@ def _k_sort_key(k: str) -> tuple[int, int]:
 def aggregate(
     per_seed: Sequence[Mapping[str, Mapping[str, Any]]],
     protocol: Mapping[str, Any] | None = None,
+    target_set: str = "movielens",
     **extra: Any,
 ) -> dict[str, Any]:
     """Means and standard deviations over seeds of every model's measurements.
@@ -88,16 +97,24 @@ def aggregate(
         per_seed: One dict per seed: model name -> its measurement (see the
             module docstring). A model may be missing from some seeds.
         protocol: The protocol, stored as is.
-        **extra: More top-level entries (run times, configuration, tried).
+        target_set: "movielens" (the MovieLens issue's targets) or "own"
+            (LiMAML against the run's own global model only).
+        **extra: More top-level entries (run times, configuration, tried,
+            data, tune).
 
     Returns:
         The report dict (the content of report.json).
 
     Raises:
-        ValueError: No seeds, or a model name outside MODEL_ORDER.
+        ValueError: No seeds, a model name outside MODEL_ORDER, or an unknown
+            target_set.
     """
     if not per_seed:
         raise ValueError("aggregate needs the measurements of at least one seed")
+    if target_set not in TARGET_SETS:
+        raise ValueError(
+            f"target_set must be one of {TARGET_SETS}, got {target_set!r}"
+        )
     names = [n for n in MODEL_ORDER if any(n in seed for seed in per_seed)]
     unknown = sorted({n for seed in per_seed for n in seed} - set(MODEL_ORDER))
     if unknown:
@@ -138,12 +155,22 @@ def aggregate(
         if details:
             entry["details"] = details
         models[name] = entry
+    failed = []
+    for seed, results in enumerate(per_seed):
+        for name in names:
+            health = (results.get(name) or {}).get("health")
+            if health and not health.get("healthy", True):
+                failed.append(
+                    {"model": name, "seed": seed, "reasons": list(health["reasons"])}
+                )
     report = {
         "models": models,
         "protocol": dict(protocol or {}),
         "seeds": len(per_seed),
+        "target_set": target_set,
+        "failed": failed,
     }
-    report.update(extra)
+    report.update({k: v for k, v in extra.items() if v is not None})
     report["targets"] = check_targets(report)
     return report
 
@@ -176,6 +203,11 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {"target": target, "measured": measured, "met": met, "stretch": stretch}
         )
+
+    if report.get("target_set", "movielens") == "own":
+        _own_targets(models, add)
+        _offline_target(models, add)
+        return out
 
     g_auc, l_auc = _get(models, "global", "overall_auc"), _get(
         models, "limaml", "overall_auc"
@@ -212,16 +244,7 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         "LiMAML vs ID embedding, " + "; ".join(cells) if cells else "not measured",
         all(wins) if wins else None,
     )
-    diffs = _offline_differences(models)
-    add(
-        f"Offline-embedding path matches in-graph LiMAML to {OFFLINE_TOLERANCE:g} AUC",
-        (
-            f"largest |offline - in-graph| overall AUC over seeds and k: {max(diffs):.2e}"
-            if diffs
-            else "not measured"
-        ),
-        (max(diffs) <= OFFLINE_TOLERANCE) if diffs else None,
-    )
+    _offline_target(models, add)
     cells, ok = [], []
     for k in K_ORDER:
         lk, ik = (
@@ -247,6 +270,56 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _offline_target(models: Mapping[str, Any], add: Callable) -> None:
+    diffs = _offline_differences(models)
+    add(
+        f"Offline-embedding path matches in-graph LiMAML to {OFFLINE_TOLERANCE:g} AUC",
+        (
+            f"largest |offline - in-graph| overall AUC over seeds and k: {max(diffs):.2e}"
+            if diffs
+            else "not measured"
+        ),
+        (max(diffs) <= OFFLINE_TOLERANCE) if diffs else None,
+    )
+
+
+def _own_targets(models: Mapping[str, Any], add: Callable) -> None:
+    """Personalization never hurts: LiMAML against this run's global model only."""
+    g_auc = _get(models, "global", "overall_auc")
+    l_auc = _get(models, "limaml", "overall_auc")
+    have = not (math.isnan(g_auc) or math.isnan(l_auc))
+    add(
+        "LiMAML overall AUC >= global's (full support)",
+        f"LiMAML {l_auc:.4f} vs global {g_auc:.4f} ({l_auc - g_auc:+.4f})",
+        (l_auc >= g_auc) if have else None,
+    )
+    g_m = _get(models, "global", "mean_member_auc")
+    l_m = _get(models, "limaml", "mean_member_auc")
+    add(
+        f"LiMAML mean per-member AUC >= global's - {MEMBER_AUC_TOLERANCE}",
+        f"LiMAML {l_m:.4f} vs global {g_m:.4f} ({l_m - g_m:+.4f})",
+        (l_m >= g_m - MEMBER_AUC_TOLERANCE) if have else None,
+    )
+    ks = sorted(
+        set(models.get("global", {}).get("support_k", {}))
+        & set(models.get("limaml", {}).get("support_k", {})),
+        key=_k_sort_key,
+    )
+    cells, ok = [], []
+    for k in ks:
+        lk = _get(models, "limaml", "overall_auc", k)
+        gk = _get(models, "global", "overall_auc", k)
+        if math.isnan(lk) or math.isnan(gk):
+            continue
+        cells.append(f"k={k}: {lk - gk:+.4f}")
+        ok.append(lk >= gk)
+    add(
+        "At every support size k, LiMAML overall AUC >= global's",
+        "LiMAML - global, " + "; ".join(cells) if cells else "not measured",
+        all(ok) if ok else None,
+    )
+
+
 def _offline_differences(models: Mapping[str, Any]) -> list[float]:
     """|offline - in-graph| overall AUC per seed (full support) and per k (means)."""
     online, offline = models.get("limaml"), models.get("limaml_offline")
@@ -265,6 +338,83 @@ def _offline_differences(models: Mapping[str, Any]) -> list[float]:
                 abs(cell["overall_auc"] - online["support_k"][k]["overall_auc"])
             )
     return [d for d in diffs if not math.isnan(d)]
+
+
+# ------------------------------------------------------ what was analyzed
+def data_summary(tasks_dir: str | os.PathLike) -> dict[str, Any]:
+    """What a run analyzed, from make-tasks output: features and rejected rows.
+
+    Reads DIR/spec.json (the completed spec: numeric mean/std, vocabularies,
+    each feature's `statistics` provenance when the analyzer wrote one) and
+    DIR/stats.json (rows read, in tasks, rejected, by reason and by feature).
+
+    Returns:
+        {"features": [{"name", "role", "type", "mean", "std", "vocabulary_size",
+        "hash_buckets", "statistics"}], "rows": {...}, "rejected_by_reason":
+        {...}, "rejected_by_feature": {...}}; missing files give empty parts.
+    """
+    tasks_dir = os.fspath(tasks_dir)
+    out: dict[str, Any] = {"features": [], "rows": {}}
+    spec_path = os.path.join(tasks_dir, "spec.json")
+    if os.path.exists(spec_path):
+        with open(spec_path, encoding="utf-8") as f:
+            spec = json.load(f)
+        for role in ("meta_features", "request_features"):
+            for feature in spec.get(role, []):
+                vocabulary = feature.get("vocabulary")
+                entry = {
+                    "name": feature.get("name"),
+                    "role": role.split("_")[0],
+                    "type": feature.get("type"),
+                    "mean": feature.get("mean"),
+                    "std": feature.get("std"),
+                    "vocabulary_size": (
+                        len(vocabulary) if isinstance(vocabulary, list) else vocabulary
+                    ),
+                    "hash_buckets": feature.get("hash_buckets"),
+                    "statistics": feature.get("statistics"),
+                }
+                out["features"].append({k: v for k, v in entry.items() if v is not None})
+    stats_path = os.path.join(tasks_dir, "stats.json")
+    if os.path.exists(stats_path):
+        with open(stats_path, encoding="utf-8") as f:
+            stats = json.load(f)
+        out["rows"] = {
+            k: v
+            for k, v in stats.items()
+            if k.startswith(("rows_", "entities_")) and not isinstance(v, dict)
+        }
+        for key in ("rejected_by_reason", "rejected_by_feature"):
+            if isinstance(stats.get(key), dict):
+                out[key] = {k: v for k, v in stats[key].items() if v}
+    return out
+
+
+def tune_summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a `tf_limaml.tune.tune` result the report keeps."""
+    keep = (
+        "name",
+        "fallback",
+        "recipe",
+        "knobs",
+        "healthy",
+        "val_auc",
+        "val_lift",
+        "mean_lift",
+        "min_lift",
+        "eligible",
+        "why_not",
+        "chosen",
+    )
+    return {
+        "chosen": result["chosen"],
+        "chosen_name": result["chosen_name"],
+        "is_fallback": bool(result["trials"][result["chosen"]]["fallback"]),
+        "rule": result["rule"],
+        "budget": result["budget"],
+        "global_val_auc": result["global_val"]["auc"],
+        "trials": [{k: t.get(k) for k in keep} for t in result["trials"]],
+    }
 
 
 # ------------------------------------------------------------------ writing
@@ -421,6 +571,79 @@ def _tried_md(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _data_md(data: Mapping[str, Any] | None) -> list[str]:
+    if not data:
+        return []
+    lines = ["", "## Data analyzed", ""]
+    rows = data.get("rows", {})
+    if rows:
+        lines += [", ".join(f"{k}: {v}" for k, v in rows.items()) + ".", ""]
+    for key, title in (
+        ("rejected_by_reason", "Rejected rows by reason"),
+        ("rejected_by_feature", "Rejected rows by feature"),
+    ):
+        if data.get(key):
+            lines.append(
+                f"{title}: " + ", ".join(f"{k}: {v}" for k, v in data[key].items()) + "."
+            )
+            lines.append("")
+    features = data.get("features", [])
+    if features:
+        lines += [
+            "| feature | role | type | mean | std | vocabulary | statistics |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for f in features:
+            vocab = f.get("vocabulary_size")
+            if vocab is None and f.get("hash_buckets"):
+                vocab = f"{f['hash_buckets']} hash buckets"
+            lines.append(
+                f"| {f['name']} | {f.get('role', '')} | {f.get('type', '')} | "
+                f"{_short(f.get('mean', ''))} | {_short(f.get('std', ''))} | "
+                f"{'' if vocab is None else vocab} | "
+                f"{_short(f.get('statistics', ''))} |"
+            )
+    return lines
+
+
+def _tune_md(tune: Mapping[str, Any] | None) -> list[str]:
+    if not tune:
+        return []
+    trial = tune["trials"][tune["chosen"]]
+    lines = [
+        "## Recipe chosen for this data (limaml tune)",
+        "",
+        f"Chosen on the val members: trial {tune['chosen']}, **{tune['chosen_name']}**"
+        + (" (the global fallback)" if tune["is_fallback"] else "")
+        + f", val mean lift over global {trial['mean_lift']:+.4f}.",
+        "",
+        f"Rule: maximize {tune['rule']['objective']}, subject to: "
+        + "; ".join(tune["rule"]["constraints"])
+        + f"; a personalized trial must gain >= {tune['rule']['min_gain']}, else "
+        f"the fallback ({tune['rule']['fallback']}).",
+        "",
+    ]
+    ks = list(tune["global_val_auc"])
+    lines += [
+        "| # | trial | val AUC by k (" + ", ".join(ks) + ") | val lift by k | "
+        "mean lift | eligible |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for i, t in enumerate(tune["trials"]):
+        mark = " **(chosen)**" if t.get("chosen") else ""
+        lines.append(
+            f"| {i} | {t['name']}{mark} | "
+            + " / ".join(_short(t["val_auc"].get(k)) for k in ks)
+            + " | "
+            + " / ".join(f"{t['val_lift'].get(k, float('nan')):+.4f}" for k in ks)
+            + f" | {t['mean_lift']:+.4f} | "
+            + ("yes" if t.get("eligible") else f"no: {t.get('why_not', '')}")
+            + " |"
+        )
+    lines.append("")
+    return lines
+
+
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -436,6 +659,20 @@ def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> st
     lines = [f"# {report.get('title', 'LiMAML comparison report')}", ""]
     if report.get("summary"):
         lines += [report["summary"], ""]
+    if report.get("failed"):
+        lines += [
+            "## FAILED models",
+            "",
+            "These models failed the health check (non-finite validation loss, "
+            "non-finite or constant scores, or AUC <= 0.5); their numbers below "
+            "are not results.",
+            "",
+        ]
+        lines += [
+            f"- **{f['model']}**, seed {f['seed']}: " + "; ".join(f["reasons"])
+            for f in report["failed"]
+        ]
+        lines.append("")
     lines += [
         f"Seeds: {report.get('seeds')}. Values are means ± sample standard "
         "deviations over seeds.",
@@ -446,6 +683,7 @@ def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> st
         lines.append(
             f"- **{key}**: {_short(value) if not isinstance(value, str) else value}"
         )
+    lines += _data_md(report.get("data"))
     if report.get("training"):
         lines += ["", "## How the models were trained", ""]
         lines += [f"- {line}" for line in report["training"]]
@@ -471,6 +709,7 @@ def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> st
     if chart:
         lines += [f"![overall-AUC lift over global by support size]({chart})", ""]
     lines += _targets_md(report) + [""]
+    lines += _tune_md(report.get("tune"))
     lines += _tried_md(report)
     run = report.get("run")
     if run:
