@@ -158,7 +158,11 @@ def typed_inputs(inputs: Mapping[str, Any], spec: FeatureSpec) -> dict[str, np.n
                 base = name[len(prefix) :]
         feature = features.get(base)
         if feature is None or feature.type == NUMERIC:
-            out[name] = np.asarray(value, dtype=np.float32)
+            array = np.asarray(value, dtype=np.float32)
+            if feature is not None and feature.shape and array.size == 0:
+                # No rows of a vector feature: still n columns wide.
+                array = array.reshape(*array.shape[:-1], 0, feature.size)
+            out[name] = array
             continue
         if feature.type == MULTI_HOT:
             rows = value.tolist() if isinstance(value, np.ndarray) else value

@@ -499,3 +499,195 @@ def test_limaml_train_computes_missing_statistics(tmp_path, synthetic_tasks, cap
     assert cli.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert "meta_features[segment].vocabulary" in lines[-1], lines
+
+
+# ---------------------------------------------------------------- dense vectors
+VECTOR_SPEC = {
+    "entity": "user",
+    "time": "ts",
+    "label": "click",
+    "tie_break": "item",
+    "meta_features": [{"name": "user_vec", "type": "numeric", "shape": [2]}],
+    "request_features": [
+        {"name": "item", "type": "categorical", "vocabulary": "auto"},
+        {"name": "item_vec", "type": "numeric", "shape": [3]},
+    ],
+}
+
+
+def _vector_rows():
+    rng = np.random.default_rng(7)
+    rows = []
+    for e in range(40):
+        user = rng.normal(size=2) * [10.0, 0.1] + [100.0, -5.0]
+        for k in range(8):
+            item = rng.normal(size=3) * [1.0, 50.0, 1e-2] + [0.0, 1e3, 0.0]
+            rows.append(
+                {
+                    "user": f"u{e:02d}",
+                    "ts": k,
+                    "click": int(item[0] + user[0] / 100.0 > 1.0),
+                    "item": f"i{k % 5}",
+                    "item_vec": "|".join(f"{v:.6g}" for v in item),
+                    "user_vec": "|".join(f"{v:.6g}" for v in user),
+                }
+            )
+    rows.append(dict(rows[0], ts=99, item_vec="1|2"))  # wrong length
+    return rows
+
+
+def test_a_vector_feature_goes_from_csv_to_every_signature(tmp_path):
+    from serving_fixture import SessionSignatures, entity_inputs
+
+    from tf_limaml.export import export_model
+    from tf_limaml.features import QUERY, SUPPORT
+
+    rows = _vector_rows()
+    with open(tmp_path / "in.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "spec.json").write_text(json.dumps(VECTOR_SPEC))
+    out = tmp_path / "out"
+    make_tasks.run(
+        [
+            "--input",
+            str(tmp_path / "in.csv"),
+            "--features",
+            str(tmp_path / "spec.json"),
+            "--output",
+            str(out),
+            "--split",
+            "fraction:0.5",
+            "--val-fraction",
+            "0.2",
+            "--test-fraction",
+            "0.2",
+        ]
+    )
+    stats = json.load(open(out / "stats.json"))
+    assert stats["rejected_by_reason"]["bad_numeric"] == 1
+    assert stats["rejected_by_feature"]["item_vec"] == 1
+    spec = FeatureSpec.load(str(out / "spec.json"))
+    assert (
+        len(spec.feature("item_vec").mean) == 3
+        and len(spec.feature("user_vec").std) == 2
+    )
+    assert spec.feature("item_vec").mean[1] == pytest.approx(1e3, rel=0.05)
+
+    train = str(out / "train-*")
+    batches = data.task_dataset(train, spec, batch_tasks=8, max_support=4, max_query=4)
+    batch = next(iter(batches))
+    assert batch["support_item_vec"].shape[1:] == (4, 3)
+    assert batch["user_vec"].shape[1:] == (2,)
+    tf.keras.utils.set_random_seed(0)
+    model = LiMAMLModel(
+        spec,
+        MetaConfig(jit_compile=False, inner_lr=0.5),
+        meta_units=[8],
+        global_units=[8],
+        cross_layers=0,
+    )
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    history = model.fit(batches, epochs=2, verbose=0)
+    assert all(np.isfinite(history.history["loss"]))
+
+    export_dir = export_model(model, str(tmp_path / "export"), max_support=4)
+    session = SessionSignatures(export_dir)
+    try:
+        dims = {
+            name: [d.size for d in sig.inputs[key].tensor_shape.dim]
+            for name, sig, key in (
+                ("serving", session.signatures["serving_default"], "item_vec"),
+                ("adapt", session.signatures["adapt_and_predict"], "support_item_vec"),
+                ("meta", session.signatures["adapt_and_predict"], "user_vec"),
+                ("embed", session.signatures["meta_embedding"], "support_item_vec"),
+            )
+        }
+        assert dims == {
+            "serving": [-1, 3],
+            "adapt": [-1, 3],
+            "meta": [2],
+            "embed": [-1, -1, 3],
+        }
+        b = {k: v.numpy() for k, v in batch.items()}
+        embeddings = model.meta_embedding(batch).numpy()
+        inputs = {f.name: b[f.name] for f in spec.meta_features}
+        for key in ["support_label", "support_mask"] + [
+            f"support_{f.name}" for f in spec.request_features
+        ]:
+            inputs[key] = b[key]
+        got = session.run("meta_embedding", inputs)["meta_embedding"]
+        np.testing.assert_allclose(got, embeddings, atol=1e-5)
+
+        meta, support, labels, query = entity_inputs(b, spec, 0)
+        adapt = dict(meta, support_label=labels.astype(np.float32))
+        adapt.update({f"{SUPPORT}_{k}": v for k, v in support.items()})
+        adapt.update({f"{QUERY}_{k}": v for k, v in query.items()})
+        out_adapt = session.run("adapt_and_predict", adapt)
+        n_query = len(out_adapt["score"])
+        np.testing.assert_allclose(
+            out_adapt["score"],
+            model.predict_query(batch).numpy()[0, :n_query],
+            atol=1e-5,
+        )
+
+        request = {k: np.asarray(v) for k, v in query.items()}
+        embedding = np.repeat(embeddings[:1], n_query, axis=0).astype(np.float32)
+        served = session.run(
+            "serving_default", {"meta_embedding": embedding, **request}
+        )
+        expected = model.score(tf.constant(embedding), request).numpy()
+        np.testing.assert_allclose(served["score"], expected, atol=1e-5)
+
+        examples = []
+        for i in range(n_query):
+            feature = {
+                "meta_embedding": tf.train.Feature(
+                    float_list=tf.train.FloatList(value=embedding[i].tolist())
+                ),
+                "item": tf.train.Feature(
+                    bytes_list=tf.train.BytesList(value=[request["item"][i]])
+                ),
+                "item_vec": tf.train.Feature(
+                    float_list=tf.train.FloatList(value=request["item_vec"][i].tolist())
+                ),
+            }
+            examples.append(
+                tf.train.Example(
+                    features=tf.train.Features(feature=feature)
+                ).SerializeToString()
+            )
+        by_example = session.run(
+            "predict_examples", {"examples": np.array(examples, dtype=object)}
+        )["score"]
+        np.testing.assert_allclose(by_example, expected, atol=1e-5)
+    finally:
+        session.close()
+
+
+def test_the_client_types_vector_inputs_even_without_rows():
+    from serving.client import typed_inputs
+
+    spec = FeatureSpec.from_dict(
+        dict(
+            VECTOR_SPEC,
+            meta_features=[
+                {
+                    "name": "user_vec",
+                    "type": "numeric",
+                    "shape": [2],
+                    "mean": 0,
+                    "std": 1,
+                }
+            ],
+        )
+    )
+    typed = typed_inputs(
+        {"support_item_vec": [], "query_item_vec": [[1, 2, 3]], "user_vec": [1, 2]},
+        spec,
+    )
+    assert typed["support_item_vec"].shape == (0, 3)
+    assert typed["query_item_vec"].dtype == np.float32
+    assert typed["query_item_vec"].shape == (1, 3)
+    assert typed["user_vec"].shape == (2,)

@@ -112,9 +112,13 @@ ABANDONED_AFTER_S = 24 * 3600
 
 # ----------------------------------------------------------------- input specs
 def _row_spec(feature: Feature, lead: Sequence[int | None], name: str) -> tf.TensorSpec:
-    """TensorSpec of one feature with leading axes `lead` (plus K for multi-hot)."""
+    """TensorSpec of one feature with leading axes `lead`.
+
+    Plus K for a multi-hot feature, and n for a numeric feature of shape [n].
+    """
     dtype = tf.float32 if feature.type == NUMERIC else tf.string
     shape = list(lead) + ([feature.values_per_row] if feature.type == MULTI_HOT else [])
+    shape += list(feature.shape) if feature.type == NUMERIC else []
     return tf.TensorSpec(shape, dtype, name=name)
 
 
@@ -184,8 +188,11 @@ def example_parsing_spec(spec: FeatureSpec, meta_dim: int) -> dict[str, Any]:
     }
     for feature in spec.request_features:
         if feature.type == NUMERIC:
+            default = feature.default
+            if default is not None and feature.shape:
+                default = [default] * feature.size
             features[feature.name] = tf.io.FixedLenFeature(
-                [], tf.float32, default_value=feature.default
+                list(feature.shape), tf.float32, default_value=default
             )
         elif feature.type == CATEGORICAL:
             optional = feature.vocabulary is None or feature.allow_oov
@@ -538,7 +545,12 @@ def warmup_inputs(
     }
     for feature in spec.request_features:
         if feature.type == NUMERIC:
-            inputs[feature.name] = np.full([batch_size], feature.mean, np.float32)
+            # A typical value: the mean where the spec knows it (broadcast over
+            # a vector's components), else 0.
+            typical = feature.mean if feature.normalize else 0.0
+            inputs[feature.name] = np.broadcast_to(
+                np.asarray(typical, np.float32), [batch_size, *feature.shape]
+            ).copy()
             continue
         value = feature.vocabulary[0] if feature.vocabulary else "warmup"
         if feature.type == CATEGORICAL:
