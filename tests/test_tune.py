@@ -1,0 +1,176 @@
+"""`limaml tune`: the safe selection rule by hand, and a search on synthetic tasks."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from tf_limaml import baselines, tune
+from tf_limaml.model import MetaConfig
+
+KS = ("1", "3", "all")
+GLOBAL = {"1": 0.70, "3": 0.70, "all": 0.70}
+GLOBAL_MEMBER = {"1": 0.65, "3": 0.65, "all": 0.65}
+
+
+def _trial(auc, member=None, fallback=False, healthy=True, half=(0.0, 0.0)):
+    """A hand-made trial: val AUC per k -> lifts over GLOBAL."""
+    member = member or GLOBAL_MEMBER
+    out = {"name": "t", "fallback": fallback, "healthy": healthy}
+    out.update(
+        tune.summarize_trial(
+            dict(zip(KS, auc, strict=True)), GLOBAL, member, GLOBAL_MEMBER, half
+        )
+    )
+    return out
+
+
+FALLBACK = _trial((0.70, 0.70, 0.70), fallback=True)
+
+
+def test_fallback_chosen_when_every_candidate_is_below_global_at_some_k():
+    trials = [
+        FALLBACK,
+        # Large gain at full support, but one rating moves a member too far.
+        _trial((0.685, 0.72, 0.766), half=(0.03, 0.03)),
+        # Below global everywhere (nothing to personalize).
+        _trial((0.688, 0.688, 0.688), half=(-0.01, -0.01)),
+        # Below at k=3 only.
+        _trial((0.71, 0.699, 0.75), half=(0.02, 0.02)),
+    ]
+    assert tune.select(trials) == 0
+    assert [tune.eligible(t)[0] for t in trials] == [True, False, False, False]
+    assert "k=1" in tune.eligible(trials[1])[1]
+
+
+def test_best_eligible_candidate_wins_over_the_fallback():
+    trials = [
+        FALLBACK,
+        _trial((0.705, 0.72, 0.76), half=(0.02, 0.03)),
+        _trial((0.701, 0.71, 0.72), half=(0.01, 0.01)),
+    ]
+    assert tune.select(trials) == 1
+    assert trials[1]["mean_lift"] == pytest.approx((0.005 + 0.02 + 0.06) / 3)
+
+
+def test_gains_below_min_gain_keep_the_fallback():
+    trials = [FALLBACK, _trial((0.701, 0.701, 0.701), half=(0.001, 0.001))]
+    assert tune.select(trials) == 0
+    assert tune.select(trials, min_gain=0.0005) == 1
+
+
+def test_member_auc_half_split_and_health_exclude_candidates():
+    lower_members = {"1": 0.64, "3": 0.65, "all": 0.65}
+    trials = [
+        FALLBACK,
+        _trial((0.72, 0.72, 0.72), member=lower_members, half=(0.02, 0.02)),
+        _trial((0.72, 0.72, 0.72), half=(0.05, -0.01)),
+        _trial((0.75, 0.75, 0.75), healthy=False, half=(0.05, 0.05)),
+    ]
+    assert tune.select(trials) == 0
+    reasons = [tune.eligible(t)[1] for t in trials[1:]]
+    assert "per-member" in reasons[0] and "half" in reasons[1]
+    assert "health" in reasons[2]
+
+
+def test_select_needs_the_fallback():
+    with pytest.raises(ValueError, match="fallback"):
+        tune.select([_trial((0.8, 0.8, 0.8))])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tf_limaml.datasets import synthetic
+    from tf_limaml.features import FeatureSpec
+
+    out = tmp_path_factory.mktemp("tune_tasks")
+    paths = synthetic.write_tasks(str(out), num_entities=200, seed=0)
+    spec = FeatureSpec.load(paths["spec"])
+    protocol = baselines.Protocol(max_support=16, max_query=16)
+    splits = baselines.Splits.from_records(
+        baselines.records_from_dir(str(out)), spec, protocol
+    )
+    recipe = dataclasses.replace(
+        baselines.Recipe.fast(),
+        architecture=baselines.Architecture(meta_units=(8, 4), global_units=(16,)),
+        epochs=2,
+        pretrain_epochs=1,
+        meta_epochs=1,
+        batch_size=256,
+    )
+    return {"dir": str(out), "spec": spec, "splits": splits, "recipe": recipe}
+
+
+def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
+    lines = []
+    result = tune.tune(
+        tiny["spec"], tiny["splits"], tiny["recipe"], budget=1, ks=(1, None),
+        report_line=lines.append,
+    )
+    trials = result["trials"]
+    fallback = [t for t in trials if t["fallback"]]
+    assert len(fallback) == 1
+    # The fallback is LiMAML built from the global network: global's scores.
+    assert fallback[0]["val_lift"] == {"1": 0.0, "all": 0.0}
+    assert fallback[0]["recipe"] == {
+        "warm_start": "global", "meta_epochs": 0, "inner_steps": 0
+    }
+    assert len(lines) == len(trials) + 1 and "chosen" in lines[-1]
+    chosen = trials[result["chosen"]]
+    assert chosen["eligible"] and chosen["min_lift"] >= 0
+    paths = tune.write_outputs(result, tmp_path)
+    config = json.loads(open(paths["config"]).read())
+    MetaConfig.from_dict(config["meta_config"])
+    recipe = baselines.Recipe.from_dict(config["recipe"])
+    assert recipe == tune.chosen_recipe(result)
+    table = json.loads(open(paths["trials"]).read())["trials"]
+    assert len(table) == len(trials)
+    for t in table:
+        assert set(t["val_auc"]) == set(t["val_lift"]) == {"1", "all"}
+    markdown = open(paths["markdown"]).read()
+    assert "fallback" in markdown and markdown.count("\n| ") == len(trials) + 2
+
+
+def test_tune_falls_back_when_personalization_hurts_on_val(tiny, monkeypatch):
+    score = baselines.query_probabilities
+
+    def hurt(model, batch, steps=None, inner_lr=None, chunk=128, support_prior=None):
+        p = score(model, batch, steps, inner_lr, chunk, support_prior)
+        if model.meta_config.inner_steps == 0 and not steps:
+            return p  # global and the fallback: untouched
+        # Every personalized candidate is made worse than global.
+        return np.clip(p + np.random.default_rng(0).normal(0, 0.3, p.shape), 0, 1)
+
+    monkeypatch.setattr(baselines, "query_probabilities", hurt)
+    result = tune.tune(
+        tiny["spec"], tiny["splits"], tiny["recipe"], budget=1, ks=(1, None),
+        report_line=lambda _: None,
+    )
+    assert result["trials"][result["chosen"]]["fallback"]
+    recipe = tune.chosen_recipe(result)
+    assert (recipe.warm_start, recipe.meta_epochs, recipe.inner_steps) == (
+        "global", 0, 0
+    )
+    assert recipe.adaptation() == {"inner_steps": 0}
+
+
+def test_fallback_recipe_scores_exactly_as_global(tiny):
+    spec, splits = tiny["spec"], tiny["splits"]
+    recipe = dataclasses.replace(
+        tiny["recipe"], warm_start="global", meta_epochs=0, inner_steps=0,
+        adapt_inner_steps=0,
+    )
+    base, _ = baselines.train_global(spec, splits, recipe, 0)
+    model, history = baselines.train_meta_learner(spec, splits, recipe, 0, init=base)
+    assert history == {}
+    np.testing.assert_allclose(
+        baselines.query_probabilities(model, splits.test),
+        baselines.query_probabilities(base, splits.test, 0),
+        rtol=0, atol=1e-6,
+    )
+
+
+def test_budget_is_validated(tiny):
+    with pytest.raises(ValueError, match="budget"):
+        tune.tune(tiny["spec"], tiny["splits"], tiny["recipe"], budget=0)
