@@ -179,3 +179,93 @@ def test_format_table_rows():
     assert lines[0].startswith("| model | overall AUC | log loss")
     assert lines[2].startswith("| global | 0.7200 ± 0.0000 | 0.6200 ± 0.0000 | 0.7000")
     assert "| overall AUC by k | 1 | 3 | 5 | 10 | all |" in table
+
+
+def test_own_data_targets_use_only_the_runs_own_baselines():
+    seeds = _seeds()
+    result = report.aggregate(seeds, target_set="own", tried=None, data=None)
+    targets = json.dumps(result["targets"])
+    markdown = report.to_markdown(result)
+    # No MovieLens constant, target or tuning record on a user's own data.
+    for constant in (str(report.PROTOTYPE_FULL_SUPPORT_AUC), f"+ {report.AUC_LIFT_TARGET}"):
+        assert constant not in targets, constant
+    for words in ("prototype", "ID-embedding", "What was tried", "MovieLens"):
+        assert words not in targets + markdown, words
+    names = [t["target"] for t in result["targets"]]
+    assert any("every support size k" in n for n in names)
+    by_k = next(t for t in result["targets"] if "every support size" in t["target"])
+    # LiMAML's k<=5 AUC (0.75) is above global's 0.72 in these seeds.
+    assert by_k["met"] is True and "k=1: +0.0300" in by_k["measured"]
+    assert "tried" not in result and "data" not in result
+    movielens = report.aggregate(seeds)
+    assert any("prototype" in t["target"] for t in movielens["targets"])
+    with pytest.raises(ValueError, match="target_set"):
+        report.aggregate(seeds, target_set="imdb")
+
+
+def test_own_targets_not_met_when_limaml_falls_below_global_at_k1():
+    seeds = _seeds(small_k=0.715)
+    result = report.aggregate(seeds, target_set="own")
+    by_k = next(t for t in result["targets"] if "every support size" in t["target"])
+    assert by_k["met"] is False
+
+
+def test_failed_models_are_listed_in_json_and_markdown(tmp_path):
+    seeds = _seeds()
+    seeds[1]["limaml"]["health"] = {
+        "healthy": False,
+        "reasons": ["every one of the 10 scores is 0.5 (a constant model)"],
+    }
+    seeds[0]["global"]["health"] = {"healthy": True, "reasons": []}
+    result = report.aggregate(seeds)
+    assert result["failed"] == [
+        {
+            "model": "limaml",
+            "seed": 1,
+            "reasons": ["every one of the 10 scores is 0.5 (a constant model)"],
+        }
+    ]
+    paths = report.write_report(result, tmp_path)
+    assert json.loads(open(paths["json"]).read())["failed"] == result["failed"]
+    assert "## FAILED models" in open(paths["markdown"]).read()
+    assert report.aggregate(_seeds())["failed"] == []
+
+
+def test_data_summary_reads_the_completed_spec_and_rejections(tmp_path):
+    spec = {
+        "entity": "user",
+        "meta_features": [
+            {
+                "name": "age",
+                "type": "numeric",
+                "mean": 33.5,
+                "std": 11.2,
+                "statistics": {"count": 900, "source": "train entities"},
+            }
+        ],
+        "request_features": [
+            {"name": "item", "type": "categorical", "vocabulary": ["a", "b", "c"]},
+            {"name": "item_hash", "type": "categorical", "hash_buckets": 50},
+        ],
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "stats.json").write_text(
+        json.dumps(
+            {
+                "rows_read": 100,
+                "rows_rejected": 3,
+                "rejected_by_reason": {"bad_label": 2, "missing_time": 1, "x": 0},
+                "rejected_by_feature": {"age": 2},
+            }
+        )
+    )
+    data = report.data_summary(tmp_path)
+    age, item, item_hash = data["features"]
+    assert (age["mean"], age["std"], age["statistics"]["count"]) == (33.5, 11.2, 900)
+    assert item["vocabulary_size"] == 3 and item_hash["hash_buckets"] == 50
+    assert data["rows"] == {"rows_read": 100, "rows_rejected": 3}
+    assert data["rejected_by_reason"] == {"bad_label": 2, "missing_time": 1}
+    assert data["rejected_by_feature"] == {"age": 2}
+    text = report.to_markdown(report.aggregate(_seeds(), target_set="own", data=data))
+    assert "## Data analyzed" in text and "| age | meta | numeric | 33.5 | 11.2 |" in text
+    assert "bad_label: 2" in text and "Rejected rows by feature: age: 2" in text
