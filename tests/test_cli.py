@@ -171,3 +171,30 @@ def test_train_then_evaluate(tmp_path, synthetic_tasks, capsys):
     assert metrics["n_tasks"] > 0
     for key in ("adapted", "unadapted"):
         assert 0.0 <= metrics[key]["auc"] <= 1.0 and metrics[key]["loss"] > 0
+
+
+def test_tune_needs_a_make_tasks_directory(tmp_path, capsys):
+    assert cli.main(["tune", "--tasks", str(tmp_path / "nope"), "--output", "x"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--tasks", str(tmp_path), "--output", "x", "--budget", "0"])
+
+
+def test_tune_writes_the_chosen_config_and_every_trial(
+    tmp_path, synthetic_tasks, capsys
+):
+    tasks_dir = os.path.dirname(synthetic_tasks["spec"])
+    out = tmp_path / "tune"
+    code = cli.main(
+        ["tune", "--tasks", tasks_dir, "--output", str(out), "--budget", "1", "--fast"]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["config"] == str(out / "tune_config.json")
+    assert captured.err.count("[tune] trial") >= 2  # the fallback + a trained one
+    config = json.loads((out / "tune_config.json").read_text())
+    assert set(config) >= {"meta_config", "recipe", "chosen_trial", "is_fallback"}
+    trials = json.loads((out / "tune_trials.json").read_text())["trials"]
+    assert sum(t["fallback"] for t in trials) == 1
+    assert (out / "tune_trials.md").exists()
