@@ -98,13 +98,21 @@ def test_train_warn_returns_the_failed_model(tmp_path, synthetic_tasks, monkeypa
     spec = FeatureSpec.load(synthetic_tasks["spec"])
     with pytest.raises(training.ModelFailedError) as err:
         training.train(
-            synthetic_tasks["train"], spec, str(tmp_path / "a"), epochs=1,
-            batch_tasks=64, model_kwargs={"meta_units": [8], "global_units": [8]},
+            synthetic_tasks["train"],
+            spec,
+            str(tmp_path / "a"),
+            epochs=1,
+            batch_tasks=64,
+            model_kwargs={"meta_units": [8], "global_units": [8]},
         )
     assert "not finite" in str(err.value) and not err.value.health["healthy"]
     model, _ = training.train(
-        synthetic_tasks["train"], spec, str(tmp_path / "b"), epochs=1,
-        batch_tasks=64, model_kwargs={"meta_units": [8], "global_units": [8]},
+        synthetic_tasks["train"],
+        spec,
+        str(tmp_path / "b"),
+        epochs=1,
+        batch_tasks=64,
+        model_kwargs={"meta_units": [8], "global_units": [8]},
         on_failure="warn",
     )
     assert model is not None
@@ -125,8 +133,14 @@ def test_synthetic_demo_lists_a_diverged_limaml_and_exits_1(
     monkeypatch.setattr(LiMAMLModel, "predict_query", diverged)
     code = cli.main(
         [
-            "demo", "--dataset", "synthetic", "--fast", "--epochs", "1",
-            "--workdir", str(tmp_path),
+            "demo",
+            "--dataset",
+            "synthetic",
+            "--fast",
+            "--epochs",
+            "1",
+            "--workdir",
+            str(tmp_path),
         ]
     )
     out = capsys.readouterr()

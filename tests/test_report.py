@@ -187,7 +187,10 @@ def test_own_data_targets_use_only_the_runs_own_baselines():
     targets = json.dumps(result["targets"])
     markdown = report.to_markdown(result)
     # No MovieLens constant, target or tuning record on a user's own data.
-    for constant in (str(report.PROTOTYPE_FULL_SUPPORT_AUC), f"+ {report.AUC_LIFT_TARGET}"):
+    for constant in (
+        str(report.PROTOTYPE_FULL_SUPPORT_AUC),
+        f"+ {report.AUC_LIFT_TARGET}",
+    ):
         assert constant not in targets, constant
     for words in ("prototype", "ID-embedding", "What was tried", "MovieLens"):
         assert words not in targets + markdown, words
@@ -267,5 +270,7 @@ def test_data_summary_reads_the_completed_spec_and_rejections(tmp_path):
     assert data["rejected_by_reason"] == {"bad_label": 2, "missing_time": 1}
     assert data["rejected_by_feature"] == {"age": 2}
     text = report.to_markdown(report.aggregate(_seeds(), target_set="own", data=data))
-    assert "## Data analyzed" in text and "| age | meta | numeric | 33.5 | 11.2 |" in text
+    assert (
+        "## Data analyzed" in text and "| age | meta | numeric | 33.5 | 11.2 |" in text
+    )
     assert "bad_label: 2" in text and "Rejected rows by feature: age: 2" in text

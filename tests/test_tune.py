@@ -105,7 +105,11 @@ def tiny(tmp_path_factory):
 def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
     lines = []
     result = tune.tune(
-        tiny["spec"], tiny["splits"], tiny["recipe"], budget=1, ks=(1, None),
+        tiny["spec"],
+        tiny["splits"],
+        tiny["recipe"],
+        budget=1,
+        ks=(1, None),
         report_line=lines.append,
     )
     trials = result["trials"]
@@ -114,7 +118,9 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
     # The fallback is LiMAML built from the global network: global's scores.
     assert fallback[0]["val_lift"] == {"1": 0.0, "all": 0.0}
     assert fallback[0]["recipe"] == {
-        "warm_start": "global", "meta_epochs": 0, "inner_steps": 0
+        "warm_start": "global",
+        "meta_epochs": 0,
+        "inner_steps": 0,
     }
     assert len(lines) == len(trials) + 1 and "chosen" in lines[-1]
     chosen = trials[result["chosen"]]
@@ -144,13 +150,19 @@ def test_tune_falls_back_when_personalization_hurts_on_val(tiny, monkeypatch):
 
     monkeypatch.setattr(baselines, "query_probabilities", hurt)
     result = tune.tune(
-        tiny["spec"], tiny["splits"], tiny["recipe"], budget=1, ks=(1, None),
+        tiny["spec"],
+        tiny["splits"],
+        tiny["recipe"],
+        budget=1,
+        ks=(1, None),
         report_line=lambda _: None,
     )
     assert result["trials"][result["chosen"]]["fallback"]
     recipe = tune.chosen_recipe(result)
     assert (recipe.warm_start, recipe.meta_epochs, recipe.inner_steps) == (
-        "global", 0, 0
+        "global",
+        0,
+        0,
     )
     assert recipe.adaptation() == {"inner_steps": 0}
 
@@ -158,7 +170,10 @@ def test_tune_falls_back_when_personalization_hurts_on_val(tiny, monkeypatch):
 def test_fallback_recipe_scores_exactly_as_global(tiny):
     spec, splits = tiny["spec"], tiny["splits"]
     recipe = dataclasses.replace(
-        tiny["recipe"], warm_start="global", meta_epochs=0, inner_steps=0,
+        tiny["recipe"],
+        warm_start="global",
+        meta_epochs=0,
+        inner_steps=0,
         adapt_inner_steps=0,
     )
     base, _ = baselines.train_global(spec, splits, recipe, 0)
@@ -167,7 +182,8 @@ def test_fallback_recipe_scores_exactly_as_global(tiny):
     np.testing.assert_allclose(
         baselines.query_probabilities(model, splits.test),
         baselines.query_probabilities(base, splits.test, 0),
-        rtol=0, atol=1e-6,
+        rtol=0,
+        atol=1e-6,
     )
 
 

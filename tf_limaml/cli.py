@@ -436,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Choose LiMAML's recipe on the val entities (never worse than global).",
     )
     tune.add_argument(
-        "--tasks", required=True, help="make-tasks output directory (records + spec.json)."
+        "--tasks",
+        required=True,
+        help="make-tasks output directory (records + spec.json).",
     )
     tune.add_argument(
         "--output",

@@ -574,7 +574,9 @@ def run(args: argparse.Namespace, progress) -> int:
             tune=(
                 {
                     **report.tune_summary(tuned),
-                    "files": {k: os.path.relpath(v, workdir) for k, v in tune_paths.items()},
+                    "files": {
+                        k: os.path.relpath(v, workdir) for k, v in tune_paths.items()
+                    },
                 }
                 if tuned
                 else None

@@ -112,9 +112,7 @@ def aggregate(
     if not per_seed:
         raise ValueError("aggregate needs the measurements of at least one seed")
     if target_set not in TARGET_SETS:
-        raise ValueError(
-            f"target_set must be one of {TARGET_SETS}, got {target_set!r}"
-        )
+        raise ValueError(f"target_set must be one of {TARGET_SETS}, got {target_set!r}")
     names = [n for n in MODEL_ORDER if any(n in seed for seed in per_seed)]
     unknown = sorted({n for seed in per_seed for n in seed} - set(MODEL_ORDER))
     if unknown:
@@ -374,7 +372,9 @@ def data_summary(tasks_dir: str | os.PathLike) -> dict[str, Any]:
                     "hash_buckets": feature.get("hash_buckets"),
                     "statistics": feature.get("statistics"),
                 }
-                out["features"].append({k: v for k, v in entry.items() if v is not None})
+                out["features"].append(
+                    {k: v for k, v in entry.items() if v is not None}
+                )
     stats_path = os.path.join(tasks_dir, "stats.json")
     if os.path.exists(stats_path):
         with open(stats_path, encoding="utf-8") as f:
@@ -584,7 +584,9 @@ def _data_md(data: Mapping[str, Any] | None) -> list[str]:
     ):
         if data.get(key):
             lines.append(
-                f"{title}: " + ", ".join(f"{k}: {v}" for k, v in data[key].items()) + "."
+                f"{title}: "
+                + ", ".join(f"{k}: {v}" for k, v in data[key].items())
+                + "."
             )
             lines.append("")
     features = data.get("features", [])

@@ -196,9 +196,7 @@ def train(
         NonFiniteLossError: A training step had a non-finite loss.
     """
     if on_failure not in ON_FAILURE:
-        raise ValueError(
-            f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}"
-        )
+        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
     meta_config = meta_config or MetaConfig()
     tf.keras.utils.set_random_seed(seed)
     tf.io.gfile.makedirs(model_dir)
@@ -285,8 +283,10 @@ def train(
     health = check_trained_model(
         model, check_batches, _final_val_loss(record, restored)
     )
-    health["checked_on"] = "validation tasks" if val_ds is not None else (
-        f"the first {HEALTH_BATCHES} training batches"
+    health["checked_on"] = (
+        "validation tasks"
+        if val_ds is not None
+        else (f"the first {HEALTH_BATCHES} training batches")
     )
     with tf.io.gfile.GFile(os.path.join(model_dir, HEALTH), "w") as f:
         json.dump(health, f, indent=2)

@@ -268,9 +268,7 @@ def _trial(
     return trial
 
 
-def _draws(
-    base: baselines.Recipe, budget: int, seed: int
-) -> list[dict[str, Any]]:
+def _draws(base: baselines.Recipe, budget: int, seed: int) -> list[dict[str, Any]]:
     """The trained candidates' recipe changes: the base recipe, then random draws."""
     rng = np.random.default_rng(seed)
     draws: list[dict[str, Any]] = [{}]
@@ -429,8 +427,8 @@ def tune(
         for knobs in knob_grid:
             with baselines.Timer() as timer:
                 measured = scorer.measure(
-                    lambda cut, kn=knobs: baselines.query_probabilities(
-                        model,
+                    lambda cut, kn=knobs, m=model: baselines.query_probabilities(
+                        m,
                         cut,
                         kn["inner_steps"],
                         kn.get("inner_lr"),
