@@ -119,9 +119,17 @@ def test_user_errors_print_one_line_and_exit_2(
 
 
 def test_keras_3_already_loaded_is_refused():
-    result = _run("-c", "import keras\nimport tf_limaml")
+    # A loaded `keras` module is harmless until tf.keras resolves to it.
+    result = _run(
+        "-c", "import keras\nimport tensorflow as tf\ntf.keras.Model\nimport tf_limaml"
+    )
     assert result.returncode != 0
     assert "ImportError" in result.stderr and "TF_USE_LEGACY_KERAS=1" in result.stderr
+    result = _run(
+        "-c",
+        "import keras\nimport tf_limaml\nimport tensorflow as tf\nassert tf.keras.__name__.startswith('tf_keras')",
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_train_then_evaluate(tmp_path, synthetic_tasks, capsys):
