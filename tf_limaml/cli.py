@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 from tf_limaml.argtypes import positive_float as _positive_float
+from tf_limaml.argtypes import non_negative_int as _non_negative_int
 from tf_limaml.argtypes import positive_int as _positive_int
 
 EXIT_USAGE = 2
@@ -424,10 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="A smaller, quicker run.")
     demo.add_argument(
         "--tune-budget",
-        type=_positive_int,
+        type=_non_negative_int,
         default=None,
         help="With --input: trained candidates of `limaml tune` (default 4, "
-        "2 with --fast).",
+        "2 with --fast); 0 skips tuning and keeps the default recipe.",
     )
     demo.set_defaults(handler=cmd_demo)
 

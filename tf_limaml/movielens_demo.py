@@ -503,14 +503,14 @@ def run(args: argparse.Namespace, progress) -> int:
     records = baselines.records_from_dir(tasks_dir)
     splits = baselines.Splits.from_records(records, spec, protocol)
     tuned = None
-    if own_data:
+    budget = getattr(args, "tune_budget", None)
+    if budget is None:
+        budget = DEMO_TUNE_BUDGET_FAST if args.fast else DEMO_TUNE_BUDGET
+    if own_data and budget > 0:
         # The MovieLens recipe was tuned on MovieLens; other data gets its own,
         # chosen on its val members with the global fallback always available.
         from tf_limaml import tune  # noqa: PLC0415
 
-        budget = getattr(args, "tune_budget", None) or (
-            DEMO_TUNE_BUDGET_FAST if args.fast else DEMO_TUNE_BUDGET
-        )
         with progress.phase(
             f"tune (budget {budget}): LiMAML's recipe on the val members vs global"
         ):
