@@ -39,6 +39,7 @@ _SUBMODULES = (
     "features",
     "layers",
     "model",
+    "statistics",
     "tasks",
     "training",
     "export",
