@@ -182,7 +182,7 @@ def naive_loop(
     from beam_pipelines.generate_embeddings import to_example  # noqa: PLC0415
 
     loaded = tf.saved_model.load(export_dir)
-    adapt = loaded.signatures["adapt_and_predict"]
+    adapt = loaded.signatures[export.ADAPT_AND_PREDICT]
     metadata = export.read_metadata(export_dir)
     max_support = metadata["max_support"]
     parse = tf.function(
@@ -214,7 +214,7 @@ def naive_loop(
                 inputs[f"support_{name}"] = batch[f"support_{name}"][0, :n_s]
                 inputs[f"query_{name}"] = batch[f"query_{name}"][0, :n_q]
             call_start = time.perf_counter()
-            embedding = adapt(**inputs)["meta_embedding"].numpy()
+            embedding = adapt(**inputs)[export.EMBEDDING_KEY].numpy()
             if done >= WARMUP_ENTITIES:
                 calls_seconds += time.perf_counter() - call_start
             writer.write(
@@ -315,9 +315,11 @@ def main(argv=None) -> dict:
         {f"query_{k}": v for k, v in request_rows(spec, QUERY_ROWS, rng).items()}
     )
     serving_latency = latency(
-        lambda: run("serving_default", serving_inputs), args.calls
+        lambda: run(export.SERVING_DEFAULT, serving_inputs), args.calls
     )
-    adapt_latency = latency(lambda: run("adapt_and_predict", adapt_inputs), args.calls)
+    adapt_latency = latency(
+        lambda: run(export.ADAPT_AND_PREDICT, adapt_inputs), args.calls
+    )
     close()
 
     # --- throughput: the Beam job against a per-entity loop. The two

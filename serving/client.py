@@ -38,28 +38,43 @@ from typing import Any
 import numpy as np
 
 from tf_limaml.features import (
-    LABEL_KEY,
     MULTI_HOT,
     NUMERIC,
     QUERY,
     SUPPORT,
     FeatureSpec,
 )
+from tf_limaml.signatures import (
+    ADAPT_AND_PREDICT,
+    META_EMBEDDING,
+    OUTPUT_NAMES,
+    PREDICT_EXAMPLES,
+    SERVING_DEFAULT,
+    SUPPORT_LABEL_KEY,
+    query_key,
+    support_key,
+)
+from tf_limaml.signatures import EMBEDDING_KEY as EMBEDDING
+from tf_limaml.signatures import SCORE_KEY as SCORE
 
-SERVING_DEFAULT = "serving_default"
-ADAPT_AND_PREDICT = "adapt_and_predict"
-META_EMBEDDING = "meta_embedding"
-PREDICT_EXAMPLES = "predict_examples"
-SCORE = "score"
-EMBEDDING = "meta_embedding"
-# Output names by signature: TF Serving's REST API drops the name when a
-# signature has a single output, so the client restores it from here.
-OUTPUT_NAMES = {
-    SERVING_DEFAULT: (SCORE,),
-    ADAPT_AND_PREDICT: (SCORE, EMBEDDING),
-    META_EMBEDDING: (EMBEDDING,),
-    PREDICT_EXAMPLES: (SCORE,),
-}
+__all__ = [
+    "ADAPT_AND_PREDICT",
+    "DEFAULT_TIMEOUT_S",
+    "EMBEDDING",
+    "META_EMBEDDING",
+    "OUTPUT_NAMES",
+    "PREDICT_EXAMPLES",
+    "SCORE",
+    "SERVING_DEFAULT",
+    "GrpcClient",
+    "RestClient",
+    "adapt_and_predict_inputs",
+    "as_array",
+    "pad_multi_hot",
+    "score_inputs",
+    "typed_inputs",
+]
+
 DEFAULT_TIMEOUT_S = 10.0
 
 
@@ -113,9 +128,9 @@ def adapt_and_predict_inputs(
             f"{sorted(support)} and {sorted(query)}"
         )
     inputs = dict(meta)
-    inputs.update({FeatureSpec.batch_key(SUPPORT, k): v for k, v in support.items()})
-    inputs.update({FeatureSpec.batch_key(QUERY, k): v for k, v in query.items()})
-    inputs[FeatureSpec.batch_key(SUPPORT, LABEL_KEY)] = support_label
+    inputs.update({support_key(k): v for k, v in support.items()})
+    inputs.update({query_key(k): v for k, v in query.items()})
+    inputs[SUPPORT_LABEL_KEY] = support_label
     return inputs
 
 

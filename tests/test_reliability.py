@@ -39,7 +39,7 @@ from serving_fixture import (
     entity_inputs,
 )
 
-from tf_limaml import data, export, export_commands
+from tf_limaml import data, export, export_commands, export_versions
 from tf_limaml.datasets import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,7 +196,7 @@ def test_export_sigkilled_midway_leaves_no_partial_version(exported, tmp_path):
 def test_abandoned_temp_dirs_are_removed_and_running_ones_kept(tmp_path):
     base = tmp_path / "exports"
     (base / "3").mkdir(parents=True)
-    host = export._host()
+    host = export_versions._host()
     # A pid that existed and is gone: a child that has exited and been reaped.
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -39,6 +39,7 @@ _SUBMODULES = (
     "features",
     "layers",
     "model",
+    "signatures",
     "statistics",
     "tasks",
     "training",
@@ -56,6 +57,8 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         features,
         layers,
         model,
+        signatures,
+        statistics,
         tasks,
         training,
     )

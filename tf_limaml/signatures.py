@@ -1,0 +1,61 @@
+"""Names of the export's signatures and of their inputs and outputs.
+
+The one definition that the export (`tf_limaml.export`), the clients
+(`serving.client`) and the offline job (`beam_pipelines.generate_embeddings`)
+read. It imports no TensorFlow, so a client process that only sends requests
+never pays for it.
+
+| signature | inputs | outputs |
+| --- | --- | --- |
+| `serving_default` | `meta_embedding` [B, d], request features [B] | `score` [B] |
+| `adapt_and_predict` | meta features, `support_<f>` [S], `support_label` [S], `query_<f>` [Q] | `score` [Q], `meta_embedding` [d] |
+| `meta_embedding` | meta features [E], `support_<f>` [E, S], `support_label`, `support_mask` [E, S] | `meta_embedding` [E, d] |
+| `predict_examples` | `examples` [B] (serialized tf.Example) | `score` [B] |
+
+Per-interaction inputs are named `FeatureSpec.batch_key(part, feature)`, that
+is `support_<feature>` and `query_<feature>`; see `support_key` and `query_key`.
+
+Example:
+
+    from tf_limaml import signatures
+
+    request.model_spec.signature_name = signatures.SERVING_DEFAULT
+    score = response.outputs[signatures.SCORE_KEY]
+"""
+
+from __future__ import annotations
+
+from tf_limaml.features import LABEL_KEY, MASK_KEY, QUERY, SUPPORT, FeatureSpec
+
+SERVING_DEFAULT = "serving_default"
+ADAPT_AND_PREDICT = "adapt_and_predict"
+META_EMBEDDING = "meta_embedding"
+PREDICT_EXAMPLES = "predict_examples"
+SIGNATURE_NAMES = (SERVING_DEFAULT, ADAPT_AND_PREDICT, META_EMBEDDING, PREDICT_EXAMPLES)
+
+# Output keys.
+SCORE_KEY = "score"
+EMBEDDING_KEY = "meta_embedding"
+# Input keys besides the feature names.
+EXAMPLES_KEY = "examples"
+SUPPORT_LABEL_KEY = FeatureSpec.batch_key(SUPPORT, LABEL_KEY)
+SUPPORT_MASK_KEY = FeatureSpec.batch_key(SUPPORT, MASK_KEY)
+
+# Output names by signature. TF Serving's REST API drops the name when a
+# signature has a single output, so a client restores it from here.
+OUTPUT_NAMES = {
+    SERVING_DEFAULT: (SCORE_KEY,),
+    ADAPT_AND_PREDICT: (SCORE_KEY, EMBEDDING_KEY),
+    META_EMBEDDING: (EMBEDDING_KEY,),
+    PREDICT_EXAMPLES: (SCORE_KEY,),
+}
+
+
+def support_key(feature: str) -> str:
+    """The input name of a request feature's support rows, e.g. "support_item_id"."""
+    return FeatureSpec.batch_key(SUPPORT, feature)
+
+
+def query_key(feature: str) -> str:
+    """The input name of a request feature's query rows, e.g. "query_item_id"."""
+    return FeatureSpec.batch_key(QUERY, feature)
