@@ -33,12 +33,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -337,7 +337,9 @@ class FineTuneModel(LiMAMLModel):
 
     The fine-tuning baseline searches the inner lr on val members; as a
     (non-trainable) variable it changes without retracing the inner loop.
-    Training ignores it: conventional training runs no inner loop.
+    Training ignores it: conventional training runs no inner loop. Set it with
+    `finetune_lr.assign(lr)`; the `inner_lr` hook gives it to every adapted
+    weight (plain SGD).
     """
 
     def __init__(self, *args, **kwargs):
@@ -353,10 +355,9 @@ class FineTuneModel(LiMAMLModel):
             trainable=False,
             initializer=tf.keras.initializers.Constant(self.meta_config.inner_lr),
         )
-        # The inner loop reads a per-parameter rate from `inner_lrs` when one is
-        # there; the same scalar variable for every parameter is plain SGD.
-        for name in self._adaptable_variables():
-            self.inner_lrs[name] = self.finetune_lr
+
+    def inner_lr(self, name: str, config: MetaConfig | None = None) -> tf.Variable:
+        return self.finetune_lr
 
 
 class PointwiseModel(tf.keras.Model):
@@ -664,26 +665,8 @@ def meta_train(
 
 
 # -------------------------------------------------------------- inference
-@contextlib.contextmanager
-def _inner_lr(
-    model: LiMAMLModel, inner_lr: float | None, support_prior: float | None = None
-):
-    """Temporarily sets the scalar inner learning rate (and support prior) read
-    while tracing."""
-    changes = {}
-    if inner_lr is not None:
-        changes["inner_lr"] = float(inner_lr)
-    if support_prior is not None:
-        changes["support_prior"] = float(support_prior)
-    if not changes:
-        yield
-        return
-    previous = model.meta_config
-    model.meta_config = model.with_meta_config(**changes)
-    try:
-        yield
-    finally:
-        model.meta_config = previous
+# Per model, dropped with it (an id() could be reused by a successor model).
+_QUERY_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _query_function(
@@ -694,20 +677,20 @@ def _query_function(
 ) -> Callable:
     """A cached tf.function scoring query rows after `steps` inner steps.
 
-    Cached on the model itself (not by id(), which a collected model's
-    successor may reuse). No XLA: the encode step has string ops. No
-    autograph: the model's inner loop is plain Python over a static step
-    count, and converting it would re-read the model's source from disk.
+    Keyed by the model's config too (its values are read while tracing). No
+    XLA: the encode step has string ops. No autograph: the model's inner loop
+    is plain Python over a static step count, and converting it would re-read
+    the model's source from disk.
     """
-    cache = model.__dict__.get("_baseline_query_functions")
-    if cache is None:
-        cache = {}
-        object.__setattr__(model, "_baseline_query_functions", cache)
-    key = (steps, inner_lr, support_prior)
+    cache = _QUERY_FUNCTIONS.setdefault(model, {})
+    key = (model.meta_config, steps, inner_lr, support_prior)
     if key not in cache:
 
         def probabilities(batch):
-            return tf.sigmoid(model.compute_query_logits(batch, steps)[0])
+            logits, _ = model.compute_query_logits(
+                batch, steps, inner_lr=inner_lr, support_prior=support_prior
+            )
+            return tf.sigmoid(logits)
 
         cache[key] = tf.function(probabilities, reduce_retracing=True, autograph=False)
     return cache[key]
@@ -737,13 +720,14 @@ def query_probabilities(
     if inner_lr is not None and isinstance(model, FineTuneModel):
         model.finetune_lr.assign(float(inner_lr))
         inner_lr = None
+    inner_lr = None if inner_lr is None else float(inner_lr)
+    support_prior = None if support_prior is None else float(support_prior)
     fn = _query_function(model, steps, inner_lr, support_prior)
     n = len(batch[ENTITY_ID_KEY])
     out = []
-    with _inner_lr(model, inner_lr, support_prior):
-        for start in range(0, n, chunk):
-            part = {k: v[start : start + chunk] for k, v in batch.items()}
-            out.append(fn(part).numpy())
+    for start in range(0, n, chunk):
+        part = {k: v[start : start + chunk] for k, v in batch.items()}
+        out.append(fn(part).numpy())
     return np.concatenate(out)
 
 

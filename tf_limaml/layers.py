@@ -3,7 +3,9 @@
 Every dense weight of these layers can be replaced per call by an explicit
 tensor (a *fast weight*), so the inner loop never assigns to variables. A fast
 weight may carry a leading task axis, `[T, in, out]`, in which case each task
-runs with its own weights through `einsum` (no Python loop over tasks).
+runs with its own weights through `einsum` (`tf_limaml.maml.dense`; no Python
+loop over tasks). That is the fast-weight protocol any meta block follows:
+`adaptable_weights() -> dict[name, tf.Variable]` and `call(inputs, weights=None)`.
 
 String handling (vocabulary lookup, hashing) is split from the math:
 `FeatureEmbedding.encode` maps raw strings to integer ids outside any XLA
@@ -18,6 +20,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_limaml import maml
 from tf_limaml.features import (
     CATEGORICAL,
     LOG1P,
@@ -28,6 +31,7 @@ from tf_limaml.features import (
 )
 
 _PACKAGE = "tf_limaml"
+META_EMBEDDING_KEY = "meta_embedding"
 Weights = Mapping[str, tf.Tensor]
 
 
@@ -50,46 +54,9 @@ def _check_units(name: str, units: Sequence[int]) -> tuple[int, ...]:
     return units
 
 
-def apply_dense(
-    x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
-) -> tf.Tensor:
-    """x @ kernel + bias, with optional per-task weights.
-
-    Args:
-        x: Inputs `[..., in]`. With per-task weights, the first axis is tasks:
-            `[T, in]` or `[T, S, in]`.
-        kernel: `[in, out]` (shared) or `[T, in, out]` (one weight set per task).
-        bias: `[out]`, `[T, out]` or None.
-
-    Returns:
-        `[..., out]`.
-    """
-    if kernel.shape.rank == 2:
-        if x.shape.rank == 2:
-            y = tf.matmul(x, kernel)
-        else:
-            # A plain 2-D matmul on flattened rows: XLA's CPU backend runs
-            # rank-3 dots with a broadcast kernel far slower (and their
-            # second-order gradients slower still).
-            rows = tf.reshape(x, [-1, tf.shape(x)[-1]])
-            y = tf.reshape(
-                tf.matmul(rows, kernel),
-                tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[-1:]], axis=0),
-            )
-            y.set_shape(x.shape[:-1].concatenate(kernel.shape[-1:]))
-    elif x.shape.rank == 2:
-        y = tf.einsum("ti,tio->to", x, kernel)
-    elif x.shape.rank == 3:
-        y = tf.einsum("tsi,tio->tso", x, kernel)
-    else:
-        raise ValueError(
-            f"Per-task kernels need inputs of rank 2 or 3, got shape {x.shape}"
-        )
-    if bias is None:
-        return y
-    if bias.shape.rank == 2 and y.shape.rank == 3:
-        bias = bias[:, None, :]
-    return y + bias
+# The one dense implementation lives in the functional core; this name stays
+# for code written against the layers.
+apply_dense = maml.dense
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
@@ -326,7 +293,7 @@ class MetaBlock(_DenseStack):
     def mlp(self, x: tf.Tensor, weights: Weights | None = None) -> tf.Tensor:
         """Runs the MLP on `[T, M]`; `weights` may override any dense weight."""
         for i in range(len(self.units)):
-            x = apply_dense(
+            x = maml.dense(
                 x,
                 self._w(weights, f"dense_{i}/kernel"),
                 self._w(weights, f"dense_{i}/bias"),
@@ -428,10 +395,10 @@ class FunctionalCross(tf.keras.layers.Layer):
         w = dict(self.weight_dict())
         w.update(weights or {})
         if self.projection_dim is None:
-            projected = apply_dense(x, w["kernel"], w["bias"])
+            projected = maml.dense(x, w["kernel"], w["bias"])
         else:
-            projected = apply_dense(
-                apply_dense(x, w["kernel_u"]), w["kernel_v"], w["bias"]
+            projected = maml.dense(
+                maml.dense(x, w["kernel_u"]), w["kernel_v"], w["bias"]
             )
         return x0 * projected + x
 
@@ -462,7 +429,9 @@ class GlobalBlock(_DenseStack):
         activation: MLP activation.
 
     Input shape: meta embedding `[B, d]` or `[T, d]`; encoded request features
-    `[B]` or `[T, S]` (plus a trailing K for multi-hot).
+    `[B]` or `[T, S]` (plus a trailing K for multi-hot). Called as
+    `block(meta_embedding, encoded)` or, as any global block of LiMAMLModel,
+    `block({"meta_embedding": meta_embedding, **encoded})`.
     Output shape: logits `[B]` or `[T, S]`.
     """
 
@@ -535,10 +504,20 @@ class GlobalBlock(_DenseStack):
 
     def call(
         self,
-        meta_embedding: tf.Tensor,
-        encoded: Mapping[str, tf.Tensor],
+        meta_embedding: tf.Tensor | Mapping[str, tf.Tensor],
+        encoded: Mapping[str, tf.Tensor] | None = None,
         weights: Weights | None = None,
     ) -> tf.Tensor:
+        if encoded is None:
+            # The global-block convention of LiMAMLModel: one dict,
+            # {"meta_embedding": e, **encoded request features}.
+            encoded = dict(meta_embedding)
+            if META_EMBEDDING_KEY not in encoded:
+                raise KeyError(
+                    f"GlobalBlock called with one dict needs its "
+                    f"{META_EMBEDDING_KEY!r} entry; got {sorted(encoded)}"
+                )
+            meta_embedding = encoded.pop(META_EMBEDDING_KEY)
         request = self.embedding(encoded)
         if meta_embedding.shape.rank < request.shape.rank:
             # One embedding per task, broadcast over its S rows.
@@ -548,7 +527,7 @@ class GlobalBlock(_DenseStack):
             )
         parts = [meta_embedding, request]
         if self.interaction == "product":
-            item_side = apply_dense(
+            item_side = maml.dense(
                 request,
                 self._w(weights, "interaction/kernel"),
                 self._w(weights, "interaction/bias"),
@@ -566,13 +545,13 @@ class GlobalBlock(_DenseStack):
             x = cross(x0, x, weights=cross_weights)
         for i in range(len(self.units)):
             x = self._activation(
-                apply_dense(
+                maml.dense(
                     x,
                     self._w(weights, f"dense_{i}/kernel"),
                     self._w(weights, f"dense_{i}/bias"),
                 )
             )
-        logits = apply_dense(
+        logits = maml.dense(
             x, self._w(weights, "logit/kernel"), self._w(weights, "logit/bias")
         )
         return tf.squeeze(logits, axis=-1)

@@ -27,12 +27,16 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tf_limaml import maml
 from tf_limaml.features import (
     LABEL_KEY,
     MASK_KEY,
+    MULTI_HOT,
+    NUMERIC,
     PARTS,
     QUERY,
     SUPPORT,
+    Feature,
     FeatureSpec,
     load_spec,
 )
@@ -44,6 +48,7 @@ ADAPT_CHOICES = ("meta_block", "all")
 META_PREFIX = "meta_block/"
 GLOBAL_PREFIX = "global_block/"
 META_INPUTS = META_PREFIX + "inputs"
+META_EMBEDDING_KEY = "meta_embedding"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +171,65 @@ def masked_task_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     )
 
 
+def _as_meta_config(meta_config: MetaConfig | Mapping[str, Any] | None) -> MetaConfig:
+    if meta_config is None:
+        return MetaConfig()
+    if isinstance(meta_config, Mapping):
+        return MetaConfig.from_dict(meta_config)
+    if not isinstance(meta_config, MetaConfig):
+        raise ValueError(
+            f"`meta_config` must be a MetaConfig or its dict, got {meta_config!r}"
+        )
+    return meta_config
+
+
+def _has_fast_weights(block: Any) -> bool:
+    return callable(getattr(block, "adaptable_weights", None))
+
+
+def _select(
+    raw: Mapping[str, tf.Tensor], features: Sequence[Feature]
+) -> dict[str, tf.Tensor]:
+    missing = [f.name for f in features if f.name not in raw]
+    if missing:
+        raise KeyError(f"Missing feature(s) {missing}; got {sorted(raw)}")
+    return {f.name: raw[f.name] for f in features}
+
+
+def _example_features(
+    features: Sequence[Feature], rows: int = 1
+) -> dict[str, tf.Tensor]:
+    """Raw feature tensors of `rows` rows, as a batch carries them (zeros and "")."""
+    out = {}
+    for feature in features:
+        if feature.type == NUMERIC:
+            out[feature.name] = tf.zeros([rows, *feature.shape], tf.float32)
+        elif feature.type == MULTI_HOT:
+            out[feature.name] = tf.fill([rows, feature.values_per_row], "")
+        else:
+            out[feature.name] = tf.fill([rows], "")
+    return out
+
+
+def _merge_task_axis(value: tf.Tensor) -> tf.Tensor:
+    """[T, S, ...] -> [T * S, ...], keeping the static trailing shape."""
+    trailing = value.shape[2:]
+    if trailing.is_fully_defined():
+        return tf.reshape(value, [-1, *trailing.as_list()])
+    return tf.reshape(value, tf.concat([[-1], tf.shape(value)[2:]], axis=0))
+
+
 @tf.keras.utils.register_keras_serializable(package="tf_limaml")
 class LiMAMLModel(tf.keras.Model):
     """Meta block + global block, meta-trained with MAML on the meta block.
+
+    The inner loop is `tf_limaml.maml` (tile, adapt, dense); this class is its
+    Keras face: encoding, the meta-train step, metrics, and the public hooks a
+    subclass overrides to change the inner loop:
+
+    * `adaptable_variables()`: the weights the inner loop adapts, by name;
+    * `inner_lr(name, config)`: the inner learning rate of one of them;
+    * `support_loss(labels, logits, mask, config)`: the inner loop's loss.
 
     Args:
         spec: FeatureSpec (or its dict, or a path to its JSON).
@@ -181,9 +242,56 @@ class LiMAMLModel(tf.keras.Model):
             (concatenation plus an elementwise product with the projected
             request features) or "concat".
         l2: L2 penalty on the dense kernels, reported as `regularization_loss`.
+        meta_block: Your own meta block instead of `MetaBlock(meta_units)`
+            (see "Custom blocks").
+        global_block: Your own global block instead of `GlobalBlock(...)`
+            (see "Custom blocks"). `meta_units` and the global-block arguments
+            are ignored for a block you pass.
 
     Inputs: a task batch from `tf_limaml.data.task_dataset` (raw features,
     labels and masks). `call` returns adapted query probabilities `[T, Q]`.
+
+    Custom blocks:
+
+    * **Global block**: any Keras layer or model that maps one dict, the meta
+      embedding under `"meta_embedding"` (`[N, d]`) beside the request
+      features by name (`[N]`, `[N, K]` multi-hot, `[N, n]` vectors), to logits
+      `[N]` or `[N, 1]`:
+      `logits = global_block({"meta_embedding": e, **request_features})`.
+      That dict is exactly the input of the export's `serving_default`. The
+      model flattens the task axis for it (`N = T * S`) and restores it after.
+      With `adapt="all"` the global block must also have fast weights (below),
+      and then gets task-shaped inputs (`[T, d]`, `[T, S, ...]`) as ours does.
+    * **Meta block**: any layer with fast weights: `adaptable_weights() ->
+      dict[name, tf.Variable]` and `call(inputs, weights=None) -> [T, d]`,
+      where `inputs` is the dict of meta features and `weights` (name ->
+      tensor) replaces those variables, possibly with a leading task axis
+      (`[T, *shape]`: task t runs with slice t; `tf_limaml.maml.dense` does
+      the per-task matmul).
+    * **Strings and XLA**: the meta-train step is XLA-compiled, and string ops
+      (StringLookup, hashing) cannot be. A block with `encode(raw) -> encoded`
+      has it run outside the compiled step, on the raw features, and gets its
+      output instead; a block without it gets the raw features, and if any of
+      them is a string the step runs without XLA (logged once).
+
+    Example (a global block written as an ordinary Keras model):
+
+        class Ranker(tf.keras.Model):
+            def __init__(self, items):
+                super().__init__()
+                self.lookup = tf.keras.layers.StringLookup(vocabulary=items)
+                self.item = tf.keras.layers.Embedding(len(items) + 1, 8)
+                self.tower = tf.keras.Sequential(
+                    [tf.keras.layers.Dense(32, "relu"), tf.keras.layers.Dense(1)]
+                )
+
+            def call(self, features):
+                item = self.item(self.lookup(features["item_id"]))
+                return self.tower(
+                    tf.concat([features["meta_embedding"], item], axis=-1)
+                )
+
+        model = tf_limaml.LiMAMLModel(spec, global_block=Ranker(items))
     """
 
     def __init__(
@@ -196,32 +304,44 @@ class LiMAMLModel(tf.keras.Model):
         projection_dim: int | None = None,
         interaction: str = "product",
         l2: float = 0.0,
+        meta_block: tf.keras.layers.Layer | None = None,
+        global_block: tf.keras.layers.Layer | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # tf.functions kept outside Keras attribute tracking (they are caches).
+        object.__setattr__(self, "_function_cache", {})
         self.spec = load_spec(spec)
-        if meta_config is None:
-            meta_config = MetaConfig()
-        elif isinstance(meta_config, Mapping):
-            meta_config = MetaConfig.from_dict(meta_config)
-        self.meta_config = meta_config
+        self.meta_config = _as_meta_config(meta_config)
         if not isinstance(l2, (int, float)) or l2 < 0:
             raise ValueError(f"`l2` must be a number >= 0, got {l2!r}")
         self.l2 = float(l2)
-        self.meta_block = MetaBlock(
-            self.spec.meta_features, units=meta_units, name="meta_block"
-        )
-        self.global_block = GlobalBlock(
-            self.spec.request_features,
-            meta_dim=self.meta_block.output_dim,
-            interaction=interaction,
-            cross_layers=cross_layers,
-            projection_dim=projection_dim,
-            units=global_units,
-            name="global_block",
-        )
-        self.meta_block.build(None)
-        self.global_block.build(None)
+        # Blocks passed in are serialized into the config; ours are rebuilt
+        # from the architecture arguments.
+        self._custom_meta_block = meta_block is not None
+        self._custom_global_block = global_block is not None
+        if meta_block is None:
+            meta_block = MetaBlock(
+                self.spec.meta_features, units=meta_units, name="meta_block"
+            )
+            meta_block.build(None)
+        self.meta_block = meta_block
+        self._check_meta_block()
+        self._meta_dim = self._build_meta_block()
+        if global_block is None:
+            global_block = GlobalBlock(
+                self.spec.request_features,
+                meta_dim=self._meta_dim,
+                interaction=interaction,
+                cross_layers=cross_layers,
+                projection_dim=projection_dim,
+                units=global_units,
+                name="global_block",
+            )
+            global_block.build(None)
+        self.global_block = global_block
+        self._build_global_block()
+        self._check_global_block()
         # Every weight exists now (no input-shape inference is needed), so
         # checkpoints restore and BackupAndRestore works before the first batch.
         self.built = True
@@ -234,10 +354,14 @@ class LiMAMLModel(tf.keras.Model):
             loss=self.pointwise_loss,
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")],
         )
-        self.inner_lrs: dict[str, tf.Variable] = {}
+        # Learned rates (Meta-SGD) for every weight the configured `adapt`
+        # can adapt, created here so that checkpoints restore before the first
+        # batch. A subclass that narrows `adaptable_variables()` leaves the
+        # other rates unused (`inner_lrs` lists the used ones).
+        self._learned_inner_lrs: dict[str, tf.Variable] = {}
         if self.meta_config.learn_inner_lr:
-            for name, variable in self._adaptable_variables().items():
-                self.inner_lrs[name] = self.add_weight(
+            for name, variable in self._configured_adaptable_variables().items():
+                self._learned_inner_lrs[name] = self.add_weight(
                     name=f"inner_lr/{name}",
                     shape=variable.shape,
                     trainable=True,
@@ -246,7 +370,7 @@ class LiMAMLModel(tf.keras.Model):
                     ),
                 )
             if self.meta_config.adapt_embeddings:
-                self.inner_lrs[META_INPUTS] = self.add_weight(
+                self._learned_inner_lrs[META_INPUTS] = self.add_weight(
                     name="inner_lr/meta_inputs",
                     shape=(self.meta_block.input_dim,),
                     trainable=True,
@@ -270,8 +394,14 @@ class LiMAMLModel(tf.keras.Model):
             "interaction": interaction,
             "l2": self.l2,
         }
-        # tf.functions kept outside Keras attribute tracking (they are caches).
-        object.__setattr__(self, "_function_cache", {})
+        self._xla_blocker = self._find_xla_blocker()
+        if self.meta_config.jit_compile and self._xla_blocker:
+            logger.warning(
+                "The meta-train step runs without XLA: %s. Give the block an "
+                "`encode(raw) -> encoded` method that does its string work, to "
+                "run it outside the compiled step.",
+                self._xla_blocker,
+            )
         # Under a distribution strategy the first replica's batch is recorded.
         self._nonfinite_entities = tf.Variable(
             tf.constant([], tf.string),
@@ -282,21 +412,198 @@ class LiMAMLModel(tf.keras.Model):
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         )
 
+    # --------------------------------------------------------------- blocks
+    def _build_meta_block(self) -> int:
+        """Creates a custom meta block's weights now; returns d."""
+        if isinstance(self.meta_block, MetaBlock):
+            return self.meta_block.output_dim
+        meta = self._encode_meta(_example_features(self.spec.meta_features))
+        embedding = self.meta_block(meta, weights=None)
+        if embedding.shape.rank != 2 or embedding.shape[-1] is None:
+            raise ValueError(
+                f"`meta_block` must return a meta embedding [T, d]; "
+                f"{self.meta_block.name!r} returned shape {embedding.shape}"
+            )
+        return int(embedding.shape[-1])
+
+    def _build_global_block(self) -> None:
+        """Creates a custom global block's weights now (one call on a dummy row)."""
+        if isinstance(self.global_block, GlobalBlock):
+            return
+        request = self._encode_request(_example_features(self.spec.request_features))
+        embedding = tf.zeros([1, self._meta_dim], self.compute_dtype)
+        self._row_logits(embedding, request)
+
+    def _check_meta_block(self) -> None:
+        if not _has_fast_weights(self.meta_block):
+            raise ValueError(
+                f"`meta_block` {self.meta_block.name!r} has no fast weights: it needs "
+                "`adaptable_weights() -> dict[name, tf.Variable]` and "
+                "`call(inputs, weights=None)` (see LiMAMLModel's docstring)"
+            )
+        if self.meta_config.adapt_embeddings and not isinstance(
+            self.meta_block, MetaBlock
+        ):
+            raise ValueError(
+                "MetaConfig(adapt_embeddings=True) needs the library's MetaBlock; "
+                f"got {type(self.meta_block).__name__}"
+            )
+
+    def _check_global_block(self) -> None:
+        if self.meta_config.adapt == "all" and not _has_fast_weights(self.global_block):
+            raise ValueError(
+                f"MetaConfig(adapt='all') adapts the global block, but "
+                f"{self.global_block.name!r} has no fast weights "
+                "(`adaptable_weights()` and `call(inputs, weights=None)`); use "
+                "adapt='meta_block'"
+            )
+
+    def _find_xla_blocker(self) -> str | None:
+        """Why the step cannot compile with XLA (a block gets raw strings), or None."""
+        for role, block, features in (
+            ("meta_block", self.meta_block, self.spec.meta_features),
+            ("global_block", self.global_block, self.spec.request_features),
+        ):
+            if hasattr(block, "encode"):
+                continue
+            strings = [f.name for f in features if f.type != NUMERIC]
+            if strings:
+                return (
+                    f"{role} {block.name!r} has no `encode` step and reads the "
+                    f"string features {strings}"
+                )
+        return None
+
+    @property
+    def _xla(self) -> bool:
+        """Whether the step compiles with XLA (asked for and possible)."""
+        return self.meta_config.jit_compile and self._xla_blocker is None
+
+    def _encode_meta(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        if hasattr(self.meta_block, "encode"):
+            return self.meta_block.encode(raw)
+        return _select(raw, self.spec.meta_features)
+
+    def _encode_request(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        if hasattr(self.global_block, "encode"):
+            return self.global_block.encode(raw)
+        return _select(raw, self.spec.request_features)
+
+    def _embed(
+        self,
+        meta: Mapping[str, tf.Tensor],
+        weights: Mapping[str, tf.Tensor] | None,
+        batch_size: tf.Tensor | int,
+    ) -> tf.Tensor:
+        """Meta embedding [T, d] from encoded meta features and fast weights."""
+        if isinstance(self.meta_block, MetaBlock):
+            return self.meta_block.call(meta, weights=weights, batch_size=batch_size)
+        return self.meta_block(meta, weights=weights)
+
+    def _row_logits(
+        self, embedding: tf.Tensor, request: Mapping[str, tf.Tensor]
+    ) -> tf.Tensor:
+        """Logits [N] of rows: the global block on {"meta_embedding": [N, d], ...}."""
+        if isinstance(self.global_block, GlobalBlock):
+            return self.global_block.call(embedding, request)
+        logits = self.global_block({META_EMBEDDING_KEY: embedding, **request})
+        if logits.shape.rank == 2 and logits.shape[-1] == 1:
+            logits = tf.squeeze(logits, axis=-1)
+        if logits.shape.rank != 1:
+            raise ValueError(
+                f"`global_block` must return logits [N] or [N, 1]; "
+                f"{self.global_block.name!r} returned shape {logits.shape}"
+            )
+        return tf.cast(logits, embedding.dtype)
+
+    def _task_logits(
+        self,
+        embedding: tf.Tensor,
+        request: Mapping[str, tf.Tensor],
+        weights: Mapping[str, tf.Tensor] | None,
+    ) -> tf.Tensor:
+        """Logits [T, S] from embeddings [T, d] and request features [T, S, ...]."""
+        block = self.global_block
+        if isinstance(block, GlobalBlock):
+            return block.call(embedding, request, weights=weights)
+        if _has_fast_weights(block) and weights:
+            return block({META_EMBEDDING_KEY: embedding, **request}, weights=weights)
+        rows_shape = tf.shape(next(iter(request.values())))[:2]
+        rows = {k: _merge_task_axis(v) for k, v in request.items()}
+        per_row = tf.reshape(
+            tf.broadcast_to(
+                embedding[:, None, :],
+                tf.concat([rows_shape, tf.shape(embedding)[-1:]], axis=0),
+            ),
+            [-1, self._meta_dim],
+        )
+        return tf.reshape(self._row_logits(per_row, rows), rows_shape)
+
     # --------------------------------------------------------------- config
     @property
     def meta_dim(self) -> int:
-        return self.meta_block.output_dim
+        return self._meta_dim
+
+    @property
+    def meta_config(self) -> MetaConfig:
+        """The inner-loop options. Assign a new one to change the test-time
+        knobs (steps, rates, prior); what shapes the weights (`adapt`,
+        `learn_inner_lr`, `adapt_embeddings`) is fixed at construction."""
+        return self._meta_config
+
+    @meta_config.setter
+    def meta_config(self, config: MetaConfig | Mapping[str, Any]) -> None:
+        config = _as_meta_config(config)
+        current = self.__dict__.get("_meta_config")
+        if current is not None:
+            fixed = [
+                name
+                for name in ("adapt", "learn_inner_lr", "adapt_embeddings")
+                if getattr(config, name) != getattr(current, name)
+            ]
+            if fixed:
+                raise ValueError(
+                    f"MetaConfig fields {fixed} shape the model's weights and cannot "
+                    f"change after construction (from {current!r} to {config!r}); "
+                    "build a new model"
+                )
+            # Traced functions read the config at trace time.
+            self._function_cache.clear()
+        self._meta_config = config
 
     def get_config(self) -> dict[str, Any]:
-        return {
+        config = {
             "name": self.name,
             "spec": self.spec.to_dict(),
             "meta_config": self.meta_config.to_dict(),
             **self._config,
         }
+        for key, custom in (
+            ("meta_block", self._custom_meta_block),
+            ("global_block", self._custom_global_block),
+        ):
+            if custom:
+                block = getattr(self, key)
+                try:
+                    config[key] = tf.keras.utils.serialize_keras_object(block)
+                except NotImplementedError as err:
+                    raise NotImplementedError(
+                        f"The custom {key} {block.name!r} cannot give its config "
+                        f"({err}). Implement its `get_config` (and register its "
+                        "class with tf.keras.utils.register_keras_serializable), or "
+                        "rebuild the model in code and restore its weights with "
+                        "tf.train.Checkpoint."
+                    ) from None
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for key in ("meta_block", "global_block"):
+            if isinstance(config.get(key), Mapping):
+                config[key] = tf.keras.layers.deserialize(
+                    config[key], custom_objects=custom_objects
+                )
         return cls(**config)
 
     def with_meta_config(self, **changes) -> MetaConfig:
@@ -317,7 +624,7 @@ class LiMAMLModel(tf.keras.Model):
                 f"{sorted(batch)}"
             )
         encoded: dict[str, Any] = {
-            "meta": self.meta_block.encode(
+            "meta": self._encode_meta(
                 {f.name: batch[f.name] for f in spec.meta_features}
             )
         }
@@ -329,9 +636,7 @@ class LiMAMLModel(tf.keras.Model):
             absent = [k for k in keys.values() if k not in batch]
             if absent:
                 raise KeyError(f"Task batch lacks {absent}; it has {sorted(batch)}")
-            encoded[part] = self.global_block.encode(
-                {n: batch[k] for n, k in keys.items()}
-            )
+            encoded[part] = self._encode_request({n: batch[k] for n, k in keys.items()})
             first = batch[keys[spec.request_features[0].name]]
             rows_shape = tf.shape(first)[:2]
             mask_key = spec.batch_key(part, MASK_KEY)
@@ -348,8 +653,17 @@ class LiMAMLModel(tf.keras.Model):
                 encoded["batch_size"] = tf.shape(batch["entity_id"])[0]
         return encoded
 
-    # ---------------------------------------------------------- inner loop
-    def _adaptable_variables(self) -> dict[str, tf.Variable]:
+    # ---------------------------------------------------------------- hooks
+    def adaptable_variables(self) -> dict[str, tf.Variable]:
+        """The weights the inner loop adapts, by name.
+
+        The meta block's `adaptable_weights()` as "meta_block/<name>"; with
+        `MetaConfig(adapt="all")` also the global block's as
+        "global_block/<name>". Override to adapt fewer (e.g. only a last bias).
+        """
+        return self._configured_adaptable_variables()
+
+    def _configured_adaptable_variables(self) -> dict[str, tf.Variable]:
         params = {
             META_PREFIX + k: v for k, v in self.meta_block.adaptable_weights().items()
         }
@@ -362,14 +676,66 @@ class LiMAMLModel(tf.keras.Model):
             )
         return params
 
-    def _initial_fast_weights(self, encoded: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+    @property
+    def inner_lrs(self) -> dict[str, tf.Variable]:
+        """Learned inner rates (Meta-SGD) of the adapted weights; {} when not learned."""
+        used = set(self.adaptable_variables()) | {META_INPUTS}
+        return {k: v for k, v in self._learned_inner_lrs.items() if k in used}
+
+    def inner_lr(
+        self, name: str, config: MetaConfig | None = None
+    ) -> float | tf.Tensor | tf.Variable:
+        """The inner learning rate of adapted weight `name` (a key of
+        `adaptable_variables()`, or "meta_block/inputs" for the adapted
+        meta-feature embeddings).
+
+        Args:
+            name: The weight's name.
+            config: The MetaConfig in force for this call (per-call overrides
+                included); None for `meta_config`.
+
+        Returns:
+            Its learned rate (Meta-SGD, the weight's shape) when the model
+            learns rates, else `config.inner_lr`.
+        """
+        config = config or self.meta_config
+        learned = self._learned_inner_lrs.get(name)
+        return config.inner_lr if learned is None else learned
+
+    def support_loss(
+        self,
+        labels: tf.Tensor,
+        logits: tf.Tensor,
+        mask: tf.Tensor,
+        config: MetaConfig | None = None,
+    ) -> tf.Tensor:
+        """The inner loop's loss per task, `[T]`, from `[T, S]` support rows.
+
+        sum(mask * loss) / max(sum(mask), 1), or with `config.support_prior`
+        c > 0, sum(mask * loss) / (sum(mask) + c): shrunk toward no update.
+        A task with no real row has loss 0, so it is not adapted.
+
+        Args:
+            labels: `[T, S]`.
+            logits: `[T, S]`.
+            mask: `[T, S]`, 1 for real rows.
+            config: The MetaConfig in force for this call; None for `meta_config`.
+        """
+        prior = (config or self.meta_config).support_prior
+        if not prior:
+            return self._per_task_loss(labels, logits, mask)
+        pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
+        return tf.reduce_sum(pointwise * mask, axis=-1) / (
+            tf.reduce_sum(mask, axis=-1) + tf.cast(prior, pointwise.dtype)
+        )
+
+    # ---------------------------------------------------------- inner loop
+    def _initial_fast_weights(
+        self, encoded: Mapping[str, Any], config: MetaConfig | None = None
+    ) -> dict[str, tf.Tensor]:
         tasks = encoded["batch_size"]
-        fast = {}
-        for name, variable in self._adaptable_variables().items():
-            # Tiled once: the gradient of the summed support loss w.r.t. the
-            # [T, ...] copy is each task's own gradient.
-            fast[name] = tf.tile(variable[None], [tasks] + [1] * variable.shape.rank)
-        if self.meta_config.adapt_embeddings:
+        fast = maml.tile(self.adaptable_variables(), tasks)
+        if (config or self.meta_config).adapt_embeddings:
             fast[META_INPUTS] = self.meta_block.embed_inputs(encoded["meta"], tasks)
         return fast
 
@@ -390,71 +756,54 @@ class LiMAMLModel(tf.keras.Model):
             for k, v in fast.items()
             if k.startswith(GLOBAL_PREFIX)
         }
-        embedding = self.meta_block.call(
-            encoded["meta"], weights=meta_w, batch_size=encoded["batch_size"]
-        )
-        logits = self.global_block.call(embedding, encoded[part], weights=global_w)
+        embedding = self._embed(encoded["meta"], meta_w, encoded["batch_size"])
+        logits = self._task_logits(embedding, encoded[part], global_w)
         return logits, embedding
 
     def _per_task_loss(
         self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
     ) -> tf.Tensor:
+        """The plain masked mean per task (the query loss)."""
         pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
         return masked_task_mean(pointwise, mask)
 
-    def _support_loss(
-        self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
-    ) -> tf.Tensor:
-        """Inner-loop loss per task; shrunk toward no update by `support_prior`."""
-        prior = self.meta_config.support_prior
-        if not prior:
-            return self._per_task_loss(labels, logits, mask)
-        pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
-        return tf.reduce_sum(pointwise * mask, axis=-1) / (
-            tf.reduce_sum(mask, axis=-1) + tf.cast(prior, pointwise.dtype)
-        )
-
     def _inner_loop(
-        self, encoded: Mapping[str, Any], steps: int, first_order: bool
+        self,
+        encoded: Mapping[str, Any],
+        steps: int,
+        first_order: bool,
+        config: MetaConfig | None = None,
     ) -> tuple[dict[str, tf.Tensor], tf.Tensor | None]:
         """k support steps; returns fast weights and the pre-adaptation support loss [T]."""
-        fast = self._initial_fast_weights(encoded)
-        initial_support_loss = None
-        inputs_mask = self.meta_block.embedding_input_mask()
-        for _ in range(steps):
-            names = list(fast)
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch([fast[n] for n in names])
-                logits, _ = self._logits(encoded, SUPPORT, fast)
-                per_task = self._support_loss(
-                    encoded["support_label"], logits, encoded["support_mask"]
-                )
-                total = tf.reduce_sum(per_task)
-            grads = tape.gradient(total, [fast[n] for n in names])
-            if initial_support_loss is None:
-                initial_support_loss = per_task
-            updated = {}
-            for name, grad in zip(names, grads, strict=True):
-                if grad is None:
-                    updated[name] = fast[name]
-                    continue
-                if first_order:
-                    grad = tf.stop_gradient(grad)
-                if name == META_INPUTS:
-                    grad = grad * inputs_mask
-                lr = self.inner_lrs.get(name)
-                lr = (
-                    tf.cast(self.meta_config.inner_lr, grad.dtype) if lr is None else lr
-                )
-                updated[name] = fast[name] - lr * grad
-            fast = updated
-        return fast, initial_support_loss
+        config = config or self.meta_config
+        fast = self._initial_fast_weights(encoded, config)
+        if not steps:
+            return fast, None
+        rates = {name: self.inner_lr(name, config) for name in fast}
+        if META_INPUTS in rates:
+            # Only looked-up embedding rows adapt, not numeric inputs.
+            inputs_mask = self.meta_block.embedding_input_mask()
+            rates[META_INPUTS] = (
+                tf.cast(rates[META_INPUTS], inputs_mask.dtype) * inputs_mask
+            )
+
+        def task_loss(fast):
+            logits, _ = self._logits(encoded, SUPPORT, fast)
+            return self.support_loss(
+                encoded["support_label"], logits, encoded["support_mask"], config
+            )
+
+        return maml.adapt(task_loss, fast, steps, rates, first_order)
 
     def _forward(
-        self, encoded: Mapping[str, Any], steps: int, first_order: bool
+        self,
+        encoded: Mapping[str, Any],
+        steps: int,
+        first_order: bool,
+        config: MetaConfig | None = None,
     ) -> dict[str, tf.Tensor]:
         """Adapt on support, score query; all the meta-train math, no metrics."""
-        fast, support_loss = self._inner_loop(encoded, steps, first_order)
+        fast, support_loss = self._inner_loop(encoded, steps, first_order, config)
         logits, embedding = self._logits(encoded, QUERY, fast)
         out = {"query_logits": logits, "meta_embedding": embedding}
         if "query_label" in encoded:
@@ -514,9 +863,7 @@ class LiMAMLModel(tf.keras.Model):
     # ------------------------------------------------------------- Keras API
     def train_step(self, batch):
         encoded = self.encode(batch)
-        step = self._function(
-            "meta_gradients", self._meta_gradients, self.meta_config.jit_compile
-        )
+        step = self._function("meta_gradients", self._meta_gradients, self._xla)
         grads, out = step(encoded)
         finite = out["finite"]
         # A non-finite step must not poison the weights. Zeroing its gradients
@@ -552,7 +899,7 @@ class LiMAMLModel(tf.keras.Model):
         forward = self._function(
             f"forward_{cfg.inner_steps}_{cfg.first_order}",
             lambda e: self._forward(e, cfg.inner_steps, True),
-            cfg.jit_compile,
+            self._xla,
         )
         return self._update_metrics(encoded, forward(encoded))
 
@@ -582,11 +929,21 @@ class LiMAMLModel(tf.keras.Model):
             raise ValueError(f"`steps` must be an integer >= 0, got {steps!r}")
         return steps
 
+    def _call_config(
+        self, inner_lr: float | None = None, support_prior: float | None = None
+    ) -> MetaConfig:
+        """`meta_config` with this call's overrides (validated by MetaConfig)."""
+        changes = {"inner_lr": inner_lr, "support_prior": support_prior}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return self.with_meta_config(**changes) if changes else self.meta_config
+
     def adapt(
         self,
         tasks: Mapping[str, tf.Tensor],
         steps: int | None = None,
         first_order: bool | None = None,
+        inner_lr: float | None = None,
+        support_prior: float | None = None,
     ) -> dict[str, tf.Tensor]:
         """Runs the inner loop on the tasks' support sets.
 
@@ -594,6 +951,9 @@ class LiMAMLModel(tf.keras.Model):
             tasks: A task batch (support features, labels and mask).
             steps: Inner steps; defaults to `meta_config.inner_steps`.
             first_order: Defaults to `meta_config.first_order`.
+            inner_lr: Scalar inner learning rate for this call (learned rates,
+                when the model has them, win); defaults to `meta_config.inner_lr`.
+            support_prior: `MetaConfig.support_prior` for this call.
 
         Returns:
             Fast weights by name, each with a leading task axis `[T, ...]`.
@@ -601,37 +961,52 @@ class LiMAMLModel(tf.keras.Model):
         first_order = (
             self.meta_config.first_order if first_order is None else first_order
         )
-        fast, _ = self._inner_loop(self.encode(tasks), self._steps(steps), first_order)
+        config = self._call_config(inner_lr, support_prior)
+        fast, _ = self._inner_loop(
+            self.encode(tasks), self._steps(steps), first_order, config
+        )
         return fast
 
     def meta_embedding(
-        self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
+        self,
+        tasks: Mapping[str, tf.Tensor],
+        steps: int | None = None,
+        inner_lr: float | None = None,
+        support_prior: float | None = None,
     ) -> tf.Tensor:
-        """Adapted meta embeddings `[T, d]`; tasks without support get the default."""
+        """Adapted meta embeddings `[T, d]`; tasks without support get the default.
+
+        Args:
+            tasks: A task batch.
+            steps: Inner steps; defaults to `meta_config.inner_steps`.
+            inner_lr: Scalar inner learning rate for this call.
+            support_prior: `MetaConfig.support_prior` for this call.
+        """
         steps = self._steps(steps)
+        config = self._call_config(inner_lr, support_prior)
         fn = self._function(
-            f"embedding_{steps}",
-            lambda e: self._embedding(e, steps),
-            self.meta_config.jit_compile,
+            f"embedding_{steps}_{inner_lr}_{support_prior}",
+            lambda e: self._embedding(e, steps, config),
+            self._xla,
         )
         return fn(self.encode(tasks))
 
-    def _embedding(self, encoded, steps):
-        fast, _ = self._inner_loop(encoded, steps, True)
+    def _embedding(self, encoded, steps, config: MetaConfig | None = None):
+        fast, _ = self._inner_loop(encoded, steps, True, config)
         meta_w = {
             k[len(META_PREFIX) :]: v
             for k, v in fast.items()
             if k.startswith(META_PREFIX)
         }
-        return self.meta_block.call(
-            encoded["meta"], weights=meta_w, batch_size=encoded["batch_size"]
-        )
+        return self._embed(encoded["meta"], meta_w, encoded["batch_size"])
 
     def predict_query(
         self,
         tasks: Mapping[str, tf.Tensor],
         adapt: bool = True,
         steps: int | None = None,
+        inner_lr: float | None = None,
+        support_prior: float | None = None,
     ) -> tf.Tensor:
         """Query click probabilities `[T, Q]` (padding rows included; see the mask).
 
@@ -640,29 +1015,49 @@ class LiMAMLModel(tf.keras.Model):
             adapt: Adapt on the support set first (False: the meta-learned
                 default, as for a member with no history).
             steps: Inner steps; defaults to `meta_config.inner_steps`.
+            inner_lr: Scalar inner learning rate for this call (learned rates,
+                when the model has them, win).
+            support_prior: `MetaConfig.support_prior` for this call.
         """
         steps = self._steps(steps) if adapt else 0
+        config = self._call_config(inner_lr, support_prior)
         fn = self._function(
-            f"query_{steps}",
-            lambda e: tf.sigmoid(self._forward(e, steps, True)["query_logits"]),
-            self.meta_config.jit_compile,
+            f"query_{steps}_{inner_lr}_{support_prior}",
+            lambda e: tf.sigmoid(self._forward(e, steps, True, config)["query_logits"]),
+            self._xla,
         )
         return fn(self.encode(tasks))
 
     # Traceable forms (no caching): for use inside the caller's own tf.function,
     # e.g. the export signatures.
     def compute_query_logits(
-        self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
+        self,
+        tasks: Mapping[str, tf.Tensor],
+        steps: int | None = None,
+        inner_lr: float | None = None,
+        support_prior: float | None = None,
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        """(query logits [T, Q], adapted meta embedding [T, d]), traceable."""
-        out = self._forward(self.encode(tasks), self._steps(steps), True)
+        """(query logits [T, Q], adapted meta embedding [T, d]), traceable.
+
+        `inner_lr` and `support_prior` override `meta_config` for this call.
+        """
+        config = self._call_config(inner_lr, support_prior)
+        out = self._forward(self.encode(tasks), self._steps(steps), True, config)
         return out["query_logits"], out["meta_embedding"]
 
     def compute_meta_embedding(
-        self, tasks: Mapping[str, tf.Tensor], steps: int | None = None
+        self,
+        tasks: Mapping[str, tf.Tensor],
+        steps: int | None = None,
+        inner_lr: float | None = None,
+        support_prior: float | None = None,
     ) -> tf.Tensor:
-        """Adapted meta embedding [T, d] from meta features and support, traceable."""
-        return self._embedding(self.encode(tasks), self._steps(steps))
+        """Adapted meta embedding [T, d] from meta features and support, traceable.
+
+        `inner_lr` and `support_prior` override `meta_config` for this call.
+        """
+        config = self._call_config(inner_lr, support_prior)
+        return self._embedding(self.encode(tasks), self._steps(steps), config)
 
     def score(
         self, meta_embedding: tf.Tensor, request: Mapping[str, tf.Tensor]
@@ -673,9 +1068,9 @@ class LiMAMLModel(tf.keras.Model):
             meta_embedding: `[B, d]`, one row per request.
             request: Raw request features by name, each `[B]` (`[B, K]` multi-hot).
         """
-        encoded = self.global_block.encode(request)
+        encoded = self._encode_request(request)
         return tf.sigmoid(
-            self.global_block.call(tf.cast(meta_embedding, self.compute_dtype), encoded)
+            self._row_logits(tf.cast(meta_embedding, self.compute_dtype), encoded)
         )
 
 

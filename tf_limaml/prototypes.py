@@ -21,17 +21,20 @@ last bias, as CAVIA-style context adaptation).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
 
-from tf_limaml.model import LiMAMLModel
+from tf_limaml.model import LiMAMLModel, MetaConfig
 
 
 @tf.keras.utils.register_keras_serializable(package="tf_limaml")
 class ShrunkSupportModel(LiMAMLModel):
     """LiMAMLModel whose inner-loop support loss shrinks toward no update.
+
+    Built on LiMAMLModel's public hooks: `support_loss` (the shrunk, recency
+    weighted loss) and `adaptable_variables` (`adapt_only`).
 
     Args:
         *args: As LiMAMLModel.
@@ -39,7 +42,7 @@ class ShrunkSupportModel(LiMAMLModel):
             the inner loop's loss (0 gives the usual masked mean).
         learn_support_prior: Learn c (as log c) in the outer loop (needs
             second order: c only enters through the inner gradient).
-        adapt_only: Names (as in `_adaptable_variables`, e.g.
+        adapt_only: Names (as in `adaptable_variables()`, e.g.
             "meta_block/dense_1/bias") of the only weights the inner loop adapts.
         support_half_life: h, recency weighting of the support loss: the
             latest real row weighs 1, the one before 0.5 ** (1 / h), ...
@@ -56,18 +59,16 @@ class ShrunkSupportModel(LiMAMLModel):
         support_half_life: float | None = None,
         **kwargs,
     ):
-        # Read by `_adaptable_variables`, which the parent's __init__ calls.
-        object.__setattr__(self, "_adapt_only", tuple(adapt_only or ()))
         super().__init__(*args, **kwargs)
-        if self._adapt_only:
-            known = set(LiMAMLModel._adaptable_variables(self))
-            unknown = [n for n in self._adapt_only if n not in known]
-            if unknown:
-                raise ValueError(
-                    f"`adapt_only` names {unknown}, which are not adaptable; "
-                    f"choose from {sorted(known)}"
-                )
-        self.adapt_only = self._adapt_only
+        adapt_only = tuple(adapt_only or ())
+        known = set(super().adaptable_variables())
+        unknown = [n for n in adapt_only if n not in known]
+        if unknown:
+            raise ValueError(
+                f"`adapt_only` names {unknown}, which are not adaptable; "
+                f"choose from {sorted(known)}"
+            )
+        self.adapt_only = adapt_only
         if (
             isinstance(support_prior, bool)
             or not isinstance(support_prior, (int, float))
@@ -105,14 +106,11 @@ class ShrunkSupportModel(LiMAMLModel):
                     math.log(self.support_prior)
                 ),
             )
-        # A trace-time switch: the loss below is the support loss only inside
-        # the inner loop (the query loss of the outer step stays a plain mean).
-        object.__setattr__(self, "_in_inner_loop", False)
 
-    def _adaptable_variables(self) -> dict[str, tf.Variable]:
-        params = super()._adaptable_variables()
-        if self._adapt_only:
-            params = {k: v for k, v in params.items() if k in self._adapt_only}
+    def adaptable_variables(self) -> dict[str, tf.Variable]:
+        params = super().adaptable_variables()
+        if self.adapt_only:
+            params = {k: v for k, v in params.items() if k in self.adapt_only}
         return params
 
     def _prior(self, dtype) -> tf.Tensor:
@@ -120,22 +118,22 @@ class ShrunkSupportModel(LiMAMLModel):
             return tf.cast(tf.exp(self.log_support_prior), dtype)
         return tf.constant(self.support_prior, dtype)
 
-    def _inner_loop(self, encoded: Mapping[str, Any], steps: int, first_order: bool):
-        object.__setattr__(self, "_in_inner_loop", True)
-        try:
-            return super()._inner_loop(encoded, steps, first_order)
-        finally:
-            object.__setattr__(self, "_in_inner_loop", False)
-
-    def _per_task_loss(
-        self, labels: tf.Tensor, logits: tf.Tensor, mask: tf.Tensor
+    def support_loss(
+        self,
+        labels: tf.Tensor,
+        logits: tf.Tensor,
+        mask: tf.Tensor,
+        config: MetaConfig | None = None,
     ) -> tf.Tensor:
-        if not self._in_inner_loop or (
+        # The library's own prior (MetaConfig.support_prior, possibly a
+        # per-call override) takes precedence over the prototype's.
+        config = config or self.meta_config
+        if config.support_prior or (
             not self.support_prior
             and self.log_support_prior is None
             and self.support_half_life is None
         ):
-            return super()._per_task_loss(labels, logits, mask)
+            return super().support_loss(labels, logits, mask, config)
         pointwise = self.pointwise_loss(labels[..., None], logits[..., None])
         weights = mask
         if self.support_half_life is not None:
@@ -154,7 +152,7 @@ class ShrunkSupportModel(LiMAMLModel):
             {
                 "support_prior": self.support_prior,
                 "learn_support_prior": self.learn_support_prior,
-                "adapt_only": list(self._adapt_only),
+                "adapt_only": list(self.adapt_only),
                 "support_half_life": self.support_half_life,
             }
         )
