@@ -71,6 +71,9 @@ def _rate(lr: LearningRate, name: str, dtype: tf.DType):
                 "every parameter a rate (or pass one float)."
             )
         lr = lr[name]
+    if isinstance(lr, (int, float)):
+        # Not tf.cast: it would round a Python float through float32 first.
+        return tf.constant(lr, dtype)
     return tf.cast(lr, dtype)
 
 
