@@ -40,10 +40,45 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def git_commit() -> str | None:
+    """The checked-out commit (with "+dirty" for local changes), if git is there."""
+    import subprocess  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--",
+                "tf_limaml",
+                "beam_pipelines",
+                "serving",
+                "bench",
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def record(result: dict[str, Any], path: str = RESULTS) -> dict[str, Any]:
     """Adds the machine and a timestamp, prints the JSON line and appends it to `path`."""
     result = {
         **result,
+        "git_commit": result.get("git_commit") or git_commit(),
         "machine": machine(),
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

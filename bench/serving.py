@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench.common import machine  # noqa: E402
+from bench.common import git_commit, machine  # noqa: E402
 from tf_limaml import data, export, training  # noqa: E402
 from tf_limaml.datasets import synthetic  # noqa: E402
 from tf_limaml.features import MULTI_HOT, NUMERIC, FeatureSpec  # noqa: E402
@@ -55,39 +55,6 @@ SERVING_BATCH = 100
 SUPPORT_ROWS = 50
 QUERY_ROWS = 100
 WARMUP_ENTITIES = 20
-
-
-def git_commit() -> str | None:
-    """The checked-out commit (with "+dirty" for local changes), if git is there."""
-    import subprocess  # noqa: PLC0415
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [
-                "git",
-                "status",
-                "--porcelain",
-                "--",
-                "tf_limaml",
-                "beam_pipelines",
-                "bench/serving.py",
-            ],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
 
 
 def request_rows(spec: FeatureSpec, rows: int, rng: np.random.Generator) -> dict:
