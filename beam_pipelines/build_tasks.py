@@ -1,0 +1,375 @@
+"""The logic of make-tasks between reading and writing: rows in, task records out.
+
+`BuildTasks` validates each row (`tf_limaml.tasks.validate_row`), groups the
+rows by entity (joined with the entity table if one is given), cuts each
+history into support and query rows, assigns the entity to train/val/test by
+a stable hash and encodes its task with `tf_limaml.data.encode_task`. Rows it
+cannot use go to the dead letter (`beam_pipelines.dead_letter`), and every
+DoFn counts what it saw as elements (`beam_pipelines.counting`), which become
+stats.json (`beam_pipelines.task_stats`).
+
+Example:
+
+    with beam.Pipeline() as p:
+        outputs = (p | beam.Create(rows)
+                     | BuildTasks(spec, SplitRule.parse("last:2")))
+        outputs["tasks"]     # (split, entity_id, serialized SequenceExample)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import apache_beam as beam
+
+from beam_pipelines.analyze import AnalyzeFeatures, analysis_inputs
+from beam_pipelines.counting import STATS, CountingDoFn, SumStats
+from beam_pipelines.dead_letter import REJECTED, dead_letter_record
+from beam_pipelines.reading import MalformedRow
+from beam_pipelines.task_stats import HISTOGRAMS, finalize_stats, size_bucket
+from tf_limaml import data as task_data
+from tf_limaml import tasks as task_rules
+from tf_limaml.features import FeatureSpec
+from tf_limaml.tasks import RowError, SplitRule
+
+NAMESPACE = "limaml.make_tasks"
+SOURCE_INTERACTIONS = "interactions"
+SOURCE_ENTITIES = "entities"
+# Output tags of the DoFns, besides the main output, REJECTED and STATS.
+COLD = "cold"
+# Inputs of the feature analyzers, emitted for train entities only.
+ANALYSIS = "analysis"
+
+
+class _TaskCountingDoFn(CountingDoFn):
+    """make-tasks' counters: its namespace; histogram buckets stay out of Metrics."""
+
+    namespace = NAMESPACE
+    unmetered = HISTOGRAMS
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """What `_check` found: a result, or why the row was rejected."""
+
+    result: Any
+    reason: str | None
+    detail: str
+    row: Any
+    feature: str | None = None
+
+
+def _check(element: Any, check: Any) -> _Checked:
+    """Runs `check(row)` on one read element without ever raising.
+
+    Returns:
+        reason is None when the row passed; otherwise a REJECT_REASONS key,
+        what was wrong, and the feature whose cell broke a rule (if one did).
+    """
+    if isinstance(element, MalformedRow):
+        return _Checked(
+            None, task_rules.REASON_MALFORMED_ROW, element.detail, element.row
+        )
+    row = element._asdict() if hasattr(element, "_asdict") else element  # beam.Row
+    if not isinstance(row, Mapping):
+        return _Checked(
+            None,
+            task_rules.REASON_MALFORMED_ROW,
+            f"expected a mapping of column to value, got {type(row).__name__}",
+            row,
+        )
+    try:
+        return _Checked(check(row), None, "", row)
+    except RowError as err:
+        return _Checked(None, err.reason, err.detail, row, err.feature)
+    except Exception as err:  # noqa: BLE001 - one odd value must not fail the job
+        return _Checked(
+            None, task_rules.REASON_MALFORMED_ROW, f"{type(err).__name__}: {err}", row
+        )
+
+
+class ValidateRows(_TaskCountingDoFn):
+    """Validates interaction rows: (entity_id, clean row), or the dead letter."""
+
+    def __init__(self, spec: FeatureSpec):
+        super().__init__()
+        self.spec = spec
+
+    def _validate(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        return task_rules.validate_row(self.spec, row)
+
+    def process(self, element: Any):
+        self._counts[("rows_read",)] += 1
+        checked = _check(element, self._validate)
+        if checked.reason is None:
+            yield checked.result[self.spec.entity], checked.result
+            return
+        self._counts[("rows_rejected",)] += 1
+        self._counts[("rejected_by_reason", checked.reason)] += 1
+        if checked.feature is not None:
+            self._counts[("rejected_by_feature", checked.feature)] += 1
+        yield beam.pvalue.TaggedOutput(
+            REJECTED,
+            dead_letter_record(
+                checked.row, checked.reason, checked.detail, SOURCE_INTERACTIONS
+            ),
+        )
+
+
+class ValidateEntities(_TaskCountingDoFn):
+    """Validates entity-table rows: (entity_id, meta), or the dead letter."""
+
+    def __init__(self, spec: FeatureSpec):
+        super().__init__()
+        self.spec = spec
+
+    def _validate(self, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        return task_rules.validate_meta_row(self.spec, row)
+
+    def process(self, element: Any):
+        self._counts[("entity_table", "rows_read")] += 1
+        checked = _check(element, self._validate)
+        if checked.reason is None:
+            yield checked.result
+            return
+        counts = self._counts
+        counts[("entity_table", "rows_rejected")] += 1
+        counts[("entity_table", "rejected_by_reason", checked.reason)] += 1
+        if checked.feature is not None:
+            counts[("entity_table", "rejected_by_feature", checked.feature)] += 1
+        yield beam.pvalue.TaggedOutput(
+            REJECTED,
+            dead_letter_record(
+                checked.row, checked.reason, checked.detail, SOURCE_ENTITIES
+            ),
+        )
+
+
+class SplitEntities(_TaskCountingDoFn):
+    """One entity's rows -> its task record (split, entity_id, bytes), or cold.
+
+    Uses `tf_limaml.tasks.split_history` (sort, split, caps, cold, meta merge),
+    `tf_limaml.tasks.assign_split` and `tf_limaml.data.encode_task`, the same
+    functions as the in-process `tf_limaml.tasks.build_tasks`.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        rule: SplitRule,
+        min_support: int = 1,
+        min_query: int = 1,
+        max_support: int | None = None,
+        max_query: int | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.rule = rule
+        self.min_support = min_support
+        self.min_query = min_query
+        self.max_support = max_support
+        self.max_query = max_query
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+
+    def _table_meta(self, metas: list[dict]) -> dict | None:
+        if not metas:
+            return None
+        self._counts[("entity_table", "entities_used")] += 1
+        if len(metas) == 1:
+            return metas[0]
+        # The table has no time to say which duplicate is latest; the greatest by
+        # content wins, so every runner picks the same one.
+        distinct = {task_rules.content_key(m) for m in metas}
+        if len(distinct) > 1:
+            self._counts[("entity_table", "conflicts")] += 1
+        return max(metas, key=task_rules.content_key)
+
+    def process(self, element: tuple[str, Any]):
+        entity_id, grouped = element
+        if isinstance(grouped, Mapping):  # CoGroupByKey with the entity table
+            rows, metas = list(grouped["rows"]), list(grouped["meta"])
+            if not rows:
+                self._counts[("entity_table", "entities_without_interactions")] += 1
+                return
+        else:
+            rows, metas = grouped, []
+        history = task_rules.split_history(
+            self.spec,
+            entity_id,
+            rows,
+            self.rule,
+            min_support=self.min_support,
+            min_query=self.min_query,
+            max_support=self.max_support,
+            max_query=self.max_query,
+            meta=self._table_meta(metas),
+        )
+        self._counts[("meta_conflicts",)] += history.meta_conflicts
+        record = task_data.encode_task(
+            self.spec, entity_id, history.meta, history.support, history.query
+        ).SerializeToString(deterministic=True)
+        if history.cold:
+            self._counts[("entities_cold",)] += 1
+            self._counts[("rows_cold",)] += history.n_rows
+            yield beam.pvalue.TaggedOutput(COLD, (entity_id, record))
+            return
+        split = task_rules.assign_split(
+            entity_id, self.seed, self.val_fraction, self.test_fraction
+        )
+        n_support, n_query = len(history.support), len(history.query)
+        counts = self._counts
+        counts[("entities",)] += 1
+        counts[("rows_in_tasks",)] += n_support + n_query
+        counts[("rows_dropped_by_caps",)] += history.dropped_by_caps
+        counts[("splits", split, "entities")] += 1
+        counts[("splits", split, "interactions")] += n_support + n_query
+        counts[("splits", split, "support_rows")] += n_support
+        counts[("splits", split, "query_rows")] += n_query
+        counts[("support_size_histogram", size_bucket(n_support))] += 1
+        counts[("query_size_histogram", size_bucket(n_query))] += 1
+        if split == "train":
+            # Statistics come from the training entities only, from exactly the
+            # rows of their tasks: a value seen only in val or test never
+            # reaches a mean or a vocabulary.
+            for item in analysis_inputs(
+                self.spec, history.meta, history.support + history.query
+            ):
+                yield beam.pvalue.TaggedOutput(ANALYSIS, item)
+        yield split, entity_id, record
+
+
+class BuildTasks(beam.PTransform):
+    """Row dicts -> task records, cold records, dead letter and statistics.
+
+    The logic of the pipeline between reading and writing: validate each row
+    (`tf_limaml.tasks.validate_row`), group by entity (joined with the entity
+    table if given), split each history and encode it.
+
+    Args:
+        spec: The FeatureSpec.
+        rule: How a history is cut into support and query (or its text form).
+        min_support: Entities with fewer support rows are cold.
+        min_query: Entities with fewer query rows are cold.
+        max_support: Keep each entity's most recent N support rows.
+        max_query: Keep each entity's first N query rows.
+        seed: Seed of the train/val/test hash.
+        val_fraction: Share of entities in val.
+        test_fraction: Share of entities in test.
+        entities: Optional PCollection of entity-table rows (entity id and meta
+            features); an entity found there takes its meta features from it.
+        options: Extra fields recorded under "options" in the statistics.
+
+    Returns (from `expand`): a dict of PCollections:
+        "tasks": (split, entity_id, serialized SequenceExample);
+        "cold": (entity_id, serialized SequenceExample) of cold entities;
+        "rejected": dead-letter JSON lines (interactions and entity table);
+        "stats": one dict, the content of stats.json;
+        "spec": one string, the JSON of the spec completed with statistics of
+            the train entities (`beam_pipelines.analyze.AnalyzeFeatures`).
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        rule: SplitRule | str = "fraction:0.5",
+        min_support: int = 1,
+        min_query: int = 1,
+        max_support: int | None = None,
+        max_query: int | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        entities: beam.PCollection | None = None,
+        options: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.rule = SplitRule.parse(rule) if isinstance(rule, str) else rule
+        for name, value in (("min_support", min_support), ("min_query", min_query)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}")
+        for name, value in (("max_support", max_support), ("max_query", max_query)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise ValueError(
+                    f"`{name}` must be a positive integer or None, got " f"{value!r}"
+                )
+        for name, value in (
+            ("val_fraction", val_fraction),
+            ("test_fraction", test_fraction),
+        ):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
+        if val_fraction + test_fraction > 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction = {val_fraction + test_fraction} "
+                "is more than 1; lower one of them"
+            )
+        self.split_fn = SplitEntities(
+            spec,
+            self.rule,
+            min_support,
+            min_query,
+            max_support,
+            max_query,
+            seed,
+            val_fraction,
+            test_fraction,
+        )
+        self.entities = entities
+        self.options = {
+            "split": str(self.rule),
+            "min_support": min_support,
+            "min_query": min_query,
+            "max_support": max_support,
+            "max_query": max_query,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            **dict(options or {}),
+        }
+
+    def expand(self, rows):
+        validated = rows | "ValidateRows" >> beam.ParDo(
+            ValidateRows(self.spec)
+        ).with_outputs(REJECTED, STATS, main="clean")
+        rejected = [validated[REJECTED]]
+        stats = [validated[STATS]]
+        if self.entities is None:
+            grouped = validated.clean | "GroupByEntity" >> beam.GroupByKey()
+        else:
+            table = self.entities | "ValidateEntities" >> beam.ParDo(
+                ValidateEntities(self.spec)
+            ).with_outputs(REJECTED, STATS, main="meta")
+            rejected.append(table[REJECTED])
+            stats.append(table[STATS])
+            grouped = {
+                "rows": validated.clean,
+                "meta": table.meta,
+            } | "GroupByEntityWithTable" >> beam.CoGroupByKey()
+        split = grouped | "SplitEntities" >> beam.ParDo(self.split_fn).with_outputs(
+            COLD, STATS, ANALYSIS, main="tasks"
+        )
+        stats.append(split[STATS])
+        options, with_table = self.options, self.entities is not None
+        names = [f.name for f in self.spec.features]
+        summary = (
+            tuple(stats)
+            | "SumStats" >> SumStats()
+            | "FinalizeStats" >> beam.Map(finalize_stats, options, with_table, names)
+        )
+        return {
+            "tasks": split.tasks,
+            "cold": split[COLD],
+            "rejected": tuple(rejected) | "FlattenRejected" >> beam.Flatten(),
+            "stats": summary,
+            "spec": split[ANALYSIS] | "AnalyzeFeatures" >> AnalyzeFeatures(self.spec),
+        }
