@@ -398,8 +398,8 @@ class LiMAMLModel(tf.keras.Model):
         if self.meta_config.jit_compile and self._xla_blocker:
             logger.warning(
                 "The meta-train step runs without XLA: %s. Give the block an "
-                "`encode(raw) -> encoded` method that does its string work, to "
-                "run it outside the compiled step.",
+                "`encode(raw) -> encoded` method that does its string work and "
+                "returns numbers; it runs outside the compiled step.",
                 self._xla_blocker,
             )
         # Under a distribution strategy the first replica's batch is recorded.
@@ -464,7 +464,18 @@ class LiMAMLModel(tf.keras.Model):
             ("meta_block", self.meta_block, self.spec.meta_features),
             ("global_block", self.global_block, self.spec.request_features),
         ):
+            if isinstance(block, (MetaBlock, GlobalBlock)):
+                continue  # their `encode` returns numbers
             if hasattr(block, "encode"):
+                encoded = block.encode(_example_features(features))
+                strings = sorted(
+                    k for k, v in encoded.items() if tf.as_dtype(v.dtype) == tf.string
+                )
+                if strings:
+                    return (
+                        f"{role} {block.name!r}'s `encode` step returns the string "
+                        f"features {strings}"
+                    )
                 continue
             strings = [f.name for f in features if f.type != NUMERIC]
             if strings:
