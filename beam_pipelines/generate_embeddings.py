@@ -20,12 +20,18 @@ Outputs in DIR:
   the embedding was adapted on, after the cap) and `generated_at` (int64: Unix
   seconds, UTC, one value per run);
 * `parquet/embeddings-SSSSS-of-NNNNN.parquet` with the same columns (--parquet);
-* `rejected-SSSSS-of-NNNNN.jsonl`: task records that could not be embedded
-  (unparsable, or labels other than 0/1), with the reason;
-* `summary.json`: the counters, written after the run; entities_in must equal
-  entities_out + records_rejected, and the job fails otherwise. It also fails,
-  after writing all of the above, when more than --max-rejected-fraction of the
-  records (default: any) were rejected.
+* `rejected-SSSSS-of-NNNNN.jsonl`: the dead letter, task records that could
+  not be embedded (unparsable, or labels other than 0/1), one JSON object each
+  with `reason`, `detail`, `source` and the record under `row.record_b64`;
+* `summary.json`: the counts, carried through the job as elements (not read
+  from the runner's metrics, which not every runner reports) and written by
+  it; entities_in must equal entities_out + records_rejected, and the job
+  fails otherwise. It also fails, after writing all of the above, when more
+  than --max-rejected-fraction of the records (default: any) were rejected.
+
+The files are written by the same deterministic shard writer as make-tasks'
+(`beam_pipelines.shards`): one shard per ~128 MiB, records sorted by entity id,
+so the same records, export and time stamp give byte-identical files.
 
 Locally:
 
@@ -41,6 +47,7 @@ into embedding rows:
     with beam.Pipeline() as p:
         out = p | beam.Create(records) | GenerateEmbeddings("exports/limaml/3")
         out["embeddings"]   # dicts: entity_id, embedding, model_version, ...
+        out["counts"]       # one dict: entities_in, entities_out, ...
 """
 
 from __future__ import annotations
@@ -52,20 +59,23 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_pipelines.counting import STATS, CountingDoFn, SumStats
+from beam_pipelines.dead_letter import REJECTED, dead_letter, dead_letter_line
 from beam_pipelines.options import embed_arguments
 from beam_pipelines.outputs import prepare_output
+from beam_pipelines.shards import PARQUET, TEMP_PREFIX, TEXT, TFRECORD, WriteShards
+from tf_limaml.signatures import EMBEDDING_KEY, META_EMBEDDING
 
 logger = logging.getLogger(__name__)
 
@@ -84,22 +94,31 @@ COUNTERS = (
     RECORDS_REJECTED,
     BATCHES,
 )
-REJECTED = "rejected"
 EMBEDDINGS = "embeddings"
+COUNTS = "counts"
 EMBEDDINGS_PREFIX = "embeddings"
+PARQUET_PREFIX = "parquet/embeddings"
 TFRECORD_SUFFIX = ".tfrecord.gz"
-OUTPUT_PATTERNS = ("embeddings-*", "parquet/embeddings-*", "rejected-*", "summary.json")
+PARQUET_SUFFIX = ".parquet"
+REJECTED_SUFFIX = ".jsonl"
+# Where rejected records come from, in the dead letter.
+SOURCE_TASK_RECORDS = "task_records"
+REASON_BAD_TASK_RECORD = "bad_task_record"
+OUTPUT_PATTERNS = (
+    "embeddings-*",
+    "parquet/embeddings-*",
+    "rejected-*",
+    "summary.json",
+    f"{TEMP_PREFIX}*",
+    f"parquet/{TEMP_PREFIX}*",
+)
 
 
 class TooManyRejectedError(ValueError):
     """More task records were rejected than --max-rejected-fraction allows."""
 
 
-def _counter(name: str):
-    return Metrics.counter(NAMESPACE, name)
-
-
-class EmbedTasksFn(beam.DoFn):
+class EmbedTasksFn(CountingDoFn):
     """Batches of serialized task records -> one embedding row per entity.
 
     Loads the SavedModel once per worker (in `setup`) and calls its batched
@@ -107,7 +126,8 @@ class EmbedTasksFn(beam.DoFn):
     while Beam reads the next, so a batch's rows are emitted when the next
     batch arrives, or at the end of the bundle. A batch that fails (a
     malformed record, a label other than 0/1) is retried record by record, and
-    the failing records go to the `rejected` output with the reason.
+    the failing records go to the `rejected` output as dead-letter records.
+    Its counts (COUNTERS) go to the `stats` output once per bundle.
 
     Args:
         export_dir: The SavedModel version directory (or its base: the latest).
@@ -117,6 +137,8 @@ class EmbedTasksFn(beam.DoFn):
             sorted by support length and split into calls of this size.
     """
 
+    namespace = NAMESPACE
+
     def __init__(
         self,
         export_dir: str,
@@ -124,6 +146,7 @@ class EmbedTasksFn(beam.DoFn):
         generated_at: int,
         call_size: int = 256,
     ):
+        super().__init__()
         self.export_dir = export_dir
         self.max_support = max_support
         self.generated_at = generated_at
@@ -141,7 +164,7 @@ class EmbedTasksFn(beam.DoFn):
         self._max_support = max_support
         self._model_version = int(metadata["model_version"])
         self._loaded = tf.saved_model.load(metadata["export_dir"])
-        signature = self._loaded.signatures[export.META_EMBEDDING]
+        signature = self._loaded.signatures[META_EMBEDDING]
         input_specs = signature.structured_input_signature[1]
         support_keys = {
             spec.batch_key(SUPPORT, name)
@@ -190,19 +213,13 @@ class EmbedTasksFn(beam.DoFn):
                 )
                 for name, value in inputs.items()
             }
-            return signature(**sliced)["meta_embedding"]
+            return signature(**sliced)[EMBEDDING_KEY]
 
         self._parse_sorted = parse_sorted
         self._embed_range = embed_range
         self._input_names = list(input_specs)
         self._errors = (tf.errors.InvalidArgumentError,)
         self._tf = tf
-        self._cold = _counter(ENTITIES_COLD)
-        self._truncated = _counter(ENTITIES_TRUNCATED)
-        self._rejected = _counter(RECORDS_REJECTED)
-        self._batches = _counter(BATCHES)
-        self._entities_in = _counter(ENTITIES_IN)
-        self._entities_out = _counter(ENTITIES_OUT)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="limaml-embed"
         )
@@ -250,12 +267,13 @@ class EmbedTasksFn(beam.DoFn):
         cold = int(np.count_nonzero(n_support == 0))
         truncated = int(np.count_nonzero(n_support > self._max_support))
         if cold:
-            self._cold.inc(cold)
+            self.count(ENTITIES_COLD, n=cold)
         if truncated:
-            self._truncated.inc(truncated)
+            self.count(ENTITIES_TRUNCATED, n=truncated)
         return rows
 
     def start_bundle(self):
+        super().start_bundle()
         self._pending = None
 
     def process(
@@ -267,9 +285,9 @@ class EmbedTasksFn(beam.DoFn):
         # TensorFlow runs this batch on the helper thread (it releases the
         # GIL) while Beam reads and batches the next records on this one; the
         # previous batch's rows go out now, and the last batch's at the end
-        # of the bundle. Counters are only touched on this thread.
-        self._batches.inc()
-        self._entities_in.inc(len(records))
+        # of the bundle. Counts are only touched on this thread.
+        self.count(BATCHES)
+        self.count(ENTITIES_IN, n=len(records))
         future = self._executor.submit(self._compute, list(records))
         previous, self._pending = self._pending, (records, future, window, timestamp)
         if previous is not None:
@@ -279,6 +297,7 @@ class EmbedTasksFn(beam.DoFn):
         previous, self._pending = self._pending, None
         if previous is not None:
             yield from self._complete(*previous)
+        yield from super().finish_bundle()
 
     def _complete(self, records, future, window, timestamp) -> Iterable[Any]:
         """Windowed outputs of one batch: its rows, or its dead letter on failure."""
@@ -291,7 +310,7 @@ class EmbedTasksFn(beam.DoFn):
         except self._errors:
             rows = None
         if rows is not None:
-            self._entities_out.inc(len(rows))
+            self.count(ENTITIES_OUT, n=len(rows))
             yield from map(windowed, rows)
             return
         logger.warning(
@@ -301,19 +320,21 @@ class EmbedTasksFn(beam.DoFn):
             try:
                 rows = self._rows(self._compute([record]))
             except self._errors as err:
-                self._rejected.inc()
+                self.count(RECORDS_REJECTED)
+                record_b64 = base64.b64encode(record).decode("ascii")
                 yield beam.pvalue.TaggedOutput(
                     REJECTED,
                     windowed(
-                        {
-                            "reason": "bad_task_record",
-                            "detail": err.message.strip().splitlines()[0][:500],
-                            "record_b64": base64.b64encode(record).decode("ascii"),
-                        }
+                        dead_letter(
+                            {"record_b64": record_b64},
+                            REASON_BAD_TASK_RECORD,
+                            err.message.strip().splitlines()[0][:500],
+                            SOURCE_TASK_RECORDS,
+                        )
                     ),
                 )
                 continue
-            self._entities_out.inc(len(rows))
+            self.count(ENTITIES_OUT, n=len(rows))
             yield from map(windowed, rows)
 
     def teardown(self):
@@ -322,8 +343,13 @@ class EmbedTasksFn(beam.DoFn):
             executor.shutdown(wait=True)
 
 
+def named_counts(counts: Mapping[tuple, int]) -> dict[str, int]:
+    """The summed {key tuple: count} of EmbedTasksFn as {counter: n}, all COUNTERS."""
+    return {name: int(counts.get((name,), 0)) for name in COUNTERS}
+
+
 class GenerateEmbeddings(beam.PTransform):
-    """Serialized task records -> {"embeddings": rows, "rejected": dead letter}.
+    """Serialized task records -> embedding rows, dead letter and counts.
 
     Args:
         export_dir: The SavedModel version directory (or its base: the latest).
@@ -335,8 +361,11 @@ class GenerateEmbeddings(beam.PTransform):
             call pads its support sets less (1: no sorting).
 
     Returns (from `expand`): a dict with "embeddings", a PCollection of dicts
-    (entity_id, embedding, model_version, n_support, generated_at), and
-    "rejected", the records that could not be embedded, with the reason.
+    (entity_id, embedding, model_version, n_support, generated_at);
+    "rejected", dead-letter dicts (`beam_pipelines.dead_letter`) of the
+    records that could not be embedded; and "counts", one dict
+    {counter: n} of every name in COUNTERS, summed from the elements the
+    DoFn emits (no runner metrics needed).
     """
 
     def __init__(
@@ -375,9 +404,18 @@ class GenerateEmbeddings(beam.PTransform):
                     self.generated_at,
                     call_size=self.batch_size,
                 )
-            ).with_outputs(REJECTED, main=EMBEDDINGS)
+            ).with_outputs(REJECTED, STATS, main=EMBEDDINGS)
         )
-        return {EMBEDDINGS: embedded[EMBEDDINGS], REJECTED: embedded[REJECTED]}
+        counts = (
+            embedded[STATS]
+            | "SumStats" >> SumStats()
+            | "NameCounts" >> beam.Map(named_counts)
+        )
+        return {
+            EMBEDDINGS: embedded[EMBEDDINGS],
+            REJECTED: embedded[REJECTED],
+            COUNTS: counts,
+        }
 
 
 def to_example(row: dict[str, Any]) -> bytes:
@@ -409,44 +447,103 @@ def parquet_schema():
     )
 
 
-class WriteEmbeddings(beam.PTransform):
-    """Writes `GenerateEmbeddings` outputs to DIR (see the module doc)."""
+def _embedding_item(row: dict[str, Any]) -> tuple[str, str, bytes]:
+    return EMBEDDINGS_PREFIX, row["entity_id"], to_example(row)
 
-    def __init__(self, output_dir: str, parquet: bool = False):
+
+def _parquet_item(row: dict[str, Any]) -> tuple[str, str, bytes]:
+    return PARQUET_PREFIX, row["entity_id"], json.dumps(row, sort_keys=True).encode()
+
+
+def _rejected_item(record: Mapping[str, Any]) -> tuple[str, str, bytes]:
+    line = dead_letter_line(record)
+    return REJECTED, line, line.encode("utf-8", "backslashreplace")
+
+
+def embed_summary(
+    counts: Mapping[str, int], run_info: Mapping[str, Any]
+) -> dict[str, Any]:
+    """summary.json: the run's fields, the counts, and whether they balance."""
+    return {
+        **run_info,
+        **counts,
+        "balanced": counts[ENTITIES_IN]
+        == counts[ENTITIES_OUT] + counts[RECORDS_REJECTED],
+    }
+
+
+class WriteEmbeddings(beam.PTransform):
+    """Writes `GenerateEmbeddings` outputs to DIR (see the module doc).
+
+    Embeddings (TFRecord, and Parquet with `parquet`) and the dead letter go
+    through the deterministic shard writer (`beam_pipelines.shards`);
+    summary.json is `embed_summary` of the "counts" output.
+
+    Args:
+        output_dir: Directory (any Beam filesystem).
+        parquet: Also write `parquet/embeddings-*.parquet`.
+        run_info: Fields of summary.json besides the counts (export, model
+            version, time stamp, ...).
+        num_shards: Shards per output (0: one per ~128 MiB).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        parquet: bool = False,
+        run_info: Mapping[str, Any] | None = None,
+        num_shards: int = 0,
+    ):
         super().__init__()
         self.output_dir = output_dir
         self.parquet = parquet
+        self.run_info = dict(run_info or {})
+        self.num_shards = num_shards
 
     def expand(self, outputs):
-        path = lambda name: FileSystems.join(self.output_dir, name)  # noqa: E731
-        (
-            outputs[EMBEDDINGS]
-            | "ToTFExample" >> beam.Map(to_example)
-            | "WriteTFRecords"
-            >> beam.io.WriteToTFRecord(
-                path(EMBEDDINGS_PREFIX),
-                file_name_suffix=TFRECORD_SUFFIX,
-                compression_type=CompressionTypes.GZIP,
-            )
-        )
+        formats = {
+            EMBEDDINGS_PREFIX: (TFRECORD_SUFFIX, TFRECORD),
+            REJECTED: (REJECTED_SUFFIX, TEXT),
+        }
+        items = [
+            outputs[EMBEDDINGS] | "EmbeddingItems" >> beam.Map(_embedding_item),
+            outputs[REJECTED] | "RejectedItems" >> beam.Map(_rejected_item),
+        ]
+        schemas = {}
         if self.parquet:
-            outputs[EMBEDDINGS] | "WriteParquet" >> beam.io.WriteToParquet(
-                FileSystems.join(path("parquet"), EMBEDDINGS_PREFIX),
-                parquet_schema(),
-                file_name_suffix=".parquet",
+            formats[PARQUET_PREFIX] = (PARQUET_SUFFIX, PARQUET)
+            schemas[PARQUET_PREFIX] = parquet_schema()
+            items.append(
+                outputs[EMBEDDINGS] | "ParquetItems" >> beam.Map(_parquet_item)
             )
+        _ = (
+            tuple(items)
+            | "FlattenOutputs" >> beam.Flatten()
+            | "WriteShards"
+            >> WriteShards(self.output_dir, formats, self.num_shards, schemas)
+        )
         (
-            outputs[REJECTED]
-            | "RejectedToJson" >> beam.Map(json.dumps)
-            | "WriteRejected"
-            >> beam.io.WriteToText(path("rejected"), file_name_suffix=".jsonl")
+            outputs[COUNTS]
+            | "Summary" >> beam.Map(embed_summary, self.run_info)
+            | "SummaryToJson" >> beam.Map(json.dumps, indent=2)
+            | "WriteSummary"
+            >> beam.io.WriteToText(
+                FileSystems.join(self.output_dir, "summary"),
+                file_name_suffix=".json",
+                num_shards=1,
+                shard_name_template="",
+            )
         )
         return outputs
 
 
 # ------------------------------------------------------------ command line
 def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
-    """This job's counters from a finished PipelineResult (0 when never incremented)."""
+    """This job's Beam metrics from a finished PipelineResult (0 when never incremented).
+
+    For the runner's UI and tests; `run` writes summary.json from the counts the
+    job carries as elements, which every runner delivers.
+    """
     found = {name: 0 for name in COUNTERS}
     query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     for counter in query["counters"]:
@@ -496,12 +593,23 @@ def run(
     if not FileSystems.exists(known.output):
         FileSystems.mkdirs(known.output)
     generated_at = int(time.time())
+    max_support = known.max_support or metadata["max_support"]
     logger.info(
         "Embedding %s with model version %s (max_support %s)",
         known.tasks,
         metadata["model_version"],
-        known.max_support or metadata["max_support"],
+        max_support,
     )
+    run_info = {
+        "export_dir": metadata["export_dir"],
+        "model_version": metadata["model_version"],
+        "tasks": known.tasks,
+        "max_support": max_support,
+        "generated_at": generated_at,
+        "generated_at_utc": datetime.datetime.fromtimestamp(
+            generated_at, datetime.timezone.utc
+        ).isoformat(),
+    }
 
     options = PipelineOptions(pipeline_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
@@ -514,26 +622,14 @@ def run(
         >> GenerateEmbeddings(
             metadata["export_dir"], known.batch_size, known.max_support, generated_at
         )
-        | "WriteEmbeddings" >> WriteEmbeddings(known.output, known.parquet)
+        | "WriteEmbeddings" >> WriteEmbeddings(known.output, known.parquet, run_info)
     )
     result = pipeline.run()
     result.wait_until_finish()
-    counts = counters(result)
-    summary = {
-        "export_dir": metadata["export_dir"],
-        "model_version": metadata["model_version"],
-        "tasks": known.tasks,
-        "max_support": known.max_support or metadata["max_support"],
-        "generated_at": generated_at,
-        "generated_at_utc": datetime.datetime.fromtimestamp(
-            generated_at, datetime.timezone.utc
-        ).isoformat(),
-        **counts,
-        "balanced": counts[ENTITIES_IN]
-        == counts[ENTITIES_OUT] + counts[RECORDS_REJECTED],
-    }
-    with FileSystems.create(FileSystems.join(known.output, "summary.json")) as f:
-        f.write(json.dumps(summary, indent=2).encode("utf-8"))
+    summary_path = FileSystems.join(known.output, "summary.json")
+    with FileSystems.open(summary_path) as f:
+        summary = json.loads(f.read().decode("utf-8"))
+    counts = {name: summary[name] for name in COUNTERS}
     logger.info(
         "embed: %d entities in, %d out (%d cold start, %d with support cut to %s), "
         "%d records rejected",
@@ -547,7 +643,7 @@ def run(
     if not summary["balanced"]:
         raise RuntimeError(
             f"Entities in ({counts[ENTITIES_IN]}) != entities out ({counts[ENTITIES_OUT]}) "
-            f"+ rejected ({counts[RECORDS_REJECTED]}); see {known.output}/summary.json"
+            f"+ rejected ({counts[RECORDS_REJECTED]}); see {summary_path}"
         )
     rejected, entities_in = counts[RECORDS_REJECTED], counts[ENTITIES_IN]
     if rejected > known.max_rejected_fraction * entities_in:

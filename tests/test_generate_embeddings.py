@@ -331,3 +331,74 @@ def test_embed_fails_after_writing_everything_when_records_are_rejected(
 
     argv += ["--overwrite", "--max-rejected-fraction", "0.2"]
     assert cli.main(argv) == 0
+
+
+def _embed_to(directory, exported, inputs, parquet=True):
+    """GenerateEmbeddings + WriteEmbeddings in one pipeline, at a fixed time stamp."""
+    with beam.Pipeline() as p:
+        _ = (
+            p
+            | beam.Create(inputs)
+            | generate_embeddings.GenerateEmbeddings(
+                exported["export_dir"], batch_size=5, generated_at=1_700_000_000
+            )
+            | generate_embeddings.WriteEmbeddings(
+                directory, parquet=parquet, run_info={"model_version": 1}
+            )
+        )
+    return {
+        os.path.relpath(path, directory): open(path, "rb").read()
+        for path in glob.glob(os.path.join(directory, "**", "*"), recursive=True)
+        if os.path.isfile(path)
+    }
+
+
+def test_embed_writes_through_the_shared_shard_writer_and_counts_as_elements(
+    exported, tmp_path
+):
+    """Deterministic shards, the make-tasks dead-letter format, counts as elements."""
+    records = _records(exported["tasks"]["test"])[:9]
+    inputs = records + [b"\x00 not a record"]
+    first = _embed_to(str(tmp_path / "a"), exported, inputs)
+    # Another order of the same records: the same bytes.
+    second = _embed_to(str(tmp_path / "b"), exported, list(reversed(inputs)))
+    assert (
+        sorted(first)
+        == sorted(second)
+        == [
+            "embeddings-00000-of-00001.tfrecord.gz",
+            os.path.join("parquet", "embeddings-00000-of-00001.parquet"),
+            "rejected-00000-of-00001.jsonl",
+            "summary.json",
+        ]
+    )
+    for name in first:
+        assert first[name] == second[name], f"{name} differs between two runs"
+
+    # Records sorted by entity id within the shard.
+    ids = [
+        tf.train.Example.FromString(r).features.feature["entity_id"].bytes_list.value[0]
+        for r in _records(str(tmp_path / "a" / "embeddings-*.tfrecord.gz"))
+    ]
+    assert ids == sorted(ids) and len(ids) == len(records)
+
+    (line,) = first["rejected-00000-of-00001.jsonl"].decode().splitlines()
+    record = json.loads(line)
+    assert set(record) == {"reason", "detail", "source", "row"}
+    assert (record["reason"], record["source"]) == ("bad_task_record", "task_records")
+    import base64
+
+    assert base64.b64decode(record["row"]["record_b64"]) == b"\x00 not a record"
+
+    summary = json.loads(first["summary.json"])
+    assert summary == {
+        "model_version": 1,
+        "entities_in": len(inputs),
+        "entities_out": len(records),
+        "entities_cold_start": 0,
+        "entities_support_truncated": summary["entities_support_truncated"],
+        "records_rejected": 1,
+        "batches": summary["batches"],
+        "balanced": True,
+    }
+    assert summary["batches"] >= 1
