@@ -190,3 +190,25 @@ def test_fallback_recipe_scores_exactly_as_global(tiny):
 def test_budget_is_validated(tiny):
     with pytest.raises(ValueError, match="budget"):
         tune.tune(tiny["spec"], tiny["splits"], tiny["recipe"], budget=0)
+
+
+def test_tuning_records_move_a_stable_share_of_train_entities_to_val(tiny):
+    records = baselines.records_from_dir(tiny["dir"])
+    tuned = tune.tuning_records(records, fraction=0.25)
+    ids = {split: {tune._entity_id(r) for r in rs} for split, rs in tuned.items()}
+    original = {
+        split: {tune._entity_id(r) for r in rs} for split, rs in records.items()
+    }
+    moved = original["train"] - ids["train"]
+    # Only train entities move, all of them to val, and test is untouched.
+    assert moved and moved == ids["val"] - original["val"]
+    assert ids["test"] == original["test"]
+    assert ids["train"] | moved == original["train"]
+    assert all(tune.in_tuning_fold(i, 0.25) for i in moved)
+    assert not any(tune.in_tuning_fold(i, 0.25) for i in ids["train"])
+    # About a quarter of the train entities, the same ones on every call.
+    assert 0.15 < len(moved) / len(original["train"]) < 0.35
+    assert tune.tuning_records(records, fraction=0.25) == tuned
+    assert tune.tuning_records(records, fraction=0.0)["val"] == records["val"]
+    with pytest.raises(ValueError, match="tuning fraction"):
+        tune.tuning_records(records, fraction=1.0)

@@ -239,6 +239,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from tf_limaml import baselines, tune  # noqa: PLC0415
+    from tf_limaml.features import ENTITY_ID_KEY  # noqa: PLC0415
 
     spec_path = os.path.join(args.tasks, "spec.json")
     if not os.path.isdir(args.tasks):
@@ -251,11 +252,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     protocol = baselines.Protocol()
     with progress.phase(f"load tasks from {args.tasks}"):
         records = baselines.records_from_dir(args.tasks)
-        splits = baselines.Splits.from_records(records, spec, protocol)
+        splits = tune.tuning_splits(records, spec, protocol)
     recipe = baselines.Recipe.fast() if args.fast else baselines.Recipe()
     with progress.phase(
         f"tune: {args.budget} trained candidate(s) + the global fallback, on "
-        f"{len(records['val'])} val entities"
+        f"{len(splits.val[ENTITY_ID_KEY])} val entities (val + "
+        f"{tune.TUNING_FOLD:.0%} of train)"
     ):
         result = tune.tune(
             spec,

@@ -512,11 +512,12 @@ def run(args: argparse.Namespace, progress) -> int:
         from tf_limaml import tune  # noqa: PLC0415
 
         with progress.phase(
-            f"tune (budget {budget}): LiMAML's recipe on the val members vs global"
+            f"tune (budget {budget}): LiMAML's recipe vs global, on the val members "
+            f"and {tune.TUNING_FOLD:.0%} of the train members"
         ):
             tuned = tune.tune(
                 spec,
-                splits,
+                tune.tuning_splits(records, spec, protocol),
                 recipe,
                 budget=budget,
                 seed=protocol.split_seed,

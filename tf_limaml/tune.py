@@ -83,6 +83,10 @@ MEMBER_TOLERANCE = 0.003
 # Default number of trained candidates.
 DEFAULT_BUDGET = 6
 FALLBACK = "fallback"
+# Share of the train entities that join the val entities while tuning. Val alone
+# (a tenth of the entities) ranks candidates too noisily: on MovieLens-100K's 93
+# val members a recipe's lift over global differed from its test lift by 0.04.
+TUNING_FOLD = 0.25
 
 
 # ------------------------------------------------------------- the rule
@@ -182,6 +186,64 @@ def select(
         if trial["mean_lift"] > best_lift:
             best, best_lift = i, trial["mean_lift"]
     return best
+
+
+# ------------------------------------------------------- the tuning split
+def _entity_id(record: bytes) -> bytes:
+    import tensorflow as tf  # noqa: PLC0415 - baselines has loaded it already
+
+    example = tf.train.SequenceExample.FromString(record)
+    return example.context.feature[ENTITY_ID_KEY].bytes_list.value[0]
+
+
+def in_tuning_fold(entity_id: bytes | str, fraction: float = TUNING_FOLD) -> bool:
+    """Whether a train entity joins val while tuning (a stable SHA-256 share)."""
+    if isinstance(entity_id, str):
+        entity_id = entity_id.encode()
+    digest = hashlib.sha256(b"limaml-tune:" + entity_id).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+
+
+def tuning_records(
+    records: Mapping[str, Sequence[bytes]], fraction: float = TUNING_FOLD
+) -> dict[str, list[bytes]]:
+    """The records `tune` works on: a stable share of the train entities joins val.
+
+    The moved entities play the val entities' part everywhere: the global
+    model trains on their support rows only, early stopping and the
+    candidates' scores read their query rows. Test entities are not touched.
+
+    Args:
+        records: Serialized task records by split (`baselines.records_from_dir`).
+        fraction: Share of the train entities moved, in [0, 1).
+
+    Returns:
+        Records by split, train and val changed.
+
+    Raises:
+        ValueError: fraction outside [0, 1).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"tuning fraction must be in [0, 1), got {fraction!r}")
+    moved = [r for r in records["train"] if in_tuning_fold(_entity_id(r), fraction)]
+    kept = [r for r in records["train"] if not in_tuning_fold(_entity_id(r), fraction)]
+    return {
+        **{k: list(v) for k, v in records.items()},
+        "train": kept,
+        "val": sorted(list(records["val"]) + moved),
+    }
+
+
+def tuning_splits(
+    records: Mapping[str, Sequence[bytes]],
+    spec,
+    protocol: baselines.Protocol,
+    fraction: float = TUNING_FOLD,
+) -> baselines.Splits:
+    """`baselines.Splits` of `tuning_records`: what `tune` takes."""
+    return baselines.Splits.from_records(
+        tuning_records(records, fraction), spec, protocol
+    )
 
 
 # ------------------------------------------------------------ measuring
