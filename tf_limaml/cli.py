@@ -17,8 +17,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from tf_limaml.argtypes import positive_float as _positive_float
 from tf_limaml.argtypes import non_negative_int as _non_negative_int
+from tf_limaml.argtypes import positive_float as _positive_float
 from tf_limaml.argtypes import positive_int as _positive_int
 
 EXIT_USAGE = 2
