@@ -71,12 +71,15 @@ SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
     "warm_start": ("pretrain", "global"),
 }
 # Test-time knobs of each trained candidate: inner lr scales, and support
-# priors added to the trained one.
+# priors added to the trained one. A prior c scales an entity's step by
+# n / (n + c): a large c leaves an entity with one or two rows at the default
+# and still adapts one with a hundred, the fall-back toward the default by
+# support size that the constraint at every k asks for.
 LR_SCALES = (0.25, 0.5, 1.0)
-PRIOR_BOOSTS = (0.0, 10.0)
+PRIOR_BOOSTS = (0.0, 20.0, 90.0)
 # Test-time adaptation of the global network itself (plain fine-tuning).
 GLOBAL_ADAPT_LRS = (0.01, 0.03, 0.1, 0.3)
-GLOBAL_ADAPT_PRIORS = (0.0, 10.0)
+GLOBAL_ADAPT_PRIORS = (0.0, 10.0, 30.0, 100.0)
 # The selection rule's margins (see the module docstring).
 MIN_GAIN = 0.002
 MEMBER_TOLERANCE = 0.003
