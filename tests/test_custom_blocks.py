@@ -416,3 +416,19 @@ def test_blocks_that_miss_the_protocol_are_refused(synthetic_spec):
         LiMAMLModel(synthetic_spec, meta_block=tf.keras.layers.Dense(4))
     with pytest.raises(ValueError, match="adapt='all'"):
         LiMAMLModel(synthetic_spec, MetaConfig(adapt="all"), global_block=Ranker(ITEMS))
+
+
+def test_our_global_block_takes_the_same_dict(synthetic_spec):
+    block = tf_limaml.GlobalBlock(synthetic_spec.request_features, meta_dim=4)
+    block.build(None)
+    raw = {
+        "item_id": tf.constant(["3", "7"]),
+        "topics": tf.constant([["news", ""], ["film", "tech"]]),
+        **{f"f{k}": tf.constant([0.1, -0.2]) for k in range(4)},
+    }
+    encoded = block.encode(raw)
+    embedding = tf.random.normal([2, 4])
+    np.testing.assert_allclose(
+        block({"meta_embedding": embedding, **encoded}).numpy(),
+        block(embedding, encoded).numpy(),
+    )

@@ -438,3 +438,89 @@ def test_support_prior_shrinks_the_inner_step():
         )
     with pytest.raises(ValueError, match="support_prior"):
         MetaConfig(support_prior=-1.0)
+
+
+TINY_TASKS = {
+    "a": tf.constant([2.0]),
+    "support_r": tf.constant([[0.0, -1.0]]),
+    "support_label": tf.constant([[1.0, 0.0]]),
+    "support_mask": tf.constant([[1.0, 1.0]]),
+    "query_r": tf.constant([[0.5]]),
+}
+
+
+def test_per_call_overrides_equal_a_model_built_with_them():
+    model = _tiny_model(inner_lr=0.1)
+    for changes in ({"inner_lr": 0.3}, {"support_prior": 2.0}):
+        built = _tiny_model(**{"inner_lr": 0.1, **changes})
+        for name, value in built.adapt(TINY_TASKS).items():
+            np.testing.assert_allclose(
+                model.adapt(TINY_TASKS, **changes)[name].numpy(), value.numpy()
+            )
+        np.testing.assert_allclose(
+            model.predict_query(TINY_TASKS, **changes).numpy(),
+            built.predict_query(TINY_TASKS).numpy(),
+        )
+        np.testing.assert_allclose(
+            model.meta_embedding(TINY_TASKS, **changes).numpy(),
+            built.meta_embedding(TINY_TASKS).numpy(),
+        )
+    # The override is per call: the model's own config is untouched.
+    assert model.meta_config.inner_lr == 0.1 and model.meta_config.support_prior == 0
+    np.testing.assert_allclose(
+        model.predict_query(TINY_TASKS).numpy(),
+        _tiny_model(inner_lr=0.1).predict_query(TINY_TASKS).numpy(),
+    )
+    with pytest.raises(ValueError, match="inner_lr"):
+        model.adapt(TINY_TASKS, inner_lr=-1.0)
+
+
+def test_assigning_meta_config_retraces_and_keeps_the_weights_shape():
+    model = _tiny_model(inner_lr=0.1)
+    before = model.predict_query(TINY_TASKS).numpy()
+    model.meta_config = model.with_meta_config(inner_lr=0.3)
+    np.testing.assert_allclose(
+        model.predict_query(TINY_TASKS).numpy(),
+        _tiny_model(inner_lr=0.3).predict_query(TINY_TASKS).numpy(),
+    )
+    assert np.abs(model.predict_query(TINY_TASKS).numpy() - before).max() > 1e-4
+    for change in ({"adapt": "all"}, {"learn_inner_lr": True}):
+        with pytest.raises(ValueError, match="cannot change"):
+            model.meta_config = model.with_meta_config(**change)
+
+
+class _HookedModel(LiMAMLModel):
+    """Changes the inner loop through the public hooks only."""
+
+    def adaptable_variables(self):
+        return {k: v for k, v in super().adaptable_variables().items() if "bias" in k}
+
+    def inner_lr(self, name, config=None):
+        return 2.0 * super().inner_lr(name, config)
+
+    def support_loss(self, labels, logits, mask, config=None):
+        # A sum over rows instead of a mean: the step scales with n.
+        n = tf.reduce_sum(mask, axis=-1)
+        return super().support_loss(labels, logits, mask, config) * n
+
+
+def test_public_hooks_change_the_inner_loop():
+    model = _HookedModel(
+        TINY_SPEC,
+        MetaConfig(inner_lr=0.1, jit_compile=False),
+        meta_units=[1],
+        global_units=[1],
+        cross_layers=0,
+        interaction="concat",
+    )
+    plain = _tiny_model(inner_lr=0.1)
+    model.set_weights(plain.get_weights())
+    model.global_block._activation = tf.keras.activations.linear
+    fast = model.adapt(TINY_TASKS)
+    assert list(fast) == ["meta_block/dense_0/bias"]
+    # Twice the rate on twice the loss (n = 2 rows): 4 times the plain step.
+    np.testing.assert_allclose(
+        fast["meta_block/dense_0/bias"].numpy().ravel(),
+        4 * plain.adapt(TINY_TASKS)["meta_block/dense_0/bias"].numpy().ravel(),
+        atol=1e-7,
+    )
