@@ -5,6 +5,10 @@ gradient steps on each task's support loss with respect to the meta block only
 (vectorized: the shared weights are tiled to `[T, in, out]` once and every
 task's gradient comes out of one `tape.gradient` call on the summed loss), then
 the outer step updates all variables from the query loss of the adapted model.
+The inner loop is `tf_limaml.maml` (`tile`, `adapt`, `dense`); subclasses
+change it through public hooks (`adaptable_variables`, `inner_lr`,
+`support_loss`), and either block can be your own Keras layer (see
+`LiMAMLModel`).
 
 Example:
 
