@@ -411,7 +411,20 @@ def test_custom_meta_block_adapts_per_task(synthetic_tasks, synthetic_spec):
         )
 
 
+def test_an_unregistered_block_saves_but_loading_says_what_to_do(
+    synthetic_spec, tmp_path
+):
+    model = LiMAMLModel(
+        synthetic_spec, MetaConfig(jit_compile=False), global_block=Ranker(ITEMS)
+    )
+    tf_limaml.save_model(model, tmp_path / "m")
+    with pytest.raises(ValueError, match="register_keras_serializable"):
+        tf_limaml.load_model(tmp_path / "m")
+
+
 def test_blocks_that_miss_the_protocol_are_refused(synthetic_spec):
+    with pytest.raises(ValueError, match="Keras layer or model"):
+        LiMAMLModel(synthetic_spec, global_block=lambda features: features)
     with pytest.raises(ValueError, match="no fast weights"):
         LiMAMLModel(synthetic_spec, meta_block=tf.keras.layers.Dense(4))
     with pytest.raises(ValueError, match="adapt='all'"):

@@ -320,6 +320,11 @@ class LiMAMLModel(tf.keras.Model):
         if not isinstance(l2, (int, float)) or l2 < 0:
             raise ValueError(f"`l2` must be a number >= 0, got {l2!r}")
         self.l2 = float(l2)
+        for key, block in (("meta_block", meta_block), ("global_block", global_block)):
+            if block is not None and not isinstance(block, tf.keras.layers.Layer):
+                raise ValueError(
+                    f"`{key}` must be a Keras layer or model, got {block!r}"
+                )
         # Blocks passed in are serialized into the config; ours are rebuilt
         # from the architecture arguments.
         self._custom_meta_block = meta_block is not None
@@ -616,9 +621,18 @@ class LiMAMLModel(tf.keras.Model):
         config = dict(config)
         for key in ("meta_block", "global_block"):
             if isinstance(config.get(key), Mapping):
-                config[key] = tf.keras.layers.deserialize(
+                block = tf.keras.layers.deserialize(
                     config[key], custom_objects=custom_objects
                 )
+                if not isinstance(block, tf.keras.layers.Layer):
+                    raise ValueError(
+                        f"Cannot rebuild the custom {key} "
+                        f"{config[key].get('class_name')!r} from its config: "
+                        "register its class with "
+                        "tf.keras.utils.register_keras_serializable (or pass it in "
+                        "`custom_objects`) before loading"
+                    )
+                config[key] = block
         return cls(**config)
 
     def with_meta_config(self, **changes) -> MetaConfig:
