@@ -88,9 +88,7 @@ def tiny(tmp_path_factory):
     paths = synthetic.write_tasks(str(out), num_entities=200, seed=0)
     spec = FeatureSpec.load(paths["spec"])
     protocol = baselines.Protocol(max_support=16, max_query=16)
-    splits = baselines.Splits.from_records(
-        baselines.records_from_dir(str(out)), spec, protocol
-    )
+    splits = tune.tuning_splits(baselines.records_from_dir(str(out)), spec, protocol)
     recipe = dataclasses.replace(
         baselines.Recipe.fast(),
         architecture=baselines.Architecture(meta_units=(8, 4), global_units=(16,)),
@@ -116,7 +114,7 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
     fallback = [t for t in trials if t["fallback"]]
     assert len(fallback) == 1
     # The fallback is LiMAML built from the global network: global's scores.
-    assert fallback[0]["val_lift"] == {"1": 0.0, "all": 0.0}
+    assert fallback[0]["fold_lift"] == {"1": 0.0, "all": 0.0}
     assert fallback[0]["recipe"] == {
         "warm_start": "global",
         "meta_epochs": 0,
@@ -133,20 +131,24 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
     table = json.loads(open(paths["trials"]).read())["trials"]
     assert len(table) == len(trials)
     for t in table:
-        assert set(t["val_auc"]) == set(t["val_lift"]) == {"1", "all"}
+        assert set(t["fold_auc"]) == set(t["fold_lift"]) == {"1", "all"}
     markdown = open(paths["markdown"]).read()
     assert "fallback" in markdown and markdown.count("\n| ") == len(trials) + 2
 
 
 def test_tune_falls_back_when_personalization_hurts_on_val(tiny, monkeypatch):
     score = baselines.query_probabilities
+    global_scores = {}
 
     def hurt(model, batch, steps=None, inner_lr=None, chunk=128, support_prior=None):
         p = score(model, batch, steps, inner_lr, chunk, support_prior)
         if model.meta_config.inner_steps == 0 and not steps:
-            return p  # global and the fallback: untouched
-        # Every personalized candidate is made worse than global.
-        return np.clip(p + np.random.default_rng(0).normal(0, 0.3, p.shape), 0, 1)
+            # Global (scored first on each cut) and the fallback: untouched.
+            global_scores.setdefault(id(batch), p)
+            return p
+        # Every personalized candidate scores as global with its positives
+        # pulled down: healthy, but below global at every k.
+        return global_scores[id(batch)] - 0.05 * batch["query_label"]
 
     monkeypatch.setattr(baselines, "query_probabilities", hurt)
     result = tune.tune(
@@ -192,23 +194,33 @@ def test_budget_is_validated(tiny):
         tune.tune(tiny["spec"], tiny["splits"], tiny["recipe"], budget=0)
 
 
-def test_tuning_records_move_a_stable_share_of_train_entities_to_val(tiny):
+def test_tuning_fold_is_a_stable_share_of_train_entities_and_never_test(tiny):
     records = baselines.records_from_dir(tiny["dir"])
     tuned = tune.tuning_records(records, fraction=0.25)
     ids = {split: {tune._entity_id(r) for r in rs} for split, rs in tuned.items()}
     original = {
         split: {tune._entity_id(r) for r in rs} for split, rs in records.items()
     }
-    moved = original["train"] - ids["train"]
-    # Only train entities move, all of them to val, and test is untouched.
-    assert moved and moved == ids["val"] - original["val"]
-    assert ids["test"] == original["test"]
-    assert ids["train"] | moved == original["train"]
-    assert all(tune.in_tuning_fold(i, 0.25) for i in moved)
+    fold = ids["test"]
+    # The fold is train entities only; the real test entities are never read.
+    assert fold and fold <= original["train"]
+    assert not fold & original["test"]
+    assert ids["train"] == original["train"] - fold
+    assert ids["val"] == original["val"]
+    assert all(tune.in_tuning_fold(i, 0.25) for i in fold)
     assert not any(tune.in_tuning_fold(i, 0.25) for i in ids["train"])
     # About a quarter of the train entities, the same ones on every call.
-    assert 0.15 < len(moved) / len(original["train"]) < 0.35
+    assert 0.15 < len(fold) / len(original["train"]) < 0.35
     assert tune.tuning_records(records, fraction=0.25) == tuned
-    assert tune.tuning_records(records, fraction=0.0)["val"] == records["val"]
     with pytest.raises(ValueError, match="tuning fraction"):
-        tune.tuning_records(records, fraction=1.0)
+        tune.tuning_records(records, fraction=0.0)
+
+
+def test_tune_refuses_splits_whose_test_members_are_real(tiny):
+    real = baselines.Splits.from_records(
+        baselines.records_from_dir(tiny["dir"]),
+        tiny["spec"],
+        baselines.Protocol(max_support=16, max_query=16),
+    )
+    with pytest.raises(TypeError, match="tuning_splits"):
+        tune.tune(tiny["spec"], real, tiny["recipe"], budget=1)

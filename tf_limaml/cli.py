@@ -255,9 +255,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         splits = tune.tuning_splits(records, spec, protocol)
     recipe = baselines.Recipe.fast() if args.fast else baselines.Recipe()
     with progress.phase(
-        f"tune: {args.budget} trained candidate(s) + the global fallback, on "
-        f"{len(splits.val[ENTITY_ID_KEY])} val entities (val + "
-        f"{tune.TUNING_FOLD:.0%} of train)"
+        f"tune: {args.budget} trained candidate(s) + the global fallback, scored "
+        f"on a held-out fold of {len(splits.test[ENTITY_ID_KEY])} train entities"
     ):
         result = tune.tune(
             spec,

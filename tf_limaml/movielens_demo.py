@@ -512,8 +512,8 @@ def run(args: argparse.Namespace, progress) -> int:
         from tf_limaml import tune  # noqa: PLC0415
 
         with progress.phase(
-            f"tune (budget {budget}): LiMAML's recipe vs global, on the val members "
-            f"and {tune.TUNING_FOLD:.0%} of the train members"
+            f"tune (budget {budget}): LiMAML's recipe vs global, on a held-out "
+            f"{tune.TUNING_FOLD:.0%} of the train members"
         ):
             tuned = tune.tune(
                 spec,

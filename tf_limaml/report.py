@@ -398,8 +398,8 @@ def tune_summary(result: Mapping[str, Any]) -> dict[str, Any]:
         "recipe",
         "knobs",
         "healthy",
-        "val_auc",
-        "val_lift",
+        "fold_auc",
+        "fold_lift",
         "mean_lift",
         "min_lift",
         "eligible",
@@ -412,7 +412,7 @@ def tune_summary(result: Mapping[str, Any]) -> dict[str, Any]:
         "is_fallback": bool(result["trials"][result["chosen"]]["fallback"]),
         "rule": result["rule"],
         "budget": result["budget"],
-        "global_val_auc": result["global_val"]["auc"],
+        "global_fold_auc": result["global_fold"]["auc"],
         "trials": [{k: t.get(k) for k in keep} for t in result["trials"]],
     }
 
@@ -615,9 +615,9 @@ def _tune_md(tune: Mapping[str, Any] | None) -> list[str]:
     lines = [
         "## Recipe chosen for this data (limaml tune)",
         "",
-        f"Chosen on the val members: trial {tune['chosen']}, **{tune['chosen_name']}**"
+        f"Chosen on the tuning fold (a held-out third of the train members): trial {tune['chosen']}, **{tune['chosen_name']}**"
         + (" (the global fallback)" if tune["is_fallback"] else "")
-        + f", val mean lift over global {trial['mean_lift']:+.4f}.",
+        + f", fold mean lift over global {trial['mean_lift']:+.4f}.",
         "",
         f"Rule: maximize {tune['rule']['objective']}, subject to: "
         + "; ".join(tune["rule"]["constraints"])
@@ -625,9 +625,9 @@ def _tune_md(tune: Mapping[str, Any] | None) -> list[str]:
         f"the fallback ({tune['rule']['fallback']}).",
         "",
     ]
-    ks = list(tune["global_val_auc"])
+    ks = list(tune["global_fold_auc"])
     lines += [
-        "| # | trial | val AUC by k (" + ", ".join(ks) + ") | val lift by k | "
+        "| # | trial | fold AUC by k (" + ", ".join(ks) + ") | fold lift by k | "
         "mean lift | eligible |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -635,9 +635,9 @@ def _tune_md(tune: Mapping[str, Any] | None) -> list[str]:
         mark = " **(chosen)**" if t.get("chosen") else ""
         lines.append(
             f"| {i} | {t['name']}{mark} | "
-            + " / ".join(_short(t["val_auc"].get(k)) for k in ks)
+            + " / ".join(_short(t["fold_auc"].get(k)) for k in ks)
             + " | "
-            + " / ".join(f"{t['val_lift'].get(k, float('nan')):+.4f}" for k in ks)
+            + " / ".join(f"{t['fold_lift'].get(k, float('nan')):+.4f}" for k in ks)
             + f" | {t['mean_lift']:+.4f} | "
             + ("yes" if t.get("eligible") else f"no: {t.get('why_not', '')}")
             + " |"

@@ -1,15 +1,20 @@
-"""`limaml tune`: a budgeted search of LiMAML's recipe on the val members.
+"""`limaml tune`: a budgeted search of LiMAML's recipe on held-out entities.
 
 Personalization must never make a member's scores worse than the global
-model's. So every candidate is measured against the global model *on the val
-members, at every support size k of the sweep* (each val member's support cut
-to its latest k rows, as `baselines.cut_support` does for test), and the rule
-(`select`) is:
+model's. So every candidate is measured against the global model *on the
+tuning fold, at every support size k of the sweep* (each fold member's support
+cut to its latest k rows, as `baselines.cut_support` does for test). The
+tuning fold is a stable third of the TRAIN members (`tuning_splits`): no model
+of the search trains on their query rows, the global model sees their support
+rows as it sees the test members', and val still early-stops every model, so
+the fold's scores are unbiased by early stopping. The val members alone (a
+tenth) were too few: on MovieLens-100K a recipe's val lift over global differed
+from its test lift by 0.04. Test members are never read. The rule (`select`):
 
-1. a candidate is eligible when it is healthy, its val overall AUC is not
-   below global's at any k, its val mean per-member AUC is not below global's
+1. a candidate is eligible when it is healthy, its fold overall AUC is not
+   below global's at any k, its fold mean per-member AUC is not below global's
    by more than `MEMBER_TOLERANCE` at any k, and its mean lift over k is not
-   negative on either half of the val members (a cheap guard against a lift
+   negative on either half of the fold's members (a cheap guard against a lift
    that one lucky half of the members carries);
 2. among the eligible, the one with the largest mean lift over k wins, if
    that lift is at least `MIN_GAIN`; otherwise the **fallback** wins.
@@ -30,7 +35,7 @@ its meta block) is a candidate family too.
 
 Outputs (`write_outputs`): `tune_config.json` (the chosen MetaConfig and the
 recipe fields), `tune_trials.json` and `tune_trials.md` (every trial, with its
-val AUC, lift and member-AUC lift at every k).
+fold AUC, lift and member-AUC lift at every k).
 
 This module is an experiment tool: it imports `baselines`; the core modules
 never import it.
@@ -86,41 +91,39 @@ MEMBER_TOLERANCE = 0.003
 # Default number of trained candidates.
 DEFAULT_BUDGET = 6
 FALLBACK = "fallback"
-# Share of the train entities that join the val entities while tuning. Val alone
-# (a tenth of the entities) ranks candidates too noisily: on MovieLens-100K's 93
-# val members a recipe's lift over global differed from its test lift by 0.04.
-TUNING_FOLD = 0.25
+# Share of the train entities held out as the tuning fold (see the module doc).
+TUNING_FOLD = 1 / 3
 
 
 # ------------------------------------------------------------- the rule
 def summarize_trial(
-    val_auc: Mapping[str, float],
+    fold_auc: Mapping[str, float],
     global_auc: Mapping[str, float],
-    val_member_auc: Mapping[str, float],
+    fold_member_auc: Mapping[str, float],
     global_member_auc: Mapping[str, float],
     half_lift: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """A trial's lifts over global on val, per k, and their summaries.
+    """A trial's lifts over global on the tuning fold, per k, and their summaries.
 
     Args:
-        val_auc: {k label: the candidate's val overall AUC}.
-        global_auc: {k label: global's val overall AUC}.
-        val_member_auc: {k label: the candidate's val mean per-member AUC}.
+        fold_auc: {k label: the candidate's fold overall AUC}.
+        global_auc: {k label: global's fold overall AUC}.
+        fold_member_auc: {k label: the candidate's fold mean per-member AUC}.
         global_member_auc: {k label: global's}.
-        half_lift: Mean lift over k on each half of the val members.
+        half_lift: Mean lift over k on each half of the fold's members.
 
     Returns:
-        {"val_lift": {k: ...}, "val_member_lift": {k: ...}, "mean_lift",
+        {"fold_lift": {k: ...}, "fold_member_lift": {k: ...}, "mean_lift",
         "min_lift", "min_member_lift", "half_lift"}.
     """
-    lift = {k: float(val_auc[k]) - float(global_auc[k]) for k in global_auc}
+    lift = {k: float(fold_auc[k]) - float(global_auc[k]) for k in global_auc}
     member = {
-        k: float(val_member_auc[k]) - float(global_member_auc[k])
+        k: float(fold_member_auc[k]) - float(global_member_auc[k])
         for k in global_member_auc
     }
     return {
-        "val_lift": lift,
-        "val_member_lift": member,
+        "fold_lift": lift,
+        "fold_member_lift": member,
         "mean_lift": float(np.mean(list(lift.values()))),
         "min_lift": float(min(lift.values())),
         "min_member_lift": float(min(member.values())) if member else 0.0,
@@ -138,17 +141,20 @@ def eligible(
         return False, "failed the health check"
     for value in (trial["mean_lift"], trial["min_lift"]):
         if not math.isfinite(value):
-            return False, "a val AUC is not finite"
+            return False, "a fold AUC is not finite"
     if trial["min_lift"] < 0:
-        worst = min(trial["val_lift"], key=trial["val_lift"].get)
-        return False, f"below global on val at k={worst} ({trial['min_lift']:+.4f})"
+        worst = min(trial["fold_lift"], key=trial["fold_lift"].get)
+        return (
+            False,
+            f"below global on the fold at k={worst} ({trial['min_lift']:+.4f})",
+        )
     if trial["min_member_lift"] < -member_tolerance:
         return False, (
-            f"val per-member AUC {trial['min_member_lift']:+.4f} below global "
+            f"fold per-member AUC {trial['min_member_lift']:+.4f} below global "
             f"(tolerance {member_tolerance})"
         )
     if any(v < 0 for v in trial.get("half_lift", ())):
-        return False, "mean lift negative on one half of the val members"
+        return False, "mean lift negative on one half of the fold's members"
     return True, ""
 
 
@@ -160,12 +166,12 @@ def select(
     """The index of the chosen trial: the safe rule of `limaml tune`.
 
     Args:
-        trials: Trials with "val_lift" ({k: lift over global on val}),
+        trials: Trials with "fold_lift" ({k: lift over global on the fold}),
             "mean_lift", "min_lift", "min_member_lift", optionally "half_lift"
             and "healthy"; exactly one has "fallback": True.
         min_gain: Least mean lift over k for a personalized candidate to be
             preferred over the fallback.
-        member_tolerance: Most a candidate's val per-member AUC may fall below
+        member_tolerance: Most a candidate's fold per-member AUC may fall below
             global's at any k.
 
     Returns:
@@ -200,7 +206,7 @@ def _entity_id(record: bytes) -> bytes:
 
 
 def in_tuning_fold(entity_id: bytes | str, fraction: float = TUNING_FOLD) -> bool:
-    """Whether a train entity joins val while tuning (a stable SHA-256 share)."""
+    """Whether a train entity is in the tuning fold (a stable SHA-256 share)."""
     if isinstance(entity_id, str):
         entity_id = entity_id.encode()
     digest = hashlib.sha256(b"limaml-tune:" + entity_id).digest()
@@ -210,31 +216,41 @@ def in_tuning_fold(entity_id: bytes | str, fraction: float = TUNING_FOLD) -> boo
 def tuning_records(
     records: Mapping[str, Sequence[bytes]], fraction: float = TUNING_FOLD
 ) -> dict[str, list[bytes]]:
-    """The records `tune` works on: a stable share of the train entities joins val.
+    """The records `tune` works on: a stable share of the train entities is the
+    tuning fold, in the place of the test entities.
 
-    The moved entities play the val entities' part everywhere: the global
-    model trains on their support rows only, early stopping and the
-    candidates' scores read their query rows. Test entities are not touched.
+    The fold's entities play the test entities' part: the global model trains
+    on their support rows only, and the candidates are scored on their query
+    rows. Val is unchanged (early stopping); the real test entities are left
+    out.
 
     Args:
         records: Serialized task records by split (`baselines.records_from_dir`).
-        fraction: Share of the train entities moved, in [0, 1).
+        fraction: Share of the train entities held out, in (0, 1).
 
     Returns:
-        Records by split, train and val changed.
+        Records by split: train without the fold, val, and the fold as test.
 
     Raises:
         ValueError: fraction outside [0, 1).
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"tuning fraction must be in [0, 1), got {fraction!r}")
-    moved = [r for r in records["train"] if in_tuning_fold(_entity_id(r), fraction)]
-    kept = [r for r in records["train"] if not in_tuning_fold(_entity_id(r), fraction)]
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"tuning fraction must be in (0, 1), got {fraction!r}")
+    fold = [in_tuning_fold(_entity_id(r), fraction) for r in records["train"]]
     return {
-        **{k: list(v) for k, v in records.items()},
-        "train": kept,
-        "val": sorted(list(records["val"]) + moved),
+        "train": [r for r, f in zip(records["train"], fold, strict=True) if not f],
+        "val": list(records["val"]),
+        "test": [r for r, f in zip(records["train"], fold, strict=True) if f],
     }
+
+
+@dataclasses.dataclass
+class TuningSplits(baselines.Splits):
+    """`baselines.Splits` whose `test` is the tuning fold (see `tuning_records`).
+
+    A type of its own, so `tune` can refuse splits whose test members are the
+    real ones.
+    """
 
 
 def tuning_splits(
@@ -242,16 +258,14 @@ def tuning_splits(
     spec,
     protocol: baselines.Protocol,
     fraction: float = TUNING_FOLD,
-) -> baselines.Splits:
-    """`baselines.Splits` of `tuning_records`: what `tune` takes."""
-    return baselines.Splits.from_records(
-        tuning_records(records, fraction), spec, protocol
-    )
+) -> TuningSplits:
+    """The task batches `tune` takes: `tuning_records` as `TuningSplits`."""
+    return TuningSplits.from_records(tuning_records(records, fraction), spec, protocol)
 
 
 # ------------------------------------------------------------ measuring
 def _half_of(ids: np.ndarray) -> np.ndarray:
-    """0 or 1 per member by a stable hash: the two halves of the val members."""
+    """0 or 1 per member by a stable hash: the two halves of the fold's members."""
     out = []
     for i in ids:
         text = i.decode() if isinstance(i, bytes) else str(i)
@@ -259,17 +273,17 @@ def _half_of(ids: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-class _ValScorer:
-    """Val metrics at every k, from query probabilities of the val tasks."""
+class _FoldScorer:
+    """Metrics at every k, from query probabilities of the tuning fold's tasks."""
 
-    def __init__(self, val: baselines.Batch, ks: Sequence[int | None]):
+    def __init__(self, fold: baselines.Batch, ks: Sequence[int | None]):
         self.ks = list(ks)
-        self.cuts = {baselines.k_label(k): baselines.cut_support(val, k) for k in ks}
-        mask = np.asarray(val[f"{QUERY}_{MASK_KEY}"]) > 0
+        self.cuts = {baselines.k_label(k): baselines.cut_support(fold, k) for k in ks}
+        mask = np.asarray(fold[f"{QUERY}_{MASK_KEY}"]) > 0
         self.mask = mask
-        self.labels = np.asarray(val[f"{QUERY}_{LABEL_KEY}"])[mask]
-        self.ids = np.repeat(np.asarray(val[ENTITY_ID_KEY]), mask.sum(axis=1))
-        self.half = np.repeat(_half_of(val[ENTITY_ID_KEY]), mask.sum(axis=1))
+        self.labels = np.asarray(fold[f"{QUERY}_{LABEL_KEY}"])[mask]
+        self.ids = np.repeat(np.asarray(fold[ENTITY_ID_KEY]), mask.sum(axis=1))
+        self.half = np.repeat(_half_of(fold[ENTITY_ID_KEY]), mask.sum(axis=1))
 
     def measure(self, score: Callable[[baselines.Batch], np.ndarray]) -> dict[str, Any]:
         """{"auc": {k}, "member_auc": {k}, "half_auc": [{k}, {k}], "health"}."""
@@ -318,8 +332,8 @@ def _trial(
         "knobs": dict(knobs),
         "healthy": measured["health"]["healthy"],
         "reasons": list(measured["health"]["reasons"]),
-        "val_auc": dict(measured["auc"]),
-        "val_member_auc": dict(measured["member_auc"]),
+        "fold_auc": dict(measured["auc"]),
+        "fold_member_auc": dict(measured["member_auc"]),
     }
     trial.update(
         summarize_trial(
@@ -363,12 +377,12 @@ def tune(
     ks: Sequence[int | None] = baselines.SUPPORT_KS,
     report_line: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Searches LiMAML's recipe on the val members against the global model.
+    """Searches LiMAML's recipe on the tuning fold against the global model.
 
     Args:
         spec: The FeatureSpec.
-        splits: The task batches (`baselines.Splits`); only train and val
-            members are used.
+        splits: `tuning_splits(records, spec, protocol)`: the fold is scored,
+            train trains, val early-stops.
         recipe: The starting recipe; its fields outside the search space are
             kept, and it is the first trained candidate.
         budget: Trained candidates (meta-training runs), >= 1; the fallback and
@@ -378,30 +392,38 @@ def tune(
         report_line: Called with one line per trial (default: the log).
 
     Returns:
-        {"chosen": index, "trials": [...], "global_val": {...}, "recipe":
+        {"chosen": index, "trials": [...], "global_fold": {...}, "recipe":
         the chosen recipe's dict, "meta_config": the scored MetaConfig's dict,
         "rule": {...}, "budget", "seed"}.
 
     Raises:
         ValueError: budget < 1.
+        TypeError: `splits` is not `TuningSplits` (its test members would be
+            tuned on).
     """
+    if not isinstance(splits, TuningSplits):
+        raise TypeError(
+            "tune needs tune.tuning_splits(records, spec, protocol), which holds "
+            f"out a fold of the train members to score on; got {type(splits).__name__}"
+            ", whose test members must never be tuned on"
+        )
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(
             f"tune budget must be an integer >= 1 (trained candidates), got {budget!r}"
         )
     base = recipe or baselines.Recipe()
     line = report_line or (lambda text: logger.info("%s", text))
-    scorer = _ValScorer(splits.val, ks)
+    scorer = _FoldScorer(splits.test, ks)
     trials: list[dict[str, Any]] = []
 
     def record(trial: dict[str, Any], seconds: float) -> None:
         trial["wall_s"] = round(seconds, 1)
         trials.append(trial)
         status = "" if trial["healthy"] else "  FAILED: " + "; ".join(trial["reasons"])
-        lifts = " ".join(f"{k}:{v:+.4f}" for k, v in trial["val_lift"].items())
+        lifts = " ".join(f"{k}:{v:+.4f}" for k, v in trial["fold_lift"].items())
         line(
             f"[tune] trial {len(trials) - 1:2d} {trial['name']:<28} mean lift "
-            f"{trial['mean_lift']:+.4f} (val lift by k {lifts}){status}"
+            f"{trial['mean_lift']:+.4f} (fold lift by k {lifts}){status}"
         )
 
     with baselines.Timer() as timer:
@@ -412,7 +434,7 @@ def tune(
     global_s = timer.seconds
     if not reference["health"]["healthy"]:
         logger.warning(
-            "The global model failed its health check on val: %s",
+            "The global model failed its health check on the tuning fold: %s",
             "; ".join(reference["health"]["reasons"]),
         )
     # The fallback: LiMAML built from the global network, nothing meta-learned,
@@ -531,14 +553,14 @@ def tune(
         t["why_not"] = why
         t["chosen"] = i == chosen
     line(
-        f"[tune] chosen: trial {chosen} {trial['name']} (val mean lift "
+        f"[tune] chosen: trial {chosen} {trial['name']} (fold mean lift "
         f"{trial['mean_lift']:+.4f}, worst k {trial['min_lift']:+.4f})"
     )
     return {
         "chosen": chosen,
         "chosen_name": trial["name"],
         "trials": trials,
-        "global_val": {
+        "global_fold": {
             "auc": reference["auc"],
             "member_auc": reference["member_auc"],
             "healthy": reference["health"]["healthy"],
@@ -546,12 +568,12 @@ def tune(
         "recipe": chosen_recipe.to_dict(),
         "meta_config": scored_meta_config(chosen_recipe).to_dict(),
         "rule": {
-            "objective": "mean over k of (val overall AUC - global's val overall AUC)",
+            "objective": "mean over k of (fold overall AUC - global's fold overall AUC)",
             "constraints": [
                 "healthy (finite, non-constant scores, AUC > 0.5, finite val loss)",
-                "val overall AUC >= global's at every k",
-                f"val mean per-member AUC >= global's - {MEMBER_TOLERANCE} at every k",
-                "mean lift over k >= 0 on each half of the val members",
+                "fold overall AUC >= global's at every k",
+                f"fold mean per-member AUC >= global's - {MEMBER_TOLERANCE} at every k",
+                "mean lift over k >= 0 on each half of the fold's members",
             ],
             "min_gain": MIN_GAIN,
             "fallback": "LiMAML warm-started from the trained global network, 0 "
@@ -590,20 +612,20 @@ def chosen_recipe(result: Mapping[str, Any]) -> baselines.Recipe:
 
 # -------------------------------------------------------------- writing
 def trials_markdown(result: Mapping[str, Any]) -> str:
-    """Every trial as a markdown table: val AUC and lift over global per k."""
+    """Every trial as a markdown table: fold AUC and lift over global per k."""
     ks = list(result["support_ks"])
     lines = [
-        "Global model on val: "
-        + ", ".join(f"k={k} AUC {result['global_val']['auc'][k]:.4f}" for k in ks),
+        "Global model on the tuning fold: "
+        + ", ".join(f"k={k} AUC {result['global_fold']['auc'][k]:.4f}" for k in ks),
         "",
-        "| # | trial | val AUC by k ("
+        "| # | trial | fold AUC by k ("
         + ", ".join(ks)
-        + ") | val lift by k | mean lift | eligible | chosen |",
+        + ") | fold lift by k | mean lift | eligible | chosen |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for i, t in enumerate(result["trials"]):
-        aucs = " / ".join(f"{t['val_auc'][k]:.4f}" for k in ks)
-        lifts = " / ".join(f"{t['val_lift'][k]:+.4f}" for k in ks)
+        aucs = " / ".join(f"{t['fold_auc'][k]:.4f}" for k in ks)
+        lifts = " / ".join(f"{t['fold_lift'][k]:+.4f}" for k in ks)
         verdict = "yes" if t.get("eligible") else f"no: {t.get('why_not', '')}"
         lines.append(
             f"| {i} | {t['name']} | {aucs} | {lifts} | {t['mean_lift']:+.4f} | "
@@ -632,7 +654,7 @@ def write_outputs(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
         "chosen_trial": result["chosen"],
         "chosen_name": result["chosen_name"],
         "is_fallback": bool(trial["fallback"]),
-        "val_lift": trial["val_lift"],
+        "fold_lift": trial["fold_lift"],
         "rule": result["rule"],
     }
     with open(paths["config"], "w", encoding="utf-8") as f:
