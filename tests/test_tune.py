@@ -224,3 +224,12 @@ def test_tune_refuses_splits_whose_test_members_are_real(tiny):
     )
     with pytest.raises(TypeError, match="tuning_splits"):
         tune.tune(tiny["spec"], real, tiny["recipe"], budget=1)
+
+
+def test_second_trained_candidate_is_the_recipe_warm_started_from_global():
+    base = baselines.Recipe()
+    draws = tune._draws(base, budget=4, seed=0)
+    assert draws[:2] == [{}, {"warm_start": "global"}]
+    assert len(draws) == 4
+    assert len({json.dumps(d, sort_keys=True) for d in draws}) == 4
+    assert tune._draws(base, budget=1, seed=0) == [{}]
