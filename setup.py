@@ -46,7 +46,7 @@ setup(
     # Every data file the package reads at run time ships in the wheel.
     package_data={
         "serving": ["*.txt", "models.config"],
-        "tf_limaml": ["datasets/*.json"],
+        "tf_limaml": ["experiments/*.json"],
     },
     include_package_data=True,
     entry_points={"console_scripts": ["limaml=tf_limaml.cli:main"]},

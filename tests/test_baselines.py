@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_limaml import baselines
 from tf_limaml.datasets import synthetic
+from tf_limaml.experimental.prototypes import ShrunkSupportModel
+from tf_limaml.experiments import baselines
 from tf_limaml.features import FeatureSpec
 from tf_limaml.model import MetaConfig
-from tf_limaml.prototypes import ShrunkSupportModel
 from tf_limaml.tasks import assign_split, build_tasks
 
 SMALL = baselines.Architecture(meta_units=(8, 4), global_units=(8,), cross_layers=1)
@@ -443,7 +443,7 @@ def test_warm_start_copies_both_blocks_and_checks_shapes(tiny):
 
 def test_cut_record_keeps_latest_support_and_query(tiny):
     from tf_limaml import data
-    from tf_limaml.movielens_demo import cut_record
+    from tf_limaml.experiments.movielens_demo import cut_record
 
     spec, records, _, _ = tiny
     record = records["test"][0]

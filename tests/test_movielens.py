@@ -264,7 +264,7 @@ def test_demo_end_to_end_fast(tmp_path, capsys):
 def test_demo_input_needs_features(tmp_path):
     import argparse
 
-    from tf_limaml import movielens_demo
+    from tf_limaml.experiments import movielens_demo
 
     args = argparse.Namespace(
         dataset=None,

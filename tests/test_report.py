@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tf_limaml import report
+from tf_limaml.experiments import report
 
 
 def _entry(auc, logloss, member_auc, sweep=None, wall=10.0):

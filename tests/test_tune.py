@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tf_limaml import baselines, tune
+from tf_limaml.experiments import baselines, tune
 from tf_limaml.model import MetaConfig
 
 KS = ("1", "3", "all")

@@ -7,6 +7,10 @@ global block that scores requests given that embedding.
 Public names are imported on first use, so `import tf_limaml` (and the
 `limaml --help` command) stays fast and TensorFlow-free until a model, layer
 or dataset is touched.
+
+The comparison with baselines, its report, `limaml demo` and `limaml tune`
+live beside the library in `tf_limaml.experiments`, and unstable prototypes in
+`tf_limaml.experimental`; the core modules never import either.
 """
 
 import importlib
@@ -46,6 +50,10 @@ _SUBMODULES = (
     "training",
     "export",
 )
+
+# Beside the library, not part of it: reachable as attributes (and listed by
+# dir()) but left out of __all__, so `from tf_limaml import *` stays the core.
+_BESIDE = ("experiments", "experimental")
 
 __all__ = sorted(_PUBLIC) + list(_SUBMODULES)
 
@@ -87,7 +95,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
 def __getattr__(name):
     if name in _PUBLIC:
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    elif name in _SUBMODULES:
+    elif name in _SUBMODULES or name in _BESIDE:
         value = importlib.import_module(f"tf_limaml.{name}")
     else:
         raise AttributeError(f"module 'tf_limaml' has no attribute {name!r}")
@@ -96,4 +104,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(set(globals()) | set(__all__) | set(_BESIDE))

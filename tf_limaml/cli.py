@@ -232,13 +232,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tf_limaml import demo  # noqa: PLC0415
+    from tf_limaml.experiments import demo  # noqa: PLC0415
 
     return demo.run(args, Progress())
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from tf_limaml import baselines, tune  # noqa: PLC0415
+    from tf_limaml.experiments import baselines, tune  # noqa: PLC0415
     from tf_limaml.features import ENTITY_ID_KEY  # noqa: PLC0415
 
     spec_path = os.path.join(args.tasks, "spec.json")

@@ -60,7 +60,8 @@ from typing import Any
 
 import numpy as np
 
-from tf_limaml import baselines, evaluation
+from tf_limaml import evaluation
+from tf_limaml.experiments import baselines
 from tf_limaml.features import ENTITY_ID_KEY, LABEL_KEY, MASK_KEY, QUERY
 
 logger = logging.getLogger(__name__)

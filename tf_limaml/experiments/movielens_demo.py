@@ -15,7 +15,8 @@ The chain, one progress line per phase:
 6. **report**: `report.json`, `report.md`, `lift.png` in the work directory,
    and the table on stdout.
 
-The protocol and the recipe are in `tf_limaml.baselines` (`Protocol`, `Recipe`).
+The protocol and the recipe are in `tf_limaml.experiments.baselines`
+(`Protocol`, `Recipe`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,7 @@ DEFAULT_SEEDS = 3
 # budget that keeps the tuning within about one seed's time.
 DEMO_TUNE_BUDGET = 4
 DEMO_TUNE_BUDGET_FAST = 2
-TUNING_FILE = os.path.join(
-    os.path.dirname(__file__), "datasets", "movielens_tuning.json"
-)
+TUNING_FILE = os.path.join(os.path.dirname(__file__), "movielens_tuning.json")
 _ALL = "all"
 
 
@@ -176,7 +175,8 @@ def run_offline(
     import tensorflow as tf  # noqa: PLC0415
 
     from beam_pipelines import generate_embeddings  # noqa: PLC0415
-    from tf_limaml import baselines, export  # noqa: PLC0415
+    from tf_limaml import export  # noqa: PLC0415
+    from tf_limaml.experiments import baselines  # noqa: PLC0415
 
     start = time.perf_counter()
     seed_dir = os.path.join(workdir, f"seed{seed}")
@@ -284,7 +284,7 @@ def run_seed(
     offline: bool = True,
 ) -> dict[str, Any]:
     """Every model for one seed; returns {model name: measurement}."""
-    from tf_limaml import baselines  # noqa: PLC0415
+    from tf_limaml.experiments import baselines  # noqa: PLC0415
 
     ks = protocol.support_ks
     results: dict[str, Any] = {}
@@ -464,7 +464,7 @@ def run(args: argparse.Namespace, progress) -> int:
     )
 
     from beam_pipelines import make_tasks  # noqa: PLC0415
-    from tf_limaml import baselines, report  # noqa: PLC0415
+    from tf_limaml.experiments import baselines, report  # noqa: PLC0415
     from tf_limaml.features import FeatureSpec  # noqa: PLC0415
 
     recipe = baselines.Recipe.fast() if args.fast else baselines.Recipe()
@@ -509,7 +509,7 @@ def run(args: argparse.Namespace, progress) -> int:
     if own_data and budget > 0:
         # The MovieLens recipe was tuned on MovieLens; other data gets its own,
         # chosen on its val members with the global fallback always available.
-        from tf_limaml import tune  # noqa: PLC0415
+        from tf_limaml.experiments import tune  # noqa: PLC0415
 
         with progress.phase(
             f"tune (budget {budget}): LiMAML's recipe vs global, on a held-out "
@@ -654,7 +654,7 @@ def _training_notes(recipe) -> list[str]:
 def _model_note(recipe) -> str:
     if recipe.support_half_life:
         return (
-            "limaml and maml are tf_limaml.prototypes.ShrunkSupportModel "
+            "limaml and maml are tf_limaml.experimental.prototypes.ShrunkSupportModel "
             f"(support prior {recipe.support_prior:g}, recency half-life "
             f"{recipe.support_half_life:g} rows)"
         )

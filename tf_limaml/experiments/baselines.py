@@ -820,11 +820,11 @@ class Recipe:
         inner_lr: Inner learning rate (the initial one if learned).
         learn_inner_lr: Meta-SGD per-parameter inner learning rates.
         first_order: First-order MAML.
-        support_prior: c of `prototypes.ShrunkSupportModel` (0: the library's
-            LiMAMLModel, unchanged).
+        support_prior: c of `experimental.prototypes.ShrunkSupportModel` (0:
+            the library's LiMAMLModel, unchanged).
         support_half_life: Recency weighting of the inner-loop support loss
-            (`prototypes.ShrunkSupportModel`): a row's weight halves every
-            this many rows back in time. None weights rows equally.
+            (`experimental.prototypes.ShrunkSupportModel`): a row's weight
+            halves every this many rows back in time. None weights rows equally.
         support_cut: Share of meta-training tasks whose support is cut to a
             random latest-k window.
         freeze_request_embeddings: Keep the pretrained item/genre embedding
@@ -1150,15 +1150,15 @@ def new_meta_learner(
     """LiMAML (adapt="meta_block") or full MAML (adapt="all") with the recipe's options."""
     config = recipe.meta_config(adapt)
     if recipe.support_half_life is not None:
-        # Recency weighting is still a prototype (tf_limaml.prototypes).
-        from tf_limaml.prototypes import ShrunkSupportModel  # noqa: PLC0415
+        # Recency weighting is still a prototype (tf_limaml.experimental).
+        from tf_limaml.experimental import prototypes  # noqa: PLC0415
 
         return new_model(
             spec,
             config,
             recipe.architecture,
             seed=seed,
-            model_class=ShrunkSupportModel,
+            model_class=prototypes.ShrunkSupportModel,
             support_prior=recipe.support_prior,
             support_half_life=recipe.support_half_life,
         )

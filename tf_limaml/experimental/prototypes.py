@@ -2,7 +2,7 @@
 
 `tf_limaml.model` and `tf_limaml.layers` are the library's core; a change to
 them is prototyped here as a subclass, measured with the protocol of
-`tf_limaml.baselines`, and proposed with its numbers (see the MovieLens report).
+`tf_limaml.experiments`, and proposed with its numbers (see the MovieLens report).
 
 `ShrunkSupportModel`: the inner loop's support loss per task is
 sum(mask * loss) / (sum(mask) + prior) instead of sum(mask * loss) /

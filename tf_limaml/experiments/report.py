@@ -391,7 +391,7 @@ def data_summary(tasks_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def tune_summary(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a `tf_limaml.tune.tune` result the report keeps."""
+    """The part of a `tf_limaml.experiments.tune.tune` result the report keeps."""
     keep = (
         "name",
         "fallback",

@@ -105,6 +105,6 @@ def run(args: argparse.Namespace, progress) -> int:
     dataset = args.dataset or ("movielens" if not args.input else None)
     if dataset == "synthetic":
         return run_synthetic(args, progress)
-    from tf_limaml import movielens_demo  # noqa: PLC0415
+    from tf_limaml.experiments import movielens_demo  # noqa: PLC0415
 
     return movielens_demo.run(args, progress)
