@@ -9,11 +9,24 @@ import tensorflow as tf
 from tf_limaml.datasets import synthetic
 from tf_limaml.experimental.prototypes import ShrunkSupportModel
 from tf_limaml.experiments import baselines
+from tf_limaml.experiments.protocol import (
+    Protocol,
+    Splits,
+    cut_support,
+    evaluate_sweep,
+    flatten,
+    measurement,
+    query_metrics,
+    random_support_cut,
+    records_from_histories,
+    training_rows,
+)
+from tf_limaml.experiments.recipes import Architecture, Recipe
 from tf_limaml.features import FeatureSpec
 from tf_limaml.model import MetaConfig
 from tf_limaml.tasks import assign_split, build_tasks
 
-SMALL = baselines.Architecture(meta_units=(8, 4), global_units=(8,), cross_layers=1)
+SMALL = Architecture(meta_units=(8, 4), global_units=(8,), cross_layers=1)
 
 
 def _spec() -> FeatureSpec:
@@ -52,16 +65,16 @@ def _batch():
 # ------------------------------------------------------------- pure helpers
 def test_cut_support_keeps_the_latest_k_rows():
     batch = _batch()
-    cut = baselines.cut_support(batch, 1)
+    cut = cut_support(batch, 1)
     np.testing.assert_array_equal(cut["support_mask"], [[0, 0, 1, 0], [0, 1, 0, 0]])
-    cut = baselines.cut_support(batch, 2)
+    cut = cut_support(batch, 2)
     np.testing.assert_array_equal(cut["support_mask"], [[0, 1, 1, 0], [1, 1, 0, 0]])
     # k beyond the history keeps everything; k = 0 keeps nothing; None is all.
     np.testing.assert_array_equal(
-        baselines.cut_support(batch, 10)["support_mask"], batch["support_mask"]
+        cut_support(batch, 10)["support_mask"], batch["support_mask"]
     )
-    assert baselines.cut_support(batch, 0)["support_mask"].sum() == 0
-    assert baselines.cut_support(batch, None) is batch
+    assert cut_support(batch, 0)["support_mask"].sum() == 0
+    assert cut_support(batch, None) is batch
     # The input is not modified.
     assert batch["support_mask"].sum() == 5
 
@@ -69,11 +82,11 @@ def test_cut_support_keeps_the_latest_k_rows():
 @pytest.mark.parametrize("k", [-1, 1.5, True, "3"])
 def test_cut_support_rejects_bad_k(k):
     with pytest.raises(ValueError, match="Support size k"):
-        baselines.cut_support(_batch(), k)
+        cut_support(_batch(), k)
 
 
 def test_flatten_repeats_meta_and_keeps_real_rows_in_order():
-    rows = baselines.flatten(_batch(), _spec(), ("support", "query"))
+    rows = flatten(_batch(), _spec(), ("support", "query"))
     assert rows["item"].tolist() == [
         b"i1",
         b"i2",
@@ -94,9 +107,9 @@ def test_flatten_repeats_meta_and_keeps_real_rows_in_order():
 def test_training_rows_follow_the_protocol():
     """Train: support + query; val and test: support only, cut to k."""
     spec, batch = _spec(), _batch()
-    rows = baselines.training_rows(batch, batch, batch, spec)
+    rows = training_rows(batch, batch, batch, spec)
     assert len(rows["label"]) == 8 + 5 + 5
-    rows = baselines.training_rows(batch, batch, batch, spec, k=1)
+    rows = training_rows(batch, batch, batch, spec, k=1)
     assert len(rows["label"]) == 8 + 2 + 2
     # The k = 1 rows of val/test are each member's latest support row.
     assert rows["item"][8:].tolist() == [b"i3", b"i5", b"i3", b"i5"]
@@ -106,7 +119,7 @@ def test_query_metrics_by_hand():
     batch = _batch()
     # Real query rows: m1 (1, 0), m2 (1); the padding score 0.99 must be ignored.
     probabilities = np.array([[0.8, 0.3], [0.6, 0.99]])
-    metrics = baselines.query_metrics(batch, probabilities)
+    metrics = query_metrics(batch, probabilities)
     # Positives 0.8, 0.6 vs negative 0.3: both rank above, AUC 1.
     assert metrics["auc"] == 1.0
     expected = -np.mean([np.log(0.8), np.log(0.7), np.log(0.6)])
@@ -124,7 +137,7 @@ def test_evaluate_sweep_passes_each_cut_and_labels_k():
         seen[k] = cut["support_mask"].sum()
         return np.where(cut["query_label"] > 0, 0.9, 0.1)
 
-    sweep = baselines.evaluate_sweep(score, batch, (1, 2, None))
+    sweep = evaluate_sweep(score, batch, (1, 2, None))
     assert list(sweep) == ["1", "2", "all"]
     assert seen == {1: 2, 2: 4, None: 5}
     assert sweep["all"]["overall_auc"] == 1.0
@@ -135,14 +148,14 @@ def test_measurement_layout():
         "1": {"overall_auc": 0.6, "logloss": 0.7, "mean_member_auc": 0.5},
         "all": {"overall_auc": 0.8, "logloss": 0.6, "mean_member_auc": 0.55},
     }
-    entry = baselines.measurement(sweep, 12.5, {"epochs": 3})
+    entry = measurement(sweep, 12.5, {"epochs": 3})
     assert entry["overall_auc"] == 0.8 and entry["wall_s"] == 12.5
     assert entry["support_k"]["1"]["overall_auc"] == 0.6
     assert entry["details"] == {"epochs": 3}
 
 
 def test_protocol_describes_the_issue_rules():
-    text = str(baselines.Protocol().describe())
+    text = str(Protocol().describe())
     for phrase in (
         "(timestamp, item id)",
         "80%/10%/10%",
@@ -157,14 +170,14 @@ def test_random_support_cut_keeps_a_latest_window():
     task = {"support_mask": tf.constant([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])}
     sizes = set()
     for seed in range(40):
-        mask = baselines.random_support_cut(task, 1.0, seed)["support_mask"].numpy()
+        mask = random_support_cut(task, 1.0, seed)["support_mask"].numpy()
         kept = np.flatnonzero(mask)
         assert 1 <= len(kept) <= 5
         # Contiguous and ending at the last real row.
         assert kept[-1] == 4 and np.all(np.diff(kept) == 1)
         sizes.add(len(kept))
     assert len(sizes) > 1
-    untouched = baselines.random_support_cut(task, 0.0, 0)["support_mask"].numpy()
+    untouched = random_support_cut(task, 0.0, 0)["support_mask"].numpy()
     np.testing.assert_array_equal(untouched, task["support_mask"].numpy())
 
 
@@ -177,12 +190,10 @@ def tiny():
         num_entities=60, num_items=30, seed=3, min_interactions=8, max_interactions=16
     )
     histories, _, _ = build_tasks(spec, rows)
-    records = baselines.records_from_histories(
+    records = records_from_histories(
         histories, spec, val_fraction=0.2, test_fraction=0.2
     )
-    splits = baselines.Splits.from_records(
-        records, spec, baselines.Protocol(max_support=8, max_query=8)
-    )
+    splits = Splits.from_records(records, spec, Protocol(max_support=8, max_query=8))
     return spec, records, splits, histories
 
 
@@ -223,8 +234,8 @@ def test_pointwise_metrics_are_only_the_compiled_loss(tiny):
     model = baselines.PointwiseModel(base)
     history = baselines.fit_pointwise(
         model,
-        baselines.training_rows(splits.train, splits.val, splits.test, spec),
-        baselines.flatten(splits.val, spec, ("query",)),
+        training_rows(splits.train, splits.val, splits.test, spec),
+        flatten(splits.val, spec, ("query",)),
         epochs=2,
         batch_size=64,
     )
@@ -434,9 +445,7 @@ def test_warm_start_copies_both_blocks_and_checks_shapes(tiny):
         baselines.query_probabilities(source, splits.test, 0),
         atol=1e-6,
     )
-    other = baselines.new_model(
-        spec, architecture=baselines.Architecture(meta_units=(8, 6))
-    )
+    other = baselines.new_model(spec, architecture=Architecture(meta_units=(8, 6)))
     with pytest.raises(ValueError, match="Cannot warm-start"):
         baselines.warm_start(other, source)
 
@@ -467,20 +476,18 @@ def test_limaml_recipe_beats_global_on_synthetic_members(tiny):
     spec, records, _, _ = tiny
     rows = synthetic.generate_interactions(num_entities=400, num_items=60, seed=1)
     histories, _, _ = build_tasks(spec, rows)
-    records = baselines.records_from_histories(histories, spec)
-    splits = baselines.Splits.from_records(
-        records, spec, baselines.Protocol(max_support=24, max_query=24)
-    )
-    recipe = baselines.Recipe(
+    records = records_from_histories(histories, spec)
+    splits = Splits.from_records(records, spec, Protocol(max_support=24, max_query=24))
+    recipe = Recipe(
         architecture=SMALL, epochs=8, pretrain_epochs=4, meta_epochs=8, inner_lr=0.5
     )
     base, _ = baselines.train_global(spec, splits, recipe, seed=0)
     init = baselines.pretrain(spec, splits, recipe, seed=0)
     limaml, _ = baselines.train_meta_learner(spec, splits, recipe, seed=0, init=init)
-    global_auc = baselines.query_metrics(
+    global_auc = query_metrics(
         splits.test, baselines.query_probabilities(base, splits.test, 0)
     )["auc"]
-    limaml_auc = baselines.query_metrics(
+    limaml_auc = query_metrics(
         splits.test, baselines.query_probabilities(limaml, splits.test)
     )["auc"]
     assert limaml_auc > global_auc

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from tf_limaml.experiments import baselines, tune
+from tf_limaml.experiments.protocol import Protocol, Splits, records_from_dir
+from tf_limaml.experiments.recipes import Architecture, Recipe
 from tf_limaml.model import MetaConfig
 
 KS = ("1", "3", "all")
@@ -87,11 +89,11 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tune_tasks")
     paths = synthetic.write_tasks(str(out), num_entities=200, seed=0)
     spec = FeatureSpec.load(paths["spec"])
-    protocol = baselines.Protocol(max_support=16, max_query=16)
-    splits = tune.tuning_splits(baselines.records_from_dir(str(out)), spec, protocol)
+    protocol = Protocol(max_support=16, max_query=16)
+    splits = tune.tuning_splits(records_from_dir(str(out)), spec, protocol)
     recipe = dataclasses.replace(
-        baselines.Recipe.fast(),
-        architecture=baselines.Architecture(meta_units=(8, 4), global_units=(16,)),
+        Recipe.fast(),
+        architecture=Architecture(meta_units=(8, 4), global_units=(16,)),
         epochs=2,
         pretrain_epochs=1,
         meta_epochs=1,
@@ -126,7 +128,7 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
     paths = tune.write_outputs(result, tmp_path)
     config = json.loads(open(paths["config"]).read())
     MetaConfig.from_dict(config["meta_config"])
-    recipe = baselines.Recipe.from_dict(config["recipe"])
+    recipe = Recipe.from_dict(config["recipe"])
     assert recipe == tune.chosen_recipe(result)
     table = json.loads(open(paths["trials"]).read())["trials"]
     assert len(table) == len(trials)
@@ -195,7 +197,7 @@ def test_budget_is_validated(tiny):
 
 
 def test_tuning_fold_is_a_stable_share_of_train_entities_and_never_test(tiny):
-    records = baselines.records_from_dir(tiny["dir"])
+    records = records_from_dir(tiny["dir"])
     tuned = tune.tuning_records(records, fraction=0.25)
     ids = {split: {tune._entity_id(r) for r in rs} for split, rs in tuned.items()}
     original = {
@@ -217,17 +219,17 @@ def test_tuning_fold_is_a_stable_share_of_train_entities_and_never_test(tiny):
 
 
 def test_tune_refuses_splits_whose_test_members_are_real(tiny):
-    real = baselines.Splits.from_records(
-        baselines.records_from_dir(tiny["dir"]),
+    real = Splits.from_records(
+        records_from_dir(tiny["dir"]),
         tiny["spec"],
-        baselines.Protocol(max_support=16, max_query=16),
+        Protocol(max_support=16, max_query=16),
     )
     with pytest.raises(TypeError, match="tuning_splits"):
         tune.tune(tiny["spec"], real, tiny["recipe"], budget=1)
 
 
 def test_second_trained_candidate_is_the_recipe_warm_started_from_global():
-    base = baselines.Recipe()
+    base = Recipe()
     draws = tune._draws(base, budget=4, seed=0)
     assert draws[:2] == [{}, {"warm_start": "global"}]
     assert len(draws) == 4

@@ -238,7 +238,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from tf_limaml.experiments import baselines, tune  # noqa: PLC0415
+    from tf_limaml.experiments import tune  # noqa: PLC0415
+    from tf_limaml.experiments.protocol import (  # noqa: PLC0415
+        Protocol,
+        records_from_dir,
+    )
+    from tf_limaml.experiments.recipes import Recipe  # noqa: PLC0415
     from tf_limaml.features import ENTITY_ID_KEY  # noqa: PLC0415
 
     spec_path = os.path.join(args.tasks, "spec.json")
@@ -249,11 +254,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
     spec = _load_spec(spec_path)
     progress = Progress()
-    protocol = baselines.Protocol()
+    protocol = Protocol()
     with progress.phase(f"load tasks from {args.tasks}"):
-        records = baselines.records_from_dir(args.tasks)
+        records = records_from_dir(args.tasks)
         splits = tune.tuning_splits(records, spec, protocol)
-    recipe = baselines.Recipe.fast() if args.fast else baselines.Recipe()
+    recipe = Recipe.fast() if args.fast else Recipe()
     with progress.phase(
         f"tune: {args.budget} trained candidate(s) + the global fallback, scored "
         f"on a held-out fold of {len(splits.test[ENTITY_ID_KEY])} train entities"

@@ -5,8 +5,11 @@ tasks, data, layers, maml, model, training, evaluation, export, statistics,
 signatures) never import this package; it imports them, and it is what
 `limaml demo` and `limaml tune` run.
 
-* `baselines`: the protocol, the recipe, the models compared and their
-  trainers (global, ID embedding, fine-tuning, full MAML, LiMAML);
+* `protocol`: how members are split, how supports are cut, how models are
+  scored (`Protocol`, `Splits`, task batches, the support-size sweep);
+* `recipes`: every training choice of the comparison (`Recipe`, `Architecture`);
+* `baselines`: the models compared and their trainers (global, ID embedding,
+  fine-tuning, full MAML, LiMAML);
 * `tune`: `limaml tune`, a budgeted recipe search that never loses to global;
 * `report`: report.json, report.md and lift.png;
 * `demo`, `movielens_demo`: `limaml demo` on synthetic members, MovieLens-100K
@@ -23,6 +26,8 @@ _SUBMODULES = (
     "baselines",
     "demo",
     "movielens_demo",
+    "protocol",
+    "recipes",
     "report",
     "tune",
 )
@@ -34,6 +39,8 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         baselines,
         demo,
         movielens_demo,
+        protocol,
+        recipes,
         report,
         tune,
     )

@@ -15,8 +15,8 @@ The chain, one progress line per phase:
 6. **report**: `report.json`, `report.md`, `lift.png` in the work directory,
    and the table on stdout.
 
-The protocol and the recipe are in `tf_limaml.experiments.baselines`
-(`Protocol`, `Recipe`).
+The protocol is `tf_limaml.experiments.protocol.Protocol`, the recipe
+`tf_limaml.experiments.recipes.Recipe`.
 """
 
 from __future__ import annotations
@@ -176,7 +176,12 @@ def run_offline(
 
     from beam_pipelines import generate_embeddings  # noqa: PLC0415
     from tf_limaml import export  # noqa: PLC0415
-    from tf_limaml.experiments import baselines  # noqa: PLC0415
+    from tf_limaml.experiments.protocol import (  # noqa: PLC0415
+        cut_support,
+        k_label,
+        metrics_entry,
+        query_metrics,
+    )
 
     start = time.perf_counter()
     seed_dir = os.path.join(workdir, f"seed{seed}")
@@ -214,11 +219,9 @@ def run_offline(
     serving_fn = tf.saved_model.load(export_dir).signatures[export.SERVING_DEFAULT]
     sweep, health = {}, None
     for k in ks:
-        cut = baselines.cut_support(splits.test, k)
+        cut = cut_support(splits.test, k)
         scores = serve_scores(serving_fn, spec, cut, embeddings, _suffix(k))
-        sweep[baselines.k_label(k)] = baselines.metrics_entry(
-            baselines.query_metrics(cut, scores)
-        )
+        sweep[k_label(k)] = metrics_entry(query_metrics(cut, scores))
         if k is None:
             health = model_health(splits.test, scores, name="limaml_offline")
     details = {"export": export_dir, "embeddings": len(embeddings)}
@@ -285,18 +288,27 @@ def run_seed(
 ) -> dict[str, Any]:
     """Every model for one seed; returns {model name: measurement}."""
     from tf_limaml.experiments import baselines  # noqa: PLC0415
+    from tf_limaml.experiments.protocol import (  # noqa: PLC0415
+        Timer,
+        cut_support,
+        evaluate_sweep,
+        k_label,
+        measurement,
+        metrics_entry,
+        query_metrics,
+    )
 
     ks = protocol.support_ks
     results: dict[str, Any] = {}
     with progress.phase(f"global (seed {seed}): conventional training"):
-        with baselines.Timer() as timer:
+        with Timer() as timer:
             base, history = baselines.train_global(spec, splits, recipe, seed)
-            sweep = baselines.evaluate_sweep(
+            sweep = evaluate_sweep(
                 lambda batch, k: baselines.query_probabilities(base, batch, 0),
                 splits.test,
                 ks,
             )
-        results["global"] = baselines.measurement(
+        results["global"] = measurement(
             sweep, timer.seconds, {"epochs": len(history["loss"])}
         )
         results["global"]["health"] = model_health(
@@ -308,7 +320,7 @@ def run_seed(
         global_s = timer.seconds
     start = "the global model" if recipe.warm_start == "global" else "pretrain"
     with progress.phase(f"meta-train (seed {seed}): {start}, LiMAML, full MAML"):
-        timer = baselines.Timer()
+        timer = Timer()
         with timer:
             if recipe.warm_start == "global":
                 init = base
@@ -319,21 +331,21 @@ def run_seed(
         pretrain_s = timer.seconds
         learners = {}
         for name, adapt in (("limaml", "meta_block"), ("maml", "all")):
-            with baselines.Timer() as timer:
+            with Timer() as timer:
                 model, history = baselines.train_meta_learner(
                     spec, splits, recipe, seed, adapt=adapt, init=init
                 )
-                sweep = baselines.evaluate_sweep(
+                sweep = evaluate_sweep(
                     lambda batch, k, m=model: baselines.query_probabilities(m, batch),
                     splits.test,
                     ks,
                 )
             # The meta-learned default, as a member with no history gets it.
-            cold = baselines.query_metrics(
+            cold = query_metrics(
                 splits.test, baselines.query_probabilities(model, splits.test, 0)
             )
             learners[name] = model
-            results[name] = baselines.measurement(
+            results[name] = measurement(
                 sweep,
                 pretrain_s + timer.seconds,
                 {
@@ -363,7 +375,7 @@ def run_seed(
             seed,
         )
         health = details.pop("health", None)
-        results["limaml_offline"] = baselines.measurement(
+        results["limaml_offline"] = measurement(
             sweep, results["limaml"]["wall_s"] + seconds, details
         )
         if health is not None:
@@ -372,12 +384,12 @@ def run_seed(
         f"baselines (seed {seed}): fine-tuning, ID embedding "
         f"retrained for each of {len(ks)} support sizes"
     ):
-        with baselines.Timer() as timer:
+        with Timer() as timer:
             sweep, chosen = baselines.finetune_sweep(base, splits, recipe, ks)
-        results["finetune"] = baselines.measurement(
+        results["finetune"] = measurement(
             sweep, global_s + timer.seconds, {"chosen_on_val": chosen}
         )
-        full = chosen.get(baselines.k_label(None))
+        full = chosen.get(k_label(None))
         if full is not None:
             results["finetune"]["health"] = model_health(
                 splits.test,
@@ -387,24 +399,20 @@ def run_seed(
                 name="finetune",
             )
         sweep, epochs, id_health = {}, {}, None
-        with baselines.Timer() as timer:
+        with Timer() as timer:
             for k in ks:
                 model, history = baselines.train_id_embedding(
                     spec, splits, recipe, seed, k
                 )
-                cut = baselines.cut_support(splits.test, k)
+                cut = cut_support(splits.test, k)
                 probabilities = model.task_probabilities(cut)
-                sweep[baselines.k_label(k)] = baselines.metrics_entry(
-                    baselines.query_metrics(cut, probabilities)
-                )
-                epochs[baselines.k_label(k)] = len(history["loss"])
+                sweep[k_label(k)] = metrics_entry(query_metrics(cut, probabilities))
+                epochs[k_label(k)] = len(history["loss"])
                 if k is None:
                     id_health = model_health(
                         cut, probabilities, history, name="id_embedding"
                     )
-        results["id_embedding"] = baselines.measurement(
-            sweep, timer.seconds, {"epochs": epochs}
-        )
+        results["id_embedding"] = measurement(sweep, timer.seconds, {"epochs": epochs})
         if id_health is not None:
             results["id_embedding"]["health"] = id_health
     return results
@@ -464,16 +472,22 @@ def run(args: argparse.Namespace, progress) -> int:
     )
 
     from beam_pipelines import make_tasks  # noqa: PLC0415
-    from tf_limaml.experiments import baselines, report  # noqa: PLC0415
+    from tf_limaml.experiments import report  # noqa: PLC0415
+    from tf_limaml.experiments.protocol import (  # noqa: PLC0415
+        Protocol,
+        Splits,
+        records_from_dir,
+    )
+    from tf_limaml.experiments.recipes import Recipe  # noqa: PLC0415
     from tf_limaml.features import FeatureSpec  # noqa: PLC0415
 
-    recipe = baselines.Recipe.fast() if args.fast else baselines.Recipe()
+    recipe = Recipe.fast() if args.fast else Recipe()
     if args.epochs:
         recipe = dataclasses.replace(
             recipe, epochs=args.epochs, meta_epochs=args.epochs
         )
     own_data = bool(args.input)
-    protocol = baselines.Protocol()
+    protocol = Protocol()
     tasks_dir = os.path.join(workdir, "tasks")
     with progress.phase("make-tasks (Beam, DirectRunner)"):
         make_tasks.run(
@@ -500,8 +514,8 @@ def run(args: argparse.Namespace, progress) -> int:
     spec = FeatureSpec.load(os.path.join(tasks_dir, "spec.json"))
     with open(os.path.join(tasks_dir, "stats.json"), encoding="utf-8") as f:
         stats = json.load(f)
-    records = baselines.records_from_dir(tasks_dir)
-    splits = baselines.Splits.from_records(records, spec, protocol)
+    records = records_from_dir(tasks_dir)
+    splits = Splits.from_records(records, spec, protocol)
     tuned = None
     budget = getattr(args, "tune_budget", None)
     if budget is None:

@@ -3,7 +3,7 @@
 Personalization must never make a member's scores worse than the global
 model's. So every candidate is measured against the global model *on the
 tuning fold, at every support size k of the sweep* (each fold member's support
-cut to its latest k rows, as `baselines.cut_support` does for test). The
+cut to its latest k rows, as `protocol.cut_support` does for test). The
 tuning fold is a stable third of the TRAIN members (`tuning_splits`): no model
 of the search trains on their query rows, the global model sees their support
 rows as it sees the test members', and val still early-stops every model, so
@@ -42,7 +42,7 @@ never import it.
 
 Example:
 
-    result = tune.tune(spec, splits, baselines.Recipe(), budget=4, seed=0)
+    result = tune.tune(spec, splits, Recipe(), budget=4, seed=0)
     tune.write_outputs(result, "runs/tune")
     recipe = tune.chosen_recipe(result)
 """
@@ -62,6 +62,16 @@ import numpy as np
 
 from tf_limaml import evaluation
 from tf_limaml.experiments import baselines
+from tf_limaml.experiments.protocol import (
+    SUPPORT_KS,
+    Batch,
+    Protocol,
+    Splits,
+    Timer,
+    cut_support,
+    k_label,
+)
+from tf_limaml.experiments.recipes import Recipe
 from tf_limaml.features import ENTITY_ID_KEY, LABEL_KEY, MASK_KEY, QUERY
 
 logger = logging.getLogger(__name__)
@@ -226,7 +236,7 @@ def tuning_records(
     out.
 
     Args:
-        records: Serialized task records by split (`baselines.records_from_dir`).
+        records: Serialized task records by split (`protocol.records_from_dir`).
         fraction: Share of the train entities held out, in (0, 1).
 
     Returns:
@@ -246,8 +256,8 @@ def tuning_records(
 
 
 @dataclasses.dataclass
-class TuningSplits(baselines.Splits):
-    """`baselines.Splits` whose `test` is the tuning fold (see `tuning_records`).
+class TuningSplits(Splits):
+    """`protocol.Splits` whose `test` is the tuning fold (see `tuning_records`).
 
     A type of its own, so `tune` can refuse splits whose test members are the
     real ones.
@@ -257,7 +267,7 @@ class TuningSplits(baselines.Splits):
 def tuning_splits(
     records: Mapping[str, Sequence[bytes]],
     spec,
-    protocol: baselines.Protocol,
+    protocol: Protocol,
     fraction: float = TUNING_FOLD,
 ) -> TuningSplits:
     """The task batches `tune` takes: `tuning_records` as `TuningSplits`."""
@@ -277,16 +287,16 @@ def _half_of(ids: np.ndarray) -> np.ndarray:
 class _FoldScorer:
     """Metrics at every k, from query probabilities of the tuning fold's tasks."""
 
-    def __init__(self, fold: baselines.Batch, ks: Sequence[int | None]):
+    def __init__(self, fold: Batch, ks: Sequence[int | None]):
         self.ks = list(ks)
-        self.cuts = {baselines.k_label(k): baselines.cut_support(fold, k) for k in ks}
+        self.cuts = {k_label(k): cut_support(fold, k) for k in ks}
         mask = np.asarray(fold[f"{QUERY}_{MASK_KEY}"]) > 0
         self.mask = mask
         self.labels = np.asarray(fold[f"{QUERY}_{LABEL_KEY}"])[mask]
         self.ids = np.repeat(np.asarray(fold[ENTITY_ID_KEY]), mask.sum(axis=1))
         self.half = np.repeat(_half_of(fold[ENTITY_ID_KEY]), mask.sum(axis=1))
 
-    def measure(self, score: Callable[[baselines.Batch], np.ndarray]) -> dict[str, Any]:
+    def measure(self, score: Callable[[Batch], np.ndarray]) -> dict[str, Any]:
         """{"auc": {k}, "member_auc": {k}, "half_auc": [{k}, {k}], "health"}."""
         out: dict[str, Any] = {"auc": {}, "member_auc": {}, "half_auc": [{}, {}]}
         health = {"healthy": True, "reasons": []}
@@ -348,7 +358,7 @@ def _trial(
     return trial
 
 
-def _draws(base: baselines.Recipe, budget: int, seed: int) -> list[dict[str, Any]]:
+def _draws(base: Recipe, budget: int, seed: int) -> list[dict[str, Any]]:
     """The trained candidates' recipe changes: the base recipe, the base recipe
     warm-started from the global model, then random draws.
 
@@ -385,11 +395,11 @@ def _draws(base: baselines.Recipe, budget: int, seed: int) -> list[dict[str, Any
 
 def tune(
     spec,
-    splits: baselines.Splits,
-    recipe: baselines.Recipe | None = None,
+    splits: Splits,
+    recipe: Recipe | None = None,
     budget: int = DEFAULT_BUDGET,
     seed: int = 0,
-    ks: Sequence[int | None] = baselines.SUPPORT_KS,
+    ks: Sequence[int | None] = SUPPORT_KS,
     report_line: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Searches LiMAML's recipe on the tuning fold against the global model.
@@ -426,7 +436,7 @@ def tune(
         raise ValueError(
             f"tune budget must be an integer >= 1 (trained candidates), got {budget!r}"
         )
-    base = recipe or baselines.Recipe()
+    base = recipe or Recipe()
     line = report_line or (lambda text: logger.info("%s", text))
     scorer = _FoldScorer(splits.test, ks)
     trials: list[dict[str, Any]] = []
@@ -441,7 +451,7 @@ def tune(
             f"{trial['mean_lift']:+.4f} (fold lift by k {lifts}){status}"
         )
 
-    with baselines.Timer() as timer:
+    with Timer() as timer:
         global_model, _ = baselines.train_global(spec, splits, base, seed)
         reference = scorer.measure(
             lambda cut: baselines.query_probabilities(global_model, cut, 0)
@@ -457,7 +467,7 @@ def tune(
     fallback_recipe = dataclasses.replace(
         base, warm_start="global", meta_epochs=0, inner_steps=0
     )
-    with baselines.Timer() as timer:
+    with Timer() as timer:
         fallback, _ = baselines.train_meta_learner(
             spec, splits, fallback_recipe, seed, init=global_model
         )
@@ -478,7 +488,7 @@ def tune(
     # The global network adapted at test time: plain fine-tuning of its meta block.
     for prior in GLOBAL_ADAPT_PRIORS:
         for lr in GLOBAL_ADAPT_LRS:
-            with baselines.Timer() as timer:
+            with Timer() as timer:
                 measured = scorer.measure(
                     lambda cut, lr=lr, prior=prior: baselines.query_probabilities(
                         fallback, cut, 1, lr, support_prior=prior
@@ -497,7 +507,7 @@ def tune(
     pretrained: dict[int, Any] = {}
     for number, change in enumerate(_draws(base, budget, seed)):
         candidate = dataclasses.replace(base, **change)
-        with baselines.Timer() as timer:
+        with Timer() as timer:
             if candidate.warm_start == "global":
                 init = global_model
             else:
@@ -535,7 +545,7 @@ def tune(
                     }
                 )
         for knobs in knob_grid:
-            with baselines.Timer() as timer:
+            with Timer() as timer:
                 measured = scorer.measure(
                     lambda cut, kn=knobs, m=model: baselines.query_probabilities(
                         m,
@@ -604,11 +614,11 @@ def tune(
         },
         "budget": budget,
         "seed": seed,
-        "support_ks": [baselines.k_label(k) for k in ks],
+        "support_ks": [k_label(k) for k in ks],
     }
 
 
-def recipe_of(base: baselines.Recipe, trial: Mapping[str, Any]) -> baselines.Recipe:
+def recipe_of(base: Recipe, trial: Mapping[str, Any]) -> Recipe:
     """The recipe a trial stands for: its training changes and test-time knobs."""
     recipe = dataclasses.replace(base, **trial["recipe"])
     knobs = trial["knobs"]
@@ -620,7 +630,7 @@ def recipe_of(base: baselines.Recipe, trial: Mapping[str, Any]) -> baselines.Rec
     )
 
 
-def scored_meta_config(recipe: baselines.Recipe):
+def scored_meta_config(recipe: Recipe):
     """The MetaConfig LiMAML is scored and exported with under `recipe`."""
     config = dataclasses.replace(
         recipe.meta_config(), support_prior=float(recipe.support_prior)
@@ -628,9 +638,9 @@ def scored_meta_config(recipe: baselines.Recipe):
     return dataclasses.replace(config, **recipe.adaptation())
 
 
-def chosen_recipe(result: Mapping[str, Any]) -> baselines.Recipe:
+def chosen_recipe(result: Mapping[str, Any]) -> Recipe:
     """The chosen recipe of a `tune` result (or of a loaded tune_config.json)."""
-    return baselines.Recipe.from_dict(result["recipe"])
+    return Recipe.from_dict(result["recipe"])
 
 
 # -------------------------------------------------------------- writing
