@@ -63,6 +63,7 @@ def git_commit() -> str | None:
                 "beam_pipelines",
                 "serving",
                 "bench",
+                ":(exclude)bench/results.jsonl",
             ],
             cwd=root,
             capture_output=True,
