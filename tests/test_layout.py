@@ -135,7 +135,7 @@ def walk(roots, root: pathlib.Path = ROOT) -> tuple[dict[str, str | None], list[
          ["path:line imports NAME (via A <- B ...)"]).
     """
     reached: dict[str, str | None] = {}
-    queue = [(f"{PACKAGE}.{root}", None) for root in roots]
+    queue = [(f"{PACKAGE}.{name}", None) for name in roots]
     violations = {}
     while queue:
         module, parent = queue.pop(0)
@@ -146,6 +146,8 @@ def walk(roots, root: pathlib.Path = ROOT) -> tuple[dict[str, str | None], list[
         parts = module.split(".")
         queue += [(".".join(parts[:i]), module) for i in range(1, len(parts))]
         path = _source_path(module, root)
+        if path is None:
+            raise FileNotFoundError(f"{module} has no source under {root}")
         source = path.read_text(encoding="utf-8")
         module_name = module + (".__init__" if path.name == "__init__.py" else "")
         for line, name in imported_names(source, module_name):
@@ -247,3 +249,11 @@ def test_a_core_module_reaching_the_experiments_through_a_helper_is_caught(tmp_p
     assert violations == [
         "tf_limaml/_helper.py:1 imports tf_limaml.experiments (via tf_limaml.core)"
     ]
+
+
+def test_the_movielens_demo_finds_its_tuning_record():
+    # A missing record is not an error for the demo (it only drops the
+    # report's "what was tried"), so a move that loses it must fail here.
+    from tf_limaml.experiments import movielens_demo
+
+    assert pathlib.Path(movielens_demo.TUNING_FILE).is_file()
