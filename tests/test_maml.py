@@ -279,3 +279,113 @@ def test_adapt_compiles_with_xla():
         np.testing.assert_allclose(
             compiled[name].numpy(), eager[name].numpy(), atol=1e-5
         )
+
+
+def _vectorized_dense(params, tasks, first_order, lr=LR, steps=STEPS):
+    """`_vectorized` with `maml.adapt_dense`: no tiling, factored kernels."""
+    t = {k: tf.constant(v, params["dense_0/kernel"].dtype) for k, v in tasks.items()}
+
+    def support_loss(fast):
+        logits = _mlp(t["support_x"], fast)
+        return _masked_mean_bce(t["support_y"], logits, t["support_mask"])
+
+    with tf.GradientTape() as tape:
+        fast, _ = maml.adapt_dense(support_loss, params, steps, lr, first_order)
+        query = tf.reduce_mean(
+            _masked_mean_bce(
+                t["query_y"], _mlp(t["query_x"], fast), tf.ones_like(t["query_y"])
+            )
+        )
+    grads = tape.gradient(query, params)
+    return {k: g.numpy() for k, g in grads.items()}, float(query)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_adapt_dense_meta_gradient_equals_the_float64_reference(first_order):
+    tasks = _tasks()
+    init = _initial_params()
+    params = {k: tf.Variable(v, dtype=tf.float64) for k, v in init.items()}
+    expected, expected_loss = _reference(init, tasks, first_order)
+    got, loss = _vectorized_dense(params, tasks, first_order)
+    assert abs(loss - expected_loss) <= 1e-12
+    assert _max_abs_diff(got, expected) <= 1e-12
+    params32 = {k: tf.Variable(v, dtype=tf.float32) for k, v in init.items()}
+    got32, _ = _vectorized_dense(params32, tasks, first_order)
+    assert _max_abs_diff(got32, expected) <= 1e-6
+
+
+def test_adapt_dense_takes_row_blocks_and_reused_weights():
+    """A kernel cut into row blocks, and a layer applied twice, as `adapt`."""
+    tasks = {k: tf.constant(v) for k, v in _tasks().items()}
+    init = _initial_params()
+    init["dense_1/kernel"] = np.random.default_rng(2).normal(size=(HIDDEN, HIDDEN))
+    init["dense_1/bias"] = np.full(HIDDEN, 0.1)
+    params = {k: tf.Variable(v) for k, v in init.items()}
+
+    def model(x, p):
+        hidden = tf.tanh(
+            maml.dense(x[..., :1], p["dense_0/kernel"][..., :1, :])
+            + maml.dense(x[..., 1:], p["dense_0/kernel"][..., 1:, :], p["dense_0/bias"])
+        )
+        for _ in range(2):  # one weight set, used twice
+            hidden = tf.tanh(maml.dense(hidden, p["dense_1/kernel"], p["dense_1/bias"]))
+        return tf.reduce_sum(hidden, -1)
+
+    def support_loss(fast):
+        logits = model(tasks["support_x"], fast)
+        return _masked_mean_bce(tasks["support_y"], logits, tasks["support_mask"])
+
+    results = []
+    for dense_only in (False, True):
+        with tf.GradientTape() as tape:
+            if dense_only:
+                fast, before = maml.adapt_dense(support_loss, params, 2, LR)
+            else:
+                fast, before = maml.adapt(support_loss, maml.tile(params, TASKS), 2, LR)
+            query = tf.reduce_mean(
+                _masked_mean_bce(
+                    tasks["query_y"],
+                    model(tasks["query_x"], fast),
+                    tf.ones_like(tasks["query_y"]),
+                )
+            )
+        grads = tape.gradient(query, params)
+        results.append((maml.materialize(fast, params, TASKS), before, grads))
+    (tiled, before, grads), (factored, before_d, grads_d) = results
+    assert isinstance(
+        maml.adapt_dense(support_loss, params, 1, LR)[0]["dense_0/kernel"],
+        maml.LowRankKernel,
+    )
+    np.testing.assert_allclose(before_d.numpy(), before.numpy(), atol=1e-12)
+    for name in params:
+        np.testing.assert_allclose(factored[name], tiled[name], atol=1e-12)
+        np.testing.assert_allclose(grads_d[name], grads[name], atol=1e-12)
+    # The task with no support row keeps the shared weights.
+    np.testing.assert_allclose(
+        factored["dense_1/kernel"][EMPTY], init["dense_1/kernel"], atol=1e-12
+    )
+
+
+def test_adapt_dense_refuses_per_weight_rates_and_compiles_with_xla():
+    tasks = {k: tf.constant(v, tf.float32) for k, v in _tasks().items()}
+    params = {k: tf.Variable(v, dtype=tf.float32) for k, v in _initial_params().items()}
+
+    def support_loss(fast):
+        logits = _mlp(tasks["support_x"], fast)
+        return _masked_mean_bce(tasks["support_y"], logits, tasks["support_mask"])
+
+    rates = {k: tf.fill(v.shape, 0.1) for k, v in params.items()}
+    with pytest.raises(ValueError, match="scalar rates"):
+        maml.adapt_dense(support_loss, params, 1, rates)
+    with pytest.raises(ValueError, match="steps"):
+        maml.adapt_dense(support_loss, params, -1)
+
+    def embedding():
+        fast, _ = maml.adapt_dense(support_loss, params, 2, LR)
+        return _mlp(tasks["query_x"], fast)
+
+    np.testing.assert_allclose(
+        tf.function(embedding, jit_compile=True)().numpy(),
+        embedding().numpy(),
+        atol=1e-5,
+    )
