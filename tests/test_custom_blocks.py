@@ -353,12 +353,22 @@ def test_sequential_global_block_trains_scores_and_round_trips(
 class LinearMetaBlock(tf.keras.layers.Layer):
     """A meta block with fast weights: e = [onehot(segment), activity] W + b."""
 
-    def __init__(self, segments, dim=4, **kwargs):
+    def __init__(
+        self,
+        segments,
+        dim=4,
+        kernel_initializer="glorot_uniform",
+        kernel_regularizer=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.lookup = tf.keras.layers.StringLookup(vocabulary=segments)
         self.width = len(segments) + 2
         self.kernel = self.add_weight(
-            name="kernel", shape=(self.width, dim), initializer="glorot_uniform"
+            name="kernel",
+            shape=(self.width, dim),
+            initializer=kernel_initializer,
+            regularizer=kernel_regularizer,
         )
         self.bias = self.add_weight(name="bias", shape=(dim,), initializer="zeros")
 
@@ -444,4 +454,42 @@ def test_our_global_block_takes_the_same_dict(synthetic_spec):
     np.testing.assert_allclose(
         block({"meta_embedding": embedding, **encoded}).numpy(),
         block(embedding, encoded).numpy(),
+    )
+
+
+def test_a_custom_blocks_regularization_reaches_the_loss(
+    synthetic_tasks, synthetic_spec, caplog
+):
+    segments = list(synthetic_spec.feature("segment").vocabulary)
+    block = LinearMetaBlock(
+        segments,
+        kernel_initializer="ones",
+        kernel_regularizer=tf.keras.regularizers.L2(0.5),
+        name="regularized_meta",
+    )
+    penalty = 0.5 * block.width * 4  # 0.5 * sum(ones^2)
+    with caplog.at_level(logging.WARNING, logger="tf_limaml.model"):
+        model = LiMAMLModel(
+            synthetic_spec,
+            MetaConfig(jit_compile=False),
+            global_units=[8],
+            cross_layers=0,
+            l2=0.01,
+            meta_block=block,
+        )
+    # The model-level l2 regularizes the library's global block only, and says so.
+    assert "regularizes the library's blocks only" in _warnings(caplog)[0].getMessage()
+    glob = model.global_block.adaptable_weights()
+    ours = 0.01 * sum(
+        float(tf.reduce_sum(glob[k] ** 2)) for k in glob if k.endswith("kernel")
+    )
+    batch = _batch(synthetic_tasks, synthetic_spec, tasks=4)
+    out = model._forward(model.encode(batch), 1, False)
+    np.testing.assert_allclose(
+        float(out["regularization_loss"]), penalty + ours, rtol=1e-5
+    )
+    with tf.GradientTape() as tape:
+        loss = model._forward(model.encode(batch), 0, False)["regularization_loss"]
+    np.testing.assert_allclose(
+        tape.gradient(loss, block.kernel).numpy(), 2 * 0.5 * block.kernel.numpy()
     )

@@ -524,3 +524,135 @@ def test_public_hooks_change_the_inner_loop():
         4 * plain.adapt(TINY_TASKS)["meta_block/dense_0/bias"].numpy().ravel(),
         atol=1e-7,
     )
+
+
+def test_l2_regularization_loss_by_hand():
+    """l2 * sum(kernel^2) over the blocks' kernels, through `model.losses`."""
+    model = LiMAMLModel(
+        TINY_SPEC,
+        MetaConfig(inner_lr=0.1, jit_compile=False),
+        meta_units=[1],
+        global_units=[1],
+        cross_layers=0,
+        interaction="concat",
+        l2=0.01,
+    )
+    meta = model.meta_block.adaptable_weights()
+    meta["dense_0/kernel"].assign([[0.5]])
+    glob = model.global_block.adaptable_weights()
+    glob["dense_0/kernel"].assign([[1.0], [2.0]])
+    glob["logit/kernel"].assign([[-3.0]])
+    # 0.01 * (0.25 + 1 + 4 + 9); biases are not regularized.
+    expected = 0.01 * 14.25
+    assert len(model.losses) == 3
+    np.testing.assert_allclose(float(tf.add_n(model.losses)), expected, rtol=1e-6)
+    tasks = {
+        "a": tf.constant([2.0]),
+        "support_r": tf.constant([[0.0, -1.0]]),
+        "support_label": tf.constant([[1.0, 0.0]]),
+        "support_mask": tf.constant([[1.0, 1.0]]),
+        "query_r": tf.constant([[1.0]]),
+        "query_label": tf.constant([[1.0]]),
+        "query_mask": tf.constant([[1.0]]),
+    }
+    out = model._forward(model.encode(tasks), 1, False)
+    np.testing.assert_allclose(float(out["regularization_loss"]), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(out["loss"]), float(out["query_loss"]) + expected, rtol=1e-6
+    )
+    # The penalty's gradient reaches the variables: 2 * l2 * kernel.
+    with tf.GradientTape() as tape:
+        loss = model._forward(model.encode(tasks), 0, False)["regularization_loss"]
+    np.testing.assert_allclose(
+        tape.gradient(loss, glob["logit/kernel"]).numpy(), [[-0.06]], rtol=1e-6
+    )
+    assert model.get_config()["l2"] == 0.01
+    assert LiMAMLModel.from_config(model.get_config()).l2 == 0.01
+
+
+class _PerWeightRates(LiMAMLModel):
+    """The same rates as tensors of each weight's shape: the tiled inner loop."""
+
+    def inner_lr(self, name, config=None):
+        rate = super().inner_lr(name, config)
+        return tf.fill(self.adaptable_variables()[name].shape, rate)
+
+
+@pytest.mark.parametrize("adapt", ["meta_block", "all"])
+def test_dense_only_inner_loop_equals_the_tiled_one(
+    synthetic_tasks, synthetic_spec, small_model_kwargs, adapt
+):
+    batch = _first_batch(synthetic_tasks, synthetic_spec, tasks=6)
+    results = []
+    for cls in (LiMAMLModel, _PerWeightRates):
+        tf.keras.utils.set_random_seed(4)
+        model = cls(
+            synthetic_spec,
+            MetaConfig(inner_lr=0.3, inner_steps=2, adapt=adapt, jit_compile=False),
+            **small_model_kwargs,
+        )
+        config = model.meta_config
+        rates = {n: model.inner_lr(n) for n in model.adaptable_variables()}
+        dense_only = model._adapts_dense_only(
+            config, model.adaptable_variables(), rates
+        )
+        assert dense_only == (cls is LiMAMLModel)
+        grads, out = model._meta_gradients(model.encode(batch))
+        results.append((model.adapt(batch), out, grads))
+    (fast, out, grads), (fast_t, out_t, grads_t) = results
+    assert set(fast) == set(fast_t)
+    for name in fast:
+        np.testing.assert_allclose(fast[name].numpy(), fast_t[name].numpy(), atol=1e-5)
+    np.testing.assert_allclose(float(out["loss"]), float(out_t["loss"]), atol=1e-6)
+    for a, b in zip(grads, grads_t, strict=True):
+        np.testing.assert_allclose(
+            tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(), atol=1e-5
+        )
+
+
+def test_numeric_only_step_encodes_inside_the_compiled_step():
+    """With no string feature, the raw batch enters the compiled step."""
+    rng = np.random.default_rng(0)
+    batch = {
+        "entity_id": tf.constant(["m1", "m2", "m3"]),
+        "a": tf.constant(rng.normal(size=3), tf.float32),
+    }
+    for part in ("support", "query"):
+        batch[f"{part}_r"] = tf.constant(rng.normal(size=(3, 4)), tf.float32)
+        batch[f"{part}_label"] = tf.constant(rng.integers(0, 2, (3, 4)), tf.float32)
+        batch[f"{part}_mask"] = tf.ones((3, 4))
+    weights = []
+    for inside in (True, False):
+        tf.keras.utils.set_random_seed(6)
+        model = LiMAMLModel(
+            TINY_SPEC, MetaConfig(inner_lr=0.2), meta_units=[4, 2], global_units=[4]
+        )
+        assert model._encode_compiles
+        model._encode_compiles = inside
+        model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+        logs = model.train_step(batch)
+        weights.append([v.numpy() for v in model.trainable_variables] + [logs])
+    for a, b in zip(weights[0][:-1], weights[1][:-1], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    for name, value in weights[0][-1].items():
+        np.testing.assert_allclose(float(value), float(weights[1][-1][name]), atol=1e-6)
+
+
+def test_train_function_follows_each_new_iterator(synthetic_tasks, synthetic_spec):
+    tf.keras.utils.set_random_seed(7)
+    model = LiMAMLModel(
+        synthetic_spec, MetaConfig(jit_compile=False), meta_units=[4], global_units=[4]
+    )
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.0))
+    train_function = model.make_train_function()
+    assert model.make_train_function() is train_function
+    dataset = data.task_dataset(synthetic_tasks["train"], synthetic_spec, 4, 8, 8)
+    first, second = list(dataset.take(2))
+    losses = []
+    for batch in (first, second, first):
+        model.reset_metrics()
+        iterator = iter(tf.data.Dataset.from_tensors(batch))
+        losses.append(float(train_function(iterator)["loss"]))
+    assert losses[0] != losses[1] and losses[0] == pytest.approx(losses[2], abs=1e-6)
+    history = model.fit(dataset.take(2), epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2

@@ -11,6 +11,13 @@ String handling (vocabulary lookup, hashing) is split from the math:
 `FeatureEmbedding.encode` maps raw strings to integer ids outside any XLA
 cluster, and `call` embeds those ids. That keeps the meta-train step free of
 string ops so it compiles with XLA.
+
+The layers take Keras's weight arguments, as `tf.keras.layers.Dense` does:
+`kernel_initializer`, `bias_initializer` and `kernel_regularizer` for dense
+weights, `embeddings_initializer` and `embeddings_regularizer` for embedding
+tables. Regularization reaches the loss through `layer.losses`, so it applies
+to the variables (the meta-parameters), never to the fast weights of an inner
+loop.
 """
 
 from __future__ import annotations
@@ -58,6 +65,17 @@ def _check_units(name: str, units: Sequence[int]) -> tuple[int, ...]:
 # for code written against the layers.
 apply_dense = maml.dense
 
+# Key of the packed numeric columns in `encode(raw, pack_numeric=True)`. A
+# feature name cannot contain "/", so it never meets a feature.
+PACKED_NUMERIC_KEY = "numeric/packed"
+
+
+def _fresh(initializer: tf.keras.initializers.Initializer):
+    """A new instance with the same config: an unseeded Keras initializer
+    instance returns the same values every time it is called, so each weight
+    gets its own (a seeded one still repeats, as in Keras)."""
+    return initializer.__class__.from_config(initializer.get_config())
+
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
 class FeatureEmbedding(tf.keras.layers.Layer):
@@ -67,9 +85,16 @@ class FeatureEmbedding(tf.keras.layers.Layer):
     with `"normalize": false`); categorical features are looked up in an
     embedding table; multi-hot features average the embeddings of their values.
 
+    Args:
+        features: Feature objects or their dicts.
+        embeddings_initializer: Initializer of the embedding tables (a Keras
+            name, config or instance; "random_normal" has stddev 0.05).
+        embeddings_regularizer: Regularizer of the embedding tables, or None.
+
     Input shape: a dict name -> `[...]` (numeric, categorical), `[..., n]`
-    (numeric of shape [n]) or `[..., K]` (multi-hot, "" for padding). Output
-    shape: `[..., output_dim]`.
+    (numeric of shape [n]) or `[..., K]` (multi-hot, "" for padding); or the
+    output of `encode(raw, pack_numeric=True)`. Output shape:
+    `[..., output_dim]`.
 
     Raises:
         FeatureSpecError: A feature still needs statistics from the data (see
@@ -82,11 +107,19 @@ class FeatureEmbedding(tf.keras.layers.Layer):
         TensorShape([1, 1])
     """
 
-    def __init__(self, features: Sequence[Feature | Mapping[str, Any]], **kwargs):
+    def __init__(
+        self,
+        features: Sequence[Feature | Mapping[str, Any]],
+        embeddings_initializer: Any = "random_normal",
+        embeddings_regularizer: Any = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.features = _as_features(features)
         # The one place a model meets its features: refuse raw scales here.
         check_statistics(self.features)
+        self.embeddings_initializer = tf.keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = tf.keras.regularizers.get(embeddings_regularizer)
         self._lookups: dict[str, tf.keras.layers.StringLookup] = {}
         for feature in self.features:
             if feature.type != NUMERIC and feature.vocabulary is not None:
@@ -98,6 +131,7 @@ class FeatureEmbedding(tf.keras.layers.Layer):
                     mask_token=None,
                     name=f"{feature.name}_lookup",
                 )
+        self._numeric = tuple(f for f in self.features if f.type == NUMERIC)
 
     @property
     def output_dim(self) -> int:
@@ -110,7 +144,8 @@ class FeatureEmbedding(tf.keras.layers.Layer):
                 self.tables[feature.name] = self.add_weight(
                     name=f"{feature.name}_embedding",
                     shape=(feature.num_ids, feature.dim),
-                    initializer=tf.keras.initializers.RandomNormal(stddev=0.05),
+                    initializer=_fresh(self.embeddings_initializer),
+                    regularizer=self.embeddings_regularizer,
                     trainable=True,
                 )
         super().build(input_shape)
@@ -139,53 +174,178 @@ class FeatureEmbedding(tf.keras.layers.Layer):
             value = tf.clip_by_value(value, -feature.clip, feature.clip)
         return value
 
-    def encode(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def _column_constants(self) -> dict[str, list]:
+        """Per numeric column: log1p flag, mean, std and clip bound."""
+        columns = {"log1p": [], "mean": [], "std": [], "clip": []}
+        for feature in self._numeric:
+            n = feature.size
+            mean, std = (feature.mean, feature.std) if feature.normalize else (0, 1)
+            columns["log1p"] += [feature.transform == LOG1P] * n
+            columns["mean"] += list(mean) if isinstance(mean, tuple) else [mean] * n
+            columns["std"] += list(std) if isinstance(std, tuple) else [std] * n
+            clip = float("inf") if feature.clip is None else feature.clip
+            columns["clip"] += [clip] * n
+        return columns
+
+    def _pack_numeric(self, raw: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """All numeric features as one standardized `[..., n]` tensor.
+
+        One stack and a few column-wise ops, whatever the number of
+        features: per-feature ops run one by one on the host, outside XLA.
+        """
+        parts, scalars = [], []
+        for feature in self._numeric:
+            value = tf.cast(raw[feature.name], self.compute_dtype)
+            if feature.shape:
+                if scalars:
+                    parts.append(tf.stack(scalars, axis=-1))
+                    scalars = []
+                parts.append(value)
+            else:
+                scalars.append(value)
+        if scalars:
+            parts.append(tf.stack(scalars, axis=-1))
+        value = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+        columns = self._column_constants()
+        dtype = self.compute_dtype
+        if any(columns["log1p"]):
+            log1p = tf.sign(value) * tf.math.log1p(tf.abs(value))
+            value = (
+                log1p
+                if all(columns["log1p"])
+                else tf.where(tf.constant(columns["log1p"]), log1p, value)
+            )
+        if any(f.normalize for f in self._numeric):
+            mean = tf.constant(columns["mean"], dtype)
+            std = tf.constant(columns["std"], dtype)
+            value = (value - mean) / std
+        if any(f.clip is not None for f in self._numeric):
+            bound = tf.constant(columns["clip"], dtype)
+            value = tf.clip_by_value(value, -bound, bound)
+        return value
+
+    def encode(
+        self, raw: Mapping[str, tf.Tensor], pack_numeric: bool = False
+    ) -> dict[str, tf.Tensor]:
         """Maps raw values to numbers: floats for numeric, int32 ids otherwise.
 
         Multi-hot padding ("") becomes id -1. Runs string ops, so call it
         outside XLA-compiled code.
+
+        Args:
+            raw: Raw features by name.
+            pack_numeric: Return the numeric features as one standardized
+                `[..., n]` tensor under `PACKED_NUMERIC_KEY` (columns in
+                feature order) instead of one entry each. `call` takes either.
+
+        Raises:
+            KeyError: A feature is missing from `raw`.
         """
+        missing = [f.name for f in self.features if f.name not in raw]
+        if missing:
+            raise KeyError(f"Missing feature {missing[0]!r}; got {sorted(raw)}")
         encoded = {}
+        if pack_numeric and self._numeric:
+            encoded[PACKED_NUMERIC_KEY] = self._pack_numeric(raw)
         for feature in self.features:
-            if feature.name not in raw:
-                raise KeyError(f"Missing feature {feature.name!r}; got {sorted(raw)}")
             value = raw[feature.name]
-            if feature.type == NUMERIC:
-                encoded[feature.name] = self._standardize(feature, value)
-            else:
+            if feature.type != NUMERIC:
                 encoded[feature.name] = self._ids(feature, tf.convert_to_tensor(value))
+            elif not pack_numeric:
+                encoded[feature.name] = self._standardize(feature, value)
         return encoded
 
     def call(self, encoded: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        parts = []
+        packed = encoded.get(PACKED_NUMERIC_KEY)
+        if packed is not None:
+            packed = tf.cast(packed, self.compute_dtype)
+        # Columns in feature order; a (start, stop) pair is a run of numeric
+        # features, one slice of the packed tensor.
+        parts: list[tf.Tensor | tuple[int, int]] = []
+        column = 0
         for feature in self.features:
-            value = encoded[feature.name]
-            if feature.type == NUMERIC:
-                value = tf.cast(value, self.compute_dtype)
+            if feature.type == NUMERIC and packed is not None:
+                start = column
+                column += feature.size
+                if parts and isinstance(parts[-1], tuple):
+                    start = parts.pop()[0]
+                parts.append((start, column))
+            elif feature.type == NUMERIC:
+                value = tf.cast(encoded[feature.name], self.compute_dtype)
                 parts.append(value if feature.shape else value[..., None])
             elif feature.type == CATEGORICAL:
-                parts.append(tf.gather(self.tables[feature.name], value))
+                table = self.tables[feature.name]
+                parts.append(tf.gather(table, encoded[feature.name]))
             else:
-                valid = tf.cast(value >= 0, self.compute_dtype)
-                vectors = tf.gather(self.tables[feature.name], tf.maximum(value, 0))
+                ids = encoded[feature.name]
+                valid = tf.cast(ids >= 0, self.compute_dtype)
+                vectors = tf.gather(self.tables[feature.name], tf.maximum(ids, 0))
                 total = tf.reduce_sum(vectors * valid[..., None], axis=-2)
                 count = tf.reduce_sum(valid, axis=-1, keepdims=True)
                 parts.append(total / tf.maximum(count, 1.0))
-        return tf.concat(parts, axis=-1)
+        tensors = []
+        for part in parts:
+            if not isinstance(part, tuple):
+                tensors.append(part)
+            elif part == (0, column):
+                tensors.append(packed)
+            else:
+                tensors.append(packed[..., part[0] : part[1]])
+        return tensors[0] if len(tensors) == 1 else tf.concat(tensors, axis=-1)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"features": [f.to_dict() for f in self.features]})
+        config.update(
+            {
+                "features": [f.to_dict() for f in self.features],
+                **_weight_config(self),
+            }
+        )
         return config
 
 
+def _weight_config(layer: tf.keras.layers.Layer) -> dict[str, Any]:
+    """The Keras weight arguments of `layer`, serialized for `get_config`."""
+    config = {}
+    for name in (
+        "kernel_initializer",
+        "bias_initializer",
+        "embeddings_initializer",
+    ):
+        if hasattr(layer, name):
+            config[name] = tf.keras.initializers.serialize(getattr(layer, name))
+    for name in ("kernel_regularizer", "embeddings_regularizer"):
+        if hasattr(layer, name):
+            config[name] = tf.keras.regularizers.serialize(getattr(layer, name))
+    return config
+
+
 class _DenseStack(tf.keras.layers.Layer):
-    """Shared machinery: named dense weights that fast weights can replace."""
+    """Shared machinery: named dense weights that fast weights can replace,
+    created with the Keras weight arguments of the layer."""
+
+    def __init__(
+        self,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
+        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = tf.keras.regularizers.get(kernel_regularizer)
+        self._adaptable: dict[str, tf.Variable] = {}
 
     def _dense_weight(self, name: str, shape: tuple[int, ...], bias: bool = False):
-        initializer = "zeros" if bias else tf.keras.initializers.GlorotUniform()
         variable = self.add_weight(
-            name=name, shape=shape, initializer=initializer, trainable=True
+            name=name,
+            shape=shape,
+            initializer=_fresh(
+                self.bias_initializer if bias else self.kernel_initializer
+            ),
+            regularizer=None if bias else self.kernel_regularizer,
+            trainable=True,
         )
         self._adaptable[name] = variable
         return variable
@@ -214,9 +374,22 @@ class MetaBlock(_DenseStack):
         activation: Hidden activation.
         constant_input_dim: Width of the learned input when there are no
             meta features.
+        kernel_initializer: Initializer of the MLP kernels.
+        bias_initializer: Initializer of the MLP biases.
+        kernel_regularizer: Regularizer of the MLP kernels (e.g.
+            `tf.keras.regularizers.L2(1e-4)`), added to `losses`.
+        embeddings_initializer: Initializer of the meta-feature embedding
+            tables.
+        embeddings_regularizer: Regularizer of those tables.
 
     Input shape: a dict of encoded meta features, each `[T]` or `[T, K]`.
     Output shape: `[T, d]`.
+
+    Example:
+        >>> block = MetaBlock(units=(8, 4), kernel_regularizer="l2")
+        >>> block.build(None)
+        >>> block({}, batch_size=2).shape, len(block.losses)
+        (TensorShape([2, 4]), 2)
     """
 
     def __init__(
@@ -225,9 +398,19 @@ class MetaBlock(_DenseStack):
         units: Sequence[int] = (64, 32),
         activation: str = "relu",
         constant_input_dim: int = 8,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        embeddings_initializer: Any = "random_normal",
+        embeddings_regularizer: Any = None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            **kwargs,
+        )
         self.features = _as_features(features)
         self.units = _check_units("units", units)
         self.activation = activation
@@ -238,12 +421,18 @@ class MetaBlock(_DenseStack):
                 f"{constant_input_dim!r}"
             )
         self.constant_input_dim = constant_input_dim
+        self.embeddings_initializer = tf.keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = tf.keras.regularizers.get(embeddings_regularizer)
         self.embedding = (
-            FeatureEmbedding(self.features, name="meta_features")
+            FeatureEmbedding(
+                self.features,
+                embeddings_initializer=self.embeddings_initializer,
+                embeddings_regularizer=self.embeddings_regularizer,
+                name="meta_features",
+            )
             if (self.features)
             else None
         )
-        self._adaptable: dict[str, tf.Variable] = {}
 
     @property
     def output_dim(self) -> int:
@@ -271,7 +460,10 @@ class MetaBlock(_DenseStack):
         super().build(input_shape)
 
     def encode(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return self.embedding.encode(raw) if self.embedding else {}
+        """Raw meta features -> `call`'s input (numeric features packed)."""
+        if self.embedding is None:
+            return {}
+        return self.embedding.encode(raw, pack_numeric=True)
 
     def embed_inputs(
         self, encoded: Mapping[str, tf.Tensor], batch_size: tf.Tensor | int
@@ -324,6 +516,7 @@ class MetaBlock(_DenseStack):
                 "units": list(self.units),
                 "activation": self.activation,
                 "constant_input_dim": self.constant_input_dim,
+                **_weight_config(self),
             }
         )
         return config
@@ -350,11 +543,21 @@ class FunctionalCross(tf.keras.layers.Layer):
 
     Args:
         projection_dim: Rank of the low-rank kernel; None for full rank.
+        kernel_initializer: Initializer of W (or U and V).
+        bias_initializer: Initializer of b.
+        kernel_regularizer: Regularizer of W (or U and V), added to `losses`.
 
     Input shape: x0 and x, `[..., n]`. Output shape: `[..., n]`.
     """
 
-    def __init__(self, projection_dim: int | None = None, **kwargs):
+    def __init__(
+        self,
+        projection_dim: int | None = None,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if projection_dim is not None and (
             not isinstance(projection_dim, int) or projection_dim <= 0
@@ -364,22 +567,31 @@ class FunctionalCross(tf.keras.layers.Layer):
                 f"{projection_dim!r}"
             )
         self.projection_dim = projection_dim
+        self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
+        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = tf.keras.regularizers.get(kernel_regularizer)
 
     def build(self, input_shape):
         width = int(input_shape[-1])
-        init = tf.keras.initializers.GlorotUniform()
-        if self.projection_dim is None:
-            self.kernel = self.add_weight(
-                name="kernel", shape=(width, width), initializer=init
+        shapes = (
+            {"kernel": (width, width)}
+            if self.projection_dim is None
+            else {
+                "kernel_u": (width, self.projection_dim),
+                "kernel_v": (self.projection_dim, width),
+            }
+        )
+        for name, shape in shapes.items():
+            kernel = self.add_weight(
+                name=name,
+                shape=shape,
+                initializer=_fresh(self.kernel_initializer),
+                regularizer=self.kernel_regularizer,
             )
-        else:
-            self.kernel_u = self.add_weight(
-                name="kernel_u", shape=(width, self.projection_dim), initializer=init
-            )
-            self.kernel_v = self.add_weight(
-                name="kernel_v", shape=(self.projection_dim, width), initializer=init
-            )
-        self.bias = self.add_weight(name="bias", shape=(width,), initializer="zeros")
+            setattr(self, name, kernel)
+        self.bias = self.add_weight(
+            name="bias", shape=(width,), initializer=_fresh(self.bias_initializer)
+        )
         super().build(input_shape)
 
     def weight_dict(self) -> dict[str, tf.Variable]:
@@ -404,7 +616,7 @@ class FunctionalCross(tf.keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"projection_dim": self.projection_dim})
+        config.update({"projection_dim": self.projection_dim, **_weight_config(self)})
         return config
 
 
@@ -427,6 +639,13 @@ class GlobalBlock(_DenseStack):
         projection_dim: Low-rank dimension of the cross layers (None: full rank).
         units: MLP widths before the logit.
         activation: MLP activation.
+        kernel_initializer: Initializer of every dense and cross kernel.
+        bias_initializer: Initializer of every bias.
+        kernel_regularizer: Regularizer of every dense and cross kernel (e.g.
+            `tf.keras.regularizers.L2(1e-4)`), added to `losses`.
+        embeddings_initializer: Initializer of the request-feature embedding
+            tables.
+        embeddings_regularizer: Regularizer of those tables.
 
     Input shape: meta embedding `[B, d]` or `[T, d]`; encoded request features
     `[B]` or `[T, S]` (plus a trailing K for multi-hot). Called as
@@ -444,9 +663,19 @@ class GlobalBlock(_DenseStack):
         projection_dim: int | None = None,
         units: Sequence[int] = (256, 128),
         activation: str = "relu",
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        embeddings_initializer: Any = "random_normal",
+        embeddings_regularizer: Any = None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            **kwargs,
+        )
         self.features = _as_features(features)
         if not self.features:
             raise ValueError("`features` must hold at least one request feature")
@@ -467,12 +696,24 @@ class GlobalBlock(_DenseStack):
         self.units = _check_units("units", units)
         self.activation = activation
         self._activation = tf.keras.activations.get(activation)
-        self.embedding = FeatureEmbedding(self.features, name="request_features")
+        self.embeddings_initializer = tf.keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = tf.keras.regularizers.get(embeddings_regularizer)
+        self.embedding = FeatureEmbedding(
+            self.features,
+            embeddings_initializer=self.embeddings_initializer,
+            embeddings_regularizer=self.embeddings_regularizer,
+            name="request_features",
+        )
         self.crosses = [
-            FunctionalCross(projection_dim, name=f"cross_{i}")
+            FunctionalCross(
+                projection_dim,
+                kernel_initializer=self.kernel_initializer,
+                bias_initializer=self.bias_initializer,
+                kernel_regularizer=self.kernel_regularizer,
+                name=f"cross_{i}",
+            )
             for i in range(cross_layers)
         ]
-        self._adaptable: dict[str, tf.Variable] = {}
 
     @property
     def cross_width(self) -> int:
@@ -500,7 +741,8 @@ class GlobalBlock(_DenseStack):
         super().build(input_shape)
 
     def encode(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return self.embedding.encode(raw)
+        """Raw request features -> `call`'s input (numeric features packed)."""
+        return self.embedding.encode(raw, pack_numeric=True)
 
     def call(
         self,
@@ -519,31 +761,16 @@ class GlobalBlock(_DenseStack):
                 )
             meta_embedding = encoded.pop(META_EMBEDDING_KEY)
         request = self.embedding(encoded)
-        if meta_embedding.shape.rank < request.shape.rank:
-            # One embedding per task, broadcast over its S rows.
-            meta_embedding = tf.broadcast_to(
-                meta_embedding[:, None, :],
-                tf.concat([tf.shape(request)[:-1], [self.meta_dim]], axis=0),
+        per_task = meta_embedding.shape.rank < request.shape.rank
+        if self.crosses:
+            x = self._cross(meta_embedding, request, weights, per_task)
+            hidden = range(len(self.units))
+        else:
+            x = self._activation(
+                self._first_dense(meta_embedding, request, weights, per_task)
             )
-        parts = [meta_embedding, request]
-        if self.interaction == "product":
-            item_side = maml.dense(
-                request,
-                self._w(weights, "interaction/kernel"),
-                self._w(weights, "interaction/bias"),
-            )
-            parts.append(meta_embedding * item_side)
-        x0 = tf.concat(parts, axis=-1)
-        x = x0
-        for cross in self.crosses:
-            prefix = f"{cross.name}/"
-            cross_weights = {
-                k[len(prefix) :]: v
-                for k, v in (weights or {}).items()
-                if k.startswith(prefix)
-            }
-            x = cross(x0, x, weights=cross_weights)
-        for i in range(len(self.units)):
+            hidden = range(1, len(self.units))
+        for i in hidden:
             x = self._activation(
                 maml.dense(
                     x,
@@ -556,6 +783,59 @@ class GlobalBlock(_DenseStack):
         )
         return tf.squeeze(logits, axis=-1)
 
+    def _rows(self, meta_embedding: tf.Tensor, request: tf.Tensor) -> tf.Tensor:
+        """One embedding per task `[T, d]`, broadcast over its S rows."""
+        return tf.broadcast_to(
+            meta_embedding[:, None, :],
+            tf.concat([tf.shape(request)[:-1], [self.meta_dim]], axis=0),
+        )
+
+    def _product(self, embedding_rows, request, weights) -> tf.Tensor:
+        item_side = maml.dense(
+            request,
+            self._w(weights, "interaction/kernel"),
+            self._w(weights, "interaction/bias"),
+        )
+        return embedding_rows * item_side
+
+    def _cross(self, meta_embedding, request, weights, per_task) -> tf.Tensor:
+        """x0 = [e, r(, e * r P)] through the cross layers."""
+        if per_task:
+            meta_embedding = self._rows(meta_embedding, request)
+        parts = [meta_embedding, request]
+        if self.interaction == "product":
+            parts.append(self._product(meta_embedding, request, weights))
+        x0 = tf.concat(parts, axis=-1)
+        x = x0
+        for cross in self.crosses:
+            prefix = f"{cross.name}/"
+            cross_weights = {
+                k[len(prefix) :]: v
+                for k, v in (weights or {}).items()
+                if k.startswith(prefix)
+            }
+            x = cross(x0, x, weights=cross_weights)
+        return x
+
+    def _first_dense(self, meta_embedding, request, weights, per_task) -> tf.Tensor:
+        """The first dense layer on x0 = [e, r(, e * r P)], without crosses.
+
+        It runs on each part with that part's rows of the kernel, so the meta
+        embedding's share (and its gradient) is computed once per task rather
+        than once per row.
+        """
+        kernel = self._w(weights, "dense_0/kernel")
+        d, n = self.meta_dim, self.embedding.output_dim
+        y = maml.dense(request, kernel[..., d : d + n, :])
+        if self.interaction == "product":
+            rows = self._rows(meta_embedding, request) if per_task else meta_embedding
+            product = self._product(rows, request, weights)
+            y += maml.dense(product, kernel[..., d + n :, :])
+        shared = maml.dense(
+            meta_embedding, kernel[..., :d, :], self._w(weights, "dense_0/bias")
+        )
+        return y + (shared[:, None, :] if per_task else shared)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -567,6 +847,7 @@ class GlobalBlock(_DenseStack):
                 "projection_dim": self.projection_dim,
                 "units": list(self.units),
                 "activation": self.activation,
+                **_weight_config(self),
             }
         )
         return config

@@ -8,7 +8,13 @@ the outer step updates all variables from the query loss of the adapted model.
 The inner loop is `tf_limaml.maml` (`tile`, `adapt`, `dense`); subclasses
 change it through public hooks (`adaptable_variables`, `inner_lr`,
 `support_loss`), and either block can be your own Keras layer (see
-`LiMAMLModel`).
+`LiMAMLModel`). With the library's blocks and scalar inner rates it runs as
+`maml.adapt_dense`, which never forms a per-task copy of a kernel.
+
+On one device the whole train step (gradients, the optimizer's update and
+the metrics, and the encoding too when no feature is a string) is one
+compiled function, so small networks do not pay for hundreds of separately
+run ops around their math.
 
 Example:
 
@@ -25,6 +31,7 @@ import dataclasses
 import json
 import logging
 import os
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -157,6 +164,29 @@ class MetaConfig:
         return dataclasses.asdict(self)
 
 
+class _IteratorDispatch:
+    """Calls a tf.function through its concrete function for the iterator it
+    was last given.
+
+    A tf.function finds its concrete function by hashing the type spec of its
+    arguments on every call, and an iterator's spec has one entry per tensor
+    of the batch: with tens of features that lookup, in Python, costs as much
+    as a small meta-train step. `fit` passes the same iterator for a whole
+    epoch, so the lookup is done once per epoch instead.
+    """
+
+    def __init__(self, function):
+        self.function = function
+        self._iterator = None
+        self._concrete = None
+
+    def __call__(self, iterator):
+        if self._iterator is None or self._iterator() is not iterator:
+            self._concrete = self.function.get_concrete_function(iterator)
+            self._iterator = weakref.ref(iterator)
+        return self._concrete(iterator)
+
+
 def _where_finite(finite: tf.Tensor, grad):
     """The gradient if the step is finite, else zeros of its shape."""
     if isinstance(grad, tf.IndexedSlices):
@@ -245,7 +275,11 @@ class LiMAMLModel(tf.keras.Model):
         interaction: How the meta embedding enters the global block: "product"
             (concatenation plus an elementwise product with the projected
             request features) or "concat".
-        l2: L2 penalty on the dense kernels, reported as `regularization_loss`.
+        l2: L2 penalty on the dense and cross kernels of the library's blocks:
+            their `kernel_regularizer` is `tf.keras.regularizers.L2(l2)`. A block
+            you pass brings its own regularizers instead. The meta-train loss
+            adds every regularization loss of the model (`model.losses`), and
+            reports their sum as `regularization_loss`.
         meta_block: Your own meta block instead of `MetaBlock(meta_units)`
             (see "Custom blocks").
         global_block: Your own global block instead of `GlobalBlock(...)`
@@ -329,9 +363,20 @@ class LiMAMLModel(tf.keras.Model):
         # from the architecture arguments.
         self._custom_meta_block = meta_block is not None
         self._custom_global_block = global_block is not None
+        if self.l2 and (self._custom_meta_block or self._custom_global_block):
+            logger.warning(
+                "`l2` regularizes the library's blocks only; give your own "
+                "block's weights a regularizer (add_weight(regularizer=...) or "
+                "kernel_regularizer=...), which the loss picks up from "
+                "`model.losses`."
+            )
+        kernel_regularizer = tf.keras.regularizers.L2(self.l2) if self.l2 else None
         if meta_block is None:
             meta_block = MetaBlock(
-                self.spec.meta_features, units=meta_units, name="meta_block"
+                self.spec.meta_features,
+                units=meta_units,
+                kernel_regularizer=kernel_regularizer,
+                name="meta_block",
             )
             meta_block.build(None)
         self.meta_block = meta_block
@@ -345,6 +390,7 @@ class LiMAMLModel(tf.keras.Model):
                 cross_layers=cross_layers,
                 projection_dim=projection_dim,
                 units=global_units,
+                kernel_regularizer=kernel_regularizer,
                 name="global_block",
             )
             global_block.build(None)
@@ -404,6 +450,13 @@ class LiMAMLModel(tf.keras.Model):
             "l2": self.l2,
         }
         self._xla_blocker = self._find_xla_blocker()
+        # Whether `encode` is plain math (the library's blocks and no string
+        # feature), so the compiled train step can start from the raw batch.
+        self._encode_compiles = (
+            isinstance(self.meta_block, MetaBlock)
+            and isinstance(self.global_block, GlobalBlock)
+            and all(f.type == NUMERIC for f in self.spec.features)
+        )
         if self.meta_config.jit_compile and self._xla_blocker:
             logger.warning(
                 "The meta-train step runs without XLA: %s. Give the block an "
@@ -805,16 +858,6 @@ class LiMAMLModel(tf.keras.Model):
     ) -> tuple[dict[str, tf.Tensor], tf.Tensor | None]:
         """k support steps; returns fast weights and the pre-adaptation support loss [T]."""
         config = config or self.meta_config
-        fast = self._initial_fast_weights(encoded, config)
-        if not steps:
-            return fast, None
-        rates = {name: self.inner_lr(name, config) for name in fast}
-        if META_INPUTS in rates:
-            # Only looked-up embedding rows adapt, not numeric inputs.
-            inputs_mask = self.meta_block.embedding_input_mask()
-            rates[META_INPUTS] = (
-                tf.cast(rates[META_INPUTS], inputs_mask.dtype) * inputs_mask
-            )
 
         def task_loss(fast):
             logits, _ = self._logits(encoded, SUPPORT, fast)
@@ -822,7 +865,41 @@ class LiMAMLModel(tf.keras.Model):
                 encoded["support_label"], logits, encoded["support_mask"], config
             )
 
+        params = self.adaptable_variables()
+        rates = {name: self.inner_lr(name, config) for name in params}
+        if self._adapts_dense_only(config, params, rates):
+            # No per-task copy of any weight (see `maml.adapt_dense`).
+            return maml.adapt_dense(task_loss, params, steps, rates, first_order)
+        fast = self._initial_fast_weights(encoded, config)
+        if not steps:
+            return fast, None
+        if META_INPUTS in rates:
+            # Only looked-up embedding rows adapt, not numeric inputs.
+            inputs_mask = self.meta_block.embedding_input_mask()
+            rates[META_INPUTS] = (
+                tf.cast(rates[META_INPUTS], inputs_mask.dtype) * inputs_mask
+            )
         return maml.adapt(task_loss, fast, steps, rates, first_order)
+
+    def _adapts_dense_only(
+        self,
+        config: MetaConfig,
+        params: Mapping[str, tf.Variable],
+        rates: Mapping[str, Any],
+    ) -> bool:
+        """Whether the inner loop can run as `maml.adapt_dense`: the library's
+        blocks use every adapted weight only through `maml.dense`, and the
+        rates are scalars (not Meta-SGD's per-weight rates)."""
+        if config.adapt_embeddings or not isinstance(self.meta_block, MetaBlock):
+            return False
+        if config.adapt == "all" and not isinstance(self.global_block, GlobalBlock):
+            return False
+        if not set(params) <= set(self._configured_adaptable_variables()):
+            return False
+        return all(
+            isinstance(rate, (int, float)) or tf.convert_to_tensor(rate).shape.rank == 0
+            for rate in rates.values()
+        )
 
     def _forward(
         self,
@@ -857,10 +934,10 @@ class LiMAMLModel(tf.keras.Model):
         return out
 
     def _regularization_loss(self, dtype) -> tf.Tensor:
-        if not self.l2:
-            return tf.constant(0.0, dtype)
-        kernels = [v for v in self.trainable_variables if "kernel" in v.name]
-        return self.l2 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in kernels])
+        """Sum of the model's regularization losses (`self.losses`), on the
+        variables: fast weights are tensors and carry none."""
+        losses = [tf.cast(loss, dtype) for loss in self.losses]
+        return tf.add_n(losses) if losses else tf.constant(0.0, dtype)
 
     def _meta_gradients(self, encoded: Mapping[str, Any]):
         cfg = self.meta_config
@@ -890,18 +967,45 @@ class LiMAMLModel(tf.keras.Model):
         return cache[key]
 
     # ------------------------------------------------------------- Keras API
+    def make_train_function(self, force=False):
+        cached = self.train_function is not None and not force
+        train_function = super().make_train_function(force)
+        if (
+            cached
+            or self._cluster_coordinator
+            or self.distribute_strategy.num_replicas_in_sync != 1
+            or not hasattr(train_function, "get_concrete_function")
+        ):
+            return train_function
+        self.train_function = _IteratorDispatch(train_function)
+        return self.train_function
+
     def train_step(self, batch):
-        encoded = self.encode(batch)
-        step = self._function("meta_gradients", self._meta_gradients, self._xla)
-        grads, out = step(encoded)
-        finite = out["finite"]
-        # A non-finite step must not poison the weights. Zeroing its gradients
-        # (rather than skipping apply_gradients in a tf.cond) keeps the
-        # all-reduce of distribution strategies unconditional.
-        grads = [_where_finite(finite, g) for g in grads]
-        self.optimizer.apply_gradients(
-            zip(grads, self.trainable_variables, strict=True)
-        )
+        if tf.distribute.get_strategy().num_replicas_in_sync == 1:
+            # One compiled function for the whole step (gradients, update and
+            # metrics): on small networks the ops around the step, each run
+            # on its own by the executor, cost as much as the step's math.
+            if self._encode_compiles:
+                # No string to look up: encoding joins the compiled step too.
+                batch = {k: tf.convert_to_tensor(v) for k, v in batch.items()}
+                numbers = {k: v for k, v in batch.items() if v.dtype != tf.string}
+                step = self._function(
+                    "train_step_raw",
+                    lambda raw: self._apply_step(self.encode(raw)),
+                    self._xla,
+                )
+                logs, finite = step(numbers)
+            else:
+                step = self._function("train_step", self._apply_step, self._xla)
+                logs, finite = step(self.encode(batch))
+        else:
+            # The all-reduce of the update stays outside the compiled part.
+            encoded = self.encode(batch)
+            step = self._function("meta_gradients", self._meta_gradients, self._xla)
+            grads, out = step(encoded)
+            finite = out["finite"]
+            self._apply_gradients(grads, finite)
+            logs = self._update_metrics(encoded, out)
         if "entity_id" in batch:
             entity_ids = batch["entity_id"]
             if entity_ids.dtype != tf.string:
@@ -911,7 +1015,21 @@ class LiMAMLModel(tf.keras.Model):
                 lambda: tf.constant(True),
                 lambda: self._record_nonfinite(entity_ids),
             )
-        return self._update_metrics(encoded, out)
+        return logs
+
+    def _apply_step(self, encoded: Mapping[str, Any]):
+        grads, out = self._meta_gradients(encoded)
+        self._apply_gradients(grads, out["finite"])
+        return self._update_metrics(encoded, out), out["finite"]
+
+    def _apply_gradients(self, grads, finite: tf.Tensor) -> None:
+        # A non-finite step must not poison the weights. Zeroing its gradients
+        # (rather than skipping apply_gradients in a tf.cond) keeps the
+        # all-reduce of distribution strategies unconditional.
+        grads = [_where_finite(finite, g) for g in grads]
+        self.optimizer.apply_gradients(
+            zip(grads, self.trainable_variables, strict=True)
+        )
 
     def _record_nonfinite(self, entity_ids: tf.Tensor) -> tf.Tensor:
         self._nonfinite_entities.assign(entity_ids)
@@ -991,10 +1109,11 @@ class LiMAMLModel(tf.keras.Model):
             self.meta_config.first_order if first_order is None else first_order
         )
         config = self._call_config(inner_lr, support_prior)
-        fast, _ = self._inner_loop(
-            self.encode(tasks), self._steps(steps), first_order, config
-        )
-        return fast
+        encoded = self.encode(tasks)
+        fast, _ = self._inner_loop(encoded, self._steps(steps), first_order, config)
+        # The dense-only inner loop keeps kernels factored and leaves what it
+        # did not adapt shared: give every weight its task axis.
+        return maml.materialize(fast, self.adaptable_variables(), encoded["batch_size"])
 
     def meta_embedding(
         self,
