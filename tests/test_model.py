@@ -656,3 +656,36 @@ def test_train_function_follows_each_new_iterator(synthetic_tasks, synthetic_spe
     assert losses[0] != losses[1] and losses[0] == pytest.approx(losses[2], abs=1e-6)
     history = model.fit(dataset.take(2), epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda: tf.keras.optimizers.Adam(0.1),
+        lambda: tf.keras.optimizers.SGD(0.1, momentum=0.9),
+        lambda: tf.keras.optimizers.Adagrad(0.1),
+    ],
+    ids=["adam", "momentum", "adagrad"],
+)
+def test_dense_table_gradients_update_as_the_sparse_ones(
+    synthetic_tasks, synthetic_spec, small_model_kwargs, optimizer
+):
+    """The compiled step applies a table's gradient dense: the same update."""
+    batch = _first_batch(synthetic_tasks, synthetic_spec, tasks=4)
+    tables = []
+    for dense in (False, True):
+        tf.keras.utils.set_random_seed(8)
+        model = LiMAMLModel(
+            synthetic_spec, MetaConfig(jit_compile=True), **small_model_kwargs
+        )
+        model.compile(optimizer=optimizer())
+        for _ in range(2):
+            grads, out = model._meta_gradients(model.encode(batch))
+            assert any(isinstance(g, tf.IndexedSlices) for g in grads)
+            if dense:
+                grads = [model._dense_table_gradient(g) for g in grads]
+                assert not any(isinstance(g, tf.IndexedSlices) for g in grads)
+            model._apply_gradients(grads, out["finite"])
+        tables.append([v.numpy() for v in model.trainable_variables])
+    for sparse, dense in zip(*tables, strict=True):
+        np.testing.assert_allclose(dense, sparse, atol=1e-6)

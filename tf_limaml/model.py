@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
@@ -185,6 +186,11 @@ class _IteratorDispatch:
             self._concrete = self.function.get_concrete_function(iterator)
             self._iterator = weakref.ref(iterator)
         return self._concrete(iterator)
+
+
+# Largest embedding table (numbers) whose gradient the compiled step applies
+# dense (see `LiMAMLModel._dense_table_gradient`).
+_MAX_DENSE_TABLE = 1 << 22
 
 
 def _where_finite(finite: tf.Tensor, grad):
@@ -1019,8 +1025,31 @@ class LiMAMLModel(tf.keras.Model):
 
     def _apply_step(self, encoded: Mapping[str, Any]):
         grads, out = self._meta_gradients(encoded)
+        if self._xla:
+            grads = [self._dense_table_gradient(g) for g in grads]
         self._apply_gradients(grads, out["finite"])
         return self._update_metrics(encoded, out), out["finite"]
+
+    def _dense_table_gradient(self, grad):
+        """An embedding table's sparse gradient as a dense one, under XLA.
+
+        Keras's optimizers update every row of a table either way (Adam's
+        moments decay on all rows; for the others an unused row's update is
+        zero), but their sparse path first merges duplicate ids with
+        `tf.unique`, which XLA compiles to sorts: 1.6 ms of a 13 ms reference
+        step for six tables. Kept sparse for other optimizers (a lazy one
+        skips unused rows) and for tables of more than 4M numbers.
+        """
+        if (
+            not isinstance(grad, tf.IndexedSlices)
+            or not type(self.optimizer).__module__.startswith("tf_keras.")
+            or grad.dense_shape is None
+        ):
+            return grad
+        shape = tf.get_static_value(grad.dense_shape)
+        if shape is None or int(np.prod(shape)) > _MAX_DENSE_TABLE:
+            return grad
+        return tf.convert_to_tensor(grad)
 
     def _apply_gradients(self, grads, finite: tf.Tensor) -> None:
         # A non-finite step must not poison the weights. Zeroing its gradients
