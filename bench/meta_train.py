@@ -8,6 +8,9 @@
                      way most MAML code is written;
   (e) plain_step     a plain (non-meta) training step of the same network on
                      the same number of examples, T * (S + Q) rows.
+With `--baseline REV`, (a) and (d) are also built from the library as of git
+revision REV (below) and timed in the same rounds.
+
 `small` is a network where fixed costs dominate (32 tasks of 20 + 20 rows, 64
 numeric request features, no meta features, full-network MAML on a 128-64-1
 MLP). It times `LiMAMLModel`'s Keras train function, fed from a dataset
@@ -275,12 +278,18 @@ def _slice_task(encoded, t):
     return out
 
 
-def build_steps(config: StepConfig, batch) -> dict[str, callable]:
-    """One callable per variant; each runs one full training step on `batch`."""
+def build_steps(
+    config: StepConfig, batch, baseline: types.SimpleNamespace | None = None
+) -> dict[str, callable]:
+    """One callable per variant; each runs one full training step on `batch`.
+
+    With a `baseline` library, (a) and (d) built from it too, as
+    "xla@REV" and "per_task_loop@REV".
+    """
     steps = {}
 
-    def meta_step(**meta_config):
-        model = config.model(**meta_config)
+    def meta_step(lib=CURRENT, **meta_config):
+        model = config.model(lib, **meta_config)
         model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
         fn = tf.function(model.train_step)
         return lambda: fn(batch)
@@ -288,8 +297,21 @@ def build_steps(config: StepConfig, batch) -> dict[str, callable]:
     steps["xla"] = meta_step(jit_compile=True)
     steps["no_xla"] = meta_step(jit_compile=False)
     steps["first_order"] = meta_step(jit_compile=True, first_order=True)
+    steps["per_task_loop"] = per_task_loop_step(config, batch)
+    if baseline is not None:
+        steps[f"xla@{baseline.name}"] = meta_step(baseline, jit_compile=True)
+        steps[f"per_task_loop@{baseline.name}"] = per_task_loop_step(
+            config, batch, baseline
+        )
+    steps["plain_step"] = plain_step_fn(config, batch)
+    return steps
 
-    loop_model = config.model(jit_compile=False)
+
+def per_task_loop_step(
+    config: StepConfig, batch, lib: types.SimpleNamespace = CURRENT
+) -> callable:
+    """(d): the meta-train step one task at a time."""
+    loop_model = config.model(lib, jit_compile=False)
     loop_optimizer = tf.keras.optimizers.Adam(1e-3)
 
     @tf.function
@@ -311,8 +333,11 @@ def build_steps(config: StepConfig, batch) -> dict[str, callable]:
         return loss
 
     loop_encoded = loop_model.encode(batch)
-    steps["per_task_loop"] = lambda: per_task_loop(loop_encoded)
+    return lambda: per_task_loop(loop_encoded)
 
+
+def plain_step_fn(config: StepConfig, batch) -> callable:
+    """(e): a plain training step of the same network on T * (S + Q) rows."""
     plain_model = config.model(jit_compile=True)
     plain_optimizer = tf.keras.optimizers.Adam(1e-3)
 
@@ -339,8 +364,7 @@ def build_steps(config: StepConfig, batch) -> dict[str, callable]:
         )
         return loss
 
-    steps["plain_step"] = lambda: plain_step(batch)
-    return steps
+    return lambda: plain_step(batch)
 
 
 @functools.cache
@@ -409,6 +433,7 @@ def profile_top_ops(fn, steps: int = 5, top: int = 8) -> list[dict[str, float]]:
     ]
 
 
+@functools.cache
 def load_baseline(rev: str) -> types.SimpleNamespace:
     """The library as of git revision `rev`, importable beside this one.
 
@@ -483,7 +508,8 @@ def time_round_robin(
 
 def run_reference(args) -> dict:
     config = REFERENCE
-    steps = build_steps(config, config.batch())
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    steps = build_steps(config, config.batch(), baseline)
     seconds, first_call, peak = time_round_robin(steps, args.repeats, args.steps)
     tasks_per_s = {name: round(config.tasks / seconds[name], 1) for name in steps}
     flops = config.step_flops()
@@ -509,6 +535,15 @@ def run_reference(args) -> dict:
         "roofline_fraction": round(gflops / peak, 3),
         "reference": dataclasses.asdict(config),
     }
+    if baseline is not None:
+        rev = baseline.name
+        result["baseline"] = rev
+        result["ratios"][f"xla_over_per_task_loop@{rev}"] = round(
+            tasks_per_s[f"xla@{rev}"] / tasks_per_s[f"per_task_loop@{rev}"], 2
+        )
+        result["ratios"][f"xla_over_xla@{rev}"] = round(
+            tasks_per_s["xla"] / tasks_per_s[f"xla@{rev}"], 2
+        )
     if args.profile:
         # XLA fuses the step into a few clusters, so op types are named on the
         # unfused (no-XLA) step; the XLA step's time is one cluster op.
@@ -569,7 +604,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--baseline",
         metavar="REV",
-        help="Also time the small configuration's steps as of git revision REV.",
+        help="Also time the steps of the library as of git revision REV: the "
+        "small configuration's, and the reference's (a) and (d).",
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10, help="Steps per timed repeat.")
