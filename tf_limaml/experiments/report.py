@@ -732,15 +732,16 @@ def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> st
     return "\n".join(lines)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+def json_safe(value: Any) -> Any:
+    """A value JSON can hold: NaN and Inf become null, numpy scalars Python ones."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 
@@ -763,7 +764,7 @@ def write_report(
         "chart": os.path.join(out_dir, "lift.png"),
     }
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(_json_safe(dict(report)), f, indent=2)
+        json.dump(json_safe(dict(report)), f, indent=2)
     chart = None
     if "global" in report["models"]:
         plot_lift(report, paths["chart"])

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from tf_limaml import evaluation
-from tf_limaml.experiments import baselines
+from tf_limaml.experiments import baselines, report
 from tf_limaml.experiments.protocol import (
     SUPPORT_KS,
     Batch,
@@ -691,21 +691,9 @@ def write_outputs(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
         "rule": result["rule"],
     }
     with open(paths["config"], "w", encoding="utf-8") as f:
-        json.dump(_json_safe(config), f, indent=2)
+        json.dump(report.json_safe(config), f, indent=2)
     with open(paths["trials"], "w", encoding="utf-8") as f:
-        json.dump(_json_safe(dict(result)), f, indent=2)
+        json.dump(report.json_safe(dict(result)), f, indent=2)
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write("# limaml tune: every trial\n\n" + trials_markdown(result) + "\n")
     return paths
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
