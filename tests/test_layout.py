@@ -25,6 +25,7 @@ CORE = (
     "tasks",
     "data",
     "layers",
+    "sequence",
     "maml",
     "model",
     "training",

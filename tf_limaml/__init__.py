@@ -31,6 +31,7 @@ _PUBLIC = {
     "FunctionalCross": "tf_limaml.layers",
     "GlobalBlock": "tf_limaml.layers",
     "MetaBlock": "tf_limaml.layers",
+    "SequenceMetaBlock": "tf_limaml.sequence",
     "LiMAMLModel": "tf_limaml.model",
     "MetaConfig": "tf_limaml.model",
     "load_model": "tf_limaml.model",
@@ -44,6 +45,7 @@ _SUBMODULES = (
     "layers",
     "maml",
     "model",
+    "sequence",
     "signatures",
     "statistics",
     "tasks",
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         layers,
         maml,
         model,
+        sequence,
         signatures,
         statistics,
         tasks,
@@ -90,6 +93,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         load_model,
         save_model,
     )
+    from tf_limaml.sequence import SequenceMetaBlock  # noqa: F401
 
 
 def __getattr__(name):

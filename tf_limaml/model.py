@@ -53,6 +53,7 @@ from tf_limaml.features import (
     load_spec,
 )
 from tf_limaml.layers import GlobalBlock, MetaBlock
+from tf_limaml.sequence import SUPPORT_SEQUENCE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -486,7 +487,10 @@ class LiMAMLModel(tf.keras.Model):
         if isinstance(self.meta_block, MetaBlock):
             return self.meta_block.output_dim
         meta = self._encode_meta(_example_features(self.spec.meta_features))
-        embedding = self.meta_block(meta, weights=None)
+        if self._reads_support:
+            embedding = self.meta_block(meta, weights=None, batch_size=1)
+        else:
+            embedding = self.meta_block(meta, weights=None)
         if embedding.shape.rank != 2 or embedding.shape[-1] is None:
             raise ValueError(
                 f"`meta_block` must return a meta embedding [T, d]; "
@@ -517,7 +521,31 @@ class LiMAMLModel(tf.keras.Model):
                 f"got {type(self.meta_block).__name__}"
             )
 
+    @property
+    def _reads_support(self) -> bool:
+        """Whether the meta block reads the support sequence (`reads_support`)."""
+        return bool(getattr(self.meta_block, "reads_support", False))
+
+    @property
+    def _shares_request_embedding(self) -> bool:
+        return self._reads_support and (
+            getattr(self.meta_block, "request_embedding", None) == "shared"
+        )
+
     def _check_global_block(self) -> None:
+        if self._shares_request_embedding:
+            block = self.global_block
+            width = getattr(self.meta_block, "request_dim", None)
+            if not isinstance(block, GlobalBlock) or (
+                width is not None and block.embedding.output_dim != width
+            ):
+                raise ValueError(
+                    f"The meta block {self.meta_block.name!r} shares the global "
+                    "block's request embeddings (request_embedding='shared'), "
+                    "which needs the library GlobalBlock over the same request "
+                    "features; use request_embedding='own' with your own "
+                    "global block"
+                )
         if self.meta_config.adapt == "all" and not _has_fast_weights(self.global_block):
             raise ValueError(
                 f"MetaConfig(adapt='all') adapts the global block, but "
@@ -570,14 +598,40 @@ class LiMAMLModel(tf.keras.Model):
 
     def _embed(
         self,
-        meta: Mapping[str, tf.Tensor],
+        encoded: Mapping[str, Any],
         weights: Mapping[str, tf.Tensor] | None,
-        batch_size: tf.Tensor | int,
     ) -> tf.Tensor:
-        """Meta embedding [T, d] from encoded meta features and fast weights."""
+        """Meta embedding [T, d] from an encoded batch and fast weights."""
+        meta, batch_size = encoded["meta"], encoded["batch_size"]
         if isinstance(self.meta_block, MetaBlock):
             return self.meta_block.call(meta, weights=weights, batch_size=batch_size)
+        if self._reads_support:
+            return self.meta_block(
+                self._meta_inputs(encoded), weights=weights, batch_size=batch_size
+            )
         return self.meta_block(meta, weights=weights)
+
+    def _meta_inputs(self, encoded: Mapping[str, Any]) -> dict[str, Any]:
+        """A support-reading meta block's input: the meta features and, when
+        the batch has a support part, the sequence under SUPPORT_SEQUENCE_KEY."""
+        inputs = dict(encoded["meta"])
+        if SUPPORT not in encoded:
+            return inputs
+        if "support_label" not in encoded:
+            raise KeyError(
+                f"The meta block {self.meta_block.name!r} reads the support "
+                "sequence, which needs the support labels"
+            )
+        sequence = {
+            "features": encoded.get("support_sequence", encoded[SUPPORT]),
+            "label": encoded["support_label"],
+            "mask": encoded["support_mask"],
+        }
+        if self._shares_request_embedding:
+            # Inside the differentiated step, so the shared tables learn here too.
+            sequence["embedded"] = self.global_block.embedding(encoded[SUPPORT])
+        inputs[SUPPORT_SEQUENCE_KEY] = sequence
+        return inputs
 
     def _row_logits(
         self, embedding: tf.Tensor, request: Mapping[str, tf.Tensor]
@@ -734,6 +788,19 @@ class LiMAMLModel(tf.keras.Model):
             if label_key in batch:
                 encoded[f"{part}_label"] = tf.cast(batch[label_key], dtype)
             encoded["batch_size"] = rows_shape[0]
+        if (
+            SUPPORT in encoded
+            and self._reads_support
+            and not self._shares_request_embedding
+            and hasattr(self.meta_block, "encode_support")
+        ):
+            # The block's own tables read the support rows in its own encoding.
+            encoded["support_sequence"] = self.meta_block.encode_support(
+                {
+                    f.name: batch[spec.batch_key(SUPPORT, f.name)]
+                    for f in spec.request_features
+                }
+            )
         if "batch_size" not in encoded:
             if spec.meta_features:
                 encoded["batch_size"] = tf.shape(batch[spec.meta_features[0].name])[0]
@@ -844,7 +911,7 @@ class LiMAMLModel(tf.keras.Model):
             for k, v in fast.items()
             if k.startswith(GLOBAL_PREFIX)
         }
-        embedding = self._embed(encoded["meta"], meta_w, encoded["batch_size"])
+        embedding = self._embed(encoded, meta_w)
         logits = self._task_logits(embedding, encoded[part], global_w)
         return logits, embedding
 
@@ -1175,7 +1242,7 @@ class LiMAMLModel(tf.keras.Model):
             for k, v in fast.items()
             if k.startswith(META_PREFIX)
         }
-        return self._embed(encoded["meta"], meta_w, encoded["batch_size"])
+        return self._embed(encoded, meta_w)
 
     def predict_query(
         self,
