@@ -430,6 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=None)
     demo.add_argument("--fast", action="store_true", help="A smaller, quicker run.")
     demo.add_argument(
+        "--extra-models",
+        default=None,
+        help="Comma list of the models beyond the paper to add: sequence "
+        "(limaml_sequence), multi_entity (limaml_multi_entity, needs "
+        "--item-feature); 'none' for neither (default: both on MovieLens, "
+        "none on --input).",
+    )
+    demo.add_argument(
+        "--item-feature",
+        default=None,
+        help="The request feature that names the item (default: the dataset's, "
+        "item_id on MovieLens): query rows are bucketed by how often it was "
+        "rated in training, and multi_entity personalizes it.",
+    )
+    demo.add_argument(
         "--tune-budget",
         type=_non_negative_int,
         default=None,

@@ -54,8 +54,8 @@ Weights = Mapping[str, tf.Tensor]
 class SequenceMetaBlock(_DenseStack):
     """Static meta features + support sequence -> transformer -> meta embedding.
 
-    Each support row becomes a token: its request features projected to
-    `model_dim`, plus a learned vector per label value (soft labels mix the
+    Each support row becomes a token: its request features, and the same
+    signed by the label (+1 for 1, -1 for 0), projected to `model_dim`, plus a learned vector per label value (soft labels mix the
     two), plus a learned vector per recency rank (0 is the latest real row)
     when `recency` is on. Padding rows (mask 0) are zeroed before the encoder
     and masked out of every attention, so they never change the embedding. A
@@ -230,7 +230,7 @@ class SequenceMetaBlock(_DenseStack):
         h = self.model_dim
         init = self.kernel_initializer
         self.token_kernel = self.add_weight(
-            name="token/kernel", shape=(self.request_dim, h), initializer=init
+            name="token/kernel", shape=(2 * self.request_dim, h), initializer=init
         )
         self.token_bias = self.add_weight(
             name="token/bias", shape=(h,), initializer="zeros"
@@ -304,7 +304,13 @@ class SequenceMetaBlock(_DenseStack):
         # Padding may hold anything (a label of 9, a NaN): select, never multiply.
         rows = tf.where(real, rows, tf.zeros_like(rows))
         label = tf.where(mask > 0, tf.cast(sequence["label"], dtype), 0.0)
-        tokens = tf.einsum("tsr,rh->tsh", rows, self.token_kernel) + self.token_bias
+        # The row signed by its label (+ liked, - not): a mean of these is a
+        # preference direction, which even one attention layer can pool.
+        signed = rows * (2.0 * label[..., None] - 1.0)
+        tokens = (
+            tf.einsum("tsr,rh->tsh", tf.concat([rows, signed], -1), self.token_kernel)
+            + self.token_bias
+        )
         tokens += label[..., None] * self.label_vectors[1]
         tokens += (1.0 - label[..., None]) * self.label_vectors[0]
         if self.recency:

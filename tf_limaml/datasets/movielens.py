@@ -126,6 +126,8 @@ POSITIVE_RATING = 4
 # Most genres one ML-100K movie has.
 MAX_GENRES = 6
 DEFAULT_ITEM_BUCKETS = 10_000
+# The request feature that names the movie (the report buckets by it).
+ITEM_FEATURE = "item_id"
 _YEAR_IN_TITLE = re.compile(r"\((\d{4})\)")
 _UNKNOWN_TITLES = frozenset({"unknown", "unkonwn"})  # sic: the recbole copy's spelling
 

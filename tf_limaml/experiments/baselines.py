@@ -50,15 +50,26 @@ from tf_limaml.experiments.protocol import (
     query_metrics,
     random_support_cut,
     training_rows,
+    without_buckets,
 )
 from tf_limaml.experiments.recipes import Architecture, Recipe
 from tf_limaml.features import ENTITY_ID_KEY, LABEL_KEY, QUERY, SUPPORT, FeatureSpec
 from tf_limaml.model import LiMAMLModel, MetaConfig
+from tf_limaml.sequence import SequenceMetaBlock
 from tf_limaml.training import GRADIENT_CLIPNORM
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES = ("global", "id_embedding", "finetune", "maml", "limaml", "limaml_offline")
+MODEL_NAMES = (
+    "global",
+    "id_embedding",
+    "finetune",
+    "maml",
+    "limaml",
+    "limaml_offline",
+    "limaml_sequence",
+    "limaml_multi_entity",
+)
 # Grid of the fine-tuning baseline's inner learning rate and steps (chosen on val).
 FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
 FINETUNE_STEPS = (1, 3, 5, 10)
@@ -321,9 +332,13 @@ def _task_dataset(
     )
 
 
-def warm_start(model: LiMAMLModel, source: LiMAMLModel) -> None:
-    """Copies the meta and global blocks' weights of `source` (same architecture)."""
-    for name in ("meta_block", "global_block"):
+def warm_start(
+    model: LiMAMLModel,
+    source: LiMAMLModel,
+    blocks: Sequence[str] = ("meta_block", "global_block"),
+) -> None:
+    """Copies the named blocks' weights of `source` (same architecture)."""
+    for name in blocks:
         target, origin = getattr(model, name), getattr(source, name)
         shapes = [w.shape for w in target.get_weights()]
         if shapes != [w.shape for w in origin.get_weights()]:
@@ -448,6 +463,7 @@ def query_probabilities(
     inner_lr = None if inner_lr is None else float(inner_lr)
     support_prior = None if support_prior is None else float(support_prior)
     fn = _query_function(model, steps, inner_lr, support_prior)
+    batch = without_buckets(batch)
     n = len(batch[ENTITY_ID_KEY])
     out = []
     for start in range(0, n, chunk):
@@ -622,6 +638,28 @@ def new_meta_learner(
     return new_model(spec, config, recipe.architecture, seed=seed)
 
 
+def new_sequence_learner(
+    spec: FeatureSpec, recipe: Recipe, seed: int, inner_steps: int | None = None
+) -> LiMAMLModel:
+    """LiMAML with `SequenceMetaBlock` (`recipe.sequence`) as its meta block."""
+    options = recipe.sequence
+    steps = options.inner_steps if inner_steps is None else inner_steps
+    config = dataclasses.replace(
+        recipe.meta_config("meta_block"),
+        inner_steps=steps,
+        support_prior=float(recipe.support_prior),
+    )
+    tf.keras.utils.set_random_seed(seed)
+    block = SequenceMetaBlock(
+        spec.meta_features,
+        spec.request_features,
+        units=recipe.architecture.meta_units,
+        name="meta_block",
+        **options.block_kwargs(),
+    )
+    return new_model(spec, config, recipe.architecture, seed=seed, meta_block=block)
+
+
 def train_meta_learner(
     spec: FeatureSpec,
     splits: Splits,
@@ -631,6 +669,7 @@ def train_meta_learner(
     init: LiMAMLModel | None = None,
     verbose: int | str = 0,
     callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+    sequence: bool = False,
 ) -> tuple[LiMAMLModel, dict[str, list[float]]]:
     """Meta-trains LiMAML or MAML on the train members' tasks.
 
@@ -644,13 +683,22 @@ def train_meta_learner(
             `recipe.warm_start` is "global"), or None.
         verbose: Keras verbosity.
         callbacks: More Keras callbacks.
+        sequence: The meta block is `SequenceMetaBlock` (`recipe.sequence`;
+            only the global block is warm-started).
 
     Returns:
         (model, Keras history).
     """
-    model = new_meta_learner(spec, recipe, seed, adapt)
+    if sequence:
+        model = new_sequence_learner(spec, recipe, seed)
+    else:
+        model = new_meta_learner(spec, recipe, seed, adapt)
     if init is not None:
-        warm_start(model, init)
+        warm_start(
+            model,
+            init,
+            ("global_block",) if sequence else ("meta_block", "global_block"),
+        )
     if recipe.freeze_global_block:
         model.global_block.trainable = False
     elif recipe.freeze_request_embeddings:

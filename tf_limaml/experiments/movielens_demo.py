@@ -285,8 +285,16 @@ def run_seed(
     workdir: str,
     progress,
     offline: bool = True,
+    extra_models: Sequence[str] = (),
+    item_feature: str | None = None,
+    input_path: str | None = None,
 ) -> dict[str, Any]:
-    """Every model for one seed; returns {model name: measurement}."""
+    """Every model for one seed; returns {model name: measurement}.
+
+    `extra_models` adds the models beyond the paper: "sequence"
+    (`limaml_sequence`) and "multi_entity" (`limaml_multi_entity`, which
+    personalizes `item_feature` from the interactions at `input_path`).
+    """
     from tf_limaml.experiments import baselines  # noqa: PLC0415
     from tf_limaml.experiments.protocol import (  # noqa: PLC0415
         Timer,
@@ -296,6 +304,7 @@ def run_seed(
         measurement,
         metrics_entry,
         query_metrics,
+        without_buckets,
     )
 
     ks = protocol.support_ks
@@ -362,6 +371,65 @@ def run_seed(
                 baselines.query_probabilities(model, splits.test),
                 history,
                 name=name,
+            )
+    if "sequence" in extra_models:
+        with progress.phase(
+            f"meta-train (seed {seed}): limaml_sequence, the sequence meta block"
+        ):
+            with Timer() as timer:
+                model, history = baselines.train_meta_learner(
+                    spec, splits, recipe, seed, init=init, sequence=True
+                )
+                sweep = evaluate_sweep(
+                    lambda batch, k, m=model: baselines.query_probabilities(m, batch),
+                    splits.test,
+                    ks,
+                )
+            amortized = query_metrics(
+                splits.test, baselines.query_probabilities(model, splits.test, 0)
+            )
+            results["limaml_sequence"] = measurement(
+                sweep,
+                pretrain_s + timer.seconds,
+                {
+                    "meta_epochs": len(history.get("loss", [])),
+                    "inner_steps": model.meta_config.inner_steps,
+                    "zero_step_overall_auc": round(amortized["auc"], 4),
+                },
+            )
+            results["limaml_sequence"]["health"] = model_health(
+                splits.test,
+                baselines.query_probabilities(model, splits.test),
+                history,
+                name="limaml_sequence",
+            )
+    if "multi_entity" in extra_models:
+        from tf_limaml.experiments import multi_entity  # noqa: PLC0415
+
+        with progress.phase(
+            f"meta-train (seed {seed}): limaml_multi_entity, member and "
+            f"{item_feature} meta blocks"
+        ):
+            with Timer() as timer:
+                score, details = multi_entity.train_multi_entity(
+                    spec,
+                    splits,
+                    records,
+                    recipe,
+                    protocol,
+                    seed,
+                    workdir,
+                    progress,
+                    input_path,
+                )
+                sweep = evaluate_sweep(score, splits.test, ks)
+            results["limaml_multi_entity"] = measurement(
+                sweep, pretrain_s + timer.seconds, details
+            )
+            results["limaml_multi_entity"]["health"] = model_health(
+                splits.test,
+                score(without_buckets(splits.test), None),
+                name="limaml_multi_entity",
             )
     if offline:
         sweep, details, seconds = run_offline(
@@ -445,6 +513,56 @@ def _prepare_input(
     return path, "csv", spec_path, "MovieLens-100K"
 
 
+EXTRA_MODELS = ("sequence", "multi_entity")
+
+
+def movielens_item_feature() -> str:
+    from tf_limaml.datasets import movielens  # noqa: PLC0415
+
+    return movielens.ITEM_FEATURE
+
+
+def _extra_models(
+    args: argparse.Namespace, own_data: bool, item_feature: str | None
+) -> tuple[str, ...]:
+    """The models beyond the paper this run adds (`--extra-models`)."""
+    text = getattr(args, "extra_models", None)
+    if text is None:
+        return () if own_data else EXTRA_MODELS
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    if chosen == ("none",):
+        return ()
+    unknown = [x for x in chosen if x not in EXTRA_MODELS]
+    if unknown:
+        raise ValueError(
+            f"--extra-models: unknown {unknown}; choose from {list(EXTRA_MODELS)} "
+            "or 'none'"
+        )
+    if "multi_entity" in chosen and not item_feature:
+        raise ValueError("--extra-models multi_entity needs --item-feature NAME")
+    return chosen
+
+
+def _with_buckets(splits, spec, item_feature: str | None):
+    """The test batch labelled with its buckets: member history length, and
+    the item's training-rating count when the item feature is known."""
+    from tf_limaml.experiments import protocol as proto  # noqa: PLC0415
+
+    buckets = {proto.MEMBER_HISTORY: proto.member_history_buckets(splits.test)}
+    if item_feature:
+        names = {f.name for f in spec.request_features}
+        if item_feature not in names:
+            raise ValueError(
+                f"--item-feature {item_feature!r} is not a request feature; the "
+                f"spec's are {sorted(names)}"
+            )
+        counts = proto.item_counts([splits.train], spec, item_feature)
+        buckets[proto.ITEM_POPULARITY] = proto.item_popularity_buckets(
+            splits.test, spec, item_feature, counts
+        )
+    return dataclasses.replace(splits, test=proto.with_buckets(splits.test, buckets))
+
+
 def _tuning() -> dict[str, Any] | None:
     """The record of what was tried, when this package ships one."""
     if not os.path.exists(TUNING_FILE):
@@ -516,6 +634,11 @@ def run(args: argparse.Namespace, progress) -> int:
         stats = json.load(f)
     records = records_from_dir(tasks_dir)
     splits = Splits.from_records(records, spec, protocol)
+    item_feature = getattr(args, "item_feature", None) or (
+        None if own_data else movielens_item_feature()
+    )
+    splits = _with_buckets(splits, spec, item_feature)
+    extra_models = _extra_models(args, own_data, item_feature)
     tuned = None
     budget = getattr(args, "tune_budget", None)
     if budget is None:
@@ -543,7 +666,19 @@ def run(args: argparse.Namespace, progress) -> int:
     per_seed = []
     for seed in range(seeds):
         per_seed.append(
-            run_seed(spec, splits, records, recipe, protocol, seed, workdir, progress)
+            run_seed(
+                spec,
+                splits,
+                records,
+                recipe,
+                protocol,
+                seed,
+                workdir,
+                progress,
+                extra_models=extra_models,
+                item_feature=item_feature,
+                input_path=input_path,
+            )
         )
     with progress.phase("report"):
         wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started

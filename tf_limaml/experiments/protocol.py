@@ -335,24 +335,161 @@ class Splits:
         return sorted({i.decode() if isinstance(i, bytes) else str(i) for i in ids})
 
 
+# ----------------------------------------------------------------- buckets
+# A batch key holding one bucket label per query row, `[T, Q]` strings:
+# `query_metrics` then also reports every bucket.
+BUCKET_PREFIX = "bucket/"
+MEMBER_HISTORY = "member_history"
+ITEM_POPULARITY = "item_popularity"
+# Training ratings of a query row's item: "rare" to "popular", log-spaced.
+ITEM_COUNT_EDGES = (0, 5, 20, 100)
+
+
+def _range_label(low: int, high: int | None) -> str:
+    if high is None:
+        return f"{low}+"
+    return str(low) if high - low == 1 else f"{low}-{high - 1}"
+
+
+def _bucketize(values: np.ndarray, edges: Sequence[int]) -> np.ndarray:
+    """Label per value of the range [edges[i], edges[i+1]) it falls in."""
+    values = np.asarray(values)
+    names = np.empty(values.shape, dtype=object)
+    bounds = list(edges) + [None]
+    for low, high in zip(bounds[:-1], bounds[1:], strict=True):
+        inside = values >= low if high is None else (values >= low) & (values < high)
+        names[inside] = _range_label(int(low), None if high is None else int(high))
+    return names
+
+
+def history_edges(lengths: np.ndarray, buckets: int = 4) -> tuple[int, ...]:
+    """Bucket edges of member history lengths: quantiles, so buckets hold
+    about as many members each whatever the data (duplicates merged)."""
+    lengths = np.asarray(lengths)
+    qs = np.quantile(lengths, np.linspace(0, 1, buckets + 1)[1:-1])
+    edges = [int(lengths.min())] + [int(np.ceil(q)) for q in qs]
+    return tuple(sorted(set(edges)))
+
+
+def member_history_buckets(
+    batch: Mapping[str, Any], edges: Sequence[int] | None = None
+) -> np.ndarray:
+    """Per query row `[T, Q]`: its member's bucket of training-history length
+    (real support rows: the history before the query)."""
+    lengths = np.asarray(batch[f"{SUPPORT}_{MASK_KEY}"]).sum(axis=1).astype(int)
+    edges = history_edges(lengths) if edges is None else edges
+    labels = _bucketize(lengths, edges)
+    rows = np.asarray(batch[f"{QUERY}_{MASK_KEY}"]).shape[1]
+    return np.repeat(labels[:, None], rows, axis=1)
+
+
+def item_counts(
+    batches: Iterable[Mapping[str, Any]], spec: FeatureSpec, item_feature: str
+) -> dict[str, int]:
+    """Real rows (support and query) per value of `item_feature`: how often
+    each item was rated in these batches (pass the training members')."""
+    counts: dict[str, int] = {}
+    for batch in batches:
+        for part in (SUPPORT, QUERY):
+            mask = np.asarray(batch[f"{part}_{MASK_KEY}"]) > 0
+            values = np.asarray(batch[spec.batch_key(part, item_feature)])[mask]
+            ids, n = np.unique(values, return_counts=True)
+            for value, count in zip(ids, n, strict=True):
+                key = value.decode() if isinstance(value, bytes) else str(value)
+                counts[key] = counts.get(key, 0) + int(count)
+    return counts
+
+
+def item_popularity_buckets(
+    batch: Mapping[str, Any],
+    spec: FeatureSpec,
+    item_feature: str,
+    counts: Mapping[str, int],
+    edges: Sequence[int] = ITEM_COUNT_EDGES,
+) -> np.ndarray:
+    """Per query row `[T, Q]`: the bucket of its item's training-rating count."""
+    values = np.asarray(batch[spec.batch_key(QUERY, item_feature)])
+    flat = [
+        counts.get(v.decode() if isinstance(v, bytes) else str(v), 0)
+        for v in values.ravel()
+    ]
+    return _bucketize(np.asarray(flat).reshape(values.shape), edges)
+
+
+def with_buckets(batch: Batch, buckets: Mapping[str, np.ndarray]) -> Batch:
+    """The batch plus bucket labels `[T, Q]` by name (see `query_metrics`)."""
+    out = dict(batch)
+    for name, labels in buckets.items():
+        out[BUCKET_PREFIX + name] = np.asarray(labels).astype(str)
+    return out
+
+
+def without_buckets(batch: Mapping[str, Any]) -> Batch:
+    """The batch a model sees: no bucket labels."""
+    return {k: v for k, v in batch.items() if not k.startswith(BUCKET_PREFIX)}
+
+
+def bucket_order(labels: Iterable[str]) -> list[str]:
+    """Bucket labels by their lower bound ("0", "1-4", "5-19", ..., "100+")."""
+
+    def low(label: str) -> tuple[int, float, str]:
+        head = str(label).split("-")[0].rstrip("+")
+        return (0, float(head), "") if head.isdigit() else (1, 0.0, str(label))
+
+    return sorted(set(labels), key=low)
+
+
 def query_metrics(
     batch: Mapping[str, Any], probabilities: np.ndarray
 ) -> dict[str, Any]:
-    """Overall AUC, log loss and mean per-member AUC on a batch's real query rows."""
+    """Overall AUC, log loss and mean per-member AUC on a batch's real query rows.
+
+    With bucket labels in the batch (`with_buckets`), also "buckets": {name:
+    {label: overall AUC, log loss, mean member AUC, rows, members}}.
+    """
     mask = np.asarray(batch[f"{QUERY}_{MASK_KEY}"]) > 0
     labels = np.asarray(batch[f"{QUERY}_{LABEL_KEY}"])[mask]
     scores = np.asarray(probabilities)[mask]
     ids = np.repeat(np.asarray(batch[ENTITY_ID_KEY]), mask.sum(axis=1))
-    return evaluation.summarize(ids, labels, scores)
+    out = evaluation.summarize(ids, labels, scores)
+    buckets = {}
+    for key in batch:
+        if not key.startswith(BUCKET_PREFIX):
+            continue
+        names = np.asarray(batch[key])[mask]
+        per_bucket = {}
+        for name in bucket_order(names):
+            rows = names == name
+            per_bucket[name] = {
+                **evaluation.summarize(ids[rows], labels[rows], scores[rows]),
+                "members": int(len(np.unique(ids[rows]))),
+            }
+        buckets[key[len(BUCKET_PREFIX) :]] = per_bucket
+    if buckets:
+        out["buckets"] = buckets
+    return out
 
 
-def metrics_entry(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """`evaluation.summarize` output under the report's names."""
-    return {
+def metrics_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """`evaluation.summarize` output under the report's names (and its buckets)."""
+    out: dict[str, Any] = {
         "overall_auc": float(metrics["auc"]),
         "logloss": float(metrics["loss"]),
         "mean_member_auc": float(metrics["mean_member_auc"]),
     }
+    if "buckets" in metrics:
+        out["buckets"] = {
+            name: {
+                label: {
+                    **metrics_entry(cell),
+                    "rows": cell["n_rows"],
+                    "members": cell["members"],
+                }
+                for label, cell in per_bucket.items()
+            }
+            for name, per_bucket in metrics["buckets"].items()
+        }
+    return out
 
 
 def evaluate_sweep(
@@ -373,7 +510,9 @@ def evaluate_sweep(
     out = {}
     for k in ks:
         cut = cut_support(test, k)
-        out[k_label(k)] = metrics_entry(query_metrics(cut, score(cut, k)))
+        out[k_label(k)] = metrics_entry(
+            query_metrics(cut, score(without_buckets(cut), k))
+        )
     return out
 
 
@@ -386,7 +525,10 @@ def measurement(
     full = sweep["all"]
     out = {
         **full,
-        "support_k": {k: dict(v) for k, v in sweep.items()},
+        # Buckets are reported at full support only (the entry's own).
+        "support_k": {
+            k: {m: x for m, x in v.items() if m != "buckets"} for k, v in sweep.items()
+        },
         "wall_s": wall_s,
     }
     if details:

@@ -48,6 +48,34 @@ class Architecture:
 
 
 @dataclasses.dataclass(frozen=True)
+class SequenceOptions:
+    """The sequence meta block of `limaml_sequence` (`tf_limaml.SequenceMetaBlock`).
+
+    Its MLP widths are the Architecture's `meta_units`, so d is the same as
+    LiMAML's; the inner loop is the recipe's (lr, prior, first order) with
+    `inner_steps` of its own (0: pure amortized inference).
+    """
+
+    model_dim: int = 32
+    num_heads: int = 2
+    num_layers: int = 1
+    recency: bool = True
+    request_embedding: str = "shared"
+    adapt: tuple[str, ...] = ("output",)
+    inner_steps: int = 1
+
+    def block_kwargs(self) -> dict[str, Any]:
+        return {
+            "model_dim": self.model_dim,
+            "num_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "recency": self.recency,
+            "request_embedding": self.request_embedding,
+            "adapt": tuple(self.adapt),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     """Every training choice of the comparison (tuned on ML-100K's val members).
 
@@ -78,6 +106,7 @@ class Recipe:
             while meta-training (only the meta block and inner rates learn).
         meta_epochs: Most meta-training epochs (early stopping on val).
         meta_batch_tasks: Tasks per meta-batch.
+        sequence: The sequence meta block of `limaml_sequence`.
         meta_learning_rate: Adam learning rate of the outer step.
         meta_patience: Early-stopping patience of meta-training.
         finetune_lrs: Inner learning rates the fine-tuning baseline tries.
@@ -121,6 +150,7 @@ class Recipe:
     adapt_inner_steps: int | None = None
     adapt_inner_lr: float | None = None
     adapt_support_prior: float | None = None
+    sequence: SequenceOptions = SequenceOptions()
 
     def __post_init__(self):
         if self.warm_start not in WARM_STARTS:
@@ -158,6 +188,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["architecture"] = dataclasses.asdict(self.architecture)
+        out["sequence"] = dataclasses.asdict(self.sequence)
         return out
 
     @classmethod
@@ -176,15 +207,19 @@ class Recipe:
         values = {
             k: tuple(v) if isinstance(v, list) else v
             for k, v in obj.items()
-            if k != "architecture"
+            if k not in ("architecture", "sequence")
         }
-        if "architecture" in obj:
-            values["architecture"] = Architecture(
-                **{
-                    k: tuple(v) if isinstance(v, list) else v
-                    for k, v in obj["architecture"].items()
-                }
-            )
+        for key, kind in (
+            ("architecture", Architecture),
+            ("sequence", SequenceOptions),
+        ):
+            if key in obj:
+                values[key] = kind(
+                    **{
+                        k: tuple(v) if isinstance(v, list) else v
+                        for k, v in obj[key].items()
+                    }
+                )
         return cls(**values)
 
     @classmethod

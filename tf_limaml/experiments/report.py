@@ -45,7 +45,16 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-MODEL_ORDER = ("global", "id_embedding", "finetune", "maml", "limaml", "limaml_offline")
+MODEL_ORDER = (
+    "global",
+    "id_embedding",
+    "finetune",
+    "maml",
+    "limaml",
+    "limaml_offline",
+    "limaml_sequence",
+    "limaml_multi_entity",
+)
 MODEL_LABELS = {
     "global": "global (no per-member signal)",
     "id_embedding": "global + member-ID embedding (wide & deep)",
@@ -53,6 +62,15 @@ MODEL_LABELS = {
     "maml": "full-network MAML",
     "limaml": "LiMAML, in-graph adaptation",
     "limaml_offline": "LiMAML, offline embeddings + serving_default",
+    "limaml_sequence": "LiMAML with the sequence meta block (transformer over the "
+    "support interactions)",
+    "limaml_multi_entity": "LiMAML with member and movie meta blocks (the movie's "
+    "embedding from its own adapted meta block)",
+}
+# What the buckets of `report["models"][name]["buckets"]` group by.
+BUCKET_LABELS = {
+    "member_history": "members by training-history length (support rows)",
+    "item_popularity": "query rows by the item's number of training ratings",
 }
 METRICS = ("overall_auc", "logloss", "mean_member_auc")
 METRIC_LABELS = {
@@ -149,6 +167,9 @@ def aggregate(
         entry["per_seed"] = {
             metric: [r.get(metric) for r in runs] for metric in METRICS
         }
+        buckets = _aggregate_buckets([r.get("buckets") for r in runs])
+        if buckets:
+            entry["buckets"] = buckets
         details = [r["details"] for r in runs if r.get("details")]
         if details:
             entry["details"] = details
@@ -171,6 +192,32 @@ def aggregate(
     report.update({k: v for k, v in extra.items() if v is not None})
     report["targets"] = check_targets(report)
     return report
+
+
+def _aggregate_buckets(
+    runs: Sequence[Mapping[str, Any] | None],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per bucket dimension and label: mean and std over seeds of each metric,
+    and the rows and members it holds (the same test members every seed)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    names = sorted({n for r in runs if r for n in r})
+    for name in names:
+        labels: list[str] = []
+        for r in runs:
+            for label in (r or {}).get(name, {}):
+                if label not in labels:
+                    labels.append(label)
+        out[name] = {}
+        for label in labels:
+            cells = [r[name][label] for r in runs if r and label in r.get(name, {})]
+            entry: dict[str, float] = {}
+            for metric in METRICS:
+                mean, std = _mean_std([c.get(metric, float("nan")) for c in cells])
+                entry[metric], entry[f"{metric}_std"] = mean, std
+            entry["rows"] = max(int(c.get("rows", 0)) for c in cells)
+            entry["members"] = max(int(c.get("members", 0)) for c in cells)
+            out[name][label] = entry
+    return out
 
 
 def _get(
@@ -259,6 +306,8 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         all(ok) if ok else None,
         stretch=True,
     )
+    if "limaml_sequence" in models:
+        _sequence_targets(models, add)
     add(
         f"Stretch: LiMAML beats the prototype's {PROTOTYPE_FULL_SUPPORT_AUC} at full support",
         f"LiMAML {l_auc:.4f}",
@@ -266,6 +315,37 @@ def check_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         stretch=True,
     )
     return out
+
+
+def _sequence_targets(models: Mapping[str, Any], add: Callable) -> None:
+    """The sequence meta block: above the ID embedding at small k, and not
+    below LiMAML at full support."""
+    cells, wins = [], []
+    for k in SMALL_KS:
+        sk = _get(models, "limaml_sequence", "overall_auc", k)
+        ik = _get(models, "id_embedding", "overall_auc", k)
+        if math.isnan(sk) or math.isnan(ik):
+            continue
+        cells.append(f"k={k}: {sk:.4f} vs {ik:.4f} ({sk - ik:+.4f})")
+        wins.append(sk > ik)
+    add(
+        "At k = 1, 3 and 5, limaml_sequence overall AUC beats the ID-embedding "
+        "baseline",
+        (
+            "limaml_sequence vs ID embedding, " + "; ".join(cells)
+            if cells
+            else "not measured"
+        ),
+        all(wins) if wins else None,
+    )
+    s_all = _get(models, "limaml_sequence", "overall_auc")
+    l_all = _get(models, "limaml", "overall_auc")
+    have = not (math.isnan(s_all) or math.isnan(l_all))
+    add(
+        "At full support, limaml_sequence overall AUC is not below LiMAML's",
+        f"limaml_sequence {s_all:.4f} vs LiMAML {l_all:.4f} ({s_all - l_all:+.4f})",
+        (s_all >= l_all) if have else None,
+    )
 
 
 def _offline_target(models: Mapping[str, Any], add: Callable) -> None:
@@ -463,6 +543,71 @@ def sweep_table(report: Mapping[str, Any], metric: str) -> str:
     return "\n".join(lines)
 
 
+def bucket_table(report: Mapping[str, Any], name: str) -> str:
+    """Overall AUC per bucket of one dimension, one row per model (markdown)."""
+    models = report["models"]
+    labels: list[str] = []
+    counts: dict[str, tuple[int, int]] = {}
+    for m in models.values():
+        for label, cell in m.get("buckets", {}).get(name, {}).items():
+            if label not in labels:
+                labels.append(label)
+            counts[label] = (cell.get("members", 0), cell.get("rows", 0))
+    if not labels:
+        return ""
+    lines = [
+        "| overall AUC by bucket | " + " | ".join(labels) + " |",
+        "| --- |" + " --- |" * len(labels),
+        "| members / query rows | "
+        + " | ".join(f"{counts[x][0]} / {counts[x][1]}" for x in labels)
+        + " |",
+    ]
+    for model, m in models.items():
+        per = m.get("buckets", {}).get(name)
+        if not per:
+            continue
+        cells = [
+            _pm(per[x]["overall_auc"], per[x]["overall_auc_std"]) if x in per else "n/a"
+            for x in labels
+        ]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _bucket_names(report: Mapping[str, Any]) -> list[str]:
+    names: list[str] = []
+    for m in report["models"].values():
+        for name in m.get("buckets", {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _lift_panel(ax, report: Mapping[str, Any], cells_of: Callable, labels) -> None:
+    """One panel: each model's overall-AUC lift over global at each x label."""
+    models = report["models"]
+    x = np.arange(len(labels))
+    ax.axhline(0.0, color="grey", linewidth=1, linestyle="--", label="global")
+    base = cells_of(models["global"])
+    for name, m in models.items():
+        if name == "global":
+            continue
+        cells = cells_of(m)
+        lift, err = [], []
+        for label in labels:
+            cell, ref = cells.get(label), base.get(label)
+            lift.append(
+                cell["overall_auc"] - ref["overall_auc"] if cell and ref else np.nan
+            )
+            err.append(cell["overall_auc_std"] if cell else np.nan)
+        style = "--" if name == "limaml_offline" else "-"
+        ax.errorbar(
+            x, lift, yerr=err, marker="o", linestyle=style, capsize=3, label=name
+        )
+    ax.set_xticks(x, labels)
+    ax.grid(True, alpha=0.3)
+
+
 def plot_lift(report: Mapping[str, Any], path: str | os.PathLike) -> str:
     """Writes lift.png: overall-AUC lift over global against k, one line per model.
 
@@ -482,23 +627,15 @@ def plot_lift(report: Mapping[str, Any], path: str | os.PathLike) -> str:
         (k for k in models["global"].get("support_k", {}) if k not in ks),
         key=_k_sort_key,
     )
-    x = np.arange(len(ks))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.axhline(0.0, color="grey", linewidth=1, linestyle="--", label="global")
-    for name, m in models.items():
-        if name == "global":
-            continue
-        lift, err = [], []
-        for k in ks:
-            cell = m.get("support_k", {}).get(k)
-            base = models["global"]["support_k"][k]["overall_auc"]
-            lift.append(cell["overall_auc"] - base if cell else np.nan)
-            err.append(cell["overall_auc_std"] if cell else np.nan)
-        style = "--" if name == "limaml_offline" else "-"
-        ax.errorbar(
-            x, lift, yerr=err, marker="o", linestyle=style, capsize=3, label=name
-        )
-    ax.set_xticks(x, [f"k={k}" for k in ks])
+    buckets = [
+        b for b in _bucket_names(report) if b in models["global"].get("buckets", {})
+    ]
+    fig, axes = plt.subplots(
+        1, 1 + len(buckets), figsize=(7 + 5 * len(buckets), 4.5), squeeze=False
+    )
+    ax = axes[0][0]
+    _lift_panel(ax, report, lambda m: m.get("support_k", {}), ks)
+    ax.set_xticks(np.arange(len(ks)), [f"k={k}" for k in ks])
     ax.set_xlabel("support interactions per test member (latest k)")
     ax.set_ylabel("overall AUC - global's overall AUC")
     ax.set_title(
@@ -506,8 +643,16 @@ def plot_lift(report: Mapping[str, Any], path: str | os.PathLike) -> str:
         "seeds; bars: the model's AUC std)",
         fontsize=10,
     )
-    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    for ax, name in zip(axes[0][1:], buckets, strict=True):
+        labels = list(models["global"]["buckets"][name])
+        _lift_panel(
+            ax, report, lambda m, n=name: m.get("buckets", {}).get(n, {}), labels
+        )
+        ax.set_xlabel(BUCKET_LABELS.get(name, name), fontsize=9)
+        ax.set_title(
+            f"Lift over global by {name.replace('_', ' ')} (full support)", fontsize=10
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -708,8 +853,28 @@ def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> st
     ]
     for metric in METRICS:
         lines += [sweep_table(report, metric), ""]
+    names = _bucket_names(report)
+    if names:
+        lines += [
+            "## By activity bucket",
+            "",
+            "Full support; the paper's headline is the gain on infrequent members. "
+            "Member-history buckets are quartiles of the test members' training "
+            "history lengths.",
+            "",
+        ]
+        for name in names:
+            lines += [
+                f"**{BUCKET_LABELS.get(name, name)}**",
+                "",
+                bucket_table(report, name),
+                "",
+            ]
     if chart:
-        lines += [f"![overall-AUC lift over global by support size]({chart})", ""]
+        lines += [
+            f"![overall-AUC lift over global by support size and bucket]({chart})",
+            "",
+        ]
     lines += _targets_md(report) + [""]
     lines += _tune_md(report.get("tune"))
     lines += _tried_md(report)
