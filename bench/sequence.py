@@ -31,16 +31,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from bench.common import record  # noqa: E402
 
+# name -> (SequenceOptions changes, Recipe changes)
 VARIANTS = {
-    "shared1": {},
-    "shared0": {"inner_steps": 0},
-    "own1": {"request_embedding": "own"},
-    "norecency1": {"recency": False},
-    "pool1": {"adapt": ("output", "pool_query")},
-    "layers2": {"num_layers": 2},
+    "shared1": ({}, {}),
+    "shared0": ({"inner_steps": 0}, {}),
+    "own1": ({"request_embedding": "own"}, {}),
+    "norecency1": ({"recency": False}, {}),
+    "pool1": ({"adapt": ("output", "pool_query")}, {}),
+    "layers2": ({"num_layers": 2}, {}),
+    "cut1": ({}, {"support_cut": 1.0}),
+    "cut1_0step": ({"inner_steps": 0}, {"support_cut": 1.0}),
+    "cut1_own": ({"request_embedding": "own"}, {"support_cut": 1.0}),
+    "cut1_layers0": ({"num_layers": 0}, {"support_cut": 1.0}),
+    "cut1_lr3": ({}, {"support_cut": 1.0, "meta_learning_rate": 3e-3}),
+    "cut1_patience6": ({}, {"support_cut": 1.0, "meta_patience": 6}),
+    "cut1_mlp": ({"adapt": ("mlp",)}, {"support_cut": 1.0}),
+    "cut1_prior3": ({}, {"support_cut": 1.0, "support_prior": 3.0}),
 }
-# Variants that change the recipe's meta-training, not the block.
-RECIPE_VARIANTS = {"cut1": ("shared1", {"support_cut": 1.0})}
 
 
 def main(argv=None) -> dict:
@@ -69,17 +76,7 @@ def main(argv=None) -> dict:
     for seed in range(args.seeds):
         init = baselines.pretrain(spec, splits, base_recipe, seed)
         candidates = [] if args.no_limaml else [("limaml", None)]
-        candidates += [
-            (
-                n,
-                (
-                    VARIANTS[RECIPE_VARIANTS[n][0]]
-                    if n in RECIPE_VARIANTS
-                    else VARIANTS[n]
-                ),
-            )
-            for n in names
-        ]
+        candidates += [(n, VARIANTS[n]) for n in names]
         for name, changes in candidates:
             start = time.perf_counter()
             if changes is None:
@@ -87,10 +84,11 @@ def main(argv=None) -> dict:
                     spec, splits, base_recipe, seed, init=init
                 )
             else:
+                block_changes, recipe_changes = changes
                 recipe = dataclasses.replace(
                     base_recipe,
-                    sequence=dataclasses.replace(SequenceOptions(), **changes),
-                    **(RECIPE_VARIANTS[name][1] if name in RECIPE_VARIANTS else {}),
+                    sequence=dataclasses.replace(SequenceOptions(), **block_changes),
+                    **recipe_changes,
                 )
                 model, history = baselines.train_meta_learner(
                     spec, splits, recipe, seed, init=init, sequence=True

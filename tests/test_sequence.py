@@ -270,3 +270,100 @@ def test_shared_embedding_needs_the_library_global_block(synthetic_spec):
 
 def test_public_name():
     assert tf_limaml.SequenceMetaBlock is SequenceMetaBlock
+
+
+# ------------------------------------------------------------------ export
+@pytest.fixture(scope="module")
+def sequence_export(synthetic_tasks, synthetic_spec, tmp_path_factory):
+    from serving_fixture import SessionSignatures
+
+    from tf_limaml import data, export
+
+    spec = synthetic_spec
+    tf.keras.utils.set_random_seed(0)
+    block = SequenceMetaBlock(
+        spec.meta_features,
+        spec.request_features,
+        units=(8, 4),
+        model_dim=8,
+        name="meta_block",
+    )
+    model = LiMAMLModel(
+        spec,
+        MetaConfig(inner_steps=1, inner_lr=0.3),
+        meta_block=block,
+        global_units=[16],
+        cross_layers=0,
+    )
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    train = data.task_dataset(synthetic_tasks["train"], spec, 32, 16, 16)
+    model.fit(train.take(3), epochs=1, verbose=0)
+    base = str(tmp_path_factory.mktemp("sequence_export"))
+    export_dir = export.export_model(model, base, max_support=16)
+    return {"model": model, "base": base, "session": SessionSignatures(export_dir)}
+
+
+def test_export_signatures_serve_the_sequence_model_like_keras(
+    sequence_export, synthetic_tasks, synthetic_spec
+):
+    from serving_fixture import entity_inputs
+
+    from tf_limaml import data
+
+    spec, model = synthetic_spec, sequence_export["model"]
+    session = sequence_export["session"]
+    ds = data.task_dataset(synthetic_tasks["test"], spec, 1000, 16, 32)
+    batch = {k: v.numpy() for k, v in next(iter(ds)).items()}
+    embeddings = model.meta_embedding(batch).numpy()
+    scores = model.predict_query(batch).numpy()
+    inputs = {f.name: batch[f.name] for f in spec.meta_features}
+    for key in ["support_label", "support_mask"] + [
+        f"support_{f.name}" for f in spec.request_features
+    ]:
+        inputs[key] = batch[key]
+    got = session.run("meta_embedding", inputs)["meta_embedding"]
+    np.testing.assert_allclose(got, embeddings, atol=1e-5)
+    # serving_default: stored d floats + request features = in-graph adaptation.
+    mask = batch["query_mask"] > 0
+    request = {f.name: batch[f"query_{f.name}"][mask] for f in spec.request_features}
+    rows = np.repeat(embeddings, mask.sum(axis=1), axis=0)
+    got = session.run("serving_default", {"meta_embedding": rows, **request})["score"]
+    np.testing.assert_allclose(got, scores[mask], atol=1e-5)
+    for i in range(5):
+        meta, support, labels, query = entity_inputs(batch, spec, i)
+        entity = dict(meta)
+        entity.update({f"support_{k}": v for k, v in support.items()})
+        entity.update({f"query_{k}": v for k, v in query.items()})
+        entity["support_label"] = labels.astype(np.float32)
+        out = session.run("adapt_and_predict", entity)
+        np.testing.assert_allclose(out["meta_embedding"], embeddings[i], atol=1e-5)
+        np.testing.assert_allclose(
+            out["score"], scores[i, : len(out["score"])], atol=1e-5
+        )
+
+
+def test_limaml_embed_writes_the_sequence_embeddings(
+    sequence_export, synthetic_tasks, synthetic_spec, tmp_path
+):
+    import glob
+    import os
+
+    from tf_limaml import cli, data
+
+    output = str(tmp_path / "embeddings")
+    argv = ["embed", "--export", sequence_export["base"]]
+    argv += ["--tasks", synthetic_tasks["test"], "--output", output]
+    assert cli.main(argv) == 0
+    stored = {}
+    for path in glob.glob(os.path.join(output, "embeddings-*.tfrecord.gz")):
+        for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            feature = tf.train.Example.FromString(record.numpy()).features.feature
+            stored[feature["entity_id"].bytes_list.value[0]] = np.array(
+                feature["embedding"].float_list.value
+            )
+    ds = data.task_dataset(synthetic_tasks["test"], synthetic_spec, 1000, 16, 32)
+    batch = {k: v.numpy() for k, v in next(iter(ds)).items()}
+    expected = sequence_export["model"].meta_embedding(batch).numpy()
+    assert len(stored) == len(batch["entity_id"])
+    for entity, embedding in zip(batch["entity_id"], expected, strict=True):
+        np.testing.assert_allclose(stored[entity], embedding, atol=1e-5)
