@@ -261,7 +261,8 @@ def test_cli_passes_beam_flags_through_to_pipeline_options(tmp_path, monkeypatch
     inputs, spec, _ = _write_interactions(str(tmp_path / "in"), num_entities=4)
     seen = []
     monkeypatch.setattr(make_tasks, "run", seen.append)
-    flags = _portable_flags(50000)
+    # `--flag=value` and `--flag value` alike.
+    flags = [*_portable_flags(50000), "--job_name", "limaml-test"]
     argv = _make_tasks_argv(inputs, spec, str(tmp_path / "out"))
     assert cli.main(["make-tasks", *argv, *flags]) == 0
     (passed,) = seen
@@ -274,6 +275,7 @@ def test_cli_passes_beam_flags_through_to_pipeline_options(tmp_path, monkeypatch
     assert options["environment_type"] == "EXTERNAL"
     assert options["environment_config"] == "localhost:50000"
     assert int(options["sdk_worker_parallelism"]) == 2
+    assert options["job_name"] == "limaml-test"
 
 
 @pytest.fixture(scope="module")
