@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[beam,serving,report,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[beam,serving,report,test,dask]"
 	# MovieLens-100K ships inside this wheel; --no-deps keeps torch out.
 	$(PY) -m pip install -q --no-deps recbole==1.2.1
 	touch $(STAMP)

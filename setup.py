@@ -39,6 +39,8 @@ setup(
     ],
     extras_require={
         "beam": ["apache-beam>=2.50", "google-crc32c", "pandas", "pyarrow"],
+        # Beam's DaskRunner (experimental) and the dask.distributed it runs on.
+        "dask": ["apache-beam[dask]>=2.50"],
         "serving": ["tensorflow-serving-api", "grpcio", "requests"],
         "report": ["matplotlib", "pandas"],
         "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
