@@ -367,3 +367,22 @@ def test_limaml_embed_writes_the_sequence_embeddings(
     assert len(stored) == len(batch["entity_id"])
     for entity, embedding in zip(batch["entity_id"], expected, strict=True):
         np.testing.assert_allclose(stored[entity], embedding, atol=1e-5)
+
+
+def test_save_and_load_model_round_trips_the_sequence_block(
+    sequence_export, synthetic_tasks, synthetic_spec, tmp_path
+):
+    from tf_limaml import data
+    from tf_limaml.model import load_model, save_model
+
+    model = sequence_export["model"]
+    save_model(model, str(tmp_path / "model"))
+    loaded = load_model(str(tmp_path / "model"))
+    assert isinstance(loaded.meta_block, SequenceMetaBlock)
+    ds = data.task_dataset(synthetic_tasks["test"], synthetic_spec, 64, 16, 32)
+    batch = next(iter(ds))
+    np.testing.assert_allclose(
+        loaded.meta_embedding(batch).numpy(),
+        model.meta_embedding(batch).numpy(),
+        atol=1e-6,
+    )

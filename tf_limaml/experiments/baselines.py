@@ -715,7 +715,11 @@ def train_meta_learner(
             patience=recipe.meta_patience,
             seed=seed,
             verbose=verbose,
-            support_cut=recipe.support_cut,
+            support_cut=(
+                recipe.sequence.support_cut
+                if sequence and recipe.sequence.support_cut is not None
+                else recipe.support_cut
+            ),
             callbacks=callbacks,
         )
     if recipe.adaptation():

@@ -53,7 +53,9 @@ class SequenceOptions:
 
     Its MLP widths are the Architecture's `meta_units`, so d is the same as
     LiMAML's; the inner loop is the recipe's (lr, prior, first order) with
-    `inner_steps` of its own (0: pure amortized inference).
+    `inner_steps` of its own (0: pure amortized inference), and
+    `support_cut`, when set, replaces the recipe's share of meta-training
+    tasks cut to a random latest-k support.
     """
 
     model_dim: int = 32
@@ -63,6 +65,7 @@ class SequenceOptions:
     request_embedding: str = "shared"
     adapt: tuple[str, ...] = ("output",)
     inner_steps: int = 1
+    support_cut: float | None = None
 
     def block_kwargs(self) -> dict[str, Any]:
         return {
