@@ -162,7 +162,9 @@ def main(argv=None) -> dict[str, Any]:
                 k: _mean_std([e[name]["sweep"][k]["overall_auc"] for e in per_seed])
                 for k in labels
             },
-            "logloss": _mean_std([e[name]["sweep"]["all"]["logloss"] for e in per_seed]),
+            "logloss": _mean_std(
+                [e[name]["sweep"]["all"]["logloss"] for e in per_seed]
+            ),
             "mean_member_auc": _mean_std(
                 [e[name]["sweep"]["all"]["mean_member_auc"] for e in per_seed]
             ),
@@ -172,9 +174,7 @@ def main(argv=None) -> dict[str, Any]:
             },
             "wall_s_per_seed": _mean_std([e[name]["wall_s"] for e in per_seed]),
         }
-    rows_by_bucket = {
-        b: v["rows"] for b, v in per_seed[0]["limaml"]["buckets"].items()
-    }
+    rows_by_bucket = {b: v["rows"] for b, v in per_seed[0]["limaml"]["buckets"].items()}
     lift = {
         k: round(
             summary["limaml_multi_entity"]["overall_auc_by_k"][k]["mean"]
@@ -191,9 +191,7 @@ def main(argv=None) -> dict[str, Any]:
             "test_query_rows_by_movie_ratings": rows_by_bucket,
             "lift_by_k": lift,
             **summary,
-            "per_seed_details": [
-                e["limaml_multi_entity"]["details"] for e in per_seed
-            ],
+            "per_seed_details": [e["limaml_multi_entity"]["details"] for e in per_seed],
             "wall_s": round(time.perf_counter() - START, 1),
             "workdir": workdir,
         }

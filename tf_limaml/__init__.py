@@ -39,6 +39,7 @@ _PUBLIC = {
 _SUBMODULES = (
     "data",
     "datasets",
+    "entities",
     "evaluation",
     "features",
     "layers",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
     from tf_limaml import (  # noqa: F401
         data,
         datasets,
+        entities,
         evaluation,
         export,
         features,

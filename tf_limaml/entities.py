@@ -276,22 +276,41 @@ class CrossFitTables:
         Returns:
             (the table adapted on every included row, the out-of-fold tables).
         """
+        n_support = (
+            table.n_support
+            if table.n_support is not None
+            else np.full(len(table), -1, np.int64)
+        )
         whole, per_fold = {}, [dict() for _ in range(folds)]
-        for entity_id, vector in zip(table.ids, table.vectors, strict=True):
+        for entity_id, vector, n in zip(
+            table.ids, table.vectors, n_support, strict=True
+        ):
             base, sep, fold = entity_id.rpartition(FOLD_SEPARATOR)
             if sep and fold.isdigit() and int(fold) < folds:
-                per_fold[int(fold)][base] = vector
+                per_fold[int(fold)][base] = (vector, n)
             else:
-                whole[entity_id] = vector
+                whole[entity_id] = (vector, n)
         if any(set(p) != set(whole) for p in per_fold):
             raise ValueError(
                 f"The embeddings are not a cross-fit set of {folds} folds: every "
                 f"entity needs its record and one '{FOLD_SEPARATOR}F' record per fold "
                 "(write them with cross_fit_support_records)"
             )
-        make = lambda m: EmbeddingTable.from_mapping(  # noqa: E731
-            m, model_version=table.model_version, default=table.default
-        )
+
+        def make(part: Mapping[str, tuple[np.ndarray, int]]) -> EmbeddingTable:
+            ids = tuple(sorted(part))
+            return EmbeddingTable(
+                ids,
+                np.stack([part[i][0] for i in ids]),
+                n_support=(
+                    np.asarray([part[i][1] for i in ids], np.int64)
+                    if table.n_support is not None
+                    else None
+                ),
+                model_version=table.model_version,
+                default=table.default,
+            )
+
         return make(whole), cls(tuple(make(p) for p in per_fold), seed)
 
 
@@ -302,8 +321,9 @@ Tables = Mapping[str, "EmbeddingTable | CrossFitTables"]
 def with_embedding_features(
     spec: FeatureSpec,
     dims: Mapping[str, int],
-    statistics_by_column: Mapping[str, tuple[Sequence[float], Sequence[float]]]
-    | None = None,
+    statistics_by_column: (
+        Mapping[str, tuple[Sequence[float], Sequence[float]]] | None
+    ) = None,
 ) -> FeatureSpec:
     """The spec with one dense request feature per other entity.
 
@@ -473,11 +493,11 @@ def support_records(
 
 
 def _group(spec, rows, include, fold_of=None):
-    """Valid rows by entity: (support rows, every row for the meta features,
-    the fold of each support row, rows rejected)."""
+    """Valid rows by entity: (support rows in time order, meta values, the
+    fold of each support row, rows rejected)."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    metas: dict[str, list[dict[str, Any]]] = {}
-    row_folds: dict[str, list[int]] = {}
+    every: dict[str, list[dict[str, Any]]] = {}
+    fold_by_row: dict[int, int] = {}
     rejected = 0
     for row in rows:
         try:
@@ -486,28 +506,34 @@ def _group(spec, rows, include, fold_of=None):
             rejected += 1
             continue
         entity = clean[spec.entity]
-        metas.setdefault(entity, []).append(clean)
+        every.setdefault(entity, []).append(clean)
         groups.setdefault(entity, [])
-        row_folds.setdefault(entity, [])
         if include is None or include(row):
             groups[entity].append(clean)
             if fold_of is not None:
-                row_folds[entity].append(fold_of(row))
+                fold_by_row[id(clean)] = fold_of(row)
+    # Sorted once (sort_rows returns the same row objects); a fold's subset
+    # keeps the order.
+    groups = {e: tasks.sort_rows(spec, r) for e, r in groups.items()}
+    row_folds = {e: [fold_by_row.get(id(r), -1) for r in g] for e, g in groups.items()}
+    metas = {
+        e: tasks.merge_meta(spec, tasks.sort_rows(spec, r))[0] for e, r in every.items()
+    }
     return groups, metas, row_folds, rejected
 
 
 def _encode_support(spec, groups, metas, id_suffix, max_support, rejected):
+    """Records of sorted support rows; `metas` holds each entity's meta values."""
     records, cold, used = [], 0, 0
     for entity in sorted(groups):
-        ordered = tasks.sort_rows(spec, groups[entity])
+        ordered = groups[entity]
         if max_support is not None:
             ordered = ordered[-max_support:] if max_support > 0 else []
-        meta, _ = tasks.merge_meta(spec, tasks.sort_rows(spec, metas[entity]))
         cold += not ordered
         used += len(ordered)
         records.append(
             task_data.encode_task(
-                spec, entity + id_suffix, meta, ordered, []
+                spec, entity + id_suffix, metas[entity], ordered, []
             ).SerializeToString()
         )
     counts = {
@@ -556,7 +582,8 @@ def cross_fit_support_records(
     for fold in range(folds):
         kept = {
             entity: [
-                r for r, f in zip(groups[entity], row_folds[entity], strict=True)
+                r
+                for r, f in zip(groups[entity], row_folds[entity], strict=True)
                 if f != fold
             ]
             for entity in groups

@@ -39,7 +39,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -266,42 +266,74 @@ def _init(spec, splits, recipe, seed):
     return None
 
 
-def embed_items(
-    model,
+def item_support_records(
     item_spec: FeatureSpec,
     rows: Sequence[Mapping[str, str]],
-    include: Callable[[Mapping[str, str]], bool],
+    train_members: set[str],
     member_column: str,
     out_dir: str,
     folds: int = entities.DEFAULT_FOLDS,
-) -> tuple[entities.EmbeddingTable, entities.CrossFitTables, dict[str, Any]]:
-    """Export the item model and `limaml embed` every item, whole and out-of-fold.
+) -> tuple[str, dict[str, Any]]:
+    """The input of the item table's `limaml embed`: every item, whole and out-of-fold.
+
+    Support rows are the train members' ratings only
+    (`entities.cross_fit_support_records`). Like the item tasks, they do not
+    depend on the seed, so a file written for the same inputs is reused.
 
     Returns:
-        (table on every included row, out-of-fold tables, counts).
+        (the task file, counts by table plus "max_support", the longest support).
+    """
+    path = os.path.join(out_dir, "item_support.tfrecord.gz")
+    counts_path = os.path.join(out_dir, "item_support.json")
+    digest = _digest(item_spec.to_dict(), sorted(train_members), len(rows), folds)
+    if os.path.exists(counts_path) and os.path.exists(path):
+        with open(counts_path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("digest") == digest:
+            return path, cached["counts"]
+    records, counts = entities.cross_fit_support_records(
+        item_spec,
+        rows,
+        by=member_column,
+        include=lambda row: row[member_column] in train_members,
+        folds=folds,
+    )
+    counts["max_support"] = max(1, _longest(records))
+    os.makedirs(out_dir, exist_ok=True)
+    task_data.write_tasks(path, records)
+    with open(counts_path, "w", encoding="utf-8") as f:
+        json.dump({"digest": digest, "counts": counts}, f)
+    return path, counts
+
+
+def embed_items(
+    model,
+    records_path: str,
+    max_support: int,
+    out_dir: str,
+    folds: int = entities.DEFAULT_FOLDS,
+) -> tuple[entities.EmbeddingTable, entities.CrossFitTables]:
+    """Exports the item model and runs `limaml embed` (Beam) on the support records.
+
+    Returns:
+        (the table adapted on every train member, the out-of-fold tables).
     """
     from beam_pipelines import generate_embeddings  # noqa: PLC0415
     from tf_limaml import export  # noqa: PLC0415
 
-    records, counts = entities.cross_fit_support_records(
-        item_spec, rows, by=member_column, include=include, folds=folds
-    )
-    max_support = max(1, _longest(records))
     export_base = os.path.join(out_dir, "item_export")
     if os.path.exists(export_base):
         shutil.rmtree(export_base)
     export_dir = export.export_model(
         model, export_base, version=1, max_support=max_support
     )
-    tasks_path = os.path.join(out_dir, "item_embed_tasks.tfrecord.gz")
-    task_data.write_tasks(tasks_path, records)
     embeddings_dir = os.path.join(out_dir, "item_embeddings")
     generate_embeddings.run(
         [
             "--export",
             export_dir,
             "--tasks",
-            tasks_path,
+            records_path,
             "--output",
             embeddings_dir,
             "--overwrite",
@@ -310,10 +342,7 @@ def embed_items(
     table = entities.EmbeddingTable.read(
         os.path.join(embeddings_dir, "embeddings-*.tfrecord.gz")
     )
-    whole, crossfit = entities.CrossFitTables.from_embeddings(table, folds)
-    counts["embeddings_dir"] = embeddings_dir
-    counts["max_support"] = max_support
-    return whole, crossfit, counts
+    return entities.CrossFitTables.from_embeddings(table, folds)
 
 
 def _longest(records: Sequence[bytes]) -> int:
@@ -342,6 +371,30 @@ def join_splits(
     )
 
 
+@dataclasses.dataclass
+class MultiEntityScorer:
+    """The member model with the item table: `scorer(batch, k)` -> [T, Q].
+
+    Attributes:
+        model: The member LiMAMLModel (reads `item_id__meta_embedding`).
+        spec: Its spec.
+        column: The item column.
+        table: The item table every scored row reads (all train members).
+        item_model: The item LiMAMLModel.
+    """
+
+    model: Any
+    spec: FeatureSpec
+    column: str
+    table: entities.EmbeddingTable
+    item_model: Any = None
+
+    def __call__(self, batch: Batch, k: int | None = None) -> np.ndarray:
+        """Query probabilities of a member task batch (support cut as given)."""
+        joined = entities.join_task_batch(batch, {self.column: self.table})
+        return baselines.query_probabilities(self.model, joined)
+
+
 def train_multi_entity(
     spec: FeatureSpec,
     splits: Splits,
@@ -354,7 +407,7 @@ def train_multi_entity(
     interactions_path: str,
     item_column: str = DEFAULT_ITEM_COLUMN,
     folds: int = entities.DEFAULT_FOLDS,
-) -> tuple[Callable[[Batch, int | None], np.ndarray], dict[str, Any]]:
+) -> tuple[MultiEntityScorer, dict[str, Any]]:
     """Item stage, then member stage with item embeddings (see the module doc).
 
     Args:
@@ -395,20 +448,17 @@ def train_multi_entity(
         )
         item_spec = FeatureSpec.load(os.path.join(tasks_dir, "spec.json"))
         items = item_splits(tasks_dir, item_spec, protocol)
+        records_path, counts = item_support_records(
+            item_spec, rows, train_members, member_column, shared_dir, folds
+        )
         tasks_s = time.perf_counter() - tasks_start
         item_init = _init(item_spec, items, recipe, seed)
         item_model, item_history = baselines.train_meta_learner(
             item_spec, items, recipe, seed, init=item_init
         )
         embed_start = time.perf_counter()
-        whole, crossfit, counts = embed_items(
-            item_model,
-            item_spec,
-            rows,
-            lambda row: row[member_column] in train_members,
-            member_column,
-            seed_dir,
-            folds,
+        whole, crossfit = embed_items(
+            item_model, records_path, counts["max_support"], seed_dir, folds
         )
         embed_s = time.perf_counter() - embed_start
     item_s = time.perf_counter() - started
@@ -426,15 +476,7 @@ def train_multi_entity(
         )
         member_s = time.perf_counter() - member_start
 
-    def score(batch: Batch, k: int | None = None) -> np.ndarray:
-        return baselines.query_probabilities(
-            model, entities.join_task_batch(batch, {item_column: whole})
-        )
-
-    score.model = model
-    score.item_model = item_model
-    score.spec = member_spec
-    score.tables = (whole, crossfit)
+    score = MultiEntityScorer(model, member_spec, item_column, whole, item_model)
     cold = int(np.sum(whole.n_support == 0)) if whole.n_support is not None else None
     details = {
         "meta_epochs": len(history.get("loss", [])),
@@ -448,7 +490,9 @@ def train_multi_entity(
         "embedding_feature": entities.embedding_feature_name(item_column),
         "embedding_dim": whole.dim,
         "folds": folds,
-        "support_rows": {k: v["rows"] for k, v in counts.items() if isinstance(v, dict)},
+        "support_rows": {
+            k: v["rows"] for k, v in counts.items() if isinstance(v, dict)
+        },
         "item_tasks_s": round(tasks_s, 1),
         "item_embed_s": round(embed_s, 1),
         "item_stage_s": round(item_s, 1),
@@ -483,7 +527,7 @@ def bucket_metrics(
     scores = np.asarray(probabilities)[mask]
     buckets = np.asarray([popularity_bucket(counts.get(_text(i), 0)) for i in items])
     out = {}
-    for low, high in POPULARITY_BUCKETS:
+    for low, _ in POPULARITY_BUCKETS:
         name = popularity_bucket(low)
         rows = buckets == name
         y = labels[rows]
