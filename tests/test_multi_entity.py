@@ -410,9 +410,12 @@ def test_with_embedding_features_adds_one_dense_feature_per_entity():
     feature = spec.feature(EMBEDDING)
     assert feature.is_numeric and feature.shape == (3,) and feature.mean == (0, 1, 2)
     assert spec.request_features[:-1] == MEMBER_SPEC.request_features
-    with pytest.raises(Exception, match="categorical request feature"):
+    # The member id is no feature of the item spec: joined into rows by join_rows.
+    item_spec = entities.with_embedding_features(ITEM_SPEC, {"user": 4})
+    assert item_spec.feature("user__meta_embedding").needs_statistics
+    with pytest.raises(Exception, match="categorical request feature or a column"):
         entities.with_embedding_features(MEMBER_SPEC, {"year": 3})
-    with pytest.raises(Exception, match="categorical request feature"):
+    with pytest.raises(Exception, match="categorical request feature or a column"):
         entities.with_embedding_features(MEMBER_SPEC, {"country": 3})
 
 

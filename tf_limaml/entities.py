@@ -328,8 +328,11 @@ def with_embedding_features(
     """The spec with one dense request feature per other entity.
 
     Args:
-        spec: The (member) spec; each key of `dims` must be one of its
-            categorical request features (the other entity's id column).
+        spec: The (member) spec. Each key of `dims` is the other entity's id
+            column: a categorical request feature (then `join_task_batch`
+            can join task batches), or a column of the rows that is no
+            feature at all (then join the rows, `join_rows`, before
+            make-tasks).
         dims: {column: embedding size d}.
         statistics_by_column: Optional {column: (mean, std)} per component.
             Without it the new features need statistics from the data (the
@@ -340,17 +343,24 @@ def with_embedding_features(
         to the request features.
 
     Raises:
-        FeatureSpecError: A column that is not a categorical request feature.
+        FeatureSpecError: A column that is a feature but not a categorical
+            request feature, or the spec's own entity.
     """
     obj = spec.to_dict()
-    names = {f.name: f for f in spec.request_features}
+    request = {f.name: f for f in spec.request_features}
+    meta = {f.name for f in spec.meta_features}
     for column, dim in dims.items():
-        feature = names.get(column)
-        if feature is None or feature.type != CATEGORICAL:
+        feature = request.get(column)
+        if (
+            column == spec.entity
+            or column in meta
+            or (feature is not None and feature.type != CATEGORICAL)
+        ):
             raise FeatureSpecError(
                 f"Invalid feature spec: entity column {column!r} must be a "
-                f"categorical request feature; the spec's request features are "
-                f"{sorted(names)}"
+                "categorical request feature or a column that is no feature; "
+                f"the spec's entity is {spec.entity!r}, its meta features "
+                f"{sorted(meta)} and request features {sorted(request)}"
             )
         entry: dict[str, Any] = {
             "name": embedding_feature_name(column),

@@ -167,13 +167,16 @@ def make_item_tasks(
     member_column: str,
     protocol: Protocol,
     out_dir: str,
+    key: str = "",
 ) -> str:
     """`limaml make-tasks` with the item as entity, on train members' rows only.
 
     Items are split train/val by the protocol's hash (val: early stopping of
     the item model); none is held out as test, since every item is embedded.
     The output does not depend on the seed of a run, so a directory written
-    for the same rows, members and spec is reused.
+    for the same rows, members, spec and `key` is reused. A list cell (a
+    joined embedding) is written as make-tasks reads a vector from a CSV:
+    numbers separated by '|'.
 
     Returns:
         The task directory.
@@ -189,6 +192,7 @@ def make_item_tasks(
         sorted(train_members),
         len(rows),
         dataclasses.asdict(protocol),
+        key,
     )
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
@@ -199,7 +203,7 @@ def make_item_tasks(
     with open(csv_path, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(kept)
+        writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in kept)
     spec_path = os.path.join(out_dir, "item_spec.json")
     item_spec.save(spec_path)
     make_tasks.run(
@@ -226,6 +230,12 @@ def make_item_tasks(
     with open(marker, "w", encoding="utf-8") as f:
         f.write(digest)
     return tasks_dir
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return "|".join(format(float(v), ".9g") for v in value)
+    return value
 
 
 def _read_records(pattern: str) -> list[bytes]:
@@ -273,6 +283,7 @@ def item_support_records(
     member_column: str,
     out_dir: str,
     folds: int = entities.DEFAULT_FOLDS,
+    key: str = "",
 ) -> tuple[str, dict[str, Any]]:
     """The input of the item table's `limaml embed`: every item, whole and out-of-fold.
 
@@ -285,7 +296,7 @@ def item_support_records(
     """
     path = os.path.join(out_dir, "item_support.tfrecord.gz")
     counts_path = os.path.join(out_dir, "item_support.json")
-    digest = _digest(item_spec.to_dict(), sorted(train_members), len(rows), folds)
+    digest = _digest(item_spec.to_dict(), sorted(train_members), len(rows), folds, key)
     if os.path.exists(counts_path) and os.path.exists(path):
         with open(counts_path, encoding="utf-8") as f:
             cached = json.load(f)
@@ -306,14 +317,23 @@ def item_support_records(
     return path, counts
 
 
-def embed_items(
+def embed_entities(
     model,
     records_path: str,
     max_support: int,
     out_dir: str,
     folds: int = entities.DEFAULT_FOLDS,
+    name: str = "item",
 ) -> tuple[entities.EmbeddingTable, entities.CrossFitTables]:
-    """Exports the item model and runs `limaml embed` (Beam) on the support records.
+    """Exports a model and runs `limaml embed` (Beam) on its support records.
+
+    Args:
+        model: The entity's LiMAMLModel.
+        records_path: `entities.cross_fit_support_records` output.
+        max_support: The export's cap (the longest support: nothing is cut).
+        out_dir: Writes `<name>_export/` and `<name>_embeddings/` there.
+        folds: Cross-fitting folds of the records.
+        name: The entity, for the directory names.
 
     Returns:
         (the table adapted on every train member, the out-of-fold tables).
@@ -321,13 +341,13 @@ def embed_items(
     from beam_pipelines import generate_embeddings  # noqa: PLC0415
     from tf_limaml import export  # noqa: PLC0415
 
-    export_base = os.path.join(out_dir, "item_export")
+    export_base = os.path.join(out_dir, f"{name}_export")
     if os.path.exists(export_base):
         shutil.rmtree(export_base)
     export_dir = export.export_model(
         model, export_base, version=1, max_support=max_support
     )
-    embeddings_dir = os.path.join(out_dir, "item_embeddings")
+    embeddings_dir = os.path.join(out_dir, f"{name}_embeddings")
     generate_embeddings.run(
         [
             "--export",
@@ -395,6 +415,92 @@ class MultiEntityScorer:
         return baselines.query_probabilities(self.model, joined)
 
 
+def _item_stage(
+    item_spec: FeatureSpec,
+    rows: Sequence[Mapping[str, Any]],
+    train_members: set[str],
+    member_column: str,
+    recipe: Recipe,
+    protocol: Protocol,
+    seed: int,
+    tasks_root: str,
+    seed_dir: str,
+    folds: int,
+    key: str = "",
+) -> dict[str, Any]:
+    """make-tasks with the item as entity, pretrain, meta-train, limaml embed."""
+    start = time.perf_counter()
+    tasks_dir = make_item_tasks(
+        item_spec, rows, train_members, member_column, protocol, tasks_root, key
+    )
+    item_spec = FeatureSpec.load(os.path.join(tasks_dir, "spec.json"))
+    items = item_splits(tasks_dir, item_spec, protocol)
+    records_path, counts = item_support_records(
+        item_spec, rows, train_members, member_column, tasks_root, folds, key
+    )
+    tasks_s = time.perf_counter() - start
+    init = _init(item_spec, items, recipe, seed)
+    model, history = baselines.train_meta_learner(
+        item_spec, items, recipe, seed, init=init
+    )
+    embed_start = time.perf_counter()
+    whole, crossfit = embed_entities(
+        model, records_path, counts["max_support"], seed_dir, folds
+    )
+    return {
+        "model": model,
+        "spec": item_spec,
+        "whole": whole,
+        "crossfit": crossfit,
+        "details": {
+            "item_meta_epochs": len(history.get("loss", [])),
+            "item_tasks": {
+                "train": int(len(items.train[ENTITY_ID_KEY])),
+                "val": int(len(items.val[ENTITY_ID_KEY])),
+            },
+            "items_embedded": len(whole),
+            "cold_items": (
+                int(np.sum(whole.n_support == 0))
+                if whole.n_support is not None
+                else None
+            ),
+            "support_rows": {
+                k: v["rows"] for k, v in counts.items() if isinstance(v, dict)
+            },
+            "item_tasks_s": round(tasks_s, 1),
+            "item_embed_s": round(time.perf_counter() - embed_start, 1),
+            "item_stage_s": round(time.perf_counter() - start, 1),
+        },
+    }
+
+
+def _member_stage(
+    spec: FeatureSpec,
+    splits: Splits,
+    recipe: Recipe,
+    seed: int,
+    item_column: str,
+    item: Mapping[str, Any],
+) -> tuple[MultiEntityScorer, dict[str, Any]]:
+    """The member model with the item table joined (out-of-fold for training)."""
+    start = time.perf_counter()
+    whole = item["whole"]
+    member_spec = entities.with_embedding_features(spec, {item_column: whole.dim})
+    joined = join_splits(splits, item_column, whole, item["crossfit"])
+    member_spec = entities.complete_embedding_statistics(member_spec, joined.train)
+    init = _init(member_spec, joined, recipe, seed)
+    model, history = baselines.train_meta_learner(
+        member_spec, joined, recipe, seed, init=init
+    )
+    scorer = MultiEntityScorer(model, member_spec, item_column, whole, item["model"])
+    return scorer, {
+        "meta_epochs": len(history.get("loss", [])),
+        "embedding_feature": entities.embedding_feature_name(item_column),
+        "embedding_dim": whole.dim,
+        "member_stage_s": round(time.perf_counter() - start, 1),
+    }
+
+
 def train_multi_entity(
     spec: FeatureSpec,
     splits: Splits,
@@ -413,93 +519,134 @@ def train_multi_entity(
     Args:
         spec: The member spec (completed, as make-tasks wrote it).
         splits: The member task batches.
-        records: The member task records by split (unused but for symmetry
-            with the demo's other trainers; the splits carry the members).
+        records: The member task records by split (unused: the splits carry
+            the members; kept so every trainer of the demo takes the same).
         recipe: The demo's recipe (both stages use it).
         protocol: The demo's protocol.
         seed: Weights, shuffling and support cuts of both models.
         workdir: The demo's work directory (writes `seed<N>/multi_entity/`
-            and the seed-independent `multi_entity/item_tasks`).
+            and the seed-independent `multi_entity/`: item tasks and support
+            records).
         progress: `tf_limaml.cli.Progress`.
         interactions_path: The interactions CSV make-tasks read.
         item_column: The item id column (a request feature of `spec`).
         folds: Cross-fitting folds of the train members.
 
     Returns:
-        (score(batch, k) -> query probabilities [T, Q] of a member task batch,
-        details: a JSON-able dict).
+        (scorer: `scorer(batch, k)` -> query probabilities [T, Q] of a member
+        task batch, details: a JSON-able dict).
     """
     del records
-    started = time.perf_counter()
     rows = read_rows(interactions_path)
-    item_spec = item_spec_for(spec, item_column)
     train_members = set(splits.members("train"))
-    member_column = spec.entity
-    shared_dir = os.path.join(workdir, "multi_entity")
     seed_dir = os.path.join(workdir, f"seed{seed}", "multi_entity")
     os.makedirs(seed_dir, exist_ok=True)
     with progress.phase(
         f"multi-entity (seed {seed}): item stage, make-tasks with {item_column} "
         "as the entity, pretrain, meta-train, limaml embed"
     ):
-        tasks_start = time.perf_counter()
-        tasks_dir = make_item_tasks(
-            item_spec, rows, train_members, member_column, protocol, shared_dir
+        item = _item_stage(
+            item_spec_for(spec, item_column),
+            rows,
+            train_members,
+            spec.entity,
+            recipe,
+            protocol,
+            seed,
+            os.path.join(workdir, "multi_entity"),
+            seed_dir,
+            folds,
         )
-        item_spec = FeatureSpec.load(os.path.join(tasks_dir, "spec.json"))
-        items = item_splits(tasks_dir, item_spec, protocol)
-        records_path, counts = item_support_records(
-            item_spec, rows, train_members, member_column, shared_dir, folds
-        )
-        tasks_s = time.perf_counter() - tasks_start
-        item_init = _init(item_spec, items, recipe, seed)
-        item_model, item_history = baselines.train_meta_learner(
-            item_spec, items, recipe, seed, init=item_init
-        )
-        embed_start = time.perf_counter()
-        whole, crossfit = embed_items(
-            item_model, records_path, counts["max_support"], seed_dir, folds
-        )
-        embed_s = time.perf_counter() - embed_start
-    item_s = time.perf_counter() - started
     with progress.phase(
         f"multi-entity (seed {seed}): member stage with {item_column}"
-        f"{entities.EMBEDDING_SUFFIX} [{whole.dim}] as a request feature"
+        f"{entities.EMBEDDING_SUFFIX} [{item['whole'].dim}] as a request feature"
     ):
-        member_start = time.perf_counter()
-        member_spec = entities.with_embedding_features(spec, {item_column: whole.dim})
-        joined = join_splits(splits, item_column, whole, crossfit)
-        member_spec = entities.complete_embedding_statistics(member_spec, joined.train)
-        init = _init(member_spec, joined, recipe, seed)
-        model, history = baselines.train_meta_learner(
-            member_spec, joined, recipe, seed, init=init
-        )
-        member_s = time.perf_counter() - member_start
-
-    score = MultiEntityScorer(model, member_spec, item_column, whole, item_model)
-    cold = int(np.sum(whole.n_support == 0)) if whole.n_support is not None else None
-    details = {
-        "meta_epochs": len(history.get("loss", [])),
-        "item_meta_epochs": len(item_history.get("loss", [])),
-        "item_tasks": {
-            "train": int(len(items.train[ENTITY_ID_KEY])),
-            "val": int(len(items.val[ENTITY_ID_KEY])),
-        },
-        "items_embedded": len(whole),
-        "cold_items": cold,
-        "embedding_feature": entities.embedding_feature_name(item_column),
-        "embedding_dim": whole.dim,
-        "folds": folds,
-        "support_rows": {
-            k: v["rows"] for k, v in counts.items() if isinstance(v, dict)
-        },
-        "item_tasks_s": round(tasks_s, 1),
-        "item_embed_s": round(embed_s, 1),
-        "item_stage_s": round(item_s, 1),
-        "member_stage_s": round(member_s, 1),
-    }
+        scorer, details = _member_stage(spec, splits, recipe, seed, item_column, item)
+    details = {**details, **item["details"], "folds": folds}
     logger.info("multi-entity (seed %d): %s", seed, details)
-    return score, details
+    return scorer, details
+
+
+def second_round(
+    first: MultiEntityScorer,
+    spec: FeatureSpec,
+    splits: Splits,
+    recipe: Recipe,
+    protocol: Protocol,
+    seed: int,
+    workdir: str,
+    progress,
+    interactions_path: str,
+    folds: int = entities.DEFAULT_FOLDS,
+) -> tuple[MultiEntityScorer, dict[str, Any]]:
+    """One more alternation: member embeddings into the item tasks, then both again.
+
+    1. `limaml embed` on the first round's member model: every train member
+       adapted on all its rows, and out-of-fold by ITEM fold (a rating's own
+       label never reaches the member embedding joined onto it);
+    2. the item tasks gain `<member>__meta_embedding` (joined into the rows
+       before `limaml make-tasks`, which computes its statistics), and the
+       item model is trained and embedded again;
+    3. the member model is trained again on the new item table.
+
+    Returns:
+        (scorer, details) as `train_multi_entity`'s.
+    """
+    rows = read_rows(interactions_path)
+    member_column, item_column = spec.entity, first.column
+    train_members = set(splits.members("train"))
+    seed_dir = os.path.join(workdir, f"seed{seed}", "multi_entity", "round2")
+    os.makedirs(seed_dir, exist_ok=True)
+    with progress.phase(
+        f"multi-entity round 2 (seed {seed}): member table, item stage with "
+        f"{member_column}{entities.EMBEDDING_SUFFIX}"
+    ):
+        start = time.perf_counter()
+        member_rows = list(
+            entities.join_rows(rows, {item_column: first.table}, member_column)
+        )
+        records, counts = entities.cross_fit_support_records(
+            first.spec,
+            member_rows,
+            by=item_column,
+            include=lambda row: row[member_column] in train_members,
+            folds=folds,
+        )
+        path = os.path.join(seed_dir, "member_support.tfrecord.gz")
+        task_data.write_tasks(path, records)
+        members_whole, members_crossfit = embed_entities(
+            first.model, path, max(1, _longest(records)), seed_dir, folds, "member"
+        )
+        member_s = time.perf_counter() - start
+        item_spec = entities.with_embedding_features(
+            item_spec_for(spec, item_column), {member_column: members_whole.dim}
+        )
+        item_rows = list(
+            entities.join_rows(rows, {member_column: members_crossfit}, item_column)
+        )
+        item = _item_stage(
+            item_spec,
+            item_rows,
+            train_members,
+            member_column,
+            recipe,
+            protocol,
+            seed,
+            seed_dir,
+            seed_dir,
+            folds,
+            key=hashlib.sha256(members_whole.vectors.tobytes()).hexdigest(),
+        )
+    with progress.phase(f"multi-entity round 2 (seed {seed}): member stage"):
+        scorer, details = _member_stage(spec, splits, recipe, seed, item_column, item)
+    details = {
+        **details,
+        **item["details"],
+        "member_table_s": round(member_s, 1),
+        "members_embedded": len(members_whole),
+        "member_support_rows": counts["all"]["rows"],
+    }
+    return scorer, details
 
 
 def bucket_metrics(
