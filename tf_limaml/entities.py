@@ -100,6 +100,7 @@ class EmbeddingTable:
     default: np.ndarray | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "ids", tuple(_text(i) for i in self.ids))
         vectors = np.asarray(self.vectors, np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(self.ids):
             raise ValueError(
