@@ -24,6 +24,7 @@ CORE = (
     "features",
     "tasks",
     "data",
+    "entities",
     "layers",
     "sequence",
     "maml",

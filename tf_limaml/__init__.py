@@ -40,6 +40,7 @@ _PUBLIC = {
 _SUBMODULES = (
     "data",
     "datasets",
+    "entities",
     "evaluation",
     "features",
     "layers",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
     from tf_limaml import (  # noqa: F401
         data,
         datasets,
+        entities,
         evaluation,
         export,
         features,

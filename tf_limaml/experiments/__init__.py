@@ -12,6 +12,8 @@ signatures) never import this package; it imports them, and it is what
   fine-tuning, full MAML, LiMAML);
 * `tune`: `limaml tune`, a budgeted recipe search that never loses to global;
 * `report`: report.json, report.md and lift.png;
+* `multi_entity`: the member and the item personalized together (item
+  embeddings as a request feature of the member model);
 * `demo`, `movielens_demo`: `limaml demo` on synthetic members, MovieLens-100K
   or an interactions file of your own.
 
@@ -26,6 +28,7 @@ _SUBMODULES = (
     "baselines",
     "demo",
     "movielens_demo",
+    "multi_entity",
     "protocol",
     "recipes",
     "report",
@@ -39,6 +42,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         baselines,
         demo,
         movielens_demo,
+        multi_entity,
         protocol,
         recipes,
         report,
