@@ -421,6 +421,7 @@ def run_seed(
                     workdir,
                     progress,
                     input_path,
+                    item_column=item_feature,
                 )
                 sweep = evaluate_sweep(score, splits.test, ks)
             results["limaml_multi_entity"] = measurement(
