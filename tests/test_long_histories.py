@@ -35,9 +35,9 @@ class Row(dict):
 class LiveRows:
     """A re-iterable history of `n` clean rows, made afresh on every pass.
 
-    Every 8th row repeats the time of the row before it, and some of those
-    the whole row, so ties and identical rows occur. `peak` is the most rows
-    alive at once since the last `reset`.
+    Every 8th row repeats the time of the row before it, so the split meets
+    ties on time (identical rows: the random-history test). `peak` is the
+    most rows alive at once since the last `reset`.
     """
 
     def __init__(self, n: int, seed: int = 0, tag: str | None = None):
@@ -50,29 +50,31 @@ class LiveRows:
     def reset(self):
         self.peak = self.alive
 
-    def _row(self, i: int, rng: random.Random) -> dict:
+    def _row(self, i: int) -> dict:
         self.alive += 1
         self.peak = max(self.peak, self.alive)
+        # Cheap arithmetic "randomness": the rows are made on every pass.
+        mix = (i * 2654435761 + self.seed) % 1000003
+        tie = i % 8 == 0
         row = Row(
             member_id="e",
-            timestamp=float(i - (i % 8 == 0)),
-            label=rng.randrange(2),
-            segment=f"seg_{rng.randrange(3)}",
-            activity=float(rng.randrange(2)),
-            item_id=str(rng.randrange(2) if i % 8 == 0 else i),
+            timestamp=float(i - tie),
+            label=mix % 2,
+            segment=f"seg_{mix % 3}",
+            activity=float(mix % 5 == 0),
+            item_id=str(mix % 2 if tie else i),
             topics=["news"],
             f0=0.0,
             f1=0.0,
             f2=0.0,
-            f3=float(rng.randrange(3)),
+            f3=float(mix % 3),
         )
         row.history = self
         return row
 
     def __iter__(self):
-        rng = random.Random(self.seed)
         for i in range(self.n):
-            row = self._row(i, rng)
+            row = self._row(i)
             yield row if self.tag is None else (self.tag, row)
 
 
