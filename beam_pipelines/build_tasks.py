@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -41,6 +41,36 @@ SOURCE_ENTITIES = "entities"
 COLD = "cold"
 # Inputs of the feature analyzers, emitted for train entities only.
 ANALYSIS = "analysis"
+# Tags of the values grouped by entity when there is an entity table.
+_ROWS = "rows"
+_META = "meta"
+_NONE = object()
+
+
+class TaggedValues:
+    """The values of one tag among a group's (tag, value) pairs, re-iterable and lazy.
+
+    Beam's CoGroupByKey copies each key's values into lists; this view reads
+    them from the grouped iterable on every iteration instead, so a long
+    history is never copied whole (see `tf_limaml.tasks.split_history`).
+    """
+
+    def __init__(self, tagged: Iterable[tuple[str, Any]], tag: str):
+        self.tagged = tagged
+        self.tag = tag
+
+    def __iter__(self) -> Iterator[Any]:
+        return (value for tag, value in self.tagged if tag == self.tag)
+
+    def __bool__(self) -> bool:
+        return next(iter(self), _NONE) is not _NONE
+
+
+def _tag(tag: str):
+    def tagged(entity_id: str, value: Any) -> tuple[str, tuple[str, Any]]:
+        return entity_id, (tag, value)
+
+    return tagged
 
 
 class _TaskCountingDoFn(CountingDoFn):
@@ -153,6 +183,11 @@ class SplitEntities(_TaskCountingDoFn):
     Uses `tf_limaml.tasks.split_history` (sort, split, caps, cold, meta merge),
     `tf_limaml.tasks.assign_split` and `tf_limaml.data.encode_task`, the same
     functions as the in-process `tf_limaml.tasks.build_tasks`.
+
+    Its input is (entity_id, rows) from a GroupByKey, or with `with_table`
+    (entity_id, (tag, value) pairs) of rows and entity-table metas. The rows
+    are never copied into a list here: `split_history` holds a long history
+    only as far as the caps need it.
     """
 
     def __init__(
@@ -166,10 +201,12 @@ class SplitEntities(_TaskCountingDoFn):
         seed: int = 0,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
+        with_table: bool = False,
     ):
         super().__init__()
         self.spec = spec
         self.rule = rule
+        self.with_table = with_table
         self.min_support = min_support
         self.min_query = min_query
         self.max_support = max_support
@@ -193,12 +230,15 @@ class SplitEntities(_TaskCountingDoFn):
 
     def process(self, element: tuple[str, Any]):
         entity_id, grouped = element
-        if isinstance(grouped, Mapping):  # CoGroupByKey with the entity table
-            rows, metas = list(grouped["rows"]), list(grouped["meta"])
+        if self.with_table:  # (tag, value) pairs: rows and entity-table metas
+            rows = TaggedValues(grouped, _ROWS)
+            metas = list(TaggedValues(grouped, _META))
             if not rows:
                 self._counts[("entity_table", "entities_without_interactions")] += 1
                 return
         else:
+            # The grouped values go to split_history as they are: a long
+            # history is split in passes over them, never copied whole.
             rows, metas = grouped, []
         history = task_rules.split_history(
             self.spec,
@@ -323,6 +363,7 @@ class BuildTasks(beam.PTransform):
             seed,
             val_fraction,
             test_fraction,
+            with_table=entities is not None,
         )
         self.entities = entities
         self.options = {
@@ -351,10 +392,16 @@ class BuildTasks(beam.PTransform):
             ).with_outputs(REJECTED, STATS, main="meta")
             rejected.append(table[REJECTED])
             stats.append(table[STATS])
-            grouped = {
-                "rows": validated.clean,
-                "meta": table.meta,
-            } | "GroupByEntityWithTable" >> beam.CoGroupByKey()
+            # CoGroupByKey would copy every entity's rows into a list; a
+            # GroupByKey of tagged values and a lazy view of each tag do not.
+            grouped = (
+                (
+                    validated.clean | "TagRows" >> beam.MapTuple(_tag(_ROWS)),
+                    table.meta | "TagMeta" >> beam.MapTuple(_tag(_META)),
+                )
+                | "FlattenTagged" >> beam.Flatten()
+                | "GroupByEntityWithTable" >> beam.GroupByKey()
+            )
         split = grouped | "SplitEntities" >> beam.ParDo(self.split_fn).with_outputs(
             COLD, STATS, ANALYSIS, main="tasks"
         )

@@ -12,10 +12,11 @@ import datetime
 import hashlib
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from tf_limaml.features import CATEGORICAL, NUMERIC, Feature, FeatureSpec
+from tf_limaml.selection import Ranked, rank_window
 
 # Dead-letter reasons; stable strings, counted by name.
 REASON_MISSING_ENTITY = "missing_entity"
@@ -40,6 +41,9 @@ REJECT_REASONS = (
     REASON_MALFORMED_ROW,
 )
 SPLITS = ("train", "val", "test")
+# A history longer than this is split in passes over its rows, holding about
+# this many of them at once (plus the rows its task keeps), not all of them.
+MAX_ROWS_IN_MEMORY = 4096
 
 
 class RowError(ValueError):
@@ -340,12 +344,16 @@ class SplitRule:
 
     def support_size(self, times: Sequence[float]) -> int:
         """Number of leading rows (of a time-sorted history) that are support."""
-        n = len(times)
+        before = sum(1 for t in times if t < self.value) if self.kind == "cutoff" else 0
+        return self.support_count(len(times), before)
+
+    def support_count(self, n: int, before_cutoff: int) -> int:
+        """`support_size` from counts: n rows, `before_cutoff` of them before the cutoff."""
         if self.kind == "fraction":
             return int(math.floor(n * self.value))
         if self.kind == "last":
             return max(n - int(self.value), 0)
-        return sum(1 for t in times if t < self.value)
+        return before_cutoff
 
 
 @dataclasses.dataclass
@@ -395,6 +403,7 @@ def split_history(
     max_support: int | None = None,
     max_query: int | None = None,
     meta: Mapping[str, Any] | None = None,
+    max_rows_in_memory: int | None = MAX_ROWS_IN_MEMORY,
 ) -> EntityHistory:
     """Sorts one entity's clean rows and cuts them into support and query.
 
@@ -402,8 +411,32 @@ def split_history(
     so ties always fall the same way whatever order the rows arrived in. Support keeps its most recent
     `max_support` rows and query its first `max_query` rows; the rest count as
     dropped by caps. A history with fewer than `min_support` support rows or
-    `min_query` query rows (before caps) is cold.
+    `min_query` query rows (before caps) is cold, and keeps all its rows.
+
+    A history of more than `max_rows_in_memory` rows, given as a re-iterable
+    collection (a list, a Beam GroupByKey's values), is never held whole: a
+    few passes over it (`tf_limaml.selection.rank_window`) find the rows the
+    caps keep, holding about `max_rows_in_memory` rows plus those at a time.
+    The result is the same. A one-shot iterator, a cold history and uncapped
+    parts are held whole, as the output needs them. None: always in memory.
     """
+    if max_rows_in_memory is not None and not isinstance(rows, Iterator):
+        head = list(itertools.islice(rows, max_rows_in_memory + 1))
+        if len(head) > max_rows_in_memory:
+            del head
+            return _split_long_history(
+                spec,
+                entity_id,
+                rows,
+                rule,
+                min_support,
+                min_query,
+                max_support,
+                max_query,
+                meta,
+                max_rows_in_memory,
+            )
+        rows = head
     ordered = sort_rows(spec, rows)
     if meta is None:
         meta, conflicts = merge_meta(spec, ordered)
@@ -429,6 +462,79 @@ def split_history(
         dict(meta),
         dropped_by_caps=dropped,
         meta_conflicts=conflicts,
+    )
+
+
+def _comparable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _split_long_history(
+    spec: FeatureSpec,
+    entity_id: str,
+    rows: Iterable[Mapping[str, Any]],
+    rule: SplitRule,
+    min_support: int,
+    min_query: int,
+    max_support: int | None,
+    max_query: int | None,
+    meta: Mapping[str, Any] | None,
+    capacity: int,
+) -> EntityHistory:
+    """`split_history` of a long re-iterable history, in passes over its rows."""
+
+    def passes():
+        return (Ranked(order_key(spec, row), row, content_key) for row in rows)
+
+    # One pass counts the rows and merges the meta features as `merge_meta`
+    # does on the sorted rows: the latest row's value, conflicts when two differ.
+    n = before_cutoff = 0
+    latest: dict[str, tuple[Ranked, Any]] = {}
+    first: dict[str, Any] = {}
+    differs: set[str] = set()
+    meta_names = [f.name for f in spec.meta_features] if meta is None else []
+    for ranked in passes():
+        row = ranked.item
+        n += 1
+        if rule.kind == "cutoff" and row[spec.time] < rule.value:
+            before_cutoff += 1
+        for name in meta_names:
+            if name not in row:
+                continue
+            if name not in latest or latest[name][0] < ranked:
+                latest[name] = (ranked, row[name])
+            value = _comparable(row[name])
+            if name not in first:
+                first[name] = value
+            elif value != first[name]:
+                differs.add(name)
+    if meta is None:
+        meta = {name: latest[name][1] for name in meta_names if name in latest}
+    n_support = rule.support_count(n, before_cutoff)
+    n_query = n - n_support
+    if n_support < min_support or n_query < min_query:
+        # A cold record keeps every row: the output itself is the history.
+        ordered = sort_rows(spec, rows)
+        return EntityHistory(
+            entity_id,
+            ordered[:n_support],
+            ordered[n_support:],
+            dict(meta),
+            cold=True,
+            meta_conflicts=len(differs),
+        )
+    start = n_support - max_support if max_support is not None else 0
+    stop = n_support + max_query if max_query is not None else n
+    window = [r.item for r in rank_window(passes, n, start, stop, capacity)]
+    kept_support = n_support - max(start, 0)
+    support, query = window[:kept_support], window[kept_support:]
+    return EntityHistory(
+        entity_id,
+        support,
+        query,
+        dict(meta),
+        dropped_by_caps=n - len(window),
+        meta_conflicts=len(differs),
     )
 
 
