@@ -200,7 +200,9 @@ def _aggregate_buckets(
     """Per bucket dimension and label: mean and std over seeds of each metric,
     and the rows and members it holds (the same test members every seed)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    names = sorted({n for r in runs if r for n in r})
+    names: list[str] = []  # first-seen order: the demo puts member history first
+    for r in runs:
+        names += [n for n in (r or {}) if n not in names]
     for name in names:
         labels: list[str] = []
         for r in runs:
