@@ -290,3 +290,41 @@ def check_embed_fails_when_an_entity_is_lost(records, tmp_path, export_dir, caps
     with open(output / "summary.json", encoding="utf-8") as f:
         summary = json.load(f)
     assert summary["balanced"] is False
+
+
+def make_tasks_with_every_kind_of_loss(directory) -> dict:
+    """`make_tasks.run` on synthetic rows with garbage rows, caps and a cold member.
+
+    Returns:
+        {"output": the output directory, "rows_in": rows in the CSV}.
+    """
+    from beam_pipelines import make_tasks
+    from tf_limaml.datasets import synthetic
+
+    directory = str(directory)
+    rows = synthetic.generate_interactions(num_entities=12, seed=5)
+    rows += [
+        dict(rows[0], clicked="maybe"),  # bad label
+        dict(rows[1], timestamp="yesterday"),  # bad time
+        dict(rows[2], member_id=""),  # no entity
+        dict(rows[3], member_id="lonely"),  # one row: cold
+    ]
+    os.makedirs(directory, exist_ok=True)
+    synthetic.write_csv(rows, os.path.join(directory, "interactions.csv"))
+    synthetic.synthetic_spec().save(os.path.join(directory, "spec.json"))
+    output = os.path.join(directory, "out")
+    make_tasks.run(
+        [
+            "--input",
+            os.path.join(directory, "interactions.csv"),
+            "--features",
+            os.path.join(directory, "spec.json"),
+            "--output",
+            output,
+            "--max-support",
+            "8",
+            "--max-query",
+            "8",
+        ]
+    )
+    return {"output": output, "rows_in": len(rows)}
