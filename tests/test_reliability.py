@@ -395,6 +395,12 @@ def test_wrong_shapes_fail_naming_the_input(
     exported, session, batches, signature, name, corrupt
 ):
     inputs = dict(_good_inputs(exported, batches["capped"])[signature])
+    check_wrong_shape_fails_naming_the_input(session, signature, inputs, name, corrupt)
+
+
+def check_wrong_shape_fails_naming_the_input(session, signature, inputs, name, corrupt):
+    """The valid request runs; with `name` corrupted it fails naming `name`."""
+    inputs = dict(inputs)
     _raw_run(session, signature, inputs)  # the valid request runs
     inputs[name] = corrupt(inputs[name])
     # As TF Serving runs it: the in-graph check.
@@ -838,8 +844,11 @@ def cli_results(cli_files):
 def test_cli_user_error_is_one_line_exit_2_no_traceback(
     cli_files, cli_results, name, argv, message
 ):
-    result = cli_results[name]
-    command = argv[0]
+    check_cli_user_error(cli_results[name], argv[0], message.format(**cli_files))
+
+
+def check_cli_user_error(result, command: str, message: str) -> None:
+    """Exit 2, one `limaml COMMAND: error: ...` line naming `message`, no traceback."""
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -849,7 +858,7 @@ def test_cli_user_error_is_one_line_exit_2_no_traceback(
     # No TensorFlow C++ start-up lines and no Beam import warnings around it.
     for noise in ("I0000", "absl::", "oneDNN", "cuda", "apitools"):
         assert noise not in result.stderr, result.stderr
-    assert message.format(**cli_files) in last
+    assert message in last
 
 
 # -------------------------------------------------------------- determinism
@@ -1078,16 +1087,21 @@ def test_the_scanner_finds_what_it_looks_for():
 
 
 def test_nothing_on_the_data_path_unpickles_or_evaluates_input():
+    check_nothing_on_the_data_path_unpickles(ROOT)
+
+
+def check_nothing_on_the_data_path_unpickles(root: str) -> None:
+    """No module of the data-path packages under `root` makes an unsafe call."""
     files = [
         path
         for package in DATA_PATH_PACKAGES
-        for path in glob.glob(os.path.join(ROOT, package, "**", "*.py"), recursive=True)
+        for path in glob.glob(os.path.join(root, package, "**", "*.py"), recursive=True)
     ]
     assert len(files) > 15
     found = []
     for path in files:
         with open(path, encoding="utf-8") as f:
-            found += unsafe_calls(f.read(), os.path.relpath(path, ROOT))
+            found += unsafe_calls(f.read(), os.path.relpath(path, root))
     assert not found, "unsafe calls on the data path:\n" + "\n".join(found)
 
 

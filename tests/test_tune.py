@@ -139,6 +139,11 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
 
 
 def test_tune_falls_back_when_personalization_hurts_on_val(tiny, monkeypatch):
+    check_tune_falls_back_when_personalization_hurts(tiny, monkeypatch)
+
+
+def check_tune_falls_back_when_personalization_hurts(tiny, monkeypatch):
+    """Every personalized candidate below global at every k: the fallback wins."""
     score = baselines.query_probabilities
     global_scores = {}
 
