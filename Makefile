@@ -22,8 +22,9 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
+## The slow end-to-end tests, less the heavy ones (wheel install): CI runs this after `test`.
 test-slow: install
-	$(PY) -m pytest -q -m slow --durations=10
+	$(PY) -m pytest -q -m "slow and not heavy" --durations=10
 
 test-all: install
 	$(PY) -m pytest -q --durations=20

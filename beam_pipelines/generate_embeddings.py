@@ -118,6 +118,10 @@ class TooManyRejectedError(ValueError):
     """More task records were rejected than --max-rejected-fraction allows."""
 
 
+class EntitiesLostError(ValueError):
+    """Entities in != entities out + rejected: the job lost an entity on the way."""
+
+
 class EmbedTasksFn(CountingDoFn):
     """Batches of serialized task records -> one embedding row per entity.
 
@@ -573,7 +577,7 @@ def run(
         ValueError: --output holds an earlier run (without --overwrite).
         TooManyRejectedError: More than --max-rejected-fraction of the records
             were rejected; every output, the dead letter included, is written.
-        RuntimeError: Entities in != entities out + rejected.
+        EntitiesLostError: Entities in != entities out + rejected.
     """
     from tf_limaml import export  # noqa: PLC0415 - imports TensorFlow
 
@@ -641,7 +645,7 @@ def run(
         counts[RECORDS_REJECTED],
     )
     if not summary["balanced"]:
-        raise RuntimeError(
+        raise EntitiesLostError(
             f"Entities in ({counts[ENTITIES_IN]}) != entities out ({counts[ENTITIES_OUT]}) "
             f"+ rejected ({counts[RECORDS_REJECTED]}); see {summary_path}"
         )

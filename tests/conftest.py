@@ -52,3 +52,40 @@ def session(exported):
     model = SessionSignatures(exported["export_dir"])
     yield model
     model.close()
+
+
+@pytest.fixture(scope="session")
+def crashed_training(tmp_path_factory, synthetic_tasks, synthetic_spec):
+    """A training run stopped after 5 of its steps, checkpointing every 3.
+
+    Returns `train(model_dir)` (the same run again, in any directory), the
+    crashed run's model directory (copy it before resuming) and the steps of an
+    uninterrupted run.
+    """
+    import math
+
+    from guarantees import train_counting_steps
+
+    from tf_limaml import data, training
+    from tf_limaml.model import MetaConfig
+
+    batch_tasks = 16
+    steps_total = math.ceil(data.count_tasks(synthetic_tasks["train"]) / batch_tasks)
+
+    def train(model_dir):
+        return training.train(
+            synthetic_tasks["train"],
+            synthetic_spec,
+            str(model_dir),
+            MetaConfig(jit_compile=False),
+            epochs=1,
+            batch_tasks=batch_tasks,
+            checkpoint_every=3,
+            seed=7,
+            verbose=0,
+            model_kwargs={k: SMALL_MODEL[k] for k in ("meta_units", "global_units")},
+        )
+
+    model_dir = tmp_path_factory.mktemp("crashed_training") / "model"
+    assert train_counting_steps(lambda: train(model_dir), crash_after=5) == 5
+    return {"train": train, "model_dir": str(model_dir), "steps_total": steps_total}

@@ -68,7 +68,8 @@ def test_help_and_argument_errors_do_not_import_tensorflow():
         ),
         (
             ["train", "--tasks", "x", "--features", "{bad_spec}", "--model-dir", "m"],
-            "Invalid feature spec: `type` = None",
+            "Invalid feature spec: `request_features[0][x].type` = None: must be "
+            "one of ['numeric', 'categorical', 'multi_hot']",
         ),
         (
             [
@@ -115,7 +116,10 @@ def test_user_errors_print_one_line_and_exit_2(
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert "Traceback" not in result.stderr
-    assert message.replace("`type` = None", "") in lines[-1], result.stderr
+    command = argv[0]
+    assert lines[-1].startswith(f"limaml {command}: error: "), result.stderr
+    assert message in lines[-1], result.stderr
+    assert sum("error:" in line for line in lines) == 1, result.stderr
 
 
 def test_keras_3_already_loaded_is_refused():
@@ -178,7 +182,10 @@ def test_train_then_evaluate(tmp_path, synthetic_tasks, capsys):
     assert set(metrics) >= {"adapted", "unadapted", "n_tasks"}
     assert metrics["n_tasks"] > 0
     for key in ("adapted", "unadapted"):
-        assert 0.0 <= metrics[key]["auc"] <= 1.0 and metrics[key]["loss"] > 0
+        assert metrics[key]["loss"] > 0
+    # The synthetic members differ in a way their support rows reveal, so
+    # adapting on them must beat the unadapted default.
+    assert metrics["adapted"]["auc"] > metrics["unadapted"]["auc"] + 0.01, metrics
 
 
 def test_tune_needs_a_make_tasks_directory(tmp_path, capsys):

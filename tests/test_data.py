@@ -186,7 +186,14 @@ def test_build_tasks_splits_in_time_order_with_stable_ties():
 
 def test_assign_split_is_stable_and_proportional():
     splits = [tasks.assign_split(f"e{i}", seed=7) for i in range(5000)]
-    assert splits == [tasks.assign_split(f"e{i}", seed=7) for i in range(5000)]
+    # Pinned: a change of the hash (or Python's salted `hash`) would move members
+    # between train and test of every existing task directory.
+    assert splits[:20] == (
+        ["train", "train", "test", "test"]
+        + ["train"] * 6
+        + ["test", "val", "train", "train", "train", "test"]
+        + ["train"] * 4
+    )
     share = {
         name: splits.count(name) / len(splits) for name in ("train", "val", "test")
     }

@@ -264,8 +264,17 @@ def test_bad_inputs_fail_with_invalid_argument(exported, session, capped_batch):
         inputs[key] = capped_batch[key][:1].copy()
     padded = np.flatnonzero(inputs["support_mask"][0] == 0)
     assert len(padded)
+    clean = session.run("meta_embedding", inputs)["meta_embedding"]
     inputs["support_label"][0, padded] = 7.0
-    assert np.all(np.isfinite(session.run("meta_embedding", inputs)["meta_embedding"]))
+    # Exactly what clean padding gives: a label that leaked into adaptation
+    # would move the embedding (finite or not).
+    np.testing.assert_array_equal(
+        session.run("meta_embedding", inputs)["meta_embedding"], clean
+    )
+    flipped = dict(inputs, support_label=inputs["support_label"].copy())
+    flipped["support_label"][0, 0] = 1.0 - flipped["support_label"][0, 0]
+    moved = session.run("meta_embedding", flipped)["meta_embedding"]
+    assert np.max(np.abs(moved - clean)) > 1e-6  # a real row's label does count
     inputs["support_label"][0, 0] = -1.0
     with pytest.raises(tf.errors.InvalidArgumentError, match="support_label"):
         session.run("meta_embedding", inputs)

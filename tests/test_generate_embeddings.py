@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
+from guarantees import check_embed_fails_when_an_entity_is_lost, drop_one_entity
 from serving_fixture import entity_inputs
 
 from beam_pipelines import generate_embeddings
@@ -331,6 +332,16 @@ def test_embed_fails_after_writing_everything_when_records_are_rejected(
 
     argv += ["--overwrite", "--max-rejected-fraction", "0.2"]
     assert cli.main(argv) == 0
+
+
+def test_embed_fails_when_the_job_loses_an_entity(
+    exported, tmp_path, capsys, monkeypatch
+):
+    drop_one_entity(monkeypatch)
+    records = _records(exported["tasks"]["test"])[:6]
+    check_embed_fails_when_an_entity_is_lost(
+        records, tmp_path, exported["export_dir"], capsys
+    )
 
 
 def _embed_to(directory, exported, inputs, parquet=True):

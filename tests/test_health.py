@@ -69,6 +69,11 @@ def test_train_of_a_constant_model_raises_and_the_cli_exits_1(
     tmp_path, synthetic_tasks, monkeypatch, capsys
 ):
     monkeypatch.setattr(LiMAMLModel, "predict_query", _constant_predict_query)
+    check_a_constant_model_fails_training(tmp_path, synthetic_tasks, capsys)
+
+
+def check_a_constant_model_fails_training(tmp_path, synthetic_tasks, capsys):
+    """`limaml train` of a model whose scores are constant exits 1 and says why."""
     code = cli.main(_train_argv(synthetic_tasks, tmp_path / "model"))
     assert code == cli.EXIT_FAILED == 1
     err = capsys.readouterr().err

@@ -19,6 +19,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
+from guarantees import check_every_row_accounted_for, make_tasks_with_every_kind_of_loss
 
 from beam_pipelines import make_tasks
 from tf_limaml import tasks as task_rules
@@ -461,6 +462,22 @@ def test_conservation_identity_with_every_kind_of_loss():
             assert sum(s["entities"] for s in stats["splits"].values()) == 2, stats
 
         assert_that(out["stats"], stats_matcher(check))
+        # The records themselves, decoded: which entities, how many rows each.
+        assert_that(
+            out["tasks"] | "TaskRows" >> beam.Map(lambda t: (t[1], _rows_of(t[2]))),
+            equal_to([("capped", 7), ("plain", 4)]),
+            label="TaskRowsByEntity",
+        )
+        assert_that(
+            out["cold"] | "ColdRows" >> beam.Map(lambda c: (c[0], _rows_of(c[1]))),
+            equal_to([("cold", 1)]),
+            label="ColdRowsByEntity",
+        )
+        assert_that(
+            out["rejected"] | "CountRejected" >> beam.combiners.Count.Globally(),
+            equal_to([5]),
+            label="DeadLetterLines",
+        )
     # build_tasks, the in-process reference, counts the same.
     _, _, counts = task_rules.build_tasks(
         SPEC, rows, "fraction:0.5", max_support=3, max_query=4
@@ -472,6 +489,27 @@ def test_conservation_identity_with_every_kind_of_loss():
         counts["rows_dropped_by_caps"],
         counts["rows_cold"],
     ) == (22, 11, 5, 5, 1)
+
+
+def _rows_of(record: bytes) -> int:
+    """Support plus query rows of a serialized task record."""
+    _, support, query, _ = summarize(record)
+    assert len(support) > 0 or len(query) > 0
+    return len(support) + len(query)
+
+
+def test_files_account_for_every_row(tmp_path):
+    """The written files, decoded: every input row is in exactly one outcome."""
+    run = make_tasks_with_every_kind_of_loss(tmp_path)
+    found = check_every_row_accounted_for(run["output"], run["rows_in"])
+    assert found["stats"]["rows_dropped_by_caps"] > 0
+    assert list(found["decoded"]["cold"]) == ["lonely"]
+    assert sorted(r["reason"] for r in found["rejected"]) == [
+        "bad_label",
+        "bad_time",
+        "missing_entity",
+    ]
+    assert len(found["decoded"]["tasks"]) == 12
 
 
 def test_finalize_stats_reports_a_broken_identity():

@@ -80,6 +80,7 @@ def _user_env() -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 108 s: builds and installs the wheel; `make test-all` only
 def test_wheel_installs_and_runs_the_demo_outside_the_repo(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=_NOT_SOURCE)

@@ -139,6 +139,11 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
 
 
 def test_tune_falls_back_when_personalization_hurts_on_val(tiny, monkeypatch):
+    check_tune_falls_back_when_personalization_hurts(tiny, monkeypatch)
+
+
+def check_tune_falls_back_when_personalization_hurts(tiny, monkeypatch):
+    """Every personalized candidate below global at every k: the fallback wins."""
     score = baselines.query_probabilities
     global_scores = {}
 
@@ -214,6 +219,10 @@ def test_tuning_fold_is_a_stable_share_of_train_entities_and_never_test(tiny):
     # About a quarter of the train entities, the same ones on every call.
     assert 0.15 < len(fold) / len(original["train"]) < 0.35
     assert tune.tuning_records(records, fraction=0.25) == tuned
+    # Pinned, not compared with itself: the fold must be the same in every
+    # process and release (a salted hash would pass the line above).
+    pinned = [i for i in range(16) if tune.in_tuning_fold(f"m{i:06d}", 0.25)]
+    assert pinned == [0, 3, 4, 6, 7, 15]
     with pytest.raises(ValueError, match="tuning fraction"):
         tune.tuning_records(records, fraction=0.0)
 

@@ -1119,13 +1119,21 @@ class LiMAMLModel(tf.keras.Model):
         return tf.convert_to_tensor(grad)
 
     def _apply_gradients(self, grads, finite: tf.Tensor) -> None:
-        # A non-finite step must not poison the weights. Zeroing its gradients
-        # (rather than skipping apply_gradients in a tf.cond) keeps the
-        # all-reduce of distribution strategies unconditional.
+        # A non-finite step must not poison the weights. Zeroed gradients are
+        # not enough on their own: Adam's moments would still move every
+        # weight. On one device the update is skipped; under a distribution
+        # strategy the all-reduce must stay unconditional, so zeroing it is.
         grads = [_where_finite(finite, g) for g in grads]
-        self.optimizer.apply_gradients(
-            zip(grads, self.trainable_variables, strict=True)
-        )
+        pairs = list(zip(grads, self.trainable_variables, strict=True))
+        if tf.distribute.get_strategy().num_replicas_in_sync != 1:
+            self.optimizer.apply_gradients(pairs)
+            return
+
+        def apply():
+            self.optimizer.apply_gradients(pairs)
+            return tf.constant(True)
+
+        tf.cond(finite, apply, lambda: tf.constant(False))
 
     def _record_nonfinite(self, entity_ids: tf.Tensor) -> tf.Tensor:
         self._nonfinite_entities.assign(entity_ids)

@@ -591,7 +591,7 @@ def run(args: argparse.Namespace, progress) -> int:
     )
 
     from beam_pipelines import make_tasks  # noqa: PLC0415
-    from tf_limaml.experiments import report  # noqa: PLC0415
+    from tf_limaml.experiments import readme_table, report  # noqa: PLC0415
     from tf_limaml.experiments.protocol import (  # noqa: PLC0415
         Protocol,
         Splits,
@@ -734,6 +734,7 @@ def run(args: argparse.Namespace, progress) -> int:
             ),
         )
         paths = report.write_report(result, workdir)
+        readme_table.write_table(result, workdir)  # runs/demo/README_table.md
     print(report.format_table(result))
     print()
     for target in result["targets"]:

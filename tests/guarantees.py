@@ -1,0 +1,330 @@
+"""The checks of the README's "Guarantees", shared by their tests and saboteurs.
+
+Each `check_*` function raises AssertionError when its guarantee does not
+hold. The test of a guarantee calls it on the real mechanism;
+tests/test_guarantees_sabotage.py calls the same function with the mechanism
+monkeypatched off and expects the AssertionError, so every check is known to
+be able to fail.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+TASK_SPLITS = ("train", "val", "test")
+
+
+# ------------------------------------------------- every row is accounted for
+def decoded_task_rows(directory: str) -> dict[str, dict[str, int]]:
+    """Rows per entity in the task records of a make-tasks output, by kind.
+
+    Returns:
+        {"tasks": {entity: rows}, "cold": {entity: rows}}, counted from the
+        decoded records (support plus query rows), never from stats.json.
+    """
+    import tensorflow as tf
+
+    out: dict[str, dict[str, int]] = {"tasks": {}, "cold": {}}
+    for kind, prefixes in (("tasks", TASK_SPLITS), ("cold", ("cold",))):
+        files = sorted(
+            path
+            for prefix in prefixes
+            for path in glob.glob(os.path.join(directory, f"{prefix}-*.tfrecord.gz"))
+        )
+        for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+            example = tf.train.SequenceExample.FromString(record.numpy())
+            entity = example.context.feature["entity_id"].bytes_list.value[0].decode()
+            lists = example.feature_lists.feature_list
+            rows = len(lists["support/label"].feature) + len(
+                lists["query/label"].feature
+            )
+            assert entity not in out["tasks"] and entity not in out["cold"], entity
+            out[kind][entity] = rows
+    return out
+
+
+def dead_letter_lines(directory: str) -> list[dict]:
+    return [
+        json.loads(line)
+        for path in sorted(glob.glob(os.path.join(directory, "rejected-*.jsonl")))
+        for line in open(path, encoding="utf-8")
+    ]
+
+
+def check_every_row_accounted_for(
+    directory: str, rows_in: int, dropped_by_caps: int | None = None
+) -> dict:
+    """Every input row is in a task record, a cold record, the dead letter or the caps.
+
+    Counts rows in the decoded records and lines of the dead letter, and holds
+    stats.json to them. `dropped_by_caps`, when the caller knows it, is
+    checked too.
+
+    Returns:
+        {"stats": ..., "decoded": decoded_task_rows(...), "rejected": lines}.
+    """
+    with open(os.path.join(directory, "stats.json"), encoding="utf-8") as f:
+        stats = json.load(f)
+    decoded = decoded_task_rows(directory)
+    rejected = dead_letter_lines(directory)
+    in_tasks = sum(decoded["tasks"].values())
+    cold = sum(decoded["cold"].values())
+    assert stats["rows_read"] == rows_in, (stats["rows_read"], rows_in)
+    assert stats["rows_in_tasks"] == in_tasks, (stats["rows_in_tasks"], in_tasks)
+    assert stats["rows_cold"] == cold, (stats["rows_cold"], cold)
+    assert stats["rows_rejected"] == len(rejected), (stats, len(rejected))
+    if dropped_by_caps is not None:
+        assert stats["rows_dropped_by_caps"] == dropped_by_caps, stats
+    assert all({"reason", "row"} <= set(line) for line in rejected)
+    assert rows_in == in_tasks + cold + len(rejected) + stats["rows_dropped_by_caps"]
+    assert stats["conservation"]["holds"], stats["conservation"]
+    assert stats["entities"] == len(decoded["tasks"]), stats
+    assert stats["entities_cold"] == len(decoded["cold"]), stats
+    return {"stats": stats, "decoded": decoded, "rejected": rejected}
+
+
+# --------------------------------------------------------- training resumes
+def check_nonfinite_step_is_not_applied(model, good_batch, bad_batch) -> str:
+    """A step with a non-finite loss leaves every weight and optimizer slot as it was.
+
+    One good step first, so that the optimizer has momentum: zeroed gradients
+    alone would still move the weights through Adam's moments.
+
+    Returns:
+        The ids the model recorded for the non-finite batch.
+    """
+    model.train_step(good_batch)
+    variables = list(model.trainable_variables) + list(model.optimizer.variables)
+    before = [np.array(v.numpy(), copy=True) for v in variables]
+    logs = model.train_step(bad_batch)
+    assert not np.isfinite(float(logs["loss"])), "the poisoned batch's loss is finite"
+    for variable, old in zip(variables, before, strict=True):
+        np.testing.assert_array_equal(
+            variable.numpy(), old, err_msg=f"{variable.name} changed"
+        )
+    return model.nonfinite_entities
+
+
+def check_resume_runs_only_the_remaining_steps(
+    model_dir: str, steps_total: int, run_again
+) -> int:
+    """A killed run's checkpoint holds k > 0 steps; the re-run does only the rest.
+
+    Args:
+        model_dir: The killed run's model directory (its backup/ checkpoint).
+        steps_total: Steps of an uninterrupted run (epochs x steps per epoch).
+        run_again: Re-runs training in `model_dir`; returns how many training
+            steps (train batches) it executed.
+
+    Returns:
+        k, the step the checkpoint was taken at.
+    """
+    import tensorflow as tf
+
+    backup = os.path.join(model_dir, "backup", "chief")
+    latest = tf.train.latest_checkpoint(backup)
+    assert latest is not None, f"no checkpoint in {backup}"
+    reader = tf.train.load_checkpoint(latest)
+    keys = list(reader.get_variable_to_shape_map())
+    names = [k for k in keys if k.startswith("model/optimizer/_iterations/")]
+    assert names, f"no optimizer.iterations in {latest}: {keys}"
+    k = int(reader.get_tensor(names[0]))
+    assert 0 < k < steps_total, (k, steps_total)
+    executed = run_again()
+    assert (
+        executed == steps_total - k
+    ), f"the re-run executed {executed} steps; {steps_total} - {k} remained"
+    return k
+
+
+class SimulatedCrash(Exception):
+    """Raised from inside `fit` to stop a training run as a crash would."""
+
+
+# `limaml ...` in a child process, counting the training steps it executes
+# (argv[1]: where to write the count), for runs that are killed or resumed.
+COUNTING_CLI = r"""
+import sys
+from tf_limaml import cli, training
+
+class Counting(training.StopOnNonFiniteLoss):
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        with open(sys.argv[1], "w") as f:
+            f.write(str(self._step))
+
+training.StopOnNonFiniteLoss = Counting
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def train_counting_steps(train, crash_after: int | None = None) -> int:
+    """Runs `train()` and returns how many training steps it executed.
+
+    With `crash_after`, the run stops after that many steps by raising
+    SimulatedCrash inside `fit` (swallowed here), leaving its checkpoints as a
+    crash would.
+    """
+    from tf_limaml import training
+
+    executed = []
+    original = training.StopOnNonFiniteLoss.on_train_batch_end
+
+    def counting(self, batch, logs=None):
+        original(self, batch, logs)
+        executed.append(batch)
+        if crash_after is not None and len(executed) == crash_after:
+            raise SimulatedCrash(f"stopped after {crash_after} steps")
+
+    training.StopOnNonFiniteLoss.on_train_batch_end = counting
+    try:
+        train()
+    except SimulatedCrash:
+        pass
+    finally:
+        training.StopOnNonFiniteLoss.on_train_batch_end = original
+    return len(executed)
+
+
+# -------------------------------------------------------------- determinism
+def file_bytes(directory: str) -> dict[str, bytes]:
+    return {
+        name: open(os.path.join(directory, name), "rb").read()
+        for name in sorted(os.listdir(directory))
+    }
+
+
+def other_hash_seed() -> str:
+    """A PYTHONHASHSEED other than this process's (random unless set)."""
+    return "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+
+
+def check_make_tasks_identical_across_processes(argv, first: str, second: str, env):
+    """make-tasks in this process (in memory) and in another process (another
+    PYTHONHASHSEED, multi_processing) write byte-identical files.
+
+    Args:
+        argv: make-tasks arguments without `--output`.
+        first: Output directory of the in-process run.
+        second: Output directory of the child-process run.
+        env: Environment of the child process (PYTHONHASHSEED is set here).
+
+    Returns:
+        The files of the first run, by name.
+    """
+    import subprocess
+    import sys
+
+    from beam_pipelines import make_tasks
+
+    make_tasks.run([*argv, "--output", first])
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tf_limaml.cli",
+            "make-tasks",
+            *argv,
+            "--output",
+            second,
+            "--direct_running_mode=multi_processing",
+            "--direct_num_workers=2",
+        ],
+        env={**env, "PYTHONHASHSEED": other_hash_seed()},
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    a, b = file_bytes(first), file_bytes(second)
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    for name in a:
+        assert a[name] == b[name], f"{name} differs between the two processes"
+    return a
+
+
+# ------------------------------------------------ every entity is accounted for
+def drop_one_entity(monkeypatch) -> None:
+    """A fault: the embed DoFn loses the first entity of every batch it embeds."""
+    from beam_pipelines.generate_embeddings import EmbedTasksFn
+
+    rows = EmbedTasksFn._rows
+
+    def dropping(self, computed):
+        return rows(self, computed)[1:]
+
+    monkeypatch.setattr(EmbedTasksFn, "_rows", dropping)
+
+
+def check_embed_fails_when_an_entity_is_lost(records, tmp_path, export_dir, capsys):
+    """`limaml embed` over `records`, with an entity lost, exits 2 and says so.
+
+    Call it with `drop_one_entity` in effect.
+    """
+    from tf_limaml import cli, data
+
+    tasks = tmp_path / "tasks.tfrecord.gz"
+    data.write_tasks(str(tasks), records)
+    output = tmp_path / "embeddings"
+    code = cli.main(
+        [
+            "embed",
+            "--export",
+            export_dir,
+            "--tasks",
+            str(tasks),
+            "--output",
+            str(output),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (code, err)
+    n = len(records)
+    assert err and err[-1] == (
+        f"limaml embed: error: Entities in ({n}) != entities out ({n - 1}) "
+        f"+ rejected (0); see {output}/summary.json"
+    ), err
+    with open(output / "summary.json", encoding="utf-8") as f:
+        summary = json.load(f)
+    assert summary["balanced"] is False
+
+
+def make_tasks_with_every_kind_of_loss(directory) -> dict:
+    """`make_tasks.run` on synthetic rows with garbage rows, caps and a cold member.
+
+    Returns:
+        {"output": the output directory, "rows_in": rows in the CSV}.
+    """
+    from beam_pipelines import make_tasks
+    from tf_limaml.datasets import synthetic
+
+    directory = str(directory)
+    rows = synthetic.generate_interactions(num_entities=12, seed=5)
+    rows += [
+        dict(rows[0], clicked="maybe"),  # bad label
+        dict(rows[1], timestamp="yesterday"),  # bad time
+        dict(rows[2], member_id=""),  # no entity
+        dict(rows[3], member_id="lonely"),  # one row: cold
+    ]
+    os.makedirs(directory, exist_ok=True)
+    synthetic.write_csv(rows, os.path.join(directory, "interactions.csv"))
+    synthetic.synthetic_spec().save(os.path.join(directory, "spec.json"))
+    output = os.path.join(directory, "out")
+    make_tasks.run(
+        [
+            "--input",
+            os.path.join(directory, "interactions.csv"),
+            "--features",
+            os.path.join(directory, "spec.json"),
+            "--output",
+            output,
+            "--max-support",
+            "8",
+            "--max-query",
+            "8",
+        ]
+    )
+    return {"output": output, "rows_in": len(rows)}

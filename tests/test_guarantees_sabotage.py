@@ -1,0 +1,391 @@
+"""Every guarantee's check fails when its mechanism is switched off.
+
+One test per row of the README's "Guarantees" table: it monkeypatches the
+mechanism off (skips the dead letter, drops the rename, ignores the
+checkpoint, ...) and runs the same check the guarantee's own test runs
+(`tests/guarantees.py`, or a `check_*` function of the test module), which
+must now fail. A check that cannot fail proves nothing. The companions that
+train a model or start a second process (over 20 s each) are marked slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import test_health as health_tests
+import test_reliability as reliability_tests
+import test_soak as soak_tests
+import test_statistics as statistics_tests
+import test_training as training_tests
+import test_tune as tune_tests
+from guarantees import (
+    SimulatedCrash,
+    check_embed_fails_when_an_entity_is_lost,
+    check_every_row_accounted_for,
+    check_make_tasks_identical_across_processes,
+    check_nonfinite_step_is_not_applied,
+    check_resume_runs_only_the_remaining_steps,
+    drop_one_entity,
+    make_tasks_with_every_kind_of_loss,
+    train_counting_steps,
+)
+from serving_fixture import TEST_MAX_SUPPORT, SessionSignatures
+
+from tf_limaml import data, evaluation, export
+from tf_limaml.model import LiMAMLModel, MetaConfig
+
+# The check failed: an assertion, or pytest.raises that saw nothing raised.
+CHECK_FAILED = (AssertionError, pytest.fail.Exception)
+tiny = tune_tests.tiny  # the tuning fixture, shared with test_tune.py
+
+
+def _env():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+# -------------------------------------------------- every row is accounted for
+def test_rows_sabotaged_without_the_dead_letter(tmp_path, monkeypatch):
+    from beam_pipelines import build_tasks
+
+    process = build_tasks.ValidateRows.process
+
+    def no_dead_letter(self, element):
+        for out in process(self, element):
+            if not isinstance(out, build_tasks.beam.pvalue.TaggedOutput) or (
+                out.tag != build_tasks.REJECTED
+            ):
+                yield out
+
+    monkeypatch.setattr(build_tasks.ValidateRows, "process", no_dead_letter)
+    run = make_tasks_with_every_kind_of_loss(tmp_path)
+    with pytest.raises(AssertionError, match="rows_rejected"):
+        check_every_row_accounted_for(run["output"], run["rows_in"])
+
+
+# ------------------------------------------ statistics come from training only
+def test_statistics_sabotaged_to_read_every_split(tmp_path, monkeypatch):
+    from beam_pipelines import build_tasks
+
+    process = build_tasks.SplitEntities.process
+    tagged = build_tasks.beam.pvalue.TaggedOutput
+
+    def every_split_analyzed(self, element):
+        # The train-only filter off: val and test tasks feed the analyzers too.
+        for out in process(self, element):
+            yield out
+            if isinstance(out, tagged) or out[0] == "train":
+                continue
+            history = build_tasks.task_rules.split_history(
+                self.spec,
+                element[0],
+                list(element[1]),
+                self.rule,
+                self.min_support,
+                self.min_query,
+                self.max_support,
+                self.max_query,
+            )
+            rows = history.support + history.query
+            for item in build_tasks.analysis_inputs(self.spec, history.meta, rows):
+                yield tagged(build_tasks.ANALYSIS, item)
+
+    monkeypatch.setattr(build_tasks.SplitEntities, "process", every_split_analyzed)
+    job = statistics_tests._run_make_tasks(tmp_path, "every_split")
+    with pytest.raises(CHECK_FAILED):
+        statistics_tests.check_statistics_from_train_records(job)
+
+
+# ------------------------------------------------------------ no quiet garbage
+@pytest.mark.slow  # over 20 s: a training run or a second process
+def test_health_sabotaged_to_pass_everything(
+    tmp_path, synthetic_tasks, monkeypatch, capsys
+):
+    check = evaluation.health_check
+
+    def always_healthy(*args, **kwargs):
+        return dict(check(*args, **kwargs), healthy=True, reasons=[])
+
+    monkeypatch.setattr(
+        LiMAMLModel, "predict_query", health_tests._constant_predict_query
+    )
+    monkeypatch.setattr(evaluation, "health_check", always_healthy)
+    with pytest.raises(AssertionError):
+        health_tests.check_a_constant_model_fails_training(
+            tmp_path, synthetic_tasks, capsys
+        )
+
+
+# ------------------------------------------------- personalization never hurts
+@pytest.mark.slow  # over 20 s: a training run or a second process
+def test_tune_sabotaged_to_keep_candidates_below_global(tiny, monkeypatch):
+    from tf_limaml.experiments import tune
+
+    def best_lift(trials, *args, **kwargs):
+        # No fallback preference, no "not below global at any k", no min gain.
+        personal = [i for i, t in enumerate(trials) if not t.get("fallback")]
+        return max(personal, key=lambda i: trials[i]["mean_lift"])
+
+    monkeypatch.setattr(tune, "select", best_lift)
+    with pytest.raises(AssertionError):
+        tune_tests.check_tune_falls_back_when_personalization_hurts(tiny, monkeypatch)
+
+
+# ----------------------------------------------- every entity is accounted for
+def test_embed_sabotaged_without_the_balance_check(
+    exported, tmp_path, capsys, monkeypatch
+):
+    from beam_pipelines import generate_embeddings
+
+    summary = generate_embeddings.embed_summary
+    monkeypatch.setattr(
+        generate_embeddings,
+        "embed_summary",
+        lambda *args: dict(summary(*args), balanced=True),
+    )
+    drop_one_entity(monkeypatch)
+    records = [
+        r.numpy()
+        for r in tf.data.TFRecordDataset(
+            exported["tasks"]["test"], compression_type="GZIP"
+        ).take(6)
+    ]
+    with pytest.raises(AssertionError):
+        check_embed_fails_when_an_entity_is_lost(
+            records, tmp_path, exported["export_dir"], capsys
+        )
+
+
+# ---------------------------------------------------------------- atomic export
+def test_export_sabotaged_to_write_in_place(exported, tmp_path, monkeypatch):
+    base = str(tmp_path / "exports")
+    shutil.copytree(exported["export_dir"], os.path.join(base, "1"))
+    reliability_tests._assert_only_complete_versions(base, [1])
+
+    @contextlib.contextmanager
+    def in_place(export_base, version):
+        yield os.path.join(str(export_base), str(version))  # no temp dir, no rename
+
+    def crash(*args, **kwargs):  # killed midway: after the SavedModel, before the rest
+        raise SimulatedCrash("killed while writing the warmup requests")
+
+    monkeypatch.setattr(export, "staged_version", in_place)
+    monkeypatch.setattr(export, "_write_warmup", crash)
+    with pytest.raises(SimulatedCrash):
+        export.export_model(exported["model"], base, max_support=TEST_MAX_SUPPORT)
+    with pytest.raises(AssertionError):
+        reliability_tests._assert_only_complete_versions(base, [1])
+
+
+# ------------------------------------------------------------ training resumes
+def test_resume_sabotaged_to_ignore_the_checkpoint(
+    crashed_training, tmp_path, monkeypatch
+):
+    model_dir = tmp_path / "model"
+    shutil.copytree(crashed_training["model_dir"], model_dir)
+    backup_and_restore = tf.keras.callbacks.BackupAndRestore
+    fresh = str(tmp_path / "elsewhere")
+    monkeypatch.setattr(
+        tf.keras.callbacks,
+        "BackupAndRestore",
+        lambda backup_dir, **kwargs: backup_and_restore(fresh, **kwargs),
+    )
+    with pytest.raises(AssertionError, match="remained"):
+        check_resume_runs_only_the_remaining_steps(
+            str(model_dir),
+            crashed_training["steps_total"],
+            lambda: train_counting_steps(lambda: crashed_training["train"](model_dir)),
+        )
+
+
+def test_nonfinite_step_sabotaged_to_be_applied(
+    synthetic_tasks, synthetic_spec, monkeypatch
+):
+    def applied(self, grads, finite):
+        self.optimizer.apply_gradients(
+            zip(grads, self.trainable_variables, strict=True)
+        )
+
+    monkeypatch.setattr(LiMAMLModel, "_apply_gradients", applied)
+    batch = next(iter(data.task_dataset(synthetic_tasks["train"], synthetic_spec, 8)))
+    values = batch["support_f0"].numpy()
+    values[3, 0] = np.nan
+    bad = dict(batch, support_f0=tf.constant(values))
+    tf.keras.utils.set_random_seed(0)
+    model = LiMAMLModel(
+        synthetic_spec, MetaConfig(jit_compile=False), **training_tests.SMALL
+    )
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    with pytest.raises(AssertionError, match="changed"):
+        check_nonfinite_step_is_not_applied(model, batch, bad)
+
+
+def test_zeroing_alone_sabotaged_in_for_the_skip(
+    synthetic_tasks, synthetic_spec, monkeypatch
+):
+    """Zeroed gradients without the skip: Adam's moments still move the weights."""
+    from tf_limaml import model as model_module
+
+    def zeroed_only(self, grads, finite):
+        grads = [model_module._where_finite(finite, g) for g in grads]
+        self.optimizer.apply_gradients(
+            zip(grads, self.trainable_variables, strict=True)
+        )
+
+    monkeypatch.setattr(LiMAMLModel, "_apply_gradients", zeroed_only)
+    batch = next(iter(data.task_dataset(synthetic_tasks["train"], synthetic_spec, 8)))
+    values = batch["support_f0"].numpy()
+    values[3, 0] = np.nan
+    bad = dict(batch, support_f0=tf.constant(values))
+    tf.keras.utils.set_random_seed(0)
+    model = LiMAMLModel(
+        synthetic_spec, MetaConfig(jit_compile=False), **training_tests.SMALL
+    )
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+    with pytest.raises(AssertionError, match="changed"):
+        check_nonfinite_step_is_not_applied(model, batch, bad)
+
+
+# ---------------------------------------------------------------- determinism
+@pytest.mark.slow  # over 20 s: a training run or a second process
+def test_make_tasks_sabotaged_to_shard_by_pythons_hash(tmp_path, monkeypatch):
+    from beam_pipelines import shards
+
+    # Python's str hash is salted per process (PYTHONHASHSEED).
+    monkeypatch.setattr(shards, "shard_of", lambda key, n: hash(key) % n)
+    inputs = reliability_tests._write_split_inputs(str(tmp_path / "in"))
+    argv = reliability_tests._make_tasks_argv(inputs, None, "--num-shards", "3")
+    with pytest.raises(AssertionError, match="differs between the two processes"):
+        check_make_tasks_identical_across_processes(
+            argv, str(tmp_path / "a"), str(tmp_path / "b"), _env()
+        )
+
+
+def test_training_sabotaged_to_ignore_the_seed(
+    tmp_path, synthetic_tasks, synthetic_spec, monkeypatch
+):
+    seeds = itertools.count(100)
+    set_seed = tf.keras.utils.set_random_seed
+    monkeypatch.setattr(
+        tf.keras.utils, "set_random_seed", lambda seed: set_seed(next(seeds))
+    )
+    with pytest.raises(AssertionError):
+        training_tests.check_same_seed_gives_identical_weights(
+            tmp_path, synthetic_tasks, synthetic_spec
+        )
+
+
+# ---------------------------------------------------- serving input validation
+def test_serving_sabotaged_without_the_shape_checks(exported, tmp_path, monkeypatch):
+    from tf_limaml import export_signatures
+
+    monkeypatch.setattr(
+        export_signatures, "_checked_inputs", lambda inputs, specs: dict(inputs)
+    )
+    path = export.export_model(
+        exported["model"], str(tmp_path / "exports"), max_support=TEST_MAX_SUPPORT
+    )
+    session = SessionSignatures(path)
+    try:
+        batch = next(
+            iter(
+                data.task_dataset(
+                    exported["tasks"]["test"],
+                    exported["spec"],
+                    batch_tasks=1000,
+                    max_support=TEST_MAX_SUPPORT,
+                    max_query=8,
+                )
+            )
+        )
+        inputs = reliability_tests._good_inputs(
+            exported, {k: v.numpy() for k, v in batch.items()}
+        )["serving_default"]
+        with pytest.raises(CHECK_FAILED):
+            reliability_tests.check_wrong_shape_fails_naming_the_input(
+                session,
+                "serving_default",
+                inputs,
+                "meta_embedding",
+                lambda v: v[:, :3],
+            )
+    finally:
+        session.close()
+
+
+# -------------------------------------------------------------- clear CLI errors
+def test_cli_sabotaged_to_show_the_traceback(tmp_path, monkeypatch):
+    # The one-line error handler off: the child process re-raises instead.
+    script = (
+        "import sys\nfrom tf_limaml import cli\n"
+        "def fail(command, message):\n    raise SystemExit(f'Traceback: {message}')\n"
+        "cli._fail = fail\nsys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    argv = ["train", "--tasks", "x", "--features", str(tmp_path / "none.json")]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv, "--model-dir", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    with pytest.raises(AssertionError):
+        reliability_tests.check_cli_user_error(
+            result, "train", "feature spec not found"
+        )
+
+
+# ------------------------------------------------------------------ under load
+def test_soak_sabotaged_with_wrong_answers(exported, tmp_path, monkeypatch):
+    from bench import soak
+
+    run = SessionSignatures.run
+    calls = itertools.count()
+
+    def sometimes_wrong(self, signature, inputs):
+        out = run(self, signature, inputs)
+        if next(calls) % 5 == 4:
+            out = {k: np.asarray(v) + 1.0 for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(SessionSignatures, "run", sometimes_wrong)
+    result = soak.main(
+        [
+            "--export",
+            exported["export_dir"],
+            "--tasks",
+            exported["tasks"]["test"],
+            "--seconds",
+            "1",
+            "--callers",
+            str(soak_tests.CALLERS),
+            "--results",
+            str(tmp_path / "results.jsonl"),
+        ]
+    )
+    with pytest.raises(AssertionError):
+        soak_tests._check(result, 1)
+
+
+# ---------------------------------------------------------------- data is data
+def test_data_path_sabotaged_to_unpickle(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for package in reliability_tests.DATA_PATH_PACKAGES:
+        shutil.copytree(
+            os.path.join(root, package),
+            tmp_path / package,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+    # A cache of parsed tasks that unpickles what it reads.
+    with open(tmp_path / "tf_limaml" / "data.py", "a", encoding="utf-8") as f:
+        f.write("\n\ndef read_cached(blob):\n    return pickle.loads(blob)\n")
+    with pytest.raises(AssertionError, match="pickle.loads"):
+        reliability_tests.check_nothing_on_the_data_path_unpickles(str(tmp_path))
