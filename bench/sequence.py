@@ -49,6 +49,8 @@ VARIANTS = {
     "cut1_lr3": ({}, {"support_cut": 1.0, "meta_learning_rate": 3e-3}),
     "cut1_patience6": ({}, {"support_cut": 1.0, "meta_patience": 6}),
     "cut1_mlp": ({"adapt": ("mlp",)}, {"support_cut": 1.0}),
+    "cut1_pool": ({"adapt": ("output", "pool_query")}, {"support_cut": 1.0}),
+    "cut1_lr05": ({}, {"support_cut": 1.0, "inner_lr": 0.5}),
     "cut1_prior3": ({}, {"support_cut": 1.0, "support_prior": 3.0}),
     "cut1_steps3": ({"inner_steps": 3}, {"support_cut": 1.0}),
     "cut1_innerlr1": ({}, {"support_cut": 1.0, "inner_lr": 1.0}),
