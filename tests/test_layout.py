@@ -27,6 +27,8 @@ CORE = (
     "layers",
     "maml",
     "model",
+    "optimizers",
+    "distribute",
     "training",
     "evaluation",
     "export",

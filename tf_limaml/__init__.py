@@ -35,15 +35,18 @@ _PUBLIC = {
     "MetaConfig": "tf_limaml.model",
     "load_model": "tf_limaml.model",
     "save_model": "tf_limaml.model",
+    "LazyAdam": "tf_limaml.optimizers",
 }
 _SUBMODULES = (
     "data",
     "datasets",
+    "distribute",
     "evaluation",
     "features",
     "layers",
     "maml",
     "model",
+    "optimizers",
     "signatures",
     "statistics",
     "tasks",
@@ -61,12 +64,14 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
     from tf_limaml import (  # noqa: F401
         data,
         datasets,
+        distribute,
         evaluation,
         export,
         features,
         layers,
         maml,
         model,
+        optimizers,
         signatures,
         statistics,
         tasks,
@@ -90,6 +95,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         load_model,
         save_model,
     )
+    from tf_limaml.optimizers import LazyAdam  # noqa: F401
 
 
 def __getattr__(name):

@@ -102,9 +102,13 @@ def _json_safe(value: Any) -> Any:
 
 
 def run(args: argparse.Namespace, progress) -> int:
-    dataset = args.dataset or ("movielens" if not args.input else None)
-    if dataset == "synthetic":
-        return run_synthetic(args, progress)
-    from tf_limaml.experiments import movielens_demo  # noqa: PLC0415
+    from tf_limaml import distribute  # noqa: PLC0415
 
-    return movielens_demo.run(args, progress)
+    dataset = args.dataset or ("movielens" if not args.input else None)
+    # `--strategy`: every model the demo trains is built (and fit) under it.
+    with distribute.get_strategy(getattr(args, "strategy", None)).scope():
+        if dataset == "synthetic":
+            return run_synthetic(args, progress)
+        from tf_limaml.experiments import movielens_demo  # noqa: PLC0415
+
+        return movielens_demo.run(args, progress)
