@@ -382,3 +382,21 @@ def test_train_command_on_two_cpus_and_on_a_one_worker_cluster(
         assert f"strategy {name}: {runs[name][2]} replica(s)" in err
         assert json.loads(out.strip().splitlines()[-1])["final"]["loss"] > 0
         assert (tmp_path / name / "weights" / "model.index").exists()
+
+
+@pytest.mark.slow
+def test_demo_trains_its_models_under_the_strategy(tmp_path, monkeypatch, capsys):
+    strategies = []
+    original = training.train
+
+    def spy(*args, **kwargs):
+        model, history = original(*args, **kwargs)
+        strategies.append(type(model.distribute_strategy).__name__)
+        return model, history
+
+    monkeypatch.setattr(training, "train", spy)
+    argv = ["demo", "--dataset", "synthetic", "--fast", "--epochs", "1"]
+    argv += ["--workdir", str(tmp_path), "--strategy", "mirrored"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert strategies == ["MirroredStrategy", "MirroredStrategy"]
+    assert (tmp_path / "report.json").exists()
