@@ -57,6 +57,7 @@ def run_synthetic(args: argparse.Namespace, progress) -> int:
                 validation_tasks=paths["val"],
                 verbose=0,
                 on_failure="warn",
+                strategy=getattr(args, "strategy", None),
             )
         with progress.phase(f"evaluate {name}"):
             batches = list(data.task_dataset(paths["test"], spec, 64, 32, 32))
@@ -102,13 +103,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def run(args: argparse.Namespace, progress) -> int:
-    from tf_limaml import distribute  # noqa: PLC0415
-
     dataset = args.dataset or ("movielens" if not args.input else None)
-    # `--strategy`: every model the demo trains is built (and fit) under it.
-    with distribute.get_strategy(getattr(args, "strategy", None)).scope():
-        if dataset == "synthetic":
-            return run_synthetic(args, progress)
-        from tf_limaml.experiments import movielens_demo  # noqa: PLC0415
+    if dataset == "synthetic":
+        return run_synthetic(args, progress)
+    from tf_limaml.experiments import movielens_demo  # noqa: PLC0415
 
-        return movielens_demo.run(args, progress)
+    return movielens_demo.run(args, progress)

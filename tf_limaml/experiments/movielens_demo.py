@@ -22,6 +22,7 @@ The protocol is `tf_limaml.experiments.protocol.Protocol`, the recipe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -285,6 +286,7 @@ def run_seed(
     workdir: str,
     progress,
     offline: bool = True,
+    strategy: Any = None,
 ) -> dict[str, Any]:
     """Every model for one seed; returns {model name: measurement}."""
     from tf_limaml.experiments import baselines  # noqa: PLC0415
@@ -300,7 +302,10 @@ def run_seed(
 
     ks = protocol.support_ks
     results: dict[str, Any] = {}
-    with progress.phase(f"global (seed {seed}): conventional training"):
+    # The models are built and fit under `limaml demo --strategy`; the offline
+    # path loads its SavedModel outside it.
+    scope = strategy.scope if strategy is not None else contextlib.nullcontext
+    with progress.phase(f"global (seed {seed}): conventional training"), scope():
         with Timer() as timer:
             base, history = baselines.train_global(spec, splits, recipe, seed)
             sweep = evaluate_sweep(
@@ -319,7 +324,10 @@ def run_seed(
         )
         global_s = timer.seconds
     start = "the global model" if recipe.warm_start == "global" else "pretrain"
-    with progress.phase(f"meta-train (seed {seed}): {start}, LiMAML, full MAML"):
+    with (
+        progress.phase(f"meta-train (seed {seed}): {start}, LiMAML, full MAML"),
+        scope(),
+    ):
         timer = Timer()
         with timer:
             if recipe.warm_start == "global":
@@ -380,9 +388,12 @@ def run_seed(
         )
         if health is not None:
             results["limaml_offline"]["health"] = health
-    with progress.phase(
-        f"baselines (seed {seed}): fine-tuning, ID embedding "
-        f"retrained for each of {len(ks)} support sizes"
+    with (
+        progress.phase(
+            f"baselines (seed {seed}): fine-tuning, ID embedding "
+            f"retrained for each of {len(ks)} support sizes"
+        ),
+        scope(),
     ):
         with Timer() as timer:
             sweep, chosen = baselines.finetune_sweep(base, splits, recipe, ks)
@@ -457,7 +468,8 @@ def run(args: argparse.Namespace, progress) -> int:
     """`limaml demo` for MovieLens-100K or `--input FILE --features SPEC`.
 
     Args:
-        args: dataset, input, format, features, workdir, seeds, epochs, fast.
+        args: dataset, input, format, features, workdir, seeds, epochs, fast,
+            strategy (the models of each seed are built and fit under it).
         progress: `tf_limaml.cli.Progress` (one line per phase).
 
     Returns:
@@ -543,7 +555,17 @@ def run(args: argparse.Namespace, progress) -> int:
     per_seed = []
     for seed in range(seeds):
         per_seed.append(
-            run_seed(spec, splits, records, recipe, protocol, seed, workdir, progress)
+            run_seed(
+                spec,
+                splits,
+                records,
+                recipe,
+                protocol,
+                seed,
+                workdir,
+                progress,
+                strategy=getattr(args, "strategy", None),
+            )
         )
     with progress.phase("report"):
         wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
