@@ -37,7 +37,7 @@ demo-synthetic: install
 	$(VENV)/bin/limaml demo --dataset synthetic
 
 bench: install
-	@for b in bench/meta_train.py bench/startup.py bench/train_memory.py bench/serving.py bench/soak.py bench/make_tasks.py; do \
+	@for b in bench/meta_train.py bench/startup.py bench/train_memory.py bench/serving.py bench/soak.py bench/make_tasks.py bench/large_ids.py; do \
 	  if [ -f $$b ]; then echo "== $$b"; $(PY) $$b || exit 1; fi; done
 
 ## black + ruff, as pyproject.toml configures them.

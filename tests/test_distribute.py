@@ -11,6 +11,10 @@ SCRIPT = r"""
 import json, sys
 import tf_limaml
 import tensorflow as tf
+if len(sys.argv) > 3 and sys.argv[3] == "sabotage":
+    # The sabotage companion: no replica scaling, so the replicas' summed
+    # gradients are twice the mean.
+    tf_limaml.model.replica_mean = lambda loss: loss
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -37,28 +41,32 @@ print(json.dumps(results))
 """
 
 
-def test_mirrored_strategy_step_equals_single_device_step(synthetic_tasks):
+def run_mirrored_and_single(synthetic_tasks, sabotage: bool = False) -> dict:
+    """One seeded step on 2 mirrored CPUs and on one device, in a subprocess."""
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [
+        sys.executable,
+        "-c",
+        SCRIPT,
+        synthetic_tasks["spec"],
+        synthetic_tasks["train"],
+    ]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCRIPT,
-            synthetic_tasks["spec"],
-            synthetic_tasks["train"],
-        ],
+        args + (["sabotage"] if sabotage else []),
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def check_mirrored_equals_single(results: dict) -> None:
     mirrored, single = results["mirrored"], results["single"]
     assert mirrored["replicas"] == 2
     # Each replica sees half the tasks; the loss scaling makes the summed
     # gradients the mean over all 16 tasks, so the updates match.
-    assert abs(mirrored["loss"] - single["loss"]) < 1e-4, results
     assert len(mirrored["update"]) == len(single["update"]) > 0
     moved = 0
     for a, b in zip(mirrored["update"], single["update"], strict=True):
@@ -66,3 +74,9 @@ def test_mirrored_strategy_step_equals_single_device_step(synthetic_tasks):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-3, atol=1e-6)
         moved += int(np.count_nonzero(np.array(b)))
     assert moved > 0, "the step moved no weight"
+
+
+def test_mirrored_strategy_step_equals_single_device_step(synthetic_tasks):
+    results = run_mirrored_and_single(synthetic_tasks)
+    assert abs(results["mirrored"]["loss"] - results["single"]["loss"]) < 1e-4, results
+    check_mirrored_equals_single(results)

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import test_distribute as distribute_tests
 import test_health as health_tests
 import test_reliability as reliability_tests
 import test_soak as soak_tests
@@ -389,3 +390,10 @@ def test_data_path_sabotaged_to_unpickle(tmp_path):
         f.write("\n\ndef read_cached(blob):\n    return pickle.loads(blob)\n")
     with pytest.raises(AssertionError, match="pickle.loads"):
         reliability_tests.check_nothing_on_the_data_path_unpickles(str(tmp_path))
+
+
+# -------------------------------------------------- distributed = one device
+def test_distribution_sabotaged_without_the_replica_scaling(synthetic_tasks):
+    results = distribute_tests.run_mirrored_and_single(synthetic_tasks, sabotage=True)
+    with pytest.raises(CHECK_FAILED):
+        distribute_tests.check_mirrored_equals_single(results)

@@ -29,6 +29,8 @@ CORE = (
     "sequence",
     "maml",
     "model",
+    "optimizers",
+    "distribute",
     "training",
     "evaluation",
     "export",

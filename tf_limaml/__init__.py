@@ -36,17 +36,20 @@ _PUBLIC = {
     "MetaConfig": "tf_limaml.model",
     "load_model": "tf_limaml.model",
     "save_model": "tf_limaml.model",
+    "LazyAdam": "tf_limaml.optimizers",
 }
 _SUBMODULES = (
     "data",
     "datasets",
     "entities",
+    "distribute",
     "evaluation",
     "features",
     "layers",
     "maml",
     "model",
     "sequence",
+    "optimizers",
     "signatures",
     "statistics",
     "tasks",
@@ -64,6 +67,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
     from tf_limaml import (  # noqa: F401
         data,
         datasets,
+        distribute,
         entities,
         evaluation,
         export,
@@ -71,6 +75,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         layers,
         maml,
         model,
+        optimizers,
         sequence,
         signatures,
         statistics,
@@ -95,6 +100,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         load_model,
         save_model,
     )
+    from tf_limaml.optimizers import LazyAdam  # noqa: F401
     from tf_limaml.sequence import SequenceMetaBlock  # noqa: F401
 
 

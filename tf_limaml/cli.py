@@ -172,10 +172,29 @@ def _complete_spec(spec, tasks: str, model_dir: str, progress: Progress):
     return spec
 
 
+def _strategy(args: argparse.Namespace):
+    """The --strategy of a command, built before TensorFlow runs any op.
+
+    MultiWorkerMirroredStrategy and logical CPU devices configure the runtime,
+    which is only possible before its first op (reading a record is one).
+    """
+    from tf_limaml import distribute  # noqa: PLC0415
+
+    if args.devices is not None and args.strategy != "mirrored":
+        raise CommandError(
+            f"--devices applies to --strategy mirrored, got --strategy {args.strategy}"
+        )
+    try:
+        return distribute.get_strategy(args.strategy, devices=args.devices)
+    except distribute.StrategyError as err:
+        raise CommandError(str(err)) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tf_limaml import training  # noqa: PLC0415
     from tf_limaml.model import MetaConfig  # noqa: PLC0415
 
+    strategy = _strategy(args)
     spec = _load_spec(args.features)
     meta_config = (
         MetaConfig.load(args.meta_config) if args.meta_config else MetaConfig()
@@ -187,7 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = _complete_spec(spec, args.tasks, args.model_dir, progress)
     with progress.phase(
         f"meta-train ({meta_config.inner_steps} inner steps, "
-        f"{'first' if meta_config.first_order else 'second'} order)"
+        f"{'first' if meta_config.first_order else 'second'} order, strategy "
+        f"{args.strategy}: {strategy.num_replicas_in_sync} replica(s))"
     ):
         _, history = training.train(
             args.tasks,
@@ -203,6 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             validation_tasks=args.validation_tasks,
             tensorboard=args.tensorboard,
             checkpoint_every=args.checkpoint_every,
+            strategy=strategy,
         )
     final = {k: round(v[-1], 4) for k, v in history.items()}
     print(json.dumps({"model_dir": args.model_dir, "final": final}))
@@ -234,6 +255,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tf_limaml.experiments import demo  # noqa: PLC0415
 
+    args.strategy = _strategy(args)
     return demo.run(args, Progress())
 
 
@@ -357,6 +379,30 @@ def cmd_serve_command(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------- parser
+def _strategy_arguments(parser: argparse.ArgumentParser, choices) -> None:
+    parser.add_argument(
+        "--strategy",
+        choices=choices,
+        default="none",
+        help="tf.distribute strategy: none (one device), mirrored (this "
+        "machine's GPUs, or its CPU)"
+        + (
+            ", multi_worker (MultiWorkerMirroredStrategy; the cluster comes from "
+            "TF_CONFIG, and every worker runs the same command)"
+            if "multi_worker" in choices
+            else ""
+        )
+        + ".",
+    )
+    parser.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        help="With --strategy mirrored: replicas, the first N GPUs, or N logical "
+        "CPU devices on a machine without GPUs (for testing).",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from beam_pipelines.options import (
         embed_arguments,
@@ -382,7 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--meta-config", help="MetaConfig JSON file.")
     train.add_argument("--epochs", type=_positive_int, default=5)
-    train.add_argument("--batch-tasks", type=_positive_int, default=32)
+    train.add_argument(
+        "--batch-tasks",
+        type=_positive_int,
+        default=32,
+        help="Tasks per meta-batch; the global batch under a --strategy.",
+    )
     train.add_argument("--max-support", type=_positive_int, default=32)
     train.add_argument("--max-query", type=_positive_int, default=32)
     train.add_argument("--learning-rate", type=_positive_float, default=1e-3)
@@ -395,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Checkpoint every N steps (default: every epoch).",
     )
+    _strategy_arguments(train, ("none", "mirrored", "multi_worker"))
     train.set_defaults(handler=cmd_train)
 
     evaluate = sub.add_parser(
@@ -451,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="With --input: trained candidates of `limaml tune` (default 4, "
         "2 with --fast); 0 skips tuning and keeps the default recipe.",
     )
+    # Not multi_worker: every worker would run the whole demo (Beam jobs,
+    # baselines, reports), not only the training it shares.
+    _strategy_arguments(demo, ("none", "mirrored"))
     demo.set_defaults(handler=cmd_demo)
 
     tune = sub.add_parser(

@@ -53,6 +53,7 @@ from tf_limaml.features import (
     load_spec,
 )
 from tf_limaml.layers import GlobalBlock, MetaBlock
+from tf_limaml.optimizers import LazyAdam
 from tf_limaml.sequence import SUPPORT_SEQUENCE_KEY
 
 logger = logging.getLogger(__name__)
@@ -189,11 +190,6 @@ class _IteratorDispatch:
         return self._concrete(iterator)
 
 
-# Largest embedding table (numbers) whose gradient the compiled step applies
-# dense (see `LiMAMLModel._dense_table_gradient`).
-_MAX_DENSE_TABLE = 1 << 22
-
-
 def _where_finite(finite: tf.Tensor, grad):
     """The gradient if the step is finite, else zeros of its shape."""
     if isinstance(grad, tf.IndexedSlices):
@@ -203,6 +199,13 @@ def _where_finite(finite: tf.Tensor, grad):
             grad.dense_shape,
         )
     return tf.where(finite, grad, tf.zeros_like(grad))
+
+
+def replica_mean(loss: tf.Tensor) -> tf.Tensor:
+    """A replica's loss scaled so that the gradients the strategy sums across
+    replicas are the mean over every task of the global batch."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss / tf.cast(replicas, loss.dtype)
 
 
 def masked_task_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
@@ -471,15 +474,10 @@ class LiMAMLModel(tf.keras.Model):
                 "returns numbers; it runs outside the compiled step.",
                 self._xla_blocker,
             )
-        # Under a distribution strategy the first replica's batch is recorded.
-        self._nonfinite_entities = tf.Variable(
-            tf.constant([], tf.string),
-            shape=tf.TensorShape([None]),
-            trainable=False,
-            name="nonfinite_entities",
-            synchronization=tf.VariableSynchronization.ON_READ,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        )
+        # Entity ids of the last non-finite step, kept on the host: a string
+        # variable cannot exist under MultiWorkerMirroredStrategy, which
+        # broadcasts every variable's initial value (strings cannot be).
+        object.__setattr__(self, "_nonfinite_record", {"step": -1, "ids": []})
 
     # --------------------------------------------------------------- blocks
     def _build_meta_block(self) -> int:
@@ -1016,9 +1014,7 @@ class LiMAMLModel(tf.keras.Model):
         cfg = self.meta_config
         with tf.GradientTape() as tape:
             out = self._forward(encoded, cfg.inner_steps, cfg.first_order)
-            # Gradients are summed across replicas, so scale to their mean.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = out["loss"] / tf.cast(replicas, out["loss"].dtype)
+            scaled = replica_mean(out["loss"])
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         grads = [
@@ -1054,10 +1050,12 @@ class LiMAMLModel(tf.keras.Model):
         return self.train_function
 
     def train_step(self, batch):
-        if tf.distribute.get_strategy().num_replicas_in_sync == 1:
+        if not tf.distribute.has_strategy():
             # One compiled function for the whole step (gradients, update and
             # metrics): on small networks the ops around the step, each run
             # on its own by the executor, cost as much as the step's math.
+            # Not under a strategy, even of one replica: its apply_gradients
+            # synchronizes (merge_call), which a nested function cannot.
             if self._encode_compiles:
                 # No string to look up: encoding joins the compiled step too.
                 batch = {k: tf.convert_to_tensor(v) for k, v in batch.items()}
@@ -1077,6 +1075,7 @@ class LiMAMLModel(tf.keras.Model):
             step = self._function("meta_gradients", self._meta_gradients, self._xla)
             grads, out = step(encoded)
             finite = out["finite"]
+            grads = [self._dense_table_gradient(g) for g in grads]
             self._apply_gradients(grads, finite)
             logs = self._update_metrics(encoded, out)
         if "entity_id" in batch:
@@ -1090,31 +1089,42 @@ class LiMAMLModel(tf.keras.Model):
             )
         return logs
 
+    # Embedding tables of at most this many numbers (rows x dim) have their
+    # sparse gradient applied dense; larger ones are applied sparse (see
+    # `_dense_table_gradient`). Set it on a model before its first step.
+    dense_table_limit: int = 1 << 22
+
     def _apply_step(self, encoded: Mapping[str, Any]):
         grads, out = self._meta_gradients(encoded)
-        if self._xla:
-            grads = [self._dense_table_gradient(g) for g in grads]
+        grads = [self._dense_table_gradient(g) for g in grads]
         self._apply_gradients(grads, out["finite"])
         return self._update_metrics(encoded, out), out["finite"]
 
     def _dense_table_gradient(self, grad):
-        """An embedding table's sparse gradient as a dense one, under XLA.
+        """An embedding table's sparse gradient as a dense one, for small tables.
 
         Keras's optimizers update every row of a table either way (Adam's
         moments decay on all rows; for the others an unused row's update is
         zero), but their sparse path first merges duplicate ids with
         `tf.unique`, which XLA compiles to sorts: 1.6 ms of a 13 ms reference
-        step for six tables. Kept sparse for other optimizers (a lazy one
-        skips unused rows) and for tables of more than 4M numbers.
+        step for six tables. Done on every path (compiled or not, distributed
+        or not), so that `LazyAdam` is Adam for these tables wherever the
+        step runs. Kept sparse for other optimizers (a lazy one skips unused
+        rows) and for tables of more than `dense_table_limit` numbers: there
+        the dense work is the table's size (128 MB a pass for 1M x 32), and
+        `LazyAdam` updates only the looked-up rows.
         """
         if (
             not isinstance(grad, tf.IndexedSlices)
-            or not type(self.optimizer).__module__.startswith("tf_keras.")
+            or not (
+                isinstance(self.optimizer, LazyAdam)
+                or type(self.optimizer).__module__.startswith("tf_keras.")
+            )
             or grad.dense_shape is None
         ):
             return grad
         shape = tf.get_static_value(grad.dense_shape)
-        if shape is None or int(np.prod(shape)) > _MAX_DENSE_TABLE:
+        if shape is None or int(np.prod(shape)) > self.dense_table_limit:
             return grad
         return tf.convert_to_tensor(grad)
 
@@ -1122,10 +1132,11 @@ class LiMAMLModel(tf.keras.Model):
         # A non-finite step must not poison the weights. Zeroed gradients are
         # not enough on their own: Adam's moments would still move every
         # weight. On one device the update is skipped; under a distribution
-        # strategy the all-reduce must stay unconditional, so zeroing it is.
+        # strategy (even of one replica) the all-reduce must stay
+        # unconditional, so zeroing it is.
         grads = [_where_finite(finite, g) for g in grads]
         pairs = list(zip(grads, self.trainable_variables, strict=True))
-        if tf.distribute.get_strategy().num_replicas_in_sync != 1:
+        if tf.distribute.has_strategy():
             self.optimizer.apply_gradients(pairs)
             return
 
@@ -1136,13 +1147,22 @@ class LiMAMLModel(tf.keras.Model):
         tf.cond(finite, apply, lambda: tf.constant(False))
 
     def _record_nonfinite(self, entity_ids: tf.Tensor) -> tf.Tensor:
-        self._nonfinite_entities.assign(entity_ids)
-        return tf.constant(False)
+        def record(step, ids):
+            # Each replica reports its share of the step's batch.
+            if self._nonfinite_record["step"] != step:
+                self._nonfinite_record.update(step=step, ids=[])
+            self._nonfinite_record["ids"].extend(ids.tolist())
+            return False
+
+        flag = tf.numpy_function(
+            record, [self.optimizer.iterations, entity_ids], tf.bool, stateful=True
+        )
+        return tf.ensure_shape(flag, [])
 
     @property
     def nonfinite_entities(self) -> list[str]:
         """Entity ids of the last batch whose loss or gradients were not finite."""
-        return [e.decode("utf-8", "replace") for e in self._nonfinite_entities.numpy()]
+        return [e.decode("utf-8", "replace") for e in self._nonfinite_record["ids"]]
 
     def test_step(self, batch):
         encoded = self.encode(batch)

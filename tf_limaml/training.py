@@ -11,6 +11,11 @@ A model directory holds:
                      (`tf_limaml.evaluation.health_check`)
     training_args.json  task shapes and options of the run (export reads
                      max_support from it)
+
+Under a multi-worker strategy every worker runs `train` with the same
+arguments; the chief writes the model directory, the others write the same
+files to a temporary directory they delete (TensorFlow's rule, as
+`tf.keras.callbacks.BackupAndRestore` does for the checkpoints).
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from tf_limaml import data, evaluation
+from tf_limaml import data, distribute, evaluation
 from tf_limaml.features import FeatureSpec
 from tf_limaml.model import LiMAMLModel, MetaConfig, save_model
+from tf_limaml.optimizers import LazyAdam
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +162,9 @@ def train(
     steps_per_epoch: int | None = None,
     clipnorm: float | None = GRADIENT_CLIPNORM,
     on_failure: str = "raise",
+    strategy: tf.distribute.Strategy | str | None = None,
+    callbacks: Sequence[tf.keras.callbacks.Callback] | None = None,
+    optimizer: Callable[[], tf.keras.optimizers.Optimizer] | None = None,
 ) -> tuple[LiMAMLModel, dict[str, list[float]]]:
     """Meta-trains a LiMAMLModel on task files and writes the model directory.
 
@@ -171,7 +180,9 @@ def train(
         max_support: S, support rows per task.
         max_query: Q, query rows per task.
         seed: Seeds weights and shuffling.
-        learning_rate: Adam learning rate of the outer step.
+        learning_rate: Learning rate of the outer step (`LazyAdam`: Adam, with
+            sparse updates for embedding tables of more than
+            `LiMAMLModel.dense_table_limit` numbers).
         validation_tasks: Optional validation task files.
         tensorboard: Optional TensorBoard log directory.
         checkpoint_every: Checkpoint every N steps (default: every epoch).
@@ -187,6 +198,16 @@ def train(
             scores, or on a few training batches without validation tasks):
             "raise" a ModelFailedError, or "warn" (log and return the model).
             Either way the model directory is written, with `health.json`.
+        strategy: A `tf.distribute.Strategy` or its name ("none", "mirrored",
+            "multi_worker"; see `tf_limaml.distribute.get_strategy`); None: the
+            strategy in scope. `batch_tasks` is the global batch: each of the
+            R replicas gets `batch_tasks / R` tasks of every batch (every
+            worker reads all task files and keeps its share, auto-shard policy
+            DATA), so the step is the one-device step up to rounding.
+        callbacks: More Keras callbacks for `fit` (after the checkpointing one).
+        optimizer: A function returning the outer optimizer, called in the
+            strategy's scope (default: `LazyAdam(learning_rate,
+            global_clipnorm=clipnorm)`).
 
     Returns:
         (model, history).
@@ -194,21 +215,43 @@ def train(
     Raises:
         ModelFailedError: The model failed its health check (on_failure="raise").
         NonFiniteLossError: A training step had a non-finite loss.
+        tf_limaml.distribute.StrategyError: The strategy cannot be built, or
+            `batch_tasks` is not a multiple of its replicas.
     """
     if on_failure not in ON_FAILURE:
         raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    strategy = distribute.get_strategy(strategy)
+    replicas = strategy.num_replicas_in_sync
+    if batch_tasks % replicas:
+        raise distribute.StrategyError(
+            f"batch_tasks ({batch_tasks}) must be a multiple of the strategy's "
+            f"{replicas} replicas, so that every replica averages as many tasks "
+            "and the step is the mean over the batch"
+        )
     meta_config = meta_config or MetaConfig()
     tf.keras.utils.set_random_seed(seed)
     tf.io.gfile.makedirs(model_dir)
-    model = LiMAMLModel(
-        spec, meta_config, **dict(model_kwargs or default_model_kwargs())
-    )
-    model.compile(
-        optimizer=tf.keras.optimizers.Adam(learning_rate, global_clipnorm=clipnorm)
-    )
+    with strategy.scope():
+        model = LiMAMLModel(
+            spec, meta_config, **dict(model_kwargs or default_model_kwargs())
+        )
+        model.compile(
+            optimizer=(
+                optimizer()
+                if optimizer
+                else LazyAdam(learning_rate, global_clipnorm=clipnorm)
+            )
+        )
     if steps_per_epoch is None:
         # A known epoch length lets checkpoints every N steps resume mid-epoch.
         steps_per_epoch = max(math.ceil(data.count_tasks(tasks) / batch_tasks), 1)
+    # Every worker reads every file in the same seeded order and keeps its
+    # share of each global batch (DATA): the batch is the one-device batch.
+    # Sharding by FILE would give each worker other tasks.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
     train_ds = data.task_dataset(
         tasks,
         spec,
@@ -218,86 +261,91 @@ def train(
         shuffle=True,
         seed=seed,
         repeat=True,
-    )
+    ).with_options(options)
     val_ds = None
     if validation_tasks:
         val_ds = data.task_dataset(
             validation_tasks, spec, batch_tasks, max_support, max_query
-        )
-    callbacks: list[tf.keras.callbacks.Callback] = [
+        ).with_options(options)
+    fit_callbacks: list[tf.keras.callbacks.Callback] = [
         StopOnNonFiniteLoss(),
+        # Under MultiWorkerMirroredStrategy the chief writes backup/chief and
+        # the others backup/workertemp_<i>; every worker restores from chief.
         tf.keras.callbacks.BackupAndRestore(
             os.path.join(model_dir, "backup"),
             save_freq=checkpoint_every or "epoch",
             delete_checkpoint=True,
         ),
+        *(callbacks or ()),
     ]
     if tensorboard:
-        callbacks.append(tf.keras.callbacks.TensorBoard(tensorboard))
+        fit_callbacks.append(tf.keras.callbacks.TensorBoard(tensorboard))
     if early_stopping_patience and val_ds is not None:
-        callbacks.append(
+        fit_callbacks.append(
             tf.keras.callbacks.EarlyStopping(
                 monitor="val_loss",
                 patience=early_stopping_patience,
                 restore_best_weights=True,
             )
         )
-    with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(model.get_config(), f, indent=2)
-    # The task shapes training used; export defaults its support limit to them.
-    with tf.io.gfile.GFile(os.path.join(model_dir, TRAINING_ARGS), "w") as f:
-        json.dump(
-            {
-                "batch_tasks": batch_tasks,
-                "max_support": max_support,
-                "max_query": max_query,
-                "epochs": epochs,
-                "seed": seed,
-                "learning_rate": learning_rate,
-            },
-            f,
-            indent=2,
+    # Only the chief writes the model directory (see the module docstring).
+    with distribute.write_dir(model_dir, strategy) as out_dir:
+        with tf.io.gfile.GFile(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(model.get_config(), f, indent=2)
+        # The task shapes training used; export defaults its support limit to them.
+        with tf.io.gfile.GFile(os.path.join(out_dir, TRAINING_ARGS), "w") as f:
+            json.dump(
+                {
+                    "batch_tasks": batch_tasks,
+                    "max_support": max_support,
+                    "max_query": max_query,
+                    "epochs": epochs,
+                    "seed": seed,
+                    "learning_rate": learning_rate,
+                },
+                f,
+                indent=2,
+            )
+        logger.info(
+            "Meta-training %s for %d epochs into %s", meta_config, epochs, model_dir
         )
-    logger.info(
-        "Meta-training %s for %d epochs into %s", meta_config, epochs, model_dir
-    )
-    history = model.fit(
-        train_ds,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=val_ds,
-        callbacks=callbacks,
-        verbose=verbose,
-    )
-    save_model(model, model_dir)
-    record = {k: [float(x) for x in v] for k, v in history.history.items()}
-    with tf.io.gfile.GFile(os.path.join(model_dir, "history.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    if val_ds is not None:
-        check_batches = val_ds
-    else:
-        check_batches = data.task_dataset(
-            tasks, spec, batch_tasks, max_support, max_query
-        ).take(HEALTH_BATCHES)
-    restored = bool(early_stopping_patience and val_ds is not None)
-    health = check_trained_model(
-        model, check_batches, _final_val_loss(record, restored)
-    )
-    health["checked_on"] = (
-        "validation tasks"
-        if val_ds is not None
-        else (f"the first {HEALTH_BATCHES} training batches")
-    )
-    with tf.io.gfile.GFile(os.path.join(model_dir, HEALTH), "w") as f:
-        json.dump(health, f, indent=2)
-    if not health["healthy"]:
-        message = (
-            f"The trained model in {model_dir} failed its health check on "
-            f"{health['checked_on']}: {'; '.join(health['reasons'])}. Lower the "
-            "learning rate or inner_lr, check the features' scales (spec.json "
-            "means/stds), or look at the data for a label that is constant."
+        history = model.fit(
+            train_ds,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_ds,
+            callbacks=fit_callbacks,
+            verbose=verbose,
         )
-        if on_failure == "raise":
-            raise ModelFailedError(message, health)
-        logger.warning("%s", message)
-    return model, record
+        save_model(model, out_dir)
+        record = {k: [float(x) for x in v] for k, v in history.history.items()}
+        with tf.io.gfile.GFile(os.path.join(out_dir, "history.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        if val_ds is not None:
+            check_batches = val_ds
+        else:
+            check_batches = data.task_dataset(
+                tasks, spec, batch_tasks, max_support, max_query
+            ).take(HEALTH_BATCHES)
+        restored = bool(early_stopping_patience and val_ds is not None)
+        health = check_trained_model(
+            model, check_batches, _final_val_loss(record, restored)
+        )
+        health["checked_on"] = (
+            "validation tasks"
+            if val_ds is not None
+            else (f"the first {HEALTH_BATCHES} training batches")
+        )
+        with tf.io.gfile.GFile(os.path.join(out_dir, HEALTH), "w") as f:
+            json.dump(health, f, indent=2)
+        if not health["healthy"]:
+            message = (
+                f"The trained model in {model_dir} failed its health check on "
+                f"{health['checked_on']}: {'; '.join(health['reasons'])}. Lower the "
+                "learning rate or inner_lr, check the features' scales (spec.json "
+                "means/stds), or look at the data for a label that is constant."
+            )
+            if on_failure == "raise":
+                raise ModelFailedError(message, health)
+            logger.warning("%s", message)
+        return model, record

@@ -57,6 +57,7 @@ def run_synthetic(args: argparse.Namespace, progress) -> int:
                 validation_tasks=paths["val"],
                 verbose=0,
                 on_failure="warn",
+                strategy=getattr(args, "strategy", None),
             )
         with progress.phase(f"evaluate {name}"):
             batches = list(data.task_dataset(paths["test"], spec, 64, 32, 32))

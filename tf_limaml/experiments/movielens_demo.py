@@ -22,6 +22,7 @@ The protocol is `tf_limaml.experiments.protocol.Protocol`, the recipe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -288,6 +289,7 @@ def run_seed(
     extra_models: Sequence[str] = (),
     item_feature: str | None = None,
     input_path: str | None = None,
+    strategy: Any = None,
 ) -> dict[str, Any]:
     """Every model for one seed; returns {model name: measurement}.
 
@@ -309,7 +311,10 @@ def run_seed(
 
     ks = protocol.support_ks
     results: dict[str, Any] = {}
-    with progress.phase(f"global (seed {seed}): conventional training"):
+    # The models are built and fit under `limaml demo --strategy`; the offline
+    # path loads its SavedModel outside it.
+    scope = strategy.scope if strategy is not None else contextlib.nullcontext
+    with progress.phase(f"global (seed {seed}): conventional training"), scope():
         with Timer() as timer:
             base, history = baselines.train_global(spec, splits, recipe, seed)
             sweep = evaluate_sweep(
@@ -328,7 +333,10 @@ def run_seed(
         )
         global_s = timer.seconds
     start = "the global model" if recipe.warm_start == "global" else "pretrain"
-    with progress.phase(f"meta-train (seed {seed}): {start}, LiMAML, full MAML"):
+    with (
+        progress.phase(f"meta-train (seed {seed}): {start}, LiMAML, full MAML"),
+        scope(),
+    ):
         timer = Timer()
         with timer:
             if recipe.warm_start == "global":
@@ -373,8 +381,11 @@ def run_seed(
                 name=name,
             )
     if "sequence" in extra_models:
-        with progress.phase(
-            f"meta-train (seed {seed}): limaml_sequence, the sequence meta block"
+        with (
+            progress.phase(
+                f"meta-train (seed {seed}): limaml_sequence, the sequence meta block"
+            ),
+            scope(),
         ):
             with Timer() as timer:
                 model, history = baselines.train_meta_learner(
@@ -449,9 +460,12 @@ def run_seed(
         )
         if health is not None:
             results["limaml_offline"]["health"] = health
-    with progress.phase(
-        f"baselines (seed {seed}): fine-tuning, ID embedding "
-        f"retrained for each of {len(ks)} support sizes"
+    with (
+        progress.phase(
+            f"baselines (seed {seed}): fine-tuning, ID embedding "
+            f"retrained for each of {len(ks)} support sizes"
+        ),
+        scope(),
     ):
         with Timer() as timer:
             sweep, chosen = baselines.finetune_sweep(base, splits, recipe, ks)
@@ -576,7 +590,8 @@ def run(args: argparse.Namespace, progress) -> int:
     """`limaml demo` for MovieLens-100K or `--input FILE --features SPEC`.
 
     Args:
-        args: dataset, input, format, features, workdir, seeds, epochs, fast.
+        args: dataset, input, format, features, workdir, seeds, epochs, fast,
+            strategy (the models of each seed are built and fit under it).
         progress: `tf_limaml.cli.Progress` (one line per phase).
 
     Returns:
@@ -679,6 +694,7 @@ def run(args: argparse.Namespace, progress) -> int:
                 extra_models=extra_models,
                 item_feature=item_feature,
                 input_path=input_path,
+                strategy=getattr(args, "strategy", None),
             )
         )
     with progress.phase("report"):
