@@ -54,3 +54,37 @@ def test_write_table_names_the_commit_or_unknown(tmp_path):
     assert f"at commit `{commit}` on a CPU, 2 cores:" in first
     assert readme_table.git_commit(str(tmp_path)) == "unknown"  # not a checkout
     assert readme_table.machine_description().endswith(" cores")
+
+
+def test_the_models_beyond_the_paper_buckets_and_the_run_commit():
+    report = {
+        **REPORT,
+        "models": {
+            **REPORT["models"],
+            "limaml_sequence": _model(
+                0.76, 0.001, 0.58, 0.70, (0.73, 0.744, 0.74, 0.74)
+            ),
+        },
+        "seeds": 3,
+        "run": {"commit": "d00d123", "wall_s_before_report": 812.4, "seeds": 3},
+    }
+    report["models"]["global"]["buckets"] = {
+        "member_history": {
+            "10-15": {
+                "overall_auc": 0.65,
+                "overall_auc_std": 0.01,
+                "rows": 9,
+                "members": 3,
+            }
+        }
+    }
+    text = readme_table.render(report, "abc1234", "a CPU, 2 cores")
+    assert "| LiMAML, sequence meta block | 0.7600 ± 0.0010 |" in text
+    assert "3 seeds, mean ± std; 812 s wall before the report" in text
+    assert "| global | 0.6500 ± 0.0100 |" in text and "| 3 / 9 |" in text
+    # The file names the commit the numbers came from, recorded by the demo.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        path = readme_table.write_table(report, out, machine="a CPU")
+        assert "at commit `d00d123`" in open(path, encoding="utf-8").read()

@@ -28,6 +28,8 @@ ROWS = (
     ("maml", "full-network MAML"),
     ("limaml", "**LiMAML** (in-graph)"),
     ("limaml_offline", "LiMAML, offline embeddings + `serving_default`"),
+    ("limaml_sequence", "LiMAML, sequence meta block"),
+    ("limaml_multi_entity", "LiMAML, member + movie meta blocks"),
 )
 KS = ("1", "3", "5", "10")
 
@@ -103,6 +105,23 @@ def render(report: Mapping[str, Any], commit: str, machine: str) -> str:
             _number(m.get("mean_member_auc")),
         ] + [_number(by_k.get(k, {}).get("overall_auc")) for k in KS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    run = report.get("run", {})
+    if run.get("wall_s_before_report") is not None:
+        lines += [
+            "",
+            f"{report.get('seeds', run.get('seeds'))} seeds, mean ± std; "
+            f"{run['wall_s_before_report']:.0f} s wall before the report "
+            f"(load average {run.get('load_average_1m', 'n/a')} at the end).",
+        ]
+    from tf_limaml.experiments.report import (  # noqa: PLC0415
+        BUCKET_LABELS,
+        bucket_names,
+        bucket_table,
+    )
+
+    for name in bucket_names(report) if "models" in report else []:
+        lines += ["", f"Overall AUC by {BUCKET_LABELS.get(name, name)}:", ""]
+        lines.append(bucket_table(report, name))
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +133,9 @@ def write_table(
 ) -> str:
     """Writes `render(...)` to WORKDIR/README_table.md and returns its path."""
     path = os.path.join(str(workdir), FILENAME)
-    text = render(report, commit or git_commit(), machine or machine_description())
+    # The commit the numbers came from (the demo records it), else this checkout's.
+    commit = commit or report.get("run", {}).get("commit") or git_commit()
+    text = render(report, commit, machine or machine_description())
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path

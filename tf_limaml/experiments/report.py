@@ -576,7 +576,7 @@ def bucket_table(report: Mapping[str, Any], name: str) -> str:
     return "\n".join(lines)
 
 
-def _bucket_names(report: Mapping[str, Any]) -> list[str]:
+def bucket_names(report: Mapping[str, Any]) -> list[str]:
     names: list[str] = []
     for m in report["models"].values():
         for name in m.get("buckets", {}):
@@ -630,7 +630,7 @@ def plot_lift(report: Mapping[str, Any], path: str | os.PathLike) -> str:
         key=_k_sort_key,
     )
     buckets = [
-        b for b in _bucket_names(report) if b in models["global"].get("buckets", {})
+        b for b in bucket_names(report) if b in models["global"].get("buckets", {})
     ]
     fig, axes = plt.subplots(
         1, 1 + len(buckets), figsize=(7 + 5 * len(buckets), 4.5), squeeze=False
@@ -855,7 +855,7 @@ def to_markdown(report: Mapping[str, Any], chart: str | None = "lift.png") -> st
     ]
     for metric in METRICS:
         lines += [sweep_table(report, metric), ""]
-    names = _bucket_names(report)
+    names = bucket_names(report)
     if names:
         lines += [
             "## By activity bucket",
