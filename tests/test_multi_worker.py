@@ -8,9 +8,11 @@ batch of tasks take the one-device step.
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ SMALL = {"meta_units": [16, 8], "global_units": [32, 16], "cross_layers": 1}
 TOLERANCE = 1e-6
 
 WORKER = r"""
-import json, os, sys
+import json, os, sys, time
 args = json.loads(sys.argv[1])
 from tf_limaml import distribute
 # First, before TensorFlow runs any op (the runtime is configured here).
@@ -44,9 +46,9 @@ class Interrupted(Exception):
 
 
 class Steps(tf.keras.callbacks.Callback):
-    def __init__(self, stop_at):
+    def __init__(self, stop_at, pause):
         super().__init__()
-        self.stop_at, self.steps, self.restored = stop_at, 0, None
+        self.stop_at, self.pause, self.steps, self.restored = stop_at, pause, 0, None
 
     def on_train_begin(self, logs=None):
         # BackupAndRestore, earlier in the list, has restored by now.
@@ -56,9 +58,12 @@ class Steps(tf.keras.callbacks.Callback):
         self.steps += 1
         if self.steps == self.stop_at:
             raise Interrupted()
+        # A slow step leaves a test time to kill a worker mid-run; the
+        # checkpoint of this step (BackupAndRestore runs first) is written.
+        time.sleep(self.pause)
 
 
-steps = Steps(args.pop("stop_at"))
+steps = Steps(args.pop("stop_at"), args.pop("pause", 0))
 result = {"interrupted": False}
 try:
     model, _ = training.train(
@@ -92,12 +97,14 @@ def _free_ports(n):
     return ports
 
 
-def _run_workers(train_args, workers=2, stop_at=0, timeout=600):
-    """Runs WORKER in `workers` processes of one cluster; returns their results."""
+def _start_workers(train_args, workers=2, stop_at=0, pause=0):
+    """Starts WORKER in `workers` processes of one cluster; returns them."""
     addresses = [f"127.0.0.1:{port}" for port in _free_ports(workers)]
     base = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     base.update(PYTHONPATH=os.getcwd(), TF_CPP_MIN_LOG_LEVEL="3")
-    args = json.dumps({**train_args, "strategy": "multi_worker", "stop_at": stop_at})
+    args = json.dumps(
+        {**train_args, "strategy": "multi_worker", "stop_at": stop_at, "pause": pause}
+    )
     processes = []
     for index in range(workers):
         config = {
@@ -113,6 +120,12 @@ def _run_workers(train_args, workers=2, stop_at=0, timeout=600):
                 text=True,
             )
         )
+    return processes
+
+
+def _run_workers(train_args, workers=2, stop_at=0, timeout=600):
+    """Runs WORKER in `workers` processes of one cluster; returns their results."""
+    processes = _start_workers(train_args, workers, stop_at)
     results = []
     try:
         for process in processes:
@@ -234,6 +247,67 @@ def test_two_workers_resume_from_the_chief_checkpoint(tmp_path, synthetic_tasks)
         # only the 4 steps left.
         assert result["restored"] == 2, second
         assert result["steps"] == 4 and result["iterations"] == 6, second
+
+
+# A hung worker fails the test instead of blocking CI.
+KILL_TIMEOUT = 240
+ITERATIONS = "model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _wait(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_workers_resume_after_one_worker_is_killed(tmp_path, synthetic_tasks):
+    """SIGKILL worker 1 mid-run, then restart the cluster as a manager would.
+
+    The chief then blocks in (or fails out of) a collective op, so it is killed
+    too; the restarted workers resume from the chief's checkpoint.
+    """
+    total = 60
+    args = _train_args(
+        synthetic_tasks, tmp_path / "model", steps_per_epoch=total, checkpoint_every=2
+    )
+    backup = str(tmp_path / "model" / "backup" / "chief")
+    chief, worker = _start_workers(args, pause=0.25)
+    try:
+        _wait(
+            lambda: tf.train.latest_checkpoint(backup) is not None
+            or chief.poll() is not None,
+            KILL_TIMEOUT,
+            "the chief's first checkpoint",
+        )
+        # Both still training: the kill lands mid-run.
+        codes = [chief.poll(), worker.poll()]
+        assert codes == [None, None], f"a worker exited before the kill: {codes}"
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=KILL_TIMEOUT)
+        try:
+            chief.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            chief.send_signal(signal.SIGKILL)
+            chief.wait(timeout=KILL_TIMEOUT)
+    finally:
+        for process in (chief, worker):
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    assert worker.returncode == -signal.SIGKILL
+    checkpoint = tf.train.latest_checkpoint(backup)
+    step = int(tf.train.load_checkpoint(checkpoint).get_tensor(ITERATIONS))
+    assert 0 < step < total, step
+
+    restarted = _run_workers(args, timeout=KILL_TIMEOUT)
+    assert [r["chief"] for r in restarted] == [True, False], restarted
+    for result in restarted:
+        assert result["restored"] == step, (step, restarted)
+        assert result["steps"] == total - step, (step, restarted)
+        assert result["iterations"] == total, restarted
+    assert all(np.isfinite(w).all() for w in _weights(tmp_path / "model").values())
 
 
 @pytest.mark.parametrize("strategy", ["none", "mirrored"])
