@@ -235,13 +235,30 @@ def test_embedded_copy_is_ml100k():
     importlib.util.find_spec("recbole") is None,
     reason="the recbole wheel (embedded copy) is not installed",
 )
-def test_demo_end_to_end_fast(tmp_path, capsys):
-    """`limaml demo --fast --seeds 1`: Beam tasks, six models, offline path, report."""
+def test_demo_end_to_end_fast(tmp_path, monkeypatch, capsys):
+    """`limaml demo --fast --seeds 1 --strategy mirrored`: Beam tasks, every
+    model (the two beyond the paper included), offline path, report.
+
+    Every `fit` runs under the strategy, and the offline path still loads and
+    serves its SavedModel outside it. One run covers both, to keep CI short.
+    """
     import json
+
+    import tensorflow as tf
 
     from tf_limaml import cli
 
-    assert cli.main(["demo", "--fast", "--seeds", "1", "--workdir", str(tmp_path)]) == 0
+    strategies = []
+    original = tf.keras.Model.fit
+
+    def spy(self, *args, **kwargs):
+        strategies.append(type(self.distribute_strategy).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.keras.Model, "fit", spy)
+    argv = ["demo", "--fast", "--seeds", "1", "--strategy", "mirrored"]
+    assert cli.main([*argv, "--workdir", str(tmp_path)]) == 0
+    assert strategies and set(strategies) == {"MirroredStrategy"}, strategies
     with open(tmp_path / "report.json", encoding="utf-8") as f:
         result = json.load(f)
     assert list(result["models"]) == [
@@ -251,6 +268,8 @@ def test_demo_end_to_end_fast(tmp_path, capsys):
         "maml",
         "limaml",
         "limaml_offline",
+        "limaml_sequence",
+        "limaml_multi_entity",
     ]
     for entry in result["models"].values():
         assert set(entry["support_k"]) == {"1", "3", "5", "10", "all"}

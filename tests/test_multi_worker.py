@@ -5,7 +5,6 @@ machines. The unit of the batch is a task, so two workers that split a global
 batch of tasks take the one-device step.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -475,28 +474,3 @@ def test_demo_trains_its_models_under_the_strategy(tmp_path, monkeypatch, capsys
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert strategies == ["MirroredStrategy", "MirroredStrategy"]
     assert (tmp_path / "report.json").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("recbole") is None,
-    reason="the recbole wheel (embedded copy) is not installed",
-)
-def test_movielens_demo_fits_every_model_under_the_strategy(
-    tmp_path, monkeypatch, capsys
-):
-    """Every `fit` of the demo runs under the strategy; its offline path still
-    loads and serves its SavedModel (outside the strategy)."""
-    strategies = []
-    original = tf.keras.Model.fit
-
-    def spy(self, *args, **kwargs):
-        strategies.append(type(self.distribute_strategy).__name__)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(tf.keras.Model, "fit", spy)
-    argv = ["demo", "--fast", "--seeds", "1", "--strategy", "mirrored"]
-    assert cli.main([*argv, "--workdir", str(tmp_path)]) == 0, capsys.readouterr().err
-    assert strategies and set(strategies) == {"MirroredStrategy"}, strategies
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert {"limaml", "limaml_offline", "id_embedding"} <= set(report["models"])

@@ -433,6 +433,7 @@ def run_seed(
                     progress,
                     input_path,
                     item_column=item_feature,
+                    strategy=strategy,
                 )
                 sweep = evaluate_sweep(score, splits.test, ks)
             results["limaml_multi_entity"] = measurement(

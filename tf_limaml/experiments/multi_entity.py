@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -268,6 +269,11 @@ def item_splits(tasks_dir: str, spec: FeatureSpec, protocol: Protocol) -> Splits
     )
 
 
+def _scope(strategy: tf.distribute.Strategy | None):
+    """The strategy's scope, or none: the demo's models are built and fit in it."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
 def _init(spec, splits, recipe, seed):
     if recipe.warm_start == "global":
         return baselines.train_global(spec, splits, recipe, seed)[0]
@@ -427,8 +433,13 @@ def _item_stage(
     seed_dir: str,
     folds: int,
     key: str = "",
+    strategy: tf.distribute.Strategy | None = None,
 ) -> dict[str, Any]:
-    """make-tasks with the item as entity, pretrain, meta-train, limaml embed."""
+    """make-tasks with the item as entity, pretrain, meta-train, limaml embed.
+
+    The models are trained under `strategy`; the Beam jobs and the embed step
+    (which loads the export) run outside it.
+    """
     start = time.perf_counter()
     tasks_dir = make_item_tasks(
         item_spec, rows, train_members, member_column, protocol, tasks_root, key
@@ -439,10 +450,11 @@ def _item_stage(
         item_spec, rows, train_members, member_column, tasks_root, folds, key
     )
     tasks_s = time.perf_counter() - start
-    init = _init(item_spec, items, recipe, seed)
-    model, history = baselines.train_meta_learner(
-        item_spec, items, recipe, seed, init=init
-    )
+    with _scope(strategy):
+        init = _init(item_spec, items, recipe, seed)
+        model, history = baselines.train_meta_learner(
+            item_spec, items, recipe, seed, init=init
+        )
     embed_start = time.perf_counter()
     whole, crossfit = embed_entities(
         model, records_path, counts["max_support"], seed_dir, folds
@@ -481,6 +493,7 @@ def _member_stage(
     seed: int,
     item_column: str,
     item: Mapping[str, Any],
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[MultiEntityScorer, dict[str, Any]]:
     """The member model with the item table joined (out-of-fold for training)."""
     start = time.perf_counter()
@@ -488,10 +501,11 @@ def _member_stage(
     member_spec = entities.with_embedding_features(spec, {item_column: whole.dim})
     joined = join_splits(splits, item_column, whole, item["crossfit"])
     member_spec = entities.complete_embedding_statistics(member_spec, joined.train)
-    init = _init(member_spec, joined, recipe, seed)
-    model, history = baselines.train_meta_learner(
-        member_spec, joined, recipe, seed, init=init
-    )
+    with _scope(strategy):
+        init = _init(member_spec, joined, recipe, seed)
+        model, history = baselines.train_meta_learner(
+            member_spec, joined, recipe, seed, init=init
+        )
     scorer = MultiEntityScorer(model, member_spec, item_column, whole, item["model"])
     return scorer, {
         "meta_epochs": len(history.get("loss", [])),
@@ -513,6 +527,7 @@ def train_multi_entity(
     interactions_path: str,
     item_column: str = DEFAULT_ITEM_COLUMN,
     folds: int = entities.DEFAULT_FOLDS,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[MultiEntityScorer, dict[str, Any]]:
     """Item stage, then member stage with item embeddings (see the module doc).
 
@@ -531,6 +546,8 @@ def train_multi_entity(
         interactions_path: The interactions CSV make-tasks read.
         item_column: The item id column (a request feature of `spec`).
         folds: Cross-fitting folds of the train members.
+        strategy: A `tf.distribute.Strategy` both stages' models are trained
+            under (None: the default).
 
     Returns:
         (scorer: `scorer(batch, k)` -> query probabilities [T, Q] of a member
@@ -556,12 +573,15 @@ def train_multi_entity(
             os.path.join(workdir, "multi_entity"),
             seed_dir,
             folds,
+            strategy=strategy,
         )
     with progress.phase(
         f"multi-entity (seed {seed}): member stage with {item_column}"
         f"{entities.EMBEDDING_SUFFIX} [{item['whole'].dim}] as a request feature"
     ):
-        scorer, details = _member_stage(spec, splits, recipe, seed, item_column, item)
+        scorer, details = _member_stage(
+            spec, splits, recipe, seed, item_column, item, strategy
+        )
     details = {**details, **item["details"], "folds": folds}
     logger.info("multi-entity (seed %d): %s", seed, details)
     return scorer, details
