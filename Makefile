@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
+# Test processes (pytest-xdist). A test file stays on one process, so its
+# module fixtures are built once; two fit the 2-core CI machine.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install test test-slow test-all demo demo-synthetic bench lint clean
 
@@ -20,14 +24,14 @@ install: $(STAMP)
 
 ## Fast suite (the CI gate): everything but the end-to-end tests marked slow.
 test: install
-	$(PY) -m pytest -q -m "not slow" --durations=10
+	$(PYTEST) -m "not slow" --durations=10
 
 ## The slow end-to-end tests, less the heavy ones (wheel install): CI runs this after `test`.
 test-slow: install
-	$(PY) -m pytest -q -m "slow and not heavy" --durations=10
+	$(PYTEST) -m "slow and not heavy" --durations=10
 
 test-all: install
-	$(PY) -m pytest -q --durations=20
+	$(PYTEST) --durations=20
 
 ## The main job: MovieLens-100K end to end, report in runs/demo/.
 demo: install

@@ -43,7 +43,14 @@ setup(
         "dask": ["apache-beam[dask]>=2.50"],
         "serving": ["tensorflow-serving-api", "grpcio", "requests"],
         "report": ["matplotlib", "pandas"],
-        "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "hypothesis",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
     },
     # Every data file the package reads at run time ships in the wheel.
     package_data={
