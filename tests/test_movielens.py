@@ -236,8 +236,8 @@ def test_embedded_copy_is_ml100k():
     reason="the recbole wheel (embedded copy) is not installed",
 )
 def test_demo_end_to_end_fast(tmp_path, monkeypatch, capsys):
-    """`limaml demo --fast --seeds 1 --strategy mirrored`: Beam tasks, every
-    model (the two beyond the paper included), offline path, report.
+    """`limaml demo --fast --seeds 1 --epochs 2 --strategy mirrored`: Beam
+    tasks, every model (the two beyond the paper included), offline path, report.
 
     Every `fit` runs under the strategy, and the offline path still loads and
     serves its SavedModel outside it. One run covers both, to keep CI short.
@@ -256,7 +256,7 @@ def test_demo_end_to_end_fast(tmp_path, monkeypatch, capsys):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(tf.keras.Model, "fit", spy)
-    argv = ["demo", "--fast", "--seeds", "1", "--strategy", "mirrored"]
+    argv = ["demo", "--fast", "--seeds", "1", "--epochs", "2", "--strategy", "mirrored"]
     assert cli.main([*argv, "--workdir", str(tmp_path)]) == 0
     assert strategies and set(strategies) == {"MirroredStrategy"}, strategies
     with open(tmp_path / "report.json", encoding="utf-8") as f:
