@@ -88,27 +88,7 @@ def main(argv=None) -> dict[str, Any]:
     protocol = Protocol()
     recipe = Recipe.fast() if args.fast else Recipe()
     tasks_dir = os.path.join(workdir, "tasks")
-    make_tasks.run(
-        [
-            "--input",
-            csv_path,
-            "--format",
-            "csv",
-            "--features",
-            spec_path,
-            "--output",
-            tasks_dir,
-            "--split",
-            protocol.split_rule,
-            "--seed",
-            str(protocol.split_seed),
-            "--val-fraction",
-            str(protocol.val_fraction),
-            "--test-fraction",
-            str(protocol.test_fraction),
-            "--overwrite",
-        ]
-    )
+    make_tasks.run(protocol.make_tasks_args(csv_path, spec_path, tasks_dir))
     spec = FeatureSpec.load(os.path.join(tasks_dir, "spec.json"))
     records = records_from_dir(tasks_dir)
     splits = Splits.from_records(records, spec, protocol)

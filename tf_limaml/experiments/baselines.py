@@ -60,16 +60,6 @@ from tf_limaml.training import GRADIENT_CLIPNORM
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES = (
-    "global",
-    "id_embedding",
-    "finetune",
-    "maml",
-    "limaml",
-    "limaml_offline",
-    "limaml_sequence",
-    "limaml_multi_entity",
-)
 # Grid of the fine-tuning baseline's inner learning rate and steps (chosen on val).
 FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
 FINETUNE_STEPS = (1, 3, 5, 10)

@@ -31,7 +31,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -53,20 +52,6 @@ def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=os.path.dirname(__file__),
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 # ------------------------------------------------------------ offline path
@@ -626,25 +611,7 @@ def run(args: argparse.Namespace, progress) -> int:
     tasks_dir = os.path.join(workdir, "tasks")
     with progress.phase("make-tasks (Beam, DirectRunner)"):
         make_tasks.run(
-            [
-                "--input",
-                input_path,
-                "--format",
-                input_format,
-                "--features",
-                spec_path,
-                "--output",
-                tasks_dir,
-                "--split",
-                protocol.split_rule,
-                "--seed",
-                str(protocol.split_seed),
-                "--val-fraction",
-                str(protocol.val_fraction),
-                "--test-fraction",
-                str(protocol.test_fraction),
-                "--overwrite",
-            ]
+            protocol.make_tasks_args(input_path, spec_path, tasks_dir, input_format)
         )
     spec = FeatureSpec.load(os.path.join(tasks_dir, "spec.json"))
     with open(os.path.join(tasks_dir, "stats.json"), encoding="utf-8") as f:
@@ -724,7 +691,7 @@ def run(args: argparse.Namespace, progress) -> int:
                 "cpu_count": os.cpu_count(),
                 "load_average_1m": round(os.getloadavg()[0], 2),
                 "python": platform.python_version(),
-                "commit": _commit(),
+                "commit": readme_table.git_commit(),
                 "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"
                 ),

@@ -208,25 +208,7 @@ def make_item_tasks(
     spec_path = os.path.join(out_dir, "item_spec.json")
     item_spec.save(spec_path)
     make_tasks.run(
-        [
-            "--input",
-            csv_path,
-            "--format",
-            "csv",
-            "--features",
-            spec_path,
-            "--output",
-            tasks_dir,
-            "--split",
-            protocol.split_rule,
-            "--seed",
-            str(protocol.split_seed),
-            "--val-fraction",
-            str(protocol.val_fraction),
-            "--test-fraction",
-            "0",
-            "--overwrite",
-        ]
+        protocol.make_tasks_args(csv_path, spec_path, tasks_dir, test_fraction=0)
     )
     with open(marker, "w", encoding="utf-8") as f:
         f.write(digest)

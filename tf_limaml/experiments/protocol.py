@@ -109,6 +109,45 @@ class Protocol:
             ],
         }
 
+    def make_tasks_args(
+        self,
+        input_path: str,
+        spec_path: str,
+        output_dir: str,
+        file_format: str = "csv",
+        test_fraction: float | None = None,
+    ) -> list[str]:
+        """The `limaml make-tasks` flags that cut and split tasks by this protocol.
+
+        Args:
+            input_path: The interactions file(s).
+            spec_path: The FeatureSpec JSON.
+            output_dir: make-tasks' output directory (overwritten).
+            file_format: "csv" or "parquet".
+            test_fraction: Instead of the protocol's (e.g. 0: no test entities).
+        """
+        if test_fraction is None:
+            test_fraction = self.test_fraction
+        return [
+            "--input",
+            input_path,
+            "--format",
+            file_format,
+            "--features",
+            spec_path,
+            "--output",
+            output_dir,
+            "--split",
+            self.split_rule,
+            "--seed",
+            str(self.split_seed),
+            "--val-fraction",
+            str(self.val_fraction),
+            "--test-fraction",
+            str(test_fraction),
+            "--overwrite",
+        ]
+
 
 def records_from_histories(
     histories: Iterable[Any],
