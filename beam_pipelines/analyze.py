@@ -119,16 +119,30 @@ class AnalyzeFeatures(beam.PTransform):
             wrote (a mean, a vocabulary list) is kept.
         source: Provenance recorded in each completed feature's `statistics`.
 
+        partial: Stop before completing: return one pass's mergeable
+            statistics (`complete_from_partials` merges them), as a run of
+            several passes (`beam_pipelines.passes`) needs.
+
     Returns (from `expand`): a PCollection of one string, `spec.to_json()` of
-    the completed spec (the spec unchanged when it needs nothing).
+    the completed spec (the spec unchanged when it needs nothing); with
+    `partial`, of one JSON-able dict {"moments": {name: moments},
+    "vocabulary": {name: [[value, count], ...]}} with every value's count.
     """
 
-    def __init__(self, spec: FeatureSpec, source: str = statistics.SOURCE_MAKE_TASKS):
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        source: str = statistics.SOURCE_MAKE_TASKS,
+        partial: bool = False,
+    ):
         super().__init__()
         self.spec = spec
         self.source = source
+        self.partial = partial
 
     def expand(self, inputs):
+        if self.partial:
+            return inputs | "PartialStatistics" >> _PartialStatistics()
         numeric = (
             inputs
             | "NumericInputs"
@@ -153,3 +167,85 @@ class AnalyzeFeatures(beam.PTransform):
             | "AllStatistics" >> beam.combiners.ToList()
             | "CompleteSpec" >> beam.Map(_complete, self.spec, self.source)
         )
+
+
+def _moments_dict(moments: statistics.Moments) -> dict[str, Any]:
+    return {slot: getattr(moments, slot) for slot in statistics.Moments.__slots__}
+
+
+def _moments_of(obj: Mapping[str, Any]) -> statistics.Moments:
+    moments = statistics.Moments(len(obj["mean"]))
+    for slot in statistics.Moments.__slots__:
+        setattr(moments, slot, obj[slot])
+    return moments
+
+
+def _partial(parts: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
+    return {
+        "moments": {
+            name: _moments_dict(value) for kind, name, value in parts if kind == MOMENTS
+        },
+        "vocabulary": {
+            name: sorted([value, n] for value, n in pairs)
+            for kind, name, pairs in parts
+            if kind == VALUE
+        },
+    }
+
+
+class _PartialStatistics(beam.PTransform):
+    """Analysis elements -> one pass's mergeable statistics (see `AnalyzeFeatures`)."""
+
+    def expand(self, inputs):
+        numeric = (
+            inputs
+            | "NumericInputs"
+            >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == MOMENTS else [])
+            | "CombineMoments" >> beam.CombinePerKey(MomentsCombineFn())
+            | "TagMoments" >> beam.MapTuple(lambda name, m: (MOMENTS, name, m))
+        )
+        vocab = (
+            inputs
+            | "VocabularyInputs"
+            >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == VALUE else [])
+            | "CountValues" >> beam.combiners.Count.PerElement()
+            | "KeyByFeature"
+            >> beam.MapTuple(lambda name_value, n: (name_value[0], (name_value[1], n)))
+            | "GroupByFeature" >> beam.GroupByKey()
+            | "TagCounts" >> beam.MapTuple(lambda name, pairs: (VALUE, name, list(pairs)))
+        )
+        return (
+            (numeric, vocab)
+            | "FlattenStatistics" >> beam.Flatten()
+            | "AllStatistics" >> beam.combiners.ToList()
+            | "Partial" >> beam.Map(_partial)
+        )
+
+
+def complete_from_partials(
+    spec: FeatureSpec,
+    partials: Sequence[Mapping[str, Any]],
+    source: str = statistics.SOURCE_MAKE_TASKS,
+) -> str:
+    """The completed spec as JSON from every pass's partial statistics.
+
+    Moments merge in pass order (Chan's merge; the rounding of
+    `tf_limaml.statistics` makes the result that of one pass), value counts
+    add up exactly before the vocabulary is selected.
+
+    Args:
+        spec: The spec as given.
+        partials: `AnalyzeFeatures(partial=True)` outputs, one per pass.
+        source: Provenance recorded in each completed feature.
+    """
+    numeric: dict[str, statistics.Moments] = {}
+    vocab: dict[str, dict[str, int]] = {}
+    for partial in partials:
+        for name, obj in sorted(partial["moments"].items()):
+            moments = _moments_of(obj)
+            numeric[name] = numeric[name].merge(moments) if name in numeric else moments
+        for name, pairs in sorted(partial["vocabulary"].items()):
+            counts = vocab.setdefault(name, {})
+            for value, n in pairs:
+                counts[value] = counts.get(value, 0) + int(n)
+    return statistics.complete_spec(spec, numeric, vocab, source).to_json()

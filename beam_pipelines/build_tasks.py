@@ -27,6 +27,7 @@ import apache_beam as beam
 from beam_pipelines.analyze import AnalyzeFeatures, analysis_inputs
 from beam_pipelines.counting import STATS, CountingDoFn, SumStats
 from beam_pipelines.dead_letter import REJECTED, dead_letter_record
+from beam_pipelines.passes import Partition
 from beam_pipelines.reading import MalformedRow
 from beam_pipelines.task_stats import HISTOGRAMS, finalize_stats, size_bucket
 from tf_limaml import data as task_data
@@ -121,60 +122,82 @@ def _check(element: Any, check: Any) -> _Checked:
 
 
 class ValidateRows(_TaskCountingDoFn):
-    """Validates interaction rows: (entity_id, clean row), or the dead letter."""
+    """Validates interaction rows: (entity_id, clean row), or the dead letter.
 
-    def __init__(self, spec: FeatureSpec):
+    Args:
+        spec: The FeatureSpec.
+        partition: In a run of several passes, this pass
+            (`beam_pipelines.passes.Partition`): rows of other passes are
+            dropped uncounted. A clean row's shard key is its entity id, a
+            rejected row's its dead-letter line (the keys its files use).
+    """
+
+    def __init__(self, spec: FeatureSpec, partition: Partition | None = None):
         super().__init__()
         self.spec = spec
+        self.partition = partition
 
     def _validate(self, row: Mapping[str, Any]) -> dict[str, Any]:
         return task_rules.validate_row(self.spec, row)
 
     def process(self, element: Any):
-        self._counts[("rows_read",)] += 1
         checked = _check(element, self._validate)
+        partition = self.partition
         if checked.reason is None:
-            yield checked.result[self.spec.entity], checked.result
+            entity_id = checked.result[self.spec.entity]
+            if partition is None or partition.keeps(entity_id):
+                self._counts[("rows_read",)] += 1
+                yield entity_id, checked.result
             return
+        line = dead_letter_record(
+            checked.row, checked.reason, checked.detail, SOURCE_INTERACTIONS
+        )
+        if partition is not None and not partition.keeps(line):
+            return
+        self._counts[("rows_read",)] += 1
         self._counts[("rows_rejected",)] += 1
         self._counts[("rejected_by_reason", checked.reason)] += 1
         if checked.feature is not None:
             self._counts[("rejected_by_feature", checked.feature)] += 1
-        yield beam.pvalue.TaggedOutput(
-            REJECTED,
-            dead_letter_record(
-                checked.row, checked.reason, checked.detail, SOURCE_INTERACTIONS
-            ),
-        )
+        yield beam.pvalue.TaggedOutput(REJECTED, line)
 
 
 class ValidateEntities(_TaskCountingDoFn):
-    """Validates entity-table rows: (entity_id, meta), or the dead letter."""
+    """Validates entity-table rows: (entity_id, meta), or the dead letter.
 
-    def __init__(self, spec: FeatureSpec):
+    Args:
+        spec: The FeatureSpec.
+        partition: This pass, as in `ValidateRows`.
+    """
+
+    def __init__(self, spec: FeatureSpec, partition: Partition | None = None):
         super().__init__()
         self.spec = spec
+        self.partition = partition
 
     def _validate(self, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         return task_rules.validate_meta_row(self.spec, row)
 
     def process(self, element: Any):
-        self._counts[("entity_table", "rows_read")] += 1
         checked = _check(element, self._validate)
+        partition = self.partition
         if checked.reason is None:
-            yield checked.result
+            if partition is None or partition.keeps(checked.result[0]):
+                self._counts[("entity_table", "rows_read")] += 1
+                yield checked.result
+            return
+        line = dead_letter_record(
+            checked.row, checked.reason, checked.detail, SOURCE_ENTITIES
+        )
+        if partition is not None and not partition.keeps(line):
             return
         counts = self._counts
+        counts[("entity_table", "rows_read")] += 1
         counts[("entity_table", "rows_rejected")] += 1
         counts[("entity_table", "rejected_by_reason", checked.reason)] += 1
         if checked.feature is not None:
             counts[("entity_table", "rejected_by_feature", checked.feature)] += 1
-        yield beam.pvalue.TaggedOutput(
-            REJECTED,
-            dead_letter_record(
-                checked.row, checked.reason, checked.detail, SOURCE_ENTITIES
-            ),
-        )
+        yield beam.pvalue.TaggedOutput(REJECTED, line)
 
 
 class SplitEntities(_TaskCountingDoFn):
@@ -305,6 +328,9 @@ class BuildTasks(beam.PTransform):
         entities: Optional PCollection of entity-table rows (entity id and meta
             features); an entity found there takes its meta features from it.
         options: Extra fields recorded under "options" in the statistics.
+        partition: In a run of several passes (`beam_pipelines.passes`), this
+            pass: only its entities' rows and its dead-letter lines are kept,
+            and "partial" replaces "stats" and "spec".
 
     Returns (from `expand`): a dict of PCollections:
         "tasks": (split, entity_id, serialized SequenceExample);
@@ -312,7 +338,10 @@ class BuildTasks(beam.PTransform):
         "rejected": dead-letter JSON lines (interactions and entity table);
         "stats": one dict, the content of stats.json;
         "spec": one string, the JSON of the spec completed with statistics of
-            the train entities (`beam_pipelines.analyze.AnalyzeFeatures`).
+            the train entities (`beam_pipelines.analyze.AnalyzeFeatures`);
+        "partial" (instead of "stats" and "spec", with a partition): one
+            JSON-able dict, the pass's counts and partial statistics, which
+            `beam_pipelines.task_files.finish_passes` merges.
     """
 
     def __init__(
@@ -328,9 +357,11 @@ class BuildTasks(beam.PTransform):
         test_fraction: float = 0.1,
         entities: beam.PCollection | None = None,
         options: Mapping[str, Any] | None = None,
+        partition: Partition | None = None,
     ):
         super().__init__()
         self.spec = spec
+        self.partition = partition
         self.rule = SplitRule.parse(rule) if isinstance(rule, str) else rule
         for name, value in (("min_support", min_support), ("min_query", min_query)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -380,7 +411,7 @@ class BuildTasks(beam.PTransform):
 
     def expand(self, rows):
         validated = rows | "ValidateRows" >> beam.ParDo(
-            ValidateRows(self.spec)
+            ValidateRows(self.spec, self.partition)
         ).with_outputs(REJECTED, STATS, main="clean")
         rejected = [validated[REJECTED]]
         stats = [validated[STATS]]
@@ -388,7 +419,7 @@ class BuildTasks(beam.PTransform):
             grouped = validated.clean | "GroupByEntity" >> beam.GroupByKey()
         else:
             table = self.entities | "ValidateEntities" >> beam.ParDo(
-                ValidateEntities(self.spec)
+                ValidateEntities(self.spec, self.partition)
             ).with_outputs(REJECTED, STATS, main="meta")
             rejected.append(table[REJECTED])
             stats.append(table[STATS])
@@ -408,15 +439,45 @@ class BuildTasks(beam.PTransform):
         stats.append(split[STATS])
         options, with_table = self.options, self.entities is not None
         names = [f.name for f in self.spec.features]
-        summary = (
-            tuple(stats)
-            | "SumStats" >> SumStats()
-            | "FinalizeStats" >> beam.Map(finalize_stats, options, with_table, names)
-        )
-        return {
+        counts = tuple(stats) | "SumStats" >> SumStats()
+        outputs = {
             "tasks": split.tasks,
             "cold": split[COLD],
             "rejected": tuple(rejected) | "FlattenRejected" >> beam.Flatten(),
-            "stats": summary,
-            "spec": split[ANALYSIS] | "AnalyzeFeatures" >> AnalyzeFeatures(self.spec),
         }
+        if self.partition is not None:
+            analysis = split[ANALYSIS] | "AnalyzeFeatures" >> AnalyzeFeatures(
+                self.spec, partial=True
+            )
+            outputs["partial"] = counts | "Partial" >> beam.Map(
+                _pass_partial,
+                beam.pvalue.AsSingleton(analysis),
+                options,
+                with_table,
+                names,
+            )
+            return outputs
+        outputs["stats"] = counts | "FinalizeStats" >> beam.Map(
+            finalize_stats, options, with_table, names
+        )
+        outputs["spec"] = split[ANALYSIS] | "AnalyzeFeatures" >> AnalyzeFeatures(
+            self.spec
+        )
+        return outputs
+
+
+def _pass_partial(
+    counts: Mapping[tuple, int],
+    analysis: Mapping[str, Any],
+    options: Mapping[str, Any],
+    with_table: bool,
+    feature_names: list[str],
+) -> dict[str, Any]:
+    """One pass's partial: its counts and statistics, with what finishing needs."""
+    return {
+        "counts": sorted([list(key), int(n)] for key, n in counts.items()),
+        "analysis": dict(analysis),
+        "options": dict(options),
+        "with_entity_table": with_table,
+        "feature_names": list(feature_names),
+    }

@@ -74,7 +74,17 @@ from beam_pipelines.counting import STATS, CountingDoFn, SumStats
 from beam_pipelines.dead_letter import REJECTED, dead_letter, dead_letter_line
 from beam_pipelines.options import embed_arguments
 from beam_pipelines.outputs import prepare_output
+from beam_pipelines.passes import (
+    PARTIAL_PATTERN,
+    Partition,
+    WritePartial,
+    check_passes,
+    read_partials,
+    run_passes,
+    write_text,
+)
 from beam_pipelines.shards import PARQUET, TEMP_PREFIX, TEXT, TFRECORD, WriteShards
+from tf_limaml.features import ENTITY_ID_KEY
 from tf_limaml.signatures import EMBEDDING_KEY, META_EMBEDDING
 
 logger = logging.getLogger(__name__)
@@ -111,6 +121,7 @@ OUTPUT_PATTERNS = (
     "summary.json",
     f"{TEMP_PREFIX}*",
     f"parquet/{TEMP_PREFIX}*",
+    PARTIAL_PATTERN,
 )
 
 
@@ -459,9 +470,29 @@ def _parquet_item(row: dict[str, Any]) -> tuple[str, str, bytes]:
     return PARQUET_PREFIX, row["entity_id"], json.dumps(row, sort_keys=True).encode()
 
 
+def record_key(record: bytes) -> str:
+    """The shard key of a task record: its entity id, or its bytes in base64.
+
+    Embeddings are sharded by entity id, and a rejected record by the same key
+    (recovered from its dead-letter copy), so a pass of a run in several
+    passes can keep a record's every output from the record alone.
+    """
+    from tensorflow.core.example import example_pb2  # noqa: PLC0415
+
+    try:
+        context = example_pb2.SequenceExample.FromString(record).context.feature
+        values = context[ENTITY_ID_KEY].bytes_list.value
+        if len(values) == 1:
+            return values[0].decode("utf-8")
+    except Exception:  # noqa: BLE001, S110 - any unreadable record keys by its bytes
+        pass
+    return base64.b64encode(record).decode("ascii")
+
+
 def _rejected_item(record: Mapping[str, Any]) -> tuple[str, str, bytes]:
     line = dead_letter_line(record)
-    return REJECTED, line, line.encode("utf-8", "backslashreplace")
+    key = record_key(base64.b64decode(record["row"]["record_b64"]))
+    return REJECTED, key, line.encode("utf-8", "backslashreplace")
 
 
 def embed_summary(
@@ -489,6 +520,9 @@ class WriteEmbeddings(beam.PTransform):
         run_info: Fields of summary.json besides the counts (export, model
             version, time stamp, ...).
         num_shards: Shards per output (0: one per ~128 MiB).
+        partition: In a run of several passes (`beam_pipelines.passes`), this
+            pass: only its shards are written, and its counts go to its
+            partial file (`finish_passes` writes summary.json).
     """
 
     def __init__(
@@ -497,12 +531,14 @@ class WriteEmbeddings(beam.PTransform):
         parquet: bool = False,
         run_info: Mapping[str, Any] | None = None,
         num_shards: int = 0,
+        partition: Partition | None = None,
     ):
         super().__init__()
         self.output_dir = output_dir
         self.parquet = parquet
         self.run_info = dict(run_info or {})
         self.num_shards = num_shards
+        self.partition = partition
 
     def expand(self, outputs):
         formats = {
@@ -524,8 +560,15 @@ class WriteEmbeddings(beam.PTransform):
             tuple(items)
             | "FlattenOutputs" >> beam.Flatten()
             | "WriteShards"
-            >> WriteShards(self.output_dir, formats, self.num_shards, schemas)
+            >> WriteShards(
+                self.output_dir, formats, self.num_shards, schemas, self.partition
+            )
         )
+        if self.partition is not None:
+            _ = outputs[COUNTS] | "WritePartial" >> WritePartial(
+                self.output_dir, self.partition
+            )
+            return outputs
         (
             outputs[COUNTS]
             | "Summary" >> beam.Map(embed_summary, self.run_info)
@@ -539,6 +582,23 @@ class WriteEmbeddings(beam.PTransform):
             )
         )
         return outputs
+
+
+def finish_passes(
+    output_dir: str, passes: int, run_info: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Adds up every pass's counts into DIR/summary.json; deletes the partials.
+
+    Returns:
+        The summary.
+    """
+    totals = {name: 0 for name in COUNTERS}
+    for counts in read_partials(output_dir, passes):
+        for name in COUNTERS:
+            totals[name] += int(counts[name])
+    summary = embed_summary(totals, run_info)
+    write_text(output_dir, "summary.json", json.dumps(summary, indent=2))
+    return summary
 
 
 # ------------------------------------------------------------ command line
@@ -570,7 +630,7 @@ def run(
         save_main_session: Pickle the main module's globals for the workers.
 
     Returns:
-        The finished PipelineResult.
+        The finished PipelineResult (of the last pass with --passes).
 
     Raises:
         FileNotFoundError: No export or no task files.
@@ -615,21 +675,40 @@ def run(
         ).isoformat(),
     }
 
+    num_shards = check_passes(known.passes, known.num_shards)
     options = PipelineOptions(pipeline_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
-    pipeline = beam.Pipeline(options=options)
-    _ = (
-        pipeline
-        | "ReadTasks"
-        >> beam.io.ReadFromTFRecord(known.tasks, compression_type=CompressionTypes.AUTO)
-        | "GenerateEmbeddings"
-        >> GenerateEmbeddings(
-            metadata["export_dir"], known.batch_size, known.max_support, generated_at
+
+    def build(pipeline: beam.Pipeline, partition: Partition | None) -> None:
+        records = pipeline | "ReadTasks" >> beam.io.ReadFromTFRecord(
+            known.tasks, compression_type=CompressionTypes.AUTO
         )
-        | "WriteEmbeddings" >> WriteEmbeddings(known.output, known.parquet, run_info)
+        if partition is not None:
+            records = records | "KeepPass" >> beam.Filter(
+                lambda record: partition.keeps(record_key(record))
+            )
+        _ = (
+            records
+            | "GenerateEmbeddings"
+            >> GenerateEmbeddings(
+                metadata["export_dir"], known.batch_size, known.max_support, generated_at
+            )
+            | "WriteEmbeddings"
+            >> WriteEmbeddings(
+                known.output, known.parquet, run_info, num_shards, partition
+            )
+        )
+
+    results = run_passes(
+        build,
+        lambda: beam.Pipeline(options=options),
+        known.passes,
+        num_shards,
+        "embed",
     )
-    result = pipeline.run()
-    result.wait_until_finish()
+    if known.passes > 1:
+        finish_passes(known.output, known.passes, run_info)
+    result = results[-1]
     summary_path = FileSystems.join(known.output, "summary.json")
     with FileSystems.open(summary_path) as f:
         summary = json.loads(f.read().decode("utf-8"))

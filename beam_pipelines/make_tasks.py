@@ -99,6 +99,7 @@ from beam_pipelines.dead_letter import (
 )
 from beam_pipelines.options import make_tasks_arguments
 from beam_pipelines.outputs import prepare_output
+from beam_pipelines.passes import Partition, check_passes, run_passes
 from beam_pipelines.reading import (
     FORMATS,
     MalformedRow,
@@ -122,6 +123,7 @@ from beam_pipelines.task_files import (
     REJECTED_SUFFIX,
     TASK_SUFFIX,
     WriteTaskFiles,
+    finish_passes,
 )
 from beam_pipelines.task_stats import CONSERVATION, finalize_stats, size_bucket
 from tf_limaml.features import FeatureSpec
@@ -185,6 +187,9 @@ class MakeTasks(beam.PTransform):
         rule: Split rule or its text form ("fraction:0.5", "cutoff:T", "last:K").
         entities_pattern: Optional entity table files (entity id + meta features).
         num_shards: Shards per output split (0: let the runner decide).
+        partition: In a run of several passes (`beam_pipelines.passes`), this
+            pass; `task_files.finish_passes` writes stats.json and spec.json
+            after the last.
         **build_kwargs: min_support, min_query, max_support, max_query, seed,
             val_fraction, test_fraction (see `BuildTasks`).
 
@@ -200,9 +205,11 @@ class MakeTasks(beam.PTransform):
         rule: SplitRule | str = "fraction:0.5",
         entities_pattern: str | None = None,
         num_shards: int = 0,
+        partition: Partition | None = None,
         **build_kwargs: Any,
     ):
         super().__init__()
+        self.partition = partition
         self.input_pattern = input_pattern
         self.spec = spec
         self.output_dir = output_dir
@@ -231,10 +238,11 @@ class MakeTasks(beam.PTransform):
             self.rule,
             entities=entities,
             options=options,
+            partition=self.partition,
             **self.build_kwargs,
         )
         return outputs | "WriteTaskFiles" >> WriteTaskFiles(
-            self.output_dir, self.spec, self.num_shards
+            self.output_dir, self.spec, self.num_shards, self.partition
         )
 
 
@@ -251,7 +259,7 @@ def run(
         save_main_session: Pickle the main module's globals for the workers.
 
     Returns:
-        The finished PipelineResult.
+        The finished PipelineResult (of the last pass with --passes).
 
     Raises:
         FileNotFoundError: The spec or the input files are missing.
@@ -275,29 +283,40 @@ def run(
     if not FileSystems.exists(known.output):
         FileSystems.mkdirs(known.output)
 
+    num_shards = check_passes(known.passes, known.num_shards)
     options = PipelineOptions(pipeline_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
-    pipeline = beam.Pipeline(options=options)
-    _ = pipeline | "MakeTasks" >> MakeTasks(
-        known.input,
-        spec,
-        known.output,
-        file_format=known.format,
-        rule=rule,
-        entities_pattern=known.entities,
-        num_shards=known.num_shards,
-        min_support=known.min_support,
-        min_query=known.min_query,
-        max_support=known.max_support,
-        max_query=known.max_query,
-        seed=known.seed,
-        val_fraction=known.val_fraction,
-        test_fraction=known.test_fraction,
+
+    def build(pipeline: beam.Pipeline, partition: Partition | None) -> None:
+        _ = pipeline | "MakeTasks" >> MakeTasks(
+            known.input,
+            spec,
+            known.output,
+            file_format=known.format,
+            rule=rule,
+            entities_pattern=known.entities,
+            num_shards=num_shards,
+            partition=partition,
+            min_support=known.min_support,
+            min_query=known.min_query,
+            max_support=known.max_support,
+            max_query=known.max_query,
+            seed=known.seed,
+            val_fraction=known.val_fraction,
+            test_fraction=known.test_fraction,
+        )
+
+    results = run_passes(
+        build,
+        lambda: beam.Pipeline(options=options),
+        known.passes,
+        num_shards,
+        "make-tasks",
     )
-    result = pipeline.run()
-    result.wait_until_finish()
+    if known.passes > 1:
+        finish_passes(known.output, spec, known.passes)
     _log_summary(known.output)
-    return result
+    return results[-1]
 
 
 def _log_summary(output_dir: str) -> None:

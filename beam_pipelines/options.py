@@ -75,6 +75,7 @@ def make_tasks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=0,
         help="Output shards per split (0: let the runner decide).",
     )
+    _passes_argument(parser)
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -82,6 +83,18 @@ def make_tasks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "earlier run in --output first (otherwise they are an error).",
     )
     return parser
+
+
+def _passes_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--passes",
+        type=_positive_int,
+        default=1,
+        help="Run as this many pipelines, each over 1/N of the output shards, so "
+        "that a runner which holds a GroupByKey in memory (the DirectRunner) "
+        "needs 1/N of the memory; each pass reads the input again. Needs "
+        "--num-shards >= N (default with N > 1: N). Same files as one pass.",
+    )
 
 
 def embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -107,6 +120,13 @@ def embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--parquet", action="store_true", help="Also write the embeddings as Parquet."
     )
+    parser.add_argument(
+        "--num-shards",
+        type=_non_negative_int,
+        default=0,
+        help="Shards per output (0: one per ~128 MiB).",
+    )
+    _passes_argument(parser)
     parser.add_argument(
         "--max-rejected-fraction",
         type=_unit_interval,

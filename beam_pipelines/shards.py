@@ -70,17 +70,33 @@ def _with_shard_count(name_bytes: tuple[str, int], num_shards: int) -> tuple[str
     return name_bytes[0], shard_count(name_bytes[1], num_shards)
 
 
-def _every_shard(name: str, count: int) -> list[tuple[tuple[str, int], None]]:
+def _every_shard(
+    name: str, count: int, partition: Any = None
+) -> list[tuple[tuple[str, int], None]]:
     # One marker per shard, so that an output with no records still gets its
-    # (empty) files and readers never find a shard missing.
-    return [((name, index), None) for index in range(count)]
+    # (empty) files and readers never find a shard missing. A pass marks only
+    # the shards it writes.
+    return [
+        ((name, index), None)
+        for index in range(count)
+        if partition is None or partition.owns(index)
+    ]
 
 
 def _key_by_shard(
-    item: tuple[str, str, bytes], counts: Mapping[str, int]
+    item: tuple[str, str, bytes], counts: Mapping[str, int], partition: Any = None
 ) -> tuple[tuple[str, int], tuple[str, bytes]]:
     name, key, payload = item
-    return (name, shard_of(key, counts[name])), (key, payload)
+    shard = shard_of(key, counts[name])
+    if partition is not None and not partition.owns(shard):
+        # Another pass writes this shard: writing half of it here would
+        # replace that pass's file with a shard missing records.
+        raise ValueError(
+            f"A {name!r} record with key {key!r} belongs to shard {shard}, which "
+            f"pass {partition.index} of {partition.count} does not write; the "
+            "pass filter and the shard key disagree"
+        )
+    return (name, shard), (key, payload)
 
 
 def _shard_paths(
@@ -165,6 +181,10 @@ class WriteShards(beam.PTransform):
             e.g. "parquet/embeddings".
         num_shards: Shards per name (0: from the bytes, see `shard_count`).
         schemas: {name: pyarrow.Schema} of every Parquet output.
+        partition: In a run of several passes (`beam_pipelines.passes`), this
+            pass: only its shards are written, and a record of another pass's
+            shard is an error. Needs a fixed `num_shards` equal to the
+            partition's.
 
     Returns (from `expand`): the paths written.
     """
@@ -175,12 +195,19 @@ class WriteShards(beam.PTransform):
         formats: Mapping[str, tuple[str, str]],
         num_shards: int = 0,
         schemas: Mapping[str, Any] | None = None,
+        partition: Any = None,
     ):
         super().__init__()
         self.output_dir = output_dir
         self.formats = dict(formats)
         self.num_shards = num_shards
         self.schemas = dict(schemas or {})
+        self.partition = partition
+        if partition is not None and num_shards != partition.num_shards:
+            raise ValueError(
+                f"A pass writes a fixed number of shards: num_shards is {num_shards}, "
+                f"the partition's {partition.num_shards}"
+            )
         for name, (_, kind) in self.formats.items():
             if kind not in KINDS:
                 raise ValueError(
@@ -204,8 +231,12 @@ class WriteShards(beam.PTransform):
             | "BytesPerName" >> beam.CombinePerKey(sum)
             | "ShardCounts" >> beam.Map(_with_shard_count, self.num_shards)
         )
-        keyed = items | "KeyByShard" >> beam.Map(_key_by_shard, AsDict(counts))
-        markers = counts | "EveryShard" >> beam.FlatMapTuple(_every_shard)
+        keyed = items | "KeyByShard" >> beam.Map(
+            _key_by_shard, AsDict(counts), self.partition
+        )
+        markers = counts | "EveryShard" >> beam.FlatMapTuple(
+            _every_shard, self.partition
+        )
         return (
             (keyed, markers)
             | "FlattenShards" >> beam.Flatten()

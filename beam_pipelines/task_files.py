@@ -12,16 +12,27 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 from collections.abc import Mapping
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from beam_pipelines.analyze import complete_from_partials
 from beam_pipelines.build_tasks import COLD
 from beam_pipelines.dead_letter import REJECTED
+from beam_pipelines.passes import (
+    PARTIAL_PATTERN,
+    Partition,
+    WritePartial,
+    read_partials,
+    write_text,
+)
 from beam_pipelines.shards import TEMP_PREFIX, TEXT, TFRECORD, WriteShards
-from beam_pipelines.task_stats import log_conservation
+from beam_pipelines.task_stats import finalize_stats, log_conservation
 from tf_limaml.features import FeatureSpec
 from tf_limaml.tasks import SPLITS
 
@@ -33,7 +44,10 @@ OUTPUT_PATTERNS = tuple(f"{name}-*{TASK_SUFFIX}" for name in SPLITS + (COLD,)) +
     "stats.json",
     "spec.json",
     f"{TEMP_PREFIX}*",
+    PARTIAL_PATTERN,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _cold_item(item: tuple[str, bytes]) -> tuple[str, str, bytes]:
@@ -59,13 +73,23 @@ class WriteTaskFiles(beam.PTransform):
         spec: The FeatureSpec, written to DIR/spec.json when `outputs` has no
             completed spec.
         num_shards: Shards per output (0: one per ~128 MiB of records).
+        partition: In a run of several passes, this pass: only its shards are
+            written, and `outputs["partial"]` goes to its partial file
+            (stats.json and spec.json come from `finish_passes`).
     """
 
-    def __init__(self, output_dir: str, spec: FeatureSpec, num_shards: int = 0):
+    def __init__(
+        self,
+        output_dir: str,
+        spec: FeatureSpec,
+        num_shards: int = 0,
+        partition: Partition | None = None,
+    ):
         super().__init__()
         self.output_dir = output_dir
         self.spec = spec
         self.num_shards = num_shards
+        self.partition = partition
 
     def _path(self, name: str) -> str:
         return FileSystems.join(self.output_dir, name)
@@ -81,8 +105,16 @@ class WriteTaskFiles(beam.PTransform):
         _ = (
             items
             | "FlattenOutputs" >> beam.Flatten()
-            | "WriteShards" >> WriteShards(self.output_dir, formats, self.num_shards)
+            | "WriteShards"
+            >> WriteShards(
+                self.output_dir, formats, self.num_shards, partition=self.partition
+            )
         )
+        if self.partition is not None:
+            _ = outputs["partial"] | "WritePartial" >> WritePartial(
+                self.output_dir, self.partition
+            )
+            return outputs
         (
             outputs["stats"]
             | "CheckConservation" >> beam.Map(log_conservation)
@@ -111,3 +143,29 @@ class WriteTaskFiles(beam.PTransform):
             )
         )
         return outputs
+
+
+def finish_passes(output_dir: str, spec: FeatureSpec, passes: int) -> dict[str, Any]:
+    """Merges every pass's partial into DIR/stats.json and DIR/spec.json.
+
+    The counts add up, then become stats.json as in a one-pass run
+    (`finalize_stats`); the partial statistics complete the spec
+    (`complete_from_partials`). The partial files are deleted.
+
+    Returns:
+        The stats.
+    """
+    partials = read_partials(output_dir, passes)
+    counts: collections.Counter = collections.Counter()
+    for partial in partials:
+        counts.update({tuple(key): n for key, n in partial["counts"]})
+    first = partials[0]
+    stats = finalize_stats(
+        counts, first["options"], first["with_entity_table"], first["feature_names"]
+    )
+    log_conservation(stats)
+    write_text(output_dir, "stats.json", json.dumps(stats, indent=2))
+    analyses = [partial["analysis"] for partial in partials]
+    write_text(output_dir, "spec.json", complete_from_partials(spec, analyses))
+    logger.info("Merged the statistics of %d passes into %s", passes, output_dir)
+    return stats

@@ -1,0 +1,180 @@
+"""Passes: a job run as several pipelines, each over a fixed share of the shards.
+
+A runner that keeps a GroupByKey's input in memory (the DirectRunner, and the
+job service of a portable runner launched with `--job_endpoint=embed`) needs
+memory that grows with the data. With `--passes P` a job runs P pipelines one
+after the other; pass p keeps only the records whose output shard `s`
+satisfies `s % P == p` (`Partition.keeps`), writes exactly those shards, and
+leaves its counts (and make-tasks' partial feature statistics) in a hidden
+partial file. When every pass is done the driver merges the partials into
+the job's summary files and deletes them. So peak memory follows the records
+of one pass, not of the whole input, and the files are the same bytes as a
+one-pass run with the same `--num-shards`: a shard is always written whole,
+by one pass, from the same records.
+
+Each pass reads the whole input again, so passes trade time for memory. A
+distributed runner (Dataflow, Flink, Spark) spreads a GroupByKey over its
+workers and needs no passes.
+
+Example:
+
+    partition = Partition(index=1, count=4, num_shards=8)
+    partition.keeps("member-17")      # True when its shard % 4 == 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipelines.shards import shard_of
+
+logger = logging.getLogger(__name__)
+
+# A pass's partial file: DIR/.pass-PPPPP-of-QQQQQ.json, deleted after the merge.
+PARTIAL_PREFIX = ".pass-"
+PARTIAL_PATTERN = f"{PARTIAL_PREFIX}*"
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """Pass `index` of `count`: the shards `s` of `num_shards` with `s % count == index`.
+
+    Attributes:
+        index: This pass, 0 <= index < count.
+        count: Passes in the job.
+        num_shards: Shards of every output (fixed: a pass cannot see the
+            whole job's bytes to choose a count).
+    """
+
+    index: int
+    count: int
+    num_shards: int
+
+    def __post_init__(self):
+        if not 0 < self.count <= self.num_shards:
+            raise ValueError(
+                f"--passes ({self.count}) must be between 1 and --num-shards "
+                f"({self.num_shards}): each pass writes whole shards"
+            )
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"Pass {self.index} is not one of {self.count} passes")
+
+    def owns(self, shard: int) -> bool:
+        """Whether this pass writes shard `shard`."""
+        return shard % self.count == self.index
+
+    def keeps(self, key: str) -> bool:
+        """Whether the record with shard key `key` belongs to this pass."""
+        return self.owns(shard_of(key, self.num_shards))
+
+
+def check_passes(passes: int, num_shards: int) -> int:
+    """The shard count of a run in `passes` passes (raises on a bad pair).
+
+    Args:
+        passes: --passes (1: one pipeline, the usual run).
+        num_shards: --num-shards (0: automatic, which one pass allows; with
+            several passes it becomes `passes`, one shard per pass).
+
+    Returns:
+        The shard count to use.
+
+    Raises:
+        ValueError: passes < 1, or more passes than shards.
+    """
+    if passes < 1:
+        raise ValueError(f"--passes must be at least 1, got {passes}")
+    if passes == 1:
+        return num_shards
+    if num_shards == 0:
+        logger.info("--passes %d without --num-shards: one shard per pass", passes)
+        return passes
+    Partition(0, passes, num_shards)  # validates the pair
+    return num_shards
+
+
+def partial_name(partition: Partition) -> str:
+    """The partial file of a pass, relative to the output directory."""
+    return f"{PARTIAL_PREFIX}{partition.index:05d}-of-{partition.count:05d}.json"
+
+
+class WritePartial(beam.PTransform):
+    """One JSON-able element -> the pass's partial file, DIR/.pass-PPPPP-of-QQQQQ.json."""
+
+    def __init__(self, output_dir: str, partition: Partition):
+        super().__init__()
+        self.path = FileSystems.join(output_dir, partial_name(partition))
+
+    def expand(self, partial):
+        return (
+            partial
+            | "PartialToJson" >> beam.Map(json.dumps)
+            | "WritePartialFile"
+            >> beam.io.WriteToText(self.path, num_shards=1, shard_name_template="")
+        )
+
+
+def read_partials(output_dir: str, count: int) -> list[Any]:
+    """Every pass's partial element, in pass order; then deletes the files.
+
+    Raises:
+        FileNotFoundError: A pass left no partial file (it did not finish).
+    """
+    paths = [
+        FileSystems.join(output_dir, partial_name(Partition(index, count, count)))
+        for index in range(count)
+    ]
+    partials = []
+    for path in paths:
+        if not FileSystems.exists(path):
+            raise FileNotFoundError(f"Pass file {path} is missing: that pass did not finish")
+        with FileSystems.open(path) as f:
+            partials.append(json.loads(f.read().decode("utf-8")))
+    FileSystems.delete(paths)
+    return partials
+
+
+def write_text(output_dir: str, name: str, text: str) -> None:
+    """Writes DIR/name as `WriteToText` writes one element: the text and a newline."""
+    with FileSystems.create(FileSystems.join(output_dir, name)) as f:
+        f.write((text + "\n").encode("utf-8"))
+
+
+def run_passes(
+    build: Callable[[beam.Pipeline, Partition | None], None],
+    make_pipeline: Callable[[], beam.Pipeline],
+    passes: int,
+    num_shards: int,
+    job: str,
+) -> Sequence[beam.runners.runner.PipelineResult]:
+    """Runs `build` as one pipeline, or as `passes` pipelines one after the other.
+
+    Args:
+        build: Adds the job to a pipeline; its partition is None in a one-pass
+            run.
+        make_pipeline: A new pipeline with the run's options.
+        passes: Pipelines to run.
+        num_shards: Shards of every output (> 0 with several passes).
+        job: Name of the job, for the log.
+
+    Returns:
+        Every pass's finished PipelineResult.
+    """
+    results = []
+    for index in range(passes):
+        partition = Partition(index, passes, num_shards) if passes > 1 else None
+        if partition is not None:
+            logger.info("%s: pass %d of %d", job, index + 1, passes)
+        pipeline = make_pipeline()
+        build(pipeline, partition)
+        result = pipeline.run()
+        result.wait_until_finish()
+        results.append(result)
+    return results
