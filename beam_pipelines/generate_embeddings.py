@@ -38,6 +38,12 @@ Locally:
     limaml embed --export exports/limaml/3 --tasks 'tasks/*.tfrecord.gz' \\
         --output embeddings/v3 --parquet
 
+With `--passes P` (and `--num-shards`, default P) the job runs as P pipelines,
+each embedding the entities of 1/P of the output shards
+(`beam_pipelines.passes`), so the DirectRunner holds 1/P of the outputs. The
+entities, their order and the dead letter are the same as in one pass; an
+embedding can differ in its last float bits, since its batch differs.
+
 On Dataflow, add `--runner DataflowRunner --project P --region R
 --temp_location gs://B/tmp --setup_file ./setup.py` and gs:// paths.
 

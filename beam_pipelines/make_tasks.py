@@ -38,6 +38,11 @@ Locally (DirectRunner, in memory or on several processes):
         --max-support 64 --max-query 32 \\
         --direct_running_mode=multi_processing --direct_num_workers=4
 
+With `--passes P` the job runs as P pipelines, each over 1/P of the output
+shards (`beam_pipelines.passes`): the DirectRunner holds every GroupByKey's
+input in memory, so a pass needs about 1/P of the memory, and the files are
+the same bytes as one pass with the same `--num-shards`.
+
 On Dataflow (`--setup_file` makes the workers install this package):
 
     python -m beam_pipelines.make_tasks \\

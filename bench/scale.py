@@ -282,6 +282,9 @@ def run_entities(args, workdir: str, entities: int, export_dir: str) -> dict:
     beam_flags = [f"--direct_running_mode={args.running_mode}"]
     if args.running_mode == "multi_processing":
         beam_flags.append(f"--direct_num_workers={args.workers}")
+    passes = passes_for(entities, args.entities_per_pass)
+    # One shard per pass, in both jobs: each pass sorts and writes one shard.
+    pass_flags = ["--passes", str(passes), "--num-shards", str(passes)] if passes > 1 else []
     make_tasks = _checked(
         measure(
             limaml(
@@ -297,6 +300,7 @@ def run_entities(args, workdir: str, entities: int, export_dir: str) -> dict:
                 "--max-query",
                 str(args.max_query),
                 "--overwrite",
+                *pass_flags,
                 *beam_flags,
             ),
             env,
@@ -317,6 +321,7 @@ def run_entities(args, workdir: str, entities: int, export_dir: str) -> dict:
                 "--output",
                 embeddings_dir,
                 "--overwrite",
+                *pass_flags,
                 *beam_flags,
             ),
             env,
@@ -339,12 +344,20 @@ def run_entities(args, workdir: str, entities: int, export_dir: str) -> dict:
     return {
         "entities": entities,
         "rows": inputs["rows"],
+        "passes": passes,
         "make_tasks": make_tasks,
         "make_tasks_conservation_holds": stats["conservation"]["holds"],
         "embed": embed,
         "embed_entities_out": embedded,
         "embed_balanced": summary["balanced"],
     }
+
+
+def passes_for(entities: int, entities_per_pass: int) -> int:
+    """Passes that keep about `entities_per_pass` entities each (0: one pass)."""
+    if entities_per_pass <= 0:
+        return 1
+    return max(1, -(-entities // entities_per_pass))
 
 
 RSS_KEYS = ("peak_rss_mb", "peak_main_rss_mb", "peak_worker_rss_mb", "peak_tree_rss_mb")
@@ -382,6 +395,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help="--direct_running_mode of both jobs.",
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--entities-per-pass",
+        type=int,
+        default=25_000,
+        help="Run both jobs with --passes ceil(entities / this), one shard per "
+        "pass, so each pass holds about this many entities (0: one pass).",
+    )
     parser.add_argument(
         "--refresh-entities",
         type=int,
@@ -421,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "bench": "scale",
         "running_mode": args.running_mode,
         "workers": args.workers if args.running_mode == "multi_processing" else None,
+        "entities_per_pass": args.entities_per_pass,
         "rows_per_entity": [args.min_rows, args.max_rows],
         "max_support": args.max_support,
         "max_query": args.max_query,

@@ -123,3 +123,11 @@ def test_scale_bench_end_to_end_small(tmp_path):
     (line,) = results.read_text().splitlines()
     assert json.loads(line)["bench"] == "scale"
     assert os.path.isdir(tmp_path / "work")
+
+
+def test_passes_keep_about_entities_per_pass():
+    assert scale.passes_for(50_000, 25_000) == 2
+    assert scale.passes_for(200_000, 25_000) == 8
+    assert scale.passes_for(200_001, 25_000) == 9
+    assert scale.passes_for(10, 25_000) == 1
+    assert scale.passes_for(200_000, 0) == 1
