@@ -185,6 +185,14 @@ def test_embed_in_passes_writes_the_files_of_one_pass(exported, tmp_path, monkey
     monkeypatch.setattr(
         generate_embeddings, "time", types.SimpleNamespace(time=lambda: 1.7e9)
     )
+    seen = []
+    read_partials = generate_embeddings.read_partials
+
+    def spying(output_dir, count):
+        seen.extend(read_partials(output_dir, count))
+        return seen[-count:]
+
+    monkeypatch.setattr(generate_embeddings, "read_partials", spying)
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
     good = _records(exported["tasks"]["test"])[:40]
@@ -240,6 +248,10 @@ def test_embed_in_passes_writes_the_files_of_one_pass(exported, tmp_path, monkey
     assert three_summary["entities_out"] == len(good)
     assert three_summary["records_rejected"] == len(bad) and three_summary["balanced"]
     assert not glob.glob(str(tmp_path / "three" / f"{passes.PARTIAL_PREFIX}*"))
+    # Each pass embedded only its share of the records.
+    entities_in = [partial["entities_in"] for partial in seen]
+    assert len(seen) == 3 and sum(entities_in) == len(good) + len(bad)
+    assert max(entities_in) < len(good)
     assert sum(
         len(one[f"rejected-0000{i}-of-00003.jsonl"].splitlines()) for i in range(3)
     ) == len(bad)
