@@ -92,6 +92,23 @@ class _Checked:
     feature: str | None = None
 
 
+def _entity_key(spec: FeatureSpec, element: Any) -> str | None:
+    """The entity id of a read element, or None when it has no usable one.
+
+    The same function (`tf_limaml.tasks.entity_id_of`) gives a valid row its
+    entity id, so a pass can drop another pass's rows before validating them.
+    """
+    if isinstance(element, MalformedRow):
+        return None
+    row = element._asdict() if hasattr(element, "_asdict") else element  # beam.Row
+    if not isinstance(row, Mapping):
+        return None
+    try:
+        return task_rules.entity_id_of(spec, row)
+    except Exception:  # noqa: BLE001 - a row without one keys by its dead letter
+        return None
+
+
 def _check(element: Any, check: Any) -> _Checked:
     """Runs `check(row)` on one read element without ever raising.
 
@@ -124,45 +141,56 @@ def _check(element: Any, check: Any) -> _Checked:
 class ValidateRows(_TaskCountingDoFn):
     """Validates interaction rows: (entity_id, clean row), or the dead letter.
 
+    A rejected row goes out as (shard key, dead-letter line): the key is the
+    row's entity id when it has one, else the line itself, so an entity's
+    rejected rows share its shard.
+
     Args:
         spec: The FeatureSpec.
         partition: In a run of several passes, this pass
             (`beam_pipelines.passes.Partition`): rows of other passes are
-            dropped uncounted. A clean row's shard key is its entity id, a
-            rejected row's its dead-letter line (the keys its files use).
+            dropped uncounted, before they are validated when their entity
+            id says so.
     """
+
+    source = SOURCE_INTERACTIONS
+    prefix: tuple[str, ...] = ()
 
     def __init__(self, spec: FeatureSpec, partition: Partition | None = None):
         super().__init__()
         self.spec = spec
         self.partition = partition
 
-    def _validate(self, row: Mapping[str, Any]) -> dict[str, Any]:
+    def _validate(self, row: Mapping[str, Any]) -> Any:
         return task_rules.validate_row(self.spec, row)
 
+    def _clean(self, entity_id: str, result: Any) -> Any:
+        return entity_id, result
+
     def process(self, element: Any):
-        checked = _check(element, self._validate)
         partition = self.partition
+        key = _entity_key(self.spec, element)
+        if partition is not None and key is not None and not partition.keeps(key):
+            return
+        checked = _check(element, self._validate)
+        counts, prefix = self._counts, self.prefix
         if checked.reason is None:
-            entity_id = checked.result[self.spec.entity]
-            if partition is None or partition.keeps(entity_id):
-                self._counts[("rows_read",)] += 1
-                yield entity_id, checked.result
+            counts[prefix + ("rows_read",)] += 1
+            yield self._clean(key, checked.result)
             return
-        line = dead_letter_record(
-            checked.row, checked.reason, checked.detail, SOURCE_INTERACTIONS
-        )
-        if partition is not None and not partition.keeps(line):
+        line = dead_letter_record(checked.row, checked.reason, checked.detail, self.source)
+        key = line if key is None else key
+        if partition is not None and not partition.keeps(key):
             return
-        self._counts[("rows_read",)] += 1
-        self._counts[("rows_rejected",)] += 1
-        self._counts[("rejected_by_reason", checked.reason)] += 1
+        counts[prefix + ("rows_read",)] += 1
+        counts[prefix + ("rows_rejected",)] += 1
+        counts[prefix + ("rejected_by_reason", checked.reason)] += 1
         if checked.feature is not None:
-            self._counts[("rejected_by_feature", checked.feature)] += 1
-        yield beam.pvalue.TaggedOutput(REJECTED, line)
+            counts[prefix + ("rejected_by_feature", checked.feature)] += 1
+        yield beam.pvalue.TaggedOutput(REJECTED, (key, line))
 
 
-class ValidateEntities(_TaskCountingDoFn):
+class ValidateEntities(ValidateRows):
     """Validates entity-table rows: (entity_id, meta), or the dead letter.
 
     Args:
@@ -170,34 +198,14 @@ class ValidateEntities(_TaskCountingDoFn):
         partition: This pass, as in `ValidateRows`.
     """
 
-    def __init__(self, spec: FeatureSpec, partition: Partition | None = None):
-        super().__init__()
-        self.spec = spec
-        self.partition = partition
+    source = SOURCE_ENTITIES
+    prefix = ("entity_table",)
 
-    def _validate(self, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    def _validate(self, row: Mapping[str, Any]) -> Any:
         return task_rules.validate_meta_row(self.spec, row)
 
-    def process(self, element: Any):
-        checked = _check(element, self._validate)
-        partition = self.partition
-        if checked.reason is None:
-            if partition is None or partition.keeps(checked.result[0]):
-                self._counts[("entity_table", "rows_read")] += 1
-                yield checked.result
-            return
-        line = dead_letter_record(
-            checked.row, checked.reason, checked.detail, SOURCE_ENTITIES
-        )
-        if partition is not None and not partition.keeps(line):
-            return
-        counts = self._counts
-        counts[("entity_table", "rows_read")] += 1
-        counts[("entity_table", "rows_rejected")] += 1
-        counts[("entity_table", "rejected_by_reason", checked.reason)] += 1
-        if checked.feature is not None:
-            counts[("entity_table", "rejected_by_feature", checked.feature)] += 1
-        yield beam.pvalue.TaggedOutput(REJECTED, line)
+    def _clean(self, entity_id: str, result: Any) -> Any:
+        return result
 
 
 class SplitEntities(_TaskCountingDoFn):
@@ -335,7 +343,9 @@ class BuildTasks(beam.PTransform):
     Returns (from `expand`): a dict of PCollections:
         "tasks": (split, entity_id, serialized SequenceExample);
         "cold": (entity_id, serialized SequenceExample) of cold entities;
-        "rejected": dead-letter JSON lines (interactions and entity table);
+        "rejected": (shard key, dead-letter JSON line) of the rows of the
+            interactions and the entity table that were rejected; the key is
+            the row's entity id, or the line when the row has none;
         "stats": one dict, the content of stats.json;
         "spec": one string, the JSON of the spec completed with statistics of
             the train entities (`beam_pipelines.analyze.AnalyzeFeatures`);

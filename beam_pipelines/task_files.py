@@ -54,8 +54,9 @@ def _cold_item(item: tuple[str, bytes]) -> tuple[str, str, bytes]:
     return COLD, item[0], item[1]
 
 
-def _rejected_item(line: str) -> tuple[str, str, bytes]:
-    return REJECTED, line, line.encode("utf-8", "backslashreplace")
+def _rejected_item(item: tuple[str, str]) -> tuple[str, str, bytes]:
+    key, line = item
+    return REJECTED, key, line.encode("utf-8", "backslashreplace")
 
 
 class WriteTaskFiles(beam.PTransform):

@@ -364,7 +364,7 @@ def test_every_dead_letter_reason_is_routed_counted_and_json_safe():
     expected_reasons = [reason for _, reason in BAD_ROWS]
     p = pipeline()
     out = build(p, rows)
-    parsed = out["rejected"] | "Parse" >> beam.Map(_strict_json)
+    parsed = out["rejected"] | "Parse" >> beam.MapTuple(lambda _, line: _strict_json(line))
     assert_that(
         parsed | "Reasons" >> beam.Map(lambda r: r["reason"]),
         equal_to(expected_reasons),
@@ -552,7 +552,9 @@ def test_meta_conflicts_latest_wins_and_entity_table_overrides():
         )
         assert_that(
             out["rejected"]
-            | beam.Map(lambda r: (json.loads(r)["source"], json.loads(r)["reason"])),
+            | beam.MapTuple(
+                lambda _, r: (json.loads(r)["source"], json.loads(r)["reason"])
+            ),
             equal_to([("entities", "out_of_vocabulary")]),
             label="Rejected",
         )

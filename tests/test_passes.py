@@ -19,6 +19,7 @@ from guarantees import file_bytes
 from beam_pipelines import generate_embeddings, make_tasks, passes, task_files
 from beam_pipelines.shards import shard_of
 from tf_limaml import cli, data
+from tf_limaml import tasks as task_rules
 from tf_limaml.datasets import synthetic
 from tf_limaml.features import FeatureSpec
 
@@ -95,8 +96,20 @@ def test_make_tasks_in_passes_writes_the_files_of_one_pass(
 
     read_partials = task_files.read_partials
     monkeypatch.setattr(task_files, "read_partials", spying)
+    validated = []
+    validate_row = task_rules.validate_row
+
+    def counting(spec, row):
+        validated.append(row)
+        return validate_row(spec, row)
+
+    monkeypatch.setattr(task_rules, "validate_row", counting)
     one = _make_tasks(inputs, tmp_path / "one")
+    validated_in_one_pass = len(validated)
     three = _make_tasks(inputs, tmp_path / "three", "--passes", "3")
+    # A pass drops other passes' rows before validating them: only the row
+    # without an entity id is validated by every pass.
+    assert len(validated) - validated_in_one_pass == validated_in_one_pass + 2
 
     assert sorted(one) == sorted(three)
     for name in one:
@@ -114,6 +127,16 @@ def test_make_tasks_in_passes_writes_the_files_of_one_pass(
     assert sum(
         len(one[f"rejected-0000{i}-of-00004.jsonl"].splitlines()) for i in range(4)
     ) == 4
+
+    # A rejected row with an entity id is in its entity's shard.
+    (member,) = {
+        json.loads(line)["row"]["member_id"]
+        for i in range(4)
+        for line in one[f"rejected-0000{i}-of-00004.jsonl"].splitlines()
+        if json.loads(line)["reason"] == "bad_label"
+    }
+    shard = shard_of(member, 4)
+    assert b"bad_label" in one[f"rejected-0000{shard}-of-00004.jsonl"]
 
     # Each pass read only its share: its partial counts part of the rows.
     assert len(seen) == 3

@@ -215,7 +215,7 @@ def test_beam_pipeline_never_crashes_and_conserves_rows(rows):
         assert_that(out["tasks"], check_tasks, label="TaskRows")
         # Every dead-letter line is valid JSON with the row and a reason.
         assert_that(
-            out["rejected"] | beam.Map(lambda line: sorted(json.loads(line))),
+            out["rejected"] | beam.MapTuple(lambda _, line: sorted(json.loads(line))),
             lambda lines: (
                 all({"reason", "row"} <= set(k) for k in lines)
                 and len(lines) == expected["rows_rejected"]

@@ -189,7 +189,12 @@ def _clean_feature(feature: Feature, value: Any) -> Any:
     return values[: feature.values_per_row]
 
 
-def _clean_entity(spec: FeatureSpec, row: Mapping[str, Any]) -> str:
+def entity_id_of(spec: FeatureSpec, row: Mapping[str, Any]) -> str:
+    """The entity id of a raw row, as `validate_row` normalizes it.
+
+    Raises:
+        RowError: The entity id is missing.
+    """
     entity = row.get(spec.entity)
     if _is_missing(entity):
         raise RowError(REASON_MISSING_ENTITY, f"`{spec.entity}` is missing")
@@ -208,7 +213,7 @@ def validate_row(spec: FeatureSpec, row: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         RowError: The row breaks a rule; `reason` says which.
     """
-    entity = _clean_entity(spec, row)
+    entity = entity_id_of(spec, row)
     raw_time = row.get(spec.time)
     if _is_missing(raw_time):
         raise RowError(REASON_MISSING_TIME, f"`{spec.time}` is missing")
@@ -244,7 +249,7 @@ def validate_meta_row(
     Raises:
         RowError: The entity id is missing or a meta feature breaks its rule.
     """
-    entity = _clean_entity(spec, row)
+    entity = entity_id_of(spec, row)
     return entity, {
         f.name: _clean_feature(f, row.get(f.name)) for f in spec.meta_features
     }
