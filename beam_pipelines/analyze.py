@@ -118,7 +118,6 @@ class AnalyzeFeatures(beam.PTransform):
         spec: The spec whose missing statistics are computed; what the user
             wrote (a mean, a vocabulary list) is kept.
         source: Provenance recorded in each completed feature's `statistics`.
-
         partial: Stop before completing: return one pass's mergeable
             statistics (`complete_from_partials` merges them), as a run of
             several passes (`beam_pipelines.passes`) needs.
@@ -212,7 +211,8 @@ class _PartialStatistics(beam.PTransform):
             | "KeyByFeature"
             >> beam.MapTuple(lambda name_value, n: (name_value[0], (name_value[1], n)))
             | "GroupByFeature" >> beam.GroupByKey()
-            | "TagCounts" >> beam.MapTuple(lambda name, pairs: (VALUE, name, list(pairs)))
+            | "TagCounts"
+            >> beam.MapTuple(lambda name, pairs: (VALUE, name, list(pairs)))
         )
         return (
             (numeric, vocab)

@@ -178,7 +178,9 @@ class ValidateRows(_TaskCountingDoFn):
             counts[prefix + ("rows_read",)] += 1
             yield self._clean(key, checked.result)
             return
-        line = dead_letter_record(checked.row, checked.reason, checked.detail, self.source)
+        line = dead_letter_record(
+            checked.row, checked.reason, checked.detail, self.source
+        )
         key = line if key is None else key
         if partition is not None and not partition.keeps(key):
             return

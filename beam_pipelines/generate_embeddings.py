@@ -659,6 +659,7 @@ def run(
         raise FileNotFoundError(
             f"--tasks {known.tasks!r} matches no file; check the path " "or the glob"
         )
+    num_shards = check_passes(known.passes, known.num_shards)
     prepare_output(known.output, OUTPUT_PATTERNS, known.overwrite)
     if not FileSystems.exists(known.output):
         FileSystems.mkdirs(known.output)
@@ -681,7 +682,6 @@ def run(
         ).isoformat(),
     }
 
-    num_shards = check_passes(known.passes, known.num_shards)
     options = PipelineOptions(pipeline_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
 
@@ -697,7 +697,10 @@ def run(
             records
             | "GenerateEmbeddings"
             >> GenerateEmbeddings(
-                metadata["export_dir"], known.batch_size, known.max_support, generated_at
+                metadata["export_dir"],
+                known.batch_size,
+                known.max_support,
+                generated_at,
             )
             | "WriteEmbeddings"
             >> WriteEmbeddings(

@@ -284,11 +284,11 @@ def run(
             f"{known.test_fraction} is more than 1; lower one of them"
         )
     check_spec_columns(spec, known.input, known.format, known.entities)
+    num_shards = check_passes(known.passes, known.num_shards)
     prepare_output(known.output, OUTPUT_PATTERNS, known.overwrite)
     if not FileSystems.exists(known.output):
         FileSystems.mkdirs(known.output)
 
-    num_shards = check_passes(known.passes, known.num_shards)
     options = PipelineOptions(pipeline_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
 

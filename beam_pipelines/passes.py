@@ -134,7 +134,9 @@ def read_partials(output_dir: str, count: int) -> list[Any]:
     partials = []
     for path in paths:
         if not FileSystems.exists(path):
-            raise FileNotFoundError(f"Pass file {path} is missing: that pass did not finish")
+            raise FileNotFoundError(
+                f"Pass file {path} is missing: that pass did not finish"
+            )
         with FileSystems.open(path) as f:
             partials.append(json.loads(f.read().decode("utf-8")))
     FileSystems.delete(paths)

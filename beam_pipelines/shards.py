@@ -23,13 +23,16 @@ import json
 import math
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.pvalue import AsDict
+
+if TYPE_CHECKING:  # passes imports shard_of from here
+    from beam_pipelines.passes import Partition
 
 # Kinds of shard files. TFRecord files are GZIP-compressed; text payloads are
 # UTF-8 lines; a Parquet payload is one row as a JSON object.
@@ -71,7 +74,7 @@ def _with_shard_count(name_bytes: tuple[str, int], num_shards: int) -> tuple[str
 
 
 def _every_shard(
-    name: str, count: int, partition: Any = None
+    name: str, count: int, partition: Partition | None = None
 ) -> list[tuple[tuple[str, int], None]]:
     # One marker per shard, so that an output with no records still gets its
     # (empty) files and readers never find a shard missing. A pass marks only
@@ -84,7 +87,9 @@ def _every_shard(
 
 
 def _key_by_shard(
-    item: tuple[str, str, bytes], counts: Mapping[str, int], partition: Any = None
+    item: tuple[str, str, bytes],
+    counts: Mapping[str, int],
+    partition: Partition | None = None,
 ) -> tuple[tuple[str, int], tuple[str, bytes]]:
     name, key, payload = item
     shard = shard_of(key, counts[name])
@@ -195,7 +200,7 @@ class WriteShards(beam.PTransform):
         formats: Mapping[str, tuple[str, str]],
         num_shards: int = 0,
         schemas: Mapping[str, Any] | None = None,
-        partition: Any = None,
+        partition: Partition | None = None,
     ):
         super().__init__()
         self.output_dir = output_dir

@@ -284,7 +284,9 @@ def run_entities(args, workdir: str, entities: int, export_dir: str) -> dict:
         beam_flags.append(f"--direct_num_workers={args.workers}")
     passes = passes_for(entities, args.entities_per_pass)
     # One shard per pass, in both jobs: each pass sorts and writes one shard.
-    pass_flags = ["--passes", str(passes), "--num-shards", str(passes)] if passes > 1 else []
+    pass_flags = (
+        ["--passes", str(passes), "--num-shards", str(passes)] if passes > 1 else []
+    )
     make_tasks = _checked(
         measure(
             limaml(

@@ -364,7 +364,9 @@ def test_every_dead_letter_reason_is_routed_counted_and_json_safe():
     expected_reasons = [reason for _, reason in BAD_ROWS]
     p = pipeline()
     out = build(p, rows)
-    parsed = out["rejected"] | "Parse" >> beam.MapTuple(lambda _, line: _strict_json(line))
+    parsed = out["rejected"] | "Parse" >> beam.MapTuple(
+        lambda _, line: _strict_json(line)
+    )
     assert_that(
         parsed | "Reasons" >> beam.Map(lambda r: r["reason"]),
         equal_to(expected_reasons),

@@ -124,9 +124,10 @@ def test_make_tasks_in_passes_writes_the_files_of_one_pass(
     assert stats["entity_table"]["entities_without_interactions"] == 1
     assert FeatureSpec.from_json(one["spec.json"].decode()).missing_statistics() == []
     assert sum(bool(one[f"train-0000{i}-of-00004.tfrecord.gz"][30:]) for i in range(4))
-    assert sum(
-        len(one[f"rejected-0000{i}-of-00004.jsonl"].splitlines()) for i in range(4)
-    ) == 4
+    assert (
+        sum(len(one[f"rejected-0000{i}-of-00004.jsonl"].splitlines()) for i in range(4))
+        == 4
+    )
 
     # A rejected row with an entity id is in its entity's shard.
     (member,) = {
@@ -180,13 +181,14 @@ def test_cli_refuses_zero_passes_and_more_passes_than_shards(inputs, tmp_path, c
         cli.main([*argv, "--passes", "0"])
     assert raised.value.code == 2
     assert cli.main([*argv, "--passes", "5", "--num-shards", "2"]) == 2
-    assert "--passes (5) must be between 1 and --num-shards (2)" in capsys.readouterr().err
+    assert (
+        "--passes (5) must be between 1 and --num-shards (2)" in capsys.readouterr().err
+    )
 
 
 def _records(pattern):
     return [
-        r.numpy()
-        for r in tf.data.TFRecordDataset(sorted(glob.glob(pattern)), "GZIP")
+        r.numpy() for r in tf.data.TFRecordDataset(sorted(glob.glob(pattern)), "GZIP")
     ]
 
 
