@@ -65,7 +65,7 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -625,7 +625,9 @@ def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
 
 
 def run(
-    argv: Sequence[str] | None = None, save_main_session: bool = True
+    argv: Sequence[str] | None = None,
+    save_main_session: bool = True,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> beam.runners.runner.PipelineResult:
     """Runs the job: `limaml embed ...` or `python -m beam_pipelines.generate_embeddings`.
 
@@ -634,6 +636,7 @@ def run(
             `--overwrite`); flags this parser does not know go to Beam's
             PipelineOptions. None: no flags.
         save_main_session: Pickle the main module's globals for the workers.
+        on_pass: With --passes, called as on_pass(index, passes) before each.
 
     Returns:
         The finished PipelineResult (of the last pass with --passes).
@@ -714,6 +717,7 @@ def run(
         known.passes,
         num_shards,
         "embed",
+        on_pass,
     )
     if known.passes > 1:
         finish_passes(known.output, known.passes, run_info)

@@ -74,7 +74,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -253,7 +253,9 @@ class MakeTasks(beam.PTransform):
 
 # ------------------------------------------------------------ command line
 def run(
-    argv: Sequence[str] | None = None, save_main_session: bool = True
+    argv: Sequence[str] | None = None,
+    save_main_session: bool = True,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> beam.runners.runner.PipelineResult:
     """Runs the pipeline: `limaml make-tasks ...` or `python -m beam_pipelines.make_tasks`.
 
@@ -262,6 +264,7 @@ def run(
             this parser does not know go to Beam's PipelineOptions. None: no
             flags (sys.argv is never read here).
         save_main_session: Pickle the main module's globals for the workers.
+        on_pass: With --passes, called as on_pass(index, passes) before each.
 
     Returns:
         The finished PipelineResult (of the last pass with --passes).
@@ -317,6 +320,7 @@ def run(
         known.passes,
         num_shards,
         "make-tasks",
+        on_pass,
     )
     if known.passes > 1:
         finish_passes(known.output, spec, known.passes)

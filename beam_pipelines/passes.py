@@ -8,9 +8,10 @@ satisfies `s % P == p` (`Partition.keeps`), writes exactly those shards, and
 leaves its counts (and make-tasks' partial feature statistics) in a hidden
 partial file. When every pass is done the driver merges the partials into
 the job's summary files and deletes them. So peak memory follows the records
-of one pass, not of the whole input, and the files are the same bytes as a
-one-pass run with the same `--num-shards`: a shard is always written whole,
-by one pass, from the same records.
+of one pass, not of the whole input. A shard is always written whole, by
+one pass, from the same records: make-tasks writes the same bytes as a
+one-pass run with the same `--num-shards`, embed the same rows (an embedding
+to float rounding, as its batch differs).
 
 Each pass reads the whole input again, so passes trade time for memory. A
 distributed runner (Dataflow, Flink, Spark) spreads a GroupByKey over its
@@ -155,6 +156,7 @@ def run_passes(
     passes: int,
     num_shards: int,
     job: str,
+    on_pass: Callable[[int, int], None] | None = None,
 ) -> Sequence[beam.runners.runner.PipelineResult]:
     """Runs `build` as one pipeline, or as `passes` pipelines one after the other.
 
@@ -165,6 +167,8 @@ def run_passes(
         passes: Pipelines to run.
         num_shards: Shards of every output (> 0 with several passes).
         job: Name of the job, for the log.
+        on_pass: Called as on_pass(index, passes) before each pass of a run
+            of several (the CLI prints a progress line).
 
     Returns:
         Every pass's finished PipelineResult.
@@ -174,6 +178,8 @@ def run_passes(
         partition = Partition(index, passes, num_shards) if passes > 1 else None
         if partition is not None:
             logger.info("%s: pass %d of %d", job, index + 1, passes)
+            if on_pass is not None:
+                on_pass(index, passes)
         pipeline = make_pipeline()
         build(pipeline, partition)
         result = pipeline.run()

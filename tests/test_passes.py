@@ -285,3 +285,22 @@ def test_embed_in_passes_writes_the_files_of_one_pass(exported, tmp_path, monkey
         for line in one[f"rejected-0000{i}-of-00003.jsonl"].splitlines():
             record = base64.b64decode(json.loads(line)["row"]["record_b64"])
             assert shard_of(generate_embeddings.record_key(record), 3) == i
+
+
+def test_cli_prints_a_line_per_pass(inputs, tmp_path, capsys):
+    argv = [
+        "make-tasks",
+        "--input",
+        str(inputs / "interactions.csv"),
+        "--features",
+        str(inputs / "spec.json"),
+        "--output",
+        str(tmp_path / "out"),
+        "--passes",
+        "2",
+    ]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "[limaml] make-tasks: pass 1 of 2 ..." in err
+    assert "[limaml] make-tasks: pass 2 of 2 ..." in err
+    assert len(glob.glob(str(tmp_path / "out" / "train-*-of-00002.tfrecord.gz"))) == 2

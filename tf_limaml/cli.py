@@ -106,6 +106,18 @@ class Progress:
 
         return _Phase()
 
+    def step(self, job: str):
+        """A callback for a job's passes: `[limaml] job: pass 2 of 8 ...`."""
+
+        def announce(index: int, count: int) -> None:
+            print(
+                f"[limaml] {job}: pass {index + 1} of {count} ...",
+                file=self.stream,
+                flush=True,
+            )
+
+        return announce
+
 
 def _load_spec(path: str):
     from tf_limaml.features import FeatureSpec  # noqa: PLC0415
@@ -313,8 +325,9 @@ def cmd_make_tasks(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from beam_pipelines import make_tasks  # noqa: PLC0415
 
     _load_spec(args.features)
-    with Progress().phase(f"make-tasks {args.input} -> {args.output}"):
-        make_tasks.run(list(args.argv))
+    progress = Progress()
+    with progress.phase(f"make-tasks {args.input} -> {args.output}"):
+        make_tasks.run(list(args.argv), on_pass=progress.step("make-tasks"))
     stats_path = os.path.join(args.output, "stats.json")
     if os.path.exists(stats_path):
         with open(stats_path, encoding="utf-8") as f:
@@ -336,11 +349,12 @@ def cmd_embed(args: argparse.Namespace, extra: Sequence[str]) -> int:
     # than after the whole job has dead-lettered every record.
     metadata = export.read_metadata(args.export)
     _check_tasks(args.tasks, metadata["spec"])
-    with Progress().phase(
+    progress = Progress()
+    with progress.phase(
         f"embed {args.tasks} with model version {metadata['model_version']} "
         f"-> {args.output}"
     ):
-        generate_embeddings.run(list(args.argv))
+        generate_embeddings.run(list(args.argv), on_pass=progress.step("embed"))
     import tensorflow as tf  # noqa: PLC0415 - gfile reads gs:// outputs too
 
     summary_path = os.path.join(args.output, "summary.json")
