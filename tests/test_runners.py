@@ -260,7 +260,7 @@ def _portable_flags(port: int) -> list[str]:
 def test_cli_passes_beam_flags_through_to_pipeline_options(tmp_path, monkeypatch):
     inputs, spec, _ = _write_interactions(str(tmp_path / "in"), num_entities=4)
     seen = []
-    monkeypatch.setattr(make_tasks, "run", seen.append)
+    monkeypatch.setattr(make_tasks, "run", lambda argv, **_: seen.append(argv))
     # `--flag=value` and `--flag value` alike.
     flags = [*_portable_flags(50000), "--job_name", "limaml-test"]
     argv = _make_tasks_argv(inputs, spec, str(tmp_path / "out"))
