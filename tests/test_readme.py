@@ -76,12 +76,34 @@ def test_the_block_parser_finds_fenced_python_only():
         assert len(python_blocks(f.read())) >= 2
 
 
+def _warm_up(server, exported) -> None:
+    """Calls each signature once, as TF Serving replays warmup requests at load.
+
+    The snippets give each call 2 s. The session's first run of a signature
+    optimizes its graph, which can take longer on a loaded 2-core machine.
+    """
+    import numpy as np
+    from serving_fixture import entity_inputs
+
+    from serving.client import GrpcClient
+    from tf_limaml import data
+
+    spec = exported["spec"]
+    dataset = data.task_dataset(exported["tasks"]["test"], spec, batch_tasks=2)
+    batch = {k: v.numpy() for k, v in next(iter(dataset)).items()}
+    meta, support, labels, query = entity_inputs(batch, spec, 0)
+    with GrpcClient(server.grpc_target, "limaml", timeout_s=120.0) as client:
+        client.adapt_and_predict(meta, support, labels, query)
+        client.score(np.zeros((len(query["item_id"]), 8), np.float32), query)
+
+
 @pytest.fixture(scope="module")
 def loopback(exported):
     """The shared test export behind loopback gRPC and REST endpoints."""
     from serving_fixture import LoopbackServing
 
     with LoopbackServing(exported["export_dir"]) as server:
+        _warm_up(server, exported)
         yield {
             "LIMAML_EXPORT": exported["export_dir"],
             "LIMAML_GRPC_TARGET": server.grpc_target,
