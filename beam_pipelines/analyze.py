@@ -140,14 +140,19 @@ class AnalyzeFeatures(beam.PTransform):
         self.partial = partial
 
     def expand(self, inputs):
-        if self.partial:
-            return inputs | "PartialStatistics" >> _PartialStatistics()
         numeric = (
             inputs
             | "NumericInputs"
             >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == MOMENTS else [])
             | "CombineMoments" >> beam.CombinePerKey(MomentsCombineFn())
             | "TagMoments" >> beam.MapTuple(lambda name, m: (MOMENTS, name, m))
+        )
+        # A pass keeps every value's count (passes add them up before the
+        # selection); one run selects the vocabulary here.
+        counts = (
+            beam.MapTuple(lambda name, pairs: (name, list(pairs)))
+            if self.partial
+            else beam.Map(_vocabulary_counts, self.spec)
         )
         vocab = (
             inputs
@@ -157,14 +162,19 @@ class AnalyzeFeatures(beam.PTransform):
             | "KeyByFeature"
             >> beam.MapTuple(lambda name_value, n: (name_value[0], (name_value[1], n)))
             | "GroupByFeature" >> beam.GroupByKey()
-            | "SelectVocabulary" >> beam.Map(_vocabulary_counts, self.spec)
+            | "SelectVocabulary" >> counts
             | "TagVocabulary" >> beam.MapTuple(lambda name, c: (VALUE, name, c))
+        )
+        finish = (
+            beam.Map(_partial)
+            if self.partial
+            else beam.Map(_complete, self.spec, self.source)
         )
         return (
             (numeric, vocab)
             | "FlattenStatistics" >> beam.Flatten()
             | "AllStatistics" >> beam.combiners.ToList()
-            | "CompleteSpec" >> beam.Map(_complete, self.spec, self.source)
+            | "CompleteSpec" >> finish
         )
 
 
@@ -190,36 +200,6 @@ def _partial(parts: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
             if kind == VALUE
         },
     }
-
-
-class _PartialStatistics(beam.PTransform):
-    """Analysis elements -> one pass's mergeable statistics (see `AnalyzeFeatures`)."""
-
-    def expand(self, inputs):
-        numeric = (
-            inputs
-            | "NumericInputs"
-            >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == MOMENTS else [])
-            | "CombineMoments" >> beam.CombinePerKey(MomentsCombineFn())
-            | "TagMoments" >> beam.MapTuple(lambda name, m: (MOMENTS, name, m))
-        )
-        vocab = (
-            inputs
-            | "VocabularyInputs"
-            >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == VALUE else [])
-            | "CountValues" >> beam.combiners.Count.PerElement()
-            | "KeyByFeature"
-            >> beam.MapTuple(lambda name_value, n: (name_value[0], (name_value[1], n)))
-            | "GroupByFeature" >> beam.GroupByKey()
-            | "TagCounts"
-            >> beam.MapTuple(lambda name, pairs: (VALUE, name, list(pairs)))
-        )
-        return (
-            (numeric, vocab)
-            | "FlattenStatistics" >> beam.Flatten()
-            | "AllStatistics" >> beam.combiners.ToList()
-            | "Partial" >> beam.Map(_partial)
-        )
 
 
 def complete_from_partials(
