@@ -33,12 +33,14 @@ _PUBLIC = {
     "MetaBlock": "tf_limaml.layers",
     "SequenceMetaBlock": "tf_limaml.sequence",
     "LiMAMLModel": "tf_limaml.model",
-    "MetaConfig": "tf_limaml.model",
+    "MetaConfig": "tf_limaml.config",
+    "AdaptOptions": "tf_limaml.config",
     "load_model": "tf_limaml.model",
     "save_model": "tf_limaml.model",
     "LazyAdam": "tf_limaml.optimizers",
 }
 _SUBMODULES = (
+    "config",
     "data",
     "datasets",
     "entities",
@@ -82,6 +84,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         tasks,
         training,
     )
+    from tf_limaml.config import AdaptOptions, MetaConfig  # noqa: F401
     from tf_limaml.features import (  # noqa: F401
         Feature,
         FeatureSpec,
@@ -94,12 +97,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         GlobalBlock,
         MetaBlock,
     )
-    from tf_limaml.model import (  # noqa: F401
-        LiMAMLModel,
-        MetaConfig,
-        load_model,
-        save_model,
-    )
+    from tf_limaml.model import LiMAMLModel, load_model, save_model  # noqa: F401
     from tf_limaml.optimizers import LazyAdam  # noqa: F401
     from tf_limaml.sequence import SequenceMetaBlock  # noqa: F401
 

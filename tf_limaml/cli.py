@@ -204,7 +204,7 @@ def _strategy(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tf_limaml import training  # noqa: PLC0415
-    from tf_limaml.model import MetaConfig  # noqa: PLC0415
+    from tf_limaml.config import MetaConfig  # noqa: PLC0415
 
     strategy = _strategy(args)
     spec = _load_spec(args.features)

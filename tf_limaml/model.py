@@ -40,6 +40,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tf_limaml import maml
+from tf_limaml.config import ADAPT_CHOICES, MetaConfig, as_meta_config  # noqa: F401
 from tf_limaml.features import (
     LABEL_KEY,
     MASK_KEY,
@@ -58,113 +59,10 @@ from tf_limaml.sequence import SUPPORT_SEQUENCE_KEY
 
 logger = logging.getLogger(__name__)
 
-ADAPT_CHOICES = ("meta_block", "all")
 META_PREFIX = "meta_block/"
 GLOBAL_PREFIX = "global_block/"
 META_INPUTS = META_PREFIX + "inputs"
 META_EMBEDDING_KEY = "meta_embedding"
-
-
-@dataclasses.dataclass(frozen=True)
-class MetaConfig:
-    """Options of the inner loop and the meta-train step.
-
-    Attributes:
-        inner_steps: k, gradient steps on the support set (0 disables adaptation).
-        inner_lr: Inner learning rate; the initial value when learned.
-        learn_inner_lr: Learn one rate per adapted parameter (Meta-SGD).
-        first_order: Drop the second-order term (FOMAML).
-        adapt: "meta_block" (LiMAML) or "all" (full-network MAML: every dense
-            weight of both blocks adapts; embedding tables never do).
-        adapt_embeddings: Also adapt the looked-up meta-feature embedding rows.
-        support_prior: c, pseudo-rows added to each task's support count in the
-            inner loop: the support loss is sum(mask * loss) / (sum(mask) + c),
-            so an entity with n support rows moves n / (n + c) as far as with
-            the plain mean (0, the default, keeps sum / max(sum(mask), 1)).
-        jit_compile: Compile the meta-train step with XLA.
-    """
-
-    inner_steps: int = 1
-    inner_lr: float = 0.1
-    learn_inner_lr: bool = False
-    first_order: bool = False
-    adapt: str = "meta_block"
-    adapt_embeddings: bool = False
-    jit_compile: bool = True
-    support_prior: float = 0.0
-
-    def __post_init__(self):
-        if (
-            isinstance(self.inner_steps, bool)
-            or not isinstance(self.inner_steps, int)
-            or (self.inner_steps < 0)
-        ):
-            raise ValueError(
-                f"MetaConfig.inner_steps must be an integer >= 0, got "
-                f"{self.inner_steps!r}"
-            )
-        if (
-            isinstance(self.inner_lr, bool)
-            or not isinstance(self.inner_lr, (int, float))
-            or (not self.inner_lr >= 0)
-        ):
-            raise ValueError(
-                f"MetaConfig.inner_lr must be a number >= 0, got " f"{self.inner_lr!r}"
-            )
-        if self.adapt not in ADAPT_CHOICES:
-            raise ValueError(
-                f"MetaConfig.adapt must be one of {ADAPT_CHOICES}, got "
-                f"{self.adapt!r}"
-            )
-        if (
-            isinstance(self.support_prior, bool)
-            or not isinstance(self.support_prior, (int, float))
-            or not self.support_prior >= 0
-        ):
-            raise ValueError(
-                f"MetaConfig.support_prior must be a number >= 0, got "
-                f"{self.support_prior!r}"
-            )
-        for name in (
-            "learn_inner_lr",
-            "first_order",
-            "adapt_embeddings",
-            "jit_compile",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"MetaConfig.{name} must be true or false, got "
-                    f"{getattr(self, name)!r}"
-                )
-
-    @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> MetaConfig:
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"MetaConfig must be a JSON object, got {obj!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(obj) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown MetaConfig key {unknown[0]!r}; known keys are "
-                f"{sorted(known)}"
-            )
-        return cls(**obj)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> MetaConfig:
-        if not tf.io.gfile.exists(str(path)):
-            raise FileNotFoundError(f"Meta config not found: {path}")
-        with tf.io.gfile.GFile(str(path)) as f:
-            try:
-                obj = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"Meta config {path} is not valid JSON ({err})"
-                ) from None
-        return cls.from_dict(obj)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class _IteratorDispatch:
@@ -213,18 +111,6 @@ def masked_task_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(values * mask, axis=-1) / tf.maximum(
         tf.reduce_sum(mask, axis=-1), 1.0
     )
-
-
-def _as_meta_config(meta_config: MetaConfig | Mapping[str, Any] | None) -> MetaConfig:
-    if meta_config is None:
-        return MetaConfig()
-    if isinstance(meta_config, Mapping):
-        return MetaConfig.from_dict(meta_config)
-    if not isinstance(meta_config, MetaConfig):
-        raise ValueError(
-            f"`meta_config` must be a MetaConfig or its dict, got {meta_config!r}"
-        )
-    return meta_config
 
 
 def _has_fast_weights(block: Any) -> bool:
@@ -360,7 +246,7 @@ class LiMAMLModel(tf.keras.Model):
         # tf.functions kept outside Keras attribute tracking (they are caches).
         object.__setattr__(self, "_function_cache", {})
         self.spec = load_spec(spec)
-        self.meta_config = _as_meta_config(meta_config)
+        self.meta_config = as_meta_config(meta_config)
         if not isinstance(l2, (int, float)) or l2 < 0:
             raise ValueError(f"`l2` must be a number >= 0, got {l2!r}")
         self.l2 = float(l2)
@@ -684,7 +570,7 @@ class LiMAMLModel(tf.keras.Model):
 
     @meta_config.setter
     def meta_config(self, config: MetaConfig | Mapping[str, Any]) -> None:
-        config = _as_meta_config(config)
+        config = as_meta_config(config)
         current = self.__dict__.get("_meta_config")
         if current is not None:
             fixed = [

@@ -29,9 +29,9 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 def run_synthetic(args: argparse.Namespace, progress) -> int:
     """Synthetic members: meta-train LiMAML and the same network without adaptation."""
     from tf_limaml import data, evaluation, training  # noqa: PLC0415
+    from tf_limaml.config import MetaConfig  # noqa: PLC0415
     from tf_limaml.datasets import synthetic  # noqa: PLC0415
     from tf_limaml.features import FeatureSpec  # noqa: PLC0415
-    from tf_limaml.model import MetaConfig  # noqa: PLC0415
 
     workdir = args.workdir or os.path.join("runs", "synthetic")
     fast = getattr(args, "fast", False)

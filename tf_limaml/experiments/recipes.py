@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from tf_limaml.model import MetaConfig
+from tf_limaml.config import MetaConfig
 
 # Starting points of the meta-learners (`Recipe.warm_start`).
 WARM_STARTS = ("pretrain", "global")
