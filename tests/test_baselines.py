@@ -23,7 +23,7 @@ from tf_limaml.experiments.protocol import (
 )
 from tf_limaml.experiments.recipes import Architecture, Recipe
 from tf_limaml.features import FeatureSpec
-from tf_limaml.model import MetaConfig
+from tf_limaml.model import LiMAMLModel, MetaConfig
 from tf_limaml.tasks import assign_split, build_tasks
 
 SMALL = Architecture(meta_units=(8, 4), global_units=(8,), cross_layers=1)
@@ -372,7 +372,7 @@ def test_support_half_life_weights_by_recency():
     got = float(model.support_loss(labels, logits, mask)[0])
     # Every real row has loss log 2; weights 0.25, 0.5, 1 and a prior of 1 row.
     assert got == pytest.approx(np.log(2.0) * 1.75 / (1.75 + 1.0), rel=1e-5)
-    plain = float(model._per_task_loss(labels, logits, mask)[0])
+    plain = float(LiMAMLModel.support_loss(model, labels, logits, mask)[0])
     assert plain == pytest.approx(np.log(2.0), rel=1e-5)
     with pytest.raises(ValueError, match="support_half_life"):
         baselines.new_model(

@@ -12,7 +12,8 @@ import tensorflow as tf
 from serving_fixture import SessionSignatures, entity_inputs
 
 import tf_limaml
-from tf_limaml import data, export, maml
+from tf_limaml import data, export, maml, step
+from tf_limaml.config import AdaptOptions
 from tf_limaml.model import LiMAMLModel, MetaConfig
 
 TOL = 1e-5
@@ -88,7 +89,7 @@ def test_a_string_lookup_block_runs_without_xla_and_says_why(synthetic_spec, cap
     (record,) = _warnings(caplog)
     assert "without XLA" in record.getMessage()
     assert "item_id" in record.getMessage() and "encode" in record.getMessage()
-    assert not model._xla
+    assert not model.uses_xla
     # Asking for no XLA is not worth a warning.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tf_limaml.model"):
@@ -227,7 +228,7 @@ def test_a_block_with_an_encode_step_compiles_with_xla(
 
     with caplog.at_level(logging.WARNING, logger="tf_limaml.model"):
         model = LiMAMLModel(synthetic_spec, global_block=LeakyRanker(ITEMS))
-    assert not model._xla
+    assert not model.uses_xla
     assert "`encode` step returns the string features ['topics']" in (
         _warnings(caplog)[0].getMessage()
     )
@@ -244,10 +245,10 @@ def test_a_block_with_an_encode_step_compiles_with_xla(
                 meta_units=[16, 8],
                 global_block=EncodedRanker(ITEMS),
             )
-        assert model._xla == jit and not _warnings(caplog)
-        grads, out = model._function("g", model._meta_gradients, model._xla)(
-            model.encode(batch)
-        )
+        assert model.uses_xla == jit and not _warnings(caplog)
+        grads, out = tf.function(
+            lambda b, m=model: step.meta_gradients(m, b), jit_compile=model.uses_xla
+        )(model.encode(batch))
         results.append((float(out["loss"]), [tf.convert_to_tensor(g) for g in grads]))
     assert abs(results[0][0] - results[1][0]) < 1e-5
     for a, b in zip(results[0][1], results[1][1], strict=True):
@@ -310,7 +311,7 @@ def test_sequential_global_block_trains_scores_and_round_trips(
             global_block=_sequential(spec),
         )
     # Numbers only: the step still compiles with XLA.
-    assert model._xla and not _warnings(caplog)
+    assert model.uses_xla and not _warnings(caplog)
     model.compile(optimizer=tf.keras.optimizers.Adam(3e-3))
     train = data.task_dataset(synthetic_tasks["train"], spec, 32, 32, 32)
     history = model.fit(train, epochs=1, verbose=0).history
@@ -400,7 +401,7 @@ def test_custom_meta_block_adapts_per_task(synthetic_tasks, synthetic_spec):
         cross_layers=0,
         meta_block=LinearMetaBlock(segments, name="linear_meta"),
     )
-    assert model.meta_dim == 4 and model._xla is False
+    assert model.meta_dim == 4 and model.uses_xla is False
     assert set(model.adaptable_variables()) == {
         "meta_block/kernel",
         "meta_block/bias",
@@ -484,12 +485,15 @@ def test_a_custom_blocks_regularization_reaches_the_loss(
         float(tf.reduce_sum(glob[k] ** 2)) for k in glob if k.endswith("kernel")
     )
     batch = _batch(synthetic_tasks, synthetic_spec, tasks=4)
-    out = model._forward(model.encode(batch), 1, False)
+    out = model.forward(model.encode(batch), AdaptOptions(inner_steps=1), training=True)
     np.testing.assert_allclose(
         float(out["regularization_loss"]), penalty + ours, rtol=1e-5
     )
     with tf.GradientTape() as tape:
-        loss = model._forward(model.encode(batch), 0, False)["regularization_loss"]
+        out = model.forward(
+            model.encode(batch), AdaptOptions(inner_steps=0), training=True
+        )
+        loss = out["regularization_loss"]
     np.testing.assert_allclose(
         tape.gradient(loss, block.kernel).numpy(), 2 * 0.5 * block.kernel.numpy()
     )

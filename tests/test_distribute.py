@@ -14,7 +14,7 @@ import tensorflow as tf
 if len(sys.argv) > 3 and sys.argv[3] == "sabotage":
     # The sabotage companion: no replica scaling, so the replicas' summed
     # gradients are twice the mean.
-    tf_limaml.model.replica_mean = lambda loss: loss
+    tf_limaml.step.replica_mean = lambda loss: loss
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

@@ -40,7 +40,7 @@ from guarantees import (
 )
 from serving_fixture import TEST_MAX_SUPPORT, SessionSignatures
 
-from tf_limaml import data, evaluation, export
+from tf_limaml import data, evaluation, export, step
 from tf_limaml.model import LiMAMLModel, MetaConfig
 
 # The check failed: an assertion, or pytest.raises that saw nothing raised.
@@ -210,12 +210,12 @@ def test_resume_sabotaged_to_ignore_the_checkpoint(
 def test_nonfinite_step_sabotaged_to_be_applied(
     synthetic_tasks, synthetic_spec, monkeypatch
 ):
-    def applied(self, grads, finite):
-        self.optimizer.apply_gradients(
-            zip(grads, self.trainable_variables, strict=True)
+    def applied(model, grads, finite):
+        model.optimizer.apply_gradients(
+            zip(grads, model.trainable_variables, strict=True)
         )
 
-    monkeypatch.setattr(LiMAMLModel, "_apply_gradients", applied)
+    monkeypatch.setattr(step, "apply_gradients", applied)
     batch = next(iter(data.task_dataset(synthetic_tasks["train"], synthetic_spec, 8)))
     values = batch["support_f0"].numpy()
     values[3, 0] = np.nan
@@ -233,15 +233,14 @@ def test_zeroing_alone_sabotaged_in_for_the_skip(
     synthetic_tasks, synthetic_spec, monkeypatch
 ):
     """Zeroed gradients without the skip: Adam's moments still move the weights."""
-    from tf_limaml import model as model_module
 
-    def zeroed_only(self, grads, finite):
-        grads = [model_module._where_finite(finite, g) for g in grads]
-        self.optimizer.apply_gradients(
-            zip(grads, self.trainable_variables, strict=True)
+    def zeroed_only(model, grads, finite):
+        grads = [step.where_finite(finite, g) for g in grads]
+        model.optimizer.apply_gradients(
+            zip(grads, model.trainable_variables, strict=True)
         )
 
-    monkeypatch.setattr(LiMAMLModel, "_apply_gradients", zeroed_only)
+    monkeypatch.setattr(step, "apply_gradients", zeroed_only)
     batch = next(iter(data.task_dataset(synthetic_tasks["train"], synthetic_spec, 8)))
     values = batch["support_f0"].numpy()
     values[3, 0] = np.nan

@@ -5,13 +5,13 @@ import pytest
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tf_limaml import maml
 from tf_limaml.layers import (
     PACKED_NUMERIC_KEY,
     FeatureEmbedding,
     FunctionalCross,
     GlobalBlock,
     MetaBlock,
-    apply_dense,
 )
 
 FEATURES = [
@@ -50,12 +50,12 @@ def test_per_task_weights_run_one_weight_set_per_task():
     x = tf.random.stateless_normal([3, 4, 2], seed=[0, 1])
     kernels = tf.random.stateless_normal([3, 2, 5], seed=[2, 3])
     bias = tf.random.stateless_normal([3, 5], seed=[4, 5])
-    out = apply_dense(x, kernels, bias)
+    out = maml.dense(x, kernels, bias)
     for t in range(3):
         np.testing.assert_allclose(
             out[t].numpy(), (x[t] @ kernels[t] + bias[t]).numpy(), atol=1e-5
         )
-    shared = apply_dense(x, kernels[0], bias[0])
+    shared = maml.dense(x, kernels[0], bias[0])
     np.testing.assert_allclose(
         shared[1].numpy(), (x[1] @ kernels[0] + bias[0]).numpy(), atol=1e-5
     )

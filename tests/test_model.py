@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 import tf_limaml
-from tf_limaml import data
+from tf_limaml import data, maml, step
+from tf_limaml.config import AdaptOptions
 from tf_limaml.features import FeatureSpec
 from tf_limaml.model import LiMAMLModel, MetaConfig, load_model, save_model
 
@@ -108,7 +109,8 @@ def test_second_order_gradient_matches_finite_differences(
     encoded = model.encode(batch)
 
     def loss(first_order=False):
-        return model._forward(encoded, 2, first_order)["loss"]
+        options = AdaptOptions(inner_steps=2, first_order=first_order)
+        return model.forward(encoded, options, training=True)["loss"]
 
     variables = {
         "meta kernel": model.meta_block.adaptable_weights()["dense_0/kernel"],
@@ -167,7 +169,7 @@ def test_vectorized_inner_loop_equals_per_task_steps(
     fast = model.adapt(batch)
     embeddings = model.meta_embedding(batch).numpy()
     scores = model.predict_query(batch).numpy()
-    grads, _ = model._meta_gradients(model.encode(batch))
+    grads, _ = step.meta_gradients(model, model.encode(batch))
     per_task_grads = []
     for t in range(6):
         one = {k: v[t : t + 1] for k, v in batch.items()}
@@ -182,7 +184,7 @@ def test_vectorized_inner_loop_equals_per_task_steps(
         np.testing.assert_allclose(
             model.predict_query(one).numpy()[0], scores[t], atol=1e-5
         )
-        per_task_grads.append(model._meta_gradients(model.encode(one))[0])
+        per_task_grads.append(step.meta_gradients(model, model.encode(one))[0])
     # The outer loss is the mean of the tasks' query losses (all tasks have a query).
     for i, grad in enumerate(grads):
         mean = np.mean(
@@ -318,18 +320,21 @@ def test_adaptation_lowers_support_loss_for_most_tasks(
     lowered = total = 0
     for batch in data.task_dataset(synthetic_tasks["test"], synthetic_spec, 64, 32, 32):
         encoded = model.encode(batch)
-        before = model._per_task_loss(
-            encoded["support_label"],
-            model._logits(encoded, "support", None)[0],
-            encoded["support_mask"],
+        before = model.support_loss(
+            encoded.support_label,
+            model.logits(encoded, "support", None)[0],
+            encoded.support_mask,
         )
-        fast, _ = model._inner_loop(encoded, 1, True)
-        after = model._per_task_loss(
-            encoded["support_label"],
-            model._logits(encoded, "support", fast)[0],
-            encoded["support_mask"],
+        config = AdaptOptions(inner_steps=1, first_order=True).resolve(
+            model.meta_config
         )
-        has_support = encoded["support_mask"].numpy().sum(1) > 0
+        fast, _ = model.inner_loop(encoded, config)
+        after = model.support_loss(
+            encoded.support_label,
+            model.logits(encoded, "support", fast)[0],
+            encoded.support_mask,
+        )
+        has_support = encoded.support_mask.numpy().sum(1) > 0
         lowered += int(np.sum((after.numpy() < before.numpy())[has_support]))
         total += int(has_support.sum())
     assert total > 0
@@ -400,9 +405,9 @@ def test_xla_step_matches_eager_step(
             MetaConfig(inner_lr=0.3, jit_compile=jit),
             **small_model_kwargs,
         )
-        grads, out = model._function("g", model._meta_gradients, jit)(
-            model.encode(batch)
-        )
+        grads, out = tf.function(
+            lambda b, m=model: step.meta_gradients(m, b), jit_compile=jit
+        )(model.encode(batch))
         results.append(
             (float(out["loss"]), [tf.convert_to_tensor(g).numpy() for g in grads])
         )
@@ -475,18 +480,23 @@ def test_per_call_overrides_equal_a_model_built_with_them():
         model.adapt(TINY_TASKS, inner_lr=-1.0)
 
 
-def test_assigning_meta_config_retraces_and_keeps_the_weights_shape():
+def test_assigning_adapt_options_retraces_and_keeps_the_trained_config():
     model = _tiny_model(inner_lr=0.1)
     before = model.predict_query(TINY_TASKS).numpy()
-    model.meta_config = model.with_meta_config(inner_lr=0.3)
+    model.adapt_options = AdaptOptions(inner_lr=0.3)
     np.testing.assert_allclose(
         model.predict_query(TINY_TASKS).numpy(),
         _tiny_model(inner_lr=0.3).predict_query(TINY_TASKS).numpy(),
     )
     assert np.abs(model.predict_query(TINY_TASKS).numpy() - before).max() > 1e-4
-    for change in ({"adapt": "all"}, {"learn_inner_lr": True}):
-        with pytest.raises(ValueError, match="cannot change"):
-            model.meta_config = model.with_meta_config(**change)
+    # The trained config is not touched, and both are saved, each by its name.
+    assert model.meta_config.inner_lr == 0.1
+    config = model.get_config()
+    assert config["meta_config"]["inner_lr"] == 0.1
+    assert config["adapt_options"]["inner_lr"] == 0.3
+    assert LiMAMLModel.from_config(config).adapt_options == model.adapt_options
+    with pytest.raises(AttributeError):
+        model.meta_config = MetaConfig(inner_lr=0.3)
 
 
 class _HookedModel(LiMAMLModel):
@@ -555,14 +565,17 @@ def test_l2_regularization_loss_by_hand():
         "query_label": tf.constant([[1.0]]),
         "query_mask": tf.constant([[1.0]]),
     }
-    out = model._forward(model.encode(tasks), 1, False)
+    out = model.forward(model.encode(tasks), AdaptOptions(inner_steps=1), training=True)
     np.testing.assert_allclose(float(out["regularization_loss"]), expected, rtol=1e-6)
     np.testing.assert_allclose(
         float(out["loss"]), float(out["query_loss"]) + expected, rtol=1e-6
     )
     # The penalty's gradient reaches the variables: 2 * l2 * kernel.
     with tf.GradientTape() as tape:
-        loss = model._forward(model.encode(tasks), 0, False)["regularization_loss"]
+        out = model.forward(
+            model.encode(tasks), AdaptOptions(inner_steps=0), training=True
+        )
+        loss = out["regularization_loss"]
     np.testing.assert_allclose(
         tape.gradient(loss, glob["logit/kernel"]).numpy(), [[-0.06]], rtol=1e-6
     )
@@ -591,13 +604,11 @@ def test_dense_only_inner_loop_equals_the_tiled_one(
             MetaConfig(inner_lr=0.3, inner_steps=2, adapt=adapt, jit_compile=False),
             **small_model_kwargs,
         )
-        config = model.meta_config
-        rates = {n: model.inner_lr(n) for n in model.adaptable_variables()}
-        dense_only = model._adapts_dense_only(
-            config, model.adaptable_variables(), rates
-        )
+        # The dense-only inner loop keeps its kernels factored.
+        fast, _ = model.inner_loop(model.encode(batch), model.meta_config)
+        dense_only = any(isinstance(v, maml.LowRankKernel) for v in fast.values())
         assert dense_only == (cls is LiMAMLModel)
-        grads, out = model._meta_gradients(model.encode(batch))
+        grads, out = step.meta_gradients(model, model.encode(batch))
         results.append((model.adapt(batch), out, grads))
     (fast, out, grads), (fast_t, out_t, grads_t) = results
     assert set(fast) == set(fast_t)
@@ -627,8 +638,8 @@ def test_numeric_only_step_encodes_inside_the_compiled_step():
         model = LiMAMLModel(
             TINY_SPEC, MetaConfig(inner_lr=0.2), meta_units=[4, 2], global_units=[4]
         )
-        assert model._encode_compiles
-        model._encode_compiles = inside
+        assert model.encode_compiles
+        model.encode_compiles = inside
         model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
         logs = model.train_step(batch)
         weights.append([v.numpy() for v in model.trainable_variables] + [logs])
@@ -680,12 +691,12 @@ def test_dense_table_gradients_update_as_the_sparse_ones(
         )
         model.compile(optimizer=optimizer())
         for _ in range(2):
-            grads, out = model._meta_gradients(model.encode(batch))
+            grads, out = step.meta_gradients(model, model.encode(batch))
             assert any(isinstance(g, tf.IndexedSlices) for g in grads)
             if dense:
-                grads = [model._dense_table_gradient(g) for g in grads]
+                grads = step.densify_small_tables(model, grads)
                 assert not any(isinstance(g, tf.IndexedSlices) for g in grads)
-            model._apply_gradients(grads, out["finite"])
+            step.apply_gradients(model, grads, out["finite"])
         tables.append([v.numpy() for v in model.trainable_variables])
     for sparse, dense in zip(*tables, strict=True):
         np.testing.assert_allclose(dense, sparse, atol=1e-6)

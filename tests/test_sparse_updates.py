@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_limaml import data, training
+from tf_limaml import data, step, training
 from tf_limaml.model import LiMAMLModel, MetaConfig
 from tf_limaml.optimizers import LazyAdam
 
@@ -139,7 +139,9 @@ def test_the_default_limit_keeps_a_million_row_table_sparse(
     gradient = tf.IndexedSlices(
         tf.ones([4, shape[1]]), tf.constant([0, 5, 5, 9]), tf.constant(shape)
     )
-    applied = model._dense_table_gradient(gradient)
+    applied = step.dense_table_gradient(
+        gradient, model.optimizer, model.dense_table_limit
+    )
     assert isinstance(applied, tf.IndexedSlices) is sparse
 
 

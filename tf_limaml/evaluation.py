@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from tf_limaml.config import AdaptOptions
+
 logger = logging.getLogger(__name__)
 
 
@@ -96,7 +98,9 @@ def collect_query_predictions(
     """
     out: dict[str, list] = {"entity_id": [], "label": [], "score": [], "n_support": []}
     for batch in batches:
-        scores = model.predict_query(batch, adapt=adapt, steps=steps).numpy()
+        scores = model.predict_query(
+            batch, AdaptOptions(inner_steps=steps), adapt=adapt
+        ).numpy()
         mask = batch["query_mask"].numpy() > 0
         rows = mask.sum(axis=1)
         out["score"].append(scores[mask])

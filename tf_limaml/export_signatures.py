@@ -45,6 +45,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_limaml.config import AdaptOptions
 from tf_limaml.features import (
     CATEGORICAL,
     MULTI_HOT,
@@ -316,7 +317,9 @@ class LiMAMLServingModule(tf.Module):
         ]
         self.max_support = max_support
         self.inner_steps = (
-            model.meta_config.inner_steps if inner_steps is None else (inner_steps)
+            model.adapt_options.resolve(model.meta_config).inner_steps
+            if inner_steps is None
+            else inner_steps
         )
         if (
             isinstance(self.inner_steps, bool)
@@ -377,7 +380,10 @@ class LiMAMLServingModule(tf.Module):
             tasks[SUPPORT_LABEL_KEY] = _keep_latest_rows(label, self.max_support)[None]
             tasks[SUPPORT_MASK_KEY] = tf.ones_like(tasks[SUPPORT_LABEL_KEY])
             tasks.update({key: value[None] for key, value in query.items()})
-            logits, embedding = self.model.compute_query_logits(tasks, self.inner_steps)
+            out = self.model.forward(
+                self.model.encode(tasks), AdaptOptions(inner_steps=self.inner_steps)
+            )
+            logits, embedding = out["query_logits"], out["meta_embedding"]
         return {
             SCORE_KEY: tf.cast(tf.sigmoid(logits[0]), tf.float32),
             EMBEDDING_KEY: tf.cast(embedding[0], tf.float32),
@@ -422,7 +428,9 @@ class LiMAMLServingModule(tf.Module):
                 SUPPORT_LABEL_KEY: label,
                 SUPPORT_MASK_KEY: kept,
             }
-            embedding = self.model.compute_meta_embedding(tasks, self.inner_steps)
+            embedding = self.model.embed(
+                tasks, AdaptOptions(inner_steps=self.inner_steps)
+            )
         return {EMBEDDING_KEY: tf.cast(embedding, tf.float32)}
 
     def predict_examples(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:

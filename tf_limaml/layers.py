@@ -28,6 +28,15 @@ from typing import Any
 import tensorflow as tf
 
 from tf_limaml import maml
+from tf_limaml.blocks import (
+    INPUTS_WEIGHT,
+    META_EMBEDDING_KEY,
+    FastWeightLayer,
+    _fresh,
+    as_features,
+    check_units,
+    weight_config,
+)
 from tf_limaml.features import (
     CATEGORICAL,
     LOG1P,
@@ -38,43 +47,11 @@ from tf_limaml.features import (
 )
 
 _PACKAGE = "tf_limaml"
-META_EMBEDDING_KEY = "meta_embedding"
 Weights = Mapping[str, tf.Tensor]
-
-
-def _as_features(
-    features: Sequence[Feature | Mapping[str, Any]],
-) -> tuple[Feature, ...]:
-    return tuple(
-        f if isinstance(f, Feature) else Feature.from_dict(f, "features")
-        for f in features
-    )
-
-
-def _check_units(name: str, units: Sequence[int]) -> tuple[int, ...]:
-    units = tuple(units)
-    if not units or not all(isinstance(u, int) and u > 0 for u in units):
-        raise ValueError(
-            f"`{name}` must be a non-empty list of positive integers, "
-            f"got {list(units)!r}"
-        )
-    return units
-
-
-# The one dense implementation lives in the functional core; this name stays
-# for code written against the layers.
-apply_dense = maml.dense
 
 # Key of the packed numeric columns in `encode(raw, pack_numeric=True)`. A
 # feature name cannot contain "/", so it never meets a feature.
 PACKED_NUMERIC_KEY = "numeric/packed"
-
-
-def _fresh(initializer: tf.keras.initializers.Initializer):
-    """A new instance with the same config: an unseeded Keras initializer
-    instance returns the same values every time it is called, so each weight
-    gets its own (a seeded one still repeats, as in Keras)."""
-    return initializer.__class__.from_config(initializer.get_config())
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
@@ -115,7 +92,7 @@ class FeatureEmbedding(tf.keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.features = _as_features(features)
+        self.features = as_features(features)
         # The one place a model meets its features: refuse raw scales here.
         check_statistics(self.features)
         self.embeddings_initializer = tf.keras.initializers.get(embeddings_initializer)
@@ -298,70 +275,14 @@ class FeatureEmbedding(tf.keras.layers.Layer):
         config.update(
             {
                 "features": [f.to_dict() for f in self.features],
-                **_weight_config(self),
+                **weight_config(self),
             }
         )
         return config
 
 
-def _weight_config(layer: tf.keras.layers.Layer) -> dict[str, Any]:
-    """The Keras weight arguments of `layer`, serialized for `get_config`."""
-    config = {}
-    for name in (
-        "kernel_initializer",
-        "bias_initializer",
-        "embeddings_initializer",
-    ):
-        if hasattr(layer, name):
-            config[name] = tf.keras.initializers.serialize(getattr(layer, name))
-    for name in ("kernel_regularizer", "embeddings_regularizer"):
-        if hasattr(layer, name):
-            config[name] = tf.keras.regularizers.serialize(getattr(layer, name))
-    return config
-
-
-class _DenseStack(tf.keras.layers.Layer):
-    """Shared machinery: named dense weights that fast weights can replace,
-    created with the Keras weight arguments of the layer."""
-
-    def __init__(
-        self,
-        kernel_initializer: Any = "glorot_uniform",
-        bias_initializer: Any = "zeros",
-        kernel_regularizer: Any = None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
-        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = tf.keras.regularizers.get(kernel_regularizer)
-        self._adaptable: dict[str, tf.Variable] = {}
-
-    def _dense_weight(self, name: str, shape: tuple[int, ...], bias: bool = False):
-        variable = self.add_weight(
-            name=name,
-            shape=shape,
-            initializer=_fresh(
-                self.bias_initializer if bias else self.kernel_initializer
-            ),
-            regularizer=None if bias else self.kernel_regularizer,
-            trainable=True,
-        )
-        self._adaptable[name] = variable
-        return variable
-
-    def adaptable_weights(self) -> dict[str, tf.Variable]:
-        """The dense weights an inner loop may adapt, by name."""
-        return dict(self._adaptable)
-
-    def _w(self, weights: Weights | None, name: str) -> tf.Tensor:
-        if weights is not None and name in weights:
-            return weights[name]
-        return self._adaptable[name]
-
-
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class MetaBlock(_DenseStack):
+class MetaBlock(FastWeightLayer):
     """Meta features -> embeddings -> MLP -> meta embedding of size d.
 
     With no meta features the MLP starts from a learned constant input, so the
@@ -392,6 +313,12 @@ class MetaBlock(_DenseStack):
         (TensorShape([2, 4]), 2)
     """
 
+    # Every adapted weight goes through maml.dense; `encode` is plain math on
+    # numbers; the looked-up input rows can adapt (`adapt_embeddings`).
+    fast_dense_path = True
+    encode_compiles = True
+    adapts_input_embeddings = True
+
     def __init__(
         self,
         features: Sequence[Feature | Mapping[str, Any]] = (),
@@ -411,8 +338,8 @@ class MetaBlock(_DenseStack):
             kernel_regularizer=kernel_regularizer,
             **kwargs,
         )
-        self.features = _as_features(features)
-        self.units = _check_units("units", units)
+        self.features = as_features(features)
+        self.units = check_units("units", units)
         self.activation = activation
         self._activation = tf.keras.activations.get(activation)
         if not isinstance(constant_input_dim, int) or constant_input_dim <= 0:
@@ -454,8 +381,8 @@ class MetaBlock(_DenseStack):
             )
         width = self.input_dim
         for i, units in enumerate(self.units):
-            self._dense_weight(f"dense_{i}/kernel", (width, units))
-            self._dense_weight(f"dense_{i}/bias", (units,), bias=True)
+            self.add_fast_weight(f"dense_{i}/kernel", (width, units))
+            self.add_fast_weight(f"dense_{i}/bias", (units,), bias=True)
             width = units
         super().build(input_shape)
 
@@ -487,8 +414,8 @@ class MetaBlock(_DenseStack):
         for i in range(len(self.units)):
             x = maml.dense(
                 x,
-                self._w(weights, f"dense_{i}/kernel"),
-                self._w(weights, f"dense_{i}/bias"),
+                self.fast_weight(weights, f"dense_{i}/kernel"),
+                self.fast_weight(weights, f"dense_{i}/bias"),
             )
             if i < len(self.units) - 1:
                 x = self._activation(x)
@@ -502,8 +429,8 @@ class MetaBlock(_DenseStack):
     ) -> tf.Tensor:
         if batch_size is None:
             batch_size = _batch_size(encoded, weights)
-        if weights is not None and "inputs" in weights:
-            x = weights["inputs"]
+        if weights is not None and INPUTS_WEIGHT in weights:
+            x = weights[INPUTS_WEIGHT]
         else:
             x = self.embed_inputs(encoded, batch_size)
         return self.mlp(x, weights)
@@ -516,15 +443,15 @@ class MetaBlock(_DenseStack):
                 "units": list(self.units),
                 "activation": self.activation,
                 "constant_input_dim": self.constant_input_dim,
-                **_weight_config(self),
+                **weight_config(self),
             }
         )
         return config
 
 
 def _batch_size(encoded: Mapping[str, tf.Tensor], weights: Weights | None) -> tf.Tensor:
-    if weights is not None and "inputs" in weights:
-        return tf.shape(weights["inputs"])[0]
+    if weights is not None and INPUTS_WEIGHT in weights:
+        return tf.shape(weights[INPUTS_WEIGHT])[0]
     for value in encoded.values():
         return tf.shape(value)[0]
     raise ValueError(
@@ -616,7 +543,7 @@ class FunctionalCross(tf.keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"projection_dim": self.projection_dim, **_weight_config(self)})
+        config.update({"projection_dim": self.projection_dim, **weight_config(self)})
         return config
 
 
@@ -624,7 +551,7 @@ INTERACTIONS = ("concat", "product")
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class GlobalBlock(_DenseStack):
+class GlobalBlock(FastWeightLayer):
     """Meta embedding + request features -> cross layers -> MLP -> logit.
 
     Args:
@@ -654,6 +581,12 @@ class GlobalBlock(_DenseStack):
     Output shape: logits `[B]` or `[T, S]`.
     """
 
+    # Scores [T, d] embeddings against [T, S, ...] rows itself, every adapted
+    # weight goes through maml.dense, and `encode` is plain math on numbers.
+    accepts_task_axis = True
+    fast_dense_path = True
+    encode_compiles = True
+
     def __init__(
         self,
         features: Sequence[Feature | Mapping[str, Any]],
@@ -676,7 +609,7 @@ class GlobalBlock(_DenseStack):
             kernel_regularizer=kernel_regularizer,
             **kwargs,
         )
-        self.features = _as_features(features)
+        self.features = as_features(features)
         if not self.features:
             raise ValueError("`features` must hold at least one request feature")
         if not isinstance(meta_dim, int) or meta_dim <= 0:
@@ -693,7 +626,7 @@ class GlobalBlock(_DenseStack):
         self.interaction = interaction
         self.cross_layers = cross_layers
         self.projection_dim = projection_dim
-        self.units = _check_units("units", units)
+        self.units = check_units("units", units)
         self.activation = activation
         self._activation = tf.keras.activations.get(activation)
         self.embeddings_initializer = tf.keras.initializers.get(embeddings_initializer)
@@ -716,6 +649,11 @@ class GlobalBlock(_DenseStack):
         ]
 
     @property
+    def request_feature_embedding(self) -> FeatureEmbedding:
+        """The request-feature tables (a sequence meta block may share them)."""
+        return self.embedding
+
+    @property
     def cross_width(self) -> int:
         width = self.meta_dim + self.embedding.output_dim
         return width + (self.meta_dim if self.interaction == "product" else 0)
@@ -723,21 +661,21 @@ class GlobalBlock(_DenseStack):
     def build(self, input_shape=None):
         self.embedding.build(None)
         if self.interaction == "product":
-            self._dense_weight(
+            self.add_fast_weight(
                 "interaction/kernel", (self.embedding.output_dim, self.meta_dim)
             )
-            self._dense_weight("interaction/bias", (self.meta_dim,), bias=True)
+            self.add_fast_weight("interaction/bias", (self.meta_dim,), bias=True)
         width = self.cross_width
         for cross in self.crosses:
             cross.build((None, width))
             for key, variable in cross.weight_dict().items():
-                self._adaptable[f"{cross.name}/{key}"] = variable
+                self.track_fast_weight(f"{cross.name}/{key}", variable)
         for i, units in enumerate(self.units):
-            self._dense_weight(f"dense_{i}/kernel", (width, units))
-            self._dense_weight(f"dense_{i}/bias", (units,), bias=True)
+            self.add_fast_weight(f"dense_{i}/kernel", (width, units))
+            self.add_fast_weight(f"dense_{i}/bias", (units,), bias=True)
             width = units
-        self._dense_weight("logit/kernel", (width, 1))
-        self._dense_weight("logit/bias", (1,), bias=True)
+        self.add_fast_weight("logit/kernel", (width, 1))
+        self.add_fast_weight("logit/bias", (1,), bias=True)
         super().build(input_shape)
 
     def encode(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -774,12 +712,14 @@ class GlobalBlock(_DenseStack):
             x = self._activation(
                 maml.dense(
                     x,
-                    self._w(weights, f"dense_{i}/kernel"),
-                    self._w(weights, f"dense_{i}/bias"),
+                    self.fast_weight(weights, f"dense_{i}/kernel"),
+                    self.fast_weight(weights, f"dense_{i}/bias"),
                 )
             )
         logits = maml.dense(
-            x, self._w(weights, "logit/kernel"), self._w(weights, "logit/bias")
+            x,
+            self.fast_weight(weights, "logit/kernel"),
+            self.fast_weight(weights, "logit/bias"),
         )
         return tf.squeeze(logits, axis=-1)
 
@@ -793,8 +733,8 @@ class GlobalBlock(_DenseStack):
     def _product(self, embedding_rows, request, weights) -> tf.Tensor:
         item_side = maml.dense(
             request,
-            self._w(weights, "interaction/kernel"),
-            self._w(weights, "interaction/bias"),
+            self.fast_weight(weights, "interaction/kernel"),
+            self.fast_weight(weights, "interaction/bias"),
         )
         return embedding_rows * item_side
 
@@ -824,7 +764,7 @@ class GlobalBlock(_DenseStack):
         embedding's share (and its gradient) is computed once per task rather
         than once per row.
         """
-        kernel = self._w(weights, "dense_0/kernel")
+        kernel = self.fast_weight(weights, "dense_0/kernel")
         d, n = self.meta_dim, self.embedding.output_dim
         y = maml.dense(request, kernel[..., d : d + n, :])
         if self.interaction == "product":
@@ -832,7 +772,9 @@ class GlobalBlock(_DenseStack):
             product = self._product(rows, request, weights)
             y += maml.dense(product, kernel[..., d + n :, :])
         shared = maml.dense(
-            meta_embedding, kernel[..., :d, :], self._w(weights, "dense_0/bias")
+            meta_embedding,
+            kernel[..., :d, :],
+            self.fast_weight(weights, "dense_0/bias"),
         )
         return y + (shared[:, None, :] if per_task else shared)
 
@@ -847,7 +789,7 @@ class GlobalBlock(_DenseStack):
                 "projection_dim": self.projection_dim,
                 "units": list(self.units),
                 "activation": self.activation,
-                **_weight_config(self),
+                **weight_config(self),
             }
         )
         return config

@@ -30,19 +30,18 @@ from typing import Any
 import tensorflow as tf
 
 from tf_limaml import maml
-from tf_limaml.features import Feature
-from tf_limaml.layers import (
-    FeatureEmbedding,
-    _as_features,
-    _check_units,
-    _DenseStack,
-    _weight_config,
+from tf_limaml.blocks import (
+    SUPPORT_SEQUENCE_KEY,
+    FastWeightLayer,
+    as_features,
+    check_units,
+    weight_config,
 )
+from tf_limaml.features import Feature
+from tf_limaml.layers import FeatureEmbedding
 
 _PACKAGE = "tf_limaml"
 
-# The meta block's input key holding the support sequence (see LiMAMLModel).
-SUPPORT_SEQUENCE_KEY = "support_sequence"
 # What the inner loop may adapt (`SequenceMetaBlock(adapt=...)`).
 SEQUENCE_ADAPT_CHOICES = ("output", "mlp", "pool_query")
 REQUEST_EMBEDDINGS = ("own", "shared")
@@ -51,7 +50,7 @@ Weights = Mapping[str, tf.Tensor]
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class SequenceMetaBlock(_DenseStack):
+class SequenceMetaBlock(FastWeightLayer):
     """Static meta features + support sequence -> transformer -> meta embedding.
 
     Each support row becomes a token: its request features, and the same
@@ -121,14 +120,14 @@ class SequenceMetaBlock(_DenseStack):
             kernel_regularizer=kernel_regularizer,
             **kwargs,
         )
-        self.features = _as_features(features)
-        self.request_features = _as_features(request_features)
+        self.features = as_features(features)
+        self.request_features = as_features(request_features)
         if not self.request_features:
             raise ValueError(
                 "SequenceMetaBlock needs `request_features` (what each support "
                 "row holds): pass spec.request_features"
             )
-        self.units = _check_units("units", units)
+        self.units = check_units("units", units)
         for name, value, low in (
             ("model_dim", model_dim, 1),
             ("num_heads", num_heads, 1),
@@ -246,10 +245,13 @@ class SequenceMetaBlock(_DenseStack):
                 shape=(self.max_positions, h),
                 initializer=tf.keras.initializers.RandomNormal(stddev=0.1),
             )
-        self._adaptable["pool_query"] = self.add_weight(
-            name="pool_query",
-            shape=(h,),
-            initializer=tf.keras.initializers.RandomNormal(stddev=0.1),
+        self.track_fast_weight(
+            "pool_query",
+            self.add_weight(
+                name="pool_query",
+                shape=(h,),
+                initializer=tf.keras.initializers.RandomNormal(stddev=0.1),
+            ),
         )
         # Keras builds attention on its first call: do it now, so that every
         # weight exists before a checkpoint restores or a tf.function traces.
@@ -263,8 +265,8 @@ class SequenceMetaBlock(_DenseStack):
         self.pool_attention(tokens, tokens)
         width = self.static_dim + h
         for i, units in enumerate(self.units):
-            self._dense_weight(f"dense_{i}/kernel", (width, units))
-            self._dense_weight(f"dense_{i}/bias", (units,), bias=True)
+            self.add_fast_weight(f"dense_{i}/kernel", (width, units))
+            self.add_fast_weight(f"dense_{i}/bias", (units,), bias=True)
             width = units
         super().build(input_shape)
 
@@ -341,7 +343,7 @@ class SequenceMetaBlock(_DenseStack):
             return tf.zeros([batch_size, self.model_dim], self.compute_dtype)
         tokens, mask = self._tokens(sequence)
         tokens = self._encode_sequence(tokens, mask)
-        query = tf.convert_to_tensor(self._w(weights, "pool_query"))
+        query = tf.convert_to_tensor(self.fast_weight(weights, "pool_query"))
         if query.shape.rank == 1:
             query = tf.broadcast_to(query, [tf.shape(tokens)[0], self.model_dim])
         pooled = self.pool_attention(
@@ -368,8 +370,8 @@ class SequenceMetaBlock(_DenseStack):
         for i in range(len(self.units)):
             x = maml.dense(
                 x,
-                self._w(weights, f"dense_{i}/kernel"),
-                self._w(weights, f"dense_{i}/bias"),
+                self.fast_weight(weights, f"dense_{i}/kernel"),
+                self.fast_weight(weights, f"dense_{i}/bias"),
             )
             if i < len(self.units) - 1:
                 x = self._activation(x)
@@ -391,7 +393,7 @@ class SequenceMetaBlock(_DenseStack):
                 "request_embedding": self.request_embedding,
                 "adapt": list(self.adapt),
                 "activation": self.activation,
-                **_weight_config(self),
+                **weight_config(self),
             }
         )
         return config

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tf_limaml.config import AdaptOptions, MetaConfig
 from tf_limaml.experiments.protocol import (
     SUPPORT_KS,
     Batch,
@@ -54,7 +55,7 @@ from tf_limaml.experiments.protocol import (
 )
 from tf_limaml.experiments.recipes import Architecture, Recipe
 from tf_limaml.features import ENTITY_ID_KEY, LABEL_KEY, QUERY, SUPPORT, FeatureSpec
-from tf_limaml.model import LiMAMLModel, MetaConfig
+from tf_limaml.model import LiMAMLModel
 from tf_limaml.sequence import SequenceMetaBlock
 from tf_limaml.training import GRADIENT_CLIPNORM
 
@@ -413,14 +414,16 @@ def _query_function(
     the model's source from disk.
     """
     cache = _QUERY_FUNCTIONS.setdefault(model, {})
-    key = (model.meta_config, steps, inner_lr, support_prior)
+    key = (model.meta_config, model.adapt_options, steps, inner_lr, support_prior)
     if key not in cache:
 
         def probabilities(batch):
-            logits, _ = model.compute_query_logits(
-                batch, steps, inner_lr=inner_lr, support_prior=support_prior
+            options = AdaptOptions(
+                inner_steps=steps, inner_lr=inner_lr, support_prior=support_prior
             )
-            return tf.sigmoid(logits)
+            return tf.sigmoid(
+                model.forward(model.encode(batch), options)["query_logits"]
+            )
 
         cache[key] = tf.function(probabilities, reduce_retracing=True, autograph=False)
     return cache[key]
@@ -713,8 +716,8 @@ def train_meta_learner(
             callbacks=callbacks,
         )
     if recipe.adaptation():
-        # The test-time knobs: scoring and the export read the model's config.
-        model.meta_config = model.with_meta_config(**recipe.adaptation())
+        # The test-time knobs, saved as such: scoring and the export read them.
+        model.adapt_options = AdaptOptions(**recipe.adaptation())
     return model, history
 
 
