@@ -267,15 +267,28 @@ SMALL = StepConfig(
 
 
 def _slice_task(encoded, t):
+    """Task t of an encoded batch: a TaskBatch, or a revision's dict."""
+    fields = encoded._asdict() if hasattr(encoded, "_asdict") else encoded
     out = {}
-    for key, value in encoded.items():
+    for key, value in fields.items():
         if key == "batch_size":
             out[key] = tf.constant(1)
+        elif value is None:
+            out[key] = None
         elif isinstance(value, dict):
             out[key] = {k: v[t : t + 1] for k, v in value.items()}
         else:
             out[key] = value[t : t + 1]
-    return out
+    return type(encoded)(**out) if hasattr(encoded, "_asdict") else out
+
+
+def _training_loss(model, encoded, steps):
+    """The meta-train loss with `steps` inner steps, second order, through the
+    model's public `forward` (or a baseline revision's `_forward`)."""
+    if hasattr(model, "forward"):
+        options = {"inner_steps": steps, "first_order": False}
+        return model.forward(encoded, options, training=True)["loss"]
+    return model._forward(encoded, steps, False)["loss"]
 
 
 def build_steps(
@@ -321,9 +334,9 @@ def per_task_loop_step(
         with tf.GradientTape() as tape:
             total = tf.constant(0.0)
             for t in tf.range(config.tasks):
-                total += loop_model._forward(
-                    _slice_task(encoded, t), config.inner_steps, False
-                )["loss"]
+                total += _training_loss(
+                    loop_model, _slice_task(encoded, t), config.inner_steps
+                )
             loss = total / config.tasks
         variables = loop_model.trainable_variables
         grads = tape.gradient(loss, variables)
@@ -347,12 +360,9 @@ def plain_step_fn(config: StepConfig, batch) -> callable:
         with tf.GradientTape() as tape:
             losses = []
             for part in ("support", "query"):
-                logits, _ = plain_model._logits(encoded, part, None)
-                losses.append(
-                    plain_model._per_task_loss(
-                        encoded[f"{part}_label"], logits, encoded[f"{part}_mask"]
-                    )
-                )
+                logits, _ = plain_model.logits(encoded, part, None)
+                rows, labels, mask = encoded.part(part)
+                losses.append(plain_model.support_loss(labels, logits, mask))
             loss = tf.reduce_mean(tf.concat(losses, axis=0))
         return tape.gradient(loss, plain_model.trainable_variables), loss
 
