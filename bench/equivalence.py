@@ -21,10 +21,9 @@ sys.path.insert(0, HERE)
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import meta_train  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-import meta_train  # noqa: E402
 
 
 def _train(config, lib, steps: int, **meta_config):
@@ -55,10 +54,13 @@ def main(argv=None) -> int:
         ("small", meta_train.SMALL),
     ):
         for first_order in (False, True):
-            ours = _train(config, meta_train.CURRENT, args.steps, first_order=first_order)
+            ours = _train(
+                config, meta_train.CURRENT, args.steps, first_order=first_order
+            )
             theirs = _train(config, baseline, args.steps, first_order=first_order)
             weights = max(
-                float(np.max(np.abs(a - b))) for a, b in zip(ours[0], theirs[0], strict=True)
+                float(np.max(np.abs(a - b)))
+                for a, b in zip(ours[0], theirs[0], strict=True)
             )
             result["runs"].append(
                 {

@@ -367,7 +367,7 @@ def test_export_is_atomic_and_versioned(exported, tmp_path, monkeypatch):
 
 def test_cli_export_and_serve_command(exported, tmp_path, capsys):
     from tf_limaml import cli
-    from tf_limaml.model import save_model
+    from tf_limaml.saving import save_model
 
     model_dir = str(tmp_path / "model")
     save_model(exported["model"], model_dir)

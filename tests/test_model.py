@@ -8,7 +8,8 @@ import tf_limaml
 from tf_limaml import data, maml, step
 from tf_limaml.config import AdaptOptions
 from tf_limaml.features import FeatureSpec
-from tf_limaml.model import LiMAMLModel, MetaConfig, load_model, save_model
+from tf_limaml.model import LiMAMLModel, MetaConfig
+from tf_limaml.saving import load_model, save_model
 
 TINY_SPEC = FeatureSpec.from_dict(
     {

@@ -18,7 +18,8 @@ import pytest
 import tensorflow as tf
 
 from tf_limaml import cli, training
-from tf_limaml.model import LiMAMLModel, MetaConfig, load_model
+from tf_limaml.model import LiMAMLModel, MetaConfig
+from tf_limaml.saving import load_model
 
 SMALL = {"meta_units": [16, 8], "global_units": [32, 16], "cross_layers": 1}
 # Elementwise |multi-worker - one device| bound on the weights after the SGD

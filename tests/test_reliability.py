@@ -109,7 +109,7 @@ sys.exit(cli.main(sys.argv[2:]))
 
 
 def _saved_model_dir(exported, tmp_path) -> str:
-    from tf_limaml.model import save_model
+    from tf_limaml.saving import save_model
 
     model_dir = str(tmp_path / "model")
     save_model(exported["model"], model_dir)

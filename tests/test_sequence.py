@@ -373,7 +373,7 @@ def test_save_and_load_model_round_trips_the_sequence_block(
     sequence_export, synthetic_tasks, synthetic_spec, tmp_path
 ):
     from tf_limaml import data
-    from tf_limaml.model import load_model, save_model
+    from tf_limaml.saving import load_model, save_model
 
     model = sequence_export["model"]
     save_model(model, str(tmp_path / "model"))

@@ -21,7 +21,8 @@ from guarantees import (
 
 from tf_limaml import data, training
 from tf_limaml.datasets import synthetic
-from tf_limaml.model import MetaConfig, load_model
+from tf_limaml.model import MetaConfig
+from tf_limaml.saving import load_model
 
 SMALL = {"meta_units": [16, 8], "global_units": [32, 16], "cross_layers": 1}
 

@@ -35,11 +35,12 @@ _PUBLIC = {
     "LiMAMLModel": "tf_limaml.model",
     "MetaConfig": "tf_limaml.config",
     "AdaptOptions": "tf_limaml.config",
-    "load_model": "tf_limaml.model",
-    "save_model": "tf_limaml.model",
+    "load_model": "tf_limaml.saving",
+    "save_model": "tf_limaml.saving",
     "LazyAdam": "tf_limaml.optimizers",
 }
 _SUBMODULES = (
+    "blocks",
     "config",
     "data",
     "datasets",
@@ -52,8 +53,10 @@ _SUBMODULES = (
     "model",
     "sequence",
     "optimizers",
+    "saving",
     "signatures",
     "statistics",
+    "step",
     "tasks",
     "training",
     "export",
@@ -67,6 +70,8 @@ __all__ = sorted(_PUBLIC) + list(_SUBMODULES)
 
 if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
     from tf_limaml import (  # noqa: F401
+        blocks,
+        config,
         data,
         datasets,
         distribute,
@@ -78,9 +83,11 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         maml,
         model,
         optimizers,
+        saving,
         sequence,
         signatures,
         statistics,
+        step,
         tasks,
         training,
     )
@@ -97,8 +104,9 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         GlobalBlock,
         MetaBlock,
     )
-    from tf_limaml.model import LiMAMLModel, load_model, save_model  # noqa: F401
+    from tf_limaml.model import LiMAMLModel  # noqa: F401
     from tf_limaml.optimizers import LazyAdam  # noqa: F401
+    from tf_limaml.saving import load_model, save_model  # noqa: F401
     from tf_limaml.sequence import SequenceMetaBlock  # noqa: F401
 
 

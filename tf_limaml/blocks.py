@@ -39,7 +39,17 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import tensorflow as tf
 
-from tf_limaml.features import MULTI_HOT, NUMERIC, Feature
+from tf_limaml.config import MetaConfig
+from tf_limaml.features import (
+    LABEL_KEY,
+    MASK_KEY,
+    MULTI_HOT,
+    NUMERIC,
+    PARTS,
+    SUPPORT,
+    Feature,
+    FeatureSpec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -535,3 +545,182 @@ class GlobalBlockAdapter(_BlockAdapter):
             [-1, self.meta_dim],
         )
         return tf.reshape(self.row_logits(per_row, rows), rows_shape)
+
+
+def encode_batch(
+    spec: FeatureSpec,
+    meta: MetaBlockAdapter,
+    glob: GlobalBlockAdapter,
+    batch: Mapping[str, tf.Tensor],
+    dtype: tf.DType | str = tf.float32,
+) -> TaskBatch:
+    """A raw task batch (`tf_limaml.data.task_dataset`) encoded for the blocks.
+
+    Parts (support, query) whose features are absent from the batch are None;
+    a missing mask means every row is real.
+
+    Raises:
+        KeyError: A meta feature, or some of a part's request features, is
+            missing from the batch.
+    """
+    missing = [f.name for f in spec.meta_features if f.name not in batch]
+    if missing:
+        raise KeyError(
+            f"Task batch lacks meta feature(s) {missing}; it has {sorted(batch)}"
+        )
+    fields: dict[str, Any] = {
+        "meta": meta.encode({f.name: batch[f.name] for f in spec.meta_features})
+    }
+    for part in PARTS:
+        keys = {f.name: spec.batch_key(part, f.name) for f in spec.request_features}
+        if not any(k in batch for k in keys.values()):
+            continue
+        absent = [k for k in keys.values() if k not in batch]
+        if absent:
+            raise KeyError(f"Task batch lacks {absent}; it has {sorted(batch)}")
+        raw = {name: batch[key] for name, key in keys.items()}
+        fields[part] = glob.encode(raw)
+        rows_shape = tf.shape(batch[keys[spec.request_features[0].name]])[:2]
+        mask_key = spec.batch_key(part, MASK_KEY)
+        mask = batch[mask_key] if mask_key in batch else tf.ones(rows_shape, dtype)
+        fields[f"{part}_mask"] = tf.cast(mask, dtype)
+        label_key = spec.batch_key(part, LABEL_KEY)
+        if label_key in batch:
+            fields[f"{part}_label"] = tf.cast(batch[label_key], dtype)
+        fields["batch_size"] = rows_shape[0]
+        if part == SUPPORT:
+            # A block with its own tables reads the support rows in its encoding.
+            fields["support_sequence"] = meta.encode_support(raw)
+    if "batch_size" not in fields:
+        first = (
+            batch[spec.meta_features[0].name]
+            if spec.meta_features
+            else batch["entity_id"]
+        )
+        fields["batch_size"] = tf.shape(first)[0]
+    return TaskBatch(**fields)
+
+
+def configured_variables(
+    meta: MetaBlockAdapter, glob: GlobalBlockAdapter, config: MetaConfig
+) -> dict[str, tf.Variable]:
+    """Every weight `config.adapt` can adapt, by prefixed name."""
+    params = prefixed(meta.adaptable_weights(), META_PREFIX)
+    if config.adapt == "all":
+        params.update(prefixed(glob.adaptable_weights(), GLOBAL_PREFIX))
+    return params
+
+
+def connect(
+    meta: MetaBlockAdapter, glob: GlobalBlockAdapter, config: MetaConfig
+) -> None:
+    """Checks that the blocks can run `config`, and shares the request tables
+    with a sequence meta block that asks for them.
+
+    Raises:
+        ValueError: What the blocks cannot do, and what to use instead.
+    """
+    if config.adapt_embeddings and not meta.adapts_input_embeddings:
+        raise ValueError(
+            "MetaConfig(adapt_embeddings=True) needs a meta block that adapts "
+            "its input embeddings (the library's MetaBlock); got "
+            f"{type(meta.layer).__name__}"
+        )
+    if meta.shares_request_embedding:
+        width = getattr(meta.layer, "request_dim", None)
+        shared = glob.request_embedding
+        if shared is None or (width is not None and shared.output_dim != width):
+            raise ValueError(
+                f"The meta block {meta.layer.name!r} shares the global "
+                "block's request embeddings (request_embedding='shared'), "
+                "which needs the library GlobalBlock over the same request "
+                "features; use request_embedding='own' with your own "
+                "global block"
+            )
+        meta.request_embedding = shared
+    if config.adapt == "all" and not glob.has_fast_weights:
+        raise ValueError(
+            f"MetaConfig(adapt='all') adapts the global block, but "
+            f"{glob.layer.name!r} has no fast weights "
+            "(`adaptable_weights()` and `call(inputs, weights=None)`); use "
+            "adapt='meta_block'"
+        )
+
+
+def learned_rate_shapes(
+    meta: MetaBlockAdapter, glob: GlobalBlockAdapter, config: MetaConfig
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the Meta-SGD rates (`learn_inner_lr`): one per adaptable weight,
+    and the meta block's input width when its embeddings adapt."""
+    shapes = {
+        name: tuple(variable.shape)
+        for name, variable in configured_variables(meta, glob, config).items()
+    }
+    if config.adapt_embeddings:
+        shapes[META_INPUTS] = (meta.layer.input_dim,)
+    return shapes
+
+
+def runs_dense_path(
+    meta: MetaBlockAdapter,
+    glob: GlobalBlockAdapter,
+    config: MetaConfig,
+    params: Mapping[str, tf.Variable],
+    rates: Mapping[str, Any],
+) -> bool:
+    """Whether the inner loop can run as `maml.adapt_dense`: the blocks use
+    every adapted weight only through `maml.dense`, and the rates are scalars
+    (not Meta-SGD's per-weight rates)."""
+    if config.adapt_embeddings or not meta.fast_dense_path:
+        return False
+    if config.adapt == "all" and not glob.fast_dense_path:
+        return False
+    if not set(params) <= set(configured_variables(meta, glob, config)):
+        return False
+    return all(
+        isinstance(rate, (int, float)) or tf.convert_to_tensor(rate).shape.rank == 0
+        for rate in rates.values()
+    )
+
+
+def compile_plan(
+    meta: MetaBlockAdapter, glob: GlobalBlockAdapter, spec: FeatureSpec
+) -> tuple[str | None, bool]:
+    """(why the step cannot compile with XLA or None, whether `encode` may
+    run inside the compiled step: blocks that say so and no string feature)."""
+    blocker = meta.xla_blocker() or glob.xla_blocker()
+    encode_compiles = (
+        meta.encode_compiles
+        and glob.encode_compiles
+        and all(f.type == NUMERIC for f in spec.features)
+    )
+    return blocker, encode_compiles
+
+
+def serialize_block(key: str, block: tf.keras.layers.Layer) -> dict[str, Any]:
+    """A user block's Keras config, or a NotImplementedError that says what to do."""
+    try:
+        return tf.keras.utils.serialize_keras_object(block)
+    except NotImplementedError as err:
+        raise NotImplementedError(
+            f"The custom {key} {block.name!r} cannot give its config "
+            f"({err}). Implement its `get_config` (and register its "
+            "class with tf.keras.utils.register_keras_serializable), or "
+            "rebuild the model in code and restore its weights with "
+            "tf.train.Checkpoint."
+        ) from None
+
+
+def deserialize_block(
+    key: str, config: Mapping[str, Any], custom_objects=None
+) -> tf.keras.layers.Layer:
+    """A user block rebuilt from `serialize_block`'s config."""
+    block = tf.keras.layers.deserialize(dict(config), custom_objects=custom_objects)
+    if not isinstance(block, tf.keras.layers.Layer):
+        raise ValueError(
+            f"Cannot rebuild the custom {key} {config.get('class_name')!r} from "
+            "its config: register its class with "
+            "tf.keras.utils.register_keras_serializable (or pass it in "
+            "`custom_objects`) before loading"
+        )
+    return block

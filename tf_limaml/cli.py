@@ -246,7 +246,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import tensorflow as tf  # noqa: PLC0415
 
     from tf_limaml import data, evaluation  # noqa: PLC0415
-    from tf_limaml.model import load_model  # noqa: PLC0415
+    from tf_limaml.saving import load_model  # noqa: PLC0415
 
     _check_tasks(args.tasks)
     model = load_model(args.model_dir)

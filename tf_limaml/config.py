@@ -19,8 +19,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -216,3 +218,52 @@ def as_adapt_options(
     if not isinstance(value, AdaptOptions):
         raise ValueError(f"`options` must be AdaptOptions or their dict, got {value!r}")
     return value
+
+
+# What a call may set apart from the model's options (the deprecated keywords
+# of the per-call methods map onto these fields).
+_LEGACY_KEYWORDS = {
+    "steps": "inner_steps",
+    "inner_lr": "inner_lr",
+    "support_prior": "support_prior",
+    "first_order": "first_order",
+}
+
+
+def call_options(
+    options: AdaptOptions | Mapping[str, Any] | None, legacy: Mapping[str, Any]
+) -> AdaptOptions:
+    """One call's AdaptOptions, from `options` and the deprecated keywords
+    (`steps`, `inner_lr`, `support_prior`, `first_order`) of the model's
+    per-call methods, which warn."""
+    options = as_adapt_options(options)
+    unknown = sorted(set(legacy) - set(_LEGACY_KEYWORDS))
+    if unknown:
+        raise TypeError(f"Unexpected keyword argument(s) {unknown}")
+    given = {_LEGACY_KEYWORDS[k]: v for k, v in legacy.items() if v is not None}
+    if given:
+        warnings.warn(
+            f"Per-call keywords {sorted(legacy)} are deprecated; pass "
+            f"options=tf_limaml.AdaptOptions({', '.join(sorted(given))}=...)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        options = options.merged(AdaptOptions(**given))
+    return options
+
+
+def deprecated_alias(name: str, replacement: str, fn):
+    """A thin alias of `fn` that warns once per call site."""
+
+    @functools.wraps(fn)
+    def alias(*args, **kwargs):
+        warnings.warn(
+            f"LiMAMLModel.{name} is deprecated; use {replacement}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return fn(*args, **kwargs)
+
+    alias.__name__ = name
+    alias.__doc__ = f"Deprecated: use `{replacement}`."
+    return alias

@@ -68,7 +68,8 @@ from tf_limaml.export_warmup import (
     write_warmup_requests,
 )
 from tf_limaml.features import QUERY, SUPPORT, FeatureSpec
-from tf_limaml.model import LiMAMLModel, load_model
+from tf_limaml.model import LiMAMLModel
+from tf_limaml.saving import load_model
 from tf_limaml.signatures import (
     ADAPT_AND_PREDICT,
     EMBEDDING_KEY,

@@ -96,6 +96,48 @@ class IteratorDispatch:
         return self._concrete(iterator)
 
 
+def losses(
+    model: LiMAMLModel,
+    batch: TaskBatch,
+    query_logits: tf.Tensor,
+    support_loss: tf.Tensor,
+) -> dict[str, tf.Tensor]:
+    """The meta-train losses: the query loss (mean over tasks with a query),
+    the support loss before adaptation, the regularization and their sum."""
+    pointwise = model.pointwise_loss(
+        batch.query_label[..., None], query_logits[..., None]
+    )
+    per_task = masked_task_mean(pointwise, batch.query_mask)
+    has_query = tf.cast(tf.reduce_sum(batch.query_mask, -1) > 0, per_task.dtype)
+    query_loss = tf.reduce_sum(per_task * has_query) / tf.maximum(
+        tf.reduce_sum(has_query), 1.0
+    )
+    # On the variables: fast weights are tensors and carry no penalty.
+    penalties = [tf.cast(loss, query_logits.dtype) for loss in model.losses]
+    regularization = (
+        tf.add_n(penalties) if penalties else tf.constant(0.0, query_logits.dtype)
+    )
+    return {
+        "query_loss": query_loss,
+        "support_loss": tf.reduce_mean(support_loss),
+        "regularization_loss": regularization,
+        "loss": query_loss + regularization,
+    }
+
+
+def dispatch(model: LiMAMLModel, train_function, cached: bool):
+    """Keras's train function, through `IteratorDispatch` on one device."""
+    if (
+        cached
+        or model._cluster_coordinator
+        or model.distribute_strategy.num_replicas_in_sync != 1
+        or not hasattr(train_function, "get_concrete_function")
+    ):
+        return train_function
+    model.train_function = IteratorDispatch(train_function)
+    return model.train_function
+
+
 def meta_gradients(model: LiMAMLModel, batch: TaskBatch):
     """(gradients of `model.trainable_variables`, forward outputs + "finite").
 
@@ -240,3 +282,41 @@ class NonfiniteRecord:
     @property
     def entities(self) -> list[str]:
         return [e.decode("utf-8", "replace") for e in self.ids]
+
+
+def train_step(model: LiMAMLModel, batch: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+    """`LiMAMLModel.train_step`: one guarded meta-train step on a raw batch."""
+    functions = model.compiled_functions
+    if not tf.distribute.has_strategy():
+        # One compiled function for the whole step (gradients, update and
+        # metrics): on small networks the ops around the step, each run on
+        # its own by the executor, cost as much as the step's math. Not under
+        # a strategy, even of one replica: its apply_gradients synchronizes
+        # (merge_call), which a nested function cannot.
+        if model.encode_compiles:
+            # No string to look up: encoding joins the compiled step too.
+            batch = {k: tf.convert_to_tensor(v) for k, v in batch.items()}
+            numbers = {k: v for k, v in batch.items() if v.dtype != tf.string}
+            compiled = functions.get(
+                "train_step_raw",
+                lambda raw: apply_step(model, model.encode(raw)),
+                model.uses_xla,
+            )
+            logs, finite = compiled(numbers)
+        else:
+            compiled = functions.get(
+                "train_step", lambda b: apply_step(model, b), model.uses_xla
+            )
+            logs, finite = compiled(model.encode(batch))
+    else:
+        # The all-reduce of the update stays outside the compiled part.
+        encoded = model.encode(batch)
+        compiled = functions.get(
+            "meta_gradients", lambda b: meta_gradients(model, b), model.uses_xla
+        )
+        grads, out = compiled(encoded)
+        finite = out["finite"]
+        apply_gradients(model, densify_small_tables(model, grads), finite)
+        logs = update_metrics(model, encoded, out)
+    model.nonfinite_record.watch(finite, model.optimizer.iterations, batch)
+    return logs

@@ -32,8 +32,9 @@ import tensorflow as tf
 
 from tf_limaml import data, distribute, evaluation
 from tf_limaml.features import FeatureSpec
-from tf_limaml.model import LiMAMLModel, MetaConfig, save_model
+from tf_limaml.model import LiMAMLModel, MetaConfig
 from tf_limaml.optimizers import LazyAdam
+from tf_limaml.saving import save_model
 
 logger = logging.getLogger(__name__)
 
