@@ -149,8 +149,16 @@ def meta_train_reference(records: list[Record]) -> str:
             )
     ratios = r.get("ratios", {})
     summary = [
-        ["(a) / (d): vectorized over the per-task loop", num(ratios.get("xla_over_per_task_loop"), 2, "×"), "≥ 5×"],
-        ["(a) / (e): cost per task over a plain step", num(ratios.get("xla_cost_over_plain_step"), 2, "×"), "≤ 4×"],
+        [
+            "(a) / (d): vectorized over the per-task loop",
+            num(ratios.get("xla_over_per_task_loop"), 2, "×"),
+            "≥ 5×",
+        ],
+        [
+            "(a) / (e): cost per task over a plain step",
+            num(ratios.get("xla_cost_over_plain_step"), 2, "×"),
+            "≤ 4×",
+        ],
         [
             f"roofline: {num(r['gflops_per_s'])} of {num(r['matmul_peak_gflops_per_s'])} GFLOP/s "
             f"(matmul peak), {r['step_gflop']} GFLOP a step",
@@ -160,7 +168,11 @@ def meta_train_reference(records: list[Record]) -> str:
     ]
     if base:
         summary.append(
-            [f"(a) over (a) as of `{base}`", num(ratios.get(f"xla_over_xla@{base}"), 2, "×"), ""]
+            [
+                f"(a) over (a) as of `{base}`",
+                num(ratios.get(f"xla_over_xla@{base}"), 2, "×"),
+                "",
+            ]
         )
     return "\n\n".join(
         [
@@ -191,7 +203,10 @@ def meta_train_small(records: list[Record]) -> str:
         f"{labels.get(k, k)} **{v:.2f}×**"
         for k, v in r.get("speedup_over_baseline", {}).items()
     )
-    text = [source(r), table(["small", "tasks/s", "ms/step", "GFLOP/s (% of peak)"], rows)]
+    text = [
+        source(r),
+        table(["small", "tasks/s", "ms/step", "GFLOP/s (% of peak)"], rows),
+    ]
     if speedups:
         text.append(f"Speed-up over `{base}`: {speedups} (target ≥ 2×).")
     return "\n\n".join(text)
@@ -322,10 +337,19 @@ def scale_passes(records: list[Record]) -> str:
     passes = [r for r in select(records, "scale") if r.get("entities_per_pass")]
     one = [r for r in select(records, "scale") if r.get("entities_per_pass") == 0]
     if not passes or not one:
-        raise TableError("bench/results.jsonl lacks a 'scale' record with and without passes")
+        raise TableError(
+            "bench/results.jsonl lacks a 'scale' record with and without passes"
+        )
     p, o = passes[-1], one[-1]
     e0, e1 = (f"{n // 1000}k" for n in p["rss_ratio"]["entities"])
-    header = ["job", f"passes at {e0} / {e1}", e0, e1, f"{e1} / {e0}", f"wall {e0} / {e1}"]
+    header = [
+        "job",
+        f"passes at {e0} / {e1}",
+        e0,
+        e1,
+        f"{e1} / {e0}",
+        f"wall {e0} / {e1}",
+    ]
     rows = _scale_rows(p, f"`--passes` ({p['entities_per_pass']:,} entities a pass)")
     rows += _scale_rows(o, "one pass")
     limit = p["rss_ratio"].get("limit")
@@ -354,7 +378,9 @@ def storage(records: list[Record]) -> str:
         + [f"{s['total_gb'][n][key]:,.2f} GB" for n in sizes]
         for key, label in labels.items()
     ]
-    header = ["store", "bytes / entity"] + [f"{int(n) // 1_000_000}M entities" for n in sizes]
+    header = ["store", "bytes / entity"] + [
+        f"{int(n) // 1_000_000}M entities" for n in sizes
+    ]
     note = (
         f"d = {s['meta_dim']}; {s['adaptable_params']:,} adaptable weights; an id is "
         f"{s['id_bytes']} bytes. Storing adapted weights costs "
@@ -367,7 +393,12 @@ def refresh(records: list[Record]) -> str:
     r = _storage_record(records)
     f, s = r["refresh"], r["storage"]["refresh"]
     rows = [
-        [f"{run['entities']:,}", f"{run['wall_s']:.1f}", f"{run['cpu_s']:.1f}", f"{run['entities_per_cpu_s']:,.0f}"]
+        [
+            f"{run['entities']:,}",
+            f"{run['wall_s']:.1f}",
+            f"{run['cpu_s']:.1f}",
+            f"{run['entities_per_cpu_s']:,.0f}",
+        ]
         for run in f["runs"]
     ]
     note = (
@@ -377,7 +408,11 @@ def refresh(records: list[Record]) -> str:
         f"{s['cores_busy_all_day']:.2f} of a core."
     )
     return "\n\n".join(
-        [source(r), table(["records embedded", "wall, s", "CPU, s", "entities / CPU-s"], rows), note]
+        [
+            source(r),
+            table(["records embedded", "wall, s", "CPU, s", "entities / CPU-s"], rows),
+            note,
+        ]
     )
 
 
@@ -389,7 +424,9 @@ def movielens_demo(records: list[Record]) -> str:
     del records
     path = os.path.join(MOVIELENS, "README_table.md")
     if not os.path.exists(path):
-        raise TableError(f"{os.path.relpath(path, REPO)} is missing: run `make docs-results`")
+        raise TableError(
+            f"{os.path.relpath(path, REPO)} is missing: run `make docs-results`"
+        )
     with open(path, encoding="utf-8") as f:
         text = f.read().strip()
     provenance = os.path.join(MOVIELENS, "provenance.json")
@@ -416,17 +453,33 @@ def multi_entity(records: list[Record]) -> str:
         m = r[key]
         by_k = m["overall_auc_by_k"]
         rows.append(
-            [label, mean_std(by_k["all"]), f"{m['logloss']['mean']:.4f}", f"{m['mean_member_auc']['mean']:.4f}"]
+            [
+                label,
+                mean_std(by_k["all"]),
+                f"{m['logloss']['mean']:.4f}",
+                f"{m['mean_member_auc']['mean']:.4f}",
+            ]
             + [f"{by_k[k]['mean']:.4f}" for k in ks]
         )
-    header = ["model", "overall AUC", "log loss", "mean member AUC", "AUC, k=1", "k=3", "k=5", "k=10"]
+    header = [
+        "model",
+        "overall AUC",
+        "log loss",
+        "mean member AUC",
+        "AUC, k=1",
+        "k=3",
+        "k=5",
+        "k=10",
+    ]
     buckets = r["test_query_rows_by_movie_ratings"]
     bucket_rows = [
         [name.replace("-", "–"), f"{count:,}"]
         + [mean_std(r[key]["auc_by_movie_ratings"][name], 3) for key, _ in _ME_MODELS]
         for name, count in buckets.items()
     ]
-    bucket_header = ["movie's training ratings", "test query rows"] + [label for _, label in _ME_MODELS]
+    bucket_header = ["movie's training ratings", "test query rows"] + [
+        label for _, label in _ME_MODELS
+    ]
     return "\n\n".join(
         [
             source(r),
@@ -455,7 +508,10 @@ def own_data(records: list[Record]) -> str:
             ]
         )
     for name, label in (
-        ("tuned", "`--experiment tuned`: types-only spec, recipe chosen by `limaml tune`"),
+        (
+            "tuned",
+            "`--experiment tuned`: types-only spec, recipe chosen by `limaml tune`",
+        ),
         ("item_entity", "`--experiment item_entity`: the movie is the entity, tuned"),
     ):
         r = found.get(name)
@@ -481,7 +537,10 @@ def own_data(records: list[Record]) -> str:
             f"*Generated from `bench/results.jsonl` (`bench/own_data.py`, "
             f"{any_record['seeds']} seeds each, {machine(any_record)}); the last column "
             "is the record's line and commit.*",
-            table(["experiment", "LiMAML − global overall AUC", "notes", "line, commit"], rows),
+            table(
+                ["experiment", "LiMAML − global overall AUC", "notes", "line, commit"],
+                rows,
+            ),
         ]
     )
 
