@@ -43,6 +43,8 @@ setup(
         "dask": ["apache-beam[dask]>=2.50"],
         "serving": ["tensorflow-serving-api", "grpcio", "requests"],
         "report": ["matplotlib", "pandas"],
+        # The docs site (`make docs` installs these in .venv-docs, pinned).
+        "docs": ["mkdocs", "mkdocs-material", "mkdocstrings[python]"],
         "test": [
             "pytest",
             "pytest-xdist",

@@ -1,4 +1,4 @@
-"""README.md's python blocks and examples/*.py run as written.
+"""README.md's and docs/*.md's python blocks, and examples/*.py, run as written.
 
 Each runs in a fresh interpreter, in an empty temporary directory, with the
 repository on PYTHONPATH, as a user who pasted it would. Client snippets
@@ -22,6 +22,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
+DOCS = os.path.join(REPO, "docs")
 TIMEOUT_S = 600
 # A block that trains a model spends ~50 s of its run compiling the meta-train
 # step (XLA, second order) on the 2-core build machine, which would take this
@@ -56,11 +57,20 @@ def _case(code: str, name: str):
     return pytest.param(code, id=name, marks=marks)
 
 
+def markdown_pages() -> list[str]:
+    """README.md, then every page of the docs site (docs/**/*.md), sorted."""
+    pages = sorted(glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True))
+    return [README] + pages
+
+
 def _cases() -> list:
-    with open(README, encoding="utf-8") as f:
-        cases = [
-            _case(code, f"README.md:{line}") for line, code in python_blocks(f.read())
-        ]
+    cases = []
+    for page in markdown_pages():
+        with open(page, encoding="utf-8") as f:
+            name = os.path.relpath(page, REPO)
+            cases += [
+                _case(code, f"{name}:{line}") for line, code in python_blocks(f.read())
+            ]
     for path in sorted(
         glob.glob(os.path.join(REPO, "examples", "**", "*.py"), recursive=True)
     ):
@@ -74,6 +84,14 @@ def test_the_block_parser_finds_fenced_python_only():
     assert python_blocks(text) == [(2, "x = 1\n"), (8, "y = 2\n")]
     with open(README, encoding="utf-8") as f:
         assert len(python_blocks(f.read())) >= 2
+
+
+def test_the_docs_pages_are_collected():
+    pages = [os.path.relpath(p, REPO) for p in markdown_pages()]
+    assert "docs/tour.md" in pages and "docs/serving.md" in pages
+    ids = [case.id for case in _cases()]
+    assert any(i.startswith("docs/tour.md:") for i in ids)
+    assert any(i.startswith("docs/serving.md:") for i in ids)
 
 
 def _warm_up(server, exported) -> None:

@@ -80,10 +80,12 @@ class SequenceMetaBlock(FastWeightLayer):
         adapt: Which weights the inner loop adapts: a subset of "output",
             "mlp" and "pool_query".
         activation: MLP hidden activation.
-        kernel_initializer, bias_initializer, kernel_regularizer: Of the MLP,
-            token projection and pooling query.
-        embeddings_initializer, embeddings_regularizer: Of the embedding
-            tables (meta features, and request features when "own").
+        kernel_initializer: Of the MLP, token projection and pooling query.
+        bias_initializer: Of the MLP, token projection and pooling query.
+        kernel_regularizer: Of the MLP, token projection and pooling query.
+        embeddings_initializer: Of the embedding tables (meta features, and
+            request features when "own").
+        embeddings_regularizer: Of the embedding tables.
 
     Input: the dict of encoded meta features, plus under
     `SUPPORT_SEQUENCE_KEY` a dict with "features" (encoded support request
