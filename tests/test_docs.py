@@ -17,6 +17,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs")
 PUBLIC_MODULES = (
+    "blocks",
+    "step",
+    "saving",
     "config",
     "model",
     "layers",
@@ -87,7 +90,6 @@ def test_the_api_reference_covers_the_public_modules():
     for text in pages.values():
         directives |= set(re.findall(r"^::: (tf_limaml[\w.]*)$", text, re.MULTILINE))
     assert {f"tf_limaml.{m}" for m in PUBLIC_MODULES} <= directives
-    assert any("<!-- api: tf_limaml.blocks -->" in t for t in pages.values())
 
 
 def test_the_readme_is_a_front_door():

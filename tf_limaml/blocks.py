@@ -229,7 +229,7 @@ class FastWeightLayer(tf.keras.layers.Layer):
         kernel_initializer: Any = "glorot_uniform",
         bias_initializer: Any = "zeros",
         kernel_regularizer: Any = None,
-        **kwargs,
+        **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)

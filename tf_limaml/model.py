@@ -114,7 +114,7 @@ class LiMAMLModel(tf.keras.Model):
         meta_block: tf.keras.layers.Layer | None = None,
         global_block: tf.keras.layers.Layer | None = None,
         adapt_options: AdaptOptions | Mapping[str, Any] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.spec = load_spec(spec)
