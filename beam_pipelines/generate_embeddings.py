@@ -91,7 +91,7 @@ from beam_pipelines.passes import (
 )
 from beam_pipelines.shards import PARQUET, TEMP_PREFIX, TEXT, TFRECORD, WriteShards
 from tf_limaml.features import ENTITY_ID_KEY
-from tf_limaml.signatures import EMBEDDING_KEY, META_EMBEDDING
+from tf_limaml.signatures import META_EMBEDDING, META_EMBEDDING_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class EmbedTasksFn(CountingDoFn):
                 )
                 for name, value in inputs.items()
             }
-            return signature(**sliced)[EMBEDDING_KEY]
+            return signature(**sliced)[META_EMBEDDING_KEY]
 
         self._parse_sorted = parse_sorted
         self._embed_range = embed_range
