@@ -82,14 +82,20 @@ from beam_pipelines.options import embed_arguments
 from beam_pipelines.outputs import prepare_output
 from beam_pipelines.passes import (
     PARTIAL_PATTERN,
-    Partition,
     WritePartial,
     check_passes,
     read_partials,
     run_passes,
     write_text,
 )
-from beam_pipelines.shards import PARQUET, TEMP_PREFIX, TEXT, TFRECORD, WriteShards
+from beam_pipelines.shards import (
+    PARQUET,
+    TEMP_PREFIX,
+    TEXT,
+    TFRECORD,
+    Partition,
+    WriteShards,
+)
 from tf_limaml.features import ENTITY_ID_KEY
 from tf_limaml.signatures import META_EMBEDDING, META_EMBEDDING_KEY
 

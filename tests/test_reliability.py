@@ -41,9 +41,9 @@ from serving_fixture import (
 )
 
 from tf_limaml import data, export
+from tf_limaml.datasets import synthetic
 from tf_limaml.export import commands as export_commands
 from tf_limaml.export import versions as export_versions
-from tf_limaml.datasets import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5

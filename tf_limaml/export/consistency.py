@@ -114,7 +114,9 @@ def check_serving_consistency(
             embedding_diff = max(
                 embedding_diff,
                 float(
-                    np.max(np.abs(stored[entity_id] - adapted[META_EMBEDDING_KEY].numpy()))
+                    np.max(
+                        np.abs(stored[entity_id] - adapted[META_EMBEDDING_KEY].numpy())
+                    )
                 ),
             )
             checked += 1

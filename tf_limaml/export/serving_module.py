@@ -57,9 +57,9 @@ from tf_limaml.features import (
 from tf_limaml.model import LiMAMLModel
 from tf_limaml.signatures import (
     ADAPT_AND_PREDICT,
-    META_EMBEDDING_KEY,
     EXAMPLES_KEY,
     META_EMBEDDING,
+    META_EMBEDDING_KEY,
     PREDICT_EXAMPLES,
     SCORE_KEY,
     SERVING_DEFAULT,
@@ -442,7 +442,9 @@ class LiMAMLServingModule(tf.Module):
                     value, [[0, 0], [0, width - tf.shape(value)[1]]], constant_values=""
                 )
             request[feature.name] = value
-        checks = _assert_finite({META_EMBEDDING_KEY: parsed[META_EMBEDDING_KEY], **request})
+        checks = _assert_finite(
+            {META_EMBEDDING_KEY: parsed[META_EMBEDDING_KEY], **request}
+        )
         with tf.control_dependencies(checks):
             score = self.model.score(parsed[META_EMBEDDING_KEY], request)
         return {SCORE_KEY: tf.cast(score, tf.float32)}
