@@ -56,8 +56,8 @@ setup(
     },
     # Every data file the package reads at run time ships in the wheel.
     package_data={
-        "serving": ["*.txt", "models.config"],
-        "tf_limaml": ["experiments/*.json"],
+        "serving": ["models.config"],
+        "tf_limaml": ["experiments/*.json", "export/*.txt"],
     },
     include_package_data=True,
     entry_points={"console_scripts": ["limaml=tf_limaml.cli:main"]},

@@ -27,8 +27,8 @@ import apache_beam as beam
 from beam_pipelines.analyze import AnalyzeFeatures, analysis_inputs
 from beam_pipelines.counting import STATS, CountingDoFn, SumStats
 from beam_pipelines.dead_letter import REJECTED, dead_letter_record
-from beam_pipelines.passes import Partition
 from beam_pipelines.reading import MalformedRow
+from beam_pipelines.shards import Partition
 from beam_pipelines.task_stats import HISTOGRAMS, finalize_stats, size_bucket
 from tf_limaml import data as task_data
 from tf_limaml import tasks as task_rules
@@ -148,7 +148,7 @@ class ValidateRows(_TaskCountingDoFn):
     Args:
         spec: The FeatureSpec.
         partition: In a run of several passes, this pass
-            (`beam_pipelines.passes.Partition`): rows of other passes are
+            (`beam_pipelines.shards.Partition`): rows of other passes are
             dropped uncounted, before they are validated when their entity
             id says so.
     """

@@ -82,16 +82,22 @@ from beam_pipelines.options import embed_arguments
 from beam_pipelines.outputs import prepare_output
 from beam_pipelines.passes import (
     PARTIAL_PATTERN,
-    Partition,
     WritePartial,
     check_passes,
     read_partials,
     run_passes,
     write_text,
 )
-from beam_pipelines.shards import PARQUET, TEMP_PREFIX, TEXT, TFRECORD, WriteShards
+from beam_pipelines.shards import (
+    PARQUET,
+    TEMP_PREFIX,
+    TEXT,
+    TFRECORD,
+    Partition,
+    WriteShards,
+)
 from tf_limaml.features import ENTITY_ID_KEY
-from tf_limaml.signatures import EMBEDDING_KEY, META_EMBEDDING
+from tf_limaml.signatures import META_EMBEDDING, META_EMBEDDING_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +240,7 @@ class EmbedTasksFn(CountingDoFn):
                 )
                 for name, value in inputs.items()
             }
-            return signature(**sliced)[EMBEDDING_KEY]
+            return signature(**sliced)[META_EMBEDDING_KEY]
 
         self._parse_sorted = parse_sorted
         self._embed_range = embed_range

@@ -104,7 +104,7 @@ from beam_pipelines.dead_letter import (
 )
 from beam_pipelines.options import make_tasks_arguments
 from beam_pipelines.outputs import prepare_output
-from beam_pipelines.passes import Partition, check_passes, run_passes
+from beam_pipelines.passes import check_passes, run_passes
 from beam_pipelines.reading import (
     FORMATS,
     MalformedRow,
@@ -118,6 +118,7 @@ from beam_pipelines.shards import (
     TEMP_PREFIX,
     TEXT,
     TFRECORD,
+    Partition,
     WriteShards,
     shard_count,
     shard_name,

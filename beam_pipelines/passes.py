@@ -17,15 +17,17 @@ Each pass reads the whole input again, so passes trade time for memory. A
 distributed runner (Dataflow, Flink, Spark) spreads a GroupByKey over its
 workers and needs no passes.
 
+A pass's share of the shards is a `beam_pipelines.shards.Partition`.
+
 Example:
 
-    partition = Partition(index=1, count=4, num_shards=8)
-    partition.keeps("member-17")      # True when its shard % 4 == 1
+    def build(pipeline, partition):  # partition: None in a one-pass run
+        ...
+    run_passes(build, make_pipeline, passes=4, num_shards=8, job="make-tasks")
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -34,46 +36,13 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipelines.shards import shard_of
+from beam_pipelines.shards import Partition
 
 logger = logging.getLogger(__name__)
 
 # A pass's partial file: DIR/.pass-PPPPP-of-QQQQQ.json, deleted after the merge.
 PARTIAL_PREFIX = ".pass-"
 PARTIAL_PATTERN = f"{PARTIAL_PREFIX}*"
-
-
-@dataclasses.dataclass(frozen=True)
-class Partition:
-    """Pass `index` of `count`: the shards `s` of `num_shards` with `s % count == index`.
-
-    Attributes:
-        index: This pass, 0 <= index < count.
-        count: Passes in the job.
-        num_shards: Shards of every output (fixed: a pass cannot see the
-            whole job's bytes to choose a count).
-    """
-
-    index: int
-    count: int
-    num_shards: int
-
-    def __post_init__(self):
-        if not 0 < self.count <= self.num_shards:
-            raise ValueError(
-                f"--passes ({self.count}) must be between 1 and --num-shards "
-                f"({self.num_shards}): each pass writes whole shards"
-            )
-        if not 0 <= self.index < self.count:
-            raise ValueError(f"Pass {self.index} is not one of {self.count} passes")
-
-    def owns(self, shard: int) -> bool:
-        """Whether this pass writes shard `shard`."""
-        return shard % self.count == self.index
-
-    def keeps(self, key: str) -> bool:
-        """Whether the record with shard key `key` belongs to this pass."""
-        return self.owns(shard_of(key, self.num_shards))
 
 
 def check_passes(passes: int, num_shards: int) -> int:

@@ -18,21 +18,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.pvalue import AsDict
-
-if TYPE_CHECKING:  # passes imports shard_of from here
-    from beam_pipelines.passes import Partition
 
 # Kinds of shard files. TFRecord files are GZIP-compressed; text payloads are
 # UTF-8 lines; a Parquet payload is one row as a JSON object.
@@ -58,6 +56,47 @@ def shard_of(key: str, num_shards: int) -> int:
     """The shard of a record, from a SHA-256 of its key (the same in every process)."""
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") % num_shards
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """Pass `index` of `count`: the shards `s` of `num_shards` with `s % count == index`.
+
+    Attributes:
+        index: This pass, 0 <= index < count.
+        count: Passes in the job.
+        num_shards: Shards of every output (fixed: a pass cannot see the
+            whole job's bytes to choose a count).
+
+    A run in several passes (`beam_pipelines.passes`) gives each pass one;
+    `WriteShards` then writes only that pass's shards.
+
+    Example:
+
+        partition = Partition(index=1, count=4, num_shards=8)
+        partition.keeps("member-17")      # True when its shard % 4 == 1
+    """
+
+    index: int
+    count: int
+    num_shards: int
+
+    def __post_init__(self):
+        if not 0 < self.count <= self.num_shards:
+            raise ValueError(
+                f"--passes ({self.count}) must be between 1 and --num-shards "
+                f"({self.num_shards}): each pass writes whole shards"
+            )
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"Pass {self.index} is not one of {self.count} passes")
+
+    def owns(self, shard: int) -> bool:
+        """Whether this pass writes shard `shard`."""
+        return shard % self.count == self.index
+
+    def keeps(self, key: str) -> bool:
+        """Whether the record with shard key `key` belongs to this pass."""
+        return self.owns(shard_of(key, self.num_shards))
 
 
 def shard_name(name: str, index: int, count: int, suffix: str) -> str:

@@ -26,12 +26,11 @@ from beam_pipelines.build_tasks import COLD
 from beam_pipelines.dead_letter import REJECTED
 from beam_pipelines.passes import (
     PARTIAL_PATTERN,
-    Partition,
     WritePartial,
     read_partials,
     write_text,
 )
-from beam_pipelines.shards import TEMP_PREFIX, TEXT, TFRECORD, WriteShards
+from beam_pipelines.shards import TEMP_PREFIX, TEXT, TFRECORD, Partition, WriteShards
 from beam_pipelines.task_stats import finalize_stats, log_conservation
 from tf_limaml.features import FeatureSpec
 from tf_limaml.tasks import SPLITS

@@ -54,7 +54,7 @@ from tf_limaml.signatures import (
     query_key,
     support_key,
 )
-from tf_limaml.signatures import EMBEDDING_KEY as EMBEDDING
+from tf_limaml.signatures import META_EMBEDDING_KEY as EMBEDDING
 from tf_limaml.signatures import SCORE_KEY as SCORE
 
 __all__ = [

@@ -14,6 +14,7 @@ from serving_fixture import (
 )
 
 from tf_limaml import data, export
+from tf_limaml.export import saved_model
 
 TOL = 1e-5
 VENV_BIN = os.path.dirname(sys.executable)
@@ -359,7 +360,7 @@ def test_export_is_atomic_and_versioned(exported, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_write_warmup", fail)
+    monkeypatch.setattr(saved_model, "_write_warmup", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_model(model, str(base))
     assert sorted(os.listdir(base)) == ["1", "2"], "a failed export left files behind"

@@ -40,7 +40,8 @@ from guarantees import (
 )
 from serving_fixture import TEST_MAX_SUPPORT, SessionSignatures
 
-from tf_limaml import data, evaluation, export, step
+from tf_limaml import data, evaluation, step
+from tf_limaml.export import saved_model as export
 from tf_limaml.model import LiMAMLModel, MetaConfig
 
 # The check failed: an assertion, or pytest.raises that saw nothing raised.
@@ -285,7 +286,7 @@ def test_training_sabotaged_to_ignore_the_seed(
 
 # ---------------------------------------------------- serving input validation
 def test_serving_sabotaged_without_the_shape_checks(exported, tmp_path, monkeypatch):
-    from tf_limaml import export_signatures
+    from tf_limaml.export import serving_module as export_signatures
 
     monkeypatch.setattr(
         export_signatures, "_checked_inputs", lambda inputs, specs: dict(inputs)

@@ -40,8 +40,10 @@ from serving_fixture import (
     entity_inputs,
 )
 
-from tf_limaml import data, export, export_commands, export_versions
+from tf_limaml import data, export
 from tf_limaml.datasets import synthetic
+from tf_limaml.export import commands as export_commands
+from tf_limaml.export import versions as export_versions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -91,7 +93,8 @@ def _assert_only_complete_versions(base: str, versions: list[int]) -> None:
 # the metadata and the rename), it reports the directory and waits to be killed.
 _EXPORT_THEN_HANG = r"""
 import os, sys, time
-from tf_limaml import cli, export
+from tf_limaml import cli
+from tf_limaml.export import saved_model as export
 
 write_warmup = export._write_warmup
 

@@ -50,13 +50,12 @@ from tf_limaml.features import (
     Feature,
     FeatureSpec,
 )
+from tf_limaml.signatures import META_EMBEDDING_KEY
 
 logger = logging.getLogger(__name__)
 
 Weights = Mapping[str, Any]
 
-# The meta embedding's name in a global block's input and in the export.
-META_EMBEDDING_KEY = "meta_embedding"
 # The meta block's input key holding the support sequence.
 SUPPORT_SEQUENCE_KEY = "support_sequence"
 # Fast weights of both blocks live in one flat dict, each name prefixed by its

@@ -386,7 +386,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_command(args: argparse.Namespace) -> int:
-    from tf_limaml import export_commands  # noqa: PLC0415
+    from tf_limaml.export import commands as export_commands  # noqa: PLC0415
 
     print(export_commands.serve_commands(args.export, model_name=args.model_name))
     return 0

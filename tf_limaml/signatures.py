@@ -3,7 +3,9 @@
 The one definition that the export (`tf_limaml.export`), the clients
 (`serving.client`) and the offline job (`beam_pipelines.generate_embeddings`)
 read. It imports no TensorFlow, so a client process that only sends requests
-never pays for it.
+never pays for it. `META_EMBEDDING_KEY` is also the key under which the
+global block receives the meta embedding beside the request features: the
+signatures take and return it under the same name.
 
 | signature | inputs | outputs |
 | --- | --- | --- |
@@ -33,9 +35,15 @@ META_EMBEDDING = "meta_embedding"
 PREDICT_EXAMPLES = "predict_examples"
 SIGNATURE_NAMES = (SERVING_DEFAULT, ADAPT_AND_PREDICT, META_EMBEDDING, PREDICT_EXAMPLES)
 
+# The meta embedding's key: an input of the global block (beside the request
+# features), an input of serving_default and an output of the adaptation
+# signatures. Defined here only; the model, the blocks and the export read it.
+META_EMBEDDING_KEY = "meta_embedding"
+
 # Output keys.
 SCORE_KEY = "score"
-EMBEDDING_KEY = "meta_embedding"
+# The name the signatures' callers (clients, benchmarks) know the key by.
+EMBEDDING_KEY = META_EMBEDDING_KEY
 # Input keys besides the feature names.
 EXAMPLES_KEY = "examples"
 SUPPORT_LABEL_KEY = FeatureSpec.batch_key(SUPPORT, LABEL_KEY)
@@ -45,8 +53,8 @@ SUPPORT_MASK_KEY = FeatureSpec.batch_key(SUPPORT, MASK_KEY)
 # signature has a single output, so a client restores it from here.
 OUTPUT_NAMES = {
     SERVING_DEFAULT: (SCORE_KEY,),
-    ADAPT_AND_PREDICT: (SCORE_KEY, EMBEDDING_KEY),
-    META_EMBEDDING: (EMBEDDING_KEY,),
+    ADAPT_AND_PREDICT: (SCORE_KEY, META_EMBEDDING_KEY),
+    META_EMBEDDING: (META_EMBEDDING_KEY,),
     PREDICT_EXAMPLES: (SCORE_KEY,),
 }
 

@@ -58,9 +58,9 @@ from tf_limaml.features import (
 from tf_limaml.model import LiMAMLModel
 from tf_limaml.signatures import (
     ADAPT_AND_PREDICT,
-    EMBEDDING_KEY,
     EXAMPLES_KEY,
     META_EMBEDDING,
+    META_EMBEDDING_KEY,
     PREDICT_EXAMPLES,
     SCORE_KEY,
     SERVING_DEFAULT,
@@ -113,7 +113,7 @@ def signature_input_specs(
         ValueError: Two inputs of one signature would share a name.
     """
     request, meta = spec.request_features, spec.meta_features
-    serving = [tf.TensorSpec([None, meta_dim], tf.float32, name=EMBEDDING_KEY)]
+    serving = [tf.TensorSpec([None, meta_dim], tf.float32, name=META_EMBEDDING_KEY)]
     serving += [_row_spec(f, [None], f.name) for f in request]
     adapt = [_row_spec(f, [], f.name) for f in meta]
     adapt += [_row_spec(f, [None], spec.batch_key(SUPPORT, f.name)) for f in request]
@@ -146,7 +146,7 @@ def example_parsing_spec(spec: FeatureSpec, meta_dim: int) -> dict[str, Any]:
     feature may hold 0..K values; anything else is required.
     """
     features: dict[str, Any] = {
-        EMBEDDING_KEY: tf.io.FixedLenFeature([meta_dim], tf.float32)
+        META_EMBEDDING_KEY: tf.io.FixedLenFeature([meta_dim], tf.float32)
     }
     for feature in spec.request_features:
         if feature.type == NUMERIC:
@@ -339,10 +339,10 @@ class LiMAMLServingModule(tf.Module):
     def serve(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         inputs = _checked_inputs(inputs, self.input_specs[SERVING_DEFAULT])
         spec = self.model.spec
-        embedding = inputs[EMBEDDING_KEY]
+        embedding = inputs[META_EMBEDDING_KEY]
         request = {f.name: inputs[f.name] for f in spec.request_features}
-        checks = _assert_rows(request, tf.shape(embedding)[:1], EMBEDDING_KEY, 1)
-        checks += _assert_finite({EMBEDDING_KEY: embedding, **request})
+        checks = _assert_rows(request, tf.shape(embedding)[:1], META_EMBEDDING_KEY, 1)
+        checks += _assert_finite({META_EMBEDDING_KEY: embedding, **request})
         with tf.control_dependencies(checks):
             score = self.model.score(embedding, request)
         return {SCORE_KEY: tf.cast(score, tf.float32)}
@@ -386,7 +386,7 @@ class LiMAMLServingModule(tf.Module):
             logits, embedding = out["query_logits"], out["meta_embedding"]
         return {
             SCORE_KEY: tf.cast(tf.sigmoid(logits[0]), tf.float32),
-            EMBEDDING_KEY: tf.cast(embedding[0], tf.float32),
+            META_EMBEDDING_KEY: tf.cast(embedding[0], tf.float32),
         }
 
     def meta_embedding(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -431,7 +431,7 @@ class LiMAMLServingModule(tf.Module):
             embedding = self.model.embed(
                 tasks, AdaptOptions(inner_steps=self.inner_steps)
             )
-        return {EMBEDDING_KEY: tf.cast(embedding, tf.float32)}
+        return {META_EMBEDDING_KEY: tf.cast(embedding, tf.float32)}
 
     def predict_examples(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         inputs = _checked_inputs(inputs, self.input_specs[PREDICT_EXAMPLES])
@@ -450,9 +450,11 @@ class LiMAMLServingModule(tf.Module):
                     value, [[0, 0], [0, width - tf.shape(value)[1]]], constant_values=""
                 )
             request[feature.name] = value
-        checks = _assert_finite({EMBEDDING_KEY: parsed[EMBEDDING_KEY], **request})
+        checks = _assert_finite(
+            {META_EMBEDDING_KEY: parsed[META_EMBEDDING_KEY], **request}
+        )
         with tf.control_dependencies(checks):
-            score = self.model.score(parsed[EMBEDDING_KEY], request)
+            score = self.model.score(parsed[META_EMBEDDING_KEY], request)
         return {SCORE_KEY: tf.cast(score, tf.float32)}
 
     def concrete_signatures(self) -> dict[str, Any]:

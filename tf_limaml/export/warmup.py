@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_limaml.features import CATEGORICAL, NUMERIC, FeatureSpec
-from tf_limaml.signatures import EMBEDDING_KEY, SERVING_DEFAULT
+from tf_limaml.signatures import META_EMBEDDING_KEY, SERVING_DEFAULT
 
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -67,7 +67,7 @@ def warmup_inputs(
 ) -> dict[str, np.ndarray]:
     """A representative `serving_default` request of `batch_size` rows."""
     inputs: dict[str, np.ndarray] = {
-        EMBEDDING_KEY: np.zeros([batch_size, meta_dim], np.float32)
+        META_EMBEDDING_KEY: np.zeros([batch_size, meta_dim], np.float32)
     }
     for feature in spec.request_features:
         if feature.type == NUMERIC:

@@ -9,7 +9,12 @@ inputs differ in that axis or are scalars. That suits `serving_default`,
 `predict_examples` and `meta_embedding`, but not `adapt_and_predict` (scalar
 meta features, support and query of different lengths). So the commands come
 in two forms: with batching, for the online path, and without, for
-`adapt_and_predict`.
+`adapt_and_predict`. The batching parameters file they name,
+`batching_parameters.txt`, ships beside this module.
+
+Example:
+
+    print(serve_commands("exports/limaml", model_name="recs"))
 """
 
 from __future__ import annotations
@@ -72,19 +77,13 @@ def versions_of(export_base: str) -> list[int]:
 
 
 def default_batching_file() -> str | None:
-    """serving/batching_parameters.txt of this checkout or the installed package."""
-    import importlib.util  # noqa: PLC0415
+    """The batching parameters file shipped beside this module (package data).
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [os.path.join(root, "serving")]
-    found = importlib.util.find_spec("serving")
-    if found is not None and found.submodule_search_locations:
-        candidates += list(found.submodule_search_locations)
-    for folder in candidates:
-        path = os.path.join(folder, BATCHING_FILE)
-        if os.path.exists(path):
-            return path
-    return None
+    The core ships the file it points TF Serving at, so the command never has
+    to find the top-level `serving` package.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), BATCHING_FILE)
+    return path if os.path.exists(path) else None
 
 
 def serve_commands(
@@ -99,7 +98,7 @@ def serve_commands(
             always gets the base, and serves its latest version.
         model_name: The name clients use (`model_spec.name`, `/v1/models/NAME`).
         batching_parameters: A TF Serving batching parameters file; default
-            serving/batching_parameters.txt of this source tree.
+            the `batching_parameters.txt` shipped in `tf_limaml.export`.
 
     Returns:
         Shell commands with comments, one per line, ready to print.
