@@ -27,6 +27,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = "tf_limaml"
 # The core: the library users build on. Everything they import is core too.
 CORE = (
+    "config",
+    "blocks",
+    "step",
+    "saving",
     "features",
     "tasks",
     "data",
