@@ -90,6 +90,7 @@ from beam_pipelines.passes import (
     write_text,
 )
 from beam_pipelines.shards import PARQUET, TEMP_PREFIX, TEXT, TFRECORD, WriteShards
+from tf_limaml.errors import LimamlError, UserInputError
 from tf_limaml.features import ENTITY_ID_KEY
 from tf_limaml.signatures import EMBEDDING_KEY, META_EMBEDDING
 
@@ -131,11 +132,11 @@ OUTPUT_PATTERNS = (
 )
 
 
-class TooManyRejectedError(ValueError):
+class TooManyRejectedError(UserInputError):
     """More task records were rejected than --max-rejected-fraction allows."""
 
 
-class EntitiesLostError(ValueError):
+class EntitiesLostError(LimamlError, ValueError):
     """Entities in != entities out + rejected: the job lost an entity on the way."""
 
 

@@ -35,6 +35,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines.shards import shard_of
+from tf_limaml.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Partition:
 
     def __post_init__(self):
         if not 0 < self.count <= self.num_shards:
-            raise ValueError(
+            raise UserInputError(
                 f"--passes ({self.count}) must be between 1 and --num-shards "
                 f"({self.num_shards}): each pass writes whole shards"
             )
@@ -91,7 +92,7 @@ def check_passes(passes: int, num_shards: int) -> int:
         ValueError: passes < 1, or more passes than shards.
     """
     if passes < 1:
-        raise ValueError(f"--passes must be at least 1, got {passes}")
+        raise UserInputError(f"--passes must be at least 1, got {passes}")
     if passes == 1:
         return num_shards
     if num_shards == 0:
