@@ -140,7 +140,9 @@ class MetaConfig(_JsonConfig):
     inner_lr: float = 0.1
     learn_inner_lr: bool = False
     first_order: bool = False
-    adapt: str = "meta_block"
+    adapt: str = dataclasses.field(
+        default="meta_block", metadata={"choices": ADAPT_CHOICES}
+    )
     adapt_embeddings: bool = False
     jit_compile: bool = True
     support_prior: float = 0.0
@@ -240,7 +242,9 @@ class Architecture(_JsonConfig):
     global_units: tuple[int, ...] = (256, 128)
     cross_layers: int = 2
     projection_dim: int | None = None
-    interaction: str = "product"
+    interaction: str = dataclasses.field(
+        default="product", metadata={"choices": INTERACTIONS}
+    )
     l2: float = 0.0
 
     def __post_init__(self):
