@@ -96,6 +96,7 @@ from beam_pipelines.shards import (
     Partition,
     WriteShards,
 )
+from tf_limaml.errors import LimamlError, UserInputError
 from tf_limaml.features import ENTITY_ID_KEY
 from tf_limaml.signatures import META_EMBEDDING, META_EMBEDDING_KEY
 
@@ -137,11 +138,11 @@ OUTPUT_PATTERNS = (
 )
 
 
-class TooManyRejectedError(ValueError):
+class TooManyRejectedError(UserInputError):
     """More task records were rejected than --max-rejected-fraction allows."""
 
 
-class EntitiesLostError(ValueError):
+class EntitiesLostError(LimamlError, ValueError):
     """Entities in != entities out + rejected: the job lost an entity on the way."""
 
 

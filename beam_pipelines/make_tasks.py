@@ -132,6 +132,7 @@ from beam_pipelines.task_files import (
     finish_passes,
 )
 from beam_pipelines.task_stats import CONSERVATION, finalize_stats, size_bucket
+from tf_limaml.errors import UserInputError
 from tf_limaml.features import FeatureSpec
 from tf_limaml.tasks import SPLITS, SplitRule
 
@@ -283,7 +284,7 @@ def run(
     spec = FeatureSpec.load(known.features)
     rule = SplitRule.parse(known.split)
     if known.val_fraction + known.test_fraction > 1.0:
-        raise ValueError(
+        raise UserInputError(
             f"--val-fraction {known.val_fraction} + --test-fraction "
             f"{known.test_fraction} is more than 1; lower one of them"
         )

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
+from tf_limaml.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ def prepare_output(output_dir: str, patterns: Sequence[str], overwrite: bool) ->
     if not stale:
         return
     if not overwrite:
-        raise ValueError(
+        raise UserInputError(
             f"--output {output_dir} already holds the output of a run "
             f"({len(stale)} files, e.g. {sorted(stale)[0]}); a new run would mix with "
             "them. Pass --overwrite, or a new --output."

@@ -37,6 +37,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines.shards import Partition
+from tf_limaml.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def check_passes(passes: int, num_shards: int) -> int:
         ValueError: passes < 1, or more passes than shards.
     """
     if passes < 1:
-        raise ValueError(f"--passes must be at least 1, got {passes}")
+        raise UserInputError(f"--passes must be at least 1, got {passes}")
     if passes == 1:
         return num_shards
     if num_shards == 0:

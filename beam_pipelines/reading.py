@@ -26,6 +26,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
+from tf_limaml.errors import UserInputError
 from tf_limaml.features import FeatureSpec
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def check_columns(
     columns = _columns_of(path, file_format)
     for column, role in required:
         if column not in columns:
-            raise ValueError(
+            raise UserInputError(
                 f"{flag} file {path} has no column {column!r} (the spec's {role}); its "
                 f"columns are {columns}. Fix the spec or the file (is --format "
                 f"{file_format} right?)"
@@ -245,7 +246,7 @@ def check_spec_columns(
     )
     for feature in spec.meta_features:
         if feature.name not in input_columns and feature.name not in table_columns:
-            raise ValueError(
+            raise UserInputError(
                 f"The spec's meta feature {feature.name!r} is a column of neither --input "
                 f"{input_pattern!r} (columns {input_columns}) nor --entities "
                 f"{entities_pattern!r} (columns {table_columns}); fix the spec or the files"

@@ -32,6 +32,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.pvalue import AsDict
 
+from tf_limaml.errors import UserInputError
+
 # Kinds of shard files. TFRecord files are GZIP-compressed; text payloads are
 # UTF-8 lines; a Parquet payload is one row as a JSON object.
 TFRECORD = "tfrecord"
@@ -83,7 +85,7 @@ class Partition:
 
     def __post_init__(self):
         if not 0 < self.count <= self.num_shards:
-            raise ValueError(
+            raise UserInputError(
                 f"--passes ({self.count}) must be between 1 and --num-shards "
                 f"({self.num_shards}): each pass writes whole shards"
             )

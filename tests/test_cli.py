@@ -1,13 +1,15 @@
 """The `limaml` command: help without TensorFlow, one-line errors, train + evaluate."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from tf_limaml import cli
+from tf_limaml import cli, config, errors
 
 PYTHON = sys.executable
 
@@ -24,6 +26,7 @@ def test_help_and_argument_errors_do_not_import_tensorflow():
     code = (
         "import sys\nfrom tf_limaml import cli\n"
         "for argv in (['--help'], ['train', '--help'], ['train', '--epochs', 'x'],"
+        " ['train', '--inner-lr', '-1'], ['train', '--meta-units', '8,0'],"
         " ['make-tasks', '--help'], ['demo', '--dataset', 'nope']):\n"
         "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
@@ -88,6 +91,35 @@ def test_help_and_argument_errors_do_not_import_tensorflow():
             ["evaluate", "--tasks", "{tasks}", "--model-dir", "no-such-model"],
             "No model in no-such-model",
         ),
+        (
+            [
+                "train",
+                "--tasks",
+                "x",
+                "--features",
+                "{spec}",
+                "--model-dir",
+                "m",
+                "--inner-lr",
+                "-1",
+            ],
+            "argument --inner-lr: MetaConfig.inner_lr must be a number >= 0, got -1.0",
+        ),
+        (
+            [
+                "train",
+                "--tasks",
+                "x",
+                "--features",
+                "{spec}",
+                "--model-dir",
+                "m",
+                "--meta-config",
+                "{bad_meta}",
+            ],
+            "--meta-config {bad_meta}: MetaConfig.support_prior must be a number >= 0, "
+            "got -2",
+        ),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(
@@ -104,14 +136,16 @@ def test_user_errors_print_one_line_and_exit_2(
             }
         )
     )
-    argv = [
-        a.format(
-            spec=synthetic_tasks["spec"],
-            bad_spec=bad_spec,
-            tasks=synthetic_tasks["test"],
-        )
-        for a in argv
-    ]
+    bad_meta = tmp_path / "meta.json"
+    bad_meta.write_text(json.dumps({"inner_lr": 0.3, "support_prior": -2}))
+    names = {
+        "spec": synthetic_tasks["spec"],
+        "bad_spec": bad_spec,
+        "bad_meta": bad_meta,
+        "tasks": synthetic_tasks["test"],
+    }
+    argv = [a.format(**names) for a in argv]
+    message = message.format(**names)
     result = _run("-m", "tf_limaml.cli", *argv, env_extra={"PYTHONPATH": os.getcwd()})
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -213,3 +247,123 @@ def test_tune_writes_the_chosen_config_and_every_trial(
     trials = json.loads((out / "tune_trials.json").read_text())["trials"]
     assert sum(t["fallback"] for t in trials) == 1
     assert (out / "tune_trials.md").exists()
+
+
+def test_train_flags_are_the_config_fields(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for cls in (config.MetaConfig, config.Architecture):
+        docs = config.field_docs(cls)
+        for field in dataclasses.fields(cls):
+            flag = "--" + field.name.replace("_", "-")
+            assert re.search(rf" {flag}[ ,]", text), flag
+            # The help is the field's description, with the field's default.
+            default = field.default
+            shown = (
+                ",".join(map(str, default)) if isinstance(default, tuple) else default
+            )
+            assert f"{docs[field.name]} (default: {shown})" in text, flag
+    for flag in ("--first-order", "--no-first-order", "--no-jit-compile"):
+        assert f" {flag}" in text, flag
+
+
+def test_train_flags_reach_the_saved_config(tmp_path, synthetic_tasks, capsys):
+    """Flags win over the --meta-config file, which wins over MetaConfig's defaults."""
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"inner_lr": 0.5, "first_order": True}))
+    model_dir = tmp_path / "model"
+    argv = [
+        "train",
+        "--tasks",
+        synthetic_tasks["train"],
+        "--features",
+        synthetic_tasks["spec"],
+        "--model-dir",
+        str(model_dir),
+        "--meta-config",
+        str(meta),
+        "--inner-lr",
+        "0.3",
+        "--inner-steps",
+        "2",
+        "--support-prior",
+        "10",
+        "--no-jit-compile",
+        "--meta-units",
+        "16,8",
+        "--global-units",
+        "32",
+        "--cross-layers",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-tasks",
+        "32",
+        "--learning-rate",
+        "0.01",
+    ]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["meta_config"] == {
+        **config.MetaConfig().to_dict(),
+        "inner_lr": 0.3,
+        "inner_steps": 2,
+        "support_prior": 10.0,
+        "first_order": True,
+        "jit_compile": False,
+    }
+    assert saved["meta_units"] == [16, 8] and saved["global_units"] == [32]
+    assert saved["cross_layers"] == 1
+    assert saved["interaction"] == config.Architecture().interaction
+
+
+@pytest.mark.parametrize(
+    "error, code, message",
+    [
+        (errors.UserInputError("bad input, do this"), 2, "bad input, do this"),
+        (FileNotFoundError("no such file: x"), 2, "no such file: x"),
+        (errors.TrainingFailedError("the model failed"), 1, "the model failed"),
+    ],
+)
+def test_errors_the_library_explains_are_one_line(
+    monkeypatch, capsys, error, code, message
+):
+    def explained(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_serve_command", explained)
+    assert cli.main(["serve-command", "x"]) == code
+    assert capsys.readouterr().err == f"limaml serve-command: error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    "bug, shown",
+    [
+        ("{}['missing']", "KeyError: 'missing'"),
+        ("int('x')", "ValueError: invalid literal for int()"),
+        ("1 / 0", "ZeroDivisionError: division by zero"),
+    ],
+)
+def test_an_internal_bug_keeps_its_traceback_and_does_not_exit_2(bug, shown):
+    # A ValueError or KeyError from a bug is not the user's: it shows where it
+    # happened, and exits 1 as any uncaught exception does.
+    code = (
+        "import sys\nfrom tf_limaml import cli\n"
+        f"def broken(args):\n    return {bug}\n"
+        "cli.cmd_serve_command = broken\n"
+        "sys.exit(cli.main(['serve-command', 'x']))\n"
+    )
+    result = _run("-c", code, env_extra={"PYTHONPATH": os.getcwd()})
+    assert result.returncode == 1, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "in broken" in result.stderr and shown in result.stderr
+    assert "error:" not in result.stderr
+
+
+def test_serve_command_user_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["serve-command", str(tmp_path / "none")]) == 2
+    assert "Export not found" in capsys.readouterr().err
+    assert cli.main(["serve-command", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "holds no version directory" in err[0], err

@@ -35,6 +35,9 @@ _PUBLIC = {
     "LiMAMLModel": "tf_limaml.model",
     "MetaConfig": "tf_limaml.config",
     "AdaptOptions": "tf_limaml.config",
+    "Architecture": "tf_limaml.config",
+    "LimamlError": "tf_limaml.errors",
+    "UserInputError": "tf_limaml.errors",
     "load_model": "tf_limaml.saving",
     "save_model": "tf_limaml.saving",
     "LazyAdam": "tf_limaml.optimizers",
@@ -45,6 +48,7 @@ _SUBMODULES = (
     "data",
     "datasets",
     "entities",
+    "errors",
     "distribute",
     "evaluation",
     "features",
@@ -76,6 +80,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         datasets,
         distribute,
         entities,
+        errors,
         evaluation,
         export,
         features,
@@ -91,7 +96,8 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         tasks,
         training,
     )
-    from tf_limaml.config import AdaptOptions, MetaConfig  # noqa: F401
+    from tf_limaml.config import AdaptOptions, Architecture, MetaConfig  # noqa: F401
+    from tf_limaml.errors import LimamlError, UserInputError  # noqa: F401
     from tf_limaml.features import (  # noqa: F401
         Feature,
         FeatureSpec,

@@ -1,33 +1,51 @@
 """The `limaml` command.
 
 Argument parsing, `--help` and argument errors import neither TensorFlow nor
-Beam; each subcommand imports what it needs only when it runs. User errors
-(missing files, bad specs, bad flag values) print one line and exit with 2.
+Beam; each subcommand imports what it needs only when it runs.
+
+`limaml train` builds its inner-loop flags from the fields of
+`tf_limaml.config.MetaConfig` and its architecture flags from
+`tf_limaml.config.Architecture`: one name (`inner_lr`, `--inner-lr`), one
+default, one description for each knob.
+
+Errors the library explains (`tf_limaml.errors.LimamlError`: missing files, bad
+specs, bad flag or config values) print one line and exit with 2 (1 for a run
+whose model failed); any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from tf_limaml import config
 from tf_limaml.argtypes import non_negative_int as _non_negative_int
 from tf_limaml.argtypes import positive_float as _positive_float
 from tf_limaml.argtypes import positive_int as _positive_int
+from tf_limaml.errors import (
+    ConfigError,
+    LimamlError,
+    TrainingFailedError,
+    UserInputError,
+)
 
 EXIT_USAGE = 2
 # A run that finished but whose model failed (diverged, constant, chance-level).
 EXIT_FAILED = 1
 
 
-class CommandError(Exception):
-    """A user error: printed as one line, exit code 2."""
+class CommandError(UserInputError):
+    """A user error the command itself finds: printed as one line, exit code 2."""
 
 
 def _quiet_tensorflow() -> None:
@@ -167,7 +185,6 @@ def _complete_spec(spec, tasks: str, model_dir: str, progress: Progress):
         return spec
     import tensorflow as tf  # noqa: PLC0415
 
-    from tf_limaml.features import FeatureSpecError  # noqa: PLC0415
     from tf_limaml.statistics import complete_spec_from_tasks  # noqa: PLC0415
 
     path = os.path.join(model_dir, "spec.json")
@@ -175,10 +192,7 @@ def _complete_spec(spec, tasks: str, model_dir: str, progress: Progress):
         f"statistics of {', '.join(missing)} (the spec has none) from the train "
         f"tasks {tasks} -> {path}"
     ):
-        try:
-            spec = complete_spec_from_tasks(spec, tasks)
-        except FeatureSpecError as err:
-            raise CommandError(str(err)) from None
+        spec = complete_spec_from_tasks(spec, tasks)
         tf.io.gfile.makedirs(model_dir)
         spec.save(path)
     return spec
@@ -202,22 +216,38 @@ def _strategy(args: argparse.Namespace):
         raise CommandError(str(err)) from None
 
 
+def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of config class `cls` set on the command line, by name."""
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _meta_config(args: argparse.Namespace) -> config.MetaConfig:
+    """MetaConfig's defaults, under the --meta-config file, under the flags."""
+    from_file = {}
+    if args.meta_config:
+        try:
+            from_file = config.MetaConfig.load(args.meta_config).to_dict()
+        except ConfigError as err:
+            raise CommandError(f"--meta-config {args.meta_config}: {err}") from None
+    return config.MetaConfig.from_dict({**from_file, **_given(args, config.MetaConfig)})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tf_limaml import training  # noqa: PLC0415
-    from tf_limaml.config import MetaConfig  # noqa: PLC0415
 
     strategy = _strategy(args)
     spec = _load_spec(args.features)
-    meta_config = (
-        MetaConfig.load(args.meta_config) if args.meta_config else MetaConfig()
-    )
+    meta_config = _meta_config(args)
+    architecture = config.Architecture.from_dict(_given(args, config.Architecture))
     _check_tasks(args.tasks, spec)
     if args.validation_tasks:
         _check_tasks(args.validation_tasks, spec)
     progress = Progress()
     spec = _complete_spec(spec, args.tasks, args.model_dir, progress)
     with progress.phase(
-        f"meta-train ({meta_config.inner_steps} inner steps, "
+        f"meta-train ({meta_config.inner_steps} inner steps of rate "
+        f"{meta_config.inner_lr}, "
         f"{'first' if meta_config.first_order else 'second'} order, strategy "
         f"{args.strategy}: {strategy.num_replicas_in_sync} replica(s))"
     ):
@@ -236,6 +266,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             tensorboard=args.tensorboard,
             checkpoint_every=args.checkpoint_every,
             strategy=strategy,
+            model_kwargs=architecture,
         )
     final = {k: round(v[-1], 4) for k, v in history.items()}
     print(json.dumps({"model_dir": args.model_dir, "final": final}))
@@ -388,7 +419,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve_command(args: argparse.Namespace) -> int:
     from tf_limaml.export import commands as export_commands  # noqa: PLC0415
 
-    print(export_commands.serve_commands(args.export, model_name=args.model_name))
+    try:
+        commands = export_commands.serve_commands(
+            args.export, model_name=args.model_name
+        )
+    except ValueError as err:
+        # Its ValueErrors all name a bad --model-name or a directory with no
+        # export version in it: user errors, in a TensorFlow-free function.
+        raise CommandError(str(err)) from None
+    print(commands)
     return 0
 
 
@@ -417,6 +456,86 @@ def _strategy_arguments(parser: argparse.ArgumentParser, choices) -> None:
     )
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
+def _converter(hint: Any) -> tuple[Callable[[str], Any], str]:
+    """(text -> value, what the text should be) for a config field's type."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and type(None) in typing.get_args(hint):
+        hint = args[0]  # X | None: a flag always gives an X
+    if hint is int:
+        return int, "an integer"
+    if hint is float:
+        return float, "a number"
+    if typing.get_origin(hint) is tuple:
+        return _widths, "comma-separated integers, such as 64,32"
+    return str, "a string"
+
+
+def _field_type(cls: type, name: str, hint: Any) -> Callable[[str], Any]:
+    """An argparse type that converts a flag's text and validates it as `cls` does.
+
+    A bad value fails while parsing (before TensorFlow is imported), as
+    `argument --inner-lr: MetaConfig.inner_lr must be a number >= 0, got -1.0`.
+    """
+    convert, what = _converter(hint)
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            cls(**{name: value})
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    return parse
+
+
+def _config_arguments(
+    parser: argparse.ArgumentParser, cls: type, title: str, description: str
+) -> None:
+    """One flag per field of the config dataclass `cls`, in its own help group.
+
+    The flag is the field's name (`inner_lr` -> `--inner-lr`), the help its
+    description in the class docstring, and the default shown is the field's.
+    Flags left out stay None, so that a file's value or the field's default
+    applies (see `_given`); booleans take `--x` / `--no-x`.
+    """
+    group = parser.add_argument_group(title, description)
+    hints = typing.get_type_hints(cls)
+    docs = config.field_docs(cls)
+    for field in dataclasses.fields(cls):
+        text = f"{docs[field.name]} (default: {_shown(field.default)})"
+        kwargs = {"dest": field.name, "default": None, "help": text.replace("%", "%%")}
+        if hints[field.name] is bool:
+            group.add_argument(
+                _flag(field.name), action=argparse.BooleanOptionalAction, **kwargs
+            )
+            continue
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
+        else:
+            kwargs["metavar"] = field.name.upper()
+        group.add_argument(
+            _flag(field.name),
+            type=_field_type(cls, field.name, hints[field.name]),
+            **kwargs,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from beam_pipelines.options import (
         embed_arguments,
@@ -440,7 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model-dir", required=True, help="Output (and resume) directory."
     )
-    train.add_argument("--meta-config", help="MetaConfig JSON file.")
+    train.add_argument(
+        "--meta-config",
+        help="MetaConfig JSON file (its keys are the inner-loop flags' names, "
+        "such as inner_lr); a flag given on the command line wins.",
+    )
     train.add_argument("--epochs", type=_positive_int, default=5)
     train.add_argument(
         "--batch-tasks",
@@ -461,6 +584,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Checkpoint every N steps (default: every epoch).",
     )
     _strategy_arguments(train, ("none", "mirrored", "multi_worker"))
+    _config_arguments(
+        train,
+        config.MetaConfig,
+        "inner loop (tf_limaml.MetaConfig)",
+        "Saved with the model in MODEL_DIR/config.json, under meta_config.",
+    )
+    _config_arguments(
+        train,
+        config.Architecture,
+        "architecture (tf_limaml.config.Architecture)",
+        "The widths and options of the meta and global blocks.",
+    )
     train.set_defaults(handler=cmd_train)
 
     evaluate = sub.add_parser(
@@ -615,21 +750,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "takes_extra", False):
             return args.handler(args, extra)
         return args.handler(args)
-    except CommandError as err:
-        return _fail(args.command, str(err))
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        return _fail(args.command, str(message))
-    except KeyboardInterrupt:
-        return _fail(args.command, "interrupted")
-    except RuntimeError as err:
-        # Raised by training on a non-finite loss or a model that failed its
-        # health check: a data/config problem the message explains, not a bug
-        # to show a traceback for.
-        if type(err).__name__ not in ("NonFiniteLossError", "ModelFailedError"):
-            raise
+    except TrainingFailedError as err:
+        # A non-finite loss or a model that failed its health check: a problem
+        # of the data or the settings that the message explains.
         _fail(args.command, str(err))
         return EXIT_FAILED
+    except (LimamlError, FileNotFoundError, FileExistsError) as err:
+        # Explained by the library, or a path the user gave. Anything else
+        # (a ValueError or KeyError included) is a bug: it keeps its traceback.
+        return _fail(args.command, str(err))
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted")
 
 
 def _fail(command: str, message: str) -> int:

@@ -4,10 +4,12 @@
 and never changes after construction. `AdaptOptions` holds the adapt-time
 knobs (steps, rate, prior) that a call, or a deployed model, may set apart
 from training: each field left `None` keeps the trained value.
+`Architecture` holds the widths and options of the library's blocks.
 
-Both parse from JSON objects and validate every field with a message that
-names it, so the command line can build its flags from their fields without
-importing TensorFlow.
+Each parses from a JSON object and validates every field with a
+`tf_limaml.errors.ConfigError` that names it, so the command line builds its
+flags from their fields (and their help from `field_docs`) without importing
+TensorFlow.
 
 Example:
 
@@ -20,20 +22,34 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from tf_limaml.errors import ConfigError, UserInputError
+
 ADAPT_CHOICES = ("meta_block", "all")
+# How the global block meets the meta embedding (`Architecture.interaction`).
+INTERACTIONS = ("concat", "product")
 
 _Config = TypeVar("_Config", bound="_JsonConfig")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_steps(owner: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{owner}.inner_steps must be an integer >= 0, got {value!r}")
+        raise ConfigError(
+            f"{owner}.inner_steps must be an integer >= 0, got {value!r}",
+            "inner_steps",
+            value,
+        )
 
 
 def _check_number(owner: str, name: str, value: Any) -> None:
@@ -42,12 +58,16 @@ def _check_number(owner: str, name: str, value: Any) -> None:
         or not isinstance(value, (int, float))
         or not value >= 0  # also refuses NaN
     ):
-        raise ValueError(f"{owner}.{name} must be a number >= 0, got {value!r}")
+        raise ConfigError(
+            f"{owner}.{name} must be a number >= 0, got {value!r}", name, value
+        )
 
 
 def _check_flag(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}")
+        raise ConfigError(
+            f"{owner}.{name} must be true or false, got {value!r}", name, value
+        )
 
 
 def _read_json(path: str | os.PathLike, what: str) -> Any:
@@ -68,7 +88,7 @@ def _read_json(path: str | os.PathLike, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path} is not valid JSON ({err})") from None
+        raise UserInputError(f"{what} {path} is not valid JSON ({err})") from None
 
 
 class _JsonConfig:
@@ -78,13 +98,15 @@ class _JsonConfig:
     def from_dict(cls: type[_Config], obj: Mapping[str, Any]) -> _Config:
         """Builds the options from a JSON object; unknown keys are an error."""
         if not isinstance(obj, Mapping):
-            raise ValueError(f"{cls.__name__} must be a JSON object, got {obj!r}")
+            raise ConfigError(f"{cls.__name__} must be a JSON object, got {obj!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(obj) - known)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown {cls.__name__} key {unknown[0]!r}; known keys are "
-                f"{sorted(known)}"
+                f"{sorted(known)}",
+                unknown[0],
+                obj[unknown[0]],
             )
         return cls(**obj)
 
@@ -120,7 +142,9 @@ class MetaConfig(_JsonConfig):
     inner_lr: float = 0.1
     learn_inner_lr: bool = False
     first_order: bool = False
-    adapt: str = "meta_block"
+    adapt: str = dataclasses.field(
+        default="meta_block", metadata={"choices": ADAPT_CHOICES}
+    )
     adapt_embeddings: bool = False
     jit_compile: bool = True
     support_prior: float = 0.0
@@ -132,9 +156,11 @@ class MetaConfig(_JsonConfig):
         _check_steps("MetaConfig", self.inner_steps)
         _check_number("MetaConfig", "inner_lr", self.inner_lr)
         if self.adapt not in ADAPT_CHOICES:
-            raise ValueError(
+            raise ConfigError(
                 f"MetaConfig.adapt must be one of {ADAPT_CHOICES}, got "
-                f"{self.adapt!r}"
+                f"{self.adapt!r}",
+                "adapt",
+                self.adapt,
             )
         _check_number("MetaConfig", "support_prior", self.support_prior)
         for name in (
@@ -194,6 +220,113 @@ class AdaptOptions(_JsonConfig):
         return dataclasses.replace(self, **other.overrides)
 
 
+@dataclasses.dataclass(frozen=True)
+class Architecture(_JsonConfig):
+    """Widths and options of the library's meta and global blocks.
+
+    The architecture arguments of `LiMAMLModel` (saved in its config); the
+    defaults are the ones `limaml train` builds its model with.
+
+    Attributes:
+        meta_units: Widths of the meta block's dense layers; the last is d, the
+            size of the meta embedding.
+        global_units: Widths of the global block's dense layers before the logit.
+        cross_layers: DCN-v2 cross layers of the global block (0: none).
+        projection_dim: Rank of the low-rank cross kernels (None: full rank).
+        interaction: How the meta embedding meets the request features:
+            "product" also multiplies it with a learned projection of them, so
+            a member's vector changes how each item is scored; "concat" only
+            concatenates it.
+        l2: L2 penalty on the kernels of both blocks (0: none).
+    """
+
+    meta_units: tuple[int, ...] = (64, 32)
+    global_units: tuple[int, ...] = (256, 128)
+    cross_layers: int = 2
+    projection_dim: int | None = None
+    interaction: str = dataclasses.field(
+        default="product", metadata={"choices": INTERACTIONS}
+    )
+    l2: float = 0.0
+
+    def __post_init__(self):
+        for name in ("meta_units", "global_units"):
+            value = getattr(self, name)
+            units = tuple(value) if isinstance(value, (list, tuple)) else ()
+            if not units or not all(_is_int(u) and u > 0 for u in units):
+                raise ConfigError(
+                    f"Architecture.{name} must be a non-empty list of positive "
+                    f"integers, got {value!r}",
+                    name,
+                    value,
+                )
+            object.__setattr__(self, name, units)  # JSON lists become tuples
+        if not _is_int(self.cross_layers) or self.cross_layers < 0:
+            raise ConfigError(
+                f"Architecture.cross_layers must be an integer >= 0, got "
+                f"{self.cross_layers!r}",
+                "cross_layers",
+                self.cross_layers,
+            )
+        if self.projection_dim is not None and (
+            not _is_int(self.projection_dim) or self.projection_dim <= 0
+        ):
+            raise ConfigError(
+                f"Architecture.projection_dim must be a positive integer or null, "
+                f"got {self.projection_dim!r}",
+                "projection_dim",
+                self.projection_dim,
+            )
+        if self.interaction not in INTERACTIONS:
+            raise ConfigError(
+                f"Architecture.interaction must be one of {INTERACTIONS}, got "
+                f"{self.interaction!r}",
+                "interaction",
+                self.interaction,
+            )
+        _check_number("Architecture", "l2", self.l2)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as `LiMAMLModel` keyword arguments (widths as lists)."""
+        config = super().to_dict()
+        for name in ("meta_units", "global_units"):
+            config[name] = list(config[name])
+        return config
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-paragraph description of each field, from the class docstring.
+
+    Reads the Google-style `Attributes:` section, so the command line's help
+    and the API reference say the same thing.
+
+    Args:
+        cls: A dataclass documented with an `Attributes:` section.
+
+    Returns:
+        {field name: its description, joined into one line}.
+    """
+    docs: dict[str, str] = {}
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    try:
+        start = lines.index("Attributes:") + 1
+    except ValueError:
+        return docs
+    name = None
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        match = re.match(r"^    (\w+): (.*)$", line)
+        if match:
+            name = match.group(1)
+            docs[name] = match.group(2).strip()
+        elif name is not None and line.startswith("        "):
+            docs[name] += " " + line.strip()
+        else:
+            break
+    return docs
+
+
 def as_meta_config(value: MetaConfig | Mapping[str, Any] | None) -> MetaConfig:
     """A MetaConfig from itself, its dict, or None (the defaults)."""
     if value is None:
@@ -201,7 +334,7 @@ def as_meta_config(value: MetaConfig | Mapping[str, Any] | None) -> MetaConfig:
     if isinstance(value, Mapping):
         return MetaConfig.from_dict(value)
     if not isinstance(value, MetaConfig):
-        raise ValueError(
+        raise ConfigError(
             f"`meta_config` must be a MetaConfig or its dict, got {value!r}"
         )
     return value
@@ -216,7 +349,9 @@ def as_adapt_options(
     if isinstance(value, Mapping):
         return AdaptOptions.from_dict(value)
     if not isinstance(value, AdaptOptions):
-        raise ValueError(f"`options` must be AdaptOptions or their dict, got {value!r}")
+        raise ConfigError(
+            f"`options` must be AdaptOptions or their dict, got {value!r}"
+        )
     return value
 
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_limaml.errors import UserInputError
+
 STRATEGIES = ("none", "mirrored", "multi_worker")
 _ADDRESS = re.compile(r"^[^\s:]+:\d+$")
 _EXAMPLE_TF_CONFIG = (
@@ -40,7 +42,7 @@ _EXAMPLE_TF_CONFIG = (
 )
 
 
-class StrategyError(ValueError):
+class StrategyError(UserInputError):
     """A strategy that cannot be built as asked; the message says what to fix."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tf_limaml.config import AdaptOptions
+from tf_limaml.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ def collect_query_predictions(
             np.repeat(batch["support_mask"].numpy().sum(axis=1).astype(np.int64), rows)
         )
     if not out["score"]:
-        raise ValueError("No task batches to evaluate: the task files hold no tasks")
+        raise UserInputError(
+            "No task batches to evaluate: the task files hold no tasks"
+        )
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

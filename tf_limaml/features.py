@@ -30,6 +30,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from tf_limaml.errors import UserInputError
+
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
 MULTI_HOT = "multi_hot"
@@ -54,7 +56,7 @@ LOG1P = "log1p"
 TRANSFORMS = (None, LOG1P)
 
 
-class FeatureSpecError(ValueError):
+class FeatureSpecError(UserInputError):
     """Raised for an invalid FeatureSpec; the message names the field and value."""
 
 

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from tf_limaml.errors import UserInputError
 from tf_limaml.features import CATEGORICAL, NUMERIC, Feature, FeatureSpec
 from tf_limaml.selection import Ranked, rank_window
 
@@ -334,13 +335,13 @@ class SplitRule:
         kind, _, raw = str(text).partition(":")
         number = _to_float(raw)
         if kind not in ("fraction", "cutoff", "last") or number is None:
-            raise ValueError(
+            raise UserInputError(
                 f"--split {text!r}: expected fraction:F, cutoff:UNIX_TIME or last:K"
             )
         if kind == "fraction" and not 0.0 < number < 1.0:
-            raise ValueError(f"--split {text!r}: the fraction must be in (0, 1)")
+            raise UserInputError(f"--split {text!r}: the fraction must be in (0, 1)")
         if kind == "last" and (number < 1 or not float(number).is_integer()):
-            raise ValueError(f"--split {text!r}: K must be a positive integer")
+            raise UserInputError(f"--split {text!r}: K must be a positive integer")
         return cls(kind, number)
 
     def __str__(self) -> str:

@@ -31,8 +31,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_limaml import data, distribute, evaluation
+from tf_limaml.config import Architecture, MetaConfig
+from tf_limaml.errors import TrainingFailedError
 from tf_limaml.features import FeatureSpec
-from tf_limaml.model import LiMAMLModel, MetaConfig
+from tf_limaml.model import LiMAMLModel
 from tf_limaml.optimizers import LazyAdam
 from tf_limaml.saving import save_model
 
@@ -58,11 +60,11 @@ def read_training_args(model_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingFailedError):
     """Training produced a non-finite loss."""
 
 
-class ModelFailedError(RuntimeError):
+class ModelFailedError(TrainingFailedError):
     """Training finished, but the model failed its health check.
 
     Attributes:
@@ -135,12 +137,8 @@ class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
 
 
 def default_model_kwargs() -> dict[str, Any]:
-    return {
-        "meta_units": [64, 32],
-        "global_units": [256, 128],
-        "cross_layers": 2,
-        "interaction": "product",
-    }
+    """The architecture `train` builds by default, as LiMAMLModel keyword arguments."""
+    return Architecture().to_dict()
 
 
 def train(
@@ -158,7 +156,7 @@ def train(
     tensorboard: str | None = None,
     checkpoint_every: int | None = None,
     early_stopping_patience: int | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
+    model_kwargs: Architecture | Mapping[str, Any] | None = None,
     verbose: int | str = "auto",
     steps_per_epoch: int | None = None,
     clipnorm: float | None = GRADIENT_CLIPNORM,
@@ -189,7 +187,8 @@ def train(
         checkpoint_every: Checkpoint every N steps (default: every epoch).
         early_stopping_patience: Stop when val loss has not improved for N
             epochs, keeping the best weights (needs validation_tasks).
-        model_kwargs: Architecture arguments of LiMAMLModel.
+        model_kwargs: Architecture arguments of LiMAMLModel: an `Architecture`
+            or its dict (default: `Architecture()`).
         verbose: Keras verbosity (progress bars by default).
         steps_per_epoch: Meta-batches per epoch (default: every task once,
             counted from the files).
@@ -230,6 +229,8 @@ def train(
             "and the step is the mean over the batch"
         )
     meta_config = meta_config or MetaConfig()
+    if isinstance(model_kwargs, Architecture):
+        model_kwargs = model_kwargs.to_dict()
     tf.keras.utils.set_random_seed(seed)
     tf.io.gfile.makedirs(model_dir)
     with strategy.scope():

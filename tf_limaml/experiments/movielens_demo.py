@@ -36,6 +36,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tf_limaml.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKDIR = os.path.join("runs", "demo")
@@ -494,7 +496,7 @@ def _prepare_input(
     """(interactions path, format, spec path, dataset name) for make-tasks."""
     if args.input:
         if not args.features:
-            raise ValueError(
+            raise UserInputError(
                 "--input needs --features SPEC.json, the FeatureSpec of the file "
                 "(see tf_limaml/datasets/movielens.py for an example)"
             )
@@ -535,12 +537,12 @@ def _extra_models(
         return ()
     unknown = [x for x in chosen if x not in EXTRA_MODELS]
     if unknown:
-        raise ValueError(
+        raise UserInputError(
             f"--extra-models: unknown {unknown}; choose from {list(EXTRA_MODELS)} "
             "or 'none'"
         )
     if "multi_entity" in chosen and not item_feature:
-        raise ValueError("--extra-models multi_entity needs --item-feature NAME")
+        raise UserInputError("--extra-models multi_entity needs --item-feature NAME")
     return chosen
 
 
@@ -553,7 +555,7 @@ def _with_buckets(splits, spec, item_feature: str | None):
     if item_feature:
         names = {f.name for f in spec.request_features}
         if item_feature not in names:
-            raise ValueError(
+            raise UserInputError(
                 f"--item-feature {item_feature!r} is not a request feature; the "
                 f"spec's are {sorted(names)}"
             )

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from tf_limaml import data as task_data
 from tf_limaml import evaluation
+from tf_limaml.errors import UserInputError
 from tf_limaml.features import (
     ENTITY_ID_KEY,
     LABEL_KEY,
@@ -223,7 +224,7 @@ def task_batch(
         ValueError: No records.
     """
     if not records:
-        raise ValueError(
+        raise UserInputError(
             "No task records to batch: the split is empty. Use more "
             "members, or larger --val-fraction/--test-fraction."
         )

@@ -25,6 +25,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_limaml.errors import UserInputError
 from tf_limaml.export.serving_module import DEFAULT_MAX_SUPPORT, LiMAMLServingModule
 from tf_limaml.export.versions import (
     is_version_name,
@@ -80,10 +81,10 @@ def export_model(
     if version is None:
         version = next_version(export_base)
     if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
-        raise ValueError(f"`version` must be a positive integer, got {version!r}")
+        raise UserInputError(f"`version` must be a positive integer, got {version!r}")
     for size in warmup_batch_sizes:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(
+            raise UserInputError(
                 f"`warmup_batch_sizes` must hold positive integers, got "
                 f"{list(warmup_batch_sizes)!r}"
             )
