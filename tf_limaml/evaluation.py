@@ -99,9 +99,11 @@ def collect_query_predictions(
     """
     out: dict[str, list] = {"entity_id": [], "label": [], "score": [], "n_support": []}
     for batch in batches:
-        scores = model.predict_query(
-            batch, AdaptOptions(inner_steps=steps), adapt=adapt
-        ).numpy()
+        if steps is None:
+            scores = model.predict_query(batch, adapt=adapt).numpy()
+        else:
+            options = AdaptOptions(inner_steps=steps)
+            scores = model.predict_query(batch, options, adapt=adapt).numpy()
         mask = batch["query_mask"].numpy() > 0
         rows = mask.sum(axis=1)
         out["score"].append(scores[mask])
