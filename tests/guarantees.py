@@ -1,4 +1,4 @@
-"""The checks of the README's "Guarantees", shared by their tests and saboteurs.
+"""The checks of docs/guarantees.md, shared by their tests and their saboteurs.
 
 Each `check_*` function raises AssertionError when its guarantee does not
 hold. The test of a guarantee calls it on the real mechanism;

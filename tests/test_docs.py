@@ -21,6 +21,7 @@ PUBLIC_MODULES = (
     "step",
     "saving",
     "config",
+    "errors",
     "model",
     "layers",
     "sequence",

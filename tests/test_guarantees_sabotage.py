@@ -1,8 +1,8 @@
 """Every guarantee's check fails when its mechanism is switched off.
 
-One test per row of the README's "Guarantees" table: it monkeypatches the
-mechanism off (skips the dead letter, drops the rename, ignores the
-checkpoint, ...) and runs the same check the guarantee's own test runs
+At least one test per row of the table in docs/guarantees.md: it
+monkeypatches the mechanism off (skips the dead letter, drops the rename,
+ignores the checkpoint, ...) and runs the same check the guarantee's own test runs
 (`tests/guarantees.py`, or a `check_*` function of the test module), which
 must now fail. A check that cannot fail proves nothing. The companions that
 train a model or start a second process (over 20 s each) are marked slow.
