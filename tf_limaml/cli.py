@@ -40,6 +40,8 @@ from tf_limaml.errors import (
 )
 
 EXIT_USAGE = 2
+# 128 + SIGINT, as a shell reports a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
 # A run that finished but whose model failed (diverged, constant, chance-level).
 EXIT_FAILED = 1
 
@@ -760,7 +762,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (a ValueError or KeyError included) is a bug: it keeps its traceback.
         return _fail(args.command, str(err))
     except KeyboardInterrupt:
-        return _fail(args.command, "interrupted")
+        _fail(args.command, "interrupted")
+        return EXIT_INTERRUPTED
 
 
 def _fail(command: str, message: str) -> int:

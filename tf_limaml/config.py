@@ -378,7 +378,8 @@ def call_options(
     given = {_LEGACY_KEYWORDS[k]: v for k, v in legacy.items() if v is not None}
     if given:
         warnings.warn(
-            f"Per-call keywords {sorted(legacy)} are deprecated; pass "
+            f"Per-call keywords {sorted(k for k, v in legacy.items() if v is not None)} "
+            "are deprecated; pass "
             f"options=tf_limaml.AdaptOptions({', '.join(sorted(given))}=...)",
             DeprecationWarning,
             stacklevel=3,

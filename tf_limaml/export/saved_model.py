@@ -113,6 +113,7 @@ def export_model(
         extra = os.path.join(temp, ASSETS_EXTRA)
         tf.io.gfile.makedirs(extra)
         _write_warmup(os.path.join(extra, WARMUP_FILE), model, warmup_batch_sizes)
+        adaptation = model.adapt_options.resolve(model.meta_config)
         metadata = {
             "format_version": METADATA_FORMAT,
             "model_version": version,
@@ -120,6 +121,13 @@ def export_model(
             "max_support": max_support,
             "inner_steps": module.inner_steps,
             "adapt": model.meta_config.adapt,
+            # What the adaptation signatures run with (`model.adapt_options`
+            # over the trained `meta_config`, and this export's inner steps).
+            "adaptation": {
+                "inner_steps": module.inner_steps,
+                "inner_lr": adaptation.inner_lr,
+                "support_prior": adaptation.support_prior,
+            },
             "signatures": {
                 name: {
                     key: {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
