@@ -172,3 +172,32 @@ def test_user_facing_errors_share_the_public_bases():
     assert issubclass(errors.UserInputError, errors.LimamlError)
     assert issubclass(errors.TrainingFailedError, errors.LimamlError)
     assert not issubclass(errors.TrainingFailedError, errors.UserInputError)
+
+
+def test_options_coerce_from_themselves_their_dict_or_none():
+    assert config.as_meta_config(None) == MetaConfig()
+    assert config.as_meta_config({"inner_lr": 0.3}) == MetaConfig(inner_lr=0.3)
+    options = AdaptOptions(inner_steps=2)
+    assert config.as_adapt_options(options) is options
+    assert config.as_adapt_options(None).overrides == {}
+    with pytest.raises(errors.ConfigError, match="`options` must be AdaptOptions"):
+        config.as_adapt_options(3)
+
+
+def test_adapt_options_resolve_over_the_trained_config():
+    trained = MetaConfig(inner_steps=1, inner_lr=0.1, first_order=False)
+    deployed = AdaptOptions(inner_lr=0.3).merged(AdaptOptions(inner_steps=3))
+    assert deployed.resolve(trained) == MetaConfig(
+        inner_steps=3, inner_lr=0.3, first_order=False
+    )
+    # Unset fields keep the trained values; set ones win, the later on top.
+    assert AdaptOptions().resolve(trained) is trained
+    assert deployed.merged(AdaptOptions(inner_lr=0.5)).inner_lr == 0.5
+
+
+def test_deprecated_call_keywords_map_onto_adapt_options():
+    with pytest.warns(DeprecationWarning, match=r"\['steps'\]"):
+        options = config.call_options(None, {"steps": 2, "inner_lr": None})
+    assert options == AdaptOptions(inner_steps=2)
+    with pytest.raises(TypeError, match="nope"):
+        config.call_options(None, {"nope": 1})

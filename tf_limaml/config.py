@@ -95,6 +95,25 @@ class _JsonConfig:
     """from_dict / load / to_dict for a frozen dataclass of options."""
 
     @classmethod
+    def coerce(cls: type[_Config], value: Any, argument: str) -> _Config:
+        """The options from themselves, their dict, or None (the defaults).
+
+        Raises:
+            ConfigError: `value` is none of those; the message names `argument`.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        if not isinstance(value, cls):
+            raise ConfigError(
+                f"`{argument}` must be {cls.__name__} or its dict, got {value!r}",
+                argument,
+                value,
+            )
+        return value
+
+    @classmethod
     def from_dict(cls: type[_Config], obj: Mapping[str, Any]) -> _Config:
         """Builds the options from a JSON object; unknown keys are an error."""
         if not isinstance(obj, Mapping):
@@ -329,30 +348,14 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def as_meta_config(value: MetaConfig | Mapping[str, Any] | None) -> MetaConfig:
     """A MetaConfig from itself, its dict, or None (the defaults)."""
-    if value is None:
-        return MetaConfig()
-    if isinstance(value, Mapping):
-        return MetaConfig.from_dict(value)
-    if not isinstance(value, MetaConfig):
-        raise ConfigError(
-            f"`meta_config` must be a MetaConfig or its dict, got {value!r}"
-        )
-    return value
+    return MetaConfig.coerce(value, "meta_config")
 
 
 def as_adapt_options(
     value: AdaptOptions | Mapping[str, Any] | None,
 ) -> AdaptOptions:
-    """AdaptOptions from itself, its dict, or None (no override)."""
-    if value is None:
-        return AdaptOptions()
-    if isinstance(value, Mapping):
-        return AdaptOptions.from_dict(value)
-    if not isinstance(value, AdaptOptions):
-        raise ConfigError(
-            f"`options` must be AdaptOptions or their dict, got {value!r}"
-        )
-    return value
+    """AdaptOptions from themselves, their dict, or None (no override)."""
+    return AdaptOptions.coerce(value, "options")
 
 
 # What a call may set apart from the model's options (the deprecated keywords
