@@ -5,6 +5,7 @@ import json
 import pytest
 import tensorflow as tf
 
+from tf_limaml import data
 from tf_limaml.features import FeatureSpec, FeatureSpecError
 
 EXAMPLE = {
@@ -111,7 +112,7 @@ def test_malformed_json_is_a_spec_error():
 
 
 def test_schema_is_derived_from_the_spec():
-    context, sequence = FeatureSpec.from_dict(EXAMPLE).sequence_example_schema()
+    context, sequence = data.record_schema(FeatureSpec.from_dict(EXAMPLE))
     assert set(context) == {"entity_id", "age", "occupation", "zip"}
     assert isinstance(context["age"], tf.io.FixedLenFeature)
     assert context["age"].dtype == tf.float32

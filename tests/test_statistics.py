@@ -328,7 +328,7 @@ def job(tmp_path_factory):
 def _train_values(out):
     """Every value of the train records, as the model reads them."""
     spec = FeatureSpec.from_dict(TYPES_ONLY)
-    context_schema, sequence_schema = spec.sequence_example_schema()
+    context_schema, sequence_schema = data.record_schema(spec)
     values = collections.defaultdict(list)
     for path in sorted(glob.glob(str(out / "train-*"))):
         for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):

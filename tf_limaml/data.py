@@ -1,7 +1,7 @@
 """Task records: the one encoder that writes them and the tf.data reader.
 
 A task is one `tf.train.SequenceExample` per entity (schema in
-`FeatureSpec.sequence_example_schema`). `encode_task` is the only writer: the
+`record_schema`). `encode_task` is the only writer: the
 Beam pipeline, the synthetic dataset, the MovieLens loader and the tests all
 call it. `task_dataset` reads gzipped TFRecords of tasks and yields batches of
 T tasks padded to fixed support/query sizes with masks:
@@ -39,6 +39,49 @@ from tf_limaml.features import (
 )
 
 GZIP = "GZIP"
+
+
+def record_schema(spec: FeatureSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tf.io parsing spec of a task record of `spec`: (context, sequence).
+
+    A task is one `tf.train.SequenceExample` per entity:
+
+    * context: `entity_id` (bytes) and every meta feature (numeric: one float,
+      or n for a feature of shape [n];
+      categorical: one bytes value; multi-hot: any number of bytes values);
+    * feature lists, for part in (support, query): `part/label` (float),
+      `part/time` (int64), and `part/<name>` for every request feature, one
+      entry per interaction in time order.
+    """
+    context: dict[str, Any] = {ENTITY_ID_KEY: tf.io.FixedLenFeature([], tf.string)}
+    for feature in spec.meta_features:
+        if feature.type == NUMERIC:
+            context[feature.name] = tf.io.FixedLenFeature(
+                list(feature.shape), tf.float32
+            )
+        elif feature.type == CATEGORICAL:
+            context[feature.name] = tf.io.FixedLenFeature([], tf.string)
+        else:
+            context[feature.name] = tf.io.VarLenFeature(tf.string)
+    sequence: dict[str, Any] = {}
+    for part in PARTS:
+        sequence[spec.sequence_key(part, LABEL_KEY)] = tf.io.FixedLenSequenceFeature(
+            [], tf.float32
+        )
+        sequence[spec.sequence_key(part, TIME_KEY)] = tf.io.FixedLenSequenceFeature(
+            [], tf.int64
+        )
+        for feature in spec.request_features:
+            key = spec.sequence_key(part, feature.name)
+            if feature.type == NUMERIC:
+                sequence[key] = tf.io.FixedLenSequenceFeature(
+                    list(feature.shape), tf.float32
+                )
+            elif feature.type == CATEGORICAL:
+                sequence[key] = tf.io.FixedLenSequenceFeature([], tf.string)
+            else:
+                sequence[key] = tf.io.VarLenFeature(tf.string)
+    return context, sequence
 
 
 def _value_feature(feature: Feature, value: Any) -> tf.train.Feature:
@@ -202,7 +245,7 @@ def parse_task_batch(
         raise ValueError(
             f"`parts` must be a non-empty subset of {PARTS}, got {parts!r}"
         )
-    context_spec, sequence_spec = spec.sequence_example_schema()
+    context_spec, sequence_spec = record_schema(spec)
     prefixes = tuple(spec.sequence_key(part, "") for part in parts)
     sequence_spec = {k: v for k, v in sequence_spec.items() if k.startswith(prefixes)}
     context, sequences, lengths = tf.io.parse_sequence_example(

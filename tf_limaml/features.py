@@ -17,7 +17,13 @@ Example:
         "meta_features": [{"name": "age", "type": "numeric"}],
         "request_features": [
             {"name": "item_id", "type": "categorical", "hash_buckets": 10000}]}''')
-    spec.sequence_example_schema()
+    spec.meta_features, spec.request_features
+
+The task record built from a spec (its TFRecord schema and the one encoder)
+lives in `tf_limaml.data`. The two key spellings stay here, TensorFlow-free,
+because the serving clients and the signatures need them without TensorFlow:
+`sequence_key` names a list in a record ("support/item_id"), `batch_key` a
+tensor of a parsed batch and a signature input ("support_item_id").
 """
 
 from __future__ import annotations
@@ -697,50 +703,6 @@ class FeatureSpec:
     def batch_key(part: str, name: str) -> str:
         """Key of a per-interaction tensor in a task batch, e.g. "support_item_id"."""
         return f"{part}_{name}"
-
-    def sequence_example_schema(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The tf.io parsing spec of a task record: (context, sequence) features.
-
-        A task is one `tf.train.SequenceExample` per entity:
-
-        * context: `entity_id` (bytes) and every meta feature (numeric: one float,
-          or n for a feature of shape [n];
-          categorical: one bytes value; multi-hot: any number of bytes values);
-        * feature lists, for part in (support, query): `part/label` (float),
-          `part/time` (int64), and `part/<name>` for every request feature, one
-          entry per interaction in time order.
-        """
-        import tensorflow as tf  # noqa: PLC0415
-
-        context: dict[str, Any] = {ENTITY_ID_KEY: tf.io.FixedLenFeature([], tf.string)}
-        for feature in self.meta_features:
-            if feature.type == NUMERIC:
-                context[feature.name] = tf.io.FixedLenFeature(
-                    list(feature.shape), tf.float32
-                )
-            elif feature.type == CATEGORICAL:
-                context[feature.name] = tf.io.FixedLenFeature([], tf.string)
-            else:
-                context[feature.name] = tf.io.VarLenFeature(tf.string)
-        sequence: dict[str, Any] = {}
-        for part in PARTS:
-            sequence[self.sequence_key(part, LABEL_KEY)] = (
-                tf.io.FixedLenSequenceFeature([], tf.float32)
-            )
-            sequence[self.sequence_key(part, TIME_KEY)] = tf.io.FixedLenSequenceFeature(
-                [], tf.int64
-            )
-            for feature in self.request_features:
-                key = self.sequence_key(part, feature.name)
-                if feature.type == NUMERIC:
-                    sequence[key] = tf.io.FixedLenSequenceFeature(
-                        list(feature.shape), tf.float32
-                    )
-                elif feature.type == CATEGORICAL:
-                    sequence[key] = tf.io.FixedLenSequenceFeature([], tf.string)
-                else:
-                    sequence[key] = tf.io.VarLenFeature(tf.string)
-        return context, sequence
 
 
 def check_statistics(features: Iterable[Feature]) -> None:

@@ -389,7 +389,7 @@ def complete_spec_from_tasks(
     """
     import tensorflow as tf  # noqa: PLC0415 - keeps this module light to import
 
-    from tf_limaml.data import GZIP  # noqa: PLC0415
+    from tf_limaml.data import GZIP, record_schema  # noqa: PLC0415
 
     spec = load_spec(spec)
     if not spec.missing_statistics():
@@ -401,7 +401,7 @@ def complete_spec_from_tasks(
             f"No task records match {file_pattern!r}; pass the train records "
             "make-tasks wrote (DIR/train-*.tfrecord.gz)"
         )
-    context_schema, sequence_schema = spec.sequence_example_schema()
+    context_schema, sequence_schema = record_schema(spec)
     stats = SpecStatistics(spec)
     entities = 0
     for record in tf.data.TFRecordDataset(files, compression_type=GZIP):
