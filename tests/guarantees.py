@@ -80,7 +80,13 @@ def check_every_row_accounted_for(
     if dropped_by_caps is not None:
         assert stats["rows_dropped_by_caps"] == dropped_by_caps, stats
     assert all({"reason", "row"} <= set(line) for line in rejected)
-    assert rows_in == in_tasks + cold + len(rejected) + stats["rows_dropped_by_caps"]
+    assert rows_in == (
+        in_tasks
+        + cold
+        + len(rejected)
+        + stats["rows_dropped_by_caps"]
+        + stats.get("rows_dropped_as_duplicates", 0)
+    )
     assert stats["conservation"]["holds"], stats["conservation"]
     assert stats["entities"] == len(decoded["tasks"]), stats
     assert stats["entities_cold"] == len(decoded["cold"]), stats
