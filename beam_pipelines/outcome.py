@@ -173,14 +173,36 @@ def check_outcome(
 
 
 def remove_beam_temp(output_dir: str) -> None:
-    """Deletes what Beam's sinks leave in DIR when a job fails (`beam-temp-*`)."""
-    pattern = FileSystems.join(output_dir, "beam-temp-*")
+    """Deletes what Beam's sinks leave in DIR when a job fails (`beam-temp-*`).
+
+    Beam writes a sink's files under a `beam-temp-<name>-<uuid>` folder and
+    moves them into place at the end; a failed job leaves the folder behind.
+    """
+    patterns = [
+        FileSystems.join(output_dir, "beam-temp-*"),
+        FileSystems.join(output_dir, "beam-temp-*", "*"),
+    ]
     try:
-        stale = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        found = [
+            m.path
+            for result in FileSystems.match(patterns)
+            for m in result.metadata_list
+        ]
     except Exception:  # noqa: BLE001 - a missing DIR has nothing to clean
         return
-    if stale:
-        logger.info(
-            "Deleting %d temporary file(s) of Beam in %s", len(stale), output_dir
-        )
-        FileSystems.delete(stale)
+    prefix = FileSystems.join(output_dir, "beam-temp-")
+    folders = {
+        prefix + path[len(prefix) :].split("/", 1)[0]
+        for path in found
+        if path.startswith(prefix) and "/" in path[len(prefix) :]
+    }
+    if not found:
+        return
+    logger.info("Deleting %d temporary file(s) of Beam in %s", len(found), output_dir)
+    FileSystems.delete(found)
+    for folder in sorted(folders):
+        try:
+            if FileSystems.exists(folder):
+                FileSystems.delete([folder])
+        except Exception:  # noqa: BLE001 - object stores have no empty folders
+            logger.debug("Could not delete %s", folder)

@@ -274,7 +274,10 @@ def complete_spec(
         return spec
     obj = spec.to_dict()
     for part in ("meta_features", "request_features"):
-        for i, feature in enumerate(getattr(spec, part)):
+        # The JSON lists only the features read from columns (derived
+        # `<name>_missing` indicators come back from their source).
+        read = [f for f in getattr(spec, part) if not f.is_derived]
+        for i, feature in enumerate(read):
             if not feature.needs_statistics:
                 continue
             entry = obj[part][i]
