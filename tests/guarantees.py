@@ -398,7 +398,8 @@ def make_tasks_with_blank_prices(directory) -> dict:
             "last:2",
         ]
     )
-    assert code == 0, code
+    if code != 0:  # not an AssertionError: a saboteur must not pass on it
+        raise RuntimeError(f"limaml make-tasks exited {code}")
     return {"output": output, "rows": rows}
 
 
@@ -424,7 +425,7 @@ def check_blanks_get_the_train_mean(run: dict) -> None:
         float(r["price"]) for r in run["rows"] if r["member"] in train and r["price"]
     ]
     assert train and values
-    assert price["default"] == pytest_approx(float(np.mean(values))), (
+    assert price["default"] == _approx(float(np.mean(values))), (
         price["default"],
         float(np.mean(values)),
     )
@@ -444,7 +445,7 @@ def check_blanks_get_the_train_mean(run: dict) -> None:
     assert filled >= blanks, (filled, blanks)
 
 
-def pytest_approx(value: float):
+def _approx(value: float):
     import pytest
 
     return pytest.approx(value, rel=1e-6)
