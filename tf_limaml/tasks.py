@@ -864,9 +864,11 @@ def build_tasks(
 ) -> tuple[list[EntityHistory], list[tuple[dict, str]], dict[str, Any]]:
     """In-process task building: validate, group by entity, sort and split.
 
-    The same rules as the Beam pipeline, for data that fits in memory: an
-    "auto" time format is detected from the first rows, duplicates are
-    counted (and dropped with `duplicates="drop"`), and blank numeric cells
+    The same rules as the Beam pipeline (`BuildTasks`), for data that fits
+    in memory: an "auto" time format reads numbers as seconds and text as a
+    number or ISO-8601 (`resolve_time_format` detects one format from rows,
+    as `limaml make-tasks` does), duplicates are counted (and dropped with
+    `duplicates="drop"`), and blank numeric cells
     become the mean of the entities `assign_split(seed, val_fraction,
     test_fraction)` puts in train (`impute_histories`).
 
@@ -892,15 +894,10 @@ def build_tasks(
     """
     if isinstance(rule, str):
         rule = SplitRule.parse(rule)
-    if spec.time_format == TIME_AUTO:
-        remaining = iter(rows)
-        head = list(itertools.islice(remaining, 1000))
-        rows = itertools.chain(head, remaining)
-        spec = resolve_time_format(spec, head)
     groups: dict[str, list[dict[str, Any]]] = {}
     rejected: list[tuple[dict, str]] = []
     counts: dict[str, Any] = {"rows_read": 0, "rows_rejected": 0}
-    imputed: dict[str, int] = {}
+    imputed = {f.name: 0 for f in spec.features}
     for row in rows:
         counts["rows_read"] += 1
         try:
@@ -910,7 +907,7 @@ def build_tasks(
             counts["rows_rejected"] += 1
             continue
         for name in blank_features(spec.features, row):
-            imputed[name] = imputed.get(name, 0) + 1
+            imputed[name] += 1
         groups.setdefault(clean[spec.entity], []).append(clean)
     histories = []
     for entity_id in sorted(groups):
@@ -974,6 +971,8 @@ def impute_histories(
     from tf_limaml import statistics  # noqa: PLC0415 - statistics imports features
 
     names = set(imputed) or {f.name for f in spec.features if f.imputes_mean}
+    if isinstance(imputed, Mapping):
+        names = {name for name, n in imputed.items() if n}
     names &= {f.name for f in spec.features if f.imputes_mean}
     if not names:
         return spec
