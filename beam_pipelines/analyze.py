@@ -22,6 +22,7 @@ Everything meets in one element, the completed `FeatureSpec` as JSON, which
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -103,12 +104,48 @@ def _vocabulary_counts(
     )
 
 
+# The key of the JSON object the analyzer writes instead of a spec when it
+# cannot complete one; `make_tasks.run` turns it into one line after the job.
+ERROR_KEY = "make_tasks_error"
+
+
+def imputed_names(counts: Mapping[tuple, int] | None) -> list[str]:
+    """The features with blank cells imputed, from make-tasks' counts."""
+    return sorted(
+        key[1]
+        for key, n in (counts or {}).items()
+        if len(key) == 2 and key[0] == "imputed_by_feature" and n
+    )
+
+
+def completed_json(
+    spec: FeatureSpec,
+    numeric: Mapping[str, statistics.Moments],
+    vocab: Mapping[str, Any],
+    source: str,
+    imputed: Sequence[str] = (),
+) -> str:
+    """The completed spec as JSON, or {ERROR_KEY: why} when it cannot be completed.
+
+    Never raises for a FeatureSpecError: a job must write its dead letter and
+    stats.json before it says what went wrong, in one line.
+    """
+    try:
+        done = statistics.complete_spec(spec, numeric, vocab, source)
+        return statistics.fill_defaults(done, numeric, imputed, source).to_json()
+    except statistics.FeatureSpecError as err:
+        return json.dumps({ERROR_KEY: str(err)})
+
+
 def _complete(
-    parts: Sequence[tuple[str, str, Any]], spec: FeatureSpec, source: str
+    parts: Sequence[tuple[str, str, Any]],
+    spec: FeatureSpec,
+    source: str,
+    counts: Mapping[tuple, int] | None = None,
 ) -> str:
     numeric = {name: value for kind, name, value in parts if kind == MOMENTS}
     vocab = {name: value for kind, name, value in parts if kind == VALUE}
-    return statistics.complete_spec(spec, numeric, vocab, source).to_json()
+    return completed_json(spec, numeric, vocab, source, imputed_names(counts))
 
 
 class AnalyzeFeatures(beam.PTransform):
@@ -121,6 +158,9 @@ class AnalyzeFeatures(beam.PTransform):
         partial: Stop before completing: return one pass's mergeable
             statistics (`complete_from_partials` merges them), as a run of
             several passes (`beam_pipelines.passes`) needs.
+        counts: Optional PCollection of one dict, make-tasks' summed counts:
+            the features it shows blanks of get the training mean as their
+            `default` (`tf_limaml.statistics.fill_defaults`).
 
     Returns (from `expand`): a PCollection of one string, `spec.to_json()` of
     the completed spec (the spec unchanged when it needs nothing); with
@@ -133,11 +173,13 @@ class AnalyzeFeatures(beam.PTransform):
         spec: FeatureSpec,
         source: str = statistics.SOURCE_MAKE_TASKS,
         partial: bool = False,
+        counts: beam.PCollection | None = None,
     ):
         super().__init__()
         self.spec = spec
         self.source = source
         self.partial = partial
+        self.counts = counts
 
     def expand(self, inputs):
         numeric = (
@@ -165,11 +207,17 @@ class AnalyzeFeatures(beam.PTransform):
             | "SelectVocabulary" >> counts
             | "TagVocabulary" >> beam.MapTuple(lambda name, c: (VALUE, name, c))
         )
-        finish = (
-            beam.Map(_partial)
-            if self.partial
-            else beam.Map(_complete, self.spec, self.source)
-        )
+        if self.partial:
+            finish = beam.Map(_partial)
+        elif self.counts is not None:
+            finish = beam.Map(
+                _complete,
+                self.spec,
+                self.source,
+                beam.pvalue.AsSingleton(self.counts),
+            )
+        else:
+            finish = beam.Map(_complete, self.spec, self.source)
         return (
             (numeric, vocab)
             | "FlattenStatistics" >> beam.Flatten()
@@ -206,8 +254,12 @@ def complete_from_partials(
     spec: FeatureSpec,
     partials: Sequence[Mapping[str, Any]],
     source: str = statistics.SOURCE_MAKE_TASKS,
+    imputed: Sequence[str] = (),
 ) -> str:
     """The completed spec as JSON from every pass's partial statistics.
+
+    As `completed_json`: {ERROR_KEY: why} when it cannot be completed; the
+    `imputed` features get the training mean as their default.
 
     Moments merge in pass order (Chan's merge; the rounding of
     `tf_limaml.statistics` makes the result that of one pass), value counts
@@ -228,4 +280,4 @@ def complete_from_partials(
             counts = vocab.setdefault(name, {})
             for value, n in pairs:
                 counts[value] = counts.get(value, 0) + int(n)
-    return statistics.complete_spec(spec, numeric, vocab, source).to_json()
+    return completed_json(spec, numeric, vocab, source, imputed)

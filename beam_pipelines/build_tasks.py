@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ import apache_beam as beam
 from beam_pipelines.analyze import AnalyzeFeatures, analysis_inputs
 from beam_pipelines.counting import STATS, CountingDoFn, SumStats
 from beam_pipelines.dead_letter import REJECTED, dead_letter_record
+from beam_pipelines.imputation import FillMissing
 from beam_pipelines.reading import MalformedRow
 from beam_pipelines.shards import Partition
 from beam_pipelines.task_stats import HISTOGRAMS, finalize_stats, size_bucket
@@ -42,6 +44,9 @@ SOURCE_ENTITIES = "entities"
 COLD = "cold"
 # Inputs of the feature analyzers, emitted for train entities only.
 ANALYSIS = "analysis"
+# Records with blank numeric cells, waiting for the training means:
+# (split or COLD, entity_id, record).
+NEEDS_FILL = "needs_fill"
 # Tags of the values grouped by entity when there is an entity table.
 _ROWS = "rows"
 _META = "meta"
@@ -167,6 +172,21 @@ class ValidateRows(_TaskCountingDoFn):
     def _clean(self, entity_id: str, result: Any) -> Any:
         return entity_id, result
 
+    def _features(self):
+        return self.spec.features
+
+    def _count_valid(self, row: Mapping[str, Any], clean: Any) -> None:
+        """Counts a valid row's blank (imputed) cells and its label."""
+        counts, prefix = self._counts, self.prefix
+        blanks = task_rules.blank_features(self._features(), row)
+        for name in blanks:
+            counts[prefix + ("imputed_by_feature", name)] += 1
+        if blanks:
+            counts[prefix + ("rows_with_imputed_values",)] += 1
+        if not prefix:
+            label = "positive" if clean["label"] else "negative"
+            counts[("labels", label)] += 1
+
     def process(self, element: Any):
         partition = self.partition
         key = _entity_key(self.spec, element)
@@ -176,6 +196,7 @@ class ValidateRows(_TaskCountingDoFn):
         counts, prefix = self._counts, self.prefix
         if checked.reason is None:
             counts[prefix + ("rows_read",)] += 1
+            self._count_valid(checked.row, checked.result)
             yield self._clean(key, checked.result)
             return
         line = dead_letter_record(
@@ -209,6 +230,9 @@ class ValidateEntities(ValidateRows):
     def _clean(self, entity_id: str, result: Any) -> Any:
         return result
 
+    def _features(self):
+        return self.spec.meta_features
+
 
 class SplitEntities(_TaskCountingDoFn):
     """One entity's rows -> its task record (split, entity_id, bytes), or cold.
@@ -235,11 +259,14 @@ class SplitEntities(_TaskCountingDoFn):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         with_table: bool = False,
+        duplicates: str = task_rules.KEEP,
     ):
         super().__init__()
         self.spec = spec
         self.rule = rule
         self.with_table = with_table
+        self.duplicates = duplicates
+        self._blank_names = [f.name for f in spec.features if f.imputes_mean]
         self.min_support = min_support
         self.min_query = min_query
         self.max_support = max_support
@@ -283,15 +310,22 @@ class SplitEntities(_TaskCountingDoFn):
             max_support=self.max_support,
             max_query=self.max_query,
             meta=self._table_meta(metas),
+            duplicates=self.duplicates,
         )
         self._counts[("meta_conflicts",)] += history.meta_conflicts
+        self._counts[("duplicate_rows",)] += history.duplicates
+        self._counts[("rows_dropped_as_duplicates",)] += history.duplicates_dropped
         record = task_data.encode_task(
             self.spec, entity_id, history.meta, history.support, history.query
         ).SerializeToString(deterministic=True)
+        blank = self._has_blanks(history)
         if history.cold:
             self._counts[("entities_cold",)] += 1
             self._counts[("rows_cold",)] += history.n_rows
-            yield beam.pvalue.TaggedOutput(COLD, (entity_id, record))
+            if blank:
+                yield beam.pvalue.TaggedOutput(NEEDS_FILL, (COLD, entity_id, record))
+            else:
+                yield beam.pvalue.TaggedOutput(COLD, (entity_id, record))
             return
         split = task_rules.assign_split(
             entity_id, self.seed, self.val_fraction, self.test_fraction
@@ -315,7 +349,23 @@ class SplitEntities(_TaskCountingDoFn):
                 self.spec, history.meta, history.support + history.query
             ):
                 yield beam.pvalue.TaggedOutput(ANALYSIS, item)
-        yield split, entity_id, record
+        if blank:
+            yield beam.pvalue.TaggedOutput(NEEDS_FILL, (split, entity_id, record))
+        else:
+            yield split, entity_id, record
+
+    def _has_blanks(self, history: task_rules.EntityHistory) -> bool:
+        """Whether a numeric cell waits for the training mean (see `imputation`)."""
+        names = self._blank_names
+        if not names:
+            return False
+        if any(task_rules.is_imputed(history.meta.get(n)) for n in names):
+            return True
+        return any(
+            task_rules.is_imputed(row.get(n))
+            for row in itertools.chain(history.support, history.query)
+            for n in names
+        )
 
 
 class BuildTasks(beam.PTransform):
@@ -370,10 +420,16 @@ class BuildTasks(beam.PTransform):
         entities: beam.PCollection | None = None,
         options: Mapping[str, Any] | None = None,
         partition: Partition | None = None,
+        duplicates: str = task_rules.KEEP,
     ):
         super().__init__()
         self.spec = spec
         self.partition = partition
+        if duplicates not in task_rules.DUPLICATE_POLICIES:
+            raise ValueError(
+                f"`duplicates` must be one of {task_rules.DUPLICATE_POLICIES}, got "
+                f"{duplicates!r}"
+            )
         self.rule = SplitRule.parse(rule) if isinstance(rule, str) else rule
         for name, value in (("min_support", min_support), ("min_query", min_query)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -407,6 +463,7 @@ class BuildTasks(beam.PTransform):
             val_fraction,
             test_fraction,
             with_table=entities is not None,
+            duplicates=duplicates,
         )
         self.entities = entities
         self.options = {
@@ -418,6 +475,7 @@ class BuildTasks(beam.PTransform):
             "seed": seed,
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
+            "duplicates": duplicates,
             **dict(options or {}),
         }
 
@@ -446,7 +504,7 @@ class BuildTasks(beam.PTransform):
                 | "GroupByEntityWithTable" >> beam.GroupByKey()
             )
         split = grouped | "SplitEntities" >> beam.ParDo(self.split_fn).with_outputs(
-            COLD, STATS, ANALYSIS, main="tasks"
+            COLD, STATS, ANALYSIS, NEEDS_FILL, main="tasks"
         )
         stats.append(split[STATS])
         options, with_table = self.options, self.entities is not None
@@ -458,6 +516,11 @@ class BuildTasks(beam.PTransform):
             "rejected": tuple(rejected) | "FlattenRejected" >> beam.Flatten(),
         }
         if self.partition is not None:
+            # A pass cannot know the training means: its records keep their
+            # blanks, which `task_files.finish_passes` fills after the last pass.
+            outputs["tasks"], outputs["cold"] = _rejoin(
+                outputs["tasks"], outputs["cold"], split[NEEDS_FILL]
+            )
             analysis = split[ANALYSIS] | "AnalyzeFeatures" >> AnalyzeFeatures(
                 self.spec, partial=True
             )
@@ -473,9 +536,25 @@ class BuildTasks(beam.PTransform):
             finalize_stats, options, with_table, names
         )
         outputs["spec"] = split[ANALYSIS] | "AnalyzeFeatures" >> AnalyzeFeatures(
-            self.spec
+            self.spec, counts=counts
+        )
+        filled = split[NEEDS_FILL] | "FillMissing" >> FillMissing(outputs["spec"])
+        outputs["tasks"], outputs["cold"] = _rejoin(
+            outputs["tasks"], outputs["cold"], filled
         )
         return outputs
+
+
+def _rejoin(tasks, cold, filled):
+    """Puts (split or COLD, entity_id, record) items back among tasks and cold."""
+    parts = filled | "SplitFilled" >> beam.Partition(
+        lambda item, _: int(item[0] == COLD), 2
+    )
+    cold_items = parts[1] | "ColdPairs" >> beam.Map(lambda item: (item[1], item[2]))
+    return (
+        (tasks, parts[0]) | "RejoinTasks" >> beam.Flatten(),
+        (cold, cold_items) | "RejoinCold" >> beam.Flatten(),
+    )
 
 
 def _pass_partial(

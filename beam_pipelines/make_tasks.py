@@ -103,6 +103,7 @@ from beam_pipelines.dead_letter import (
     json_safe,
 )
 from beam_pipelines.options import make_tasks_arguments
+from beam_pipelines.outcome import check_outcome, remove_beam_temp
 from beam_pipelines.outputs import prepare_output
 from beam_pipelines.passes import check_passes, run_passes
 from beam_pipelines.reading import (
@@ -111,6 +112,7 @@ from beam_pipelines.reading import (
     ReadInteractions,
     check_columns,
     check_spec_columns,
+    first_rows,
     read_csv_file,
 )
 from beam_pipelines.shards import (
@@ -134,7 +136,7 @@ from beam_pipelines.task_files import (
 from beam_pipelines.task_stats import CONSERVATION, finalize_stats, size_bucket
 from tf_limaml.errors import UserInputError
 from tf_limaml.features import FeatureSpec
-from tf_limaml.tasks import SPLITS, SplitRule
+from tf_limaml.tasks import SPLITS, SplitRule, resolve_time_format
 
 __all__ = [
     "ANALYSIS",
@@ -271,10 +273,18 @@ def run(
     Returns:
         The finished PipelineResult (of the last pass with --passes).
 
+    Before the job, an "auto" time format is detected once from the first
+    rows of the first input file and written into the completed spec. After
+    it, `beam_pipelines.outcome.check_outcome` stops the run in one line when
+    too little survived validation; the dead letter and stats.json are
+    written either way, and no `beam-temp-*` is left in --output.
+
     Raises:
         FileNotFoundError: The spec or the input files are missing.
         ValueError: A flag value is wrong, a needed column is missing, or
             --output holds an earlier run (without --overwrite).
+        beam_pipelines.outcome.NothingLeftError: Too few rows passed
+            validation, or none has a positive label.
     """
     parser = argparse.ArgumentParser(
         prog="make_tasks", description=__doc__.splitlines()[0], allow_abbrev=False
@@ -289,6 +299,7 @@ def run(
             f"{known.test_fraction} is more than 1; lower one of them"
         )
     check_spec_columns(spec, known.input, known.format, known.entities)
+    spec = _resolve_time(spec, known.input, known.format)
     num_shards = check_passes(known.passes, known.num_shards)
     prepare_output(known.output, OUTPUT_PATTERNS, known.overwrite)
     if not FileSystems.exists(known.output):
@@ -314,20 +325,41 @@ def run(
             seed=known.seed,
             val_fraction=known.val_fraction,
             test_fraction=known.test_fraction,
+            duplicates=known.duplicates,
         )
 
-    results = run_passes(
-        build,
-        lambda: beam.Pipeline(options=options),
-        known.passes,
-        num_shards,
-        "make-tasks",
-        on_pass,
-    )
-    if known.passes > 1:
-        finish_passes(known.output, spec, known.passes)
+    try:
+        results = run_passes(
+            build,
+            lambda: beam.Pipeline(options=options),
+            known.passes,
+            num_shards,
+            "make-tasks",
+            on_pass,
+        )
+        if known.passes > 1:
+            finish_passes(known.output, spec, known.passes)
+    finally:
+        remove_beam_temp(known.output)
+    if FileSystems.exists(FileSystems.join(known.output, "stats.json")):
+        check_outcome(known.output, spec, known.min_valid_fraction)
     _log_summary(known.output)
     return results[-1]
+
+
+def _resolve_time(spec: FeatureSpec, pattern: str, file_format: str) -> FeatureSpec:
+    """The spec with its "auto" time format detected from the first rows."""
+    if spec.time_format != "auto":
+        return spec
+    resolved = resolve_time_format(spec, first_rows(pattern, file_format, [spec.time]))
+    if resolved.time_format != spec.time_format:
+        logger.info(
+            "Time column %r read as %s (detected from the first rows; state it "
+            'in the spec as "time": {"column": ..., "format": ...} to choose)',
+            spec.time,
+            resolved.time_format,
+        )
+    return resolved
 
 
 def _log_summary(output_dir: str) -> None:

@@ -77,6 +77,21 @@ def make_tasks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     _passes_argument(parser)
     parser.add_argument(
+        "--duplicates",
+        choices=("keep", "drop"),
+        default="keep",
+        help="Rows equal in every column the spec reads: keep them all (default) "
+        "or keep one. Counted in stats.json either way.",
+    )
+    parser.add_argument(
+        "--min-valid-fraction",
+        type=_unit_interval,
+        default=0.5,
+        help="Stop with an error (exit 2) when fewer than this share of the rows "
+        "pass validation (default 0.5; 0 stops only when none does). The dead "
+        "letter and stats.json are written first.",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="Delete the task files, dead letter and stats of an "

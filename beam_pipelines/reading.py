@@ -177,6 +177,43 @@ def _columns_of(path: str, file_format: str) -> list[str]:
         return [name.strip() for name in header]
 
 
+def first_rows(
+    pattern: str, file_format: str, columns: Sequence[str], n: int = 1000
+) -> list[dict]:
+    """The first `n` rows of the first input file, only the given columns.
+
+    What make-tasks looks at before the job, e.g. to detect the time format
+    once (`tf_limaml.tasks.resolve_time_format`) instead of per row.
+    """
+    path = _first_file(pattern, "--input")
+    with FileSystems.open(path) as f:
+        if file_format == "parquet":
+            import pyarrow.parquet as pq  # noqa: PLC0415 - only Parquet runs need it
+
+            parquet = pq.ParquetFile(f)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            rows: list[dict] = []
+            for batch in parquet.iter_batches(batch_size=n, columns=present):
+                rows.extend(batch.to_pylist())
+                if len(rows) >= n:
+                    break
+            return rows[:n]
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline="")
+        reader = csv.reader(text)
+        header = [name.strip() for name in next(reader, [])]
+        rows = []
+        try:
+            for values in reader:
+                if len(values) == len(header):
+                    row = dict(zip(header, values, strict=True))
+                    rows.append({c: row.get(c) for c in columns})
+                if len(rows) >= n:
+                    break
+        except csv.Error:
+            pass  # The job dead-letters the bad line; the rows so far suffice.
+        return rows
+
+
 def check_columns(
     pattern: str, file_format: str, required: Sequence[tuple[str, str]], flag: str
 ) -> list[str]:
@@ -235,9 +272,13 @@ def check_spec_columns(
     feature_names = {f.name for f in spec.features}
     if spec.tie_break and spec.tie_break not in feature_names:
         required.append((spec.tie_break, "tie_break column"))
-    required += [(f.name, "request feature") for f in spec.request_features]
+    required += [
+        (f.name, "request feature") for f in spec.request_features if not f.is_derived
+    ]
     if not entities_pattern:
-        required += [(f.name, "meta feature") for f in spec.meta_features]
+        required += [
+            (f.name, "meta feature") for f in spec.meta_features if not f.is_derived
+        ]
         check_columns(input_pattern, file_format, required, "--input")
         return
     input_columns = check_columns(input_pattern, file_format, required, "--input")
@@ -245,6 +286,8 @@ def check_spec_columns(
         entities_pattern, file_format, [(spec.entity, "entity")], "--entities"
     )
     for feature in spec.meta_features:
+        if feature.is_derived:
+            continue
         if feature.name not in input_columns and feature.name not in table_columns:
             raise UserInputError(
                 f"The spec's meta feature {feature.name!r} is a column of neither --input "

@@ -21,9 +21,10 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipelines.analyze import complete_from_partials
+from beam_pipelines.analyze import ERROR_KEY, complete_from_partials, imputed_names
 from beam_pipelines.build_tasks import COLD
 from beam_pipelines.dead_letter import REJECTED
+from beam_pipelines.imputation import fill_files
 from beam_pipelines.passes import (
     PARTIAL_PATTERN,
     WritePartial,
@@ -44,6 +45,8 @@ OUTPUT_PATTERNS = tuple(f"{name}-*{TASK_SUFFIX}" for name in SPLITS + (COLD,)) +
     "spec.json",
     f"{TEMP_PREFIX}*",
     PARTIAL_PATTERN,
+    # What Beam's text sink leaves behind when a job fails mid-write.
+    "beam-temp-*",
 )
 
 logger = logging.getLogger(__name__)
@@ -150,7 +153,9 @@ def finish_passes(output_dir: str, spec: FeatureSpec, passes: int) -> dict[str, 
 
     The counts add up, then become stats.json as in a one-pass run
     (`finalize_stats`); the partial statistics complete the spec
-    (`complete_from_partials`). The partial files are deleted.
+    (`complete_from_partials`), and the blanks the passes left in their
+    records get the training means (`imputation.fill_files`). The partial
+    files are deleted.
 
     Returns:
         The stats.
@@ -166,6 +171,12 @@ def finish_passes(output_dir: str, spec: FeatureSpec, passes: int) -> dict[str, 
     log_conservation(stats)
     write_text(output_dir, "stats.json", json.dumps(stats, indent=2))
     analyses = [partial["analysis"] for partial in partials]
-    write_text(output_dir, "spec.json", complete_from_partials(spec, analyses))
+    completed = complete_from_partials(spec, analyses, imputed=imputed_names(counts))
+    write_text(output_dir, "spec.json", completed)
+    obj = json.loads(completed)
+    if ERROR_KEY not in obj:
+        pattern = FileSystems.join(output_dir, f"*{TASK_SUFFIX}")
+        paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        fill_files(paths, FeatureSpec.from_dict(obj))
     logger.info("Merged the statistics of %d passes into %s", passes, output_dir)
     return stats

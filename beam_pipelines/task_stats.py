@@ -6,6 +6,11 @@ names every reject reason and split (0 if none), adds the size histograms and
 checks the conservation identity
 
     rows_read = rows_in_tasks + rows_rejected + rows_dropped_by_caps + rows_cold
+                + rows_dropped_as_duplicates
+
+Beside it, what happened to the valid rows' cells and copies: blank cells
+imputed per feature (`imputed_by_feature`), rows equal to an earlier row
+(`duplicate_rows`, kept or dropped as `--duplicates` says) and the labels.
 
 Example:
 
@@ -25,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 CONSERVATION = (
     "rows_read = rows_in_tasks + rows_rejected + rows_dropped_by_caps + rows_cold"
+    " + rows_dropped_as_duplicates"
 )
 # Count keys that are histogram buckets: in stats.json, not in Beam's metrics.
 HISTOGRAMS = ("support_size_histogram", "query_size_histogram")
@@ -71,12 +77,14 @@ def finalize_stats(
         "rows_rejected": get("rows_rejected"),
         "rows_dropped_by_caps": get("rows_dropped_by_caps"),
         "rows_cold": get("rows_cold"),
+        "rows_dropped_as_duplicates": get("rows_dropped_as_duplicates"),
     }
     total = (
         stats["rows_in_tasks"]
         + stats["rows_rejected"]
         + stats["rows_dropped_by_caps"]
         + stats["rows_cold"]
+        + stats["rows_dropped_as_duplicates"]
     )
     stats["conservation"] = {
         "identity": CONSERVATION,
@@ -90,6 +98,16 @@ def finalize_stats(
     stats["rejected_by_feature"] = _by_feature(
         counts, "rejected_by_feature", feature_names
     )
+    stats["rows_valid"] = stats["rows_read"] - stats["rows_rejected"]
+    stats["duplicate_rows"] = get("duplicate_rows")
+    stats["rows_with_imputed_values"] = get("rows_with_imputed_values")
+    stats["imputed_by_feature"] = _by_feature(
+        counts, "imputed_by_feature", feature_names
+    )
+    stats["labels"] = {
+        "positive": get("labels", "positive"),
+        "negative": get("labels", "negative"),
+    }
     stats["entities"] = get("entities")
     stats["entities_cold"] = get("entities_cold")
     stats["meta_conflicts"] = get("meta_conflicts")
@@ -113,6 +131,9 @@ def finalize_stats(
             },
             "rejected_by_feature": _by_feature(
                 counts, ("entity_table", "rejected_by_feature"), feature_names
+            ),
+            "imputed_by_feature": _by_feature(
+                counts, ("entity_table", "imputed_by_feature"), feature_names
             ),
             "entities_used": get("entity_table", "entities_used"),
             "conflicts": get("entity_table", "conflicts"),

@@ -80,7 +80,13 @@ def check_every_row_accounted_for(
     if dropped_by_caps is not None:
         assert stats["rows_dropped_by_caps"] == dropped_by_caps, stats
     assert all({"reason", "row"} <= set(line) for line in rejected)
-    assert rows_in == in_tasks + cold + len(rejected) + stats["rows_dropped_by_caps"]
+    assert rows_in == (
+        in_tasks
+        + cold
+        + len(rejected)
+        + stats["rows_dropped_by_caps"]
+        + stats.get("rows_dropped_as_duplicates", 0)
+    )
     assert stats["conservation"]["holds"], stats["conservation"]
     assert stats["entities"] == len(decoded["tasks"]), stats
     assert stats["entities_cold"] == len(decoded["cold"]), stats
@@ -328,3 +334,118 @@ def make_tasks_with_every_kind_of_loss(directory) -> dict:
         ]
     )
     return {"output": output, "rows_in": len(rows)}
+
+
+# ------------------------------------------- blanks get the TRAIN mean only
+def make_tasks_with_blank_prices(directory) -> dict:
+    """`limaml make-tasks` on rows whose `price` is blank in every third row.
+
+    Train entities' prices sit near 10, val and test entities' near 1000, so
+    a mean that lets a held-out value in is far from the train mean.
+
+    Returns:
+        {"output": the output directory, "rows": the rows written}.
+    """
+    from tf_limaml import cli
+    from tf_limaml.tasks import assign_split
+
+    directory = str(directory)
+    rows = []
+    for e in range(40):
+        member = f"m{e}"
+        base = 10.0 if assign_split(member) == "train" else 1000.0
+        for k in range(6):
+            rows.append(
+                {
+                    "member": member,
+                    "ts": f"2024-03-{k + 1:02d}T10:00:00Z",
+                    "clicked": "yes" if (e + k) % 2 else "no",
+                    "item": f"i{k}",
+                    "price": "" if k % 3 == 0 else f"{base + e % 5 + k}",
+                }
+            )
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "rows.csv")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("member,ts,clicked,item,price\n")
+        for r in rows:
+            f.write(
+                ",".join(r[c] for c in ("member", "ts", "clicked", "item", "price"))
+            )
+            f.write("\n")
+    spec = {
+        "entity": "member",
+        "time": "ts",
+        "label": {"column": "clicked", "positive": ["yes"]},
+        "request_features": [
+            {"name": "item", "type": "categorical", "hash_buckets": 16},
+            {"name": "price", "type": "numeric"},
+        ],
+    }
+    with open(os.path.join(directory, "spec.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    output = os.path.join(directory, "out")
+    code = cli.main(
+        [
+            "make-tasks",
+            "--input",
+            path,
+            "--features",
+            os.path.join(directory, "spec.json"),
+            "--output",
+            output,
+            "--split",
+            "last:2",
+        ]
+    )
+    if code != 0:  # not an AssertionError: a saboteur must not pass on it
+        raise RuntimeError(f"limaml make-tasks exited {code}")
+    return {"output": output, "rows": rows}
+
+
+def check_blanks_get_the_train_mean(run: dict) -> None:
+    """spec.json's price default is the mean of the TRAIN entities' prices only.
+
+    The train entities are read from the train records; the blanks in every
+    record (train, val and test) hold that default.
+    """
+    import tensorflow as tf
+
+    output = run["output"]
+    with open(os.path.join(output, "spec.json"), encoding="utf-8") as f:
+        price = next(
+            f for f in json.load(f)["request_features"] if f["name"] == "price"
+        )
+    train = set()
+    files = sorted(glob.glob(os.path.join(output, "train-*.tfrecord.gz")))
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        example = tf.train.SequenceExample.FromString(record.numpy())
+        train.add(example.context.feature["entity_id"].bytes_list.value[0].decode())
+    values = [
+        float(r["price"]) for r in run["rows"] if r["member"] in train and r["price"]
+    ]
+    assert train and values
+    assert price["default"] == _approx(float(np.mean(values))), (
+        price["default"],
+        float(np.mean(values)),
+    )
+    with open(os.path.join(output, "stats.json"), encoding="utf-8") as f:
+        stats = json.load(f)
+    blanks = sum(1 for r in run["rows"] if not r["price"])
+    assert stats["imputed_by_feature"]["price"] == blanks, stats
+    every = sorted(glob.glob(os.path.join(output, "*.tfrecord.gz")))
+    seen = []
+    for record in tf.data.TFRecordDataset(every, compression_type="GZIP"):
+        example = tf.train.SequenceExample.FromString(record.numpy())
+        for part in ("support", "query"):
+            for cell in example.feature_lists.feature_list[f"{part}/price"].feature:
+                seen.append(cell.float_list.value[0])
+    assert not any(np.isnan(seen)), "a blank was written as NaN"
+    filled = sum(1 for v in seen if abs(v - price["default"]) < 1e-3)
+    assert filled >= blanks, (filled, blanks)
+
+
+def _approx(value: float):
+    import pytest
+
+    return pytest.approx(value, rel=1e-6)

@@ -215,6 +215,10 @@ def test_train_then_evaluate(tmp_path, synthetic_tasks, capsys):
     assert json.loads(capsys.readouterr().out) == metrics
     assert set(metrics) >= {"adapted", "unadapted", "n_tasks"}
     assert metrics["n_tasks"] > 0
+    # Every query row is scored, and the output says so.
+    rows = metrics["query_rows"]
+    assert rows["left_out"] == 0 and rows["scored"] == rows["in_files"] > 0, rows
+    assert metrics["adapted"]["n_rows"] == rows["scored"], metrics
     for key in ("adapted", "unadapted"):
         assert metrics[key]["loss"] > 0
     # The synthetic members differ in a way their support rows reveal, so

@@ -29,12 +29,14 @@ import test_training as training_tests
 import test_tune as tune_tests
 from guarantees import (
     SimulatedCrash,
+    check_blanks_get_the_train_mean,
     check_embed_fails_when_an_entity_is_lost,
     check_every_row_accounted_for,
     check_make_tasks_identical_across_processes,
     check_nonfinite_step_is_not_applied,
     check_resume_runs_only_the_remaining_steps,
     drop_one_entity,
+    make_tasks_with_blank_prices,
     make_tasks_with_every_kind_of_loss,
     train_counting_steps,
 )
@@ -104,6 +106,33 @@ def test_statistics_sabotaged_to_read_every_split(tmp_path, monkeypatch):
     job = statistics_tests._run_make_tasks(tmp_path, "every_split")
     with pytest.raises(CHECK_FAILED):
         statistics_tests.check_statistics_from_train_records(job)
+
+
+# ------------------------------- blanks get the mean of the training rows only
+def test_imputation_sabotaged_to_read_every_split(tmp_path, monkeypatch):
+    from beam_pipelines import build_tasks
+
+    process = build_tasks.SplitEntities.process
+    tagged = build_tasks.beam.pvalue.TaggedOutput
+
+    def every_split_imputes(self, element):
+        # The train-only filter off: val and test prices reach the mean that
+        # fills the blanks.
+        for out in process(self, element):
+            yield out
+            name = out.value[0] if isinstance(out, tagged) else out[0]
+            if name == "train" or (
+                isinstance(out, tagged) and out.tag != build_tasks.NEEDS_FILL
+            ):
+                continue
+            rows = [r for r in element[1]]
+            for item in build_tasks.analysis_inputs(self.spec, {}, rows):
+                yield tagged(build_tasks.ANALYSIS, item)
+
+    monkeypatch.setattr(build_tasks.SplitEntities, "process", every_split_imputes)
+    run = make_tasks_with_blank_prices(tmp_path)
+    with pytest.raises(CHECK_FAILED):
+        check_blanks_get_the_train_mean(run)
 
 
 # ------------------------------------------------------------ no quiet garbage

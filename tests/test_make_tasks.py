@@ -33,11 +33,12 @@ SPEC = FeatureSpec.from_dict(
         "tie_break": "item",
         "meta_features": [
             {"name": "country", "type": "categorical", "vocabulary": ["us", "fr"]},
-            {"name": "age", "type": "numeric"},
+            # Blanks rejected, not imputed: the dead-letter tests need the reason.
+            {"name": "age", "type": "numeric", "missing": "reject"},
         ],
         "request_features": [
             {"name": "item", "type": "categorical", "hash_buckets": 100},
-            {"name": "price", "type": "numeric"},
+            {"name": "price", "type": "numeric", "missing": "reject"},
             {
                 "name": "tags",
                 "type": "multi_hot",
@@ -699,7 +700,11 @@ def test_run_writes_every_output(csv_run):
     assert SPEC.missing_statistics() == ["age", "price"]
     assert written.missing_statistics() == []
     assert written.feature("age").statistics["source"] == "make_tasks"
-    assert strip_statistics(written) == strip_statistics(SPEC)
+    # The time format is detected once from the first rows and written down.
+    assert strip_statistics(written) == {
+        **strip_statistics(SPEC),
+        "time": {"column": "ts", "format": "epoch_seconds"},
+    }
     stats = json.load(open(os.path.join(out, "stats.json")))
     assert stats["rows_read"] == len(rows)
     assert stats["rejected_by_reason"]["bad_numeric"] == stats["rows_rejected"] == 1

@@ -284,11 +284,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_tasks(args.tasks)
     model = load_model(args.model_dir)
     _check_tasks(args.tasks, model.spec)
+    sizes = evaluation.query_set_sizes(args.tasks, model.spec)
+    # Every query row by default: the longest query set sets the padding.
+    max_query = args.max_query or max(sizes, default=1) or 1
+    coverage = evaluation.query_coverage(sizes, max_query)
     batches = data.task_dataset(
-        args.tasks, model.spec, args.batch_tasks, args.max_support, args.max_query
+        args.tasks, model.spec, args.batch_tasks, args.max_support, max_query
     )
     with Progress().phase("evaluate"):
         metrics = evaluation.evaluate_model(model, batches)
+    metrics["query_rows"] = coverage
+    if coverage["left_out"]:
+        print(
+            f"[limaml] evaluate: scored {coverage['scored']} of "
+            f"{coverage['in_files']} query rows, {coverage['left_out']} left out: "
+            f"{coverage['why']}",
+            file=sys.stderr,
+            flush=True,
+        )
     text = json.dumps(metrics, indent=2, default=float)
     print(text)
     if args.output:
@@ -608,7 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="Write the metrics JSON here too.")
     evaluate.add_argument("--batch-tasks", type=_positive_int, default=64)
     evaluate.add_argument("--max-support", type=_positive_int, default=32)
-    evaluate.add_argument("--max-query", type=_positive_int, default=32)
+    evaluate.add_argument(
+        "--max-query",
+        type=_positive_int,
+        default=None,
+        help="Score the first N query rows of each task (default: every row; "
+        "the output's query_rows says how many were scored and left out).",
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="Build tasks, train, evaluate and report.")

@@ -102,6 +102,8 @@ def _value_feature(feature: Feature, value: Any) -> tf.train.Feature:
 
 def _numeric_default(feature: Feature) -> float | list[float]:
     default = feature.default or 0.0
+    if isinstance(default, tuple):
+        return list(default)
     return [default] * feature.size if feature.shape else default
 
 

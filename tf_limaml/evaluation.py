@@ -119,6 +119,56 @@ def collect_query_predictions(
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def query_set_sizes(file_pattern, spec) -> list[int]:
+    """Query rows of every task record the pattern matches, in file order.
+
+    What `limaml evaluate` compares its `max_query` with, so that it scores
+    every query row or says how many it left out.
+    """
+    import tensorflow as tf  # noqa: PLC0415 - keeps this module light to import
+
+    from tf_limaml.data import GZIP, match_files  # noqa: PLC0415
+    from tf_limaml.features import LABEL_KEY, QUERY  # noqa: PLC0415
+
+    key = spec.sequence_key(QUERY, LABEL_KEY)
+    schema = {key: tf.io.FixedLenSequenceFeature([], tf.float32)}
+    sizes = []
+    for record in tf.data.TFRecordDataset(
+        match_files(file_pattern), compression_type=GZIP
+    ):
+        _, sequences = tf.io.parse_single_sequence_example(
+            record, sequence_features=schema
+        )
+        sizes.append(int(sequences[key].shape[0]))
+    return sizes
+
+
+def query_coverage(sizes: Iterable[int], max_query: int) -> dict[str, Any]:
+    """How many query rows a cap of `max_query` rows per task scores.
+
+    Returns:
+        {"in_files", "scored", "left_out", "max_query", "tasks_cut"}; when rows
+        are left out, "why" says which and how to score them all.
+    """
+    sizes = list(sizes)
+    scored = sum(min(n, max_query) for n in sizes)
+    total = sum(sizes)
+    out: dict[str, Any] = {
+        "in_files": total,
+        "scored": scored,
+        "left_out": total - scored,
+        "max_query": max_query,
+        "tasks_cut": sum(1 for n in sizes if n > max_query),
+    }
+    if total > scored:
+        out["why"] = (
+            f"--max-query {max_query} scores the first {max_query} query rows of "
+            f"each task; {out['tasks_cut']} task(s) have more. Leave --max-query "
+            f"out (or pass {max(sizes)}) to score every row"
+        )
+    return out
+
+
 def support_size_buckets(
     n_support: np.ndarray, edges: tuple[int, ...] = (0, 1, 5, 10, 20, 50)
 ) -> np.ndarray:

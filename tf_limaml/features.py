@@ -60,6 +60,20 @@ _DEFAULT_MAX_VALUES = 8
 AUTO = "auto"
 LOG1P = "log1p"
 TRANSFORMS = (None, LOG1P)
+# How the time column is read (`"time": {"column": ..., "format": ...}`).
+TIME_AUTO = "auto"
+ISO8601 = "iso8601"
+EPOCH_SECONDS = "epoch_seconds"
+EPOCH_MILLIS = "epoch_millis"
+TIME_FORMATS = (TIME_AUTO, ISO8601, EPOCH_SECONDS, EPOCH_MILLIS)
+# What a blank cell of a feature becomes (`"missing": ...`).
+IMPUTE = "impute"
+REJECT = "reject"
+MISSING_POLICIES = (IMPUTE, REJECT)
+# The 0/1 feature `"missing_indicator": true` adds, named after its column.
+INDICATOR_SUFFIX = "_missing"
+# Label values read as negative when `positive` is given without `negative`.
+DEFAULT_NEGATIVE = ("no", "false", "0")
 
 
 class FeatureSpecError(UserInputError):
@@ -155,7 +169,9 @@ class Feature:
             means not known yet (the analyzer of make-tasks computes it). A
             vector feature may give one number or one per component.
         std: See `mean`.
-        default: Value used for a missing numeric cell. None makes it invalid.
+        default: Value a blank numeric cell becomes. None: the training mean,
+            which make-tasks computes and writes here in the completed spec
+            (only for a feature that had blanks).
         normalize: Whether a numeric feature is standardized (False: fed raw).
         transform: None or "log1p" (sign(x) * log1p(|x|)), applied before
             standardizing and before statistics are computed.
@@ -168,6 +184,16 @@ class Feature:
             vocabulary.
         statistics: Provenance written by the analyzer (counts, min, max,
             source); informative only.
+        missing: What a blank cell does: "impute" (the default: a numeric
+            cell becomes `default`, a categorical one its own bucket, a
+            multi-hot one the empty set) or "reject" (the row goes to the dead
+            letter as `missing_feature`).
+        missing_indicator: On a numeric feature, also feed the model a 0/1
+            feature `<name>_missing` that says the cell was blank.
+        indicator_of: Set on that derived 0/1 feature: the feature it
+            describes. Derived features are not columns of the input and are
+            not written in the spec's JSON (the source's
+            `missing_indicator` brings them back).
     """
 
     name: str
@@ -180,7 +206,7 @@ class Feature:
     allow_oov: bool = False
     mean: float | tuple[float, ...] | None = None
     std: float | tuple[float, ...] | None = None
-    default: float | None = None
+    default: float | tuple[float, ...] | None = None
     normalize: bool = True
     transform: str | None = None
     clip: float | None = None
@@ -189,6 +215,9 @@ class Feature:
     top_k: int | None = None
     min_count: int = 1
     statistics: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
+    missing: str = IMPUTE
+    missing_indicator: bool = False
+    indicator_of: str | None = None
 
     _KEYS = (
         "name",
@@ -209,6 +238,8 @@ class Feature:
         "top_k",
         "min_count",
         "statistics",
+        "missing",
+        "missing_indicator",
     )
     _NUMERIC_ONLY = (
         "mean",
@@ -218,12 +249,37 @@ class Feature:
         "transform",
         "clip",
         "shape",
+        "missing_indicator",
     )
     _VOCABULARY_ONLY = ("top_k", "min_count")
 
     @property
     def is_numeric(self) -> bool:
         return self.type == NUMERIC
+
+    @property
+    def is_derived(self) -> bool:
+        """Whether make-tasks computes the feature instead of reading a column."""
+        return self.indicator_of is not None
+
+    @property
+    def imputes_mean(self) -> bool:
+        """Whether a blank numeric cell becomes the training mean (not known yet)."""
+        return (
+            self.type == NUMERIC
+            and self.missing == IMPUTE
+            and self.default is None
+            and not self.is_derived
+        )
+
+    def indicator(self) -> Feature:
+        """The derived 0/1 feature of `"missing_indicator": true`."""
+        return Feature(
+            name=f"{self.name}{INDICATOR_SUFFIX}",
+            type=NUMERIC,
+            normalize=False,
+            indicator_of=self.name,
+        )
 
     @property
     def size(self) -> int:
@@ -286,6 +342,12 @@ class Feature:
         kwargs["statistics"] = _json_mapping(
             f"{where}.statistics", obj.get("statistics")
         )
+        missing = obj.get("missing", IMPUTE)
+        if missing not in MISSING_POLICIES:
+            raise _fail(
+                f"{where}.missing", missing, f"must be one of {list(MISSING_POLICIES)}"
+            )
+        kwargs["missing"] = missing
         if ftype == NUMERIC:
             return cls._numeric_from_dict(obj, where, kwargs)
         for key in cls._NUMERIC_ONLY:
@@ -429,7 +491,28 @@ class Feature:
             raise _fail(f"{where}.clip", obj.get("clip"), "must be > 0 (or null)")
         kwargs["clip"] = clip
         if obj.get("default") is not None:
-            kwargs["default"] = _finite_number(f"{where}.default", obj["default"])
+            if kwargs["missing"] == REJECT:
+                raise _fail(
+                    f"{where}.default",
+                    obj["default"],
+                    'a feature with `"missing": "reject"` never uses a default; '
+                    "drop one of them",
+                )
+            kwargs["default"] = _number_or_vector(
+                f"{where}.default", obj["default"], size
+            )
+        indicator = obj.get("missing_indicator", False)
+        if not isinstance(indicator, bool):
+            raise _fail(
+                f"{where}.missing_indicator", indicator, "must be true or false"
+            )
+        if indicator and kwargs["missing"] == REJECT:
+            raise _fail(
+                f"{where}.missing_indicator",
+                indicator,
+                'a feature with `"missing": "reject"` has no blank cell to flag',
+            )
+        kwargs["missing_indicator"] = indicator
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -448,7 +531,13 @@ class Feature:
             if self.clip is not None:
                 out["clip"] = self.clip
             if self.default is not None:
-                out["default"] = self.default
+                out["default"] = (
+                    list(self.default)
+                    if isinstance(self.default, tuple)
+                    else self.default
+                )
+            if self.missing_indicator:
+                out["missing_indicator"] = True
         else:
             if self.vocabulary is not None:
                 out["vocabulary"] = list(self.vocabulary)
@@ -467,6 +556,8 @@ class Feature:
                 out["separator"] = self.separator
                 if self.max_values is not None:
                     out["max_values"] = self.max_values
+        if self.missing != IMPUTE:
+            out["missing"] = self.missing
         if self.statistics is not None:
             out["statistics"] = self.statistics
         return out
@@ -482,27 +573,88 @@ class Feature:
         return [v for v in (v.strip() for v in values) if v]
 
 
+def label_text(value: Any) -> str:
+    """A label cell as the text its `positive`/`negative` lists are matched on.
+
+    Case and surrounding blanks do not count; a boolean is "true"/"false" and
+    a whole number read as 1.0 is "1".
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip().casefold()
+
+
+def _label_values(field: str, values: Any) -> tuple[str, ...]:
+    if (
+        not isinstance(values, (list, tuple))
+        or not values
+        or not all(isinstance(v, (str, int, float)) and label_text(v) for v in values)
+    ):
+        raise _fail(field, values, "must be a non-empty list of values (strings)")
+    return tuple(dict.fromkeys(label_text(v) for v in values))
+
+
 @dataclasses.dataclass(frozen=True)
 class LabelSpec:
-    """The label column, binarized as value >= threshold when a threshold is set."""
+    """The label column and how a cell becomes 0 or 1.
+
+    Three forms:
+
+    * plain: the cell is 0 or 1;
+    * `threshold`: a number, 1 when >= threshold;
+    * `positive` (and optionally `negative`): a list of values read as 1 (and
+      as 0); case does not count. Without `negative`, the negatives are
+      `DEFAULT_NEGATIVE` ("no", "false", "0"). A value in neither list is
+      rejected (`bad_label`).
+    """
 
     column: str
     threshold: float | None = None
+    positive: tuple[str, ...] | None = None
+    negative: tuple[str, ...] | None = None
+
+    @property
+    def negatives(self) -> tuple[str, ...]:
+        return self.negative if self.negative is not None else DEFAULT_NEGATIVE
+
+    def describe(self) -> str:
+        """The rule, in words, for messages."""
+        if self.positive is not None:
+            return (
+                f"1 when `{self.column}` is one of {list(self.positive)}, 0 when "
+                f"one of {list(self.negatives)}"
+            )
+        if self.threshold is not None:
+            return f"1 when `{self.column}` >= {self.threshold:g}"
+        return f"`{self.column}` is 0 or 1"
 
     def binarize(self, value: Any) -> int:
         """Returns the 0/1 label of a raw cell.
 
         Raises:
-            ValueError: The value is missing, not a number, or (without a
-                threshold) not 0 or 1.
+            ValueError: The value is missing, not a number (without
+                `positive`), not 0 or 1 (plain form), or in neither list.
         """
         if value is None or (isinstance(value, str) and not value.strip()):
             raise ValueError(f"label `{self.column}` is missing")
+        if self.positive is not None:
+            text = label_text(value)
+            if text in self.positive:
+                return 1
+            if text in self.negatives:
+                return 0
+            raise ValueError(
+                f"label `{self.column}` = {value!r} is neither a positive value "
+                f"{list(self.positive)} nor a negative one {list(self.negatives)}"
+            )
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(
-                f"label `{self.column}` = {value!r} is not a number"
+                f"label `{self.column}` = {value!r} is not a number (for labels "
+                'such as "yes"/"no", give `"positive": [...]` in the spec)'
             ) from None
         if not math.isfinite(number):
             raise ValueError(f"label `{self.column}` = {value!r} is not finite")
@@ -511,6 +663,69 @@ class LabelSpec:
         if number not in (0.0, 1.0):
             raise ValueError(f"label `{self.column}` = {value!r} is not 0 or 1")
         return int(number)
+
+    @classmethod
+    def from_json_value(cls, obj: Any) -> LabelSpec:
+        """The spec's `label`: a column name or an object."""
+        if isinstance(obj, str):
+            return cls(_check_name("label", obj))
+        if not isinstance(obj, Mapping):
+            raise _fail(
+                "label",
+                obj,
+                'must be a column name, {"column": ..., "threshold": ...} or '
+                '{"column": ..., "positive": [...]}',
+            )
+        _check_keys("label", obj, ("column", "threshold", "positive", "negative"))
+        column = _check_name("label.column", obj.get("column"))
+        threshold = obj.get("threshold")
+        if threshold is not None:
+            threshold = _finite_number("label.threshold", threshold)
+        positive = negative = None
+        if obj.get("positive") is not None:
+            if threshold is not None:
+                raise _fail(
+                    "label.positive",
+                    obj["positive"],
+                    "give either `threshold` or `positive`, not both",
+                )
+            positive = _label_values("label.positive", obj["positive"])
+        if obj.get("negative") is not None:
+            if positive is None:
+                raise _fail(
+                    "label.negative",
+                    obj["negative"],
+                    "needs `positive` (the values read as 1)",
+                )
+            negative = _label_values("label.negative", obj["negative"])
+            both = sorted(set(positive) & set(negative))
+            if both:
+                raise _fail(
+                    "label.negative", obj["negative"], f"{both[0]!r} is also positive"
+                )
+        elif positive is not None:
+            both = sorted(set(positive) & set(DEFAULT_NEGATIVE))
+            if both:
+                raise _fail(
+                    "label.positive",
+                    obj["positive"],
+                    f"{both[0]!r} is one of the default negatives "
+                    f"{list(DEFAULT_NEGATIVE)}; give `negative` too",
+                )
+        return cls(column, threshold, positive, negative)
+
+    def to_json_value(self) -> Any:
+        if self.positive is not None:
+            out: dict[str, Any] = {
+                "column": self.column,
+                "positive": list(self.positive),
+            }
+            if self.negative is not None:
+                out["negative"] = list(self.negative)
+            return out
+        if self.threshold is not None:
+            return {"column": self.column, "threshold": self.threshold}
+        return self.column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -522,8 +737,16 @@ class FeatureSpec:
         time: Time column; histories are ordered by it.
         label: The label column and its binarization rule.
         meta_features: Entity-level features fed to the meta block. May be empty.
+            Includes the derived `<name>_missing` features of
+            `"missing_indicator": true`, right after their source.
         request_features: Per-interaction features fed to the global block.
         tie_break: Column that orders interactions with equal time (optional).
+        time_format: How the time column is read: "iso8601" (ISO-8601 text
+            with or without a zone, naive meaning UTC, and typed timestamp or
+            date values such as Parquet's), "epoch_seconds", "epoch_millis",
+            or "auto" (make-tasks detects it from the first rows and writes it
+            into the completed spec). JSON: `"time": {"column": "ts",
+            "format": "iso8601"}`; `"time": "ts"` means "auto".
     """
 
     entity: str
@@ -532,6 +755,7 @@ class FeatureSpec:
     meta_features: tuple[Feature, ...]
     request_features: tuple[Feature, ...]
     tie_break: str | None = None
+    time_format: str = TIME_AUTO
 
     _KEYS = (
         "entity",
@@ -553,31 +777,31 @@ class FeatureSpec:
             if key not in obj:
                 raise _fail(key, None, "is required")
         entity = _check_name("entity", obj["entity"])
-        time = _check_name("time", obj["time"])
-        label_obj = obj["label"]
-        if isinstance(label_obj, str):
-            label = LabelSpec(_check_name("label", label_obj))
-        elif isinstance(label_obj, Mapping):
-            _check_keys("label", label_obj, ("column", "threshold"))
-            column = _check_name("label.column", label_obj.get("column"))
-            threshold = label_obj.get("threshold")
-            if threshold is not None:
-                threshold = _finite_number("label.threshold", threshold)
-            label = LabelSpec(column, threshold)
+        time_obj = obj["time"]
+        time_format = TIME_AUTO
+        if isinstance(time_obj, Mapping):
+            _check_keys("time", time_obj, ("column", "format"))
+            time = _check_name("time.column", time_obj.get("column"))
+            time_format = time_obj.get("format", TIME_AUTO)
+            if time_format not in TIME_FORMATS:
+                raise _fail(
+                    "time.format", time_format, f"must be one of {list(TIME_FORMATS)}"
+                )
         else:
-            raise _fail(
-                "label",
-                label_obj,
-                'must be a column name or {"column": ..., "threshold": ...}',
-            )
+            time = _check_name("time", time_obj)
+        label = LabelSpec.from_json_value(obj["label"])
         features = {}
         for part in ("meta_features", "request_features"):
             items = obj.get(part, [])
             if not isinstance(items, (list, tuple)):
                 raise _fail(part, items, "must be a list of features")
-            features[part] = tuple(
-                Feature.from_dict(item, f"{part}[{i}]") for i, item in enumerate(items)
-            )
+            parsed = []
+            for i, item in enumerate(items):
+                feature = Feature.from_dict(item, f"{part}[{i}]")
+                parsed.append(feature)
+                if feature.missing_indicator:
+                    parsed.append(feature.indicator())
+            features[part] = tuple(parsed)
         if not features["request_features"]:
             raise _fail("request_features", [], "needs at least one feature")
         tie_break = obj.get("tie_break")
@@ -590,6 +814,7 @@ class FeatureSpec:
             features["meta_features"],
             features["request_features"],
             tie_break,
+            time_format,
         )
         spec._check_names()
         return spec
@@ -638,15 +863,19 @@ class FeatureSpec:
             return cls.from_json(f.read())
 
     def to_dict(self) -> dict[str, Any]:
-        label: Any = self.label.column
-        if self.label.threshold is not None:
-            label = {"column": self.label.column, "threshold": self.label.threshold}
+        time: Any = self.time
+        if self.time_format != TIME_AUTO:
+            time = {"column": self.time, "format": self.time_format}
         out = {
             "entity": self.entity,
-            "time": self.time,
-            "label": label,
-            "meta_features": [f.to_dict() for f in self.meta_features],
-            "request_features": [f.to_dict() for f in self.request_features],
+            "time": time,
+            "label": self.label.to_json_value(),
+            "meta_features": [
+                f.to_dict() for f in self.meta_features if not f.is_derived
+            ],
+            "request_features": [
+                f.to_dict() for f in self.request_features if not f.is_derived
+            ],
         }
         if self.tie_break is not None:
             out["tie_break"] = self.tie_break
@@ -689,7 +918,7 @@ class FeatureSpec:
     def columns(self) -> tuple[str, ...]:
         """Every column an interactions row is read for."""
         cols = [self.entity, self.time, self.label.column]
-        cols += [f.name for f in self.features]
+        cols += [f.name for f in self.features if not f.is_derived]
         if self.tie_break and self.tie_break not in cols:
             cols.append(self.tie_break)
         return tuple(cols)

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tf_limaml.features import (
+    LOG1P,
     MULTI_HOT,
     NUMERIC,
     PARTS,
@@ -273,7 +274,10 @@ def complete_spec(
         return spec
     obj = spec.to_dict()
     for part in ("meta_features", "request_features"):
-        for i, feature in enumerate(getattr(spec, part)):
+        # The JSON lists only the features read from columns (derived
+        # `<name>_missing` indicators come back from their source).
+        read = [f for f in getattr(spec, part) if not f.is_derived]
+        for i, feature in enumerate(read):
             if not feature.needs_statistics:
                 continue
             entry = obj[part][i]
@@ -318,11 +322,76 @@ def complete_spec(
     return FeatureSpec.from_dict(obj)
 
 
+def _untransform(feature: Feature, value: float) -> float:
+    """The raw value whose `transform` is `value`."""
+    if feature.transform == LOG1P:
+        return math.copysign(math.expm1(abs(value)), value)
+    return value
+
+
+def fill_defaults(
+    spec: FeatureSpec,
+    numeric_stats: Mapping[str, Moments],
+    names: Iterable[str],
+    source: str,
+) -> FeatureSpec:
+    """Writes the training mean as `default` of the named features.
+
+    For the numeric features whose blanks wait for the training mean
+    (`Feature.imputes_mean`): the value a blank becomes is the one that
+    standardizes to 0, the raw value whose transform is the feature's `mean`
+    (as given, or as completed), or, for a feature fed raw, the mean of the
+    training values. Call it on the spec `complete_spec` returned.
+
+    Args:
+        spec: The (completed) spec.
+        numeric_stats: {feature name: Moments of its transformed TRAINING
+            values}, blanks left out.
+        names: The features that had blank cells.
+        source: Provenance, recorded as `statistics.default_source`.
+
+    Returns:
+        The spec with those defaults (the same object if none applies).
+    """
+    wanted = {f.name for f in spec.features if f.imputes_mean and f.name in set(names)}
+    if not wanted:
+        return spec
+    obj = spec.to_dict()
+    for part in ("meta_features", "request_features"):
+        for entry, feature in zip(
+            obj[part],
+            [f for f in getattr(spec, part) if not f.is_derived],
+            strict=True,
+        ):
+            if feature.name not in wanted:
+                continue
+            moments = numeric_stats.get(feature.name) or Moments(feature.size)
+            mean = feature.mean if feature.mean is not None else moments.mean
+            means = list(mean) if isinstance(mean, (list, tuple)) else [mean]
+            if feature.size > 1 and len(means) == 1:
+                means = means * feature.size
+            values = [_round(_untransform(feature, m)) for m in means]
+            entry["default"] = values if feature.shape else values[0]
+            provenance = dict(entry.get("statistics") or {})
+            provenance["default_source"] = source
+            provenance["default_count"] = moments.count
+            entry["statistics"] = provenance
+            if not moments.count and feature.mean is None:
+                logger.warning(
+                    "Feature %r has no training value; its blanks become %s",
+                    feature.name,
+                    entry["default"],
+                )
+    return FeatureSpec.from_dict(obj)
+
+
 class SpecStatistics:
-    """Accumulates what `complete_spec` needs, for the features that need it.
+    """Accumulates what `complete_spec` and `fill_defaults` need.
 
     The in-process analyzer: add each training entity once with `add_entity`
-    (its meta values and its support + query rows).
+    (its meta values and its support + query rows). Numeric features are
+    accumulated when they need statistics or when their blanks become the
+    training mean; blank (NaN) cells never count.
     """
 
     def __init__(self, spec: FeatureSpec):
@@ -330,7 +399,7 @@ class SpecStatistics:
         self.numeric: dict[str, Moments] = {}
         self.vocab: dict[str, collections.Counter] = {}
         for feature in spec.features:
-            if not feature.needs_statistics:
+            if not feature.needs_statistics and not feature.imputes_mean:
                 continue
             if feature.type == NUMERIC:
                 self.numeric[feature.name] = Moments(feature.size)
@@ -339,7 +408,8 @@ class SpecStatistics:
 
     def _add(self, feature: Feature, value: Any) -> None:
         if feature.name in self.numeric:
-            self.numeric[feature.name].add(feature_rows(feature, value))
+            if not _is_blank_number(value):
+                self.numeric[feature.name].add(feature_rows(feature, value))
         elif feature.name in self.vocab:
             self.vocab[feature.name].update(vocabulary_values(feature, value))
 
@@ -356,6 +426,11 @@ class SpecStatistics:
 
     def complete(self, source: str) -> FeatureSpec:
         return complete_spec(self.spec, self.numeric, self.vocab, source)
+
+
+def _is_blank_number(value: Any) -> bool:
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    return any(isinstance(v, float) and math.isnan(v) for v in values)
 
 
 def _decode(value: Any) -> Any:

@@ -16,7 +16,17 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from tf_limaml.errors import UserInputError
-from tf_limaml.features import CATEGORICAL, NUMERIC, Feature, FeatureSpec
+from tf_limaml.features import (
+    CATEGORICAL,
+    EPOCH_MILLIS,
+    EPOCH_SECONDS,
+    ISO8601,
+    NUMERIC,
+    REJECT,
+    TIME_AUTO,
+    Feature,
+    FeatureSpec,
+)
 from tf_limaml.selection import Ranked, rank_window
 
 # Dead-letter reasons; stable strings, counted by name.
@@ -42,6 +52,10 @@ REJECT_REASONS = (
     REASON_MALFORMED_ROW,
 )
 SPLITS = ("train", "val", "test")
+# What make-tasks does with rows equal in every column (`--duplicates`).
+KEEP = "keep"
+DROP = "drop"
+DUPLICATE_POLICIES = (KEEP, DROP)
 # A history longer than this is split in passes over its rows, holding about
 # this many of them at once (plus the rows its task keeps), not all of them.
 MAX_ROWS_IN_MEMORY = 4096
@@ -82,11 +96,12 @@ def _to_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _to_time(value: Any) -> float | None:
-    """Seconds since the epoch of a number or a date/time (naive means UTC).
+def _is_datetime(value: Any) -> bool:
+    """A typed date or time (Parquet timestamp or date, numpy datetime64)."""
+    return isinstance(value, datetime.date) or type(value).__name__ == "datetime64"
 
-    Parquet timestamp columns arrive as datetime objects; CSV times as text.
-    """
+
+def _typed_seconds(value: Any) -> float | None:
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=datetime.timezone.utc)
@@ -97,12 +112,109 @@ def _to_time(value: Any) -> float | None:
                 value.year, value.month, value.day, tzinfo=datetime.timezone.utc
             ).timestamp()
         )
-    if type(value).__name__ == "datetime64":
-        # numpy.datetime64, recognized without importing numpy here.
-        if str(value) == "NaT":
-            return None
-        return float(value.astype("datetime64[us]").astype("int64")) / 1e6
-    return _to_float(value)
+    # numpy.datetime64, recognized without importing numpy here.
+    if str(value) == "NaT":
+        return None
+    return float(value.astype("datetime64[us]").astype("int64")) / 1e6
+
+
+def _iso_seconds(text: str) -> float | None:
+    """Seconds since the epoch of ISO-8601 text; naive times are UTC."""
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return _typed_seconds(when)
+
+
+_FORMAT_WORDS = {
+    ISO8601: "an ISO-8601 date/time",
+    EPOCH_SECONDS: "a number of seconds since the epoch",
+    EPOCH_MILLIS: "a number of milliseconds since the epoch",
+    TIME_AUTO: "a number of seconds or an ISO-8601 date/time",
+}
+
+
+def parse_time(value: Any, time_format: str = TIME_AUTO) -> float:
+    """Seconds since the epoch of one time cell, read as `time_format` says.
+
+    * "iso8601": text such as "2024-03-01T12:00:00Z", "2024-03-01 12:00:00+02:00"
+      or "2024-03-01" (no zone means UTC), and typed date/time values.
+    * "epoch_seconds" / "epoch_millis": a number (or its text).
+    * "auto" (a spec make-tasks has not resolved): numbers are seconds, text
+      is a number or ISO-8601, typed values are themselves.
+
+    Raises:
+        ValueError: The cell is not what the format says; the message says so.
+    """
+    seconds: float | None = None
+    if _is_datetime(value):
+        if time_format in (ISO8601, TIME_AUTO):
+            seconds = _typed_seconds(value)
+    elif time_format == ISO8601:
+        if isinstance(value, str):
+            seconds = _iso_seconds(value)
+    elif time_format in (EPOCH_SECONDS, EPOCH_MILLIS):
+        seconds = None if isinstance(value, bool) else _to_float(value)
+        if seconds is not None and time_format == EPOCH_MILLIS:
+            seconds /= 1000.0
+    else:
+        seconds = None if isinstance(value, bool) else _to_float(value)
+        if seconds is None and isinstance(value, str):
+            seconds = _iso_seconds(value)
+    if seconds is None or not math.isfinite(seconds) or abs(seconds) >= 2**62:
+        raise ValueError(f"{value!r} is not {_FORMAT_WORDS[time_format]}")
+    return seconds
+
+
+# A number this large is milliseconds: 1e11 seconds is the year 5138, 1e11
+# milliseconds is 1973.
+_MILLIS_FROM = 1e11
+
+
+def detect_time_format(values: Iterable[Any]) -> str | None:
+    """The format most of the given time cells are in, or None if none parses.
+
+    Typed dates and ISO-8601 text are "iso8601"; numbers are
+    "epoch_millis" when their median magnitude is at least 1e11, else
+    "epoch_seconds". Blank cells do not count. Ties go to "iso8601".
+    """
+    iso = 0
+    numbers: list[float] = []
+    for value in values:
+        if _is_missing(value):
+            continue
+        if _is_datetime(value):
+            iso += 1
+            continue
+        number = None if isinstance(value, bool) else _to_float(value)
+        if number is not None:
+            numbers.append(abs(number))
+        elif isinstance(value, str) and _iso_seconds(value) is not None:
+            iso += 1
+    if not iso and not numbers:
+        return None
+    if iso >= len(numbers):
+        return ISO8601
+    numbers.sort()
+    median = numbers[len(numbers) // 2]
+    return EPOCH_MILLIS if median >= _MILLIS_FROM else EPOCH_SECONDS
+
+
+def resolve_time_format(
+    spec: FeatureSpec, rows: Iterable[Mapping[str, Any]]
+) -> FeatureSpec:
+    """The spec with an "auto" time format replaced by the one the rows show.
+
+    A spec whose format is stated, or rows with no readable time, come back
+    unchanged.
+    """
+    if spec.time_format != TIME_AUTO:
+        return spec
+    found = detect_time_format(
+        row.get(spec.time) for row in rows if isinstance(row, Mapping)
+    )
+    return spec if found is None else dataclasses.replace(spec, time_format=found)
 
 
 def _clean_number(feature: Feature, value: Any) -> float:
@@ -138,6 +250,24 @@ def _clean_vector(feature: Feature, value: Any) -> list[float]:
     return [_clean_number(feature, item) for item in items]
 
 
+# A blank numeric cell waiting for the training mean (see `fill_missing`).
+MISSING = float("nan")
+
+
+def is_blank(feature: Feature, value: Any) -> bool:
+    """Whether a raw cell of the feature is missing (None, NaN, "", [])."""
+    if isinstance(value, (list, tuple)):
+        return not value
+    return _is_missing(value)
+
+
+def is_imputed(value: Any) -> bool:
+    """Whether a clean numeric value is still waiting for the training mean."""
+    if isinstance(value, (list, tuple)):
+        return any(is_imputed(v) for v in value)
+    return isinstance(value, float) and math.isnan(value)
+
+
 def _clean_feature(feature: Feature, value: Any) -> Any:
     """Checks and normalizes one feature cell; see `validate_row`.
 
@@ -147,25 +277,31 @@ def _clean_feature(feature: Feature, value: Any) -> Any:
     Raises:
         RowError: The cell breaks a rule of the feature (`feature` names it).
     """
+    if feature.is_derived:
+        return 0.0  # Set from its source by `_add_indicators`.
     if feature.type == NUMERIC:
-        missing = not value if isinstance(value, (list, tuple)) else _is_missing(value)
-        if missing:
-            if feature.default is None:
+        if is_blank(feature, value):
+            if feature.missing == REJECT:
                 raise RowError(
                     REASON_MISSING_FEATURE, f"`{feature.name}` is missing", feature.name
                 )
-            return (
-                [feature.default] * feature.size if feature.shape else feature.default
-            )
+            # NaN stands for "the training mean", which make-tasks fills in
+            # once the train entities' statistics are known.
+            fill = MISSING if feature.default is None else feature.default
+            if isinstance(fill, tuple):
+                return list(fill)
+            return [fill] * feature.size if feature.shape else fill
         if feature.shape:
             return _clean_vector(feature, value)
         return _clean_number(feature, value)
+    if is_blank(feature, value) and feature.missing == REJECT:
+        raise RowError(
+            REASON_MISSING_FEATURE, f"`{feature.name}` is missing", feature.name
+        )
     if feature.type == CATEGORICAL:
+        # A blank is "", its own bucket: the OOV id of a vocabulary (which no
+        # value uses without `allow_oov`), its own hash bucket otherwise.
         text = "" if _is_missing(value) else _id_str(value)
-        if not text and feature.vocabulary is not None and not feature.allow_oov:
-            raise RowError(
-                REASON_MISSING_FEATURE, f"`{feature.name}` is missing", feature.name
-            )
         if (
             feature.vocabulary is not None
             and not feature.allow_oov
@@ -218,11 +354,15 @@ def validate_row(spec: FeatureSpec, row: Mapping[str, Any]) -> dict[str, Any]:
     raw_time = row.get(spec.time)
     if _is_missing(raw_time):
         raise RowError(REASON_MISSING_TIME, f"`{spec.time}` is missing")
-    time = _to_time(raw_time)
-    if time is None or abs(time) >= 2**62:
-        raise RowError(
-            REASON_BAD_TIME, f"`{spec.time}` = {raw_time!r} is not a finite number"
+    try:
+        time = parse_time(raw_time, spec.time_format)
+    except ValueError as err:
+        stated = (
+            ""
+            if spec.time_format == TIME_AUTO
+            else f' (the spec\'s time format is "{spec.time_format}")'
         )
+        raise RowError(REASON_BAD_TIME, f"`{spec.time}` = {err}{stated}") from None
     raw_label = row.get(spec.label.column)
     if _is_missing(raw_label):
         raise RowError(REASON_MISSING_LABEL, f"`{spec.label.column}` is missing")
@@ -233,6 +373,7 @@ def validate_row(spec: FeatureSpec, row: Mapping[str, Any]) -> dict[str, Any]:
     clean: dict[str, Any] = {spec.entity: entity, spec.time: time + 0.0, "label": label}
     for feature in spec.features:
         clean[feature.name] = _clean_feature(feature, row.get(feature.name))
+    _add_indicators(spec.features, row, clean)
     if spec.tie_break and spec.tie_break not in clean:
         tie = row.get(spec.tie_break)
         clean[spec.tie_break] = "" if _is_missing(tie) else _id_str(tie)
@@ -251,9 +392,32 @@ def validate_meta_row(
         RowError: The entity id is missing or a meta feature breaks its rule.
     """
     entity = entity_id_of(spec, row)
-    return entity, {
-        f.name: _clean_feature(f, row.get(f.name)) for f in spec.meta_features
-    }
+    meta = {f.name: _clean_feature(f, row.get(f.name)) for f in spec.meta_features}
+    _add_indicators(spec.meta_features, row, meta)
+    return entity, meta
+
+
+def _add_indicators(
+    features: Sequence[Feature], row: Mapping[str, Any], clean: dict[str, Any]
+) -> None:
+    """Sets each derived `<name>_missing` feature: 1.0 when its source is blank."""
+    by_name = {f.name: f for f in features}
+    for feature in features:
+        if feature.is_derived:
+            source = by_name[feature.indicator_of]
+            clean[feature.name] = float(is_blank(source, row.get(source.name)))
+
+
+def blank_features(features: Sequence[Feature], row: Mapping[str, Any]) -> list[str]:
+    """Names of the features (read from columns) whose cell in `row` is blank.
+
+    A valid row's blank cells are the ones imputed: a numeric value replaced by
+    its default or the training mean, a categorical one kept as its own
+    bucket, a multi-hot one as the empty set.
+    """
+    return [
+        f.name for f in features if not f.is_derived and is_blank(f, row.get(f.name))
+    ]
 
 
 def _id_str(value: Any) -> str:
@@ -282,7 +446,7 @@ def order_key(spec: FeatureSpec, row: Mapping[str, Any]) -> tuple:
 
 def _rank(value: Any) -> tuple:
     """A key that orders any cell of a clean row against the same column's cells."""
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return (0,)
     if isinstance(value, (int, float)):
         return (1, float(value))
@@ -331,12 +495,19 @@ class SplitRule:
 
     @classmethod
     def parse(cls, text: str) -> SplitRule:
-        """Parses "fraction:0.5", "cutoff:UNIX_TIME" or "last:K"."""
+        """Parses "fraction:0.5", "cutoff:TIME" or "last:K".
+
+        TIME is seconds since the epoch or an ISO-8601 date/time (UTC when
+        it has no zone), e.g. "cutoff:2024-03-01T00:00:00Z".
+        """
         kind, _, raw = str(text).partition(":")
         number = _to_float(raw)
+        if number is None and kind == "cutoff":
+            number = _iso_seconds(raw)
         if kind not in ("fraction", "cutoff", "last") or number is None:
             raise UserInputError(
-                f"--split {text!r}: expected fraction:F, cutoff:UNIX_TIME or last:K"
+                f"--split {text!r}: expected fraction:F, cutoff:TIME (seconds or "
+                "ISO-8601) or last:K"
             )
         if kind == "fraction" and not 0.0 < number < 1.0:
             raise UserInputError(f"--split {text!r}: the fraction must be in (0, 1)")
@@ -373,6 +544,8 @@ class EntityHistory:
     dropped_by_caps: int = 0
     cold: bool = False
     meta_conflicts: int = 0
+    duplicates: int = 0
+    duplicates_dropped: int = 0
 
     @property
     def n_rows(self) -> int:
@@ -390,7 +563,15 @@ def merge_meta(
     meta: dict[str, Any] = {}
     conflicts = 0
     for feature in spec.meta_features:
-        values = [row[feature.name] for row in rows if feature.name in row]
+        # A blank (still waiting for the training mean) never hides a value
+        # another row of the entity knows.
+        values = [
+            row[feature.name]
+            for row in rows
+            if feature.name in row and not is_imputed(row[feature.name])
+        ]
+        if not values:
+            values = [row[feature.name] for row in rows if feature.name in row][-1:]
         if not values:
             continue
         meta[feature.name] = values[-1]
@@ -410,8 +591,13 @@ def split_history(
     max_query: int | None = None,
     meta: Mapping[str, Any] | None = None,
     max_rows_in_memory: int | None = MAX_ROWS_IN_MEMORY,
+    duplicates: str = KEEP,
 ) -> EntityHistory:
     """Sorts one entity's clean rows and cuts them into support and query.
+
+    Rows equal in every column (after parsing) are duplicates: counted in
+    `EntityHistory.duplicates` (each row equal to an earlier one counts once),
+    and with `duplicates="drop"` only the first of each is kept.
 
     The sort is on (time, tie-break), then on the rows' content (`sort_rows`),
     so ties always fall the same way whatever order the rows arrived in. Support keeps its most recent
@@ -430,7 +616,10 @@ def split_history(
         head = list(itertools.islice(rows, max_rows_in_memory + 1))
         if len(head) > max_rows_in_memory:
             del head
-            return _split_long_history(
+            n_duplicates = _count_duplicates(rows)
+            if duplicates == DROP and n_duplicates:
+                rows = _Distinct(rows)
+            history = _split_long_history(
                 spec,
                 entity_id,
                 rows,
@@ -442,8 +631,41 @@ def split_history(
                 meta,
                 max_rows_in_memory,
             )
+            history.duplicates = n_duplicates
+            history.duplicates_dropped = n_duplicates if duplicates == DROP else 0
+            return history
         rows = head
-    ordered = sort_rows(spec, rows)
+    ordered, n_duplicates = _dedupe_sorted(
+        spec, sort_rows(spec, rows), duplicates == DROP
+    )
+    history = _split_sorted(
+        spec,
+        entity_id,
+        ordered,
+        rule,
+        min_support,
+        min_query,
+        max_support,
+        max_query,
+        meta,
+    )
+    history.duplicates = n_duplicates
+    history.duplicates_dropped = n_duplicates if duplicates == DROP else 0
+    return history
+
+
+def _split_sorted(
+    spec: FeatureSpec,
+    entity_id: str,
+    ordered: list[dict[str, Any]],
+    rule: SplitRule,
+    min_support: int,
+    min_query: int,
+    max_support: int | None,
+    max_query: int | None,
+    meta: Mapping[str, Any] | None,
+) -> EntityHistory:
+    """`split_history` of rows already sorted by `sort_rows`."""
     if meta is None:
         meta, conflicts = merge_meta(spec, ordered)
     else:
@@ -469,6 +691,62 @@ def split_history(
         dropped_by_caps=dropped,
         meta_conflicts=conflicts,
     )
+
+
+def _dedupe_sorted(
+    spec: FeatureSpec, ordered: list[dict[str, Any]], drop: bool
+) -> tuple[list[dict[str, Any]], int]:
+    """(rows, duplicates) of sorted rows: equal rows sit side by side there."""
+    kept: list[dict[str, Any]] = []
+    duplicates = 0
+    previous: dict[str, Any] | None = None
+    previous_order = previous_content = None
+    for row in ordered:
+        order = order_key(spec, row)
+        if previous is not None and order == previous_order:
+            # Ties are rare: the content key is only built inside them.
+            if previous_content is None:
+                previous_content = content_key(previous)
+            content = content_key(row)
+            if content == previous_content:
+                duplicates += 1
+                if drop:
+                    continue
+            previous_content = content
+        else:
+            previous_content = None
+        previous, previous_order = row, order
+        kept.append(row)
+    return kept, duplicates
+
+
+def _digest(row: Mapping[str, Any]) -> bytes:
+    return hashlib.blake2b(repr(content_key(row)).encode(), digest_size=16).digest()
+
+
+def _count_duplicates(rows: Iterable[Mapping[str, Any]]) -> int:
+    """Rows equal to an earlier row, in one pass (16 bytes held per distinct row)."""
+    seen: set[bytes] = set()
+    n = 0
+    for row in rows:
+        seen.add(_digest(row))
+        n += 1
+    return n - len(seen)
+
+
+class _Distinct:
+    """A re-iterable view of rows without their duplicates (first one kept)."""
+
+    def __init__(self, rows: Iterable[Mapping[str, Any]]):
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        seen: set[bytes] = set()
+        for row in self.rows:
+            digest = _digest(row)
+            if digest not in seen:
+                seen.add(digest)
+                yield row
 
 
 def _comparable(value: Any) -> Any:
@@ -507,7 +785,16 @@ def _split_long_history(
         for name in meta_names:
             if name not in row:
                 continue
-            if name not in latest or latest[name][0] < ranked:
+            if is_imputed(row[name]):
+                # A blank counts only while no row of the entity knows the value.
+                if name not in latest:
+                    latest[name] = (ranked, row[name])
+                continue
+            if (
+                name not in latest
+                or latest[name][0] < ranked
+                or is_imputed(latest[name][1])
+            ):
                 latest[name] = (ranked, row[name])
             value = _comparable(row[name])
             if name not in first:
@@ -570,10 +857,20 @@ def build_tasks(
     max_support: int | None = None,
     max_query: int | None = None,
     entities: Mapping[str, Mapping[str, Any]] | None = None,
-) -> tuple[list[EntityHistory], list[tuple[dict, str]], dict[str, int]]:
+    duplicates: str = KEEP,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> tuple[list[EntityHistory], list[tuple[dict, str]], dict[str, Any]]:
     """In-process task building: validate, group by entity, sort and split.
 
-    The same rules as the Beam pipeline, for data that fits in memory.
+    The same rules as the Beam pipeline (`BuildTasks`), for data that fits
+    in memory: an "auto" time format reads numbers as seconds and text as a
+    number or ISO-8601 (`resolve_time_format` detects one format from rows,
+    as `limaml make-tasks` does), duplicates are counted (and dropped with
+    `duplicates="drop"`), and blank numeric cells
+    become the mean of the entities `assign_split(seed, val_fraction,
+    test_fraction)` puts in train (`impute_histories`).
 
     Args:
         spec: The feature spec.
@@ -584,17 +881,23 @@ def build_tasks(
         max_support: See `split_history`.
         max_query: See `split_history`.
         entities: Optional meta features per entity id; overrides the rows'.
+        duplicates: "keep" or "drop" rows equal in every column.
+        seed: Seed of the train/val/test hash, for the imputation means.
+        val_fraction: Share of entities in val, likewise.
+        test_fraction: Share of entities in test, likewise.
 
     Returns:
         (histories, rejected, counts): every entity's history (cold ones
         flagged), rejected rows as (row, reason), and counters whose
-        `rows_read` equals rows in tasks + rejected + dropped by caps + cold.
+        `rows_read` equals rows in tasks + rejected + dropped by caps + cold
+        + dropped as duplicates; `imputed_by_feature` counts blank cells.
     """
     if isinstance(rule, str):
         rule = SplitRule.parse(rule)
     groups: dict[str, list[dict[str, Any]]] = {}
     rejected: list[tuple[dict, str]] = []
-    counts = {"rows_read": 0, "rows_rejected": 0}
+    counts: dict[str, Any] = {"rows_read": 0, "rows_rejected": 0}
+    imputed = {f.name: 0 for f in spec.features}
     for row in rows:
         counts["rows_read"] += 1
         try:
@@ -603,6 +906,8 @@ def build_tasks(
             rejected.append((dict(row), err.reason))
             counts["rows_rejected"] += 1
             continue
+        for name in blank_features(spec.features, row):
+            imputed[name] += 1
         groups.setdefault(clean[spec.entity], []).append(clean)
     histories = []
     for entity_id in sorted(groups):
@@ -620,11 +925,84 @@ def build_tasks(
                 max_support=max_support,
                 max_query=max_query,
                 meta=meta,
+                duplicates=duplicates,
             )
         )
+    train = {
+        h.entity_id
+        for h in histories
+        if not h.cold
+        and assign_split(h.entity_id, seed, val_fraction, test_fraction) == "train"
+    }
+    impute_histories(spec, histories, train, imputed)
+    counts["imputed_by_feature"] = imputed
+    counts["duplicate_rows"] = sum(h.duplicates for h in histories)
+    counts["rows_dropped_as_duplicates"] = sum(h.duplicates_dropped for h in histories)
     counts["rows_in_tasks"] = sum(h.n_rows for h in histories if not h.cold)
     counts["rows_dropped_by_caps"] = sum(h.dropped_by_caps for h in histories)
     counts["rows_cold"] = sum(h.n_rows for h in histories if h.cold)
     counts["entities_cold"] = sum(1 for h in histories if h.cold)
     counts["entities"] = sum(1 for h in histories if not h.cold)
     return histories, rejected, counts
+
+
+def impute_histories(
+    spec: FeatureSpec,
+    histories: Sequence[EntityHistory],
+    train_entities: Iterable[str],
+    imputed: Iterable[str] = (),
+) -> FeatureSpec:
+    """Replaces blank numeric cells (NaN) with the mean of the train entities.
+
+    The in-process twin of make-tasks' analyzer and `FillMissing`: the means
+    come from the histories of `train_entities` only (their meta once, their
+    support and query rows), blanks left out.
+
+    Args:
+        spec: The spec the histories were validated with.
+        histories: Every entity's history; changed in place.
+        train_entities: Ids of the train entities.
+        imputed: Names of the features that had blank cells (default: every
+            feature whose blanks wait for the training mean).
+
+    Returns:
+        The spec with those means as `default` (what a blank became).
+    """
+    from tf_limaml import statistics  # noqa: PLC0415 - statistics imports features
+
+    names = set(imputed) or {f.name for f in spec.features if f.imputes_mean}
+    if isinstance(imputed, Mapping):
+        names = {name for name, n in imputed.items() if n}
+    names &= {f.name for f in spec.features if f.imputes_mean}
+    if not names:
+        return spec
+    stats = statistics.SpecStatistics(spec)
+    train = set(train_entities)
+    for history in histories:
+        if history.entity_id in train:
+            stats.add_entity(history.meta, history.support + history.query)
+    done = statistics.fill_defaults(spec, stats.numeric, names, "build_tasks")
+    fills = {}
+    for feature in done.features:
+        if feature.name in names and feature.default is not None:
+            default = feature.default
+            fills[feature.name] = (
+                list(default) if isinstance(default, tuple) else default
+            )
+    for history in histories:
+        for target in [history.meta, *history.support, *history.query]:
+            for name, fill in fills.items():
+                value = target.get(name)
+                if is_imputed(value):
+                    if isinstance(value, list):
+                        target[name] = [
+                            (
+                                (fill[i] if isinstance(fill, list) else fill)
+                                if math.isnan(v)
+                                else v
+                            )
+                            for i, v in enumerate(value)
+                        ]
+                    else:
+                        target[name] = fill
+    return done
