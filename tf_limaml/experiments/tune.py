@@ -279,17 +279,12 @@ def select(trials: Sequence[Mapping[str, Any]]) -> int:
 
 
 def verdict(trial: Mapping[str, Any]) -> str:
-    """The trial's verdict in words: chosen, eligible, or why not."""
+    """The trial's verdict in words: chosen, or not and why (with the numbers)."""
     if trial.get("chosen"):
-        return "**chosen**" + (
-            " (the global fallback)" if trial.get("fallback") else ""
-        )
+        return "**chosen**" + (" (the global fallback)" if trial.get("fallback") else "")
     if trial.get("eligible"):
-        return (
-            "eligible, not chosen"
-            if trial.get("fallback")
-            else "eligible, not chosen (another was preferred)"
-        )
+        why = trial.get("why_not")
+        return "eligible, not chosen" + (f": {why}" if why else "")
     return f"not eligible: {trial.get('why_not', '')}"
 
 
@@ -298,7 +293,7 @@ def _why_not_chosen(
 ) -> str:
     """Why an eligible trial was not chosen, in words."""
     if trial.get("fallback"):
-        return f"a personalized trial (trial {index}) is eligible"
+        return f"a personalized trial is eligible (trial {index})"
     if chosen["family"] != trial["family"] and _not_shown_worse(trial, chosen):
         return (
             f"trial {index} is preferred: {chosen['family']} over {trial['family']}"
