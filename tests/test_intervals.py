@@ -211,3 +211,11 @@ def test_the_module_is_numpy_only():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert imported <= {"__future__", "dataclasses", "collections", "numpy"}, imported
+
+
+def test_one_tie_group_of_every_row_gives_one_half_in_every_resample():
+    ids = np.repeat(np.arange(50), 6)
+    labels = np.tile([1, 0, 0, 1, 1, 0], 50)
+    boot = EntityBootstrap(ids, labels, n_resamples=100, seed=0)
+    auc = boot.auc(np.full(ids.size, 0.3))
+    assert auc.estimate == 0.5 and np.all(auc.samples == 0.5)

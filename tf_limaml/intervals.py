@@ -47,9 +47,7 @@ DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.9
 # Most resampling units: the pair table is MAX_UNITS**2 and one resample costs
 # MAX_UNITS**2 multiply-adds, so 1000 resamples stay well under a second.
-MAX_UNITS = 1000
-# Rows x units of one block of the pair-table build (memory bound, ~32 MiB).
-_BUILD_CELLS = 1 << 22
+MAX_UNITS = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,26 +238,33 @@ class EntityBootstrap:
         ends = np.r_[starts[1:], n]
         pos_rows = np.flatnonzero(positive)
         neg_rows = np.flatnonzero(~positive)
-        table = np.zeros((self.n_units, self.n_units))
+        units = self.n_units
         if pos_rows.size == 0 or neg_rows.size == 0:
-            return table
-        by_unit = np.argsort(unit[pos_rows], kind="mergesort")
-        pos_rows = pos_rows[by_unit]
-        pos_unit = unit[pos_rows]
-        first = np.flatnonzero(np.r_[True, pos_unit[1:] != pos_unit[:-1]])
-        lo, hi = starts[group[pos_rows]], ends[group[pos_rows]]
-        block = max(1, _BUILD_CELLS // (n + 1))
-        for u0 in range(0, self.n_units, block):
-            u1 = min(self.n_units, u0 + block)
-            negatives = neg_rows[(unit[neg_rows] >= u0) & (unit[neg_rows] < u1)]
-            below = np.zeros((n + 1, u1 - u0))
-            below[negatives + 1, unit[negatives] - u0] = 1.0
-            # below[j, b]: negatives of unit b among the first j sorted rows.
-            np.cumsum(below, axis=0, out=below)
-            # A positive in tie group [lo, hi) beats the negatives before lo
-            # and ties those in [lo, hi): doubled, below[lo] + below[hi].
-            doubled = below[lo] + below[hi]
-            table[pos_unit[first], u0:u1] = np.add.reduceat(doubled, first, axis=0)
+            return np.zeros((units, units))
+        # A positive in tie group [lo, hi) beats the negatives before lo and
+        # ties those in [lo, hi): doubled, below(lo) + below(hi), where
+        # below(x)[b] counts the negatives of unit b among the first x rows.
+        # Each position x is weighed with its positive's unit a: table[a] sums
+        # below(x) over the positions of a's positives.
+        xs = np.concatenate([starts[group[pos_rows]], ends[group[pos_rows]]])
+        a = np.concatenate([unit[pos_rows], unit[pos_rows]])
+        # below(x) = the negatives before x's chunk of `size` rows (a dense
+        # table per chunk, one matrix product) + those in the chunk before x
+        # (fewer than `size`, enumerated), so no [rows, units] array is built.
+        size = max(8, units // 8)
+        chunks = n // size + 1
+        per_chunk = np.bincount(
+            (neg_rows // size) * units + unit[neg_rows], minlength=chunks * units
+        ).reshape(chunks, units)
+        before_chunk = np.cumsum(per_chunk, axis=0) - per_chunk
+        weights = np.bincount(
+            (xs // size) * units + a, minlength=chunks * units
+        ).reshape(chunks, units)
+        table = weights.T.astype(np.float64) @ before_chunk.astype(np.float64)
+        j = xs[:, None] - np.arange(1, size + 1)[None, :]
+        local = (j >= ((xs // size) * size)[:, None]) & ~positive[np.maximum(j, 0)]
+        pairs = np.broadcast_to(a[:, None], j.shape)[local] * units + unit[j[local]]
+        table += np.bincount(pairs, minlength=units * units).reshape(units, units)
         return table
 
     def auc(self, scores: np.ndarray) -> Resampled:
