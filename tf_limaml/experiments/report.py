@@ -1,26 +1,45 @@
 """The comparison report: report.json, report.md and lift.png.
 
 `aggregate` turns per-seed measurements into means and standard deviations,
-`check_targets` judges them against the targets of the MovieLens issue (or,
-for a user's own data, `target_set="own"`, only against that run's own
-baselines), and `write_report` writes the three files:
+`compare` puts the shipped model (the `limaml` row) against the strongest
+baseline of the run at every k and writes the verdict, `check_targets` judges
+the means against the targets of the MovieLens issue (or, for a user's own
+data, `target_set="own"`, only against that run's own baselines), and
+`write_report` writes the three files:
 
 * `report.json`: `{"models": {NAME: {"overall_auc", "overall_auc_std", "logloss",
   "logloss_std", "mean_member_auc", "mean_member_auc_std", "support_k": {"1":
-  {...}, ..., "all": {...}}, "wall_s", ...}}, "protocol": {...}, "targets": [...],
-  ...}`; values are means over the seeds;
-* `report.md`: the protocol, the tables, the chart, every target with what was
-  measured (met or not), and what was tried;
+  {...}, ..., "all": {...}}, "wall_s", ...}}, "protocol": {...}, "comparison":
+  {...}, "targets": [...], ...}`; values are means over the seeds;
+* `report.md`: the verdict up top (with its warnings), the protocol, the
+  tables, the chart, the shipped model against the strongest baseline at
+  every k, every target with what was measured (met or not), and what was
+  tried;
 * `lift.png`: overall-AUC lift over `global` against the support size k, one
   line per model (matplotlib, Agg backend).
+
+The verdict (`compare`): at every k the strongest baseline is the best of
+`BASELINES` (the ID embedding, fine-tuning, global) at that k. Every lift is a
+difference of seed-mean AUCs with a 90% interval from a paired bootstrap over
+the test entities (`tf_limaml.intervals`); the verdict names the winner on the
+AUC difference averaged over k (the shipped model, the strongest baseline, or
+neither when the interval holds 0) and what to ship. It warns below
+`MIN_TEST_ENTITIES` test entities and when its interval holds 0. When
+`limaml tune` fell back to global or to fine-tuning, the report says so in
+those words and the `limaml` row is named for what it is, not LiMAML.
 
 Per seed, a model's measurement is a dict:
 
     {"overall_auc": ..., "logloss": ..., "mean_member_auc": ...,
-     "support_k": {"1": {"overall_auc": ..., "logloss": ..., "mean_member_auc": ...},
+     "support_k": {"1": {"overall_auc": ..., "logloss": ..., "mean_member_auc": ...,
+                         "rows": QueryRows},   # optional: for the intervals
                    ..., "all": {...}},
      "wall_s": ...,
      "health": {"healthy": ..., "reasons": [...]}}   # optional
+
+`rows` (`protocol.QueryRows`: entity, label and score of each test query row)
+is what the bootstrap resamples; without it, lifts are points. Rows are never
+written to report.json.
 
 Every model whose health check failed in some seed is listed under
 `report["failed"]` (model, seed, reasons).
