@@ -454,3 +454,43 @@ def test_without_rows_the_verdict_uses_points_and_says_so():
     c = report.aggregate(_seeds(limaml_aucs=(0.735, 0.735), small_k=0.73))["comparison"]
     assert c["low"] is None and c["strongest"] == "id_embedding"
     assert "the ID embedding wins" in c["text"] and "no interval" in c["text"]
+
+
+def test_the_protocols_measurements_carry_their_rows_to_the_intervals():
+    # The demo's path: evaluate_sweep -> measurement -> aggregate.
+    from tf_limaml.experiments import protocol
+
+    rng = np.random.default_rng(0)
+    members, support, query = 120, 6, 5
+    taste = rng.normal(size=(members, 1))
+    x = rng.normal(size=(members, query))
+    labels = (rng.random((members, query)) < 1 / (1 + np.exp(-(taste + x)))).astype(
+        np.float32
+    )
+    query_mask = np.ones((members, query), np.float32)
+    query_mask[::7, -1] = 0  # some padding
+    batch = {
+        "entity_id": np.array([f"m{i:03d}".encode() for i in range(members)]),
+        "support_mask": np.ones((members, support), np.float32),
+        "support_label": np.zeros((members, support), np.float32),
+        "query_mask": query_mask,
+        "query_label": labels,
+    }
+    strength = {"global": 0.0, "id_embedding": 1.0, "limaml": 0.5, "finetune": 0.2}
+    seed = {
+        name: protocol.measurement(
+            protocol.evaluate_sweep(
+                lambda cut, k, w=w: 1 / (1 + np.exp(-(x + w * taste))),
+                batch,
+                (1, 3, None),
+            ),
+            1.0,
+        )
+        for name, w in strength.items()
+    }
+    assert repr(seed["limaml"]["support_k"]["1"]["rows"]).startswith("QueryRows(")
+    result = report.aggregate([seed], target_set="own")
+    c = result["comparison"]
+    assert c["test_entities"] == members and c["strongest"] == "id_embedding"
+    assert all(cell["low"] is not None for cell in c["by_k"].values())
+    assert "rows" not in json.dumps(report.json_safe(result["models"]))
