@@ -112,10 +112,16 @@ def test_meta_learned_is_preferred_when_not_shown_worse_than_the_best():
     meta = _trial((0.015, 0.02, 0.025), sd=0.004, family=tune.META_LEARNED)
     assert finetune["mean_lift"] > meta["mean_lift"]
     assert tune.select([FALLBACK, finetune, meta]) == 2
+    why = tune.explain([FALLBACK, finetune, meta], 2)
+    assert why[0] == "a personalized trial is eligible (trial 2)" and why[2] == ""
+    assert why[1].startswith("trial 2 preferred: meta_learned over finetune")
     # Shown worse than the best: the best stays.
     behind = _trial((0.002, 0.005, 0.01), sd=0.001, family=tune.META_LEARNED)
     tight = _trial((0.022, 0.022, 0.022), sd=0.001, family=tune.FINETUNE)
     assert tune.select([FALLBACK, tight, behind]) == 1
+    assert tune.explain([FALLBACK, tight, behind], 1)[2].startswith(
+        "shown worse than the best eligible trial, 1"
+    )
 
 
 def test_select_needs_the_fallback():

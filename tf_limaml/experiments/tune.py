@@ -281,25 +281,52 @@ def select(trials: Sequence[Mapping[str, Any]]) -> int:
 def verdict(trial: Mapping[str, Any]) -> str:
     """The trial's verdict in words: chosen, or not and why (with the numbers)."""
     if trial.get("chosen"):
-        return "**chosen**" + (" (the global fallback)" if trial.get("fallback") else "")
+        return "**chosen**" + (
+            " (the global fallback)" if trial.get("fallback") else ""
+        )
     if trial.get("eligible"):
         why = trial.get("why_not")
         return "eligible, not chosen" + (f": {why}" if why else "")
     return f"not eligible: {trial.get('why_not', '')}"
 
 
-def _why_not_chosen(
-    trial: Mapping[str, Any], chosen: Mapping[str, Any], index: int
-) -> str:
-    """Why an eligible trial was not chosen, in words."""
-    if trial.get("fallback"):
-        return f"a personalized trial is eligible (trial {index})"
-    if chosen["family"] != trial["family"] and _not_shown_worse(trial, chosen):
-        return (
-            f"trial {index} is preferred: {chosen['family']} over {trial['family']}"
-            ", neither shown better"
-        )
-    return f"trial {index} has the larger mean lift ({chosen['mean_lift']:+.4f})"
+def explain(trials: Sequence[Mapping[str, Any]], chosen: int) -> list[str]:
+    """Why each trial was not chosen, in words ("" for the chosen one).
+
+    Args:
+        trials: The trials `select` chose from.
+        chosen: `select(trials)`.
+
+    Returns:
+        One reason per trial: `eligible`'s for the ineligible, the step of
+        `select` that passed over the others.
+    """
+    ok = [i for i, t in enumerate(trials) if not t.get("fallback") and eligible(t)[0]]
+    best = max(ok, key=lambda i: (trials[i]["mean_lift"], -i)) if ok else None
+    pick = trials[chosen]
+    out = []
+    for i, trial in enumerate(trials):
+        fit, why = eligible(trial)
+        if i == chosen:
+            why = ""
+        elif not fit:
+            pass
+        elif trial.get("fallback"):
+            why = f"a personalized trial is eligible (trial {chosen})"
+        elif not _not_shown_worse(trial, trials[best]):
+            why = (
+                f"shown worse than the best eligible trial, {best} (mean lift "
+                f"{trials[best]['mean_lift']:+.4f})"
+            )
+        elif pick.get("family") != trial.get("family"):
+            why = (
+                f"trial {chosen} preferred: {pick.get('family')} over "
+                f"{trial.get('family')}, neither shown worse than the best"
+            )
+        else:
+            why = f"trial {chosen} has the larger mean lift ({pick['mean_lift']:+.4f})"
+        out.append(why)
+    return out
 
 
 def rule() -> dict[str, Any]:
@@ -748,12 +775,9 @@ def tune(
     chosen = select(trials)
     trial = trials[chosen]
     chosen_recipe = recipe_of(base, trial)
-    for i, t in enumerate(trials):
-        ok, why = eligible(t)
-        t["eligible"] = ok
+    for i, (t, why) in enumerate(zip(trials, explain(trials, chosen), strict=True)):
+        t["eligible"] = eligible(t)[0]
         t["chosen"] = i == chosen
-        if ok and i != chosen:
-            why = _why_not_chosen(t, trial, chosen)
         t["why_not"] = why
         t["verdict"] = verdict(t)
     line(
