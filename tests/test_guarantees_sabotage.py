@@ -426,3 +426,16 @@ def test_distribution_sabotaged_without_the_replica_scaling(synthetic_tasks):
     results = distribute_tests.run_mirrored_and_single(synthetic_tasks, sabotage=True)
     with pytest.raises(CHECK_FAILED):
         distribute_tests.check_mirrored_equals_single(results)
+
+
+# ------------------------------------------------ the report tells the truth
+def test_verdict_sabotaged_to_compare_with_global_only(monkeypatch):
+    import test_report as report_tests
+
+    from tf_limaml.experiments import report
+
+    # The verdict's yardstick cut down to global: LiMAML beats it, so the
+    # report would call LiMAML the winner while the ID embedding beats it.
+    monkeypatch.setattr(report, "BASELINES", ("global",))
+    with pytest.raises(CHECK_FAILED):
+        report_tests.check_verdict_names_the_strongest_baseline_when_limaml_loses()

@@ -9,76 +9,218 @@ import pytest
 from tf_limaml.experiments import baselines, tune
 from tf_limaml.experiments.protocol import Protocol, Splits, records_from_dir
 from tf_limaml.experiments.recipes import Architecture, Recipe
+from tf_limaml.intervals import Resampled
 from tf_limaml.model import MetaConfig
 
 KS = ("1", "3", "all")
-GLOBAL = {"1": 0.70, "3": 0.70, "all": 0.70}
-GLOBAL_MEMBER = {"1": 0.65, "3": 0.65, "all": 0.65}
+_NOISE = np.random.default_rng(0)
 
 
-def _trial(auc, member=None, fallback=False, healthy=True, half=(0.0, 0.0)):
-    """A hand-made trial: val AUC per k -> lifts over GLOBAL."""
-    member = member or GLOBAL_MEMBER
-    out = {"name": "t", "fallback": fallback, "healthy": healthy}
-    out.update(
-        tune.summarize_trial(
-            dict(zip(KS, auc, strict=True)), GLOBAL, member, GLOBAL_MEMBER, half
-        )
-    )
+def _trial(
+    lifts,
+    sd=0.002,
+    member=(0.0, 0.0, 0.0),
+    member_sd=0.001,
+    fallback=False,
+    healthy=True,
+    family=tune.META_LEARNED,
+):
+    """A hand-made trial: lift over global per k, each with resamples of spread sd."""
+
+    def resampled(points, spread):
+        return {
+            k: Resampled(v, v + spread * _NOISE.standard_normal(1000))
+            for k, v in zip(KS, points, strict=True)
+        }
+
+    out = {
+        "name": "t",
+        "fallback": fallback,
+        "healthy": healthy,
+        "family": tune.GLOBAL if fallback else family,
+    }
+    out.update(tune.summarize_trial(resampled(lifts, sd), resampled(member, member_sd)))
     return out
 
 
-FALLBACK = _trial((0.70, 0.70, 0.70), fallback=True)
+FALLBACK = _trial((0.0, 0.0, 0.0), sd=0.0, member_sd=0.0, fallback=True)
 
 
-def test_fallback_chosen_when_every_candidate_is_below_global_at_some_k():
+def test_fallback_chosen_when_every_candidate_is_shown_below_global_at_some_k():
     trials = [
         FALLBACK,
         # Large gain at full support, but one rating moves a member too far.
-        _trial((0.685, 0.72, 0.766), half=(0.03, 0.03)),
+        _trial((-0.015, 0.02, 0.066)),
         # Below global everywhere (nothing to personalize).
-        _trial((0.688, 0.688, 0.688), half=(-0.01, -0.01)),
+        _trial((-0.012, -0.012, -0.012)),
         # Below at k=3 only.
-        _trial((0.71, 0.699, 0.75), half=(0.02, 0.02)),
+        _trial((0.01, -0.011, 0.05)),
     ]
     assert tune.select(trials) == 0
     assert [tune.eligible(t)[0] for t in trials] == [True, False, False, False]
-    assert "k=1" in tune.eligible(trials[1])[1]
+    reason = tune.eligible(trials[1])[1]
+    assert "below global at k=1" in reason and "-0.0150 [" in reason
+    assert "k=3" in tune.eligible(trials[3])[1]
 
 
 def test_best_eligible_candidate_wins_over_the_fallback():
     trials = [
         FALLBACK,
-        _trial((0.705, 0.72, 0.76), half=(0.02, 0.03)),
-        _trial((0.701, 0.71, 0.72), half=(0.01, 0.01)),
+        _trial((0.005, 0.02, 0.06)),
+        _trial((0.001, 0.01, 0.02)),
     ]
     assert tune.select(trials) == 1
     assert trials[1]["mean_lift"] == pytest.approx((0.005 + 0.02 + 0.06) / 3)
+    low, high = trials[1]["mean_lift_interval"]
+    assert low < trials[1]["mean_lift"] < high
 
 
-def test_gains_below_min_gain_keep_the_fallback():
-    trials = [FALLBACK, _trial((0.701, 0.701, 0.701), half=(0.001, 0.001))]
+def test_a_gain_the_interval_does_not_show_keeps_the_fallback():
+    trials = [FALLBACK, _trial((0.001, 0.001, 0.001), sd=0.004)]
     assert tune.select(trials) == 0
-    assert tune.select(trials, min_gain=0.0005) == 1
+    assert "no gain shown" in tune.eligible(trials[1])[1]
+    # The same gain, measured tightly, is shown and wins.
+    trials = [FALLBACK, _trial((0.001, 0.001, 0.001), sd=0.0002)]
+    assert tune.select(trials) == 1
 
 
-def test_member_auc_half_split_and_health_exclude_candidates():
-    lower_members = {"1": 0.64, "3": 0.65, "all": 0.65}
+def test_a_point_a_hair_below_global_inside_the_noise_is_not_thrown_away():
+    # The issue's "recipe as given": -0.001 at k=1, large gains above; the
+    # point rule rejected it for the -0.001.
+    trials = [FALLBACK, _trial((-0.001, 0.027, 0.097), sd=0.003)]
+    assert trials[1]["min_lift"] < 0
+    assert tune.eligible(trials[1]) == (True, "")
+    assert tune.select(trials) == 1
+
+
+def test_member_auc_shown_below_and_health_exclude_candidates():
     trials = [
         FALLBACK,
-        _trial((0.72, 0.72, 0.72), member=lower_members, half=(0.02, 0.02)),
-        _trial((0.72, 0.72, 0.72), half=(0.05, -0.01)),
-        _trial((0.75, 0.75, 0.75), healthy=False, half=(0.05, 0.05)),
+        _trial((0.02, 0.02, 0.02), member=(-0.01, 0.0, 0.0)),
+        # A per-member dip inside its noise does not exclude.
+        _trial((0.02, 0.02, 0.02), member=(-0.004, 0.0, 0.0), member_sd=0.004),
+        _trial((0.05, 0.05, 0.05), healthy=False),
     ]
-    assert tune.select(trials) == 0
+    assert tune.select(trials) == 2
     reasons = [tune.eligible(t)[1] for t in trials[1:]]
-    assert "per-member" in reasons[0] and "half" in reasons[1]
-    assert "health" in reasons[2]
+    assert "per-member AUC below global at k=1" in reasons[0]
+    assert reasons[1] == "" and "health" in reasons[2]
+
+
+def test_meta_learned_is_preferred_when_not_shown_worse_than_the_best():
+    finetune = _trial((0.022, 0.022, 0.022), sd=0.004, family=tune.FINETUNE)
+    meta = _trial((0.015, 0.02, 0.025), sd=0.004, family=tune.META_LEARNED)
+    assert finetune["mean_lift"] > meta["mean_lift"]
+    assert tune.select([FALLBACK, finetune, meta]) == 2
+    why = tune.explain([FALLBACK, finetune, meta], 2)
+    assert why[0] == "a personalized trial is eligible (trial 2)" and why[2] == ""
+    assert why[1].startswith("trial 2 preferred: meta_learned over finetune")
+    # Shown worse than the best: the best stays.
+    behind = _trial((0.002, 0.005, 0.01), sd=0.001, family=tune.META_LEARNED)
+    tight = _trial((0.022, 0.022, 0.022), sd=0.001, family=tune.FINETUNE)
+    assert tune.select([FALLBACK, tight, behind]) == 1
+    assert tune.explain([FALLBACK, tight, behind], 1)[2].startswith(
+        "shown worse than the best eligible trial, 1"
+    )
 
 
 def test_select_needs_the_fallback():
     with pytest.raises(ValueError, match="fallback"):
         tune.select([_trial((0.8, 0.8, 0.8))])
+
+
+# --------------------------------------- the issue's cases, from fold rows
+FOLD_KS = ("1", "3", "5", "10", "all")
+
+
+@pytest.fixture(scope="module")
+def fold():
+    """A fold like the issue's: 180 members, 3-12 query rows each."""
+    rng = np.random.default_rng(0)
+    rows = rng.integers(3, 13, 180)
+    entity = np.repeat(np.arange(180), rows)
+    taste = rng.normal(size=180)[entity]
+    x = rng.normal(size=entity.size)
+    labels = (rng.random(entity.size) < 1 / (1 + np.exp(-(taste + x)))).astype(float)
+    scorer = tune.FoldScorer(np.array([f"m{i:03d}" for i in entity]), labels, seed=0)
+    global_scores = 1 / (1 + np.exp(-(0.3 * taste + x)))
+    reference = scorer.measure_rows({k: global_scores for k in FOLD_KS})
+    fallback = tune.trial_of(
+        "fallback", reference, reference, tune.GLOBAL, fallback=True
+    )
+    return {
+        "scorer": scorer,
+        "reference": reference,
+        "fallback": fallback,
+        "global": global_scores,
+        "labels": labels,
+        "entity": entity,
+        "push": rng.random(entity.size),  # how far each row moves toward its label
+    }
+
+
+def _measured(fold, family, by_k):
+    measured = fold["scorer"].measure_rows(by_k)
+    return tune.trial_of("candidate", measured, fold["reference"], family)
+
+
+def test_a_small_gain_at_every_k_is_kept_not_thrown_away_by_a_minimum(fold):
+    # The third table: fine-tuning a little above global at every k, each lift
+    # under the old 0.002 minimum gain and far inside global's own AUC noise.
+    steps = dict(zip(FOLD_KS, (0.001, 0.002, 0.003, 0.004, 0.005), strict=True))
+    candidate = _measured(
+        fold,
+        tune.FINETUNE,
+        {
+            k: fold["global"] + d * (fold["labels"] - 0.5) * fold["push"]
+            for k, d in steps.items()
+        },
+    )
+    lifts = candidate["fold_lift"]
+    assert all(0.0 < v < 0.003 for v in lifts.values()), lifts
+    assert candidate["mean_lift"] < 0.002  # the old rule's MIN_GAIN
+    global_low, global_high = fold["reference"]["auc_resampled"]["all"].interval()
+    assert global_high - global_low > 10 * max(lifts.values())
+    # The paired interval sees what the point rule could not.
+    assert candidate["mean_lift_interval"][0] > 0
+    assert tune.select([fold["fallback"], candidate]) == 1
+
+
+def test_a_candidate_shown_below_global_is_not_eligible(fold):
+    rng = np.random.default_rng(2)
+    shift = 0.05 * rng.normal(size=180)[fold["entity"]]
+    scores = {k: fold["global"] + 0.05 * (fold["labels"] - 0.5) for k in FOLD_KS}
+    scores["1"] = fold["global"] + shift  # one rating moves members too far
+    candidate = _measured(fold, tune.META_LEARNED, scores)
+    low, high = candidate["fold_lift_interval"]["1"]
+    assert candidate["fold_lift"]["1"] < 0 and high < 0
+    ok, why = tune.eligible(candidate)
+    assert not ok and "below global at k=1" in why
+    assert tune.select([fold["fallback"], candidate]) == 0
+
+
+def test_the_ratings_table_picks_the_meta_learned_candidate(fold):
+    # The issue's trial table: "recipe as given" a hair below global at k=1
+    # (inside the noise) and far above it elsewhere, against a fine-tuning
+    # candidate a little above global everywhere, which the point rule chose.
+    push = (fold["labels"] - 0.5) * fold["push"]
+    rng = np.random.default_rng(0)
+    wobble = 0.01 * rng.normal(size=180)[fold["entity"]]
+    meta = {
+        k: fold["global"] + d * push
+        for k, d in zip(FOLD_KS, (0, 0.05, 0.08, 0.12, 0.2), strict=True)
+    }
+    meta["1"] = fold["global"] + wobble
+    meta = _measured(fold, tune.META_LEARNED, meta)
+    finetune = _measured(
+        fold, tune.FINETUNE, {k: fold["global"] + 0.04 * push for k in FOLD_KS}
+    )
+    low, high = meta["fold_lift_interval"]["1"]
+    assert meta["fold_lift"]["1"] < 0 < high
+    assert min(finetune["fold_lift"].values()) > 0
+    # The point rule: meta below global at k=1, so fine-tuning would ship.
+    trials = [fold["fallback"], finetune, meta]
+    assert tune.select(trials) == 2
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +266,12 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
     }
     assert len(lines) == len(trials) + 1 and "chosen" in lines[-1]
     chosen = trials[result["chosen"]]
-    assert chosen["eligible"] and chosen["min_lift"] >= 0
+    assert chosen["eligible"]
+    # Never shown below global at any k: every interval reaches 0.
+    assert all(high >= 0 for _, high in chosen["fold_lift_interval"].values())
+    for t in trials:
+        assert set(t["fold_lift_interval"]) == {"1", "all"}
+        assert t["verdict"] and (t["eligible"] or "not eligible" in t["verdict"])
     paths = tune.write_outputs(result, tmp_path)
     config = json.loads(open(paths["config"]).read())
     MetaConfig.from_dict(config["meta_config"])
@@ -134,8 +281,10 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
     assert len(table) == len(trials)
     for t in table:
         assert set(t["fold_auc"]) == set(t["fold_lift"]) == {"1", "all"}
+        assert not any(key.startswith("_") for key in t)
     markdown = open(paths["markdown"]).read()
     assert "fallback" in markdown and markdown.count("\n| ") == len(trials) + 2
+    assert "90% percentile intervals" in markdown and "**chosen**" in markdown
 
 
 def test_tune_falls_back_when_personalization_hurts_on_val(tiny, monkeypatch):

@@ -479,19 +479,48 @@ def bucket_order(labels: Iterable[str]) -> list[str]:
     return sorted(set(labels), key=low)
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
+class QueryRows:
+    """The scored real query rows behind a metric: what the report's bootstrap
+    over test entities resamples (`tf_limaml.intervals`).
+
+    Attributes:
+        entity_id: Each row's entity, [N].
+        label: Each row's 0/1 label, [N].
+        score: Each row's score, [N].
+    """
+
+    entity_id: np.ndarray
+    label: np.ndarray
+    score: np.ndarray
+
+    def __repr__(self) -> str:
+        # Short on purpose: sweeps holding these are printed and logged.
+        entities = len(np.unique(self.entity_id))
+        return f"QueryRows({self.score.size} rows, {entities} entities)"
+
+    def same_rows(self, other: QueryRows) -> bool:
+        """Whether `other` scores the same rows, in the same order."""
+        return np.array_equal(self.entity_id, other.entity_id) and np.array_equal(
+            self.label, other.label
+        )
+
+
 def query_metrics(
     batch: Mapping[str, Any], probabilities: np.ndarray
 ) -> dict[str, Any]:
     """Overall AUC, log loss and mean per-member AUC on a batch's real query rows.
 
-    With bucket labels in the batch (`with_buckets`), also "buckets": {name:
-    {label: overall AUC, log loss, mean member AUC, rows, members}}.
+    Also "rows": the `QueryRows` scored. With bucket labels in the batch
+    (`with_buckets`), also "buckets": {name: {label: overall AUC, log loss,
+    mean member AUC, rows, members}}.
     """
     mask = np.asarray(batch[f"{QUERY}_{MASK_KEY}"]) > 0
     labels = np.asarray(batch[f"{QUERY}_{LABEL_KEY}"])[mask]
     scores = np.asarray(probabilities)[mask]
     ids = np.repeat(np.asarray(batch[ENTITY_ID_KEY]), mask.sum(axis=1))
     out = evaluation.summarize(ids, labels, scores)
+    out["rows"] = QueryRows(ids, labels, scores)
     buckets = {}
     for key in batch:
         if not key.startswith(BUCKET_PREFIX):
@@ -511,12 +540,15 @@ def query_metrics(
 
 
 def metrics_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """`evaluation.summarize` output under the report's names (and its buckets)."""
+    """`evaluation.summarize` output under the report's names (and its buckets
+    and its `QueryRows`, when `query_metrics` kept them)."""
     out: dict[str, Any] = {
         "overall_auc": float(metrics["auc"]),
         "logloss": float(metrics["loss"]),
         "mean_member_auc": float(metrics["mean_member_auc"]),
     }
+    if "rows" in metrics:
+        out["rows"] = metrics["rows"]
     if "buckets" in metrics:
         out["buckets"] = {
             name: {
@@ -561,8 +593,12 @@ def measurement(
     wall_s: float,
     details: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A model's per-seed entry of the report: full-support metrics, the sweep, time."""
-    full = sweep["all"]
+    """A model's per-seed entry of the report: full-support metrics, the sweep, time.
+
+    Each k of the sweep keeps its `QueryRows` ("rows"), for the report's
+    intervals; the report does not write them.
+    """
+    full = {m: x for m, x in sweep["all"].items() if m != "rows"}
     out = {
         **full,
         # Buckets are reported at full support only (the entry's own).

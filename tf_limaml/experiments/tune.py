@@ -9,15 +9,39 @@ of the search trains on their query rows, the global model sees their support
 rows as it sees the test members', and val still early-stops every model, so
 the fold's scores are unbiased by early stopping. The val members alone (a
 tenth) were too few: on MovieLens-100K a recipe's val lift over global differed
-from its test lift by 0.04. Test members are never read. The rule (`select`):
+from its test lift by 0.04. Test members are never read.
 
-1. a candidate is eligible when it is healthy, its fold overall AUC is not
-   below global's at any k, its fold mean per-member AUC is not below global's
-   by more than `MEMBER_TOLERANCE` at any k, and its mean lift over k is not
-   negative on either half of the fold's members (a cheap guard against a lift
-   that one lucky half of the members carries);
-2. among the eligible, the one with the largest mean lift over k wins, if
-   that lift is at least `MIN_GAIN`; otherwise the **fallback** wins.
+The fold has a few hundred members with a handful of query rows each, so a
+lift of 0.001-0.003 AUC is the size of the fold's own sampling noise: the
+rule decides on intervals, not on points. Every trial's lift over global (its
+fold AUC minus global's) gets a 90% percentile interval from a paired
+bootstrap over the fold's entities (`tf_limaml.intervals`, 1000 resamples,
+seeded by `seed`); every trial and k is measured on the same resamples, so
+trials compare with global and with each other resample by resample. The rule
+(`select`):
+
+1. **Eligible** (`eligible`): healthy, and
+   * at every k, the interval of the overall-AUC lift reaches 0 or above: a
+     trial is out only when its interval says it is below global (upper bound
+     < 0), not when its point is a hair below;
+   * the same for the mean per-member AUC at every k;
+   * the interval of the lift averaged over k is above 0: a gain is shown.
+   "Never below global" is read as "not shown below global" (upper bound
+   >= 0), not as "shown within a tolerance of global" (lower bound >
+   -tolerance): to pass the second, a trial's whole interval must fit above
+   -tolerance, so the tolerance must be at least the interval's half-width,
+   the fold's noise; a smaller one rejects every trial that moves scores
+   (the point rule again, by another name), a larger one is a guess. Safety
+   at small k comes from the upper bound (a harm the fold can see excludes
+   the trial) and from the third condition (no shown gain: the fallback).
+2. **Chosen**: the best eligible trial is the one of largest mean lift over k.
+   The contenders are the eligible trials *not shown worse* than the best (the
+   paired interval of their mean lift minus the best's reaches 0). Among them
+   the most preferred family wins (`FAMILIES`: meta-learned, then fine-tuning
+   of the global model, then the meta-trained network left unadapted), then
+   the larger mean lift. Every candidate adapts the meta block only, so every
+   one is servable as d floats per entity; full MAML is never a candidate.
+3. No trial eligible: the **fallback** wins.
 
 The fallback is always a candidate: LiMAML warm-started from the trained
 global network with zero meta-epochs and zero inner steps, so its scores are
@@ -35,7 +59,8 @@ its meta block) is a candidate family too.
 
 Outputs (`write_outputs`): `tune_config.json` (the chosen MetaConfig and the
 recipe fields), `tune_trials.json` and `tune_trials.md` (every trial, with its
-fold AUC, lift and member-AUC lift at every k).
+lift over global at every k and its interval, the mean lift with its interval,
+its worst per-member lift, and the verdict with the reason).
 
 This module is an experiment tool: it imports `baselines`; the core modules
 never import it.
@@ -73,6 +98,7 @@ from tf_limaml.experiments.protocol import (
 )
 from tf_limaml.experiments.recipes import Recipe
 from tf_limaml.features import ENTITY_ID_KEY, LABEL_KEY, MASK_KEY, QUERY
+from tf_limaml.intervals import EntityBootstrap, Resampled
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +122,19 @@ PRIOR_BOOSTS = (0.0, 20.0, 90.0)
 # Test-time adaptation of the global network itself (plain fine-tuning).
 GLOBAL_ADAPT_LRS = (0.01, 0.03, 0.1, 0.3)
 GLOBAL_ADAPT_PRIORS = (0.0, 10.0, 30.0, 100.0)
-# The selection rule's margins (see the module docstring).
-MIN_GAIN = 0.002
-MEMBER_TOLERANCE = 0.003
+# The selection rule's intervals (see the module docstring): a paired
+# percentile bootstrap over the fold's entities, the same resamples for every
+# trial and k.
+INTERVAL_LEVEL = 0.9
+RESAMPLES = 1000
+# Trial families, most preferred first: among candidates not shown worse than
+# the best, a meta-learned one is chosen over fine-tuning of global, and both
+# over the meta-trained network left unadapted (one model for every entity).
+META_LEARNED = "meta_learned"
+FINETUNE = "finetune"
+META_DEFAULT = "meta_default"
+GLOBAL = "global"
+FAMILIES = (META_LEARNED, FINETUNE, META_DEFAULT)
 # Default number of trained candidates.
 DEFAULT_BUDGET = 6
 FALLBACK = "fallback"
@@ -108,86 +144,116 @@ TUNING_FOLD = 1 / 3
 
 # ------------------------------------------------------------- the rule
 def summarize_trial(
-    fold_auc: Mapping[str, float],
-    global_auc: Mapping[str, float],
-    fold_member_auc: Mapping[str, float],
-    global_member_auc: Mapping[str, float],
-    half_lift: Sequence[float] = (),
+    lift: Mapping[str, Resampled],
+    member_lift: Mapping[str, Resampled],
+    level: float = INTERVAL_LEVEL,
 ) -> dict[str, Any]:
-    """A trial's lifts over global on the tuning fold, per k, and their summaries.
+    """A trial's lifts over global on the tuning fold, per k, with intervals.
 
     Args:
-        fold_auc: {k label: the candidate's fold overall AUC}.
-        global_auc: {k label: global's fold overall AUC}.
-        fold_member_auc: {k label: the candidate's fold mean per-member AUC}.
-        global_member_auc: {k label: global's}.
-        half_lift: Mean lift over k on each half of the fold's members.
+        lift: {k label: the candidate's fold overall AUC minus global's, as a
+            `Resampled` of the fold's `EntityBootstrap`}.
+        member_lift: {k label: the same for the mean per-member AUC}.
+        level: Level of the percentile intervals.
 
     Returns:
-        {"fold_lift": {k: ...}, "fold_member_lift": {k: ...}, "mean_lift",
-        "min_lift", "min_member_lift", "half_lift"}.
+        {"fold_lift": {k: estimate}, "fold_lift_interval": {k: [low, high]},
+        "fold_member_lift", "fold_member_lift_interval" (the same for the
+        per-member AUC), "mean_lift" and "mean_lift_interval" (the lift
+        averaged over k, resample by resample), "min_lift", "min_member_lift",
+        "interval_level", and "_mean_lift": the `Resampled` mean lift, kept in
+        memory for the paired comparison of candidates (never written).
     """
-    lift = {k: float(fold_auc[k]) - float(global_auc[k]) for k in global_auc}
-    member = {
-        k: float(fold_member_auc[k]) - float(global_member_auc[k])
-        for k in global_member_auc
+    mean = Resampled.mean(list(lift.values()))
+    out: dict[str, Any] = {
+        "fold_lift": {k: float(v.estimate) for k, v in lift.items()},
+        "fold_lift_interval": {k: list(v.interval(level)) for k, v in lift.items()},
+        "fold_member_lift": {k: float(v.estimate) for k, v in member_lift.items()},
+        "fold_member_lift_interval": {
+            k: list(v.interval(level)) for k, v in member_lift.items()
+        },
+        "mean_lift": float(mean.estimate),
+        "mean_lift_interval": list(mean.interval(level)),
+        "interval_level": float(level),
+        "_mean_lift": mean,
     }
-    return {
-        "fold_lift": lift,
-        "fold_member_lift": member,
-        "mean_lift": float(np.mean(list(lift.values()))),
-        "min_lift": float(min(lift.values())),
-        "min_member_lift": float(min(member.values())) if member else 0.0,
-        "half_lift": [float(v) for v in half_lift],
-    }
+    out["min_lift"] = float(min(out["fold_lift"].values()))
+    members = [v for v in out["fold_member_lift"].values() if math.isfinite(v)]
+    out["min_member_lift"] = float(min(members)) if members else 0.0
+    return out
 
 
-def eligible(
-    trial: Mapping[str, Any], member_tolerance: float = MEMBER_TOLERANCE
-) -> tuple[bool, str]:
-    """Whether a trial may be chosen, and if not, why (see the module docstring)."""
+def _span(estimate: float, interval: Sequence[float]) -> str:
+    return f"{estimate:+.4f} [{interval[0]:+.4f}, {interval[1]:+.4f}]"
+
+
+def eligible(trial: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether a trial may be chosen, and if not, why (see the module docstring).
+
+    Args:
+        trial: A trial of `tune` (or `summarize_trial` output with "fallback"
+            and "healthy").
+
+    Returns:
+        (True, "") or (False, the first reason, with the numbers).
+    """
     if trial.get("fallback"):
         return True, ""
     if not trial.get("healthy", True):
         return False, "failed the health check"
-    for value in (trial["mean_lift"], trial["min_lift"]):
-        if not math.isfinite(value):
-            return False, "a fold AUC is not finite"
-    if trial["min_lift"] < 0:
-        worst = min(trial["fold_lift"], key=trial["fold_lift"].get)
-        return (
-            False,
-            f"below global on the fold at k={worst} ({trial['min_lift']:+.4f})",
-        )
-    if trial["min_member_lift"] < -member_tolerance:
+    level = trial.get("interval_level", INTERVAL_LEVEL)
+    values = [trial["mean_lift"], *trial["mean_lift_interval"]]
+    for k, (low, high) in trial["fold_lift_interval"].items():
+        values += [trial["fold_lift"][k], low, high]
+    if not all(math.isfinite(v) for v in values):
+        return False, "a fold AUC or its interval is not finite"
+    for k, (low, high) in trial["fold_lift_interval"].items():
+        if high < 0:
+            return False, (
+                f"below global at k={k}: lift {_span(trial['fold_lift'][k], (low, high))}"
+                f", the {level:.0%} interval below 0"
+            )
+    for k, (low, high) in trial.get("fold_member_lift_interval", {}).items():
+        if math.isfinite(high) and high < 0:
+            return False, (
+                f"per-member AUC below global at k={k}: "
+                f"{_span(trial['fold_member_lift'][k], (low, high))}"
+            )
+    if not trial["mean_lift_interval"][0] > 0:
         return False, (
-            f"fold per-member AUC {trial['min_member_lift']:+.4f} below global "
-            f"(tolerance {member_tolerance})"
+            f"no gain shown: mean lift {_span(trial['mean_lift'], trial['mean_lift_interval'])}"
+            f", the {level:.0%} interval not above 0"
         )
-    if any(v < 0 for v in trial.get("half_lift", ())):
-        return False, "mean lift negative on one half of the fold's members"
     return True, ""
 
 
-def select(
-    trials: Sequence[Mapping[str, Any]],
-    min_gain: float = MIN_GAIN,
-    member_tolerance: float = MEMBER_TOLERANCE,
-) -> int:
-    """The index of the chosen trial: the safe rule of `limaml tune`.
+def _not_shown_worse(trial: Mapping[str, Any], best: Mapping[str, Any]) -> bool:
+    """The paired interval of (trial - best) mean lift reaches 0 or above."""
+    if trial is best:
+        return True
+    a, b = trial.get("_mean_lift"), best.get("_mean_lift")
+    if a is None or b is None:
+        return False
+    return (a - b).interval(trial.get("interval_level", INTERVAL_LEVEL))[1] >= 0
+
+
+def select(trials: Sequence[Mapping[str, Any]]) -> int:
+    """The index of the chosen trial: the rule of `limaml tune`.
+
+    1. The eligible trials (`eligible`), the fallback aside. None: the fallback.
+    2. The best: the eligible trial of largest mean lift over k.
+    3. The contenders: the eligible trials not shown worse than the best (the
+       paired interval of their mean lift minus the best's reaches 0).
+    4. The chosen: the contender of the most preferred family (`FAMILIES`:
+       meta-learned, then fine-tuning of global, then the meta-trained
+       default); within it, the largest mean lift. Ties keep the earlier trial.
 
     Args:
-        trials: Trials with "fold_lift" ({k: lift over global on the fold}),
-            "mean_lift", "min_lift", "min_member_lift", optionally "half_lift"
-            and "healthy"; exactly one has "fallback": True.
-        min_gain: Least mean lift over k for a personalized candidate to be
-            preferred over the fallback.
-        member_tolerance: Most a candidate's fold per-member AUC may fall below
-            global's at any k.
+        trials: Trials of `tune` (JSON keys plus "_mean_lift"); exactly one
+            has "fallback": True.
 
     Returns:
-        The index into `trials`: the eligible trial of largest mean lift when
-        that lift is >= min_gain, else the fallback.
+        The index into `trials`.
 
     Raises:
         ValueError: No trial is the fallback.
@@ -198,14 +264,99 @@ def select(
             "select needs the global fallback among the trials (a trial with "
             "'fallback': True); build the candidates with tune.tune"
         )
-    best, best_lift = fallbacks[0], min_gain
+    ok = [i for i, t in enumerate(trials) if not t.get("fallback") and eligible(t)[0]]
+    if not ok:
+        return fallbacks[0]
+    best = max(ok, key=lambda i: (trials[i]["mean_lift"], -i))
+    contenders = [i for i in ok if _not_shown_worse(trials[i], trials[best])]
+
+    def preference(i: int) -> tuple[int, float, int]:
+        family = trials[i].get("family", FAMILIES[-1])
+        rank = FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
+        return (-rank, trials[i]["mean_lift"], -i)
+
+    return max(contenders, key=preference)
+
+
+def verdict(trial: Mapping[str, Any]) -> str:
+    """The trial's verdict in words: chosen, or not and why (with the numbers)."""
+    if trial.get("chosen"):
+        return "**chosen**" + (
+            " (the global fallback)" if trial.get("fallback") else ""
+        )
+    if trial.get("eligible"):
+        why = trial.get("why_not")
+        return "eligible, not chosen" + (f": {why}" if why else "")
+    return f"not eligible: {trial.get('why_not', '')}"
+
+
+def explain(trials: Sequence[Mapping[str, Any]], chosen: int) -> list[str]:
+    """Why each trial was not chosen, in words ("" for the chosen one).
+
+    Args:
+        trials: The trials `select` chose from.
+        chosen: `select(trials)`.
+
+    Returns:
+        One reason per trial: `eligible`'s for the ineligible, the step of
+        `select` that passed over the others.
+    """
+    ok = [i for i, t in enumerate(trials) if not t.get("fallback") and eligible(t)[0]]
+    best = max(ok, key=lambda i: (trials[i]["mean_lift"], -i)) if ok else None
+    pick = trials[chosen]
+    out = []
     for i, trial in enumerate(trials):
-        if trial.get("fallback") or not eligible(trial, member_tolerance)[0]:
-            continue
-        # Strictly larger: among equals the earlier one (or the fallback) stays.
-        if trial["mean_lift"] > best_lift:
-            best, best_lift = i, trial["mean_lift"]
-    return best
+        fit, why = eligible(trial)
+        if i == chosen:
+            why = ""
+        elif not fit:
+            pass
+        elif trial.get("fallback"):
+            why = f"a personalized trial is eligible (trial {chosen})"
+        elif not _not_shown_worse(trial, trials[best]):
+            why = (
+                f"shown worse than the best eligible trial, {best} (mean lift "
+                f"{trials[best]['mean_lift']:+.4f})"
+            )
+        elif pick.get("family") != trial.get("family"):
+            why = (
+                f"trial {chosen} preferred: {pick.get('family')} over "
+                f"{trial.get('family')}, neither shown worse than the best"
+            )
+        else:
+            why = f"trial {chosen} has the larger mean lift ({pick['mean_lift']:+.4f})"
+        out.append(why)
+    return out
+
+
+def rule() -> dict[str, Any]:
+    """The selection rule in words, as `tune` records it."""
+    level = f"{INTERVAL_LEVEL:.0%}"
+    return {
+        "intervals": (
+            f"{level} percentile intervals of a paired bootstrap over the tuning "
+            f"fold's entities ({RESAMPLES} resamples, seeded; every trial and k on "
+            "the same resamples); lift = the trial's fold AUC minus global's"
+        ),
+        "objective": "mean over k of the lift in fold overall AUC",
+        "constraints": [
+            "healthy (finite, non-constant scores, AUC > 0.5, finite val loss)",
+            f"at every k, the {level} interval of the overall-AUC lift reaches 0 or "
+            "above (not shown below global)",
+            f"at every k, the {level} interval of the mean per-member AUC lift "
+            "reaches 0 or above",
+            f"the {level} interval of the mean lift over k is above 0 (a gain shown)",
+        ],
+        "choice": (
+            "among the eligible, the best is the largest mean lift; of those whose "
+            "paired interval of (mean lift - the best's) reaches 0, the most "
+            "preferred family wins (" + " > ".join(FAMILIES) + "), then the larger "
+            "mean lift"
+        ),
+        "fallback": "LiMAML warm-started from the trained global network, 0 "
+        "meta-epochs, 0 inner steps (scores equal global's), when no trial is "
+        "eligible",
+    }
 
 
 # ------------------------------------------------------- the tuning split
@@ -275,84 +426,112 @@ def tuning_splits(
 
 
 # ------------------------------------------------------------ measuring
-def _half_of(ids: np.ndarray) -> np.ndarray:
-    """0 or 1 per member by a stable hash: the two halves of the fold's members."""
-    out = []
-    for i in ids:
-        text = i.decode() if isinstance(i, bytes) else str(i)
-        out.append(hashlib.sha256(text.encode()).digest()[0] & 1)
-    return np.asarray(out)
+class FoldScorer:
+    """Fold metrics at every k with their resamples over the fold's entities.
 
+    Every trial is measured on the same `EntityBootstrap` (the same resamples),
+    so lifts over global and differences between trials are paired.
 
-class _FoldScorer:
-    """Metrics at every k, from query probabilities of the tuning fold's tasks."""
+    Args:
+        entity_ids: The entity of each real query row of the fold, [N].
+        labels: Each row's 0/1 label, [N].
+        seed: Seeds the resamples.
+        n_resamples: Resamples of the fold's entities.
+    """
 
-    def __init__(self, fold: Batch, ks: Sequence[int | None]):
-        self.ks = list(ks)
-        self.cuts = {k_label(k): cut_support(fold, k) for k in ks}
-        mask = np.asarray(fold[f"{QUERY}_{MASK_KEY}"]) > 0
-        self.mask = mask
-        self.labels = np.asarray(fold[f"{QUERY}_{LABEL_KEY}"])[mask]
-        self.ids = np.repeat(np.asarray(fold[ENTITY_ID_KEY]), mask.sum(axis=1))
-        self.half = np.repeat(_half_of(fold[ENTITY_ID_KEY]), mask.sum(axis=1))
+    def __init__(
+        self,
+        entity_ids: np.ndarray,
+        labels: np.ndarray,
+        seed: int = 0,
+        n_resamples: int = RESAMPLES,
+    ):
+        self.ids = np.asarray(entity_ids).ravel()
+        self.labels = np.asarray(labels).ravel()
+        self.bootstrap = EntityBootstrap(self.ids, self.labels, n_resamples, seed)
 
-    def measure(self, score: Callable[[Batch], np.ndarray]) -> dict[str, Any]:
-        """{"auc": {k}, "member_auc": {k}, "half_auc": [{k}, {k}], "health"}."""
-        out: dict[str, Any] = {"auc": {}, "member_auc": {}, "half_auc": [{}, {}]}
+    def measure_rows(self, scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Metrics of flat query-row scores by k label.
+
+        Returns:
+            {"auc": {k}, "member_auc": {k}, "auc_resampled": {k: Resampled},
+            "member_resampled": {k: Resampled}, "health": {"healthy", "reasons"}}.
+        """
+        out: dict[str, Any] = {
+            "auc": {},
+            "member_auc": {},
+            "auc_resampled": {},
+            "member_resampled": {},
+        }
         health = {"healthy": True, "reasons": []}
-        for label, cut in self.cuts.items():
-            scores = np.asarray(score(cut))[self.mask]
-            check = evaluation.health_check(self.labels, scores, name=f"k={label}")
+        nan = Resampled(float("nan"), np.full(self.bootstrap.n_resamples, np.nan))
+        for label, values in scores.items():
+            values = np.asarray(values, dtype=np.float64).ravel()
+            check = evaluation.health_check(self.labels, values, name=f"k={label}")
             if not check["healthy"]:
                 health = {
                     "healthy": False,
                     "reasons": [f"k={label}: {r}" for r in check["reasons"]],
                 }
-            summary = evaluation.summarize(self.ids, self.labels, scores)
-            out["auc"][label] = float(summary["auc"])
-            out["member_auc"][label] = float(summary["mean_member_auc"])
-            for h in (0, 1):
-                rows = self.half == h
-                out["half_auc"][h][label] = evaluation.auc(
-                    self.labels[rows], scores[rows]
-                )
+            if np.isfinite(values).all():
+                auc = self.bootstrap.auc(values)
+                member = self.bootstrap.member_auc(values)
+            else:
+                auc = member = nan
+            out["auc"][label] = float(auc.estimate)
+            out["member_auc"][label] = float(member.estimate)
+            out["auc_resampled"][label] = auc
+            out["member_resampled"][label] = member
         out["health"] = health
         return out
 
 
-def _trial(
+def trial_of(
     name: str,
-    changes: Mapping[str, Any],
-    knobs: Mapping[str, Any],
     measured: Mapping[str, Any],
     reference: Mapping[str, Any],
+    family: str,
+    changes: Mapping[str, Any] | None = None,
+    knobs: Mapping[str, Any] | None = None,
     fallback: bool = False,
 ) -> dict[str, Any]:
-    half = []
-    for h in (0, 1):
-        values = [
-            measured["half_auc"][h][k] - reference["half_auc"][h][k]
-            for k in reference["auc"]
-        ]
-        finite = [v for v in values if math.isfinite(v)]
-        half.append(float(np.mean(finite)) if finite else 0.0)
+    """A trial: a candidate's fold measurement against global's (`FoldScorer`).
+
+    Args:
+        name: The trial's name in the table.
+        measured: The candidate's `FoldScorer.measure_rows` output.
+        reference: The global model's.
+        family: One of `FAMILIES`, or "global" for the fallback.
+        changes: Its recipe changes (training).
+        knobs: Its test-time adaptation.
+        fallback: Whether this is the global fallback.
+
+    Returns:
+        The trial dict (`summarize_trial` keys, plus name, family, recipe,
+        knobs, healthy, reasons, fold_auc, fold_member_auc).
+    """
     trial = {
         "name": name,
         "fallback": fallback,
-        "recipe": dict(changes),
-        "knobs": dict(knobs),
+        "family": GLOBAL if fallback else family,
+        "recipe": dict(changes or {}),
+        "knobs": dict(knobs or {}),
         "healthy": measured["health"]["healthy"],
         "reasons": list(measured["health"]["reasons"]),
         "fold_auc": dict(measured["auc"]),
         "fold_member_auc": dict(measured["member_auc"]),
     }
+    ks = list(reference["auc_resampled"])
     trial.update(
         summarize_trial(
-            measured["auc"],
-            reference["auc"],
-            measured["member_auc"],
-            reference["member_auc"],
-            half,
+            {
+                k: measured["auc_resampled"][k] - reference["auc_resampled"][k]
+                for k in ks
+            },
+            {
+                k: measured["member_resampled"][k] - reference["member_resampled"][k]
+                for k in ks
+            },
         )
     )
     return trial
@@ -438,7 +617,21 @@ def tune(
         )
     base = recipe or Recipe()
     line = report_line or (lambda text: logger.info("%s", text))
-    scorer = _FoldScorer(splits.test, ks)
+    fold = splits.test
+    mask = np.asarray(fold[f"{QUERY}_{MASK_KEY}"]) > 0
+    scorer = FoldScorer(
+        np.repeat(np.asarray(fold[ENTITY_ID_KEY]), mask.sum(axis=1)),
+        np.asarray(fold[f"{QUERY}_{LABEL_KEY}"])[mask],
+        seed=seed,
+    )
+    cuts = {k_label(k): cut_support(fold, k) for k in ks}
+
+    def measure(score: Callable[[Batch], np.ndarray]) -> dict[str, Any]:
+        # One call per trial: the fold's query scores at every k.
+        return scorer.measure_rows(
+            {label: np.asarray(score(cut))[mask] for label, cut in cuts.items()}
+        )
+
     trials: list[dict[str, Any]] = []
 
     def record(trial: dict[str, Any], seconds: float) -> None:
@@ -448,12 +641,13 @@ def tune(
         lifts = " ".join(f"{k}:{v:+.4f}" for k, v in trial["fold_lift"].items())
         line(
             f"[tune] trial {len(trials) - 1:2d} {trial['name']:<28} mean lift "
-            f"{trial['mean_lift']:+.4f} (fold lift by k {lifts}){status}"
+            f"{_span(trial['mean_lift'], trial['mean_lift_interval'])} "
+            f"(fold lift by k {lifts}){status}"
         )
 
     with Timer() as timer:
         global_model, _ = baselines.train_global(spec, splits, base, seed)
-        reference = scorer.measure(
+        reference = measure(
             lambda cut: baselines.query_probabilities(global_model, cut, 0)
         )
     global_s = timer.seconds
@@ -471,16 +665,15 @@ def tune(
         fallback, _ = baselines.train_meta_learner(
             spec, splits, fallback_recipe, seed, init=global_model
         )
-        measured = scorer.measure(
-            lambda cut: baselines.query_probabilities(fallback, cut, 0)
-        )
+        measured = measure(lambda cut: baselines.query_probabilities(fallback, cut, 0))
     record(
-        _trial(
+        trial_of(
             FALLBACK,
-            {"warm_start": "global", "meta_epochs": 0, "inner_steps": 0},
-            {"inner_steps": 0},
             measured,
             reference,
+            GLOBAL,
+            {"warm_start": "global", "meta_epochs": 0, "inner_steps": 0},
+            {"inner_steps": 0},
             fallback=True,
         ),
         global_s + timer.seconds,
@@ -489,18 +682,19 @@ def tune(
     for prior in GLOBAL_ADAPT_PRIORS:
         for lr in GLOBAL_ADAPT_LRS:
             with Timer() as timer:
-                measured = scorer.measure(
+                measured = measure(
                     lambda cut, lr=lr, prior=prior: baselines.query_probabilities(
                         fallback, cut, 1, lr, support_prior=prior
                     )
                 )
             record(
-                _trial(
+                trial_of(
                     f"global+adapt lr={lr:g} c={prior:g}",
-                    {"warm_start": "global", "meta_epochs": 0, "inner_steps": 0},
-                    {"inner_steps": 1, "inner_lr": lr, "support_prior": prior},
                     measured,
                     reference,
+                    FINETUNE,
+                    {"warm_start": "global", "meta_epochs": 0, "inner_steps": 0},
+                    {"inner_steps": 1, "inner_lr": lr, "support_prior": prior},
                 ),
                 timer.seconds,
             )
@@ -546,7 +740,7 @@ def tune(
                 )
         for knobs in knob_grid:
             with Timer() as timer:
-                measured = scorer.measure(
+                measured = measure(
                     lambda cut, kn=knobs, m=model: baselines.query_probabilities(
                         m,
                         cut,
@@ -567,12 +761,13 @@ def tune(
                 else f"lr={knobs['inner_lr']:g} c={knobs['support_prior']:g}"
             )
             record(
-                _trial(
+                trial_of(
                     f"{name}: {label}",
-                    change,
-                    knobs,
                     measured,
                     reference,
+                    META_DEFAULT if knobs["inner_steps"] == 0 else META_LEARNED,
+                    change,
+                    knobs,
                 ),
                 train_s + timer.seconds,
             )
@@ -580,14 +775,15 @@ def tune(
     chosen = select(trials)
     trial = trials[chosen]
     chosen_recipe = recipe_of(base, trial)
-    for i, t in enumerate(trials):
-        ok, why = eligible(t)
-        t["eligible"] = ok
-        t["why_not"] = why
+    for i, (t, why) in enumerate(zip(trials, explain(trials, chosen), strict=True)):
+        t["eligible"] = eligible(t)[0]
         t["chosen"] = i == chosen
+        t["why_not"] = why
+        t["verdict"] = verdict(t)
     line(
         f"[tune] chosen: trial {chosen} {trial['name']} (fold mean lift "
-        f"{trial['mean_lift']:+.4f}, worst k {trial['min_lift']:+.4f})"
+        f"{_span(trial['mean_lift'], trial['mean_lift_interval'])}, "
+        f"{INTERVAL_LEVEL:.0%} interval; worst k {trial['min_lift']:+.4f})"
     )
     return {
         "chosen": chosen,
@@ -600,18 +796,7 @@ def tune(
         },
         "recipe": chosen_recipe.to_dict(),
         "meta_config": scored_meta_config(chosen_recipe).to_dict(),
-        "rule": {
-            "objective": "mean over k of (fold overall AUC - global's fold overall AUC)",
-            "constraints": [
-                "healthy (finite, non-constant scores, AUC > 0.5, finite val loss)",
-                "fold overall AUC >= global's at every k",
-                f"fold mean per-member AUC >= global's - {MEMBER_TOLERANCE} at every k",
-                "mean lift over k >= 0 on each half of the fold's members",
-            ],
-            "min_gain": MIN_GAIN,
-            "fallback": "LiMAML warm-started from the trained global network, 0 "
-            "meta-epochs, 0 inner steps (scores equal global's)",
-        },
+        "rule": rule(),
         "budget": budget,
         "seed": seed,
         "support_ks": [k_label(k) for k in ks],
@@ -645,26 +830,52 @@ def chosen_recipe(result: Mapping[str, Any]) -> Recipe:
 
 # -------------------------------------------------------------- writing
 def trials_markdown(result: Mapping[str, Any]) -> str:
-    """Every trial as a markdown table: fold AUC and lift over global per k."""
+    """Every trial as a markdown table: its lift over global per k with its
+    interval, the mean lift with its interval, and the verdict with the reason."""
     ks = list(result["support_ks"])
+    rule_ = result["rule"]
     lines = [
         "Global model on the tuning fold: "
         + ", ".join(f"k={k} AUC {result['global_fold']['auc'][k]:.4f}" for k in ks),
         "",
-        "| # | trial | fold AUC by k ("
+        f"Intervals: {rule_['intervals']}.",
+        "",
+        "Eligible: " + "; ".join(rule_["constraints"]) + ".",
+        "",
+        f"Chosen: {rule_['choice']}; else {rule_['fallback']}.",
+        "",
+        "| # | trial | family | fold lift over global by k ("
         + ", ".join(ks)
-        + ") | fold lift by k | mean lift | eligible | chosen |",
+        + "), [interval] | mean lift [interval] | worst per-member lift "
+        "[interval] | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for i, t in enumerate(result["trials"]):
-        aucs = " / ".join(f"{t['fold_auc'][k]:.4f}" for k in ks)
-        lifts = " / ".join(f"{t['fold_lift'][k]:+.4f}" for k in ks)
-        verdict = "yes" if t.get("eligible") else f"no: {t.get('why_not', '')}"
+        lifts = "; ".join(
+            f"{k}: {_span(t['fold_lift'][k], t['fold_lift_interval'][k])}" for k in ks
+        )
+        member = t.get("fold_member_lift", {})
+        worst = min(
+            (k for k in member if math.isfinite(member[k])),
+            key=member.get,
+            default=None,
+        )
+        member_cell = (
+            f"k={worst}: {_span(member[worst], t['fold_member_lift_interval'][worst])}"
+            if worst is not None
+            else "n/a"
+        )
         lines.append(
-            f"| {i} | {t['name']} | {aucs} | {lifts} | {t['mean_lift']:+.4f} | "
-            f"{verdict} | {'**yes**' if t.get('chosen') else ''} |"
+            f"| {i} | {t['name']} | {t.get('family', '')} | {lifts} | "
+            f"{_span(t['mean_lift'], t['mean_lift_interval'])} | {member_cell} | "
+            f"{t.get('verdict') or verdict(t)} |"
         )
     return "\n".join(lines)
+
+
+def public_trial(trial: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial without its in-memory resamples (the keys starting with "_")."""
+    return {k: v for k, v in trial.items() if not k.startswith("_")}
 
 
 def write_outputs(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict:
@@ -687,13 +898,17 @@ def write_outputs(result: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
         "chosen_trial": result["chosen"],
         "chosen_name": result["chosen_name"],
         "is_fallback": bool(trial["fallback"]),
+        "family": trial["family"],
         "fold_lift": trial["fold_lift"],
+        "fold_lift_interval": trial["fold_lift_interval"],
+        "mean_lift_interval": trial["mean_lift_interval"],
         "rule": result["rule"],
     }
     with open(paths["config"], "w", encoding="utf-8") as f:
         json.dump(report.json_safe(config), f, indent=2)
+    written = dict(result, trials=[public_trial(t) for t in result["trials"]])
     with open(paths["trials"], "w", encoding="utf-8") as f:
-        json.dump(report.json_safe(dict(result)), f, indent=2)
+        json.dump(report.json_safe(written), f, indent=2)
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write("# limaml tune: every trial\n\n" + trials_markdown(result) + "\n")
     return paths
