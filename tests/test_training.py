@@ -288,8 +288,8 @@ if mode == "sabotage":
     tf.keras.utils.set_random_seed = lambda seed: set_seed(os.getpid())
 model, _ = training.train(
     tasks, FeatureSpec.load(spec), os.path.join(out, "model"),
-    MetaConfig(jit_compile=False), epochs=1, batch_tasks=32, seed=11, verbose=0,
-    model_kwargs=json.loads(sys.argv[5]),
+    MetaConfig(jit_compile=False), epochs=1, steps_per_epoch=4, batch_tasks=16,
+    seed=11, verbose=0, model_kwargs=json.loads(sys.argv[5]), on_failure="warn",
 )
 np.savez(os.path.join(out, "weights.npz"),
          *[v.numpy() for v in model.trainable_variables])
