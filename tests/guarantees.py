@@ -171,7 +171,7 @@ def write_model_state(model, path: str) -> str:
 
 
 def check_restored_state_equals_checkpoint(
-    restored: dict, checkpoint: dict, trainable: int
+    restored: dict, checkpoint: dict, trainable: int, slots_per_variable: int = 2
 ) -> int:
     """Every model variable and optimizer slot after the restore equals the
     checkpoint's tensor, bit for bit.
@@ -181,8 +181,9 @@ def check_restored_state_equals_checkpoint(
             after the restore (`write_model_state`): the same object graph as
             the checkpoint, so every key names the same variable.
         checkpoint: `checkpoint_tensors` of the checkpoint it restored.
-        trainable: How many trainable variables the model has (Adam keeps an
-            m and a v for each).
+        trainable: How many trainable variables the model has.
+        slots_per_variable: The optimizer's slots for each (Adam and
+            LazyAdam: m and v).
 
     Returns:
         How many tensors were compared.
@@ -195,7 +196,7 @@ def check_restored_state_equals_checkpoint(
     iterations = "model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
     assert checkpoint[iterations] > 0, "the checkpoint is of step 0"
     # Adam's m and v for every trainable variable, and the layers' weights.
-    assert len(slots) == 2 * trainable, (len(slots), trainable)
+    assert len(slots) == slots_per_variable * trainable, (len(slots), trainable)
     assert len(weights) >= trainable, (len(weights), trainable)
     differ = [
         key

@@ -62,23 +62,31 @@ def run_mirrored_and_single(synthetic_tasks, sabotage: bool = False) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# Elementwise |mirrored - one device| bound on the update of every weight, the
+# bound docs/guarantees.md states: the replicas' gradient sums round
+# differently, nothing more (measured: 7.5e-9; the largest update is 5e-3).
+TOLERANCE = 1e-6
+
+
 def check_mirrored_equals_single(results: dict) -> None:
     mirrored, single = results["mirrored"], results["single"]
     assert mirrored["replicas"] == 2
     # Each replica sees half the tasks; the loss scaling makes the summed
     # gradients the mean over all 16 tasks, so the updates match.
     assert len(mirrored["update"]) == len(single["update"]) > 0
-    moved = 0
+    moved = 0.0
     for a, b in zip(mirrored["update"], single["update"], strict=True):
         # Element by element: the same update of every weight, not just its size.
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-3, atol=1e-6)
-        moved += int(np.count_nonzero(np.array(b)))
-    assert moved > 0, "the step moved no weight"
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=TOLERANCE)
+        moved = max(moved, float(np.abs(np.array(b)).max()))
+    # The step moved the weights by far more than the tolerance.
+    assert moved > 100 * TOLERANCE, moved
 
 
 def test_mirrored_strategy_step_equals_single_device_step(synthetic_tasks):
     results = run_mirrored_and_single(synthetic_tasks)
-    assert abs(results["mirrored"]["loss"] - results["single"]["loss"]) < 1e-4, results
+    loss_gap = abs(results["mirrored"]["loss"] - results["single"]["loss"])
+    assert loss_gap < TOLERANCE, results
     check_mirrored_equals_single(results)
 
 
