@@ -234,7 +234,8 @@ def apply_gradients(model: LiMAMLModel, grads, finite: tf.Tensor) -> None:
     Zeroed gradients are not enough on their own: Adam's moments would still
     move every weight. On one device the update is skipped; under a
     distribution strategy (even of one replica) the all-reduce must stay
-    unconditional, so zeroing it is.
+    unconditional, so zeroing it is, with `finite` the flag of every replica
+    (`all_replicas_finite`).
     """
     grads = [where_finite(finite, g) for g in grads]
     pairs = list(zip(grads, model.trainable_variables, strict=True))
