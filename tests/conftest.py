@@ -58,7 +58,8 @@ def session(exported):
 def crashed_training(tmp_path_factory, synthetic_tasks, synthetic_spec):
     """A training run stopped after 5 of its steps, checkpointing every 3.
 
-    Returns `train(model_dir)` (the same run again, in any directory), the
+    Returns `train(model_dir, **kwargs)` (the same run again, in any directory,
+    with more `training.train` arguments such as callbacks), the
     crashed run's model directory (copy it before resuming) and the steps of an
     uninterrupted run.
     """
@@ -72,7 +73,7 @@ def crashed_training(tmp_path_factory, synthetic_tasks, synthetic_spec):
     batch_tasks = 16
     steps_total = math.ceil(data.count_tasks(synthetic_tasks["train"]) / batch_tasks)
 
-    def train(model_dir):
+    def train(model_dir, **kwargs):
         return training.train(
             synthetic_tasks["train"],
             synthetic_spec,
@@ -84,6 +85,7 @@ def crashed_training(tmp_path_factory, synthetic_tasks, synthetic_spec):
             seed=7,
             verbose=0,
             model_kwargs={k: SMALL_MODEL[k] for k in ("meta_units", "global_units")},
+            **kwargs,
         )
 
     model_dir = tmp_path_factory.mktemp("crashed_training") / "model"

@@ -151,6 +151,103 @@ class SimulatedCrash(Exception):
     """Raised from inside `fit` to stop a training run as a crash would."""
 
 
+# The keys of a BackupAndRestore checkpoint that are not the model's state.
+OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+def checkpoint_tensors(path: str, prefix: str = "model/") -> dict:
+    """Every tensor under `prefix` of a checkpoint, by key, read with
+    `tf.train.load_checkpoint`."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(path)
+    return {
+        key: reader.get_tensor(key)
+        for key in sorted(reader.get_variable_to_shape_map())
+        if key.startswith(prefix) and key != OBJECT_GRAPH
+    }
+
+
+def write_model_state(model, path: str) -> str:
+    """Writes `model` (its layers' weights, its optimizer's iterations and
+    slots) as BackupAndRestore does, under the key "model"; returns the path."""
+    import tensorflow as tf
+
+    return tf.train.Checkpoint(model=model).write(path)
+
+
+def check_restored_state_equals_checkpoint(
+    restored: dict, checkpoint: dict, trainable: int, slots_per_variable: int = 2
+) -> int:
+    """Every model variable and optimizer slot after the restore equals the
+    checkpoint's tensor, bit for bit.
+
+    Args:
+        restored: `checkpoint_tensors` of the model's state written right
+            after the restore (`write_model_state`): the same object graph as
+            the checkpoint, so every key names the same variable.
+        checkpoint: `checkpoint_tensors` of the checkpoint it restored.
+        trainable: How many trainable variables the model has.
+        slots_per_variable: The optimizer's slots for each (Adam and
+            LazyAdam: m and v).
+
+    Returns:
+        How many tensors were compared.
+    """
+    assert sorted(restored) == sorted(checkpoint), sorted(
+        set(restored) ^ set(checkpoint)
+    )
+    slots = [k for k in checkpoint if k.startswith("model/optimizer/_variables/")]
+    weights = [k for k in checkpoint if not k.startswith("model/optimizer/")]
+    iterations = "model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+    assert checkpoint[iterations] > 0, "the checkpoint is of step 0"
+    # Adam's m and v for every trainable variable, and the layers' weights.
+    assert len(slots) == slots_per_variable * trainable, (len(slots), trainable)
+    assert len(weights) >= trainable, (len(weights), trainable)
+    differ = [
+        key
+        for key in checkpoint
+        if restored[key].shape != checkpoint[key].shape
+        or not np.array_equal(restored[key], checkpoint[key])
+    ]
+    assert not differ, (
+        f"{len(differ)} of {len(checkpoint)} tensors differ from the checkpoint "
+        f"after the restore: {differ[:8]}"
+    )
+    return len(checkpoint)
+
+
+def resume_and_write_restored_state(train, path: str) -> str:
+    """Runs `train(callbacks=[...])` in a model directory with a checkpoint,
+    writes the model's state as soon as BackupAndRestore has restored it
+    (`on_train_begin`, before any step) and stops the run there.
+
+    Returns:
+        {"path": the written state, "trainable": the model's number of
+        trainable variables}.
+    """
+    import tensorflow as tf
+
+    written = []
+
+    class WriteRestoredState(tf.keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            written.append(
+                {
+                    "path": write_model_state(self.model, path),
+                    "trainable": len(self.model.trainable_variables),
+                }
+            )
+            raise SimulatedCrash("stopped after the restore")
+
+    try:
+        train(callbacks=[WriteRestoredState()])
+    except SimulatedCrash:
+        pass
+    assert written, "training never began"
+    return written[0]
+
+
 # `limaml ...` in a child process, counting the training steps it executes
 # (argv[1]: where to write the count), for runs that are killed or resumed.
 COUNTING_CLI = r"""
@@ -158,10 +255,13 @@ import sys
 from tf_limaml import cli, training
 
 class Counting(training.StopOnNonFiniteLoss):
+    executed = 0
+
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
+        Counting.executed += 1
         with open(sys.argv[1], "w") as f:
-            f.write(str(self._step))
+            f.write(str(Counting.executed))
 
 training.StopOnNonFiniteLoss = Counting
 sys.exit(cli.main(sys.argv[2:]))

@@ -299,18 +299,13 @@ def test_make_tasks_sabotaged_to_shard_by_pythons_hash(tmp_path, monkeypatch):
         )
 
 
-def test_training_sabotaged_to_ignore_the_seed(
-    tmp_path, synthetic_tasks, synthetic_spec, monkeypatch
-):
-    seeds = itertools.count(100)
-    set_seed = tf.keras.utils.set_random_seed
-    monkeypatch.setattr(
-        tf.keras.utils, "set_random_seed", lambda seed: set_seed(next(seeds))
+def test_training_sabotaged_to_ignore_the_seed(tmp_path, synthetic_tasks):
+    # In the child processes, where training runs: each seeds from its pid.
+    weights = training_tests.train_in_two_processes(
+        tmp_path, synthetic_tasks, sabotage=True
     )
-    with pytest.raises(AssertionError):
-        training_tests.check_same_seed_gives_identical_weights(
-            tmp_path, synthetic_tasks, synthetic_spec
-        )
+    with pytest.raises(AssertionError, match="differs between the processes"):
+        training_tests.check_same_seed_gives_identical_weights(weights)
 
 
 # ---------------------------------------------------- serving input validation
@@ -439,3 +434,49 @@ def test_verdict_sabotaged_to_compare_with_global_only(monkeypatch):
     monkeypatch.setattr(report, "BASELINES", ("global",))
     with pytest.raises(CHECK_FAILED):
         report_tests.check_verdict_names_the_strongest_baseline_when_limaml_loses()
+
+
+# ------------------------------------- training resumes: the restored state
+def test_resume_sabotaged_to_restore_only_the_step_counter(
+    crashed_training, tmp_path, monkeypatch
+):
+    from tf_keras.src.distribute import worker_training_state
+
+    def counters_only(self):
+        # The step counters come back, so the run resumes at the right step;
+        # the weights and LazyAdam's slots keep their fresh values.
+        reader = tf.train.load_checkpoint(
+            self.read_checkpoint_manager.latest_checkpoint
+        )
+
+        def value(name):
+            return reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+
+        self._model.optimizer.iterations.assign(value("model/optimizer/_iterations"))
+        self._ckpt_saved_epoch.assign(value("ckpt_saved_epoch"))
+        self._ckpt_saved_batch.assign(value("ckpt_saved_batch"))
+
+    monkeypatch.setattr(
+        worker_training_state.WorkerTrainingState, "restore", counters_only
+    )
+    with pytest.raises(AssertionError, match="differ from the checkpoint"):
+        training_tests.check_resume_restores_the_checkpoint(crashed_training, tmp_path)
+
+
+def test_mirrored_nonfinite_step_sabotaged_without_the_zeroing(synthetic_tasks):
+    # In the child process: `step.where_finite` is the identity there.
+    result = distribute_tests.run_nonfinite_mirrored_step(
+        synthetic_tasks, sabotage="where_finite"
+    )
+    with pytest.raises(AssertionError, match="changed"):
+        distribute_tests.check_nonfinite_mirrored_step(result)
+
+
+def test_mirrored_nonfinite_step_sabotaged_to_zero_one_replica_only(synthetic_tasks):
+    # In the child process: each replica zeroes only its own gradients, so the
+    # finite replica's half of the step is applied.
+    result = distribute_tests.run_nonfinite_mirrored_step(
+        synthetic_tasks, sabotage="all_replicas_finite"
+    )
+    with pytest.raises(AssertionError, match="changed"):
+        distribute_tests.check_nonfinite_mirrored_step(result)

@@ -15,7 +15,10 @@ import tensorflow as tf
 from guarantees import (
     COUNTING_CLI,
     check_nonfinite_step_is_not_applied,
+    check_restored_state_equals_checkpoint,
     check_resume_runs_only_the_remaining_steps,
+    checkpoint_tensors,
+    resume_and_write_restored_state,
     train_counting_steps,
 )
 
@@ -142,6 +145,30 @@ def test_training_resumes_from_its_checkpoint(crashed_training, tmp_path):
     assert k == 3  # checkpoints every 3 steps, crashed after 5
 
 
+def test_resume_restores_every_weight_and_optimizer_slot(crashed_training, tmp_path):
+    """Right after the restore, before any step: the weights, LazyAdam's m and
+    v of every trainable weight and `iterations` equal the checkpoint's."""
+    compared = check_resume_restores_the_checkpoint(crashed_training, tmp_path)
+    assert compared > 20, compared
+
+
+def check_resume_restores_the_checkpoint(crashed_training, tmp_path) -> int:
+    """Resumes a copy of the crashed run as `training.train` does and compares
+    its state, right after BackupAndRestore's restore, with the checkpoint."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(crashed_training["model_dir"], model_dir)
+    latest = tf.train.latest_checkpoint(str(model_dir / "backup" / "chief"))
+    assert latest is not None
+    checkpoint = checkpoint_tensors(latest)
+    written = resume_and_write_restored_state(
+        lambda **kwargs: crashed_training["train"](model_dir, **kwargs),
+        str(tmp_path / "restored" / "state"),
+    )
+    return check_restored_state_equals_checkpoint(
+        checkpoint_tensors(written["path"]), checkpoint, written["trainable"]
+    )
+
+
 def _poisoned_tasks(tmp_path, spec, bad_step, batch_tasks=8, seed=0):
     """Tasks whose first non-finite batch is training step `bad_step` (1-based).
 
@@ -197,6 +224,34 @@ def test_nonfinite_loss_names_step_and_entities(tmp_path, synthetic_spec):
     tf.train.Checkpoint(model=model).read(latest).expect_partial()
     assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
 
+    # The re-run resumes at step 2 and meets the poisoned batch again: the
+    # error names the step of the whole run, 2 + the steps this run took.
+    finite_steps = []
+
+    class CountFiniteSteps(tf.keras.callbacks.Callback):
+        # After StopOnNonFiniteLoss in the list: the failing step never gets here.
+        def on_train_batch_end(self, batch, logs=None):
+            finite_steps.append(batch)
+
+    with pytest.raises(training.NonFiniteLossError) as info:
+        training.train(
+            path,
+            synthetic_spec,
+            str(tmp_path / "model"),
+            MetaConfig(jit_compile=False),
+            epochs=2,
+            batch_tasks=8,
+            checkpoint_every=1,
+            verbose=0,
+            model_kwargs=SMALL,
+            callbacks=[CountFiniteSteps()],
+        )
+    step = 2 + len(finite_steps) + 1
+    assert f"Non-finite loss at training step {step} (batch" in str(info.value), (
+        finite_steps,
+        str(info.value),
+    )
+
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_nonfinite_step_leaves_every_weight_bit_equal(
@@ -215,25 +270,75 @@ def test_nonfinite_step_leaves_every_weight_bit_equal(
     assert named == [e.decode() for e in batch["entity_id"].numpy()]
 
 
-def test_same_seed_gives_identical_weights(tmp_path, synthetic_tasks, synthetic_spec):
-    check_same_seed_gives_identical_weights(tmp_path, synthetic_tasks, synthetic_spec)
+# Trains a tiny model with seed 11 in this process and writes its weights:
+# argv = tasks, spec, output directory, "seed" or "sabotage" (seed from the pid),
+# the architecture as JSON.
+SEEDED_TRAINING = r"""
+import json, os, sys
+import numpy as np
+import tensorflow as tf
+from tf_limaml import training
+from tf_limaml.features import FeatureSpec
+from tf_limaml.model import MetaConfig
+
+tasks, spec, out, mode = sys.argv[1:5]
+training.HEALTH_BATCHES = 1  # the check after training is not under test here
+if mode == "sabotage":
+    # The seed is ignored: each process seeds from its own pid.
+    set_seed = tf.keras.utils.set_random_seed
+    tf.keras.utils.set_random_seed = lambda seed: set_seed(os.getpid())
+model, _ = training.train(
+    tasks, FeatureSpec.load(spec), os.path.join(out, "model"),
+    MetaConfig(jit_compile=False), epochs=1, steps_per_epoch=4, batch_tasks=16,
+    seed=11, verbose=0, model_kwargs=json.loads(sys.argv[5]), on_failure="warn",
+)
+np.savez(os.path.join(out, "weights.npz"),
+         *[v.numpy() for v in model.trainable_variables])
+"""
 
 
-def check_same_seed_gives_identical_weights(tmp_path, synthetic_tasks, synthetic_spec):
-    """Two trainings with seed 11 end with bit-identical weights."""
-    weights = []
-    for run in range(2):
-        model, _ = training.train(
-            synthetic_tasks["train"],
-            synthetic_spec,
-            str(tmp_path / f"run{run}"),
-            MetaConfig(jit_compile=False),
-            epochs=1,
-            batch_tasks=32,
-            seed=11,
-            verbose=0,
-            model_kwargs=SMALL,
+def train_in_two_processes(tmp_path, synthetic_tasks, sabotage=False) -> list:
+    """SEEDED_TRAINING in two child processes at once, with other PYTHONHASHSEEDs.
+
+    Returns:
+        Each process's trainable weights, in order.
+    """
+    processes, outs = [], []
+    for run, hash_seed in enumerate(("1", "2")):
+        out = tmp_path / f"process{run}"
+        out.mkdir()
+        outs.append(out)
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", SEEDED_TRAINING, synthetic_tasks["train"]]
+                + [synthetic_tasks["spec"], str(out)]
+                + ["sabotage" if sabotage else "seed", json.dumps(SMALL)],
+                env={**_env(), "PYTHONHASHSEED": hash_seed},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
-        weights.append([v.numpy() for v in model.trainable_variables])
-    for a, b in zip(*weights, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    weights = []
+    for out in outs:
+        with np.load(out / "weights.npz") as arrays:
+            weights.append([arrays[f"arr_{i}"] for i in range(len(arrays.files))])
+    return weights
+
+
+def check_same_seed_gives_identical_weights(weights: list) -> None:
+    """The processes' weights are bit-identical, array by array."""
+    first, second = weights
+    assert len(first) == len(second) > 0
+    for i, (a, b) in enumerate(zip(first, second, strict=True)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.shape, b.shape)
+        assert a.tobytes() == b.tobytes(), f"weight {i} differs between the processes"
+
+
+def test_same_seed_gives_identical_weights_in_two_processes(tmp_path, synthetic_tasks):
+    check_same_seed_gives_identical_weights(
+        train_in_two_processes(tmp_path, synthetic_tasks)
+    )

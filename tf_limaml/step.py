@@ -7,7 +7,8 @@
   one flag saying whether the loss and every gradient are finite;
 * `apply_gradients`: a non-finite step leaves the weights as they were (on
   one device the update is skipped; under a distribution strategy, whose
-  all-reduce must run, the gradients are zeroed);
+  all-reduce must run, every replica's gradients are zeroed when any
+  replica's step is not finite, `all_replicas_finite`);
 * small embedding tables get their gradient dense (`dense_table_gradient`);
 * `FunctionCache` and `IteratorDispatch`: the compiled functions, traced once.
 """
@@ -42,6 +43,23 @@ def masked_task_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(values * mask, axis=-1) / tf.maximum(
         tf.reduce_sum(mask, axis=-1), 1.0
     )
+
+
+def all_replicas_finite(finite: tf.Tensor) -> tf.Tensor:
+    """True when the step is finite on every replica in sync.
+
+    Under a strategy the update cannot be skipped, so a non-finite step must
+    zero the gradients of every replica: a replica that zeroed only its own
+    would leave the others' share of the step to be applied. One all-reduce
+    of a scalar; outside a strategy (or with one replica), `finite` itself.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return finite
+    not_finite = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32)
+    )
+    return tf.equal(not_finite, 0.0)
 
 
 def where_finite(finite: tf.Tensor, grad):
@@ -162,7 +180,7 @@ def meta_gradients(model: LiMAMLModel, batch: TaskBatch):
     return grads, out
 
 
-def dense_table_gradient(grad, optimizer, limit: int):
+def dense_table_gradient(grad, optimizer, limit: int, shape=None):
     """An embedding table's sparse gradient as a dense one, for small tables.
 
     Keras's optimizers update every row of a table either way (Adam's
@@ -175,26 +193,38 @@ def dense_table_gradient(grad, optimizer, limit: int):
     rows) and for tables of more than `limit` numbers: there the dense work
     is the table's size (128 MB a pass for 1M x 32), and `LazyAdam` updates
     only the looked-up rows.
+
+    Args:
+        grad: A variable's gradient.
+        optimizer: The optimizer that applies it.
+        limit: The most numbers a table may have to be made dense.
+        shape: The variable's shape. Without it, the gradient's static
+            `dense_shape`, which a gradient returned by a `tf.function` (the
+            compiled part of the step under a strategy) does not have.
     """
-    if (
-        not isinstance(grad, tf.IndexedSlices)
-        or not (
-            isinstance(optimizer, LazyAdam)
-            or type(optimizer).__module__.startswith("tf_keras.")
-        )
-        or grad.dense_shape is None
+    if not isinstance(grad, tf.IndexedSlices) or not (
+        isinstance(optimizer, LazyAdam)
+        or type(optimizer).__module__.startswith("tf_keras.")
     ):
         return grad
-    shape = tf.get_static_value(grad.dense_shape)
+    if shape is None or not tf.TensorShape(shape).is_fully_defined():
+        shape = (
+            None
+            if grad.dense_shape is None
+            else (tf.get_static_value(grad.dense_shape))
+        )
     if shape is None or int(np.prod(shape)) > limit:
         return grad
-    return tf.convert_to_tensor(grad)
+    return tf.math.unsorted_segment_sum(grad.values, grad.indices, int(shape[0]))
 
 
 def densify_small_tables(model: LiMAMLModel, grads) -> list:
     """`dense_table_gradient` on every gradient, for the model's optimizer."""
     return [
-        dense_table_gradient(g, model.optimizer, model.dense_table_limit) for g in grads
+        dense_table_gradient(
+            g, model.optimizer, model.dense_table_limit, tuple(v.shape)
+        )
+        for g, v in zip(grads, model.trainable_variables, strict=True)
     ]
 
 
@@ -204,7 +234,8 @@ def apply_gradients(model: LiMAMLModel, grads, finite: tf.Tensor) -> None:
     Zeroed gradients are not enough on their own: Adam's moments would still
     move every weight. On one device the update is skipped; under a
     distribution strategy (even of one replica) the all-reduce must stay
-    unconditional, so zeroing it is.
+    unconditional, so zeroing it is, with `finite` the flag of every replica
+    (`all_replicas_finite`).
     """
     grads = [where_finite(finite, g) for g in grads]
     pairs = list(zip(grads, model.trainable_variables, strict=True))
@@ -315,7 +346,7 @@ def train_step(model: LiMAMLModel, batch: Mapping[str, Any]) -> dict[str, tf.Ten
             "meta_gradients", lambda b: meta_gradients(model, b), model.uses_xla
         )
         grads, out = compiled(encoded)
-        finite = out["finite"]
+        finite = all_replicas_finite(out["finite"])
         apply_gradients(model, densify_small_tables(model, grads), finite)
         logs = update_metrics(model, encoded, out)
     model.nonfinite_record.watch(finite, model.optimizer.iterations, batch)

@@ -111,7 +111,11 @@ def check_trained_model(
 
 
 class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
-    """Stops training at the first non-finite loss, naming the step.
+    """Stops training at the first non-finite loss, naming the global step.
+
+    The step is counted from the optimizer's `iterations` as training starts
+    (after BackupAndRestore, later in the callback list, has restored it), so
+    after a resume it is the step of the whole run, not of this process.
 
     The last good checkpoint is kept: BackupAndRestore only writes after a
     finite step, and this raises before any later write.
@@ -119,17 +123,27 @@ class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self._step = 0
+        self.step: int | None = None
+
+    def on_train_begin(self, logs=None):
+        self.step = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step is None:
+            # Read once, before the first step: a skipped (non-finite) step
+            # does not advance `iterations` on one device, so reading it
+            # after a step could not tell the two apart.
+            self.step = int(self.model.optimizer.iterations.numpy())
 
     def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
+        self.step += 1
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
             self.model.stop_training = True
             entities = getattr(self.model, "nonfinite_entities", [])
             shown = ", ".join(entities[:10]) + (" ..." if len(entities) > 10 else "")
             raise NonFiniteLossError(
-                f"Non-finite loss at training step {self._step} (batch {batch} of its "
+                f"Non-finite loss at training step {self.step} (batch {batch} of its "
                 f"epoch), entities [{shown}]; that step was not applied and the last "
                 "good checkpoint is kept. Lower the learning rate or inner_lr, or check "
                 "those entities' rows for extreme values."
