@@ -28,6 +28,7 @@ PACKAGE = "tf_limaml"
 # The core: the library users build on. Everything they import is core too.
 CORE = (
     "config",
+    "intervals",
     "blocks",
     "step",
     "saving",

@@ -721,6 +721,13 @@ def run(args: argparse.Namespace, progress) -> int:
         )
         paths = report.write_report(result, workdir)
         readme_table.write_table(result, workdir)  # runs/demo/README_table.md
+    comparison = result.get("comparison")
+    if comparison:
+        # The verdict first: which model wins on this data, and what to ship.
+        print(comparison["text"])
+        for warning in comparison.get("warnings", ()):
+            print(f"warning: {warning}")
+        print()
     print(report.format_table(result))
     print()
     for target in result["targets"]:
