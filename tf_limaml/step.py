@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -180,7 +180,12 @@ def meta_gradients(model: LiMAMLModel, batch: TaskBatch):
     return grads, out
 
 
-def dense_table_gradient(grad, optimizer, limit: int, shape=None):
+def dense_table_gradient(
+    grad: tf.Tensor | tf.IndexedSlices,
+    optimizer: tf.keras.optimizers.Optimizer,
+    limit: int,
+    shape: Sequence[int] | None = None,
+) -> tf.Tensor | tf.IndexedSlices:
     """An embedding table's sparse gradient as a dense one, for small tables.
 
     Keras's optimizers update every row of a table either way (Adam's
