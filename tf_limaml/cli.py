@@ -412,7 +412,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with progress.phase(f"load tasks from {args.tasks}"):
         records = records_from_dir(args.tasks)
         splits = tune.tuning_splits(records, spec, protocol)
-    recipe = Recipe.fast() if args.fast else Recipe()
+    if args.recipe and args.fast:
+        raise CommandError(
+            "--fast and --recipe both set the starting recipe; give one of them "
+            "(a recipe with fewer epochs is a fast one)"
+        )
+    if args.recipe:
+        from tf_limaml.experiments import ship  # noqa: PLC0415
+
+        # Tune picks the adapt-time knobs itself: a recipe's own are dropped.
+        recipe = dataclasses.replace(
+            ship.load_recipe(args.recipe),
+            adapt_inner_steps=None,
+            adapt_inner_lr=None,
+            adapt_support_prior=None,
+        )
+    else:
+        recipe = Recipe.fast() if args.fast else Recipe()
     with progress.phase(
         f"tune: {args.budget} trained candidate(s) + the global fallback, scored "
         f"on a held-out fold of {len(splits.test[ENTITY_ID_KEY])} train entities"
@@ -823,6 +839,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--fast", action="store_true", help="Fewer epochs per trial.")
+    tune.add_argument(
+        "--recipe",
+        help="The starting recipe (a Recipe JSON, or an earlier tune_config.json): "
+        "the first candidate trained, and the fields outside the search space "
+        "(architecture, epochs) for every candidate (default: the MovieLens "
+        "recipe, or its --fast version).",
+    )
     tune.set_defaults(handler=cmd_tune)
 
     make_tasks = sub.add_parser(

@@ -247,6 +247,7 @@ def run_offline(
     export_base = os.path.join(seed_dir, "export")
     if os.path.exists(export_base):
         shutil.rmtree(export_base)
+    os.makedirs(seed_dir, exist_ok=True)
     max_support = max(int(splits.test["support_mask"].sum(axis=1).max()), 1)
     shipped = None
     if ship is not None:

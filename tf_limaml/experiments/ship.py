@@ -165,11 +165,14 @@ def train_shipped(
         ):
             init = baselines.pretrain(spec, splits, recipe, seed)
     order = "first" if recipe.first_order else "second"
-    with phase(
+    what = (
         f"meta-train: {recipe.meta_epochs} epoch(s) at most, "
         f"{recipe.inner_steps} inner step(s) of rate {recipe.inner_lr:g}, "
         f"{order} order, from {start_of(recipe)}"
-    ):
+        if recipe.meta_epochs
+        else f"LiMAML from {start_of(recipe)}, no meta-training (0 meta-epochs)"
+    )
+    with phase(what):
         return baselines.train_meta_learner(spec, splits, recipe, seed, init=init)
 
 
