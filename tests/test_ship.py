@@ -257,3 +257,37 @@ def test_pretrained_recipe_saves_its_knobs_history_and_health(tasks_dir, tmp_pat
     args = json.loads((model_dir / "training_args.json").read_text())
     assert args["max_support"] == Protocol().max_support and args["seed"] == 1
     assert "pretrained" in args["warm_start"]
+
+
+@pytest.mark.slow
+def test_demo_keeps_the_shipped_model_and_serves_its_reported_auc(tmp_path, capsys):
+    """`limaml demo --input` ships seed 0's LiMAML: WORKDIR/shipped/{model,export/1}."""
+    from tf_limaml.datasets import synthetic
+    from tf_limaml.saving import load_model
+
+    synthetic.write_csv(
+        synthetic.generate_interactions(300, 200, 0), tmp_path / "c.csv"
+    )
+    synthetic.synthetic_spec(200).save(str(tmp_path / "spec.json"))
+    workdir = tmp_path / "demo"
+    out = _main(
+        capsys,
+        *("demo", "--input", tmp_path / "c.csv", "--features", tmp_path / "spec.json"),
+        *("--fast", "--seeds", "1", "--epochs", "2", "--tune-budget", "1"),
+        *("--workdir", workdir),
+    )
+    report = json.loads((workdir / "report.json").read_text())
+    shipped = report["shipped"]
+    assert shipped["model_dir"] == os.path.join("shipped", "model")
+    assert shipped["export"] == os.path.join("shipped", "export", "1")
+    assert shipped["reported_overall_auc"] == report["models"]["limaml"]["overall_auc"]
+    assert shipped["abs_auc_diff"] <= AUC_TOLERANCE, shipped
+    assert shipped["max_abs_auc_diff_over_k"] <= AUC_TOLERANCE, shipped
+    assert "Shipped: the LiMAML model of seed 0" in out
+    assert "Shipped:" in (workdir / "report.md").read_text()
+    tuned = Recipe.from_dict(
+        json.loads((workdir / "tune" / "tune_config.json").read_text())["recipe"]
+    )
+    model = load_model(workdir / "shipped" / "model")
+    assert model.adapt_options.overrides == tuned.adaptation()
+    assert os.path.isdir(workdir / "shipped" / "export" / "1" / "variables")

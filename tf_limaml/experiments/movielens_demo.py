@@ -169,6 +169,7 @@ def ship_model(
     max_support: int,
     seed: int,
     history: Mapping[str, Any] | None = None,
+    health: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Saves the reported LiMAML model as `limaml train --recipe` would, and
     exports it from that directory: `WORKDIR/shipped/{model,export/1}`.
@@ -192,6 +193,7 @@ def ship_model(
         paths["model"],
         recipe,
         history=history,
+        health=health,
         training_args={
             "max_support": protocol.max_support,
             "max_query": protocol.max_query,
@@ -222,7 +224,8 @@ def run_offline(
     """Export, `limaml embed` (Beam), then serving_default: the offline LiMAML path.
 
     Args:
-        ship: For the shipped seed, {"recipe", "protocol", "history"}: the model
+        ship: For the shipped seed, {"recipe", "protocol", "history", "health"}
+            (`ship_model`'s arguments): the model
             is saved to `WORKDIR/shipped/model` and exported to
             `WORKDIR/shipped/export/1` (`ship_model`), and that export is the
             one embedded and served. Otherwise the export is `WORKDIR/seedN/export`.
@@ -528,7 +531,12 @@ def run_seed(
             progress,
             seed,
             ship=(
-                {"recipe": recipe, "protocol": protocol, "history": histories["limaml"]}
+                {
+                    "recipe": recipe,
+                    "protocol": protocol,
+                    "history": histories["limaml"],
+                    "health": results["limaml"].get("health"),
+                }
                 if seed == SHIPPED_SEED
                 else None
             ),
