@@ -235,9 +235,83 @@ def _meta_config(args: argparse.Namespace) -> config.MetaConfig:
     return config.MetaConfig.from_dict({**from_file, **_given(args, config.MetaConfig)})
 
 
+# `limaml train`'s task and optimizer flags, and their defaults. They default
+# to None in the parser so that `--recipe` can tell a flag given from one left out.
+TRAIN_DEFAULTS = {
+    "epochs": 5,
+    "batch_tasks": 32,
+    "max_support": 32,
+    "max_query": 32,
+    "learning_rate": 1e-3,
+}
+# Flags that set what a recipe sets: refused beside `--recipe`.
+_RECIPE_CONFLICTS = (
+    "meta_config",
+    *TRAIN_DEFAULTS,
+    "validation_tasks",
+    "tensorboard",
+    "checkpoint_every",
+    "devices",
+)
+
+
+def _recipe_conflicts(args: argparse.Namespace) -> list[str]:
+    """The flags given beside --recipe that the recipe sets (or cannot honour)."""
+    names = [n for n in _RECIPE_CONFLICTS if getattr(args, n, None) is not None]
+    names += list(_given(args, config.MetaConfig))
+    names += list(_given(args, config.Architecture))
+    if args.strategy != "none":
+        names.append("strategy")
+    return [_flag(n) for n in names]
+
+
+def cmd_train_recipe(args: argparse.Namespace) -> int:
+    """`limaml train --recipe FILE`: the recipe whole (`experiments.ship`)."""
+    conflicts = _recipe_conflicts(args)
+    if conflicts:
+        raise CommandError(
+            f"{', '.join(conflicts)} cannot be given with --recipe, which sets the "
+            "warm start, meta-training and adapt-time knobs itself; edit the "
+            "recipe file instead"
+        )
+    if not os.path.isdir(args.tasks):
+        raise CommandError(
+            f"--tasks {args.tasks!r} is not a directory; with --recipe pass the "
+            "--output directory of `limaml make-tasks`"
+        )
+    from tf_limaml.experiments import ship  # noqa: PLC0415
+
+    recipe = ship.load_recipe(args.recipe)
+    spec = _load_spec(args.features or os.path.join(args.tasks, "spec.json"))
+    train_pattern = os.path.join(args.tasks, "train-*.tfrecord.gz")
+    _check_tasks(train_pattern, spec)
+    progress = Progress()
+    spec = _complete_spec(spec, train_pattern, args.model_dir, progress)
+    print(
+        f"[limaml] recipe {args.recipe}: {ship.recipe_summary(recipe)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    summary = ship.train_recipe(
+        spec, args.tasks, recipe, args.model_dir, seed=args.seed, progress=progress
+    )
+    print(json.dumps({**summary, "recipe": args.recipe}))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tf_limaml import training  # noqa: PLC0415
 
+    if args.recipe:
+        return cmd_train_recipe(args)
+    if not args.features:
+        raise CommandError(
+            "--features SPEC.json is required (or --recipe FILE with --tasks, the "
+            "make-tasks directory that holds spec.json)"
+        )
+    for name, default in TRAIN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     strategy = _strategy(args)
     spec = _load_spec(args.features)
     meta_config = _meta_config(args)
@@ -338,7 +412,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with progress.phase(f"load tasks from {args.tasks}"):
         records = records_from_dir(args.tasks)
         splits = tune.tuning_splits(records, spec, protocol)
-    recipe = Recipe.fast() if args.fast else Recipe()
+    if args.recipe and args.fast:
+        raise CommandError(
+            "--fast and --recipe both set the starting recipe; give one of them "
+            "(a recipe with fewer epochs is a fast one)"
+        )
+    if args.recipe:
+        from tf_limaml.experiments import ship  # noqa: PLC0415
+
+        # Tune picks the adapt-time knobs itself: a recipe's own are dropped.
+        recipe = dataclasses.replace(
+            ship.load_recipe(args.recipe),
+            adapt_inner_steps=None,
+            adapt_inner_lr=None,
+            adapt_support_prior=None,
+        )
+    else:
+        recipe = Recipe.fast() if args.fast else Recipe()
     with progress.phase(
         f"tune: {args.budget} trained candidate(s) + the global fallback, scored "
         f"on a held-out fold of {len(splits.test[ENTITY_ID_KEY])} train entities"
@@ -568,27 +658,75 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    train = sub.add_parser("train", help="Meta-train on task records.")
-    train.add_argument("--tasks", required=True, help="File pattern of training tasks.")
-    train.add_argument("--features", required=True, help="FeatureSpec JSON file.")
+    train = sub.add_parser(
+        "train",
+        help="Meta-train on task records, or train a recipe of `limaml tune`.",
+        epilog="With --recipe FILE (the tune_config.json of `limaml tune`, or a "
+        "Recipe JSON), the recipe runs whole on --tasks, the make-tasks directory: "
+        "its warm start (the global network, or pretraining with member IDs), "
+        "meta-training, and its adapt-time knobs, saved with the model "
+        "(config.json, adapt_options); --features defaults to TASKS/spec.json. "
+        "Only --tasks, --features, --model-dir and --seed go with it: the "
+        "inner-loop, architecture, epoch, batch, support, learning-rate, "
+        "validation, checkpoint and strategy flags are refused, since the recipe "
+        "sets them. Tune's fallback recipe ships exactly the global network.",
+    )
+    train.add_argument(
+        "--tasks",
+        required=True,
+        help="File pattern of training tasks (with --recipe: the make-tasks "
+        "output directory).",
+    )
+    train.add_argument(
+        "--features",
+        help="FeatureSpec JSON file (required without --recipe; with it, default "
+        "TASKS/spec.json).",
+    )
     train.add_argument(
         "--model-dir", required=True, help="Output (and resume) directory."
+    )
+    train.add_argument(
+        "--recipe",
+        help="Train this recipe whole: a tune_config.json of `limaml tune` or a "
+        "Recipe JSON (see below).",
     )
     train.add_argument(
         "--meta-config",
         help="MetaConfig JSON file (its keys are the inner-loop flags' names, "
         "such as inner_lr); a flag given on the command line wins.",
     )
-    train.add_argument("--epochs", type=_positive_int, default=5)
+    defaults = TRAIN_DEFAULTS
+    train.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help=f"Epochs (default {defaults['epochs']}).",
+    )
     train.add_argument(
         "--batch-tasks",
         type=_positive_int,
-        default=32,
-        help="Tasks per meta-batch; the global batch under a --strategy.",
+        default=None,
+        help="Tasks per meta-batch; the global batch under a --strategy "
+        f"(default {defaults['batch_tasks']}).",
     )
-    train.add_argument("--max-support", type=_positive_int, default=32)
-    train.add_argument("--max-query", type=_positive_int, default=32)
-    train.add_argument("--learning-rate", type=_positive_float, default=1e-3)
+    train.add_argument(
+        "--max-support",
+        type=_positive_int,
+        default=None,
+        help=f"Support rows per task, the latest (default {defaults['max_support']}).",
+    )
+    train.add_argument(
+        "--max-query",
+        type=_positive_int,
+        default=None,
+        help=f"Query rows per task, the earliest (default {defaults['max_query']}).",
+    )
+    train.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        default=None,
+        help=f"Outer Adam learning rate (default {defaults['learning_rate']:g}).",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--validation-tasks", help="File pattern of validation tasks.")
     train.add_argument("--tensorboard", help="TensorBoard log directory.")
@@ -701,6 +839,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--fast", action="store_true", help="Fewer epochs per trial.")
+    tune.add_argument(
+        "--recipe",
+        help="The starting recipe (a Recipe JSON, or an earlier tune_config.json): "
+        "the first candidate trained, and the fields outside the search space "
+        "(architecture, epochs) for every candidate (default: the MovieLens "
+        "recipe, or its --fast version).",
+    )
     tune.set_defaults(handler=cmd_tune)
 
     make_tasks = sub.add_parser(

@@ -11,6 +11,8 @@ signatures) never import this package; it imports them, and it is what
 * `baselines`: the models compared and their trainers (global, ID embedding,
   fine-tuning, full MAML, LiMAML);
 * `tune`: `limaml tune`, a budgeted recipe search that never loses to global;
+* `ship`: `limaml train --recipe`, the recipe tune chose trained whole into a
+  model directory that `limaml export` exports;
 * `report`: report.json, report.md and lift.png;
 * `multi_entity`: the member and the item personalized together (item
   embeddings as a request feature of the member model);
@@ -32,6 +34,7 @@ _SUBMODULES = (
     "protocol",
     "recipes",
     "report",
+    "ship",
     "tune",
 )
 
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # Static tools see the names that __getattr__ imports lazily.
         protocol,
         recipes,
         report,
+        ship,
         tune,
     )
 

@@ -442,14 +442,19 @@ def query_probabilities(
     Args:
         model: A LiMAMLModel.
         batch: A task batch (cut its support with `cut_support`).
-        steps: Inner steps (default the model's; 0: no adaptation).
+        steps: Inner steps (default the model's deployed ones: its
+            `adapt_options` over its `meta_config`, as the export and
+            `limaml embed` adapt; 0: no adaptation).
         inner_lr: Scalar inner learning rate instead of the model's (for the
             fine-tuning baseline; learned rates, when the model has them, win).
         chunk: Tasks per call, to bound memory.
         support_prior: `MetaConfig.support_prior` instead of the model's (the
             test-time knobs of `limaml tune`).
     """
-    steps = model.meta_config.inner_steps if steps is None else steps
+    if steps is None:
+        # The adapt-time knobs a recipe sets (`Recipe.adaptation`) are what the
+        # model is deployed with: score as the export will serve.
+        steps = model.adapt_options.resolve(model.meta_config).inner_steps
     if inner_lr is not None and isinstance(model, FineTuneModel):
         model.finetune_lr.assign(float(inner_lr))
         inner_lr = None

@@ -7,10 +7,14 @@ The chain, one progress line per phase:
    DirectRunner) into per-member task records, split train/val/test by a
    stable hash;
 2. per seed, **meta-train**: pretraining, then LiMAML and full-network MAML;
-3. **export**: LiMAML as a TF Serving SavedModel;
+3. **ship** and **export**: seed 0's LiMAML model is saved in
+   `WORKDIR/shipped/model` (a model directory, as `limaml train --recipe`
+   writes) and exported from there to `WORKDIR/shipped/export/1`; the other
+   seeds' go to `WORKDIR/seedN/export`;
 4. **embed**: `limaml embed` (Beam) writes every test member's adapted meta
    embedding (once per support size k), and `serving_default` scores their
-   query rows from those stored vectors;
+   query rows from those stored vectors: the `limaml_offline` row, which for
+   the shipped seed must equal its `limaml` row (`shipped` in the report);
 5. **baselines**: global, fine-tuning and the ID-embedding model (retrained per k);
 6. **report**: `report.json`, `report.md`, `lift.png` in the work directory,
    and the table on stdout.
@@ -47,6 +51,9 @@ DEFAULT_SEEDS = 3
 DEMO_TUNE_BUDGET = 4
 DEMO_TUNE_BUDGET_FAST = 2
 TUNING_FILE = os.path.join(os.path.dirname(__file__), "movielens_tuning.json")
+# The seed whose LiMAML model the demo ships (`WORKDIR/shipped/`).
+SHIPPED_SEED = 0
+SHIPPED_DIR = "shipped"
 _ALL = "all"
 
 
@@ -144,6 +151,65 @@ def serve_scores(
     return out
 
 
+def shipped_paths(workdir: str) -> dict[str, str]:
+    """Where `limaml demo` keeps the model it ships: its directory and its export."""
+    base = os.path.join(workdir, SHIPPED_DIR)
+    return {
+        "base": base,
+        "model": os.path.join(base, "model"),
+        "export": os.path.join(base, "export"),
+    }
+
+
+def ship_model(
+    model,
+    workdir: str,
+    recipe,
+    protocol,
+    max_support: int,
+    seed: int,
+    history: Mapping[str, Any] | None = None,
+    health: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Saves the reported LiMAML model as `limaml train --recipe` would, and
+    exports it from that directory: `WORKDIR/shipped/{model,export/1}`.
+
+    The export is made from the saved directory (loaded back), so what is
+    served is what a user exports; its support limit is the longest test
+    support, so `limaml embed` adapts on every row the report's evaluation did.
+
+    Returns:
+        {"model_dir", "export"}: the directories written.
+    """
+    from tf_limaml import export  # noqa: PLC0415
+    from tf_limaml.experiments import ship  # noqa: PLC0415
+    from tf_limaml.saving import load_model  # noqa: PLC0415
+
+    paths = shipped_paths(workdir)
+    if os.path.exists(paths["base"]):
+        shutil.rmtree(paths["base"])
+    ship.save_shipped(
+        model,
+        paths["model"],
+        recipe,
+        history=history,
+        health=health,
+        training_args={
+            "max_support": protocol.max_support,
+            "max_query": protocol.max_query,
+            "batch_tasks": recipe.meta_batch_tasks,
+            "epochs": recipe.meta_epochs,
+            "learning_rate": recipe.meta_learning_rate,
+            "seed": seed,
+            "warm_start": ship.start_of(recipe),
+        },
+    )
+    export_dir = export.export_model(
+        load_model(paths["model"]), paths["export"], version=1, max_support=max_support
+    )
+    return {"model_dir": paths["model"], "export": export_dir}
+
+
 def run_offline(
     model,
     spec,
@@ -153,8 +219,16 @@ def run_offline(
     workdir: str,
     progress,
     seed: int,
+    ship: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], float]:
     """Export, `limaml embed` (Beam), then serving_default: the offline LiMAML path.
+
+    Args:
+        ship: For the shipped seed, {"recipe", "protocol", "history", "health"}
+            (`ship_model`'s arguments): the model
+            is saved to `WORKDIR/shipped/model` and exported to
+            `WORKDIR/shipped/export/1` (`ship_model`), and that export is the
+            one embedded and served. Otherwise the export is `WORKDIR/seedN/export`.
 
     Returns:
         (sweep {k: metrics}, details, seconds spent).
@@ -176,11 +250,23 @@ def run_offline(
     export_base = os.path.join(seed_dir, "export")
     if os.path.exists(export_base):
         shutil.rmtree(export_base)
-    max_support = int(splits.test["support_mask"].sum(axis=1).max())
-    with progress.phase(f"export (seed {seed}): SavedModel for TF Serving"):
-        export_dir = export.export_model(
-            model, export_base, version=1, max_support=max(max_support, 1)
-        )
+    os.makedirs(seed_dir, exist_ok=True)
+    max_support = max(int(splits.test["support_mask"].sum(axis=1).max()), 1)
+    shipped = None
+    if ship is not None:
+        with progress.phase(
+            f"ship (seed {seed}): the LiMAML model -> "
+            f"{shipped_paths(workdir)['model']}, exported for TF Serving"
+        ):
+            shipped = ship_model(
+                model, workdir, max_support=max_support, seed=seed, **ship
+            )
+        export_dir = shipped["export"]
+    else:
+        with progress.phase(f"export (seed {seed}): SavedModel for TF Serving"):
+            export_dir = export.export_model(
+                model, export_base, version=1, max_support=max_support
+            )
     tasks_path = os.path.join(seed_dir, "embed_tasks.tfrecord.gz")
     from tf_limaml import data  # noqa: PLC0415
 
@@ -213,6 +299,8 @@ def run_offline(
         if k is None:
             health = model_health(splits.test, scores, name="limaml_offline")
     details = {"export": export_dir, "embeddings": len(embeddings)}
+    if shipped is not None:
+        details["shipped_model_dir"] = shipped["model_dir"]
     if health is not None:
         details["health"] = health
     test_pattern = os.path.join(workdir, "tasks", "test-*.tfrecord.gz")
@@ -333,7 +421,7 @@ def run_seed(
             else:
                 init = None
         pretrain_s = timer.seconds
-        learners = {}
+        learners, histories = {}, {}
         for name, adapt in (("limaml", "meta_block"), ("maml", "all")):
             with Timer() as timer:
                 model, history = baselines.train_meta_learner(
@@ -349,6 +437,7 @@ def run_seed(
                 splits.test, baselines.query_probabilities(model, splits.test, 0)
             )
             learners[name] = model
+            histories[name] = history
             results[name] = measurement(
                 sweep,
                 pretrain_s + timer.seconds,
@@ -441,6 +530,16 @@ def run_seed(
             workdir,
             progress,
             seed,
+            ship=(
+                {
+                    "recipe": recipe,
+                    "protocol": protocol,
+                    "history": histories["limaml"],
+                    "health": results["limaml"].get("health"),
+                }
+                if seed == SHIPPED_SEED
+                else None
+            ),
         )
         health = details.pop("health", None)
         results["limaml_offline"] = measurement(
@@ -487,6 +586,59 @@ def run_seed(
         if id_health is not None:
             results["id_embedding"]["health"] = id_health
     return results
+
+
+def shipped_summary(
+    per_seed: Sequence[Mapping[str, Any]], workdir: str
+) -> dict[str, Any] | None:
+    """The shipped model against the report: its served AUC and the reported one.
+
+    Served: the export in `WORKDIR/shipped/export`, every test member's
+    embedding from `limaml embed`, query rows scored by `serving_default`
+    (the `limaml_offline` row of the shipped seed). Reported: the `limaml`
+    row of the same seed, scored in-process. None when the seed has no
+    offline row.
+    """
+    if len(per_seed) <= SHIPPED_SEED:
+        return None
+    online = per_seed[SHIPPED_SEED].get("limaml")
+    offline = per_seed[SHIPPED_SEED].get("limaml_offline")
+    if not online or not offline or "shipped_model_dir" not in offline["details"]:
+        return None
+    diffs = {
+        k: abs(cell["overall_auc"] - online["support_k"][k]["overall_auc"])
+        for k, cell in offline["support_k"].items()
+        if k in online["support_k"]
+    }
+    return {
+        "seed": SHIPPED_SEED,
+        "model_dir": os.path.relpath(offline["details"]["shipped_model_dir"], workdir),
+        "export": os.path.relpath(offline["details"]["export"], workdir),
+        "reported_overall_auc": online["overall_auc"],
+        "served_overall_auc": offline["overall_auc"],
+        "abs_auc_diff": abs(online["overall_auc"] - offline["overall_auc"]),
+        "max_abs_auc_diff_over_k": max(diffs.values(), default=float("nan")),
+    }
+
+
+def shipped_line(shipped: Mapping[str, Any], root: str = "") -> str:
+    """The shipped model in one sentence (stdout and the report's summary).
+
+    Args:
+        shipped: `shipped_summary`.
+        root: Joined before its paths (they are relative to the work directory).
+    """
+    model_dir = os.path.join(root, shipped["model_dir"])
+    export_dir = os.path.join(root, shipped["export"])
+    return (
+        f"Shipped: the LiMAML model of seed {shipped['seed']}, saved in "
+        f"{model_dir} and exported to {export_dir}; scored "
+        "through that export (limaml embed + serving_default) its test overall "
+        f"AUC is {shipped['served_overall_auc']:.6f}, the limaml row of seed "
+        f"{shipped['seed']} {shipped['reported_overall_auc']:.6f} (|difference| "
+        f"{shipped['abs_auc_diff']:.1e}; largest over support sizes "
+        f"{shipped['max_abs_auc_diff_over_k']:.1e})."
+    )
 
 
 # ------------------------------------------------------------------ inputs
@@ -667,6 +819,7 @@ def run(args: argparse.Namespace, progress) -> int:
                 strategy=getattr(args, "strategy", None),
             )
         )
+    shipped = shipped_summary(per_seed, workdir)
     with progress.phase("report"):
         wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
         members = {s: len(records[s]) for s in ("train", "val", "test")}
@@ -685,7 +838,9 @@ def run(args: argparse.Namespace, progress) -> int:
                 f"({stats.get('rows_rejected', 0)} rejected), "
                 f"{sum(members.values())} members; every model shares one network "
                 "(meta block + global block) and the same features."
+                + (f" {shipped_line(shipped)}" if shipped else "")
             ),
+            shipped=shipped,
             run={
                 "seeds": seeds,
                 "wall_s_before_report": round(wall, 1),
@@ -738,6 +893,8 @@ def run(args: argparse.Namespace, progress) -> int:
             f"[FAILED] {failed['model']} (seed {failed['seed']}): "
             + "; ".join(failed["reasons"])
         )
+    if shipped:
+        print(shipped_line(shipped, workdir))
     total = time.perf_counter() - started
     print(
         f"\nReport: {paths['markdown']} (+ report.json, lift.png). Total wall time "
