@@ -12,12 +12,16 @@ of a local `tensorflow_model_server`. Notebooks have their own test
 
 from __future__ import annotations
 
+import csv
 import glob
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,3 +154,80 @@ def test_runs_as_written(code, request, tmp_path):
         f"exit {result.returncode}\n--- code\n{code}\n--- stderr (tail)\n"
         f"{result.stderr[-4000:]}"
     )
+
+
+# ------------------------------------------- "Your own data, in three commands"
+_OWN_DATA = "## Your own data, in three commands"
+
+
+def _own_data_section() -> tuple[dict, list[str]]:
+    """The README's spec (its ```json block) and commands (its ```bash block)."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index(_OWN_DATA) :]
+    section = section[: section.index("\n## ", len(_OWN_DATA))]
+    spec = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("  #")[0].strip() for line in block.splitlines()]
+    return spec, [c for c in commands if c]
+
+
+def _write_own_csv(path: str, spec: dict) -> None:
+    """A ratings table with the README spec's columns: 120 members, 16 rows each."""
+    rng = np.random.default_rng(0)
+    genres = ["Drama", "Comedy", "Action", "Horror"]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(spec_columns(spec)))
+        for member in range(120):
+            taste = member % 4
+            for k in range(16):
+                item = int(rng.integers(0, 40))
+                liked = (item % 4 == taste) or rng.random() < 0.2
+                writer.writerow(
+                    [
+                        f"m{member}",
+                        1_700_000_000 + 3600 * (member + 100 * k),
+                        5 if liked else 2,
+                        20 + member % 50,
+                        f"job{member % 5}",
+                        f"i{item}",
+                        "|".join(genres[: 1 + item % 3]),
+                        1980 + item % 30,
+                    ]
+                )
+
+
+def spec_columns(spec: dict) -> list[str]:
+    return [spec["entity"], spec["time"], spec["label"]["column"]] + [
+        f["name"] for f in spec["meta_features"] + spec["request_features"]
+    ]
+
+
+def test_the_own_data_section_is_three_limaml_commands():
+    spec, commands = _own_data_section()
+    assert [c.split()[:2] for c in commands] == [
+        ["limaml", "make-tasks"],
+        ["limaml", "tune"],
+        ["limaml", "demo"],
+    ]
+    assert spec_columns(spec)[:3] == ["member_id", "timestamp", "rating"]
+
+
+@pytest.mark.slow
+def test_the_own_data_commands_run_as_written(tmp_path):
+    """The README's spec and its three commands, as a user would paste them."""
+    spec, commands = _own_data_section()
+    os.makedirs(tmp_path / "my")
+    _write_own_csv(str(tmp_path / "my" / "ratings.csv"), spec)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=REPO, TF_USE_LEGACY_KERAS="1")
+    for command in commands:
+        argv = [sys.executable, "-m", "tf_limaml.cli", *shlex.split(command)[1:]]
+        done = subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500
+        )
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+    assert (tmp_path / "tasks" / "stats.json").exists()
+    assert (tmp_path / "tune" / "tune_config.json").exists()
+    assert (tmp_path / "runs" / "mine" / "report.md").exists()
