@@ -13,8 +13,13 @@ runs in-process); this module only wraps it in plain combiners:
 * numeric: `beam.CombinePerKey(MomentsCombineFn())` over per-entity partial
   moments keyed by feature name (Chan's merge of partial results);
 * vocabularies: `beam.combiners.Count.PerElement()` on (feature, value), then
-  per feature the deterministic selection (count descending, value ascending,
-  `min_count`, `top_k`).
+  per feature `beam.CombinePerKey(VocabularyCombineFn())`: the deterministic
+  selection (count descending, value ascending, `min_count`, `top_k`) as a
+  bounded combiner. With `top_k` set, no accumulator holds more than
+  2 * `top_k` (value, count) pairs and two totals, so no worker holds every
+  distinct value of a feature (the old `GroupByKey` did; `bounded=False`
+  keeps it, for the bench and the tests that compare the two). A `--passes`
+  run still keeps every value's count: a pass's partial must add up exactly.
 
 Everything meets in one element, the completed `FeatureSpec` as JSON, which
 `WriteTaskFiles` writes to DIR/spec.json in the same job as the records.
@@ -94,6 +99,74 @@ class MomentsCombineFn(beam.CombineFn):
         return accumulator
 
 
+class VocabularyCombineFn(beam.CombineFn):
+    """(feature, value, count) of one feature -> its `VocabularyCounts`.
+
+    The same result as `statistics.VocabularyCounts.of` on every value's
+    count, in bounded memory when the feature has a `top_k`: the accumulator
+    is [values seen, distinct values, feature name, candidates], where the
+    candidates are (value, count) pairs reaching `min_count`, cut to the best
+    `top_k` (count descending, value ascending: a total order, as each value
+    comes once) whenever they reach twice that. A value cut there can never
+    come back: every value arrives once, with its total count, after
+    `Count.PerElement`.
+
+    Args:
+        limits: {feature name: (top_k or None, min_count)}.
+    """
+
+    def __init__(self, limits: Mapping[str, tuple[int | None, int]]):
+        super().__init__()
+        self.limits = dict(limits)
+
+    def create_accumulator(self):
+        return [0, 0, None, []]
+
+    def _prune(self, accumulator, force: bool = False):
+        name, candidates = accumulator[2], accumulator[3]
+        top_k = self.limits[name][0] if name is not None else None
+        if top_k is not None and (force or len(candidates) >= 2 * top_k + 2):
+            candidates.sort(key=_rank)
+            del candidates[top_k:]
+        return accumulator
+
+    def add_input(self, accumulator, element):
+        name, value, n = element
+        accumulator[0] += int(n)
+        accumulator[1] += 1
+        accumulator[2] = name
+        if n >= self.limits[name][1]:
+            accumulator[3].append((value, int(n)))
+        return self._prune(accumulator)
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for accumulator in accumulators:
+            merged[0] += accumulator[0]
+            merged[1] += accumulator[1]
+            merged[2] = merged[2] if accumulator[2] is None else accumulator[2]
+            merged[3].extend(accumulator[3])
+            self._prune(merged)
+        return merged
+
+    def compact(self, accumulator):
+        return self._prune(accumulator, force=True)
+
+    def extract_output(self, accumulator):
+        values_seen, distinct, name, candidates = self._prune(accumulator, True)
+        ranked = sorted(candidates, key=_rank)
+        return statistics.VocabularyCounts(
+            values_seen=values_seen,
+            distinct=distinct,
+            kept={value: n for value, n in ranked},
+        )
+
+
+def _rank(value_count: tuple[str, int]) -> tuple[int, str]:
+    # `statistics.select_vocabulary`'s order: count descending, value ascending.
+    return -value_count[1], value_count[0]
+
+
 def _vocabulary_counts(
     element: tuple[str, Iterable[tuple[str, int]]], spec: FeatureSpec
 ) -> tuple[str, statistics.VocabularyCounts]:
@@ -161,6 +234,9 @@ class AnalyzeFeatures(beam.PTransform):
         counts: Optional PCollection of one dict, make-tasks' summed counts:
             the features it shows blanks of get the training mean as their
             `default` (`tf_limaml.statistics.fill_defaults`).
+        bounded: Select vocabularies with `VocabularyCombineFn` (bounded
+            memory with `top_k`); False groups every distinct value of a
+            feature on one worker first (the old path, same output).
 
     Returns (from `expand`): a PCollection of one string, `spec.to_json()` of
     the completed spec (the spec unchanged when it needs nothing); with
@@ -174,8 +250,10 @@ class AnalyzeFeatures(beam.PTransform):
         source: str = statistics.SOURCE_MAKE_TASKS,
         partial: bool = False,
         counts: beam.PCollection | None = None,
+        bounded: bool = True,
     ):
         super().__init__()
+        self.bounded = bounded
         self.spec = spec
         self.source = source
         self.partial = partial
@@ -191,21 +269,45 @@ class AnalyzeFeatures(beam.PTransform):
         )
         # A pass keeps every value's count (passes add them up before the
         # selection); one run selects the vocabulary here.
-        counts = (
-            beam.MapTuple(lambda name, pairs: (name, list(pairs)))
-            if self.partial
-            else beam.Map(_vocabulary_counts, self.spec)
-        )
-        vocab = (
+        value_counts = (
             inputs
             | "VocabularyInputs"
             >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == VALUE else [])
             | "CountValues" >> beam.combiners.Count.PerElement()
-            | "KeyByFeature"
-            >> beam.MapTuple(lambda name_value, n: (name_value[0], (name_value[1], n)))
-            | "GroupByFeature" >> beam.GroupByKey()
-            | "SelectVocabulary" >> counts
-            | "TagVocabulary" >> beam.MapTuple(lambda name, c: (VALUE, name, c))
+        )
+        if self.partial or not self.bounded:
+            counts = (
+                beam.MapTuple(lambda name, pairs: (name, list(pairs)))
+                if self.partial
+                else beam.Map(_vocabulary_counts, self.spec)
+            )
+            selected = (
+                value_counts
+                | "KeyByFeature"
+                >> beam.MapTuple(
+                    lambda name_value, n: (name_value[0], (name_value[1], n))
+                )
+                | "GroupByFeature" >> beam.GroupByKey()
+                | "SelectVocabulary" >> counts
+            )
+        else:
+            limits = {
+                name: (self.spec.feature(name).top_k, self.spec.feature(name).min_count)
+                for name in statistics.SpecStatistics(self.spec).vocab
+            }
+            selected = (
+                value_counts
+                | "KeyByFeature"
+                >> beam.MapTuple(
+                    lambda name_value, n: (
+                        name_value[0],
+                        (name_value[0], name_value[1], n),
+                    )
+                )
+                | "SelectVocabulary" >> beam.CombinePerKey(VocabularyCombineFn(limits))
+            )
+        vocab = selected | "TagVocabulary" >> beam.MapTuple(
+            lambda name, c: (VALUE, name, c)
         )
         if self.partial:
             finish = beam.Map(_partial)

@@ -25,6 +25,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from beam_pipelines import data_guard
 from beam_pipelines.analyze import AnalyzeFeatures, analysis_inputs
 from beam_pipelines.counting import STATS, CountingDoFn, SumStats
 from beam_pipelines.dead_letter import REJECTED, dead_letter_record
@@ -114,6 +115,7 @@ def _entity_key(spec: FeatureSpec, element: Any) -> str | None:
         return None
 
 
+@data_guard.guarded
 def _check(element: Any, check: Any) -> _Checked:
     """Runs `check(row)` on one read element without ever raising.
 

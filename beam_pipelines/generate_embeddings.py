@@ -26,7 +26,11 @@ Outputs in DIR:
 * `summary.json`: the counts, carried through the job as elements (not read
   from the runner's metrics, which not every runner reports) and written by
   it; entities_in must equal entities_out + records_rejected, and the job
-  fails otherwise. It also fails, after writing all of the above, when more
+  fails otherwise. The balance counts what the writer wrote, too: after the
+  shards are written the job reads each one back and counts its records
+  (`embeddings_written`, `rejected_written`, and `parquet_written` with
+  --parquet), and entities_in must also equal embeddings_written +
+  rejected_written (with parquet_written = embeddings_written). It also fails, after writing all of the above, when more
   than --max-rejected-fraction of the records (default: any) were rejected.
 
 The files are written by the same deterministic shard writer as make-tasks'
@@ -76,6 +80,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_pipelines import data_guard
 from beam_pipelines.counting import STATS, CountingDoFn, SumStats
 from beam_pipelines.dead_letter import REJECTED, dead_letter, dead_letter_line
 from beam_pipelines.options import embed_arguments
@@ -119,6 +124,11 @@ COUNTERS = (
 )
 EMBEDDINGS = "embeddings"
 COUNTS = "counts"
+# Records read back from the files the shard writer wrote.
+EMBEDDINGS_WRITTEN = "embeddings_written"
+PARQUET_WRITTEN = "parquet_written"
+REJECTED_WRITTEN = "rejected_written"
+WRITTEN = (EMBEDDINGS_WRITTEN, PARQUET_WRITTEN, REJECTED_WRITTEN)
 EMBEDDINGS_PREFIX = "embeddings"
 PARQUET_PREFIX = "parquet/embeddings"
 TFRECORD_SUFFIX = ".tfrecord.gz"
@@ -253,6 +263,7 @@ class EmbedTasksFn(CountingDoFn):
         )
         self._pending = None
 
+    @data_guard.guarded
     def _compute(
         self, records: Sequence[bytes]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -511,13 +522,55 @@ def _rejected_item(record: Mapping[str, Any]) -> tuple[str, str, bytes]:
 def embed_summary(
     counts: Mapping[str, int], run_info: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """summary.json: the run's fields, the counts, and whether they balance."""
-    return {
-        **run_info,
-        **counts,
-        "balanced": counts[ENTITIES_IN]
-        == counts[ENTITIES_OUT] + counts[RECORDS_REJECTED],
-    }
+    """summary.json: the run's fields, the counts, and whether they balance.
+
+    Balanced: entities_in = entities_out + records_rejected (the DoFn's
+    counts) = embeddings_written + rejected_written (the records read back
+    from the files written), and with Parquet parquet_written =
+    embeddings_written.
+    """
+    n_in = counts[ENTITIES_IN]
+    balanced = n_in == counts[ENTITIES_OUT] + counts[RECORDS_REJECTED]
+    if EMBEDDINGS_WRITTEN in counts:
+        balanced = balanced and n_in == (
+            counts[EMBEDDINGS_WRITTEN] + counts[REJECTED_WRITTEN]
+        )
+    if counts.get(PARQUET_WRITTEN) is not None:
+        balanced = balanced and counts[PARQUET_WRITTEN] == counts[EMBEDDINGS_WRITTEN]
+    return {**run_info, **counts, "balanced": balanced}
+
+
+def count_written(path: str, output_dir: str) -> tuple[str, int]:
+    """(WRITTEN name, records) of one shard the writer wrote, read back from it.
+
+    TFRecord shards are read record by record (length and CRC checked), the
+    dead letter counted by lines, a Parquet shard by its footer's row count.
+    """
+    from apache_beam.io.tfrecordio import _TFRecordUtil  # noqa: PLC0415
+
+    name = path[len(output_dir) :].lstrip("/")
+    if name.startswith(PARQUET_PREFIX):
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        with FileSystems.open(
+            path, compression_type=CompressionTypes.UNCOMPRESSED
+        ) as f:
+            return PARQUET_WRITTEN, int(pq.ParquetFile(f).metadata.num_rows)
+    if name.startswith(EMBEDDINGS_PREFIX):
+        n = 0
+        with FileSystems.open(path, compression_type=CompressionTypes.GZIP) as f:
+            while _TFRecordUtil.read_record(f) is not None:
+                n += 1
+        return EMBEDDINGS_WRITTEN, n
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return REJECTED_WRITTEN, sum(1 for line in f if line.strip())
+
+
+def _with_written(
+    counts: Mapping[str, int], written: Mapping[str, int], parquet: bool
+) -> dict[str, int]:
+    names = WRITTEN if parquet else (EMBEDDINGS_WRITTEN, REJECTED_WRITTEN)
+    return {**counts, **{name: int(written.get(name, 0)) for name in names}}
 
 
 class WriteEmbeddings(beam.PTransform):
@@ -569,7 +622,7 @@ class WriteEmbeddings(beam.PTransform):
             items.append(
                 outputs[EMBEDDINGS] | "ParquetItems" >> beam.Map(_parquet_item)
             )
-        _ = (
+        paths = (
             tuple(items)
             | "FlattenOutputs" >> beam.Flatten()
             | "WriteShards"
@@ -577,13 +630,20 @@ class WriteEmbeddings(beam.PTransform):
                 self.output_dir, formats, self.num_shards, schemas, self.partition
             )
         )
+        # What the writer wrote, read back from its files, joins the counts.
+        written = (
+            paths
+            | "CountWritten" >> beam.Map(count_written, self.output_dir)
+            | "SumWritten" >> beam.CombinePerKey(sum)
+        )
+        counts = outputs[COUNTS] | "AddWritten" >> beam.Map(
+            _with_written, beam.pvalue.AsDict(written), self.parquet
+        )
         if self.partition is not None:
-            _ = outputs[COUNTS] | "WritePartial" >> WritePartial(
-                self.output_dir, self.partition
-            )
+            _ = counts | "WritePartial" >> WritePartial(self.output_dir, self.partition)
             return outputs
         (
-            outputs[COUNTS]
+            counts
             | "Summary" >> beam.Map(embed_summary, self.run_info)
             | "SummaryToJson" >> beam.Map(json.dumps, indent=2)
             | "WriteSummary"
@@ -605,10 +665,11 @@ def finish_passes(
     Returns:
         The summary.
     """
-    totals = {name: 0 for name in COUNTERS}
+    totals: dict[str, Any] = {name: 0 for name in COUNTERS}
     for counts in read_partials(output_dir, passes):
-        for name in COUNTERS:
-            totals[name] += int(counts[name])
+        for name in COUNTERS + WRITTEN:
+            if name in counts:
+                totals[name] = totals.get(name, 0) + int(counts[name])
     summary = embed_summary(totals, run_info)
     write_text(output_dir, "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -744,9 +805,16 @@ def run(
         counts[RECORDS_REJECTED],
     )
     if not summary["balanced"]:
+        if counts[ENTITIES_IN] != counts[ENTITIES_OUT] + counts[RECORDS_REJECTED]:
+            raise EntitiesLostError(
+                f"Entities in ({counts[ENTITIES_IN]}) != entities out "
+                f"({counts[ENTITIES_OUT]}) + rejected ({counts[RECORDS_REJECTED]}); "
+                f"see {summary_path}"
+            )
+        written = ", ".join(f"{name} {summary.get(name)}" for name in WRITTEN)
         raise EntitiesLostError(
-            f"Entities in ({counts[ENTITIES_IN]}) != entities out ({counts[ENTITIES_OUT]}) "
-            f"+ rejected ({counts[RECORDS_REJECTED]}); see {summary_path}"
+            f"Entities in ({counts[ENTITIES_IN]}) != the records the writer wrote "
+            f"({written}); see {summary_path}"
         )
     rejected, entities_in = counts[RECORDS_REJECTED], counts[ENTITIES_IN]
     if rejected > known.max_rejected_fraction * entities_in:

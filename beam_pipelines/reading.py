@@ -26,6 +26,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
+from beam_pipelines import data_guard
 from tf_limaml.errors import UserInputError
 from tf_limaml.features import FeatureSpec
 
@@ -47,6 +48,7 @@ class MalformedRow:
     detail: str
 
 
+@data_guard.guarded_iter
 def read_csv_file(readable_file: fileio.ReadableFile) -> Iterator[dict | MalformedRow]:
     """Yields each data line of one CSV file (with a header) as a dict of strings.
 

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The runtime data guard (beam_pipelines/data_guard.py) is on in every test and
+# in the processes they start: the make-tasks and embed data paths raise on
+# unpickling, marshal and exec/eval.
+os.environ["LIMAML_DATA_GUARD"] = "1"
 
 import pytest  # noqa: E402
 

@@ -14,6 +14,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 TASK_SPLITS = ("train", "val", "test")
 
@@ -398,6 +399,65 @@ def check_embed_fails_when_an_entity_is_lost(records, tmp_path, export_dir, caps
     assert summary["balanced"] is False
 
 
+def drop_one_written_record(monkeypatch) -> None:
+    """A fault in the writer: each embeddings TFRecord shard loses its first record.
+
+    The embed DoFn's counts are untouched (entities out = entities in); only
+    the file the shard writer writes is short.
+    """
+    from beam_pipelines import shards
+
+    write_shard = shards._write_shard
+
+    def dropping(element, *args, **kwargs):
+        (name, index), items = element
+        if name == "embeddings":
+            items = sorted(item for item in items if item is not None)[1:]
+        return write_shard(((name, index), items), *args, **kwargs)
+
+    monkeypatch.setattr(shards, "_write_shard", dropping)
+
+
+def check_embed_fails_when_the_writer_loses_a_record(
+    records, tmp_path, export_dir, capsys
+):
+    """`limaml embed` over `records`, its writer losing one, exits 2 and says so.
+
+    Call it with `drop_one_written_record` in effect (one shard: one record
+    lost).
+    """
+    from tf_limaml import cli, data
+
+    tasks = tmp_path / "tasks.tfrecord.gz"
+    data.write_tasks(str(tasks), records)
+    output = tmp_path / "embeddings"
+    code = cli.main(
+        [
+            "embed",
+            "--export",
+            export_dir,
+            "--tasks",
+            str(tasks),
+            "--output",
+            str(output),
+            "--num-shards",
+            "1",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (code, err)
+    n = len(records)
+    assert err and err[-1] == (
+        f"limaml embed: error: Entities in ({n}) != the records the writer wrote "
+        f"(embeddings_written {n - 1}, parquet_written None, rejected_written 0); "
+        f"see {output}/summary.json"
+    ), err
+    with open(output / "summary.json", encoding="utf-8") as f:
+        summary = json.load(f)
+    assert summary["balanced"] is False
+    assert summary["entities_out"] == n
+
+
 def make_tasks_with_every_kind_of_loss(directory) -> dict:
     """`make_tasks.run` on synthetic rows with garbage rows, caps and a cold member.
 
@@ -549,3 +609,61 @@ def _approx(value: float):
     import pytest
 
     return pytest.approx(value, rel=1e-6)
+
+
+# ----------------------------------------------------------------- data is data
+def unpickle_in_the_data_path(monkeypatch) -> None:
+    """A fault: make-tasks' row validation and embed's record parsing run code.
+
+    Each reaches the loaders the way the static scan cannot see: make-tasks
+    through an alias of `pickle.loads` (plain data, so only the patched loader
+    can catch it) and `_pickle.loads` of a class (the audit hook's
+    "pickle.find_class"); embed through `eval` (the "exec" event), while its
+    parse function is traced.
+    """
+    import _pickle
+    import collections
+    import pickle
+
+    from beam_pipelines import data_guard  # noqa: F401 - patches the loaders first
+    from tf_limaml import data
+    from tf_limaml import tasks as task_rules
+
+    loads = getattr(pickle, "loads")  # noqa: B009 - the alias is the point
+    validate_row = task_rules.validate_row
+
+    def unpickling(spec, row):
+        loads(pickle.dumps([1, 2]))
+        _pickle.loads(pickle.dumps(collections.OrderedDict(a=1)))
+        return validate_row(spec, row)
+
+    monkeypatch.setattr(task_rules, "validate_row", unpickling)
+    parse_task_batch = data.parse_task_batch
+
+    def evaluating(*args, **kwargs):
+        eval("1 + 1")  # noqa: S307 - the fault
+        return parse_task_batch(*args, **kwargs)
+
+    monkeypatch.setattr(data, "parse_task_batch", evaluating)
+
+
+def check_the_data_guard_stops_a_job_that_runs_code(tmp_path, export_dir, records):
+    """make-tasks and embed, with `unpickle_in_the_data_path` in effect, both fail."""
+    from beam_pipelines import generate_embeddings
+    from tf_limaml import data
+
+    with pytest.raises(Exception, match=r"pickle.* on the data path"):
+        make_tasks_with_every_kind_of_loss(tmp_path / "make_tasks")
+    tasks = tmp_path / "tasks.tfrecord.gz"
+    data.write_tasks(str(tasks), records)
+    with pytest.raises(Exception, match=r"exec.* on the data path"):
+        generate_embeddings.run(
+            [
+                "--export",
+                export_dir,
+                "--tasks",
+                str(tasks),
+                "--output",
+                str(tmp_path / "embeddings"),
+            ]
+        )

@@ -10,7 +10,12 @@ import pytest
 import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
-from guarantees import check_embed_fails_when_an_entity_is_lost, drop_one_entity
+from guarantees import (
+    check_embed_fails_when_an_entity_is_lost,
+    check_embed_fails_when_the_writer_loses_a_record,
+    drop_one_entity,
+    drop_one_written_record,
+)
 from serving_fixture import entity_inputs
 
 from beam_pipelines import generate_embeddings
@@ -344,6 +349,29 @@ def test_embed_fails_when_the_job_loses_an_entity(
     )
 
 
+def test_embed_fails_when_the_writer_loses_a_record(
+    exported, tmp_path, capsys, monkeypatch
+):
+    """The balance counts the records read back from the files, not the DoFn's."""
+    drop_one_written_record(monkeypatch)
+    records = _records(exported["tasks"]["test"])[:6]
+    check_embed_fails_when_the_writer_loses_a_record(
+        records, tmp_path, exported["export_dir"], capsys
+    )
+
+
+def test_embed_summary_counts_what_the_writer_wrote(exported, tmp_path):
+    """A clean run with Parquet: every written count equals the DoFn's."""
+    records = _records(exported["tasks"]["test"])[:6]
+    _embed_to(str(tmp_path / "a"), exported, records + [b"\x00 not a record"])
+    with open(tmp_path / "a" / "summary.json", encoding="utf-8") as f:
+        summary = json.load(f)
+    assert summary["embeddings_written"] == summary["entities_out"] == 6
+    assert summary["parquet_written"] == 6
+    assert summary["rejected_written"] == summary["records_rejected"] == 1
+    assert summary["balanced"] is True
+
+
 def _embed_to(directory, exported, inputs, parquet=True):
     """GenerateEmbeddings + WriteEmbeddings in one pipeline, at a fixed time stamp."""
     with beam.Pipeline() as p:
@@ -410,6 +438,9 @@ def test_embed_writes_through_the_shared_shard_writer_and_counts_as_elements(
         "entities_support_truncated": summary["entities_support_truncated"],
         "records_rejected": 1,
         "batches": summary["batches"],
+        "embeddings_written": len(records),
+        "parquet_written": len(records),
+        "rejected_written": 1,
         "balanced": True,
     }
     assert summary["batches"] >= 1

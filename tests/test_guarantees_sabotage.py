@@ -31,14 +31,18 @@ from guarantees import (
     SimulatedCrash,
     check_blanks_get_the_train_mean,
     check_embed_fails_when_an_entity_is_lost,
+    check_embed_fails_when_the_writer_loses_a_record,
     check_every_row_accounted_for,
     check_make_tasks_identical_across_processes,
     check_nonfinite_step_is_not_applied,
     check_resume_runs_only_the_remaining_steps,
+    check_the_data_guard_stops_a_job_that_runs_code,
     drop_one_entity,
+    drop_one_written_record,
     make_tasks_with_blank_prices,
     make_tasks_with_every_kind_of_loss,
     train_counting_steps,
+    unpickle_in_the_data_path,
 )
 from serving_fixture import TEST_MAX_SUPPORT, SessionSignatures
 
@@ -480,3 +484,47 @@ def test_mirrored_nonfinite_step_sabotaged_to_zero_one_replica_only(synthetic_ta
     )
     with pytest.raises(AssertionError, match="changed"):
         distribute_tests.check_nonfinite_mirrored_step(result)
+
+
+# ------------------------------- every entity is accounted for: what was written
+def test_embed_sabotaged_to_balance_the_dofns_counts_only(
+    exported, tmp_path, capsys, monkeypatch
+):
+    """The writer loses a record, and the balance ignores the read-back counts."""
+    from beam_pipelines import generate_embeddings
+
+    monkeypatch.setattr(
+        generate_embeddings,
+        "_with_written",
+        lambda counts, written, parquet: dict(counts),
+    )
+    drop_one_written_record(monkeypatch)
+    records = [
+        r.numpy()
+        for r in tf.data.TFRecordDataset(
+            exported["tasks"]["test"], compression_type="GZIP"
+        ).take(6)
+    ]
+    with pytest.raises(AssertionError):
+        check_embed_fails_when_the_writer_loses_a_record(
+            records, tmp_path, exported["export_dir"], capsys
+        )
+
+
+# ------------------------------------------------- data is data, at run time
+def test_data_guard_sabotaged_off(exported, tmp_path, monkeypatch):
+    """The job unpickles and evaluates, and the runtime guard is off: nothing stops it."""
+    from beam_pipelines import data_guard
+
+    monkeypatch.setenv(data_guard.ENV, "0")
+    unpickle_in_the_data_path(monkeypatch)
+    records = [
+        r.numpy()
+        for r in tf.data.TFRecordDataset(
+            exported["tasks"]["test"], compression_type="GZIP"
+        ).take(4)
+    ]
+    with pytest.raises(CHECK_FAILED):
+        check_the_data_guard_stops_a_job_that_runs_code(
+            tmp_path, exported["export_dir"], records
+        )

@@ -271,6 +271,9 @@ def test_embed_in_passes_writes_the_files_of_one_pass(exported, tmp_path, monkey
     assert three_summary.pop("batches") >= one_summary.pop("batches")
     assert one_summary == three_summary
     assert three_summary["entities_out"] == len(good)
+    # What the writer wrote, read back in each pass and added up.
+    assert three_summary["embeddings_written"] == len(good)
+    assert three_summary["rejected_written"] == len(bad)
     assert three_summary["records_rejected"] == len(bad) and three_summary["balanced"]
     assert not glob.glob(str(tmp_path / "three" / f"{passes.PARTIAL_PREFIX}*"))
     # Each pass embedded only its share of the records.

@@ -970,6 +970,9 @@ def test_make_tasks_is_byte_identical_across_processes_and_running_modes(tmp_pat
 
 # ----------------------------------------------------------------- security
 DATA_PATH_PACKAGES = ("tf_limaml", "beam_pipelines", "serving")
+# The runtime guard imports pickle to wrap its loaders, and never calls them on
+# data itself; the scan skips it (its own test is below).
+GUARD_MODULE = os.path.join("beam_pipelines", "data_guard.py")
 # Calls that run or unpickle what they read.
 UNSAFE_CALLS = {
     ("pickle", "load"),
@@ -1103,6 +1106,8 @@ def check_nothing_on_the_data_path_unpickles(root: str) -> None:
     assert len(files) > 15
     found = []
     for path in files:
+        if os.path.relpath(path, root) == GUARD_MODULE:
+            continue
         with open(path, encoding="utf-8") as f:
             found += unsafe_calls(f.read(), os.path.relpath(path, root))
     assert not found, "unsafe calls on the data path:\n" + "\n".join(found)
@@ -1201,3 +1206,78 @@ def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
 
     table = pq.read_table(os.path.join(embed_dir, "parquet"))
     assert set(table.column("entity_id").to_pylist()) == task_ids
+
+
+def test_the_runtime_data_guard_stops_a_job_that_unpickles_or_evaluates(
+    exported, tmp_path, monkeypatch
+):
+    """Beside the scan: make-tasks and embed, made to run code on data, fail.
+
+    The guard (beam_pipelines/data_guard.py) is on in every test (conftest);
+    every other make-tasks and embed test shows the real data path passes it.
+    """
+    from guarantees import (
+        check_the_data_guard_stops_a_job_that_runs_code,
+        unpickle_in_the_data_path,
+    )
+
+    records = [
+        r.numpy()
+        for r in tf.data.TFRecordDataset(
+            exported["tasks"]["test"], compression_type="GZIP"
+        ).take(4)
+    ]
+    unpickle_in_the_data_path(monkeypatch)
+    check_the_data_guard_stops_a_job_that_runs_code(
+        tmp_path, exported["export_dir"], records
+    )
+
+
+def test_the_runtime_data_guard_is_scoped_to_the_data_path():
+    """Off the guarded functions, and for imports inside them, nothing is refused."""
+    import pickle
+
+    from beam_pipelines import data_guard
+
+    assert data_guard.enabled()
+    assert pickle.loads(pickle.dumps({"a": 1})) == {"a": 1}
+    assert eval("1 + 1") == 2  # noqa: S307
+
+    @data_guard.guarded
+    def swallowing():
+        try:
+            pickle.loads(pickle.dumps(1))
+        except Exception:  # noqa: BLE001 - the guard raises again on return
+            return "swallowed"
+
+    with pytest.raises(data_guard.DataIsCodeError, match=r"pickle.loads"):
+        swallowing()
+
+    loads = getattr(pickle, "loads")  # noqa: B009 - an alias the scan misses
+
+    @data_guard.guarded
+    def runs(code):
+        return code()
+
+    import _pickle
+    import collections
+
+    for what, code in [
+        ("pickle.loads", lambda: loads(pickle.dumps([1, 2]))),
+        (
+            "pickle.find_class",
+            lambda: _pickle.loads(pickle.dumps(collections.Counter())),
+        ),
+        ("marshal.loads", lambda: __import__("marshal").loads(b"N")),
+        ("exec", lambda: eval("1 + 1")),  # noqa: S307
+    ]:
+        with pytest.raises(data_guard.DataIsCodeError, match=what):
+            runs(code)
+
+    @data_guard.guarded
+    def importing():
+        import json.tool  # noqa: F401, PLC0415 - exec and marshal of an import
+
+        return "imported"
+
+    assert importing() == "imported"

@@ -10,11 +10,14 @@ import csv
 import glob
 import json
 
+import apache_beam as beam
+import hypothesis
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import strategies as st
 
-from beam_pipelines import make_tasks
+from beam_pipelines import analyze, make_tasks
 from tf_limaml import cli, data, statistics
 from tf_limaml import tasks as task_rules
 from tf_limaml.features import FeatureSpec, FeatureSpecError
@@ -696,3 +699,87 @@ def test_the_client_types_vector_inputs_even_without_rows():
     assert typed["query_item_vec"].dtype == np.float32
     assert typed["query_item_vec"].shape == (1, 3)
     assert typed["user_vec"].shape == (2,)
+
+
+# ------------------------------------------------- bounded vocabulary selection
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(
+    counts=st.dictionaries(
+        st.text("abcxyz", min_size=1, max_size=3), st.integers(1, 4), max_size=40
+    ),
+    top_k=st.one_of(st.none(), st.integers(0, 6)),
+    min_count=st.integers(1, 3),
+    cuts=st.lists(st.integers(0, 40), max_size=4),
+)
+def test_bounded_vocabulary_combiner_selects_what_select_vocabulary_does(
+    counts, top_k, min_count, cuts
+):
+    """Any split into accumulators, merged: the same counts as the old selection.
+
+    Counts are small so that ties are the rule; values are short strings of a
+    few letters, so ties are broken between prefixes and their extensions.
+    """
+    fn = analyze.VocabularyCombineFn({"f": (top_k, min_count)})
+    elements = [("f", value, n) for value, n in counts.items()]
+    bounds = [0, *sorted(min(c, len(elements)) for c in cuts), len(elements)]
+    accumulators = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        accumulator = fn.create_accumulator()
+        for element in elements[lo:hi]:
+            accumulator = fn.add_input(accumulator, element)
+            if top_k is not None:
+                assert len(accumulator[3]) <= 2 * top_k + 2
+        accumulators.append(fn.compact(accumulator))
+    merged = fn.merge_accumulators(
+        [fn.merge_accumulators(accumulators[:1]), *accumulators[1:]]
+    )
+    got = fn.extract_output(merged)
+    want = statistics.VocabularyCounts.of(counts, top_k, min_count)
+    assert got == want
+    assert list(got.kept) == select_vocabulary(counts, top_k, min_count)
+
+
+def test_bounded_and_grouped_vocabulary_give_the_same_spec(tmp_path):
+    """AnalyzeFeatures on a synthetic PCollection: bounded == GroupByKey, ties too."""
+    spec = FeatureSpec.from_dict(
+        {
+            **TYPES_ONLY,
+            "request_features": [
+                {
+                    "name": "item",
+                    "type": "categorical",
+                    "vocabulary": "auto",
+                    "top_k": 7,
+                    "min_count": 2,
+                },
+                {"name": "tags", "type": "multi_hot", "vocabulary": "auto", "top_k": 3},
+            ],
+        }
+    )
+    rng = np.random.default_rng(0)
+    inputs = [(analyze.VALUE, "country", f"c{i % 5}") for i in range(23)]
+    # Many values share each count: the cut at top_k falls inside a tie.
+    inputs += [
+        (analyze.VALUE, "item", f"i{v}") for v in rng.integers(0, 200, 900).tolist()
+    ]
+    inputs += [(analyze.VALUE, "tags", t) for t in ["b", "a", "c", "d", "a", "b"]]
+
+    def spec_json(bounded):
+        path = str(tmp_path / f"spec-{bounded}.json")
+        with beam.Pipeline("DirectRunner") as pipeline:
+            (
+                pipeline
+                | beam.Create(inputs)
+                | analyze.AnalyzeFeatures(spec, bounded=bounded)
+                | beam.io.WriteToText(path, shard_name_template="")
+            )
+        with open(path) as f:
+            return f.read()
+
+    bounded = spec_json(True)
+    assert bounded == spec_json(False)
+    done = FeatureSpec.from_json(bounded)
+    assert list(done.feature("tags").vocabulary) == ["a", "b", "c"]
+    assert len(done.feature("item").vocabulary) == 7
