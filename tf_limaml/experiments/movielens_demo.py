@@ -194,15 +194,7 @@ def ship_model(
         recipe,
         history=history,
         health=health,
-        training_args={
-            "max_support": protocol.max_support,
-            "max_query": protocol.max_query,
-            "batch_tasks": recipe.meta_batch_tasks,
-            "epochs": recipe.meta_epochs,
-            "learning_rate": recipe.meta_learning_rate,
-            "seed": seed,
-            "warm_start": ship.start_of(recipe),
-        },
+        training_args=ship.training_args(recipe, protocol, seed),
     )
     export_dir = export.export_model(
         load_model(paths["model"]), paths["export"], version=1, max_support=max_support

@@ -120,6 +120,21 @@ def is_fallback(recipe: Recipe) -> bool:
     )
 
 
+def training_args(recipe: Recipe, protocol, seed: int, **extra: Any) -> dict:
+    """`training_args.json` of a shipped model: the task shapes of meta-training
+    (export reads max_support from it), its schedule, seed and warm start."""
+    return {
+        "max_support": protocol.max_support,
+        "max_query": protocol.max_query,
+        "batch_tasks": recipe.meta_batch_tasks,
+        "epochs": recipe.meta_epochs,
+        "learning_rate": recipe.meta_learning_rate,
+        "seed": seed,
+        **extra,
+        "warm_start": start_of(recipe),
+    }
+
+
 def start_of(recipe: Recipe) -> str:
     """What meta-training starts from under `recipe`, in words."""
     if recipe.warm_start == "global":
@@ -279,16 +294,7 @@ def train_recipe(
         recipe,
         history=history,
         health=health,
-        training_args={
-            "max_support": protocol.max_support,
-            "max_query": protocol.max_query,
-            "batch_tasks": recipe.meta_batch_tasks,
-            "epochs": recipe.meta_epochs,
-            "learning_rate": recipe.meta_learning_rate,
-            "seed": seed,
-            "tasks": tasks_dir,
-            "warm_start": start_of(recipe),
-        },
+        training_args=training_args(recipe, protocol, seed, tasks=tasks_dir),
     )
     if not health["healthy"]:
         raise training.ModelFailedError(
