@@ -43,12 +43,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_steps(owner: str, value: Any) -> None:
+def _check_steps(owner: str, value: Any, name: str = "inner_steps") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(
-            f"{owner}.inner_steps must be an integer >= 0, got {value!r}",
-            "inner_steps",
-            value,
+            f"{owner}.{name} must be an integer >= 0, got {value!r}", name, value
+        )
+
+
+def _check_positive(owner: str, name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value > 0  # also refuses NaN
+        or value == float("inf")
+    ):
+        raise ConfigError(
+            f"{owner}.{name} must be a finite number > 0, got {value!r}", name, value
         )
 
 
@@ -155,6 +165,14 @@ class MetaConfig(_JsonConfig):
             inner loop: the support loss is sum(mask * loss) / (sum(mask) + c),
             so an entity with n support rows moves n / (n + c) as far as with
             the plain mean (0, the default, keeps sum / max(sum(mask), 1)).
+        embedding_steps: Damped Newton steps that fit each entity's meta
+            embedding to its support rows after the gradient steps
+            (`tf_limaml.newton`; 0, the default, fits nothing).
+        embedding_prior: Prior precision of that fit per embedding dimension
+            (> 0): how strongly an entity's embedding stays at the default;
+            the shrinkage then grows with the support size by construction.
+        learn_embedding_prior: Meta-learn the prior precision, one per
+            embedding dimension, starting from `embedding_prior`.
     """
 
     inner_steps: int = 1
@@ -167,9 +185,17 @@ class MetaConfig(_JsonConfig):
     adapt_embeddings: bool = False
     jit_compile: bool = True
     support_prior: float = 0.0
+    embedding_steps: int = 0
+    embedding_prior: float = 1.0
+    learn_embedding_prior: bool = False
 
     # The fields that shape a model's weights: fixed once the model exists.
-    WEIGHT_SHAPING = ("adapt", "learn_inner_lr", "adapt_embeddings")
+    WEIGHT_SHAPING = (
+        "adapt",
+        "learn_inner_lr",
+        "adapt_embeddings",
+        "learn_embedding_prior",
+    )
 
     def __post_init__(self):
         _check_steps("MetaConfig", self.inner_steps)
@@ -182,11 +208,14 @@ class MetaConfig(_JsonConfig):
                 self.adapt,
             )
         _check_number("MetaConfig", "support_prior", self.support_prior)
+        _check_steps("MetaConfig", self.embedding_steps, "embedding_steps")
+        _check_positive("MetaConfig", "embedding_prior", self.embedding_prior)
         for name in (
             "learn_inner_lr",
             "first_order",
             "adapt_embeddings",
             "jit_compile",
+            "learn_embedding_prior",
         ):
             _check_flag("MetaConfig", name, getattr(self, name))
 
@@ -206,12 +235,17 @@ class AdaptOptions(_JsonConfig):
         support_prior: The support prior c.
         first_order: Drop the second-order term in `adapt` (scoring and
             embedding never differentiate through the inner loop).
+        embedding_steps: Newton steps of the embedding fit.
+        embedding_prior: Its prior precision (a model's learned precisions,
+            when it has them, win).
     """
 
     inner_steps: int | None = None
     inner_lr: float | None = None
     support_prior: float | None = None
     first_order: bool | None = None
+    embedding_steps: int | None = None
+    embedding_prior: float | None = None
 
     def __post_init__(self):
         if self.inner_steps is not None:
@@ -221,6 +255,10 @@ class AdaptOptions(_JsonConfig):
                 _check_number("AdaptOptions", name, getattr(self, name))
         if self.first_order is not None:
             _check_flag("AdaptOptions", "first_order", self.first_order)
+        if self.embedding_steps is not None:
+            _check_steps("AdaptOptions", self.embedding_steps, "embedding_steps")
+        if self.embedding_prior is not None:
+            _check_positive("AdaptOptions", "embedding_prior", self.embedding_prior)
 
     @property
     def overrides(self) -> dict[str, Any]:
@@ -257,6 +295,9 @@ class Architecture(_JsonConfig):
             a member's vector changes how each item is scored; "concat" only
             concatenates it.
         l2: L2 penalty on the kernels of both blocks (0: none).
+        logit_offset: The global block adds the meta embedding's last
+            dimension to the logit instead of reading it as a feature: each
+            entity's own logit offset, inside its d floats (needs d >= 2).
     """
 
     meta_units: tuple[int, ...] = (64, 32)
@@ -267,6 +308,7 @@ class Architecture(_JsonConfig):
         default="product", metadata={"choices": INTERACTIONS}
     )
     l2: float = 0.0
+    logit_offset: bool = False
 
     def __post_init__(self):
         for name in ("meta_units", "global_units"):
@@ -304,6 +346,14 @@ class Architecture(_JsonConfig):
                 self.interaction,
             )
         _check_number("Architecture", "l2", self.l2)
+        _check_flag("Architecture", "logit_offset", self.logit_offset)
+        if self.logit_offset and self.meta_units[-1] < 2:
+            raise ConfigError(
+                "Architecture.logit_offset needs a meta embedding of size >= 2 "
+                f"(meta_units ends in {self.meta_units[-1]})",
+                "logit_offset",
+                self.logit_offset,
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as `LiMAMLModel` keyword arguments (widths as lists)."""

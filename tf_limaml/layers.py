@@ -573,6 +573,10 @@ class GlobalBlock(FastWeightLayer):
         embeddings_initializer: Initializer of the request-feature embedding
             tables.
         embeddings_regularizer: Regularizer of those tables.
+        logit_offset: Read the meta embedding's last dimension as a logit
+            offset, added to the logit, and only the others as features: an
+            entity's own bias lives in its d floats (the embedding fit of
+            `tf_limaml.newton` fits it in closed form).
 
     Input shape: meta embedding `[B, d]` or `[T, d]`; encoded request features
     `[B]` or `[T, S]` (plus a trailing K for multi-hot). Called as
@@ -601,6 +605,7 @@ class GlobalBlock(FastWeightLayer):
         kernel_regularizer: Any = None,
         embeddings_initializer: Any = "random_normal",
         embeddings_regularizer: Any = None,
+        logit_offset: bool = False,
         **kwargs,
     ):
         super().__init__(
@@ -622,7 +627,14 @@ class GlobalBlock(FastWeightLayer):
             raise ValueError(
                 f"`cross_layers` must be an integer >= 0, got {cross_layers!r}"
             )
+        if logit_offset and meta_dim < 2:
+            raise ValueError(
+                f"`logit_offset` needs a meta embedding of size >= 2, got {meta_dim}"
+            )
         self.meta_dim = meta_dim
+        self.logit_offset = bool(logit_offset)
+        # The embedding dimensions the network reads as features.
+        self.feature_dim = meta_dim - 1 if self.logit_offset else meta_dim
         self.interaction = interaction
         self.cross_layers = cross_layers
         self.projection_dim = projection_dim
@@ -655,16 +667,16 @@ class GlobalBlock(FastWeightLayer):
 
     @property
     def cross_width(self) -> int:
-        width = self.meta_dim + self.embedding.output_dim
-        return width + (self.meta_dim if self.interaction == "product" else 0)
+        width = self.feature_dim + self.embedding.output_dim
+        return width + (self.feature_dim if self.interaction == "product" else 0)
 
     def build(self, input_shape=None):
         self.embedding.build(None)
         if self.interaction == "product":
             self.add_fast_weight(
-                "interaction/kernel", (self.embedding.output_dim, self.meta_dim)
+                "interaction/kernel", (self.embedding.output_dim, self.feature_dim)
             )
-            self.add_fast_weight("interaction/bias", (self.meta_dim,), bias=True)
+            self.add_fast_weight("interaction/bias", (self.feature_dim,), bias=True)
         width = self.cross_width
         for cross in self.crosses:
             cross.build((None, width))
@@ -700,6 +712,10 @@ class GlobalBlock(FastWeightLayer):
             meta_embedding = encoded.pop(META_EMBEDDING_KEY)
         request = self.embedding(encoded)
         per_task = meta_embedding.shape.rank < request.shape.rank
+        offset = None
+        if self.logit_offset:
+            offset = meta_embedding[..., -1]
+            meta_embedding = meta_embedding[..., :-1]
         if self.crosses:
             x = self._cross(meta_embedding, request, weights, per_task)
             hidden = range(len(self.units))
@@ -716,18 +732,23 @@ class GlobalBlock(FastWeightLayer):
                     self.fast_weight(weights, f"dense_{i}/bias"),
                 )
             )
-        logits = maml.dense(
-            x,
-            self.fast_weight(weights, "logit/kernel"),
-            self.fast_weight(weights, "logit/bias"),
+        logits = tf.squeeze(
+            maml.dense(
+                x,
+                self.fast_weight(weights, "logit/kernel"),
+                self.fast_weight(weights, "logit/bias"),
+            ),
+            axis=-1,
         )
-        return tf.squeeze(logits, axis=-1)
+        if offset is None:
+            return logits
+        return logits + (offset[:, None] if per_task else offset)
 
     def _rows(self, meta_embedding: tf.Tensor, request: tf.Tensor) -> tf.Tensor:
         """One embedding per task `[T, d]`, broadcast over its S rows."""
         return tf.broadcast_to(
             meta_embedding[:, None, :],
-            tf.concat([tf.shape(request)[:-1], [self.meta_dim]], axis=0),
+            tf.concat([tf.shape(request)[:-1], tf.shape(meta_embedding)[-1:]], axis=0),
         )
 
     def _product(self, embedding_rows, request, weights) -> tf.Tensor:
@@ -765,7 +786,7 @@ class GlobalBlock(FastWeightLayer):
         than once per row.
         """
         kernel = self.fast_weight(weights, "dense_0/kernel")
-        d, n = self.meta_dim, self.embedding.output_dim
+        d, n = self.feature_dim, self.embedding.output_dim
         y = maml.dense(request, kernel[..., d : d + n, :])
         if self.interaction == "product":
             rows = self._rows(meta_embedding, request) if per_task else meta_embedding
@@ -789,6 +810,7 @@ class GlobalBlock(FastWeightLayer):
                 "projection_dim": self.projection_dim,
                 "units": list(self.units),
                 "activation": self.activation,
+                "logit_offset": self.logit_offset,
                 **weight_config(self),
             }
         )

@@ -15,13 +15,14 @@ in the docs shows the blocks.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tf_limaml import maml, step
+from tf_limaml import maml, newton, step
 from tf_limaml.blocks import (
     META_EMBEDDING_KEY,
     META_INPUTS,
@@ -85,6 +86,8 @@ class LiMAMLModel(tf.keras.Model):
         adapt_options: The adapt-time knobs (`AdaptOptions`) that inference,
             evaluation and the export use in place of `meta_config`'s; saved
             beside it.
+        logit_offset: The library's global block reads the meta embedding's
+            last dimension as the entity's logit offset (see `GlobalBlock`).
 
     Inputs: a task batch from `tf_limaml.data.task_dataset` (raw features,
     labels and masks). `call` returns adapted query probabilities `[T, Q]`.
@@ -114,6 +117,7 @@ class LiMAMLModel(tf.keras.Model):
         meta_block: tf.keras.layers.Layer | None = None,
         global_block: tf.keras.layers.Layer | None = None,
         adapt_options: AdaptOptions | Mapping[str, Any] | None = None,
+        logit_offset: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -158,6 +162,7 @@ class LiMAMLModel(tf.keras.Model):
                 projection_dim=projection_dim,
                 units=global_units,
                 kernel_regularizer=regularizer,
+                logit_offset=logit_offset,
                 name="global_block",
             )
             global_block.build(None)
@@ -190,6 +195,18 @@ class LiMAMLModel(tf.keras.Model):
                     trainable=True,
                     initializer=tf.keras.initializers.Constant(config.inner_lr),
                 )
+        # The embedding fit's prior precision per dimension, meta-learned in
+        # log space (it must stay > 0) when `learn_embedding_prior`.
+        self.log_embedding_prior = None
+        if config.learn_embedding_prior:
+            self.log_embedding_prior = self.add_weight(
+                name="embedding_prior/log",
+                shape=(self.meta_dim,),
+                trainable=True,
+                initializer=tf.keras.initializers.Constant(
+                    math.log(config.embedding_prior)
+                ),
+            )
         self.loss_trackers = {
             name: tf.keras.metrics.Mean(name=name) for name in step.LOSS_NAMES
         }
@@ -200,6 +217,7 @@ class LiMAMLModel(tf.keras.Model):
             "projection_dim": projection_dim,
             "interaction": interaction,
             "l2": self.l2,
+            "logit_offset": bool(logit_offset),
         }
         # Why the step cannot compile with XLA (None: it can), and whether
         # `encode` may run inside the compiled step (plain math on numbers).
@@ -304,6 +322,38 @@ class LiMAMLModel(tf.keras.Model):
             tf.reduce_sum(mask, axis=-1) + tf.cast(prior, pointwise.dtype)
         )
 
+    def embedding_prior(self, config: MetaConfig | None = None) -> tf.Tensor:
+        """The embedding fit's prior precision per dimension `[d]`: the learned
+        one when the model meta-learns it, else `config.embedding_prior`."""
+        if self.log_embedding_prior is not None:
+            return tf.exp(self.log_embedding_prior)
+        config = config or self.meta_config
+        return tf.fill([self.meta_dim], tf.cast(config.embedding_prior, self.dtype))
+
+    def adapted_embedding(
+        self, batch: TaskBatch, fast: Mapping[str, Any] | None, config: MetaConfig
+    ) -> tf.Tensor:
+        """Each task's meta embedding `[T, d]` under fast weights, then fitted
+        to its support rows by `config.embedding_steps` Newton steps
+        (`tf_limaml.newton`): what `embed` stores and the query is scored with."""
+        meta_weights, global_weights = split_fast_weights(fast)
+        embedding = self._meta.embed(batch, meta_weights)
+        if not config.embedding_steps or batch.support is None:
+            return embedding
+
+        def support_logits(candidate):
+            return self._global.task_logits(candidate, batch.support, global_weights)
+
+        return newton.fit_embedding(
+            support_logits,
+            embedding,
+            batch.support_label,
+            batch.support_mask,
+            self.embedding_prior(config),
+            config.embedding_steps,
+            config.first_order,
+        )
+
     def logits(
         self, batch: TaskBatch, part: str, fast: Mapping[str, Any] | None = None
     ) -> tuple[tf.Tensor, tf.Tensor]:
@@ -375,7 +425,10 @@ class LiMAMLModel(tf.keras.Model):
                 .resolve(self.meta_config)
             )
         fast, support_loss = self.inner_loop(batch, config)
-        logits, embedding = self.logits(batch, QUERY, fast)
+        embedding = self.adapted_embedding(batch, fast, config)
+        logits = self._global.task_logits(
+            embedding, batch.query, split_fast_weights(fast)[1]
+        )
         out = {"query_logits": logits, "meta_embedding": embedding}
         if batch.query_label is not None:
             if support_loss is None:
@@ -472,7 +525,7 @@ class LiMAMLModel(tf.keras.Model):
 
         def embedding(batch):
             fast, _ = self.inner_loop(batch, config)
-            return self._meta.embed(batch, split_fast_weights(fast)[0])
+            return self.adapted_embedding(batch, fast, config)
 
         if tf.inside_function():
             return embedding(self.encode(tasks))

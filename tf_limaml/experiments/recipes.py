@@ -35,6 +35,7 @@ class Architecture:
     projection_dim: int | None = None
     interaction: str = "product"
     l2: float = 0.0
+    logit_offset: bool = False
 
     def kwargs(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,7 @@ class Architecture:
             "projection_dim": self.projection_dim,
             "interaction": self.interaction,
             "l2": self.l2,
+            "logit_offset": self.logit_offset,
         }
 
 
