@@ -88,10 +88,7 @@ def fit_embedding(
     center = embedding
     current = embedding
     for _ in range(steps):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(current)
-            logits = support_logits(current)
-        jacobian = tape.batch_jacobian(logits, current)  # [T, S, d]
+        logits, jacobian = _logits_and_jacobian(support_logits, current)
         probabilities = tf.sigmoid(logits)
         residual = mask * (probabilities - labels)
         curvature = mask * probabilities * (1.0 - probabilities)
@@ -106,6 +103,31 @@ def fit_embedding(
         step = tf.linalg.solve(hessian, gradient[..., None])[..., 0]
         current = current - step
     return current
+
+
+def _logits_and_jacobian(
+    support_logits: Callable[[tf.Tensor], tf.Tensor], embedding: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """(logits `[T, S]`, d logits / d embedding `[T, S, d]`) in forward mode.
+
+    One forward pass per embedding dimension: d is small (tens) while S, the
+    support rows, may be hundreds, so d forward-mode passes cost far less than
+    the S reverse passes of `GradientTape.batch_jacobian`.
+    """
+    width = embedding.shape[-1]
+    if width is None:
+        raise ValueError("The meta embedding needs a static size d")
+    columns, logits = [], None
+    for dimension in range(width):
+        tangent = tf.broadcast_to(
+            tf.one_hot(dimension, width, dtype=embedding.dtype), tf.shape(embedding)
+        )
+        with tf.autodiff.ForwardAccumulator(embedding, tangent) as accumulator:
+            logits = support_logits(embedding)
+        column = accumulator.jvp(logits)
+        # A logit that does not read this dimension has no tangent.
+        columns.append(tf.zeros_like(logits) if column is None else column)
+    return logits, tf.stack(columns, axis=-1)
 
 
 def support_objective(

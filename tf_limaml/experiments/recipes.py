@@ -132,6 +132,11 @@ class Recipe:
             not `inner_lr`.
         adapt_support_prior: Support prior when scoring and exporting, if
             not `support_prior`.
+        embedding_steps: Newton steps of the embedding fit after the inner
+            steps (`MetaConfig.embedding_steps`; 0: none).
+        embedding_prior: The embedding fit's prior precision (its start when
+            learned).
+        learn_embedding_prior: Meta-learn that precision per dimension.
     """
 
     architecture: Architecture = Architecture()
@@ -160,6 +165,9 @@ class Recipe:
     adapt_inner_steps: int | None = None
     adapt_inner_lr: float | None = None
     adapt_support_prior: float | None = None
+    embedding_steps: int = 0
+    embedding_prior: float = 1.0
+    learn_embedding_prior: bool = False
     sequence: SequenceOptions = SequenceOptions()
 
     def __post_init__(self):
@@ -168,7 +176,7 @@ class Recipe:
                 f"Recipe.warm_start must be one of {WARM_STARTS}, got "
                 f"{self.warm_start!r}"
             )
-        for name in ("meta_epochs", "pretrain_epochs", "inner_steps"):
+        for name in ("meta_epochs", "pretrain_epochs", "inner_steps", "embedding_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(
@@ -183,6 +191,9 @@ class Recipe:
             first_order=self.first_order,
             adapt=adapt,
             jit_compile=True,
+            embedding_steps=self.embedding_steps,
+            embedding_prior=self.embedding_prior,
+            learn_embedding_prior=self.learn_embedding_prior,
         )
 
     def adaptation(self) -> dict[str, Any]:

@@ -1,0 +1,296 @@
+"""The embedding fit (`tf_limaml.newton`) and the model's use of it.
+
+* The vectorized fit equals a per-task float64 reference written in numpy
+  (central-difference Jacobians, an explicit Gauss-Newton loop).
+* With enough steps it reaches the MAP: the objective's gradient vanishes.
+* An entity with no support keeps the default exactly; the step grows with
+  the support size n (the shrinkage is built in).
+* Offline (embed, then score) equals in-graph (adapt and predict) to 1e-5,
+  through the SavedModel's signatures too.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_limaml import newton
+from tf_limaml.config import AdaptOptions, Architecture, ConfigError, MetaConfig
+from tf_limaml.features import FeatureSpec
+from tf_limaml.model import LiMAMLModel
+
+T, S, D = 5, 7, 3
+
+
+def _problem(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(T, S, D))
+    a = rng.normal(size=(D, D))
+    labels = rng.integers(0, 2, size=(T, S)).astype(np.float64)
+    mask = np.ones((T, S))
+    mask[1, 4:] = 0.0
+    mask[2, 1:] = 0.0
+    mask[3] = 0.0
+    embedding = rng.normal(size=(T, D)) * 0.3
+    prior = np.array([0.5, 2.0, 1.0])
+    return x, a, labels, mask, embedding, prior
+
+
+def _logits_np(x, a, e):
+    """A nonlinear logit in e: tanh(x A e) summed with the last dim as offset."""
+    return np.tanh(np.einsum("sd,de,e->s", x, a, e)) + e[-1]
+
+
+def _reference_fit(x, a, labels, mask, embedding, prior, steps):
+    """Per task, float64, numeric Jacobians: an independent Gauss-Newton loop."""
+    out = embedding.copy()
+    for t in range(T):
+        e0 = embedding[t].copy()
+        e = e0.copy()
+        for _ in range(steps):
+            z = _logits_np(x[t], a, e)
+            jac = np.zeros((S, D))
+            for j in range(D):
+                h = np.zeros(D)
+                h[j] = 1e-6
+                jac[:, j] = (
+                    _logits_np(x[t], a, e + h) - _logits_np(x[t], a, e - h)
+                ) / 2e-6
+            p = 1.0 / (1.0 + np.exp(-z))
+            g = jac.T @ (mask[t] * (p - labels[t])) + prior * (e - e0)
+            h_mat = (jac * (mask[t] * p * (1 - p))[:, None]).T @ jac + np.diag(prior)
+            e = e - np.linalg.solve(h_mat, g)
+        out[t] = e
+    return out
+
+
+def _tf_fit(x, a, labels, mask, embedding, prior, steps, first_order=True):
+    x, a = tf.constant(x), tf.constant(a)
+
+    def support_logits(e):
+        inner = tf.einsum("tsd,de,te->ts", x, a, e)
+        return tf.tanh(inner) + e[:, -1:]
+
+    return newton.fit_embedding(
+        support_logits,
+        tf.constant(embedding),
+        tf.constant(labels),
+        tf.constant(mask),
+        tf.constant(prior),
+        steps,
+        first_order,
+    )
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_fit_equals_a_per_task_float64_reference(steps):
+    problem = _problem()
+    got = _tf_fit(*problem, steps).numpy()
+    expected = _reference_fit(*problem, steps)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    # The fit moved every task with support (the comparison is not vacuous).
+    moved = np.abs(got - problem[4]).max(axis=1)
+    assert (moved[[0, 1, 2, 4]] > 1e-3).all()
+
+
+def test_enough_steps_reach_the_map():
+    """Logits linear in e: Gauss-Newton is Newton on a convex objective."""
+    x, _, labels, mask, embedding, prior = _problem(1)
+
+    def support_logits(e):
+        return tf.einsum("tsd,td->ts", x, e)
+
+    fitted = tf.Variable(
+        newton.fit_embedding(
+            support_logits, tf.constant(embedding), labels, mask, prior, 12
+        )
+    )
+    with tf.GradientTape() as tape:
+        objective = newton.support_objective(
+            support_logits(fitted), labels, mask, fitted, embedding, prior
+        )
+        total = tf.reduce_sum(objective)
+    gradient = tape.gradient(total, fitted).numpy()
+    assert np.abs(gradient).max() < 1e-8
+    # ... and the MAP is below the default on the objective.
+    start = newton.support_objective(
+        support_logits(tf.constant(embedding)),
+        labels,
+        mask,
+        tf.constant(embedding),
+        embedding,
+        prior,
+    )
+    assert (objective.numpy() <= start.numpy() + 1e-12).all()
+    assert (objective.numpy()[[0, 1, 2, 4]] < start.numpy()[[0, 1, 2, 4]]).all()
+
+
+def test_no_support_keeps_the_default_exactly():
+    problem = _problem()
+    got = _tf_fit(*problem, 3).numpy()
+    np.testing.assert_array_equal(got[3], problem[4][3])
+
+
+def test_the_step_grows_with_the_support_size():
+    """Offset-only logits: the same label rate moves n rows further than one."""
+    sizes = [1, 3, 10, 100]
+    width = max(sizes)
+    mask = np.array([[1.0] * n + [0.0] * (width - n) for n in sizes])
+    labels = np.ones_like(mask)
+    fitted = newton.fit_embedding(
+        lambda e: tf.broadcast_to(e[:, :1], [len(sizes), width]),
+        tf.zeros([len(sizes), 1], tf.float64),
+        tf.constant(labels),
+        tf.constant(mask),
+        tf.constant([4.0], tf.float64),
+        steps=1,
+    ).numpy()[:, 0]
+    # One Newton step from 0: n * 0.5 / (n * 0.25 + 4).
+    np.testing.assert_allclose(fitted, [n * 0.5 / (n * 0.25 + 4.0) for n in sizes])
+    assert np.all(np.diff(fitted) > 0)
+
+
+def test_first_order_gradients_reach_the_default_and_the_prior():
+    x, a, labels, mask, embedding, prior = _problem()
+    embedding = tf.Variable(embedding)
+    prior = tf.Variable(prior)
+    for first_order in (True, False):
+        with tf.GradientTape() as tape:
+            fitted = newton.fit_embedding(
+                lambda e: tf.tanh(tf.einsum("tsd,de,te->ts", x, a, e)) + e[:, -1:],
+                embedding,
+                labels,
+                mask,
+                prior,
+                2,
+                first_order,
+            )
+            loss = tf.reduce_sum(tf.square(fitted))
+        grads = tape.gradient(loss, [embedding, prior])
+        assert all(g is not None and np.abs(g.numpy()).max() > 0 for g in grads)
+
+
+def test_bad_steps_and_priors_are_refused():
+    with pytest.raises(ValueError, match="steps"):
+        newton.fit_embedding(lambda e: e, tf.zeros([1, 1]), [[1.0]], [[1.0]], 1.0, -1)
+    with pytest.raises(ConfigError, match="embedding_prior"):
+        MetaConfig(embedding_prior=0.0)
+    with pytest.raises(ConfigError, match="embedding_steps"):
+        AdaptOptions(embedding_steps=1.5)
+    with pytest.raises(ConfigError, match="logit_offset"):
+        Architecture(meta_units=(4, 1), logit_offset=True)
+
+
+SPEC = FeatureSpec.from_dict(
+    {
+        "entity": "member",
+        "time": "t",
+        "label": "y",
+        "meta_features": [{"name": "a", "type": "numeric", "normalize": False}],
+        "request_features": [
+            {"name": "r", "type": "numeric", "normalize": False},
+            {"name": "q", "type": "numeric", "normalize": False},
+        ],
+    }
+)
+Q = 4
+
+
+def _tasks(seed=0):
+    rng = np.random.default_rng(seed)
+    support_mask = np.ones((T, S), np.float32)
+    support_mask[1, 3:] = 0.0
+    support_mask[3] = 0.0
+    return {
+        "a": tf.constant(rng.normal(size=T), tf.float32),
+        "support_r": tf.constant(rng.normal(size=(T, S)), tf.float32),
+        "support_q": tf.constant(rng.normal(size=(T, S)), tf.float32),
+        "support_label": tf.constant(rng.integers(0, 2, (T, S)), tf.float32),
+        "support_mask": tf.constant(support_mask),
+        "query_r": tf.constant(rng.normal(size=(T, Q)), tf.float32),
+        "query_q": tf.constant(rng.normal(size=(T, Q)), tf.float32),
+        "query_label": tf.constant(rng.integers(0, 2, (T, Q)), tf.float32),
+        "query_mask": tf.ones((T, Q)),
+    }
+
+
+def _model(jit=False, **config):
+    tf.keras.utils.set_random_seed(0)
+    return LiMAMLModel(
+        SPEC,
+        MetaConfig(
+            inner_lr=0.1,
+            embedding_steps=2,
+            embedding_prior=1.5,
+            jit_compile=jit,
+            **config,
+        ),
+        meta_units=[8, 4],
+        global_units=[8],
+        cross_layers=1,
+        logit_offset=True,
+    )
+
+
+def _offline_scores(model, tasks, embeddings):
+    rows = {
+        name: tf.reshape(tasks[f"query_{name}"], [-1]) for name in ("r", "q")
+    }
+    per_row = np.repeat(embeddings, Q, axis=0)
+    return model.score(tf.constant(per_row), rows).numpy().reshape(T, Q)
+
+
+@pytest.mark.parametrize("inner_steps", [0, 1])
+def test_offline_embed_then_score_equals_in_graph(inner_steps):
+    model = _model(inner_steps=inner_steps)
+    tasks = _tasks()
+    embeddings = model.embed(tasks).numpy()
+    in_graph = model.predict_query(tasks).numpy()
+    np.testing.assert_allclose(
+        _offline_scores(model, tasks, embeddings), in_graph, atol=1e-5
+    )
+    default = model.embed(tasks, AdaptOptions(inner_steps=0, embedding_steps=0))
+    moved = np.abs(embeddings - default.numpy()).max(axis=1)
+    assert (moved[[0, 1, 2, 4]] > 1e-4).all()
+    # No support: the default, exactly (the entity's cold start).
+    np.testing.assert_array_equal(embeddings[3], default.numpy()[3])
+
+
+def test_the_offset_channel_is_added_to_the_logit():
+    model = _model()
+    tasks = _tasks()
+    embeddings = model.embed(tasks).numpy()
+    shifted = embeddings.copy()
+    shifted[:, -1] += 0.7
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    np.testing.assert_allclose(
+        logit(_offline_scores(model, tasks, shifted))
+        - logit(_offline_scores(model, tasks, embeddings)),
+        0.7,
+        atol=1e-4,
+    )
+
+
+def test_meta_training_learns_the_prior_under_xla():
+    model = _model(jit=True, inner_steps=1, learn_embedding_prior=True)
+    start = model.embedding_prior().numpy()
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.05))
+    history = model.fit(
+        tf.data.Dataset.from_tensors(_tasks()).repeat(4), epochs=2, verbose=0
+    )
+    assert model.uses_xla
+    assert np.isfinite(history.history["loss"]).all()
+    assert np.abs(model.embedding_prior().numpy() - start).max() > 1e-3
+
+
+def test_saved_and_loaded_model_keeps_the_fit(tmp_path):
+    from tf_limaml.saving import load_model, save_model
+
+    model = _model(learn_embedding_prior=True)
+    model.log_embedding_prior.assign(np.log([0.5, 1.0, 2.0, 3.0]))
+    tasks = _tasks()
+    save_model(model, str(tmp_path / "m"))
+    loaded = load_model(str(tmp_path / "m"))
+    assert loaded.meta_config.embedding_steps == 2
+    np.testing.assert_allclose(
+        loaded.predict_query(tasks).numpy(), model.predict_query(tasks).numpy()
+    )
