@@ -176,8 +176,8 @@ def test_bad_steps_and_priors_are_refused():
         MetaConfig(embedding_prior=0.0)
     with pytest.raises(ConfigError, match="embedding_steps"):
         AdaptOptions(embedding_steps=1.5)
-    with pytest.raises(ConfigError, match="logit_offset"):
-        Architecture(meta_units=(4, 1), logit_offset=True)
+    with pytest.raises(ConfigError, match="residual_dim"):
+        Architecture(residual_dim=-1)
 
 
 SPEC = FeatureSpec.from_dict(
@@ -227,7 +227,7 @@ def _model(jit=False, **config):
         meta_units=[8, 4],
         global_units=[8],
         cross_layers=1,
-        logit_offset=True,
+        residual_dim=2,
     )
 
 
@@ -294,3 +294,31 @@ def test_saved_and_loaded_model_keeps_the_fit(tmp_path):
     np.testing.assert_allclose(
         loaded.predict_query(tasks).numpy(), model.predict_query(tasks).numpy()
     )
+
+
+def test_the_residual_is_zero_by_default_and_only_it_is_fitted():
+    model = _model()
+    tasks = _tasks()
+    assert model.meta_dim == 4 + 3 and model.fitted_dims == (4, 5, 6)
+    default = model.embed(tasks, AdaptOptions(inner_steps=0, embedding_steps=0))
+    np.testing.assert_array_equal(default.numpy()[:, 4:], 0.0)
+    fitted = model.embed(tasks, AdaptOptions(inner_steps=0)).numpy()
+    np.testing.assert_array_equal(fitted[:, :4], default.numpy()[:, :4])
+    assert np.abs(fitted[:, 4:]).max() > 1e-3
+
+
+def test_a_frozen_network_keeps_the_unadapted_model_exactly():
+    model = _model(inner_steps=0, learn_embedding_prior=True)
+    tasks = _tasks()
+    before = model.predict_query(tasks, adapt=False).numpy()
+    adapted_before = model.predict_query(tasks).numpy()
+    model.freeze_network()
+    trainable = {v.name for v in model.trainable_variables}
+    assert any("residual/kernel" in n for n in trainable)
+    assert any("embedding_prior" in n for n in trainable)
+    assert not any("dense_0" in n or "cross" in n for n in trainable), trainable
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.05))
+    model.fit(tf.data.Dataset.from_tensors(tasks).repeat(4), epochs=2, verbose=0)
+    np.testing.assert_array_equal(model.predict_query(tasks, adapt=False), before)
+    # ... while what personalizes did learn.
+    assert np.abs(model.predict_query(tasks).numpy() - adapted_before).max() > 1e-4

@@ -295,9 +295,12 @@ class Architecture(_JsonConfig):
             a member's vector changes how each item is scored; "concat" only
             concatenates it.
         l2: L2 penalty on the kernels of both blocks (0: none).
-        logit_offset: The global block adds the meta embedding's last
-            dimension to the logit instead of reading it as a feature: each
-            entity's own logit offset, inside its d floats (needs d >= 2).
+        residual_dim: The personal residual: the meta embedding gains
+            residual_dim + 1 dimensions that are zero by default (an entity
+            with no support scores exactly as the network without them) and
+            that the embedding fit moves: a vector scored against a learned
+            projection of the request features, and a logit offset. None:
+            no residual; 0: the offset only.
     """
 
     meta_units: tuple[int, ...] = (64, 32)
@@ -308,7 +311,7 @@ class Architecture(_JsonConfig):
         default="product", metadata={"choices": INTERACTIONS}
     )
     l2: float = 0.0
-    logit_offset: bool = False
+    residual_dim: int | None = None
 
     def __post_init__(self):
         for name in ("meta_units", "global_units"):
@@ -346,13 +349,14 @@ class Architecture(_JsonConfig):
                 self.interaction,
             )
         _check_number("Architecture", "l2", self.l2)
-        _check_flag("Architecture", "logit_offset", self.logit_offset)
-        if self.logit_offset and self.meta_units[-1] < 2:
+        if self.residual_dim is not None and (
+            not _is_int(self.residual_dim) or self.residual_dim < 0
+        ):
             raise ConfigError(
-                "Architecture.logit_offset needs a meta embedding of size >= 2 "
-                f"(meta_units ends in {self.meta_units[-1]})",
-                "logit_offset",
-                self.logit_offset,
+                "Architecture.residual_dim must be an integer >= 0 or null, got "
+                f"{self.residual_dim!r}",
+                "residual_dim",
+                self.residual_dim,
             )
 
     def to_dict(self) -> dict[str, Any]:

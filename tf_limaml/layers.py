@@ -302,6 +302,10 @@ class MetaBlock(FastWeightLayer):
         embeddings_initializer: Initializer of the meta-feature embedding
             tables.
         embeddings_regularizer: Regularizer of those tables.
+        residual_dim: Append the personal residual's residual_dim + 1
+            dimensions, always zero here (None: none). The global block scores
+            them (`GlobalBlock(residual_dim=...)`); only the embedding fit moves
+            them, so d = units[-1] + residual_dim + 1.
 
     Input shape: a dict of encoded meta features, each `[T]` or `[T, K]`.
     Output shape: `[T, d]`.
@@ -330,6 +334,7 @@ class MetaBlock(FastWeightLayer):
         kernel_regularizer: Any = None,
         embeddings_initializer: Any = "random_normal",
         embeddings_regularizer: Any = None,
+        residual_dim: int | None = None,
         **kwargs,
     ):
         super().__init__(
@@ -340,6 +345,7 @@ class MetaBlock(FastWeightLayer):
         )
         self.features = as_features(features)
         self.units = check_units("units", units)
+        self.residual_dim = check_residual_dim(residual_dim)
         self.activation = activation
         self._activation = tf.keras.activations.get(activation)
         if not isinstance(constant_input_dim, int) or constant_input_dim <= 0:
@@ -363,7 +369,9 @@ class MetaBlock(FastWeightLayer):
 
     @property
     def output_dim(self) -> int:
-        return self.units[-1]
+        if self.residual_dim is None:
+            return self.units[-1]
+        return self.units[-1] + self.residual_dim + 1
 
     @property
     def input_dim(self) -> int:
@@ -433,7 +441,13 @@ class MetaBlock(FastWeightLayer):
             x = weights[INPUTS_WEIGHT]
         else:
             x = self.embed_inputs(encoded, batch_size)
-        return self.mlp(x, weights)
+        embedding = self.mlp(x, weights)
+        if self.residual_dim is None:
+            return embedding
+        zeros = tf.zeros(
+            tf.stack([tf.shape(embedding)[0], self.residual_dim + 1]), embedding.dtype
+        )
+        return tf.concat([embedding, zeros], axis=-1)
 
     def get_config(self):
         config = super().get_config()
@@ -443,10 +457,20 @@ class MetaBlock(FastWeightLayer):
                 "units": list(self.units),
                 "activation": self.activation,
                 "constant_input_dim": self.constant_input_dim,
+                "residual_dim": self.residual_dim,
                 **weight_config(self),
             }
         )
         return config
+
+
+def check_residual_dim(value: Any) -> int | None:
+    """`residual_dim`: None or an integer >= 0."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 0
+    ):
+        raise ValueError(f"`residual_dim` must be an integer >= 0 or None, got {value!r}")
+    return value
 
 
 def _batch_size(encoded: Mapping[str, tf.Tensor], weights: Weights | None) -> tf.Tensor:
@@ -573,10 +597,13 @@ class GlobalBlock(FastWeightLayer):
         embeddings_initializer: Initializer of the request-feature embedding
             tables.
         embeddings_regularizer: Regularizer of those tables.
-        logit_offset: Read the meta embedding's last dimension as a logit
-            offset, added to the logit, and only the others as features: an
-            entity's own bias lives in its d floats (the embedding fit of
-            `tf_limaml.newton` fits it in closed form).
+        residual_dim: The personal residual (None: none). The meta embedding's
+            last residual_dim + 1 dimensions are not features of the network:
+            a vector r, scored as r . (request P) with a learned projection P,
+            and a logit offset, both added to the network's logit. A meta block
+            leaves them zero (see `MetaBlock(residual_dim=...)`), so an entity
+            scores as the network until the embedding fit of `tf_limaml.newton`
+            moves them; 0 keeps the offset only.
 
     Input shape: meta embedding `[B, d]` or `[T, d]`; encoded request features
     `[B]` or `[T, S]` (plus a trailing K for multi-hot). Called as
@@ -605,7 +632,7 @@ class GlobalBlock(FastWeightLayer):
         kernel_regularizer: Any = None,
         embeddings_initializer: Any = "random_normal",
         embeddings_regularizer: Any = None,
-        logit_offset: bool = False,
+        residual_dim: int | None = None,
         **kwargs,
     ):
         super().__init__(
@@ -627,14 +654,24 @@ class GlobalBlock(FastWeightLayer):
             raise ValueError(
                 f"`cross_layers` must be an integer >= 0, got {cross_layers!r}"
             )
-        if logit_offset and meta_dim < 2:
+        self.residual_dim = check_residual_dim(residual_dim)
+        residual_width = 0 if residual_dim is None else residual_dim + 1
+        if meta_dim <= residual_width:
             raise ValueError(
-                f"`logit_offset` needs a meta embedding of size >= 2, got {meta_dim}"
+                f"`meta_dim` ({meta_dim}) must exceed the residual's "
+                f"{residual_width} dimensions"
             )
         self.meta_dim = meta_dim
-        self.logit_offset = bool(logit_offset)
-        # The embedding dimensions the network reads as features.
-        self.feature_dim = meta_dim - 1 if self.logit_offset else meta_dim
+        # The embedding dimensions the network reads as features; the rest is
+        # the residual, which only the embedding fit moves.
+        self.feature_dim = meta_dim - residual_width
+        # The embedding fit moves the residual only (None: every dimension).
+        self.fitted_dims = (
+            None if residual_dim is None else tuple(range(self.feature_dim, meta_dim))
+        )
+        # False: only the residual's projection trains (the network is frozen,
+        # so the unadapted model stays what it was; see `trainable_weights`).
+        self.train_base = True
         self.interaction = interaction
         self.cross_layers = cross_layers
         self.projection_dim = projection_dim
@@ -688,7 +725,28 @@ class GlobalBlock(FastWeightLayer):
             width = units
         self.add_fast_weight("logit/kernel", (width, 1))
         self.add_fast_weight("logit/bias", (1,), bias=True)
+        self.residual_kernel = None
+        if self.residual_dim:
+            self.residual_kernel = self.add_fast_weight(
+                "residual/kernel", (self.embedding.output_dim, self.residual_dim)
+            )
         super().build(input_shape)
+
+    @property
+    def trainable_weights(self):
+        weights = super().trainable_weights
+        if self.train_base:
+            return weights
+        head = {id(self.residual_kernel)}
+        return [w for w in weights if id(w) in head]
+
+    @property
+    def non_trainable_weights(self):
+        if self.train_base:
+            return super().non_trainable_weights
+        trainable = {id(w) for w in self.trainable_weights}
+        every = super().trainable_weights + super().non_trainable_weights
+        return [w for w in every if id(w) not in trainable]
 
     def encode(self, raw: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Raw request features -> `call`'s input (numeric features packed)."""
@@ -712,10 +770,10 @@ class GlobalBlock(FastWeightLayer):
             meta_embedding = encoded.pop(META_EMBEDDING_KEY)
         request = self.embedding(encoded)
         per_task = meta_embedding.shape.rank < request.shape.rank
-        offset = None
-        if self.logit_offset:
-            offset = meta_embedding[..., -1]
-            meta_embedding = meta_embedding[..., :-1]
+        residual = None
+        if self.residual_dim is not None:
+            residual = meta_embedding[..., self.feature_dim :]
+            meta_embedding = meta_embedding[..., : self.feature_dim]
         if self.crosses:
             x = self._cross(meta_embedding, request, weights, per_task)
             hidden = range(len(self.units))
@@ -740,9 +798,19 @@ class GlobalBlock(FastWeightLayer):
             ),
             axis=-1,
         )
-        if offset is None:
+        if residual is None:
             return logits
-        return logits + (offset[:, None] if per_task else offset)
+        return logits + self._residual_logits(residual, request, weights, per_task)
+
+    def _residual_logits(self, residual, request, weights, per_task) -> tf.Tensor:
+        """offset + r . (request P): the personal residual's share of the logit."""
+        offset, vector = residual[..., -1], residual[..., :-1]
+        if per_task:
+            offset, vector = offset[:, None], vector[:, None, :]
+        if not self.residual_dim:
+            return offset
+        projected = maml.dense(request, self.fast_weight(weights, "residual/kernel"))
+        return offset + tf.reduce_sum(vector * projected, axis=-1)
 
     def _rows(self, meta_embedding: tf.Tensor, request: tf.Tensor) -> tf.Tensor:
         """One embedding per task `[T, d]`, broadcast over its S rows."""
@@ -810,7 +878,7 @@ class GlobalBlock(FastWeightLayer):
                 "projection_dim": self.projection_dim,
                 "units": list(self.units),
                 "activation": self.activation,
-                "logit_offset": self.logit_offset,
+                "residual_dim": self.residual_dim,
                 **weight_config(self),
             }
         )

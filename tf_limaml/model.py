@@ -60,6 +60,25 @@ logger = logging.getLogger(__name__)
 __all__ = ["META_EMBEDDING_KEY", "LiMAMLModel"]
 
 
+def fitted_dims(global_block: tf.keras.layers.Layer, meta_dim: int) -> tuple[int, ...]:
+    """The meta-embedding dimensions the embedding fit moves: the global block's
+    `fitted_dims` (a trailing range), or every dimension.
+
+    Raises:
+        ValueError: `fitted_dims` is not a non-empty trailing range of [0, d).
+    """
+    dims = getattr(global_block, "fitted_dims", None)
+    if dims is None:
+        return tuple(range(meta_dim))
+    dims = tuple(int(i) for i in dims)
+    if not dims or dims != tuple(range(dims[0], meta_dim)):
+        raise ValueError(
+            f"`{global_block.name}.fitted_dims` must be a trailing range of the "
+            f"{meta_dim} embedding dimensions, got {dims}"
+        )
+    return dims
+
+
 @tf.keras.utils.register_keras_serializable(package="tf_limaml")
 class LiMAMLModel(tf.keras.Model):
     """Meta block + global block, meta-trained with MAML on the meta block.
@@ -86,8 +105,9 @@ class LiMAMLModel(tf.keras.Model):
         adapt_options: The adapt-time knobs (`AdaptOptions`) that inference,
             evaluation and the export use in place of `meta_config`'s; saved
             beside it.
-        logit_offset: The library's global block reads the meta embedding's
-            last dimension as the entity's logit offset (see `GlobalBlock`).
+        residual_dim: The library's blocks carry a personal residual of
+            residual_dim + 1 dimensions at the end of the meta embedding, zero
+            until the embedding fit moves them (see `GlobalBlock`; None: none).
 
     Inputs: a task batch from `tf_limaml.data.task_dataset` (raw features,
     labels and masks). `call` returns adapted query probabilities `[T, Q]`.
@@ -117,7 +137,7 @@ class LiMAMLModel(tf.keras.Model):
         meta_block: tf.keras.layers.Layer | None = None,
         global_block: tf.keras.layers.Layer | None = None,
         adapt_options: AdaptOptions | Mapping[str, Any] | None = None,
-        logit_offset: bool = False,
+        residual_dim: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -146,6 +166,7 @@ class LiMAMLModel(tf.keras.Model):
                 self.spec.meta_features,
                 units=meta_units,
                 kernel_regularizer=regularizer,
+                residual_dim=residual_dim,
                 name="meta_block",
             )
             meta_block.build(None)
@@ -162,7 +183,7 @@ class LiMAMLModel(tf.keras.Model):
                 projection_dim=projection_dim,
                 units=global_units,
                 kernel_regularizer=regularizer,
-                logit_offset=logit_offset,
+                residual_dim=residual_dim,
                 name="global_block",
             )
             global_block.build(None)
@@ -197,11 +218,12 @@ class LiMAMLModel(tf.keras.Model):
                 )
         # The embedding fit's prior precision per dimension, meta-learned in
         # log space (it must stay > 0) when `learn_embedding_prior`.
+        self.fitted_dims = fitted_dims(global_block, self.meta_dim)
         self.log_embedding_prior = None
         if config.learn_embedding_prior:
             self.log_embedding_prior = self.add_weight(
                 name="embedding_prior/log",
-                shape=(self.meta_dim,),
+                shape=(len(self.fitted_dims),),
                 trainable=True,
                 initializer=tf.keras.initializers.Constant(
                     math.log(config.embedding_prior)
@@ -217,7 +239,7 @@ class LiMAMLModel(tf.keras.Model):
             "projection_dim": projection_dim,
             "interaction": interaction,
             "l2": self.l2,
-            "logit_offset": bool(logit_offset),
+            "residual_dim": residual_dim,
         }
         # Why the step cannot compile with XLA (None: it can), and whether
         # `encode` may run inside the compiled step (plain math on numbers).
@@ -323,12 +345,25 @@ class LiMAMLModel(tf.keras.Model):
         )
 
     def embedding_prior(self, config: MetaConfig | None = None) -> tf.Tensor:
-        """The embedding fit's prior precision per dimension `[d]`: the learned
+        """The embedding fit's prior precision per fitted dimension: the learned
         one when the model meta-learns it, else `config.embedding_prior`."""
         if self.log_embedding_prior is not None:
             return tf.exp(self.log_embedding_prior)
         config = config or self.meta_config
-        return tf.fill([self.meta_dim], tf.cast(config.embedding_prior, self.dtype))
+        return tf.fill(
+            [len(self.fitted_dims)], tf.cast(config.embedding_prior, self.dtype)
+        )
+
+    def freeze_network(self) -> None:
+        """Trains only what personalizes from here on: the residual's projection,
+        the learned prior and rates. The unadapted model stays as it is (say, a
+        trained global model it was warm-started from), so meta-training can
+        only change what an entity's support moves: safety by construction."""
+        self.meta_block.trainable = False
+        if hasattr(self.global_block, "train_base"):
+            self.global_block.train_base = False
+        else:
+            self.global_block.trainable = False
 
     def adapted_embedding(
         self, batch: TaskBatch, fast: Mapping[str, Any] | None, config: MetaConfig
@@ -340,19 +375,24 @@ class LiMAMLModel(tf.keras.Model):
         embedding = self._meta.embed(batch, meta_weights)
         if not config.embedding_steps or batch.support is None:
             return embedding
+        # The fit moves the trailing fitted dimensions; the rest stays put.
+        start = self.fitted_dims[0]
+        fixed = embedding[..., :start]
 
-        def support_logits(candidate):
+        def support_logits(fitted):
+            candidate = tf.concat([fixed, fitted], axis=-1) if start else fitted
             return self._global.task_logits(candidate, batch.support, global_weights)
 
-        return newton.fit_embedding(
+        fitted = newton.fit_embedding(
             support_logits,
-            embedding,
+            embedding[..., start:],
             batch.support_label,
             batch.support_mask,
             self.embedding_prior(config),
             config.embedding_steps,
             config.first_order,
         )
+        return tf.concat([fixed, fitted], axis=-1) if start else fitted
 
     def logits(
         self, batch: TaskBatch, part: str, fast: Mapping[str, Any] | None = None
@@ -498,7 +538,7 @@ class LiMAMLModel(tf.keras.Model):
         """
         options = call_options(options, deprecated)
         if not adapt:
-            options = options.merged(AdaptOptions(inner_steps=0))
+            options = options.merged(AdaptOptions(inner_steps=0, embedding_steps=0))
 
         def probabilities(batch):
             return tf.sigmoid(self.forward(batch, options)["query_logits"])

@@ -24,9 +24,12 @@ Why this shape:
 * A few Newton steps reach the fit that an ID embedding gets from epochs of
   SGD, and one d x d solve per task is cheap: the adapted state stays d
   floats, so `limaml embed` stores it and TF Serving scores it as any other.
-* With a global block that reads one embedding dimension as a logit offset
-  (`GlobalBlock(logit_offset=True)`), that dimension's Jacobian is 1: the
-  entity's own bias, fitted in closed form, with its own prior.
+* With the library's personal residual (`GlobalBlock(residual_dim=r)`), the
+  fit moves only the residual's r + 1 dimensions, which are zero by default:
+  a vector scored against a learned projection of the request and a logit
+  offset whose Jacobian is 1, the entity's own bias. The logit is then linear
+  in what is fitted, so Gauss-Newton is Newton's method on a convex objective
+  and two or three steps reach the MAP.
 
 The functions here are plain TensorFlow on tensors (no Keras), so they run
 inside the compiled meta-train step and inside the exported signatures.

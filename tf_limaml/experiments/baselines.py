@@ -405,6 +405,7 @@ def _query_function(
     steps: int,
     inner_lr: float | None,
     support_prior: float | None = None,
+    options: AdaptOptions | None = None,
 ) -> Callable:
     """A cached tf.function scoring query rows after `steps` inner steps.
 
@@ -414,16 +415,19 @@ def _query_function(
     the model's source from disk.
     """
     cache = _QUERY_FUNCTIONS.setdefault(model, {})
-    key = (model.meta_config, model.adapt_options, steps, inner_lr, support_prior)
+    knobs = AdaptOptions(
+        inner_steps=steps, inner_lr=inner_lr, support_prior=support_prior
+    )
+    if steps == 0 and (options is None or options.embedding_steps is None):
+        # No adaptation: no embedding fit either (the meta-learned default).
+        knobs = knobs.merged(AdaptOptions(embedding_steps=0))
+    if options is not None:
+        knobs = options.merged(knobs)
+    key = (model.meta_config, model.adapt_options, knobs)
     if key not in cache:
 
         def probabilities(batch):
-            options = AdaptOptions(
-                inner_steps=steps, inner_lr=inner_lr, support_prior=support_prior
-            )
-            return tf.sigmoid(
-                model.forward(model.encode(batch), options)["query_logits"]
-            )
+            return tf.sigmoid(model.forward(model.encode(batch), knobs)["query_logits"])
 
         cache[key] = tf.function(probabilities, reduce_retracing=True, autograph=False)
     return cache[key]
@@ -436,6 +440,7 @@ def query_probabilities(
     inner_lr: float | None = None,
     chunk: int = 128,
     support_prior: float | None = None,
+    options: AdaptOptions | None = None,
 ) -> np.ndarray:
     """Query probabilities `[T, Q]`, adapted on each task's (masked) support.
 
@@ -444,12 +449,15 @@ def query_probabilities(
         batch: A task batch (cut its support with `cut_support`).
         steps: Inner steps (default the model's deployed ones: its
             `adapt_options` over its `meta_config`, as the export and
-            `limaml embed` adapt; 0: no adaptation).
+            `limaml embed` adapt; 0: no adaptation, and no embedding fit
+            unless `options` asks for one).
         inner_lr: Scalar inner learning rate instead of the model's (for the
             fine-tuning baseline; learned rates, when the model has them, win).
         chunk: Tasks per call, to bound memory.
         support_prior: `MetaConfig.support_prior` instead of the model's (the
             test-time knobs of `limaml tune`).
+        options: More test-time knobs (e.g. the embedding fit's), under the
+            ones above.
     """
     if steps is None:
         # The adapt-time knobs a recipe sets (`Recipe.adaptation`) are what the
@@ -460,7 +468,7 @@ def query_probabilities(
         inner_lr = None
     inner_lr = None if inner_lr is None else float(inner_lr)
     support_prior = None if support_prior is None else float(support_prior)
-    fn = _query_function(model, steps, inner_lr, support_prior)
+    fn = _query_function(model, steps, inner_lr, support_prior, options)
     batch = without_buckets(batch)
     n = len(batch[ENTITY_ID_KEY])
     out = []
@@ -697,7 +705,9 @@ def train_meta_learner(
             init,
             ("global_block",) if sequence else ("meta_block", "global_block"),
         )
-    if recipe.freeze_global_block:
+    if recipe.freeze_network:
+        model.freeze_network()
+    elif recipe.freeze_global_block:
         model.global_block.trainable = False
     elif recipe.freeze_request_embeddings:
         model.global_block.embedding.trainable = False

@@ -35,7 +35,7 @@ class Architecture:
     projection_dim: int | None = None
     interaction: str = "product"
     l2: float = 0.0
-    logit_offset: bool = False
+    residual_dim: int | None = None
 
     def kwargs(self) -> dict[str, Any]:
         return {
@@ -45,7 +45,7 @@ class Architecture:
             "projection_dim": self.projection_dim,
             "interaction": self.interaction,
             "l2": self.l2,
-            "logit_offset": self.logit_offset,
+            "residual_dim": self.residual_dim,
         }
 
 
@@ -114,6 +114,9 @@ class Recipe:
             tables fixed while meta-training.
         freeze_global_block: Keep the whole pretrained global block fixed
             while meta-training (only the meta block and inner rates learn).
+        freeze_network: Meta-train only what personalizes (the residual's
+            projection, the learned prior and rates): the warm-started network
+            is the unadapted model, unchanged (`LiMAMLModel.freeze_network`).
         meta_epochs: Most meta-training epochs (early stopping on val).
         meta_batch_tasks: Tasks per meta-batch.
         sequence: The sequence meta block of `limaml_sequence`.
@@ -132,6 +135,10 @@ class Recipe:
             not `inner_lr`.
         adapt_support_prior: Support prior when scoring and exporting, if
             not `support_prior`.
+        adapt_embedding_steps: Newton steps of the embedding fit when scoring
+            and exporting, if not `embedding_steps`.
+        adapt_embedding_prior: Its prior precision when scoring and
+            exporting, if not `embedding_prior` (a learned one wins).
         embedding_steps: Newton steps of the embedding fit after the inner
             steps (`MetaConfig.embedding_steps`; 0: none).
         embedding_prior: The embedding fit's prior precision (its start when
@@ -155,6 +162,7 @@ class Recipe:
     support_cut: float = 0.5
     freeze_request_embeddings: bool = True
     freeze_global_block: bool = False
+    freeze_network: bool = False
     meta_epochs: int = 20
     meta_batch_tasks: int = 32
     meta_learning_rate: float = 1e-3
@@ -165,6 +173,8 @@ class Recipe:
     adapt_inner_steps: int | None = None
     adapt_inner_lr: float | None = None
     adapt_support_prior: float | None = None
+    adapt_embedding_steps: int | None = None
+    adapt_embedding_prior: float | None = None
     embedding_steps: int = 0
     embedding_prior: float = 1.0
     learn_embedding_prior: bool = False
@@ -203,6 +213,8 @@ class Recipe:
             "inner_steps": self.adapt_inner_steps,
             "inner_lr": self.adapt_inner_lr,
             "support_prior": self.adapt_support_prior,
+            "embedding_steps": self.adapt_embedding_steps,
+            "embedding_prior": self.adapt_embedding_prior,
         }
         return {k: v for k, v in changes.items() if v is not None}
 
