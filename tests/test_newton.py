@@ -232,9 +232,7 @@ def _model(jit=False, **config):
 
 
 def _offline_scores(model, tasks, embeddings):
-    rows = {
-        name: tf.reshape(tasks[f"query_{name}"], [-1]) for name in ("r", "q")
-    }
+    rows = {name: tf.reshape(tasks[f"query_{name}"], [-1]) for name in ("r", "q")}
     per_row = np.repeat(embeddings, Q, axis=0)
     return model.score(tf.constant(per_row), rows).numpy().reshape(T, Q)
 

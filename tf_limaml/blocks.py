@@ -277,6 +277,38 @@ class FastWeightLayer(tf.keras.layers.Layer):
         return dict(raw)
 
 
+def check_residual_dim(value: Any) -> int | None:
+    """`residual_dim` of a block: None or an integer >= 0.
+
+    Raises:
+        ValueError: Anything else.
+    """
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 0
+    ):
+        raise ValueError(
+            f"`residual_dim` must be an integer >= 0 or None, got {value!r}"
+        )
+    return value
+
+
+def residual_width(residual_dim: int | None) -> int:
+    """Embedding dimensions of the personal residual: residual_dim + 1 (a
+    vector and a logit offset), or 0 without one."""
+    return 0 if residual_dim is None else residual_dim + 1
+
+
+def append_residual(embedding: tf.Tensor, residual_dim: int | None) -> tf.Tensor:
+    """A meta block's output `[T, m]` with the personal residual's zeros
+    appended, `[T, m + residual_width]`: zero by default, so only the
+    embedding fit (`tf_limaml.newton`) moves them."""
+    width = residual_width(residual_dim)
+    if not width:
+        return embedding
+    zeros = tf.zeros(tf.stack([tf.shape(embedding)[0], width]), embedding.dtype)
+    return tf.concat([embedding, zeros], axis=-1)
+
+
 def prefixed(weights: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """`weights` with every name prefixed (`prefix + name`)."""
     return {prefix + name: value for name, value in weights.items()}

@@ -33,8 +33,11 @@ from tf_limaml.blocks import (
     META_EMBEDDING_KEY,
     FastWeightLayer,
     _fresh,
+    append_residual,
     as_features,
+    check_residual_dim,
     check_units,
+    residual_width,
     weight_config,
 )
 from tf_limaml.features import (
@@ -369,9 +372,7 @@ class MetaBlock(FastWeightLayer):
 
     @property
     def output_dim(self) -> int:
-        if self.residual_dim is None:
-            return self.units[-1]
-        return self.units[-1] + self.residual_dim + 1
+        return self.units[-1] + residual_width(self.residual_dim)
 
     @property
     def input_dim(self) -> int:
@@ -441,13 +442,7 @@ class MetaBlock(FastWeightLayer):
             x = weights[INPUTS_WEIGHT]
         else:
             x = self.embed_inputs(encoded, batch_size)
-        embedding = self.mlp(x, weights)
-        if self.residual_dim is None:
-            return embedding
-        zeros = tf.zeros(
-            tf.stack([tf.shape(embedding)[0], self.residual_dim + 1]), embedding.dtype
-        )
-        return tf.concat([embedding, zeros], axis=-1)
+        return append_residual(self.mlp(x, weights), self.residual_dim)
 
     def get_config(self):
         config = super().get_config()
@@ -462,15 +457,6 @@ class MetaBlock(FastWeightLayer):
             }
         )
         return config
-
-
-def check_residual_dim(value: Any) -> int | None:
-    """`residual_dim`: None or an integer >= 0."""
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or value < 0
-    ):
-        raise ValueError(f"`residual_dim` must be an integer >= 0 or None, got {value!r}")
-    return value
 
 
 def _batch_size(encoded: Mapping[str, tf.Tensor], weights: Weights | None) -> tf.Tensor:
@@ -655,16 +641,16 @@ class GlobalBlock(FastWeightLayer):
                 f"`cross_layers` must be an integer >= 0, got {cross_layers!r}"
             )
         self.residual_dim = check_residual_dim(residual_dim)
-        residual_width = 0 if residual_dim is None else residual_dim + 1
-        if meta_dim <= residual_width:
+        width = residual_width(residual_dim)
+        if meta_dim <= width:
             raise ValueError(
-                f"`meta_dim` ({meta_dim}) must exceed the residual's "
-                f"{residual_width} dimensions"
+                f"`meta_dim` ({meta_dim}) must exceed the residual's {width} "
+                "dimensions"
             )
         self.meta_dim = meta_dim
         # The embedding dimensions the network reads as features; the rest is
         # the residual, which only the embedding fit moves.
-        self.feature_dim = meta_dim - residual_width
+        self.feature_dim = meta_dim - width
         # The embedding fit moves the residual only (None: every dimension).
         self.fitted_dims = (
             None if residual_dim is None else tuple(range(self.feature_dim, meta_dim))

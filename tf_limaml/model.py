@@ -48,7 +48,6 @@ from tf_limaml.config import (
     deprecated_alias,
 )
 from tf_limaml.features import (
-    QUERY,
     SUPPORT,
     FeatureSpec,
     load_spec,

@@ -33,8 +33,11 @@ from tf_limaml import maml
 from tf_limaml.blocks import (
     SUPPORT_SEQUENCE_KEY,
     FastWeightLayer,
+    append_residual,
     as_features,
+    check_residual_dim,
     check_units,
+    residual_width,
     weight_config,
 )
 from tf_limaml.features import Feature
@@ -114,6 +117,7 @@ class SequenceMetaBlock(FastWeightLayer):
         kernel_regularizer: Any = None,
         embeddings_initializer: Any = "random_normal",
         embeddings_regularizer: Any = None,
+        residual_dim: int | None = None,
         **kwargs,
     ):
         super().__init__(
@@ -130,6 +134,7 @@ class SequenceMetaBlock(FastWeightLayer):
                 "row holds): pass spec.request_features"
             )
         self.units = check_units("units", units)
+        self.residual_dim = check_residual_dim(residual_dim)
         for name, value, low in (
             ("model_dim", model_dim, 1),
             ("num_heads", num_heads, 1),
@@ -212,7 +217,7 @@ class SequenceMetaBlock(FastWeightLayer):
     # ----------------------------------------------------------------- shape
     @property
     def output_dim(self) -> int:
-        return self.units[-1]
+        return self.units[-1] + residual_width(self.residual_dim)
 
     @property
     def request_dim(self) -> int:
@@ -377,7 +382,7 @@ class SequenceMetaBlock(FastWeightLayer):
             )
             if i < len(self.units) - 1:
                 x = self._activation(x)
-        return x
+        return append_residual(x, self.residual_dim)
 
     def get_config(self):
         config = super().get_config()
@@ -395,6 +400,7 @@ class SequenceMetaBlock(FastWeightLayer):
                 "request_embedding": self.request_embedding,
                 "adapt": list(self.adapt),
                 "activation": self.activation,
+                "residual_dim": self.residual_dim,
                 **weight_config(self),
             }
         )

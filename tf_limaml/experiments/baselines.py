@@ -418,9 +418,6 @@ def _query_function(
     knobs = AdaptOptions(
         inner_steps=steps, inner_lr=inner_lr, support_prior=support_prior
     )
-    if steps == 0 and (options is None or options.embedding_steps is None):
-        # No adaptation: no embedding fit either (the meta-learned default).
-        knobs = knobs.merged(AdaptOptions(embedding_steps=0))
     if options is not None:
         knobs = options.merged(knobs)
     key = (model.meta_config, model.adapt_options, knobs)
@@ -459,6 +456,9 @@ def query_probabilities(
         options: More test-time knobs (e.g. the embedding fit's), under the
             ones above.
     """
+    if steps == 0 and (options is None or options.embedding_steps is None):
+        # No adaptation asked: no embedding fit either (the default).
+        options = (options or AdaptOptions()).merged(AdaptOptions(embedding_steps=0))
     if steps is None:
         # The adapt-time knobs a recipe sets (`Recipe.adaptation`) are what the
         # model is deployed with: score as the export will serve.
@@ -660,6 +660,7 @@ def new_sequence_learner(
         spec.meta_features,
         spec.request_features,
         units=recipe.architecture.meta_units,
+        residual_dim=recipe.architecture.residual_dim,
         name="meta_block",
         **options.block_kwargs(),
     )

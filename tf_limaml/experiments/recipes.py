@@ -186,7 +186,12 @@ class Recipe:
                 f"Recipe.warm_start must be one of {WARM_STARTS}, got "
                 f"{self.warm_start!r}"
             )
-        for name in ("meta_epochs", "pretrain_epochs", "inner_steps", "embedding_steps"):
+        for name in (
+            "meta_epochs",
+            "pretrain_epochs",
+            "inner_steps",
+            "embedding_steps",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(

@@ -111,7 +111,24 @@ SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
     "meta_learning_rate": (3e-4, 1e-3, 3e-3),
     "pretrain_epochs": (0, 4, 8),
     "warm_start": ("pretrain", "global"),
+    "embedding_steps": (0, 2),
+    "embedding_prior": (3.0, 10.0, 30.0),
+    "freeze_network": (False, True),
 }
+# The trained candidate safe by construction (third after the recipe given and
+# the recipe from global): the trained global network, frozen, plus the
+# personal residual fitted by Newton steps with a meta-learned projection. Its
+# unadapted model is global's exactly, and an entity moves away from it only
+# as far as its support outweighs the prior.
+RESIDUAL_FROM_GLOBAL = {
+    "warm_start": "global",
+    "freeze_network": True,
+    "inner_steps": 0,
+    "embedding_steps": 2,
+}
+# Test-time scales of a trained candidate's embedding-fit prior (a stronger
+# prior falls back toward the unadapted model).
+EMBEDDING_PRIOR_SCALES = (0.3, 3.0, 10.0)
 # Test-time knobs of each trained candidate: inner lr scales, and support
 # priors added to the trained one. A prior c scales an entity's step by
 # n / (n + c): a large c leaves an entity with one or two rows at the default
@@ -548,14 +565,14 @@ def _draws(base: Recipe, budget: int, seed: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     draws: list[dict[str, Any]] = [{}]
     seen = {json.dumps({k: getattr(base, k) for k in SEARCH_SPACE}, sort_keys=True)}
-    if budget > 1 and base.warm_start != "global":
-        draws.append({"warm_start": "global"})
-        seen.add(
-            json.dumps(
-                {k: getattr(base, k) for k in SEARCH_SPACE} | {"warm_start": "global"},
-                sort_keys=True,
-            )
+    for planned in ({"warm_start": "global"}, RESIDUAL_FROM_GLOBAL):
+        change = {k: v for k, v in planned.items() if getattr(base, k) != v}
+        key = json.dumps(
+            {k: getattr(base, k) for k in SEARCH_SPACE} | change, sort_keys=True
         )
+        if len(draws) < budget and change and key not in seen:
+            draws.append(change)
+            seen.add(key)
     attempts = 0
     while len(draws) < budget and attempts < 100 * budget:
         attempts += 1
@@ -718,15 +735,14 @@ def tune(
         train_s = timer.seconds
         val_losses = history.get("val_loss", [])
         val_loss = min(val_losses) if val_losses else None
-        name = (
-            "recipe as given"
-            if not change
-            else (
-                "recipe from global"
-                if change == {"warm_start": "global"}
-                else f"search {number}"
-            )
-        )
+        if not change:
+            name = "recipe as given"
+        elif change == {"warm_start": "global"}:
+            name = "recipe from global"
+        elif candidate == dataclasses.replace(base, **RESIDUAL_FROM_GLOBAL):
+            name = "residual from global"
+        else:
+            name = f"search {number}"
         # Test-time knobs: the default, then scaled steps and larger priors.
         knob_grid = [{"inner_steps": 0}]
         for boost in PRIOR_BOOSTS:
@@ -738,6 +754,20 @@ def tune(
                         "support_prior": candidate.support_prior + boost,
                     }
                 )
+        trained = {
+            "inner_steps": candidate.inner_steps,
+            "inner_lr": candidate.inner_lr,
+            "support_prior": candidate.support_prior,
+        }
+        if candidate.embedding_steps and not candidate.inner_steps:
+            # Only the embedding fit adapts: the inner-lr knobs are one trial.
+            trained = {"inner_steps": 0, "embedding_steps": candidate.embedding_steps}
+            knob_grid = [knob_grid[0], trained]
+        if candidate.embedding_steps and not candidate.learn_embedding_prior:
+            for scale in EMBEDDING_PRIOR_SCALES:
+                knob_grid.append(
+                    {**trained, "embedding_prior": candidate.embedding_prior * scale}
+                )
         for knobs in knob_grid:
             with Timer() as timer:
                 measured = measure(
@@ -747,6 +777,7 @@ def tune(
                         kn["inner_steps"],
                         kn.get("inner_lr"),
                         support_prior=kn.get("support_prior"),
+                        options=_fit_options(kn),
                     )
                 )
             if val_loss is not None and not math.isfinite(val_loss):
@@ -755,17 +786,22 @@ def tune(
                     "reasons": [f"validation loss {val_loss}"]
                     + measured["health"]["reasons"],
                 }
-            label = (
-                "default (no adaptation)"
-                if knobs["inner_steps"] == 0
-                else f"lr={knobs['inner_lr']:g} c={knobs['support_prior']:g}"
-            )
+            adapts = knobs != {"inner_steps": 0}
+            if not adapts:
+                label = "default (no adaptation)"
+            elif not knobs["inner_steps"]:
+                prior = knobs.get("embedding_prior", candidate.embedding_prior)
+                label = f"fit prior={prior:g}"
+            else:
+                label = f"lr={knobs['inner_lr']:g} c={knobs['support_prior']:g}"
+                if "embedding_prior" in knobs:
+                    label += f" prior={knobs['embedding_prior']:g}"
             record(
                 trial_of(
                     f"{name}: {label}",
                     measured,
                     reference,
-                    META_DEFAULT if knobs["inner_steps"] == 0 else META_LEARNED,
+                    META_LEARNED if adapts else META_DEFAULT,
                     change,
                     knobs,
                 ),
@@ -803,6 +839,22 @@ def tune(
     }
 
 
+def _fit_options(knobs: Mapping[str, Any]):
+    """The embedding fit's test-time knobs of a trial (None: the trained ones).
+
+    The default-only trial (`{"inner_steps": 0}`) fits nothing.
+    """
+    from tf_limaml.config import AdaptOptions  # noqa: PLC0415
+
+    if knobs == {"inner_steps": 0}:
+        return AdaptOptions(embedding_steps=0)
+    prior = knobs.get("embedding_prior")
+    return AdaptOptions(
+        embedding_steps=knobs.get("embedding_steps"),
+        embedding_prior=None if prior is None else float(prior),
+    )
+
+
 def recipe_of(base: Recipe, trial: Mapping[str, Any]) -> Recipe:
     """The recipe a trial stands for: its training changes and test-time knobs."""
     recipe = dataclasses.replace(base, **trial["recipe"])
@@ -812,6 +864,10 @@ def recipe_of(base: Recipe, trial: Mapping[str, Any]) -> Recipe:
         adapt_inner_steps=knobs.get("inner_steps"),
         adapt_inner_lr=knobs.get("inner_lr"),
         adapt_support_prior=knobs.get("support_prior"),
+        adapt_embedding_steps=(
+            0 if knobs == {"inner_steps": 0} else knobs.get("embedding_steps")
+        ),
+        adapt_embedding_prior=knobs.get("embedding_prior"),
     )
 
 
