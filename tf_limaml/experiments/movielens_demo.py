@@ -404,20 +404,32 @@ def run_seed(
         progress.phase(f"meta-train (seed {seed}): {start}, LiMAML, full MAML"),
         scope(),
     ):
+        pretrained: dict[int, Any] = {}
+
+        def start_of(chosen) -> Any:
+            # The global model, or the member-ID pretraining (once per epochs).
+            if chosen.warm_start == "global":
+                return base
+            if not chosen.pretrain_epochs:
+                return None
+            if chosen.pretrain_epochs not in pretrained:
+                pretrained[chosen.pretrain_epochs] = baselines.pretrain(
+                    spec, splits, chosen, seed
+                )
+            return pretrained[chosen.pretrain_epochs]
+
         timer = Timer()
         with timer:
-            if recipe.warm_start == "global":
-                init = base
-            elif recipe.pretrain_epochs:
-                init = baselines.pretrain(spec, splits, recipe, seed)
-            else:
-                init = None
+            init = start_of(recipe)
         pretrain_s = timer.seconds
         learners, histories = {}, {}
-        for name, adapt in (("limaml", "meta_block"), ("maml", "all")):
+        for name, adapt, chosen in (
+            ("limaml", "meta_block", recipe),
+            ("maml", "all", recipe.full_maml()),
+        ):
             with Timer() as timer:
                 model, history = baselines.train_meta_learner(
-                    spec, splits, recipe, seed, adapt=adapt, init=init
+                    spec, splits, chosen, seed, adapt=adapt, init=start_of(chosen)
                 )
                 sweep = evaluate_sweep(
                     lambda batch, k, m=model: baselines.query_probabilities(m, batch),
@@ -457,7 +469,13 @@ def run_seed(
         ):
             with Timer() as timer:
                 model, history = baselines.train_meta_learner(
-                    spec, splits, recipe, seed, init=init, sequence=True
+                    # Its own meta block learns: never frozen.
+                    spec,
+                    splits,
+                    dataclasses.replace(recipe, freeze_network=False),
+                    seed,
+                    init=init,
+                    sequence=True,
                 )
                 sweep = evaluate_sweep(
                     lambda batch, k, m=model: baselines.query_probabilities(m, batch),

@@ -211,6 +211,22 @@ class Recipe:
             learn_embedding_prior=self.learn_embedding_prior,
         )
 
+    def full_maml(self) -> Recipe:
+        """The recipe of the full-MAML baseline (`adapt="all"`): gradient steps
+        on every dense weight from the member-ID pretraining, as MAML runs them
+        (no frozen network, no embedding fit)."""
+        return dataclasses.replace(
+            self,
+            warm_start="pretrain",
+            freeze_network=False,
+            inner_steps=max(self.inner_steps, 1),
+            embedding_steps=0,
+            learn_embedding_prior=False,
+            adapt_inner_steps=None,
+            adapt_embedding_steps=None,
+            adapt_embedding_prior=None,
+        )
+
     def adaptation(self) -> dict[str, Any]:
         """The MetaConfig changes that turn the trained model into the scored
         (and exported) one: the test-time knobs, where set."""
