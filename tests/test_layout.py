@@ -39,6 +39,7 @@ CORE = (
     "layers",
     "sequence",
     "maml",
+    "newton",
     "model",
     "optimizers",
     "distribute",
