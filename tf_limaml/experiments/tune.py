@@ -108,7 +108,7 @@ SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
     "inner_steps": (1, 2, 3),
     "support_prior": (0.0, 3.0, 10.0, 30.0),
     "first_order": (True, False),
-    "meta_learning_rate": (3e-4, 1e-3, 3e-3),
+    "meta_learning_rate": (3e-4, 1e-3, 3e-3, 1e-2),
     "pretrain_epochs": (0, 4, 8),
     "warm_start": ("pretrain", "global"),
     "embedding_steps": (0, 2),
@@ -125,6 +125,15 @@ RESIDUAL_FROM_GLOBAL = {
     "freeze_network": True,
     "inner_steps": 0,
     "embedding_steps": 2,
+}
+# Gradient steps on the meta block from the member-ID pretraining: LiMAML as
+# the paper runs it, so the search always holds it beside the residual.
+MAML_STEPS_FROM_PRETRAINING = {
+    "warm_start": "pretrain",
+    "freeze_network": False,
+    "inner_steps": 1,
+    "embedding_steps": 0,
+    "meta_learning_rate": 1e-3,
 }
 # Test-time scales of a trained candidate's embedding-fit prior (a stronger
 # prior falls back toward the unadapted model).
@@ -565,7 +574,11 @@ def _draws(base: Recipe, budget: int, seed: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     draws: list[dict[str, Any]] = [{}]
     seen = {json.dumps({k: getattr(base, k) for k in SEARCH_SPACE}, sort_keys=True)}
-    for planned in ({"warm_start": "global"}, RESIDUAL_FROM_GLOBAL):
+    for planned in (
+        {"warm_start": "global"},
+        RESIDUAL_FROM_GLOBAL,
+        MAML_STEPS_FROM_PRETRAINING,
+    ):
         change = {k: v for k, v in planned.items() if getattr(base, k) != v}
         key = json.dumps(
             {k: getattr(base, k) for k in SEARCH_SPACE} | change, sort_keys=True
@@ -741,6 +754,8 @@ def tune(
             name = "recipe from global"
         elif candidate == dataclasses.replace(base, **RESIDUAL_FROM_GLOBAL):
             name = "residual from global"
+        elif candidate == dataclasses.replace(base, **MAML_STEPS_FROM_PRETRAINING):
+            name = "MAML steps from pretraining"
         else:
             name = f"search {number}"
         # Test-time knobs: the default, then scaled steps and larger priors.
