@@ -135,6 +135,15 @@ MAML_STEPS_FROM_PRETRAINING = {
     "embedding_steps": 0,
     "meta_learning_rate": 1e-3,
 }
+# The fallback: the global network as LiMAML, nothing meta-learned, nothing
+# adapted (no inner step, no embedding fit). Fine-tuning adapts it at test time.
+FALLBACK_CHANGES = {
+    "warm_start": "global",
+    "meta_epochs": 0,
+    "inner_steps": 0,
+    "embedding_steps": 0,
+    "learn_embedding_prior": False,
+}
 # Test-time scales of a trained candidate's embedding-fit prior (a stronger
 # prior falls back toward the unadapted model).
 EMBEDDING_PRIOR_SCALES = (0.3, 3.0, 10.0)
@@ -688,9 +697,7 @@ def tune(
         )
     # The fallback: LiMAML built from the global network, nothing meta-learned,
     # nothing adapted. Measured, not assumed, so the equality is checked.
-    fallback_recipe = dataclasses.replace(
-        base, warm_start="global", meta_epochs=0, inner_steps=0
-    )
+    fallback_recipe = dataclasses.replace(base, **FALLBACK_CHANGES)
     with Timer() as timer:
         fallback, _ = baselines.train_meta_learner(
             spec, splits, fallback_recipe, seed, init=global_model
@@ -702,7 +709,7 @@ def tune(
             measured,
             reference,
             GLOBAL,
-            {"warm_start": "global", "meta_epochs": 0, "inner_steps": 0},
+            FALLBACK_CHANGES,
             {"inner_steps": 0},
             fallback=True,
         ),
@@ -723,7 +730,7 @@ def tune(
                     measured,
                     reference,
                     FINETUNE,
-                    {"warm_start": "global", "meta_epochs": 0, "inner_steps": 0},
+                    FALLBACK_CHANGES,
                     {"inner_steps": 1, "inner_lr": lr, "support_prior": prior},
                 ),
                 timer.seconds,
