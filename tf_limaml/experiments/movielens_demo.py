@@ -923,43 +923,80 @@ def run(args: argparse.Namespace, progress) -> int:
 def _training_notes(recipe) -> list[str]:
     """How each model was trained, in words, from the recipe."""
     arch = recipe.architecture
-    order = "first" if recipe.first_order else "second"
-    lr = "learned (Meta-SGD) from " if recipe.learn_inner_lr else ""
+    maml = recipe.full_maml()
+    residual = (
+        ""
+        if arch.residual_dim is None
+        else f", plus the personal residual ({arch.residual_dim} + 1 dimensions, "
+        "zero unless fitted)"
+    )
     notes = [
-        f"Shared network: meta block MLP {list(arch.meta_units)} (the last width is the meta "
-        f"embedding size), global block with {arch.cross_layers} DCN-v2 cross layer(s), MLP "
-        f"{list(arch.global_units)}, meta embedding interaction `{arch.interaction}`.",
+        f"Shared network: meta block MLP {list(arch.meta_units)} (the last width is the "
+        f"meta embedding size{residual}), global block with {arch.cross_layers} DCN-v2 "
+        f"cross layer(s), MLP {list(arch.global_units)}, meta embedding interaction "
+        f"`{arch.interaction}`.",
         f"global and id_embedding: Adam lr {recipe.learning_rate:g}, batches of "
-        f"{recipe.batch_size} rows, at most {recipe.epochs} epochs, early stopping on the val "
-        f"members' query loss (patience {recipe.patience}); id_embedding adds a zero-initialized "
-        "member vector (added to the meta embedding) and a member bias on the logit.",
+        f"{recipe.batch_size} rows, at most {recipe.epochs} epochs, early stopping on the "
+        f"val members' query loss (patience {recipe.patience}); id_embedding adds a "
+        "zero-initialized member vector (added to the meta embedding) and a member bias "
+        "on the logit.",
         "finetune: the global model; per k, SGD on the meta block over each test member's "
         f"support, inner lr in {list(recipe.finetune_lrs)} and steps in "
         f"{list(recipe.finetune_steps)} (or none) chosen by val overall AUC with the val "
         "members' support cut to the same k.",
-        f"limaml and maml: start from the network pretrained for {recipe.pretrain_epochs} "
-        "epochs on the train members' rows with train-member ID embeddings (dropped "
-        "afterwards; val and test members are never seen), then meta-train on the train "
-        f"members' tasks: {recipe.inner_steps} inner step(s), {order} order, inner lr "
-        f"{lr}{recipe.inner_lr:g}, Adam lr {recipe.meta_learning_rate:g} on "
-        f"{recipe.meta_batch_tasks} tasks per step, at most {recipe.meta_epochs} epochs with "
-        f"early stopping on the val members' adapted query loss (patience "
-        f"{recipe.meta_patience}); {recipe.support_cut:.0%} of the tasks drawn see their "
-        "support cut to a random latest-k window"
-        + (
-            "; item and genre embedding tables frozen while meta-training"
-            if recipe.freeze_request_embeddings
-            else ""
-        )
-        + ".",
-        "limaml adapts the meta block only; maml adapts every dense weight of both blocks.",
+        _limaml_note(recipe),
+        f"maml: start from the network pretrained for {maml.pretrain_epochs} epochs on the "
+        "train members' rows with train-member ID embeddings (dropped afterwards; val and "
+        "test members are never seen), then meta-train every dense weight of both blocks: "
+        f"{maml.inner_steps} inner step(s), inner lr {maml.inner_lr:g}, support prior "
+        f"{maml.support_prior:g}, {'first' if maml.first_order else 'second'} order, Adam "
+        f"lr {maml.meta_learning_rate:g}.",
         "limaml_offline: the limaml model exported as a SavedModel, every test member's "
         "adapted embedding written by `limaml embed` (Beam), query rows scored by "
         "`serving_default` from the stored vectors.",
     ]
-    if recipe.support_prior or recipe.support_half_life:
-        notes.append(_model_note(recipe) + ".")
     return notes
+
+
+def _limaml_note(recipe) -> str:
+    """LiMAML's training and adaptation in words."""
+    start = (
+        "the trained global model of the same seed"
+        if recipe.warm_start == "global"
+        else f"the network pretrained for {recipe.pretrain_epochs} epochs with "
+        "train-member ID embeddings"
+    )
+    steps = []
+    if recipe.inner_steps:
+        steps.append(
+            f"{recipe.inner_steps} gradient step(s) on the meta block (inner lr "
+            f"{recipe.inner_lr:g}, support prior {recipe.support_prior:g})"
+        )
+    if recipe.embedding_steps:
+        prior = (
+            f"a meta-learned per-dimension prior (from {recipe.embedding_prior:g})"
+            if recipe.learn_embedding_prior
+            else f"prior precision {recipe.embedding_prior:g}"
+        )
+        steps.append(
+            f"{recipe.embedding_steps} Newton steps that fit each member's personal "
+            f"residual to its support rows, with {prior}"
+        )
+    frozen = (
+        "; the network is frozen (its unadapted scores stay the global model's), so "
+        "meta-training learns only the residual's item projection and the prior"
+        if recipe.freeze_network
+        else ""
+    )
+    return (
+        f"limaml: starts from {start}{frozen}; inner loop: "
+        + (" then ".join(steps) or "none")
+        + f"; Adam lr {recipe.meta_learning_rate:g} on {recipe.meta_batch_tasks} tasks "
+        f"per step, at most {recipe.meta_epochs} epochs with early stopping on the val "
+        f"members' adapted query loss (patience {recipe.meta_patience}); "
+        f"{recipe.support_cut:.0%} of the tasks drawn see their support cut to a random "
+        "latest-k window."
+    )
 
 
 def _model_note(recipe) -> str:
@@ -968,6 +1005,12 @@ def _model_note(recipe) -> str:
             "limaml and maml are tf_limaml.experimental.prototypes.ShrunkSupportModel "
             f"(support prior {recipe.support_prior:g}, recency half-life "
             f"{recipe.support_half_life:g} rows)"
+        )
+    if recipe.embedding_steps:
+        return (
+            "limaml is tf_limaml.LiMAMLModel with MetaConfig.embedding_steps="
+            f"{recipe.embedding_steps} (tf_limaml.newton) and Architecture.residual_dim="
+            f"{recipe.architecture.residual_dim}"
         )
     if recipe.support_prior:
         return (

@@ -811,9 +811,14 @@ def tune(
             adapts = knobs != {"inner_steps": 0}
             if not adapts:
                 label = "default (no adaptation)"
+            elif not knobs["inner_steps"] and "embedding_prior" in knobs:
+                label = f"fit prior={knobs['embedding_prior']:g}"
             elif not knobs["inner_steps"]:
-                prior = knobs.get("embedding_prior", candidate.embedding_prior)
-                label = f"fit prior={prior:g}"
+                label = (
+                    "fit, learned prior"
+                    if candidate.learn_embedding_prior
+                    else f"fit prior={candidate.embedding_prior:g}"
+                )
             else:
                 label = f"lr={knobs['inner_lr']:g} c={knobs['support_prior']:g}"
                 if "embedding_prior" in knobs:
