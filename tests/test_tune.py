@@ -263,6 +263,8 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
         "warm_start": "global",
         "meta_epochs": 0,
         "inner_steps": 0,
+        "embedding_steps": 0,
+        "learn_embedding_prior": False,
     }
     assert len(lines) == len(trials) + 1 and "chosen" in lines[-1]
     chosen = trials[result["chosen"]]
@@ -296,9 +298,21 @@ def check_tune_falls_back_when_personalization_hurts(tiny, monkeypatch):
     score = baselines.query_probabilities
     global_scores = {}
 
-    def hurt(model, batch, steps=None, inner_lr=None, chunk=128, support_prior=None):
-        p = score(model, batch, steps, inner_lr, chunk, support_prior)
-        if model.meta_config.inner_steps == 0 and not steps:
+    def hurt(
+        model,
+        batch,
+        steps=None,
+        inner_lr=None,
+        chunk=128,
+        support_prior=None,
+        options=None,
+    ):
+        p = score(model, batch, steps, inner_lr, chunk, support_prior, options)
+        if options is not None and options.embedding_steps is not None:
+            fits = options.embedding_steps > 0
+        else:
+            fits = steps != 0 and model.meta_config.embedding_steps > 0
+        if model.meta_config.inner_steps == 0 and not steps and not fits:
             # Global (scored first on each cut) and the fallback: untouched.
             global_scores.setdefault(id(batch), p)
             return p
@@ -315,24 +329,22 @@ def check_tune_falls_back_when_personalization_hurts(tiny, monkeypatch):
         ks=(1, None),
         report_line=lambda _: None,
     )
-    assert result["trials"][result["chosen"]]["fallback"]
+    chosen = result["trials"][result["chosen"]]
+    assert chosen["fallback"], chosen["name"]
     recipe = tune.chosen_recipe(result)
     assert (recipe.warm_start, recipe.meta_epochs, recipe.inner_steps) == (
         "global",
         0,
         0,
     )
-    assert recipe.adaptation() == {"inner_steps": 0}
+    assert recipe.adaptation() == {"inner_steps": 0, "embedding_steps": 0}
+    assert recipe.embedding_steps == 0 and not recipe.learn_embedding_prior
 
 
 def test_fallback_recipe_scores_exactly_as_global(tiny):
     spec, splits = tiny["spec"], tiny["splits"]
     recipe = dataclasses.replace(
-        tiny["recipe"],
-        warm_start="global",
-        meta_epochs=0,
-        inner_steps=0,
-        adapt_inner_steps=0,
+        tiny["recipe"], **tune.FALLBACK_CHANGES, adapt_inner_steps=0
     )
     base, _ = baselines.train_global(spec, splits, recipe, 0)
     model, history = baselines.train_meta_learner(spec, splits, recipe, 0, init=base)
@@ -386,10 +398,20 @@ def test_tune_refuses_splits_whose_test_members_are_real(tiny):
         tune.tune(tiny["spec"], real, tiny["recipe"], budget=1)
 
 
-def test_second_trained_candidate_is_the_recipe_warm_started_from_global():
+def test_planned_candidates_cover_the_warm_start_the_residual_and_maml_steps():
+    # A recipe of MAML steps from the pretraining: then the same from global,
+    # then the residual from global.
+    maml_steps = dataclasses.replace(Recipe(), **tune.MAML_STEPS_FROM_PRETRAINING)
+    draws = tune._draws(maml_steps, budget=5, seed=0)
+    assert draws[:2] == [{}, {"warm_start": "global"}]
+    residual = dataclasses.replace(maml_steps, **draws[2])
+    assert residual == dataclasses.replace(maml_steps, **tune.RESIDUAL_FROM_GLOBAL)
+    assert len(draws) == 5
+    assert len({json.dumps(d, sort_keys=True) for d in draws}) == 5
+    # The MovieLens recipe is the residual from global: MAML steps come second.
     base = Recipe()
     draws = tune._draws(base, budget=4, seed=0)
-    assert draws[:2] == [{}, {"warm_start": "global"}]
-    assert len(draws) == 4
-    assert len({json.dumps(d, sort_keys=True) for d in draws}) == 4
+    assert dataclasses.replace(base, **draws[1]) == dataclasses.replace(
+        base, **tune.MAML_STEPS_FROM_PRETRAINING
+    )
     assert tune._draws(base, budget=1, seed=0) == [{}]
