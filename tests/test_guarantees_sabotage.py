@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 import test_distribute as distribute_tests
 import test_health as health_tests
+import test_properties as properties_tests
 import test_reliability as reliability_tests
 import test_soak as soak_tests
 import test_statistics as statistics_tests
@@ -110,6 +111,39 @@ def test_statistics_sabotaged_to_read_every_split(tmp_path, monkeypatch):
     job = statistics_tests._run_make_tasks(tmp_path, "every_split")
     with pytest.raises(CHECK_FAILED):
         statistics_tests.check_statistics_from_train_records(job)
+
+
+# ------------------------------------------ statistics under fuzz (issue 25)
+def test_row_bound_sabotaged_to_keep_huge_values(tmp_path, monkeypatch):
+    from tf_limaml import tasks
+
+    # The +-3e38 bound off: 1e200 passes validation (in the job, which runs
+    # in this process on the in-memory DirectRunner, and in the reference).
+    monkeypatch.setattr(tasks, "MAX_ABS_NUMERIC", float("inf"))
+    with pytest.raises(AssertionError):
+        properties_tests.check_fixed_fuzz_tables(str(tmp_path))
+
+
+def test_fuzz_check_sabotaged_to_write_a_row_twice(tmp_path, monkeypatch):
+    from beam_pipelines import build_tasks
+
+    encode = build_tasks.task_data.encode_task
+
+    def twice(spec, entity_id, meta, support, query):
+        # Every row written is a row of the input (membership holds), one twice.
+        return encode(spec, entity_id, meta, support, list(query) + list(query[:1]))
+
+    monkeypatch.setattr(build_tasks.task_data, "encode_task", twice)
+    with pytest.raises(AssertionError, match="counted with multiplicity"):
+        properties_tests.check_fixed_fuzz_tables(str(tmp_path))
+
+
+def test_overflow_refusal_sabotaged_off(monkeypatch):
+    from tf_limaml import statistics
+
+    monkeypatch.setattr(statistics, "overflowed_components", lambda moments: [])
+    with pytest.raises(CHECK_FAILED):
+        statistics_tests.check_overflowing_moments_are_refused()
 
 
 # ------------------------------- blanks get the mean of the training rows only
