@@ -29,8 +29,10 @@ import test_statistics as statistics_tests
 import test_training as training_tests
 import test_tune as tune_tests
 from guarantees import (
+    MULTI_PROCESSING,
     SimulatedCrash,
     check_blanks_get_the_train_mean,
+    check_child_writes_under,
     check_embed_fails_when_an_entity_is_lost,
     check_embed_fails_when_the_writer_loses_a_record,
     check_every_row_accounted_for,
@@ -38,13 +40,19 @@ from guarantees import (
     check_nonfinite_step_is_not_applied,
     check_resume_runs_only_the_remaining_steps,
     check_the_data_guard_stops_a_job_that_runs_code,
+    check_writes_under,
     drop_one_entity,
     drop_one_written_record,
+    file_bytes,
     make_tasks_with_blank_prices,
     make_tasks_with_every_kind_of_loss,
+    process_env,
+    run_make_tasks_child,
     train_counting_steps,
     unpickle_in_the_data_path,
+    watch_writes,
 )
+from process_hooks.write_watch import leaking_shard_writer
 from serving_fixture import TEST_MAX_SUPPORT, SessionSignatures
 
 from tf_limaml import data, evaluation, step
@@ -327,14 +335,29 @@ def test_zeroing_alone_sabotaged_in_for_the_skip(
 def test_make_tasks_sabotaged_to_shard_by_pythons_hash(tmp_path, monkeypatch):
     from beam_pipelines import shards
 
-    # Python's str hash is salted per process (PYTHONHASHSEED).
+    # Python's str hash, salted per process (PYTHONHASHSEED): in this process
+    # by a monkeypatch, and in the child `limaml make-tasks` and its
+    # multi_processing workers by tests/process_hooks/sitecustomize.py.
     monkeypatch.setattr(shards, "shard_of", lambda key, n: hash(key) % n)
+    env = process_env(_env(), sabotage="shard_by_pythons_hash")
     inputs = reliability_tests._write_split_inputs(str(tmp_path / "in"))
     argv = reliability_tests._make_tasks_argv(inputs, None, "--num-shards", "3")
     with pytest.raises(AssertionError, match="differs between the two processes"):
         check_make_tasks_identical_across_processes(
-            argv, str(tmp_path / "a"), str(tmp_path / "b"), _env()
+            argv, str(tmp_path / "a"), str(tmp_path / "b"), env
         )
+    # What fails is the salt, and the sabotage reaches the child: two
+    # sabotaged children agree with the same PYTHONHASHSEED and differ with
+    # another one.
+    runs = {}
+    for name, seed in (("seed1", "1"), ("seed1_again", "1"), ("seed2", "2")):
+        out = str(tmp_path / name)
+        run_make_tasks_child(
+            [*argv, "--output", out, *MULTI_PROCESSING], {**env, "PYTHONHASHSEED": seed}
+        )
+        runs[name] = file_bytes(out)
+    assert runs["seed1"] == runs["seed1_again"]
+    assert runs["seed1"] != runs["seed2"]
 
 
 def test_training_sabotaged_to_ignore_the_seed(tmp_path, synthetic_tasks):
@@ -562,3 +585,41 @@ def test_data_guard_sabotaged_off(exported, tmp_path, monkeypatch):
         check_the_data_guard_stops_a_job_that_runs_code(
             tmp_path, exported["export_dir"], records
         )
+
+
+# ------------------------------------ every file a job writes is under --output
+def test_writes_sabotaged_outside_output(tmp_path, tmp_path_factory, monkeypatch):
+    from beam_pipelines import make_tasks, shards
+
+    # Each shard write first writes and deletes a file elsewhere: no trace
+    # left on disk, so only a watch of the whole run can see it.
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    leaky = leaking_shard_writer(shards._write_shard, str(elsewhere))
+    monkeypatch.setattr(shards, "_write_shard", leaky)
+    inputs = reliability_tests._write_split_inputs(str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    with watch_writes() as written:
+        make_tasks.run(reliability_tests._make_tasks_argv(inputs, out))
+    assert os.listdir(elsewhere) == []
+    with pytest.raises(AssertionError, match="wrote outside --output"):
+        check_writes_under(written, [out])
+
+
+@pytest.mark.slow  # a second process
+def test_child_writes_sabotaged_outside_output(tmp_path, tmp_path_factory):
+    # In the child and its multi_processing workers, where the shards are written.
+    elsewhere, watch = tmp_path_factory.mktemp("elsewhere"), tmp_path / "watch"
+    watch.mkdir()
+    env = process_env(
+        _env(),
+        sabotage="write_outside_output",
+        watch_dir=str(watch),
+        leak_dir=str(elsewhere),
+    )
+    inputs = reliability_tests._write_split_inputs(str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    argv = reliability_tests._make_tasks_argv(inputs, out, "--num-shards", "3")
+    run_make_tasks_child([*argv, *MULTI_PROCESSING], env)
+    assert os.listdir(elsewhere) == []
+    with pytest.raises(AssertionError, match="wrote outside --output"):
+        check_child_writes_under(str(watch), out)

@@ -32,7 +32,13 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from guarantees import check_make_tasks_identical_across_processes
+from guarantees import (
+    check_child_writes_under,
+    check_make_tasks_identical_across_processes,
+    check_writes_under,
+    process_env,
+    watch_writes,
+)
 from serving_fixture import (
     TEST_MAX_SUPPORT,
     LoopbackServing,
@@ -906,7 +912,15 @@ def test_make_tasks_writes_byte_identical_files(tmp_path):
     # DirectRunner mode (multi_processing).
     first, second = str(tmp_path / "run1"), str(tmp_path / "run2")
     argv = _make_tasks_argv(inputs, None, "--num-shards", "3")
-    a = check_make_tasks_identical_across_processes(argv, first, second, _env())
+    # Beside: every file each run writes, in every process, is under its
+    # --output (an audit hook here, and in the child and its workers).
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    env = process_env(_env(), watch_dir=str(watch))
+    with watch_writes() as written:
+        a = check_make_tasks_identical_across_processes(argv, first, second, env)
+    check_writes_under(written, [first])
+    check_child_writes_under(str(watch), second)
     assert len([n for n in a if n.startswith("train-")]) == 3
     # The GZIP header has no time stamp (MTIME = 0), so the day of the run
     # cannot change the bytes either.
@@ -1130,8 +1144,34 @@ def _snapshot(root: str) -> set[str]:
     return {os.path.join(d, f) for d, _, files in os.walk(root) for f in files}
 
 
-def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
+def _run_both_jobs(tmp_path, tasks_dir: str, embed_dir: str, export_dir: str) -> None:
+    """make-tasks on tmp_path/interactions.csv, then embed of its tasks."""
     from beam_pipelines import generate_embeddings, make_tasks
+
+    make_tasks.run(
+        [
+            "--input",
+            str(tmp_path / "interactions.csv"),
+            "--features",
+            str(tmp_path / "spec.json"),
+            "--output",
+            tasks_dir,
+        ]
+    )
+    generate_embeddings.run(
+        [
+            "--export",
+            export_dir,
+            "--tasks",
+            os.path.join(tasks_dir, "*.tfrecord.gz"),
+            "--output",
+            embed_dir,
+            "--parquet",
+        ]
+    )
+
+
+def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
 
     rows = synthetic.generate_interactions(num_entities=len(HOSTILE_IDS) + 2, seed=6)
     owners = sorted({r["member_id"] for r in rows})
@@ -1150,27 +1190,13 @@ def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
     existed = {p: os.path.exists(p) for p in outside}
 
     tasks_dir, embed_dir = str(tmp_path / "tasks"), str(tmp_path / "embeddings")
-    make_tasks.run(
-        [
-            "--input",
-            str(tmp_path / "interactions.csv"),
-            "--features",
-            str(tmp_path / "spec.json"),
-            "--output",
-            tasks_dir,
-        ]
-    )
-    generate_embeddings.run(
-        [
-            "--export",
-            exported["export_dir"],
-            "--tasks",
-            os.path.join(tasks_dir, "*.tfrecord.gz"),
-            "--output",
-            embed_dir,
-            "--parquet",
-        ]
-    )
+    # The snapshot below sees what is left in tmp_path; the audit hook every
+    # write of the whole run, anywhere, even of a file deleted afterwards.
+    with watch_writes() as written:
+        _run_both_jobs(tmp_path, tasks_dir, embed_dir, exported["export_dir"])
+    check_writes_under(written, [tasks_dir, embed_dir])
+    for root in (tasks_dir, embed_dir):
+        assert any(p.startswith(root + os.sep) for p in written), root
 
     written = _snapshot(str(tmp_path)) - before
     assert written, "the jobs wrote nothing"
