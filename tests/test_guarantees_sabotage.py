@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 import test_distribute as distribute_tests
 import test_health as health_tests
+import test_passes as passes_tests
 import test_properties as properties_tests
 import test_reliability as reliability_tests
 import test_soak as soak_tests
@@ -152,6 +153,31 @@ def test_overflow_refusal_sabotaged_off(monkeypatch):
     monkeypatch.setattr(statistics, "overflowed_components", lambda moments: [])
     with pytest.raises(CHECK_FAILED):
         statistics_tests.check_overflowing_moments_are_refused()
+
+
+def test_passes_vocabulary_sabotaged_to_keep_every_value(tmp_path, monkeypatch):
+    from beam_pipelines import analyze, task_files
+
+    # The prune off: the driver's selection after the last pass keeps every
+    # (value, count) it meets (the spec is still right: only memory grows).
+    monkeypatch.setattr(
+        analyze.VocabularyCombineFn, "_prune", lambda self, acc, force=False: acc
+    )
+    seen = []
+    read_partials = task_files.read_partials
+
+    def spying(output_dir, count):
+        seen.extend(read_partials(output_dir, count))
+        return seen[-count:]
+
+    monkeypatch.setattr(task_files, "read_partials", spying)
+    candidates = passes_tests.spy_on_vocabulary_candidates(monkeypatch)
+    inputs = passes_tests.write_inputs(tmp_path / "in")
+    three = passes_tests._make_tasks(inputs, tmp_path / "three", "--passes", "3")
+    with pytest.raises(AssertionError, match="candidates held"):
+        passes_tests.check_passes_select_vocabularies_in_bounded_memory(
+            three["spec.json"], candidates, seen
+        )
 
 
 # ------------------------------- blanks get the mean of the training rows only
