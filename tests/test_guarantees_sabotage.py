@@ -386,6 +386,26 @@ def test_make_tasks_sabotaged_to_shard_by_pythons_hash(tmp_path, monkeypatch):
     assert runs["seed1"] != runs["seed2"]
 
 
+@pytest.mark.slow  # a second process
+def test_make_tasks_sabotaged_to_break_vocabulary_ties_by_pythons_hash(
+    tmp_path, monkeypatch
+):
+    from beam_pipelines import analyze
+
+    # The analyzers' determinism: item_id's top_k (50) cut falls inside a
+    # tie (25 values seen 7 times, 14 of them kept), which the selection now
+    # breaks by the salted hash of the value, here and in the child and its
+    # workers; two salts keep the same 14 with odds of 1 in C(25, 14) = 4.5M.
+    monkeypatch.setattr(analyze, "_rank", lambda vc: (-vc[1], hash(vc[0])))
+    env = process_env(_env(), sabotage="vocabulary_ties_by_pythons_hash")
+    inputs = reliability_tests._write_split_inputs(str(tmp_path / "in"), analyzed=True)
+    argv = reliability_tests._make_tasks_argv(inputs, None, "--num-shards", "3")
+    with pytest.raises(AssertionError, match="spec.json differs"):
+        check_make_tasks_identical_across_processes(
+            argv, str(tmp_path / "a"), str(tmp_path / "b"), env
+        )
+
+
 def test_training_sabotaged_to_ignore_the_seed(tmp_path, synthetic_tasks):
     # In the child processes, where training runs: each seeds from its pid.
     weights = training_tests.train_in_two_processes(

@@ -11,6 +11,10 @@ off unless its variable is set:
   before any module takes the name, so every caller in the process gets it:
   the sabotage companion of the determinism test switches the SHA-256
   sharding off where the job runs, not only in the test process.
+* LIMAML_TEST_SABOTAGE=vocabulary_ties_by_pythons_hash: the bounded
+  vocabulary selection (`beam_pipelines.analyze._rank`) breaks count ties by
+  `hash(value)` instead of the value: which values a `top_k` cut keeps then
+  depends on PYTHONHASHSEED.
 * LIMAML_TEST_SABOTAGE=write_outside_output: writing a shard first writes
   and deletes a file in LIMAML_TEST_LEAK_DIR (`leaking_shard_writer`), which
   leaves no trace on disk for a snapshot to see.
@@ -30,6 +34,13 @@ if _sabotage == "shard_by_pythons_hash":
         return hash(key) % num_shards
 
     _shards.shard_of = _salted_shard_of
+elif _sabotage == "vocabulary_ties_by_pythons_hash":
+    from beam_pipelines import analyze as _analyze
+
+    def _salted_rank(value_count):
+        return -value_count[1], hash(value_count[0])
+
+    _analyze._rank = _salted_rank
 elif _sabotage == "write_outside_output":
     from write_watch import leaking_shard_writer
 
