@@ -369,7 +369,9 @@ def write_fuzz_tables(tables, directory) -> tuple[list[dict], int]:
     rows, unreadable = [], 0
     for t, (header, lines) in enumerate(tables):
         text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
+        # "\r\n" ends lines: the writer then quotes a cell holding "\r" or
+        # "\n" (with "\n" alone it leaves a "\r" bare, a line break to a reader).
+        writer = csv.writer(text, lineterminator="\r\n")
         writer.writerow(header)
         for kind, cells in lines:
             cells = dict(cells)
@@ -580,6 +582,9 @@ def check_fuzz_job(job: dict, rows: list[dict], unreadable: int) -> collections.
     if job["error"] is not None:
         # Stopped before the blanks were filled: no spec.json, so the records
         # are not a training input; what is checked is that it said why.
+        assert job["error"].startswith("make-tasks stopped: ") or (
+            "'auto': no training value occurs" in job["error"]
+        ), job["error"]
         assert not os.path.exists(os.path.join(out, "spec.json"))
         reached["job stopped in a line"] += 1
         return reached
