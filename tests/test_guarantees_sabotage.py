@@ -129,7 +129,7 @@ def test_row_bound_sabotaged_to_keep_huge_values(tmp_path, monkeypatch):
     # The +-3e38 bound off: 1e200 passes validation (in the job, which runs
     # in this process on the in-memory DirectRunner, and in the reference).
     monkeypatch.setattr(tasks, "MAX_ABS_NUMERIC", float("inf"))
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="records hold non-finite floats"):
         properties_tests.check_fixed_fuzz_tables(str(tmp_path))
 
 
