@@ -31,7 +31,9 @@ JAX and torch run in their own environment (`make bench-peers` creates
 process drives over a pipe: rounds alternate between every implementation,
 and only one of them runs at a time. Every side runs on 2 threads. A round
 times `--steps` steps of one implementation (after a warm-up); the result is
-the median over rounds of tasks/s, with the min and max.
+the median over rounds of tasks/s, with the min and max. The torch peers,
+10 to 300 times slower here, run a fifth (vmap) and a thirtieth (loop) of the
+steps per round.
 
     make bench-peers      # or: python bench/peers.py [--rounds 5] [--steps 300]
         [--baseline REV] [--peer-python .venv-peers/bin/python] [--no-record]
@@ -108,9 +110,7 @@ def jax_step_factory(first_order: bool):
         return bce(fast, xq, yq)
 
     def meta_loss(params, xs, ys, xq, yq):
-        losses = jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(
-            params, xs, ys, xq, yq
-        )
+        losses = jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(params, xs, ys, xq, yq)
         return losses.mean()
 
     optimizer = optax.adam(OUTER_LR)
@@ -178,9 +178,10 @@ def torch_step_factory(first_order: bool, vectorized: bool):
         if vectorized:
             loss = batched(params, xs, ys, xq, yq).mean()
         else:
-            loss = sum(
-                task_loss(params, xs[t], ys[t], xq[t], yq[t]) for t in range(TASKS)
-            ) / TASKS
+            loss = (
+                sum(task_loss(params, xs[t], ys[t], xq[t], yq[t]) for t in range(TASKS))
+                / TASKS
+            )
         loss.backward()
         optimizer.step()
         carry["loss"] = loss
@@ -204,7 +205,7 @@ def worker(framework: str) -> None:
     if framework == "jax":
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
-            + f" --xla_cpu_multi_thread_eigen=true"
+            + " --xla_cpu_multi_thread_eigen=true"
             + f" intra_op_parallelism_threads={THREADS}"
         )
         import jax  # noqa: PLC0415
@@ -408,20 +409,18 @@ def main(argv=None) -> dict:
             key = f"{name}/{order}"
             if not wanted(key):
                 continue
+            warmup = args.warmup if framework == "jax" else min(args.warmup, 3)
             answer = workers[framework].ask(
-                {
-                    "build": key,
-                    "first_order": first_order,
-                    "warmup": args.warmup,
-                    **extra,
-                }
+                {"build": key, "first_order": first_order, "warmup": warmup, **extra}
             )
             first_call[key] = answer["first_call_s"]
             remote[key] = workers[framework]
     samples: dict[str, list[float]] = {name: [] for name in [*local, *remote]}
-    # The slow per-task loop runs a tenth of the steps (its figure is per task).
+    # The torch peers are 10 to 300 times slower: they run a fraction of the
+    # steps per round (a figure is per task, so it compares all the same).
+    fraction = {"torch_vmap": 5, "torch_loop": 30}
     steps_of = {
-        name: max(1, args.steps // 10) if name.startswith("torch_loop") else args.steps
+        name: max(1, args.steps // fraction.get(name.split("/")[0], 1))
         for name in samples
     }
     for _ in range(args.rounds):
@@ -463,6 +462,7 @@ def main(argv=None) -> dict:
             "threads": THREADS,
             "rounds": args.rounds,
             "steps_per_round": steps_of,
+            "tf_limaml_model": "bench/meta_train.py SMALL, one [64] feature",
         },
         "results": results,
         "ratios": ratios,
