@@ -233,9 +233,13 @@ def _rate(cell: dict[str, Any] | None) -> str:
 def peers(records: list[Record]) -> str:
     r = latest(records, "peers")
     results = r["results"]
+    base = r.get("baseline")
+    peers_ = list(_PEERS)
+    if base:
+        peers_.append((f"tf_limaml@{base}", f"tf-limaml as of `{base}`"))
     rows = [
         [label, _rate(results.get(f"{key}/second")), _rate(results.get(f"{key}/first"))]
-        for key, label in _PEERS
+        for key, label in peers_
         if f"{key}/second" in results or f"{key}/first" in results
     ]
     ratios = r.get("ratios", {})
@@ -254,6 +258,16 @@ def peers(records: list[Record]) -> str:
                 target[0],
                 num(first, 2, "×"),
                 target[1],
+            ]
+        )
+    if base:
+        summary.append(
+            [
+                f"tf-limaml / tf-limaml as of `{base}`",
+                num(ratios.get("tf_limaml_over_baseline/second"), 2, "×"),
+                "",
+                num(ratios.get("tf_limaml_over_baseline/first"), 2, "×"),
+                "",
             ]
         )
     config = r.get("config", {})
