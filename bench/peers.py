@@ -38,8 +38,10 @@ steps per round.
     make bench-peers      # or: python bench/peers.py [--rounds 5] [--steps 300]
         [--baseline REV] [--peer-python .venv-peers/bin/python] [--no-record]
 
-With `--baseline REV` the library as of revision REV is timed in the same
-rounds (`bench/meta_train.py`'s `load_baseline`). One JSON record,
+`--hlo DIR` instead writes the optimized HLO of every step to DIR and prints
+the instruction counts of their entry computations (the profile comparison of
+docs/performance.md). With `--baseline REV` the library as of revision REV is
+timed in the same rounds (`bench/meta_train.py`'s `load_baseline`). One JSON record,
 `{"benchmark": "peers", ...}`, printed and appended to `bench/results.jsonl`.
 """
 
@@ -200,7 +202,7 @@ def worker(framework: str) -> None:
 
     {"build": name, "first_order": bool} builds (and warms up) a step;
     {"time": name, "steps": n} runs n steps and answers the seconds;
-    {"hlo": name} answers the compiled HLO text (JAX only).
+    {"hlo": name} answers the optimized HLO text (JAX only).
     """
     if framework == "jax":
         os.environ["XLA_FLAGS"] = (
@@ -264,6 +266,7 @@ class Worker:
 
     def __init__(self, python: str, framework: str):
         env = dict(os.environ)
+        env.pop("XLA_FLAGS", None)  # the main process's dump flags are its own
         env.update(
             OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), PYTHONPATH=""
         )
@@ -352,6 +355,56 @@ def summarize(samples: dict[str, list[float]], steps: int) -> dict[str, dict]:
     return out
 
 
+def hlo_counts(text: str) -> dict[str, int]:
+    """Instructions of an optimized HLO module's entry computation, by kind:
+    loop fusions, library (YNNPACK) fusions, other fusions, dots, copies."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    counts = {"loop_fusion": 0, "library_fusion": 0, "other_fusion": 0}
+    counts.update(dot=0, copy=0)
+    for line in lines[start + 1 :]:
+        if line.startswith("}"):
+            break
+        if " fusion(" in line:
+            if "kind=kLoop" in line:
+                counts["loop_fusion"] += 1
+            elif "kind=kCustom" in line:
+                counts["library_fusion"] += 1
+            else:
+                counts["other_fusion"] += 1
+        elif " dot(" in line:
+            counts["dot"] += 1
+        elif " copy(" in line:
+            counts["copy"] += 1
+    return counts
+
+
+def dump_hlo(directory: str, local: dict, workers: dict) -> dict[str, dict]:
+    """Writes the optimized HLO of the JAX steps and of tf-limaml's compiled
+    steps (XLA's dump, from XLA_FLAGS) to `directory`; returns their counts."""
+    import glob  # noqa: PLC0415
+
+    counts = {}
+    for order, first_order in ORDERS.items():
+        name = f"jax_vmap/{order}"
+        workers["jax"].ask({"build": name, "first_order": first_order})
+        text = workers["jax"].ask({"hlo": name})["hlo"]
+        with open(os.path.join(directory, f"jax_{order}.txt"), "w") as f:
+            f.write(text)
+        counts[name] = hlo_counts(text)
+    # One module per compiled step (module numbers grow with compile order).
+    pattern = os.path.join(
+        directory, "tf", "*inference__lambda*after_optimizations.txt"
+    )
+    dumped = sorted(glob.glob(pattern))
+
+    # The tf-limaml steps were compiled in `local`'s order.
+    for name, path in zip(local, dumped[-len(local) :], strict=False):
+        with open(path, encoding="utf-8") as f:
+            counts[name] = hlo_counts(f.read())
+    return counts
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -365,6 +418,12 @@ def main(argv=None) -> dict:
         default="",
         help="Comma-separated name prefixes to time (e.g. tf_limaml,jax_vmap).",
     )
+    parser.add_argument(
+        "--hlo",
+        metavar="DIR",
+        help="Only dump the optimized HLO of every step to DIR and print the "
+        "instruction counts of each (no timing, no record).",
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     if args.worker:
@@ -377,6 +436,12 @@ def main(argv=None) -> dict:
         )
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.hlo:
+        os.makedirs(os.path.join(args.hlo, "tf"), exist_ok=True)
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_dump_to={os.path.join(args.hlo, 'tf')} --xla_dump_hlo_as_text"
+        )
     sys.path.insert(0, ROOT)
     import tensorflow as tf  # noqa: PLC0415
 
@@ -398,6 +463,11 @@ def main(argv=None) -> dict:
         first_call[name] = time.perf_counter() - start
         time_local(run, sync, args.warmup)
     workers = {"jax": Worker(args.peer_python, "jax")}
+    if args.hlo:
+        counts = dump_hlo(args.hlo, local, workers)
+        workers["jax"].close()
+        print(json.dumps({"hlo": args.hlo, "entry_instructions": counts}), flush=True)
+        return counts
     workers["torch"] = Worker(args.peer_python, "torch")
     remote: dict[str, Worker] = {}
     for order, first_order in ORDERS.items():
