@@ -18,7 +18,7 @@ DOCS_STAMP := $(DOCS_VENV)/.installed-stamp
 DOCS_PACKAGES := mkdocs mkdocs-material "mkdocstrings[python]"
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test test-slow test-all demo demo-synthetic bench lint clean docs docs-install docs-serve docs-results
+.PHONY: install test test-slow test-all demo demo-synthetic bench bench-peers lint clean docs docs-install docs-serve docs-results
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,20 @@ demo-synthetic: install
 bench: install
 	@for b in bench/meta_train.py bench/startup.py bench/train_memory.py bench/serving.py bench/soak.py bench/make_tasks.py bench/large_ids.py; do \
 	  if [ -f $$b ]; then echo "== $$b"; $(PY) $$b || exit 1; fi; done
+
+## The step against hand-written JAX and torch.func MAML (bench/peers.py). The
+## peers live in their own venv, so the main one never gets jax or torch.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
+
+$(PEERS_STAMP):
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q "jax[cpu]" optax torch numpy  # setup.py extra "peers"
+	touch $(PEERS_STAMP)
+
+bench-peers: install $(PEERS_STAMP)
+	$(PY) bench/peers.py --peer-python $(PEERS_VENV)/bin/python
 
 ## The docs site: mkdocs build --strict into site/ (CI runs it; a broken link, an
 ## unknown API name or a missing measured record fails it).

@@ -45,6 +45,9 @@ setup(
         "report": ["matplotlib", "pandas"],
         # The docs site (`make docs` installs these in .venv-docs, pinned).
         "docs": ["mkdocs", "mkdocs-material", "mkdocstrings[python]"],
+        # bench/peers.py's JAX and torch peers (`make bench-peers` installs these
+        # in .venv-peers, never beside TensorFlow in .venv).
+        "peers": ["jax[cpu]", "optax", "torch", "numpy"],
         "test": [
             "pytest",
             "pytest-xdist",

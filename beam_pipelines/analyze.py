@@ -19,7 +19,8 @@ runs in-process); this module only wraps it in plain combiners:
   2 * `top_k` (value, count) pairs and two totals, so no worker holds every
   distinct value of a feature (the old `GroupByKey` did; `bounded=False`
   keeps it, for the bench and the tests that compare the two). A `--passes`
-  run still keeps every value's count: a pass's partial must add up exactly.
+  run counts each pass's values (`CountValues`) and selects after the last
+  pass, in bounded memory too (`beam_pipelines.value_counts`).
 
 Everything meets in one element, the completed `FeatureSpec` as JSON, which
 `WriteTaskFiles` writes to DIR/spec.json in the same job as the records.
@@ -162,6 +163,32 @@ class VocabularyCombineFn(beam.CombineFn):
         )
 
 
+def vocabulary_limits(spec: FeatureSpec) -> dict[str, tuple[int | None, int]]:
+    """{feature name: (top_k, min_count)} of the `"auto"` vocabularies to select."""
+    return {
+        name: (spec.feature(name).top_k, spec.feature(name).min_count)
+        for name in statistics.SpecStatistics(spec).vocab
+    }
+
+
+class CountValues(beam.PTransform):
+    """Analysis elements -> (feature, value, count) of every vocabulary value.
+
+    A pass of a `--passes` run writes these (`value_counts.WriteValueCounts`)
+    instead of holding them in its partial statistics.
+    """
+
+    def expand(self, inputs):
+        return (
+            inputs
+            | "VocabularyInputs"
+            >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == VALUE else [])
+            | "CountValues" >> beam.combiners.Count.PerElement()
+            | "ValueCountTriples"
+            >> beam.MapTuple(lambda name_value, n: (name_value[0], name_value[1], n))
+        )
+
+
 def _rank(value_count: tuple[str, int]) -> tuple[int, str]:
     # `statistics.select_vocabulary`'s order: count descending, value ascending.
     return -value_count[1], value_count[0]
@@ -229,8 +256,9 @@ class AnalyzeFeatures(beam.PTransform):
             wrote (a mean, a vocabulary list) is kept.
         source: Provenance recorded in each completed feature's `statistics`.
         partial: Stop before completing: return one pass's mergeable
-            statistics (`complete_from_partials` merges them), as a run of
-            several passes (`beam_pipelines.passes`) needs.
+            moments (`complete_from_partials` merges them), as a run of
+            several passes (`beam_pipelines.passes`) needs; its vocabulary
+            values are counted by `CountValues` instead.
         counts: Optional PCollection of one dict, make-tasks' summed counts:
             the features it shows blanks of get the training mean as their
             `default` (`tf_limaml.statistics.fill_defaults`).
@@ -240,8 +268,7 @@ class AnalyzeFeatures(beam.PTransform):
 
     Returns (from `expand`): a PCollection of one string, `spec.to_json()` of
     the completed spec (the spec unchanged when it needs nothing); with
-    `partial`, of one JSON-able dict {"moments": {name: moments},
-    "vocabulary": {name: [[value, count], ...]}} with every value's count.
+    `partial`, of one JSON-able dict {"moments": {name: moments}}.
     """
 
     def __init__(
@@ -267,20 +294,19 @@ class AnalyzeFeatures(beam.PTransform):
             | "CombineMoments" >> beam.CombinePerKey(MomentsCombineFn())
             | "TagMoments" >> beam.MapTuple(lambda name, m: (MOMENTS, name, m))
         )
-        # A pass keeps every value's count (passes add them up before the
-        # selection); one run selects the vocabulary here.
+        if self.partial:
+            return (
+                numeric
+                | "AllStatistics" >> beam.combiners.ToList()
+                | "CompleteSpec" >> beam.Map(_partial)
+            )
         value_counts = (
             inputs
             | "VocabularyInputs"
             >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == VALUE else [])
             | "CountValues" >> beam.combiners.Count.PerElement()
         )
-        if self.partial or not self.bounded:
-            counts = (
-                beam.MapTuple(lambda name, pairs: (name, list(pairs)))
-                if self.partial
-                else beam.Map(_vocabulary_counts, self.spec)
-            )
+        if not self.bounded:
             selected = (
                 value_counts
                 | "KeyByFeature"
@@ -288,13 +314,9 @@ class AnalyzeFeatures(beam.PTransform):
                     lambda name_value, n: (name_value[0], (name_value[1], n))
                 )
                 | "GroupByFeature" >> beam.GroupByKey()
-                | "SelectVocabulary" >> counts
+                | "SelectVocabulary" >> beam.Map(_vocabulary_counts, self.spec)
             )
         else:
-            limits = {
-                name: (self.spec.feature(name).top_k, self.spec.feature(name).min_count)
-                for name in statistics.SpecStatistics(self.spec).vocab
-            }
             selected = (
                 value_counts
                 | "KeyByFeature"
@@ -304,14 +326,13 @@ class AnalyzeFeatures(beam.PTransform):
                         (name_value[0], name_value[1], n),
                     )
                 )
-                | "SelectVocabulary" >> beam.CombinePerKey(VocabularyCombineFn(limits))
+                | "SelectVocabulary"
+                >> beam.CombinePerKey(VocabularyCombineFn(vocabulary_limits(self.spec)))
             )
         vocab = selected | "TagVocabulary" >> beam.MapTuple(
             lambda name, c: (VALUE, name, c)
         )
-        if self.partial:
-            finish = beam.Map(_partial)
-        elif self.counts is not None:
+        if self.counts is not None:
             finish = beam.Map(
                 _complete,
                 self.spec,
@@ -344,11 +365,6 @@ def _partial(parts: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
         "moments": {
             name: _moments_dict(value) for kind, name, value in parts if kind == MOMENTS
         },
-        "vocabulary": {
-            name: sorted([value, n] for value, n in pairs)
-            for kind, name, pairs in parts
-            if kind == VALUE
-        },
     }
 
 
@@ -357,6 +373,7 @@ def complete_from_partials(
     partials: Sequence[Mapping[str, Any]],
     source: str = statistics.SOURCE_MAKE_TASKS,
     imputed: Sequence[str] = (),
+    vocab: Mapping[str, statistics.VocabularyCounts] | None = None,
 ) -> str:
     """The completed spec as JSON from every pass's partial statistics.
 
@@ -364,22 +381,19 @@ def complete_from_partials(
     `imputed` features get the training mean as their default.
 
     Moments merge in pass order (Chan's merge; the rounding of
-    `tf_limaml.statistics` makes the result that of one pass), value counts
-    add up exactly before the vocabulary is selected.
+    `tf_limaml.statistics` makes the result that of one pass).
 
     Args:
         spec: The spec as given.
         partials: `AnalyzeFeatures(partial=True)` outputs, one per pass.
         source: Provenance recorded in each completed feature.
+        imputed: Features whose blanks get the training mean.
+        vocab: The selected vocabularies
+            (`beam_pipelines.value_counts.merge_value_counts`).
     """
     numeric: dict[str, statistics.Moments] = {}
-    vocab: dict[str, dict[str, int]] = {}
     for partial in partials:
         for name, obj in sorted(partial["moments"].items()):
             moments = _moments_of(obj)
             numeric[name] = numeric[name].merge(moments) if name in numeric else moments
-        for name, pairs in sorted(partial["vocabulary"].items()):
-            counts = vocab.setdefault(name, {})
-            for value, n in pairs:
-                counts[value] = counts.get(value, 0) + int(n)
-    return completed_json(spec, numeric, vocab, source, imputed)
+    return completed_json(spec, numeric, dict(vocab or {}), source, imputed)

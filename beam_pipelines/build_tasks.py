@@ -26,7 +26,7 @@ from typing import Any
 import apache_beam as beam
 
 from beam_pipelines import data_guard
-from beam_pipelines.analyze import AnalyzeFeatures, analysis_inputs
+from beam_pipelines.analyze import AnalyzeFeatures, CountValues, analysis_inputs
 from beam_pipelines.counting import STATS, CountingDoFn, SumStats
 from beam_pipelines.dead_letter import REJECTED, dead_letter_record
 from beam_pipelines.imputation import FillMissing
@@ -404,8 +404,10 @@ class BuildTasks(beam.PTransform):
         "spec": one string, the JSON of the spec completed with statistics of
             the train entities (`beam_pipelines.analyze.AnalyzeFeatures`);
         "partial" (instead of "stats" and "spec", with a partition): one
-            JSON-able dict, the pass's counts and partial statistics, which
-            `beam_pipelines.task_files.finish_passes` merges.
+            JSON-able dict, the pass's counts and partial moments, which
+            `beam_pipelines.task_files.finish_passes` merges;
+        "value_counts" (with a partition): (feature, value, count) of the
+            pass's `"auto"` vocabulary values.
     """
 
     def __init__(
@@ -526,6 +528,9 @@ class BuildTasks(beam.PTransform):
             analysis = split[ANALYSIS] | "AnalyzeFeatures" >> AnalyzeFeatures(
                 self.spec, partial=True
             )
+            # Each value's count in this pass, written to sorted shards and
+            # selected after the last pass (`beam_pipelines.value_counts`).
+            outputs["value_counts"] = split[ANALYSIS] | "CountValues" >> CountValues()
             outputs["partial"] = counts | "Partial" >> beam.Map(
                 _pass_partial,
                 beam.pvalue.AsSingleton(analysis),

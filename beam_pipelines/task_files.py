@@ -21,7 +21,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipelines.analyze import ERROR_KEY, complete_from_partials, imputed_names
+from beam_pipelines.analyze import (
+    ERROR_KEY,
+    complete_from_partials,
+    imputed_names,
+    vocabulary_limits,
+)
 from beam_pipelines.build_tasks import COLD
 from beam_pipelines.dead_letter import REJECTED
 from beam_pipelines.imputation import fill_files
@@ -33,6 +38,7 @@ from beam_pipelines.passes import (
 )
 from beam_pipelines.shards import TEMP_PREFIX, TEXT, TFRECORD, Partition, WriteShards
 from beam_pipelines.task_stats import finalize_stats, log_conservation
+from beam_pipelines.value_counts import WriteValueCounts, merge_value_counts
 from tf_limaml.features import FeatureSpec
 from tf_limaml.tasks import SPLITS
 
@@ -117,6 +123,10 @@ class WriteTaskFiles(beam.PTransform):
             _ = outputs["partial"] | "WritePartial" >> WritePartial(
                 self.output_dir, self.partition
             )
+            if "value_counts" in outputs and vocabulary_limits(self.spec):
+                _ = outputs["value_counts"] | "WriteValueCounts" >> WriteValueCounts(
+                    self.output_dir, self.partition
+                )
             return outputs
         (
             outputs["stats"]
@@ -152,8 +162,9 @@ def finish_passes(output_dir: str, spec: FeatureSpec, passes: int) -> dict[str, 
     """Merges every pass's partial into DIR/stats.json and DIR/spec.json.
 
     The counts add up, then become stats.json as in a one-pass run
-    (`finalize_stats`); the partial statistics complete the spec
-    (`complete_from_partials`), and the blanks the passes left in their
+    (`finalize_stats`); the partial moments and the vocabularies selected
+    from every pass's value counts (`value_counts.merge_value_counts`, in
+    bounded memory) complete the spec (`complete_from_partials`), and the blanks the passes left in their
     records get the training means (`imputation.fill_files`). The partial
     files are deleted.
 
@@ -171,7 +182,10 @@ def finish_passes(output_dir: str, spec: FeatureSpec, passes: int) -> dict[str, 
     log_conservation(stats)
     write_text(output_dir, "stats.json", json.dumps(stats, indent=2))
     analyses = [partial["analysis"] for partial in partials]
-    completed = complete_from_partials(spec, analyses, imputed=imputed_names(counts))
+    vocab = merge_value_counts(output_dir, spec)
+    completed = complete_from_partials(
+        spec, analyses, imputed=imputed_names(counts), vocab=vocab
+    )
     write_text(output_dir, "spec.json", completed)
     obj = json.loads(completed)
     if ERROR_KEY not in obj:

@@ -212,6 +212,88 @@ def meta_train_small(records: list[Record]) -> str:
     return "\n\n".join(text)
 
 
+_PEERS = (
+    ("torch_loop", "torch.func, per-task loop"),
+    ("torch_vmap", "torch.func.vmap"),
+    ("jax_vmap", "JAX: one `jax.jit`, `jax.vmap` over tasks, optax Adam"),
+    ("tf_limaml", "**tf-limaml** (`LiMAMLModel`'s Keras train function)"),
+)
+
+
+def _rate(cell: dict[str, Any] | None) -> str:
+    """'9,826 (9,100–10,300)': the median over rounds and its spread."""
+    if not cell:
+        return ""
+    return (
+        f"{num(cell['tasks_per_s'], 0)} "
+        f"({num(cell['min'], 0)}–{num(cell['max'], 0)})"
+    )
+
+
+def peers(records: list[Record]) -> str:
+    r = latest(records, "peers")
+    results = r["results"]
+    base = r.get("baseline")
+    peers_ = list(_PEERS)
+    if base:
+        peers_.append((f"tf_limaml@{base}", f"tf-limaml as of `{base}`"))
+    rows = [
+        [label, _rate(results.get(f"{key}/second")), _rate(results.get(f"{key}/first"))]
+        for key, label in peers_
+        if f"{key}/second" in results or f"{key}/first" in results
+    ]
+    ratios = r.get("ratios", {})
+    targets = {"jax_vmap": ("≥ 1.5×", "≥ 1.0×"), "torch_loop": ("≥ 10×", "≥ 10×")}
+    summary = []
+    for key, label in _PEERS[:3]:
+        second = ratios.get(f"tf_limaml_over_{key}/second")
+        first = ratios.get(f"tf_limaml_over_{key}/first")
+        if second is None and first is None:
+            continue
+        target = targets.get(key, ("", ""))
+        summary.append(
+            [
+                f"tf-limaml / {label.split(':')[0]}",
+                num(second, 2, "×"),
+                target[0],
+                num(first, 2, "×"),
+                target[1],
+            ]
+        )
+    if base:
+        summary.append(
+            [
+                f"tf-limaml / tf-limaml as of `{base}`",
+                num(ratios.get("tf_limaml_over_baseline/second"), 2, "×"),
+                "",
+                num(ratios.get("tf_limaml_over_baseline/first"), 2, "×"),
+                "",
+            ]
+        )
+    config = r.get("config", {})
+    steps = config.get("steps_per_round", {})
+    note = (
+        f"*{config.get('rounds')} alternated rounds; per round "
+        f"{steps.get('tf_limaml/second', '')} steps of tf-limaml and JAX, "
+        f"{steps.get('torch_vmap/second', '')} of torch.func.vmap and "
+        f"{steps.get('torch_loop/second', '')} of the loop. Tasks/s: the median "
+        "over rounds (min–max). Peers: "
+        + ", ".join(f"{k} {v}" for k, v in r.get("peer_versions", {}).items())
+        + ".*"
+    )
+    return "\n\n".join(
+        [
+            source(r),
+            table(["implementation", "2nd order, tasks/s", "1st order, tasks/s"], rows),
+            table(
+                ["ratio", "2nd order", "target", "1st order", "target"],
+                summary,
+            ),
+            note,
+        ]
+    )
+
+
 def large_ids(records: list[Record]) -> str:
     found = select(records, "large_ids")
     if not found:
@@ -548,6 +630,7 @@ def own_data(records: list[Record]) -> str:
 TABLES: dict[str, Callable[[list[Record]], str]] = {
     "meta_train_reference": meta_train_reference,
     "meta_train_small": meta_train_small,
+    "peers": peers,
     "large_ids": large_ids,
     "other_benchmarks": other_benchmarks,
     "scale_passes": scale_passes,

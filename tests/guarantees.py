@@ -9,12 +9,14 @@ be able to fail.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 
 import numpy as np
 import pytest
+from process_hooks import write_watch
 
 TASK_SPLITS = ("train", "val", "test")
 
@@ -310,6 +312,23 @@ def other_hash_seed() -> str:
     return "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
 
 
+MULTI_PROCESSING = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
+
+
+def run_make_tasks_child(argv, env) -> None:
+    """`limaml make-tasks ARGV` in a child process (raises if it fails)."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "tf_limaml.cli", "make-tasks", *argv],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+
 def check_make_tasks_identical_across_processes(argv, first: str, second: str, env):
     """make-tasks in this process (in memory) and in another process (another
     PYTHONHASHSEED, multi_processing) write byte-identical files.
@@ -323,34 +342,148 @@ def check_make_tasks_identical_across_processes(argv, first: str, second: str, e
     Returns:
         The files of the first run, by name.
     """
-    import subprocess
-    import sys
-
     from beam_pipelines import make_tasks
 
     make_tasks.run([*argv, "--output", first])
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tf_limaml.cli",
-            "make-tasks",
-            *argv,
-            "--output",
-            second,
-            "--direct_running_mode=multi_processing",
-            "--direct_num_workers=2",
-        ],
-        env={**env, "PYTHONHASHSEED": other_hash_seed()},
-        check=True,
-        capture_output=True,
-        timeout=600,
+    run_make_tasks_child(
+        [*argv, "--output", second, *MULTI_PROCESSING],
+        {**env, "PYTHONHASHSEED": other_hash_seed()},
     )
     a, b = file_bytes(first), file_bytes(second)
     assert sorted(a) == sorted(b), (sorted(a), sorted(b))
     for name in a:
         assert a[name] == b[name], f"{name} differs between the two processes"
     return a
+
+
+# ---------------------------------- test-only hooks in the processes tests start
+HOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "process_hooks")
+
+
+def process_env(
+    env: dict,
+    sabotage: str | None = None,
+    watch_dir: str | None = None,
+    leak_dir: str | None = None,
+) -> dict:
+    """`env` for a child process with tests/process_hooks/sitecustomize.py on.
+
+    Args:
+        env: The child's environment (its PYTHONPATH must name the repository).
+        sabotage: LIMAML_TEST_SABOTAGE (see sitecustomize.py).
+        watch_dir: LIMAML_TEST_WRITE_WATCH: every process reports its writes
+            there (`reported_writes`).
+        leak_dir: LIMAML_TEST_LEAK_DIR, for the "write_outside_output" sabotage.
+    """
+    out = dict(env)
+    out["PYTHONPATH"] = os.pathsep.join(
+        p for p in (HOOKS_DIR, env.get("PYTHONPATH")) if p
+    )
+    for name, value in (
+        ("LIMAML_TEST_SABOTAGE", sabotage),
+        ("LIMAML_TEST_WRITE_WATCH", watch_dir),
+        ("LIMAML_TEST_LEAK_DIR", leak_dir),
+    ):
+        if value is not None:
+            out[name] = value
+    if watch_dir is not None:
+        # The interpreter's bytecode cache is not the job's output.
+        out["PYTHONDONTWRITEBYTECODE"] = "1"
+    return out
+
+
+# --------------------------------------------- every file a job writes is under --output
+@contextlib.contextmanager
+def watch_writes():
+    """Every path this process writes while the block runs (an audit hook).
+
+    Yields the list the hook fills: the absolute path of every file opened
+    for writing, created, renamed (both names), removed or truncated, by any
+    thread (the in-memory DirectRunner runs its steps on threads of this
+    process).
+    """
+    written: list[str] = []
+
+    def sink(event: str, path: str) -> None:
+        written.append(path)
+
+    write_watch.start(sink)
+    try:
+        yield written
+    finally:
+        write_watch.stop(sink)
+
+
+def reported_writes(watch_dir: str) -> dict[int, list[str]]:
+    """{pid: paths} that the watched child processes reported (`process_env`)."""
+    out: dict[int, list[str]] = {}
+    for path in sorted(glob.glob(os.path.join(watch_dir, "writes-*.jsonl"))):
+        pid = int(os.path.basename(path)[len("writes-") : -len(".jsonl")])
+        with open(path, encoding="utf-8") as f:
+            out[pid] = [json.loads(line)["path"] for line in f]
+    return out
+
+
+def _under(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root + os.sep)
+
+
+# The only writes allowed outside --output, by name, relative to
+# tempfile.gettempdir(): Beam's own files (the pipeline's local temp dirs, the
+# pickled main session that `save_main_session` checks and the stager stages,
+# each in a fresh `tempfile.mkdtemp()` directory), and the file of 8 random
+# characters that `tempfile` writes and removes once per process to find a
+# writable temp directory. And os.devnull, which stores nothing.
+RUNNER_TEMP_PATTERNS = (
+    "beam-pipeline-temp*",
+    "beam-temp*",
+    "tmp*/main_session.pickle",
+    "tmp*/pickled_main_session",
+    "[a-z0-9_]" * 8,
+)
+
+
+def _runner_temp(path: str) -> bool:
+    import fnmatch
+    import tempfile
+
+    if path == os.devnull:
+        return True
+    temp = os.path.realpath(tempfile.gettempdir())
+    path = os.path.realpath(path)
+    if not path.startswith(temp + os.sep):
+        return False
+    relative = os.path.relpath(path, temp)
+    # The mkdtemp() directory that holds a pickled main session.
+    if os.sep not in relative and fnmatch.fnmatch(relative, "tmp*"):
+        return True
+    return any(fnmatch.fnmatch(relative, p) for p in RUNNER_TEMP_PATTERNS)
+
+
+def check_writes_under(written, roots) -> None:
+    """Every path in `written` is under one of `roots` (or is Beam's temp file)."""
+    assert written, "the watch saw no write: is the audit hook on?"
+    outside = sorted(
+        {
+            p
+            for p in written
+            if not any(_under(p, r) for r in roots) and not _runner_temp(p)
+        }
+    )
+    assert not outside, f"the job wrote outside --output {list(roots)}: {outside}"
+
+
+def check_child_writes_under(watch_dir: str, root: str) -> dict[int, list[str]]:
+    """Every process of a watched child job wrote only under `root`; more than
+    one process reported (the DirectRunner's multi_processing workers)."""
+    reports = reported_writes(watch_dir)
+    writers = [pid for pid, paths in reports.items() if paths]
+    assert len(writers) >= 2, f"writes reported by processes {writers} only"
+    for paths in reports.values():
+        if paths:
+            check_writes_under(paths, [root])
+    return reports
 
 
 # ------------------------------------------------ every entity is accounted for

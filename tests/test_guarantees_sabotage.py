@@ -22,14 +22,18 @@ import pytest
 import tensorflow as tf
 import test_distribute as distribute_tests
 import test_health as health_tests
+import test_passes as passes_tests
+import test_properties as properties_tests
 import test_reliability as reliability_tests
 import test_soak as soak_tests
 import test_statistics as statistics_tests
 import test_training as training_tests
 import test_tune as tune_tests
 from guarantees import (
+    MULTI_PROCESSING,
     SimulatedCrash,
     check_blanks_get_the_train_mean,
+    check_child_writes_under,
     check_embed_fails_when_an_entity_is_lost,
     check_embed_fails_when_the_writer_loses_a_record,
     check_every_row_accounted_for,
@@ -37,13 +41,19 @@ from guarantees import (
     check_nonfinite_step_is_not_applied,
     check_resume_runs_only_the_remaining_steps,
     check_the_data_guard_stops_a_job_that_runs_code,
+    check_writes_under,
     drop_one_entity,
     drop_one_written_record,
+    file_bytes,
     make_tasks_with_blank_prices,
     make_tasks_with_every_kind_of_loss,
+    process_env,
+    run_make_tasks_child,
     train_counting_steps,
     unpickle_in_the_data_path,
+    watch_writes,
 )
+from process_hooks.write_watch import leaking_shard_writer
 from serving_fixture import TEST_MAX_SUPPORT, SessionSignatures
 
 from tf_limaml import data, evaluation, step
@@ -110,6 +120,64 @@ def test_statistics_sabotaged_to_read_every_split(tmp_path, monkeypatch):
     job = statistics_tests._run_make_tasks(tmp_path, "every_split")
     with pytest.raises(CHECK_FAILED):
         statistics_tests.check_statistics_from_train_records(job)
+
+
+# ------------------------------------------ statistics under fuzz (issue 25)
+def test_row_bound_sabotaged_to_keep_huge_values(tmp_path, monkeypatch):
+    from tf_limaml import tasks
+
+    # The +-3e38 bound off: 1e200 passes validation (in the job, which runs
+    # in this process on the in-memory DirectRunner, and in the reference).
+    monkeypatch.setattr(tasks, "MAX_ABS_NUMERIC", float("inf"))
+    with pytest.raises(AssertionError, match="records hold non-finite floats"):
+        properties_tests.check_fixed_fuzz_tables(str(tmp_path))
+
+
+def test_fuzz_check_sabotaged_to_write_a_row_twice(tmp_path, monkeypatch):
+    from beam_pipelines import build_tasks
+
+    encode = build_tasks.task_data.encode_task
+
+    def twice(spec, entity_id, meta, support, query):
+        # Every row written is a row of the input (membership holds), one twice.
+        return encode(spec, entity_id, meta, support, list(query) + list(query[:1]))
+
+    monkeypatch.setattr(build_tasks.task_data, "encode_task", twice)
+    with pytest.raises(AssertionError, match="counted with multiplicity"):
+        properties_tests.check_fixed_fuzz_tables(str(tmp_path))
+
+
+def test_overflow_refusal_sabotaged_off(monkeypatch):
+    from tf_limaml import statistics
+
+    monkeypatch.setattr(statistics, "overflowed_components", lambda moments: [])
+    with pytest.raises(CHECK_FAILED):
+        statistics_tests.check_overflowing_moments_are_refused()
+
+
+def test_passes_vocabulary_sabotaged_to_keep_every_value(tmp_path, monkeypatch):
+    from beam_pipelines import analyze, task_files
+
+    # The prune off: the driver's selection after the last pass keeps every
+    # (value, count) it meets (the spec is still right: only memory grows).
+    monkeypatch.setattr(
+        analyze.VocabularyCombineFn, "_prune", lambda self, acc, force=False: acc
+    )
+    seen = []
+    read_partials = task_files.read_partials
+
+    def spying(output_dir, count):
+        seen.extend(read_partials(output_dir, count))
+        return seen[-count:]
+
+    monkeypatch.setattr(task_files, "read_partials", spying)
+    candidates = passes_tests.spy_on_vocabulary_candidates(monkeypatch)
+    inputs = passes_tests.write_inputs(tmp_path / "in")
+    three = passes_tests._make_tasks(inputs, tmp_path / "three", "--passes", "3")
+    with pytest.raises(AssertionError, match="candidates held"):
+        passes_tests.check_passes_select_vocabularies_in_bounded_memory(
+            three["spec.json"], candidates, seen
+        )
 
 
 # ------------------------------- blanks get the mean of the training rows only
@@ -293,13 +361,48 @@ def test_zeroing_alone_sabotaged_in_for_the_skip(
 def test_make_tasks_sabotaged_to_shard_by_pythons_hash(tmp_path, monkeypatch):
     from beam_pipelines import shards
 
-    # Python's str hash is salted per process (PYTHONHASHSEED).
+    # Python's str hash, salted per process (PYTHONHASHSEED): in this process
+    # by a monkeypatch, and in the child `limaml make-tasks` and its
+    # multi_processing workers by tests/process_hooks/sitecustomize.py.
     monkeypatch.setattr(shards, "shard_of", lambda key, n: hash(key) % n)
+    env = process_env(_env(), sabotage="shard_by_pythons_hash")
     inputs = reliability_tests._write_split_inputs(str(tmp_path / "in"))
     argv = reliability_tests._make_tasks_argv(inputs, None, "--num-shards", "3")
     with pytest.raises(AssertionError, match="differs between the two processes"):
         check_make_tasks_identical_across_processes(
-            argv, str(tmp_path / "a"), str(tmp_path / "b"), _env()
+            argv, str(tmp_path / "a"), str(tmp_path / "b"), env
+        )
+    # What fails is the salt, and the sabotage reaches the child: two
+    # sabotaged children agree with the same PYTHONHASHSEED and differ with
+    # another one.
+    runs = {}
+    for name, seed in (("seed1", "1"), ("seed1_again", "1"), ("seed2", "2")):
+        out = str(tmp_path / name)
+        run_make_tasks_child(
+            [*argv, "--output", out, *MULTI_PROCESSING], {**env, "PYTHONHASHSEED": seed}
+        )
+        runs[name] = file_bytes(out)
+    assert runs["seed1"] == runs["seed1_again"]
+    assert runs["seed1"] != runs["seed2"]
+
+
+@pytest.mark.slow  # a second process
+def test_make_tasks_sabotaged_to_break_vocabulary_ties_by_pythons_hash(
+    tmp_path, monkeypatch
+):
+    from beam_pipelines import analyze
+
+    # The analyzers' determinism: item_id's top_k (50) cut falls inside a
+    # tie (25 values seen 7 times, 14 of them kept), which the selection now
+    # breaks by the salted hash of the value, here and in the child and its
+    # workers; two salts keep the same 14 with odds of 1 in C(25, 14) = 4.5M.
+    monkeypatch.setattr(analyze, "_rank", lambda vc: (-vc[1], hash(vc[0])))
+    env = process_env(_env(), sabotage="vocabulary_ties_by_pythons_hash")
+    inputs = reliability_tests._write_split_inputs(str(tmp_path / "in"), analyzed=True)
+    argv = reliability_tests._make_tasks_argv(inputs, None, "--num-shards", "3")
+    with pytest.raises(AssertionError, match="spec.json differs"):
+        check_make_tasks_identical_across_processes(
+            argv, str(tmp_path / "a"), str(tmp_path / "b"), env
         )
 
 
@@ -528,3 +631,41 @@ def test_data_guard_sabotaged_off(exported, tmp_path, monkeypatch):
         check_the_data_guard_stops_a_job_that_runs_code(
             tmp_path, exported["export_dir"], records
         )
+
+
+# ------------------------------------ every file a job writes is under --output
+def test_writes_sabotaged_outside_output(tmp_path, tmp_path_factory, monkeypatch):
+    from beam_pipelines import make_tasks, shards
+
+    # Each shard write first writes and deletes a file elsewhere: no trace
+    # left on disk, so only a watch of the whole run can see it.
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    leaky = leaking_shard_writer(shards._write_shard, str(elsewhere))
+    monkeypatch.setattr(shards, "_write_shard", leaky)
+    inputs = reliability_tests._write_split_inputs(str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    with watch_writes() as written:
+        make_tasks.run(reliability_tests._make_tasks_argv(inputs, out))
+    assert os.listdir(elsewhere) == []
+    with pytest.raises(AssertionError, match="wrote outside --output"):
+        check_writes_under(written, [out])
+
+
+@pytest.mark.slow  # a second process
+def test_child_writes_sabotaged_outside_output(tmp_path, tmp_path_factory):
+    # In the child and its multi_processing workers, where the shards are written.
+    elsewhere, watch = tmp_path_factory.mktemp("elsewhere"), tmp_path / "watch"
+    watch.mkdir()
+    env = process_env(
+        _env(),
+        sabotage="write_outside_output",
+        watch_dir=str(watch),
+        leak_dir=str(elsewhere),
+    )
+    inputs = reliability_tests._write_split_inputs(str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    argv = reliability_tests._make_tasks_argv(inputs, out, "--num-shards", "3")
+    run_make_tasks_child([*argv, *MULTI_PROCESSING], env)
+    assert os.listdir(elsewhere) == []
+    with pytest.raises(AssertionError, match="wrote outside --output"):
+        check_child_writes_under(str(watch), out)

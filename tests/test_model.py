@@ -670,6 +670,32 @@ def test_train_function_follows_each_new_iterator(synthetic_tasks, synthetic_spe
     assert len(history.history["loss"]) == 2
 
 
+def test_train_function_flat_call_matches_the_structured_call(
+    synthetic_tasks, synthetic_spec, monkeypatch
+):
+    # IteratorDispatch calls the concrete function flat; without the flat
+    # inputs (another TensorFlow) it calls it as usual. Same steps either way.
+    from tf_limaml import step  # noqa: PLC0415
+
+    dataset = data.task_dataset(synthetic_tasks["train"], synthetic_spec, 4, 8, 8)
+    batch = next(iter(dataset))
+    runs = []
+    for flat in (True, False):
+        if not flat:
+            monkeypatch.setattr(step, "_flat_inputs", lambda concrete, iterator: None)
+        tf.keras.utils.set_random_seed(3)
+        model = LiMAMLModel(synthetic_spec, meta_units=[4], global_units=[4])
+        model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+        train_function = model.make_train_function()
+        iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+        losses = [float(train_function(iterator)["loss"]) for _ in range(3)]
+        assert (train_function._flat_inputs is not None) == flat
+        runs.append((losses, [v.numpy() for v in model.trainable_variables]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(
     "optimizer",
     [

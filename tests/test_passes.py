@@ -23,6 +23,8 @@ from tf_limaml import tasks as task_rules
 from tf_limaml.datasets import synthetic
 from tf_limaml.features import FeatureSpec
 
+ITEM_TOP_K = 5
+
 
 def _types_only_spec() -> FeatureSpec:
     """The synthetic spec with every statistic left to the data."""
@@ -32,6 +34,9 @@ def _types_only_spec() -> FeatureSpec:
             feature.pop(key, None)
         if feature["name"] in ("segment", "topics"):
             feature["vocabulary"] = "auto"
+        if feature["name"] == "item_id":  # selected in bounded memory
+            feature.update(vocabulary="auto", top_k=ITEM_TOP_K)
+            del feature["hash_buckets"]
     spec = FeatureSpec.from_dict(obj)
     assert set(spec.missing_statistics()) >= {"segment", "activity", "topics", "f0"}
     return spec
@@ -39,8 +44,12 @@ def _types_only_spec() -> FeatureSpec:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
+    return write_inputs(tmp_path_factory.mktemp("passes_in"))
+
+
+def write_inputs(directory):
     """Interactions with bad rows, an entity table with a bad row, a types-only spec."""
-    directory = tmp_path_factory.mktemp("passes_in")
+    directory.mkdir(parents=True, exist_ok=True)
     rows = synthetic.generate_interactions(num_entities=150, seed=6)
     rows += [
         dict(rows[0], clicked="maybe"),
@@ -106,7 +115,11 @@ def test_make_tasks_in_passes_writes_the_files_of_one_pass(
     monkeypatch.setattr(task_rules, "validate_row", counting)
     one = _make_tasks(inputs, tmp_path / "one")
     validated_in_one_pass = len(validated)
+    candidates = spy_on_vocabulary_candidates(monkeypatch)
     three = _make_tasks(inputs, tmp_path / "three", "--passes", "3")
+    check_passes_select_vocabularies_in_bounded_memory(
+        three["spec.json"], candidates, seen
+    )
     # A pass drops other passes' rows before validating them: only the row
     # without an entity id is validated by every pass.
     assert len(validated) - validated_in_one_pass == validated_in_one_pass + 2
@@ -143,6 +156,41 @@ def test_make_tasks_in_passes_writes_the_files_of_one_pass(
     assert len(seen) == 3
     read = [dict((tuple(k), n) for k, n in p["counts"])[("rows_read",)] for p in seen]
     assert sum(read) == stats["rows_read"] and max(read) < stats["rows_read"]
+
+
+def spy_on_vocabulary_candidates(monkeypatch) -> list[int]:
+    """The candidates a `VocabularyCombineFn` accumulator holds after each input."""
+    from beam_pipelines import analyze
+
+    sizes: list[int] = []
+    add_input = analyze.VocabularyCombineFn.add_input
+
+    def recording(self, accumulator, element):
+        accumulator = add_input(self, accumulator, element)
+        sizes.append(len(accumulator[3]))
+        return accumulator
+
+    monkeypatch.setattr(analyze.VocabularyCombineFn, "add_input", recording)
+    return sizes
+
+
+def check_passes_select_vocabularies_in_bounded_memory(
+    spec_json: bytes, candidates: list[int], partials: list[dict]
+) -> None:
+    """A --passes run's item_id vocabulary (top_k) came from a bounded selection.
+
+    No pass's partial holds values, and the driver's selection
+    (`value_counts.merge_value_counts`) never held more than 2 * top_k + 2
+    candidates of item_id, whose distinct values are more than that.
+    """
+    spec = FeatureSpec.from_json(spec_json.decode())
+    item = spec.feature("item_id")
+    assert len(item.vocabulary) == ITEM_TOP_K
+    assert item.statistics["distinct"] > 4 * (2 * ITEM_TOP_K + 2), item.statistics
+    for partial in partials:
+        assert set(partial["analysis"]) == {"moments"}, sorted(partial["analysis"])
+    assert candidates, "no bounded selection ran in this process"
+    assert max(candidates) <= 2 * ITEM_TOP_K + 2, f"{max(candidates)} candidates held"
 
 
 def test_a_pass_that_keeps_another_pass_s_records_fails(inputs, tmp_path, monkeypatch):

@@ -32,7 +32,13 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from guarantees import check_make_tasks_identical_across_processes
+from guarantees import (
+    check_child_writes_under,
+    check_make_tasks_identical_across_processes,
+    check_writes_under,
+    process_env,
+    watch_writes,
+)
 from serving_fixture import (
     TEST_MAX_SUPPORT,
     LoopbackServing,
@@ -44,6 +50,7 @@ from tf_limaml import data, export
 from tf_limaml.datasets import synthetic
 from tf_limaml.export import commands as export_commands
 from tf_limaml.export import versions as export_versions
+from tf_limaml.features import FeatureSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -865,13 +872,52 @@ def check_cli_user_error(result, command: str, message: str) -> None:
 
 
 # -------------------------------------------------------------- determinism
-def _write_split_inputs(directory, num_entities=60, parts=3, seed=4) -> str:
+# The synthetic spec with everything left to the analyzers: "auto"
+# vocabularies (one with top_k), normalized numerics without mean/std (one
+# log1p), and a numeric fed raw whose blanks get the training mean.
+ANALYZED = {
+    "segment": {"vocabulary": "auto"},
+    "activity": {"mean": None, "std": None},
+    "item_id": {"vocabulary": "auto", "top_k": 50, "hash_buckets": None},
+    "topics": {"vocabulary": "auto"},
+    "f0": {"mean": None, "std": None, "transform": "log1p", "statistics": None},
+    "f1": {"normalize": False, "mean": None, "std": None, "statistics": None},
+    "f2": {"mean": None, "std": None, "statistics": None},
+}
+
+
+def analyzed_spec() -> dict:
+    obj = synthetic.synthetic_spec().to_dict()
+    for part in ("meta_features", "request_features"):
+        for entry in obj[part]:
+            entry.update(ANALYZED.get(entry["name"], {}))
+            for key in [k for k, v in entry.items() if v is None]:
+                del entry[key]
+    return obj
+
+
+def _write_split_inputs(
+    directory, num_entities=60, parts=3, seed=4, analyzed: bool = False
+) -> str:
+    """Synthetic interactions in `parts` CSV files and their spec.json.
+
+    With `analyzed`, the spec is `analyzed_spec()` and some f1 and activity
+    cells are blank, so every analyzer make-tasks has runs.
+    """
     rows = synthetic.generate_interactions(num_entities=num_entities, seed=seed)
     rows.append(dict(rows[0], clicked="maybe"))  # one row for the dead letter
+    if analyzed:
+        for i, row in enumerate(rows):
+            if i % 7 == 3:
+                row["f1"] = ""
+            if i % 11 == 5:
+                row["activity"] = ""
     os.makedirs(directory, exist_ok=True)
     for k in range(parts):
         synthetic.write_csv(rows[k::parts], os.path.join(directory, f"part-{k}.csv"))
-    synthetic.synthetic_spec().save(os.path.join(directory, "spec.json"))
+    spec = analyzed_spec() if analyzed else synthetic.synthetic_spec().to_dict()
+    with open(os.path.join(directory, "spec.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f)
     return os.path.join(directory, "part-*.csv")
 
 
@@ -898,15 +944,37 @@ def _make_tasks_argv(inputs, output, *extra):
     ]
 
 
+def check_the_analyzers_ran(directory: str) -> None:
+    """spec.json of an `analyzed` input holds what the analyzers computed."""
+    spec = FeatureSpec.load(os.path.join(directory, "spec.json"))
+    assert spec.missing_statistics() == []
+    assert len(spec.feature("item_id").vocabulary) == 50
+    assert spec.feature("segment").vocabulary and spec.feature("topics").vocabulary
+    for name in ("activity", "f0", "f2"):
+        assert spec.feature(name).statistics["source"] == "make_tasks", name
+    assert spec.feature("f1").default is not None  # blanks: the training mean
+
+
 def test_make_tasks_writes_byte_identical_files(tmp_path):
-    inputs = _write_split_inputs(str(tmp_path / "in"))
+    # The spec leaves statistics, vocabularies and blanks' means to the
+    # analyzers, so their merges are compared too.
+    inputs = _write_split_inputs(str(tmp_path / "in"), analyzed=True)
     # Three shards: Beam's own sinks would put each record in a shard picked
     # at random (and order it by bundle), so two runs would rarely match. The
     # second run is another process, with another PYTHONHASHSEED and the other
     # DirectRunner mode (multi_processing).
     first, second = str(tmp_path / "run1"), str(tmp_path / "run2")
     argv = _make_tasks_argv(inputs, None, "--num-shards", "3")
-    a = check_make_tasks_identical_across_processes(argv, first, second, _env())
+    # Beside: every file each run writes, in every process, is under its
+    # --output (an audit hook here, and in the child and its workers).
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    env = process_env(_env(), watch_dir=str(watch))
+    with watch_writes() as written:
+        a = check_make_tasks_identical_across_processes(argv, first, second, env)
+    check_writes_under(written, [first])
+    check_child_writes_under(str(watch), second)
+    check_the_analyzers_ran(first)
     assert len([n for n in a if n.startswith("train-")]) == 3
     # The GZIP header has no time stamp (MTIME = 0), so the day of the run
     # cannot change the bytes either.
@@ -936,17 +1004,25 @@ def test_make_tasks_writes_byte_identical_files(tmp_path):
 
 @pytest.mark.slow
 def test_make_tasks_is_byte_identical_across_processes_and_running_modes(tmp_path):
-    inputs = _write_split_inputs(str(tmp_path / "in"), num_entities=200)
+    """Every analyzer, with and without --passes, in both DirectRunner modes.
+
+    Six child processes, each with its own PYTHONHASHSEED: in memory and
+    multi_processing, each in one pass and in three (`--passes 3`, whose
+    partial statistics the driver merges), and in memory with another seed.
+    """
+    inputs = _write_split_inputs(str(tmp_path / "in"), num_entities=200, analyzed=True)
+    in_memory = ["--direct_running_mode=in_memory"]
+    multi = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    passes = ["--passes", "3"]
     runs = {
-        "in_memory_hashseed_1": ({"PYTHONHASHSEED": "1"}, []),
-        "in_memory_hashseed_2": ({"PYTHONHASHSEED": "2"}, []),
-        "multi_processing": (
-            {},
-            ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
-        ),
+        "in_memory_hashseed_1": ("1", in_memory),
+        "in_memory_hashseed_2": ("2", in_memory),
+        "multi_processing": ("3", multi),
+        "in_memory_passes": ("4", in_memory + passes),
+        "multi_processing_passes": ("5", multi + passes),
     }
     outputs = {}
-    for name, (env, flags) in runs.items():
+    for name, (seed, flags) in runs.items():
         out = str(tmp_path / name)
         subprocess.run(
             [
@@ -954,18 +1030,22 @@ def test_make_tasks_is_byte_identical_across_processes_and_running_modes(tmp_pat
                 "-m",
                 "tf_limaml.cli",
                 "make-tasks",
-                *_make_tasks_argv(inputs, out),
+                *_make_tasks_argv(inputs, out, "--num-shards", "3"),
                 *flags,
             ],
-            env=_env(**env),
+            env=_env(PYTHONHASHSEED=seed),
             check=True,
             capture_output=True,
             timeout=600,
         )
         outputs[name] = _file_bytes(out)
+    check_the_analyzers_ran(str(tmp_path / "in_memory_hashseed_1"))
     reference = outputs.pop("in_memory_hashseed_1")
+    assert "spec.json" in reference and len(reference) > 6, sorted(reference)
     for name, files in outputs.items():
-        assert files == reference, f"{name} wrote different files"
+        assert sorted(files) == sorted(reference), name
+        for file in reference:
+            assert files[file] == reference[file], f"{name} wrote another {file}"
 
 
 # ----------------------------------------------------------------- security
@@ -1130,8 +1210,34 @@ def _snapshot(root: str) -> set[str]:
     return {os.path.join(d, f) for d, _, files in os.walk(root) for f in files}
 
 
-def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
+def _run_both_jobs(tmp_path, tasks_dir: str, embed_dir: str, export_dir: str) -> None:
+    """make-tasks on tmp_path/interactions.csv, then embed of its tasks."""
     from beam_pipelines import generate_embeddings, make_tasks
+
+    make_tasks.run(
+        [
+            "--input",
+            str(tmp_path / "interactions.csv"),
+            "--features",
+            str(tmp_path / "spec.json"),
+            "--output",
+            tasks_dir,
+        ]
+    )
+    generate_embeddings.run(
+        [
+            "--export",
+            export_dir,
+            "--tasks",
+            os.path.join(tasks_dir, "*.tfrecord.gz"),
+            "--output",
+            embed_dir,
+            "--parquet",
+        ]
+    )
+
+
+def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
 
     rows = synthetic.generate_interactions(num_entities=len(HOSTILE_IDS) + 2, seed=6)
     owners = sorted({r["member_id"] for r in rows})
@@ -1150,27 +1256,13 @@ def test_entity_ids_are_data_never_paths(exported, tmp_path, monkeypatch):
     existed = {p: os.path.exists(p) for p in outside}
 
     tasks_dir, embed_dir = str(tmp_path / "tasks"), str(tmp_path / "embeddings")
-    make_tasks.run(
-        [
-            "--input",
-            str(tmp_path / "interactions.csv"),
-            "--features",
-            str(tmp_path / "spec.json"),
-            "--output",
-            tasks_dir,
-        ]
-    )
-    generate_embeddings.run(
-        [
-            "--export",
-            exported["export_dir"],
-            "--tasks",
-            os.path.join(tasks_dir, "*.tfrecord.gz"),
-            "--output",
-            embed_dir,
-            "--parquet",
-        ]
-    )
+    # The snapshot below sees what is left in tmp_path; the audit hook every
+    # write of the whole run, anywhere, even of a file deleted afterwards.
+    with watch_writes() as written:
+        _run_both_jobs(tmp_path, tasks_dir, embed_dir, exported["export_dir"])
+    check_writes_under(written, [tasks_dir, embed_dir])
+    for root in (tasks_dir, embed_dir):
+        assert any(p.startswith(root + os.sep) for p in written), root
 
     written = _snapshot(str(tmp_path)) - before
     assert written, "the jobs wrote nothing"

@@ -704,6 +704,52 @@ def test_the_client_types_vector_inputs_even_without_rows():
 # ------------------------------------------------- bounded vocabulary selection
 
 
+# ------------------------------------------------- moments that would overflow
+OVERFLOW_SPEC = FeatureSpec.from_dict(
+    {
+        "entity": "user",
+        "time": "ts",
+        "label": "click",
+        "request_features": [{"name": "x", "type": "numeric"}],
+    }
+)
+
+
+def check_overflowing_moments_are_refused() -> None:
+    """Moments whose M2 overflows float64 refuse the feature with the reason."""
+    moments = Moments.of([[1e200], [-1e200]])
+    with pytest.raises(FeatureSpecError, match="`x`: its training statistics overflow"):
+        statistics.complete_spec(OVERFLOW_SPEC, {"x": moments}, {}, "test")
+    # make-tasks' analyzer hands the reason to its one-line stop.
+    written = json.loads(
+        analyze.completed_json(OVERFLOW_SPEC, {"x": moments}, {}, "make_tasks")
+    )
+    assert "overflow float64" in written.get(analyze.ERROR_KEY, ""), written
+
+
+def test_moments_that_would_overflow_are_refused_with_the_reason():
+    check_overflowing_moments_are_refused()
+
+
+def test_values_validation_keeps_cannot_overflow_the_moments():
+    """|x| <= 3e38 (what validate_row keeps): M2 stays finite, merged or not."""
+    row = {"user": "u", "ts": 1, "click": 1}
+    assert task_rules.validate_row(OVERFLOW_SPEC, dict(row, x="3e38"))["x"] == 3e38
+    for huge in ("1e200", "-3.1e38"):
+        with pytest.raises(task_rules.RowError, match="beyond") as err:
+            task_rules.validate_row(OVERFLOW_SPEC, dict(row, x=huge))
+        assert err.value.reason == task_rules.REASON_BAD_NUMERIC
+    edge = [[3e38], [-3e38]] * 5_000
+    merged = Moments()
+    for k in range(0, len(edge), 1_000):
+        merged.merge(Moments.of(edge[k : k + 1_000]))
+    for moments in (Moments.of(edge), merged):
+        assert statistics.overflowed_components(moments) == []
+        done = statistics.complete_spec(OVERFLOW_SPEC, {"x": moments}, {}, "test")
+        assert done.feature("x").std == pytest.approx(3e38, rel=1e-9)
+        assert abs(done.feature("x").mean) < 1e30
+
+
 @hypothesis.settings(max_examples=200, deadline=None)
 @hypothesis.given(
     counts=st.dictionaries(

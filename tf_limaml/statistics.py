@@ -218,6 +218,17 @@ class VocabularyCounts:
         )
 
 
+def overflowed_components(moments: Moments) -> list[int]:
+    """The components of `moments` whose mean or M2 is not finite."""
+    if not moments.count:
+        return []
+    return [
+        i
+        for i in range(moments.size)
+        if not (math.isfinite(moments.mean[i]) and math.isfinite(moments.m2[i]))
+    ]
+
+
 def numeric_statistics(
     feature: Feature, moments: Moments | None, source: str
 ) -> dict[str, Any]:
@@ -225,10 +236,28 @@ def numeric_statistics(
 
     A component with std 0 (a constant column, or no rows) gets std 1, so the
     feature is centred and never divided by zero; the provenance says so.
+
+    Raises:
+        FeatureSpecError: A mean or M2 is not finite. Rows from
+            `tf_limaml.tasks.validate_row` cannot do that (it rejects
+            |x| > 3e38, so each squared deviation is below 4e77 and M2 stays
+            finite for any count below 1e230), but moments fed other values
+            can overflow; the feature is refused with the reason rather than
+            fed with a made-up std.
     """
     moments = moments if moments is not None else Moments(feature.size)
+    overflowed = overflowed_components(moments)
+    if overflowed:
+        i = overflowed[0]
+        raise FeatureSpecError(
+            f"Invalid feature spec: `{feature.name}`: its training statistics "
+            f"overflow float64 (component {i}: mean {moments.mean[i]!r}, sum of "
+            f"squared deviations {moments.m2[i]!r}, values from "
+            f"{moments.min[i]!r} to {moments.max[i]!r}); scale the column, give "
+            'it "transform": "log1p", or state its "mean" and "std"'
+        )
     stds = moments.std()
-    constant = [s <= 0.0 or not math.isfinite(s) for s in stds]
+    constant = [s <= 0.0 for s in stds]
     mean = [_round(m) for m in moments.mean]
     std = [1.0 if c else _round(s) for s, c in zip(stds, constant, strict=True)]
     provenance: dict[str, Any] = {"count": moments.count, "source": source}

@@ -217,12 +217,25 @@ def resolve_time_format(
     return spec if found is None else dataclasses.replace(spec, time_format=found)
 
 
+# The largest magnitude a numeric cell may have. Task records store float32
+# (largest finite 3.4e38), and keeping squares of accepted values below 1e78
+# is what keeps the float64 moments finite (see `statistics.Moments`).
+MAX_ABS_NUMERIC = 3.0e38
+
+
 def _clean_number(feature: Feature, value: Any) -> float:
     number = _to_float(value)
-    if number is None or abs(number) > 3.0e38:
+    if number is None:
         raise RowError(
             REASON_BAD_NUMERIC,
             f"`{feature.name}` = {value!r} is not a finite number",
+            feature.name,
+        )
+    if abs(number) > MAX_ABS_NUMERIC:
+        raise RowError(
+            REASON_BAD_NUMERIC,
+            f"`{feature.name}` = {value!r} is beyond +-{MAX_ABS_NUMERIC:g}, the "
+            "range a task record (float32) holds; scale the column",
             feature.name,
         )
     # + 0.0 turns -0.0 into 0.0: they compare equal when ordering rows but
