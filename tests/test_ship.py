@@ -20,7 +20,7 @@ import pytest
 
 from tf_limaml import cli, evaluation
 from tf_limaml.config import AdaptOptions, MetaConfig
-from tf_limaml.experiments import baselines, ship
+from tf_limaml.experiments import baselines, ship, tune
 from tf_limaml.experiments.protocol import (
     Protocol,
     Splits,
@@ -184,10 +184,10 @@ def test_tune_train_recipe_export_embed_serves_the_evaluated_auc(
 
 
 def test_fallback_recipe_ships_the_global_network(tasks_dir, tmp_path, capsys):
-    recipe = dataclasses.replace(
-        SMALL, warm_start="global", meta_epochs=0, inner_steps=0, adapt_inner_steps=0
-    )
+    recipe = dataclasses.replace(SMALL, **tune.FALLBACK_CHANGES, adapt_inner_steps=0)
     assert ship.is_fallback(recipe)
+    # With the embedding fit left on, the same network is not the fallback.
+    assert not ship.is_fallback(dataclasses.replace(recipe, embedding_steps=2))
     path = tmp_path / "fallback.json"  # a bare Recipe JSON this time
     path.write_text(json.dumps(recipe.to_dict()))
     model_dir = tmp_path / "model"
@@ -241,7 +241,11 @@ def test_pretrained_recipe_saves_its_knobs_history_and_health(tasks_dir, tmp_pat
     from tf_limaml.saving import load_model
 
     recipe = dataclasses.replace(
-        SMALL, meta_epochs=1, adapt_inner_lr=0.05, adapt_support_prior=30.0
+        SMALL,
+        **tune.MAML_STEPS_FROM_PRETRAINING,
+        meta_epochs=1,
+        adapt_inner_lr=0.05,
+        adapt_support_prior=30.0,
     )
     model_dir = tmp_path / "model"
     spec = FeatureSpec.load(os.path.join(tasks_dir, "spec.json"))

@@ -109,14 +109,23 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def is_fallback(recipe: Recipe) -> bool:
-    """Whether the recipe is tune's fallback: the global network, unadapted."""
+    """Whether the recipe is tune's fallback: the global network, unadapted
+    (no inner step and no embedding fit when scoring)."""
     adapt_steps = (
         recipe.inner_steps
         if recipe.adapt_inner_steps is None
         else recipe.adapt_inner_steps
     )
+    fit_steps = (
+        recipe.embedding_steps
+        if recipe.adapt_embedding_steps is None
+        else recipe.adapt_embedding_steps
+    )
     return (
-        recipe.warm_start == "global" and recipe.meta_epochs == 0 and adapt_steps == 0
+        recipe.warm_start == "global"
+        and recipe.meta_epochs == 0
+        and adapt_steps == 0
+        and fit_steps == 0
     )
 
 
