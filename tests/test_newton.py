@@ -320,3 +320,14 @@ def test_a_frozen_network_keeps_the_unadapted_model_exactly():
     np.testing.assert_array_equal(model.predict_query(tasks, adapt=False), before)
     # ... while what personalizes did learn.
     assert np.abs(model.predict_query(tasks).numpy() - adapted_before).max() > 1e-4
+
+
+def test_second_order_meta_training_runs_the_fit_first_order_under_xla():
+    """MAML's second order through the gradient step; the fit stays first order
+    (forward-mode Jacobians have no second derivative inside XLA)."""
+    model = _model(jit=True, inner_steps=1, first_order=False)
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.05))
+    history = model.fit(
+        tf.data.Dataset.from_tensors(_tasks()).repeat(2), epochs=1, verbose=0
+    )
+    assert model.uses_xla and np.isfinite(history.history["loss"]).all()

@@ -167,7 +167,9 @@ class MetaConfig(_JsonConfig):
             the plain mean (0, the default, keeps sum / max(sum(mask), 1)).
         embedding_steps: Damped Newton steps that fit each entity's meta
             embedding to its support rows after the gradient steps
-            (`tf_limaml.newton`; 0, the default, fits nothing).
+            (`tf_limaml.newton`; 0, the default, fits nothing). The fit is
+            first order whatever `first_order` says: meta-training reaches the
+            default embedding and the prior through it, not its Jacobian.
         embedding_prior: Prior precision of that fit per embedding dimension
             (> 0): how strongly an entity's embedding stays at the default;
             the shrinkage then grows with the support size by construction.

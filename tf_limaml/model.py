@@ -389,7 +389,10 @@ class LiMAMLModel(tf.keras.Model):
             batch.support_mask,
             self.embedding_prior(config),
             config.embedding_steps,
-            config.first_order,
+            # First order always: the outer gradient reaches the default and
+            # the prior, not the Jacobian (whose forward-mode ops have no
+            # second derivative inside XLA).
+            first_order=True,
         )
         return tf.concat([fixed, fitted], axis=-1) if start else fitted
 
