@@ -533,8 +533,17 @@ class GlobalBlockAdapter(_BlockAdapter):
         super().__init__(layer, features)
         self.meta_dim = meta_dim
         self.accepts_task_axis = bool(getattr(layer, "accepts_task_axis", False))
+        self.fitted_dims = _fitted_dims(layer, meta_dim)
         # The request-feature tables a sequence meta block may share.
         self.request_embedding = getattr(layer, "request_feature_embedding", None)
+
+    def freeze_base(self) -> None:
+        """Stops training the network: a block with a personal residual
+        (`train_base`) keeps training the residual's projection only."""
+        if hasattr(self.layer, "train_base"):
+            self.layer.train_base = False
+        else:
+            self.layer.trainable = False
 
     def build(self) -> None:
         """Creates the layer's weights now (one call on an example row)."""
@@ -576,6 +585,25 @@ class GlobalBlockAdapter(_BlockAdapter):
             [-1, self.meta_dim],
         )
         return tf.reshape(self.row_logits(per_row, rows), rows_shape)
+
+
+def _fitted_dims(layer: tf.keras.layers.Layer, meta_dim: int) -> tuple[int, ...]:
+    """The meta-embedding dimensions the embedding fit moves: the global block's
+    `fitted_dims` (a trailing range), or every dimension.
+
+    Raises:
+        ValueError: `fitted_dims` is not a non-empty trailing range of [0, d).
+    """
+    dims = getattr(layer, "fitted_dims", None)
+    if dims is None:
+        return tuple(range(meta_dim))
+    dims = tuple(int(i) for i in dims)
+    if not dims or dims != tuple(range(dims[0], meta_dim)):
+        raise ValueError(
+            f"`{layer.name}.fitted_dims` must be a trailing range of the "
+            f"{meta_dim} embedding dimensions, got {dims}"
+        )
+    return dims
 
 
 def encode_batch(

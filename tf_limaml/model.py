@@ -59,25 +59,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["META_EMBEDDING_KEY", "LiMAMLModel"]
 
 
-def fitted_dims(global_block: tf.keras.layers.Layer, meta_dim: int) -> tuple[int, ...]:
-    """The meta-embedding dimensions the embedding fit moves: the global block's
-    `fitted_dims` (a trailing range), or every dimension.
-
-    Raises:
-        ValueError: `fitted_dims` is not a non-empty trailing range of [0, d).
-    """
-    dims = getattr(global_block, "fitted_dims", None)
-    if dims is None:
-        return tuple(range(meta_dim))
-    dims = tuple(int(i) for i in dims)
-    if not dims or dims != tuple(range(dims[0], meta_dim)):
-        raise ValueError(
-            f"`{global_block.name}.fitted_dims` must be a trailing range of the "
-            f"{meta_dim} embedding dimensions, got {dims}"
-        )
-    return dims
-
-
 @tf.keras.utils.register_keras_serializable(package="tf_limaml")
 class LiMAMLModel(tf.keras.Model):
     """Meta block + global block, meta-trained with MAML on the meta block.
@@ -217,7 +198,7 @@ class LiMAMLModel(tf.keras.Model):
                 )
         # The embedding fit's prior precision per dimension, meta-learned in
         # log space (it must stay > 0) when `learn_embedding_prior`.
-        self.fitted_dims = fitted_dims(global_block, self.meta_dim)
+        self.fitted_dims = glob.fitted_dims
         self.log_embedding_prior = None
         if config.learn_embedding_prior:
             self.log_embedding_prior = self.add_weight(
@@ -359,10 +340,7 @@ class LiMAMLModel(tf.keras.Model):
         trained global model it was warm-started from), so meta-training can
         only change what an entity's support moves: safety by construction."""
         self.meta_block.trainable = False
-        if hasattr(self.global_block, "train_base"):
-            self.global_block.train_base = False
-        else:
-            self.global_block.trainable = False
+        self._global.freeze_base()
 
     def adapted_embedding(
         self, batch: TaskBatch, fast: Mapping[str, Any] | None, config: MetaConfig
@@ -374,27 +352,18 @@ class LiMAMLModel(tf.keras.Model):
         embedding = self._meta.embed(batch, meta_weights)
         if not config.embedding_steps or batch.support is None:
             return embedding
-        # The fit moves the trailing fitted dimensions; the rest stays put.
-        start = self.fitted_dims[0]
-        fixed = embedding[..., :start]
-
-        def support_logits(fitted):
-            candidate = tf.concat([fixed, fitted], axis=-1) if start else fitted
-            return self._global.task_logits(candidate, batch.support, global_weights)
-
-        fitted = newton.fit_embedding(
-            support_logits,
-            embedding[..., start:],
+        # First order always: the outer gradient reaches the default and the
+        # prior, not the Jacobian (forward-mode ops have no second derivative
+        # inside XLA).
+        return newton.fit_trailing(
+            lambda e: self._global.task_logits(e, batch.support, global_weights),
+            embedding,
+            self.fitted_dims[0],
             batch.support_label,
             batch.support_mask,
             self.embedding_prior(config),
             config.embedding_steps,
-            # First order always: the outer gradient reaches the default and
-            # the prior, not the Jacobian (whose forward-mode ops have no
-            # second derivative inside XLA).
-            first_order=True,
         )
-        return tf.concat([fixed, fitted], axis=-1) if start else fitted
 
     def logits(
         self, batch: TaskBatch, part: str, fast: Mapping[str, Any] | None = None
