@@ -124,8 +124,10 @@ def fit_trailing(
         support_logits: Whole embeddings `[T, d]` -> support logits `[T, S]`.
         embedding: The default embeddings `[T, d]`.
         start: The first fitted dimension.
-        labels, mask, prior, steps: As `fit_embedding` (`prior` per fitted
-            dimension).
+        labels: As `fit_embedding`.
+        mask: As `fit_embedding`.
+        prior: As `fit_embedding`, one precision per fitted dimension.
+        steps: As `fit_embedding`.
 
     Returns:
         The embeddings `[T, d]` with their trailing dimensions fitted.
