@@ -11,7 +11,7 @@ The arithmetic is `tf_limaml.statistics` (the same accumulators `limaml train`
 runs in-process); this module only wraps it in plain combiners:
 
 * numeric: `beam.CombinePerKey(MomentsCombineFn())` over per-entity partial
-  moments keyed by feature name (Chan's merge of partial results);
+  moments keyed by feature name (exact merges of partial results);
 * vocabularies: `beam.combiners.Count.PerElement()` on (feature, value), then
   per feature `beam.CombinePerKey(VocabularyCombineFn())`: the deterministic
   selection (count descending, value ascending, `min_count`, `top_k`) as a
@@ -73,7 +73,7 @@ def analysis_inputs(
 
 
 class MomentsCombineFn(beam.CombineFn):
-    """Merges partial `tf_limaml.statistics.Moments` of one feature (Chan's merge)."""
+    """Merges partial `tf_limaml.statistics.Moments` of one feature (exactly)."""
 
     def create_accumulator(self) -> statistics.Moments | None:
         # The size of a feature is only known from its first input.
@@ -354,7 +354,7 @@ def _moments_dict(moments: statistics.Moments) -> dict[str, Any]:
 
 
 def _moments_of(obj: Mapping[str, Any]) -> statistics.Moments:
-    moments = statistics.Moments(len(obj["mean"]))
+    moments = statistics.Moments(len(obj["sums"]))
     for slot in statistics.Moments.__slots__:
         setattr(moments, slot, obj[slot])
     return moments
@@ -380,8 +380,8 @@ def complete_from_partials(
     As `completed_json`: {ERROR_KEY: why} when it cannot be completed; the
     `imputed` features get the training mean as their default.
 
-    Moments merge in pass order (Chan's merge; the rounding of
-    `tf_limaml.statistics` makes the result that of one pass).
+    Moments merge in pass order (exact integer sums: the result is that of
+    one pass, bit for bit).
 
     Args:
         spec: The spec as given.

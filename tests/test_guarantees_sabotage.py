@@ -155,6 +155,31 @@ def test_overflow_refusal_sabotaged_off(monkeypatch):
         statistics_tests.check_overflowing_moments_are_refused()
 
 
+def test_moments_sabotaged_to_sum_in_float64(monkeypatch):
+    """The sums of x and x**2 kept as floats (a Welford/Chan-like accumulator
+    rounds at every add and merge): the result depends on the order."""
+
+    def add(self, values):
+        self.count += 1
+        for i, x in enumerate(values):
+            self.sums[i] += float(x)
+            self.squares[i] += float(x) * float(x)
+            self.min[i], self.max[i] = min(self.min[i], x), max(self.max[i], x)
+        return self
+
+    def merge(self, other):
+        for i in range(self.size):
+            self.sums[i] += other.sums[i]
+            self.squares[i] += other.squares[i]
+        self.count += other.count
+        return self
+
+    monkeypatch.setattr(statistics_tests.Moments, "add", add)
+    monkeypatch.setattr(statistics_tests.Moments, "merge", merge)
+    with pytest.raises(CHECK_FAILED):
+        statistics_tests.test_moments_are_exact_whatever_the_order_of_adds_and_merges()
+
+
 def test_passes_vocabulary_sabotaged_to_keep_every_value(tmp_path, monkeypatch):
     from beam_pipelines import analyze, task_files
 

@@ -9,6 +9,7 @@ import collections
 import csv
 import glob
 import json
+import math
 
 import apache_beam as beam
 import hypothesis
@@ -58,6 +59,54 @@ def test_chan_merge_of_any_split_equals_numpy():
         np.testing.assert_allclose(moments.std(), x.std(axis=0, ddof=0), rtol=1e-9)
         assert moments.min == x.min(axis=0).tolist()
         assert moments.max == x.max(axis=0).tolist()
+
+
+# Values whose float64 sum depends on the order they are added in.
+ORDER_SENSITIVE_ROWS = [[3e38], [1.0], [-3e38], [0.1], [1e-300], [-2.5e37], [7.0]] * 3
+
+
+def check_moments_are_exact_in_any_order(rows, cuts, order_seed) -> None:
+    """Any split of `rows`, added and merged in any order, gives the mean and
+    M2 nearest the exact ones (Fractions), bit for bit."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(order_seed)
+    shuffled = [rows[i] for i in rng.permutation(len(rows))]
+    bounds = sorted({min(c, len(rows)) for c in cuts})
+    parts = [
+        Moments.of(shuffled[a:b])
+        for a, b in zip([0, *bounds], [*bounds, len(rows)], strict=True)
+    ]
+    merged = Moments()
+    for i in rng.permutation(len(parts)):
+        merged.merge(parts[i])
+    exact = [Fraction(x) for (x,) in rows]
+    mean = sum(exact) / len(exact)
+    m2 = sum((x - mean) ** 2 for x in exact)
+    for moments in (Moments.of(rows), merged):
+        assert moments.count == len(rows)
+        assert moments.mean == [float(mean)], (moments.mean, float(mean))
+        assert moments.m2 == [float(m2)], (moments.m2, float(m2))
+        assert moments.std() == [math.sqrt(float(m2 / len(rows)))]
+
+
+def test_moments_are_exact_whatever_the_order_of_adds_and_merges():
+    for seed in range(5):
+        check_moments_are_exact_in_any_order(ORDER_SENSITIVE_ROWS, [2, 5, 11], seed)
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(
+    rows=st.lists(
+        st.floats(-3e38, 3e38, allow_nan=False).map(lambda x: [x + 0.0]),
+        min_size=1,
+        max_size=30,
+    ),
+    cuts=st.lists(st.integers(0, 30), max_size=4),
+    order_seed=st.integers(0, 2**16),
+)
+def test_moments_of_any_values_in_any_order_are_exact(rows, cuts, order_seed):
+    check_moments_are_exact_in_any_order(rows, cuts, order_seed)
 
 
 def test_vocabulary_is_count_descending_then_value_ascending():

@@ -396,14 +396,8 @@ def complete_embedding_statistics(
                 for part in PARTS
             ]
         ).astype(np.float64)
-        m = statistics.Moments(feature.size)
-        if len(values):
-            m.count = int(len(values))
-            m.mean = values.mean(axis=0).tolist()
-            m.m2 = ((values - values.mean(axis=0)) ** 2).sum(axis=0).tolist()
-            m.min = values.min(axis=0).tolist()
-            m.max = values.max(axis=0).tolist()
-        moments[feature.name] = m
+        rows = values.reshape(-1, feature.size).tolist()
+        moments[feature.name] = statistics.Moments.of(rows, feature.size)
     return statistics.complete_spec(spec, moments, {}, source=SOURCE_JOINED)
 
 

@@ -8,9 +8,9 @@ one pure-Python implementation (no Beam): the make-tasks pipeline
 `complete_spec_from_tasks` runs it in-process over task records (what
 `limaml train` does when a spec lacks statistics).
 
-* `Moments`: count, mean, M2, min and max per component, in float64, merged
-  with Chan et al.'s parallel update, so partial results from any split of the
-  data combine to the same statistics.
+* `Moments`: count, mean, M2, min and max per component, from exact integer
+  sums, so partial results from any split of the data, merged in any order,
+  give bit-identical statistics.
 * `select_vocabulary`: values by count descending, ties by value ascending, cut
   by `min_count` then `top_k`.
 * `complete_spec`: fills only what the spec lacks and records provenance.
@@ -43,9 +43,8 @@ from tf_limaml.features import (
 
 logger = logging.getLogger(__name__)
 
-# Mean and std are written with this many significant digits. A runner merges
-# partial moments in the order its bundles finish, which moves the last bits of
-# a float64; rounding keeps spec.json byte-identical across runs and runners.
+# Mean and std are written with this many significant digits, so spec.json
+# reads well; the moments themselves are exact (order-independent).
 SIGNIFICANT_DIGITS = 12
 SOURCE_MAKE_TASKS = "make_tasks"
 SOURCE_TRAIN_TASKS = "train_tasks"
@@ -59,23 +58,33 @@ class Moments:
     """Count, mean, M2 (sum of squared deviations), min and max per component.
 
     One accumulator per feature; a vector feature of shape [n] keeps n
-    components. `add` is Welford's update, `merge` Chan et al.'s parallel
-    combination, both in float64.
+    components. The sums of x and of x**2 are kept EXACTLY, as integers over a
+    power of two (every finite float64 is one), so `add` and `merge` in any
+    order and any split give bit-identical mean and M2: a runner merges
+    partial moments in the order its bundles finish, and a float accumulator
+    (Welford, Chan et al.) moves the last bits of a mean of values near 3e38
+    with that order. Mean and M2 are rounded to float64 once, when read.
 
     Attributes:
         count: Rows added.
-        mean: Per-component mean.
-        m2: Per-component sum of squared deviations from the mean.
+        sums: Per component, the integer `s` with sum(x) = s / 2**scale.
+        squares: Per component, the integer with sum(x**2) = it / 4**scale.
+        scales: Per component, the power of two of `sums` (the largest
+            denominator of a value added so far).
+        nonfinite: Per component, NaN or infinite values added (they make the
+            mean NaN, so the feature is refused with the reason).
         min: Per-component minimum.
         max: Per-component maximum.
     """
 
-    __slots__ = ("count", "mean", "m2", "min", "max")
+    __slots__ = ("count", "sums", "squares", "scales", "nonfinite", "min", "max")
 
     def __init__(self, size: int = 1):
         self.count = 0
-        self.mean = [0.0] * size
-        self.m2 = [0.0] * size
+        self.sums = [0] * size
+        self.squares = [0] * size
+        self.scales = [0] * size
+        self.nonfinite = [0] * size
         self.min = [math.inf] * size
         self.max = [-math.inf] * size
 
@@ -89,7 +98,18 @@ class Moments:
 
     @property
     def size(self) -> int:
-        return len(self.mean)
+        return len(self.sums)
+
+    @property
+    def mean(self) -> list[float]:
+        """Per-component mean, the float64 nearest the exact one."""
+        return [self._mean(i) for i in range(self.size)]
+
+    @property
+    def m2(self) -> list[float]:
+        """Per-component sum of squared deviations, nearest float64 (inf if
+        beyond float64)."""
+        return [self._m2(i) for i in range(self.size)]
 
     def add(self, values: Sequence[float]) -> Moments:
         """Adds one row (a sequence of `size` numbers); returns self."""
@@ -100,51 +120,95 @@ class Moments:
         self.count += 1
         for i, x in enumerate(values):
             x = float(x)
-            delta = x - self.mean[i]
-            self.mean[i] += delta / self.count
-            self.m2[i] += delta * (x - self.mean[i])
             self.min[i] = min(self.min[i], x)
             self.max[i] = max(self.max[i], x)
+            if not math.isfinite(x):
+                self.nonfinite[i] += 1
+                continue
+            numerator, denominator = x.as_integer_ratio()
+            scale = denominator.bit_length() - 1
+            if scale > self.scales[i]:
+                self._rescale(i, scale)
+            shift = self.scales[i] - scale
+            self.sums[i] += numerator << shift
+            self.squares[i] += (numerator * numerator) << (2 * shift)
         return self
 
     def merge(self, other: Moments) -> Moments:
-        """Merges another accumulator into this one (Chan et al.); returns self."""
+        """Merges another accumulator into this one (exact); returns self."""
         if other.count == 0:
             return self
         if self.size != other.size:
             raise ValueError(
                 f"Cannot merge moments of {self.size} and {other.size} components"
             )
-        if self.count == 0:
-            self.count = other.count
-            self.mean, self.m2 = list(other.mean), list(other.m2)
-            self.min, self.max = list(other.min), list(other.max)
-            return self
-        n_a, n_b = self.count, other.count
-        n = n_a + n_b
         for i in range(self.size):
-            delta = other.mean[i] - self.mean[i]
-            self.mean[i] += delta * n_b / n
-            self.m2[i] += other.m2[i] + delta * delta * n_a * n_b / n
+            scale = max(self.scales[i], other.scales[i])
+            self._rescale(i, scale)
+            shift = scale - other.scales[i]
+            self.sums[i] += other.sums[i] << shift
+            self.squares[i] += other.squares[i] << (2 * shift)
+            self.nonfinite[i] += other.nonfinite[i]
             self.min[i] = min(self.min[i], other.min[i])
             self.max[i] = max(self.max[i], other.max[i])
-        self.count = n
+        self.count += other.count
         return self
 
     def std(self) -> list[float]:
         """Population standard deviation (ddof=0) per component."""
         if self.count == 0:
             return [0.0] * self.size
-        return [math.sqrt(max(m2, 0.0) / self.count) for m2 in self.m2]
+        return [math.sqrt(self._variance(i)) for i in range(self.size)]
+
+    def _rescale(self, i: int, scale: int) -> None:
+        shift = scale - self.scales[i]
+        if shift > 0:
+            self.sums[i] <<= shift
+            self.squares[i] <<= 2 * shift
+            self.scales[i] = scale
+
+    def _deviations(self, i: int) -> int:
+        """count**2 * 4**scale * M2, an exact integer (never negative)."""
+        return self.count * self.squares[i] - self.sums[i] * self.sums[i]
+
+    def _mean(self, i: int) -> float:
+        if not self.count:
+            return 0.0
+        if self.nonfinite[i]:
+            return math.nan
+        return _nearest(self.sums[i], self.count << self.scales[i])
+
+    def _m2(self, i: int) -> float:
+        if not self.count:
+            return 0.0
+        if self.nonfinite[i]:
+            return math.nan
+        return _nearest(self._deviations(i), self.count << (2 * self.scales[i]))
+
+    def _variance(self, i: int) -> float:
+        if self.nonfinite[i]:
+            return math.nan
+        return _nearest(
+            self._deviations(i), (self.count * self.count) << (2 * self.scales[i])
+        )
 
     def __getstate__(self):
-        return (self.count, self.mean, self.m2, self.min, self.max)
+        return tuple(getattr(self, slot) for slot in self.__slots__)
 
     def __setstate__(self, state):
-        self.count, self.mean, self.m2, self.min, self.max = state
+        for slot, value in zip(self.__slots__, state, strict=True):
+            setattr(self, slot, value)
 
     def __repr__(self) -> str:
         return f"Moments(count={self.count}, mean={self.mean}, std={self.std()})"
+
+
+def _nearest(numerator: int, denominator: int) -> float:
+    """numerator / denominator rounded once to float64 (inf beyond its range)."""
+    try:
+        return numerator / denominator  # int / int is correctly rounded
+    except OverflowError:
+        return math.inf if numerator > 0 else -math.inf
 
 
 def feature_rows(feature: Feature, value: Any) -> Sequence[float]:
