@@ -331,3 +331,71 @@ def test_second_order_meta_training_runs_the_fit_first_order_under_xla():
         tf.data.Dataset.from_tensors(_tasks()).repeat(2), epochs=1, verbose=0
     )
     assert model.uses_xla and np.isfinite(history.history["loss"]).all()
+
+
+def check_affine_fit_equals_the_differentiated_fit(monkeypatch) -> None:
+    """The one-pass fit (`GlobalBlock.fitted_logit_terms`) gives the embeddings
+    and the outer gradients of the fit that differentiates the block."""
+    from tf_limaml import blocks
+
+    model = _model(inner_steps=1, learn_embedding_prior=True)
+    tasks = _tasks()
+    batch = model.encode(tasks)
+    calls = []
+    hook = blocks.GlobalBlockAdapter.fitted_logit_terms
+
+    def counted(self, *args, **kwargs):
+        terms = hook(self, *args, **kwargs)
+        calls.append(terms is not None)
+        return terms
+
+    def fitted():
+        with tf.GradientTape() as tape:
+            fast, _ = model.inner_loop(batch, model.meta_config)
+            embedding = model.adapted_embedding(batch, fast, model.meta_config)
+            objective = tf.reduce_sum(tf.sin(embedding))
+        return embedding, tape.gradient(objective, model.trainable_variables)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(blocks.GlobalBlockAdapter, "fitted_logit_terms", counted)
+        one_pass, one_pass_grads = fitted()
+    assert calls == [True], calls
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            blocks.GlobalBlockAdapter, "fitted_logit_terms", lambda *a, **k: None
+        )
+        differentiated, differentiated_grads = fitted()
+    np.testing.assert_allclose(one_pass, differentiated, rtol=1e-5, atol=1e-6)
+    for variable, a, b in zip(
+        model.trainable_variables, one_pass_grads, differentiated_grads, strict=True
+    ):
+        assert (a is None) == (b is None), variable.name
+        if a is not None:
+            np.testing.assert_allclose(
+                tf.convert_to_tensor(a),
+                tf.convert_to_tensor(b),
+                rtol=1e-4,
+                atol=1e-6,
+                err_msg=variable.name,
+            )
+
+
+def test_the_residual_fit_in_one_pass_equals_the_differentiated_fit(monkeypatch):
+    check_affine_fit_equals_the_differentiated_fit(monkeypatch)
+
+
+def test_fitted_logit_terms_are_the_logit_and_its_jacobian():
+    """The hook's affine form reproduces the block's logit at any residual."""
+    model = _model()
+    batch = model.encode(_tasks())
+    embedding = model.embed(_tasks()).numpy()
+    start = model.fitted_dims[0]
+    block = model.global_block
+    base, jacobian = block.fitted_logit_terms(tf.constant(embedding), batch.support)
+    assert jacobian.shape == (T, S, model.meta_dim - start)
+    rng = np.random.default_rng(1)
+    moved = embedding.copy()
+    moved[:, start:] = rng.normal(size=moved[:, start:].shape)
+    want = block(tf.constant(moved), batch.support)
+    got = base + tf.einsum("tsd,td->ts", jacobian, moved[:, start:])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

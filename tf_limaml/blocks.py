@@ -586,6 +586,35 @@ class GlobalBlockAdapter(_BlockAdapter):
         )
         return tf.reshape(self.row_logits(per_row, rows), rows_shape)
 
+    def fitted_logit_terms(
+        self,
+        embedding: tf.Tensor,
+        request: Mapping[str, tf.Tensor],
+        weights: Weights | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor] | None:
+        """(logits `[T, S]` with the fitted dimensions at zero, their Jacobian
+        `[T, S, f]`) when the layer's logit is affine in its `fitted_dims`,
+        from the layer's public `fitted_logit_terms(inputs, weights=...)`
+        hook; None when it has none (the fit then differentiates the block).
+
+        Raises:
+            ValueError: The hook's Jacobian is not `[T, S, len(fitted_dims)]`.
+        """
+        hook = getattr(self.layer, "fitted_logit_terms", None)
+        if not (callable(hook) and self.accepts_task_axis):
+            return None
+        terms = hook({META_EMBEDDING_KEY: embedding, **request}, weights=weights)
+        if terms is None:
+            return None
+        logits, jacobian = terms
+        if jacobian.shape.rank != 3 or jacobian.shape[-1] != len(self.fitted_dims):
+            raise ValueError(
+                f"`{self.layer.name}.fitted_logit_terms` must return a Jacobian "
+                f"[T, S, {len(self.fitted_dims)}] (one column per fitted "
+                f"dimension), got {jacobian.shape}"
+            )
+        return tf.cast(logits, embedding.dtype), tf.cast(jacobian, embedding.dtype)
+
 
 def _fitted_dims(layer: tf.keras.layers.Layer, meta_dim: int) -> tuple[int, ...]:
     """The meta-embedding dimensions the embedding fit moves: the global block's

@@ -744,22 +744,49 @@ class GlobalBlock(FastWeightLayer):
         encoded: Mapping[str, tf.Tensor] | None = None,
         weights: Weights | None = None,
     ) -> tf.Tensor:
-        if encoded is None:
-            # The global-block convention of LiMAMLModel: one dict,
-            # {"meta_embedding": e, **encoded request features}.
-            encoded = dict(meta_embedding)
-            if META_EMBEDDING_KEY not in encoded:
-                raise KeyError(
-                    f"GlobalBlock called with one dict needs its "
-                    f"{META_EMBEDDING_KEY!r} entry; got {sorted(encoded)}"
-                )
-            meta_embedding = encoded.pop(META_EMBEDDING_KEY)
+        meta_embedding, encoded = _split_inputs(meta_embedding, encoded)
         request = self.embedding(encoded)
         per_task = meta_embedding.shape.rank < request.shape.rank
-        residual = None
-        if self.residual_dim is not None:
-            residual = meta_embedding[..., self.feature_dim :]
-            meta_embedding = meta_embedding[..., : self.feature_dim]
+        if self.residual_dim is None:
+            return self._network_logits(meta_embedding, request, weights, per_task)
+        residual = meta_embedding[..., self.feature_dim :]
+        logits = self._network_logits(
+            meta_embedding[..., : self.feature_dim], request, weights, per_task
+        )
+        return logits + self._residual_logits(residual, request, weights, per_task)
+
+    def fitted_logit_terms(
+        self,
+        meta_embedding: tf.Tensor | Mapping[str, tf.Tensor],
+        encoded: Mapping[str, tf.Tensor] | None = None,
+        weights: Weights | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor] | None:
+        """The logit as an affine function of the fitted dimensions, from one
+        pass: (logits with the residual at zero, d logits / d residual
+        `[..., residual_dim + 1]`), or None without a residual.
+
+        The residual's share, offset + r . (request P), is linear in the
+        residual, so `tf_limaml.newton.fit_affine` runs the embedding fit on
+        these without another pass of the network. Inputs as `call`.
+        """
+        if self.residual_dim is None:
+            return None
+        meta_embedding, encoded = _split_inputs(meta_embedding, encoded)
+        request = self.embedding(encoded)
+        per_task = meta_embedding.shape.rank < request.shape.rank
+        logits = self._network_logits(
+            meta_embedding[..., : self.feature_dim], request, weights, per_task
+        )
+        columns = [tf.ones_like(logits)[..., None]]  # d logit / d offset
+        if self.residual_dim:
+            projected = maml.dense(
+                request, self.fast_weight(weights, "residual/kernel")
+            )
+            columns.insert(0, tf.cast(projected, logits.dtype))
+        return logits, tf.concat(columns, axis=-1)
+
+    def _network_logits(self, meta_embedding, request, weights, per_task):
+        """The network's logit from the embedding's feature dimensions."""
         if self.crosses:
             x = self._cross(meta_embedding, request, weights, per_task)
             hidden = range(len(self.units))
@@ -776,7 +803,7 @@ class GlobalBlock(FastWeightLayer):
                     self.fast_weight(weights, f"dense_{i}/bias"),
                 )
             )
-        logits = tf.squeeze(
+        return tf.squeeze(
             maml.dense(
                 x,
                 self.fast_weight(weights, "logit/kernel"),
@@ -784,9 +811,6 @@ class GlobalBlock(FastWeightLayer):
             ),
             axis=-1,
         )
-        if residual is None:
-            return logits
-        return logits + self._residual_logits(residual, request, weights, per_task)
 
     def _residual_logits(self, residual, request, weights, per_task) -> tf.Tensor:
         """offset + r . (request P): the personal residual's share of the logit."""
@@ -869,3 +893,21 @@ class GlobalBlock(FastWeightLayer):
             }
         )
         return config
+
+
+def _split_inputs(
+    meta_embedding: tf.Tensor | Mapping[str, tf.Tensor],
+    encoded: Mapping[str, tf.Tensor] | None,
+) -> tuple[tf.Tensor, Mapping[str, tf.Tensor]]:
+    """(meta embedding, encoded request) of a global block's call, written
+    either way: `block(e, encoded)`, or LiMAMLModel's one dict
+    `{"meta_embedding": e, **encoded}`."""
+    if encoded is not None:
+        return meta_embedding, encoded
+    encoded = dict(meta_embedding)
+    if META_EMBEDDING_KEY not in encoded:
+        raise KeyError(
+            f"GlobalBlock called with one dict needs its "
+            f"{META_EMBEDDING_KEY!r} entry; got {sorted(encoded)}"
+        )
+    return encoded.pop(META_EMBEDDING_KEY), encoded

@@ -352,16 +352,34 @@ class LiMAMLModel(tf.keras.Model):
         embedding = self._meta.embed(batch, meta_weights)
         if not config.embedding_steps or batch.support is None:
             return embedding
+        start = self.fitted_dims[0]
+        prior = self.embedding_prior(config)
         # First order always: the outer gradient reaches the default and the
         # prior, not the Jacobian (forward-mode ops have no second derivative
         # inside XLA).
+        terms = self._global.fitted_logit_terms(
+            embedding, batch.support, global_weights
+        )
+        if terms is not None:
+            # The logit is affine in the fitted dimensions: one network pass.
+            base, jacobian = terms
+            fitted = newton.fit_affine(
+                base,
+                jacobian,
+                embedding[..., start:],
+                batch.support_label,
+                batch.support_mask,
+                prior,
+                config.embedding_steps,
+            )
+            return tf.concat([embedding[..., :start], fitted], axis=-1)
         return newton.fit_trailing(
             lambda e: self._global.task_logits(e, batch.support, global_weights),
             embedding,
-            self.fitted_dims[0],
+            start,
             batch.support_label,
             batch.support_mask,
-            self.embedding_prior(config),
+            prior,
             config.embedding_steps,
         )
 
@@ -484,7 +502,12 @@ class LiMAMLModel(tf.keras.Model):
     ) -> dict[str, tf.Tensor]:
         """Fast weights by name, each `[T, ...]`, after the inner loop on the
         raw `tasks`' support sets, with this call's `options` on top of
-        `adapt_options` (`**deprecated`: the old per-call keywords)."""
+        `adapt_options` (`**deprecated`: the old per-call keywords).
+
+        These are the gradient steps only. The embedding fit
+        (`embedding_steps`, `tf_limaml.newton`) acts on the meta embedding,
+        not on weights: `embed` returns the fitted embedding, and
+        `predict_query` and the `adapt_and_predict` signature score with it."""
         options = self.adapt_options.merged(call_options(options, deprecated))
         config = options.resolve(self.meta_config)
         batch = self.encode(tasks)

@@ -29,7 +29,9 @@ Why this shape:
   a vector scored against a learned projection of the request and a logit
   offset whose Jacobian is 1, the entity's own bias. The logit is then linear
   in what is fitted, so Gauss-Newton is Newton's method on a convex objective
-  and two or three steps reach the MAP.
+  and two or three steps reach the MAP. The Jacobian is then a constant that
+  the block hands over from one pass (`fit_affine`), where `fit_embedding`
+  differentiates it in forward mode, one pass per dimension and step.
 
 The functions here are plain TensorFlow on tensors (no Keras), so they run
 inside the compiled meta-train step and inside the exported signatures.
@@ -81,6 +83,69 @@ def fit_embedding(
     Raises:
         ValueError: `steps` is not an integer >= 0.
     """
+    return _newton_steps(
+        lambda current: _logits_and_jacobian(support_logits, current),
+        embedding,
+        labels,
+        mask,
+        prior,
+        steps,
+        first_order,
+    )
+
+
+def fit_affine(
+    base_logits: tf.Tensor,
+    jacobian: tf.Tensor,
+    embedding: tf.Tensor,
+    labels: tf.Tensor,
+    mask: tf.Tensor,
+    prior: tf.Tensor,
+    steps: int,
+    first_order: bool = True,
+) -> tf.Tensor:
+    """`fit_embedding` where the support logits are affine in the embedding:
+    `base_logits + jacobian . embedding`, the Jacobian a constant.
+
+    The same steps, without a network pass per step and dimension: a global
+    block whose logit is linear in what is fitted (the personal residual)
+    hands over its Jacobian from one pass (`GlobalBlock.fitted_logit_terms`).
+
+    Args:
+        base_logits: Support logits at a zero embedding, `[T, S]`.
+        jacobian: d logits / d embedding, `[T, S, d]`.
+        embedding: The default embeddings e0 `[T, d]`, the prior's center.
+        labels: As `fit_embedding`.
+        mask: As `fit_embedding`.
+        prior: As `fit_embedding`.
+        steps: As `fit_embedding`.
+        first_order: As `fit_embedding`.
+
+    Returns:
+        The fitted embeddings `[T, d]`.
+    """
+    jacobian = tf.cast(jacobian, embedding.dtype)
+    base_logits = tf.cast(base_logits, embedding.dtype)
+
+    def logits_and_jacobian(current):
+        return base_logits + tf.einsum("tsd,td->ts", jacobian, current), jacobian
+
+    return _newton_steps(
+        logits_and_jacobian, embedding, labels, mask, prior, steps, first_order
+    )
+
+
+def _newton_steps(
+    logits_and_jacobian: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]],
+    embedding: tf.Tensor,
+    labels: tf.Tensor,
+    mask: tf.Tensor,
+    prior: tf.Tensor,
+    steps: int,
+    first_order: bool,
+) -> tf.Tensor:
+    """The damped Gauss-Newton steps of `fit_embedding`, given the support
+    logits and Jacobian `[T, S]`, `[T, S, d]` at the current embedding."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"`steps` must be an integer >= 0, got {steps!r}")
     dtype = embedding.dtype
@@ -91,7 +156,7 @@ def fit_embedding(
     center = embedding
     current = embedding
     for _ in range(steps):
-        logits, jacobian = _logits_and_jacobian(support_logits, current)
+        logits, jacobian = logits_and_jacobian(current)
         probabilities = tf.sigmoid(logits)
         residual = mask * (probabilities - labels)
         curvature = mask * probabilities * (1.0 - probabilities)
