@@ -168,13 +168,19 @@ class MetaConfig(_JsonConfig):
         embedding_steps: Damped Newton steps that fit each entity's meta
             embedding to its support rows after the gradient steps
             (`tf_limaml.newton`; 0, the default, fits nothing). The fit is
-            first order whatever `first_order` says: meta-training reaches the
-            default embedding and the prior through it, not its Jacobian.
+            first order whatever `first_order` says (see
+            `differentiate_fit`): meta-training reaches the default
+            embedding and the prior through it, not its Jacobian.
         embedding_prior: Prior precision of that fit per embedding dimension
             (> 0): how strongly an entity's embedding stays at the default;
             the shrinkage then grows with the support size by construction.
         learn_embedding_prior: Meta-learn the prior precision, one per
             embedding dimension, starting from `embedding_prior`.
+        differentiate_fit: Meta-train through the fit's Jacobian as well
+            (second order in the fit): what the block projects the support
+            through is then learned for the fit, not only for the score.
+            Needs a global block that hands over its affine form
+            (`GlobalBlock.fitted_logit_terms`, the personal residual).
     """
 
     inner_steps: int = 1
@@ -190,6 +196,7 @@ class MetaConfig(_JsonConfig):
     embedding_steps: int = 0
     embedding_prior: float = 1.0
     learn_embedding_prior: bool = False
+    differentiate_fit: bool = False
 
     # The fields that shape a model's weights: fixed once the model exists.
     WEIGHT_SHAPING = (
@@ -218,6 +225,7 @@ class MetaConfig(_JsonConfig):
             "adapt_embeddings",
             "jit_compile",
             "learn_embedding_prior",
+            "differentiate_fit",
         ):
             _check_flag("MetaConfig", name, getattr(self, name))
 

@@ -354,9 +354,6 @@ class LiMAMLModel(tf.keras.Model):
             return embedding
         start = self.fitted_dims[0]
         prior = self.embedding_prior(config)
-        # First order always: the outer gradient reaches the default and the
-        # prior, not the Jacobian (forward-mode ops have no second derivative
-        # inside XLA).
         terms = self._global.fitted_logit_terms(
             embedding, batch.support, global_weights
         )
@@ -371,8 +368,18 @@ class LiMAMLModel(tf.keras.Model):
                 batch.support_mask,
                 prior,
                 config.embedding_steps,
+                first_order=not config.differentiate_fit,
             )
             return tf.concat([embedding[..., :start], fitted], axis=-1)
+        if config.differentiate_fit:
+            raise ValueError(
+                "MetaConfig.differentiate_fit needs a global block that hands "
+                "over its logit's affine form in the fitted dimensions "
+                f"(`fitted_logit_terms`); {self.global_block.name!r} has none"
+            )
+        # First order: the outer gradient reaches the default and the prior,
+        # not the Jacobian (forward-mode ops have no second derivative inside
+        # XLA).
         return newton.fit_trailing(
             lambda e: self._global.task_logits(e, batch.support, global_weights),
             embedding,

@@ -155,6 +155,8 @@ class Recipe:
         embedding_prior: The embedding fit's prior precision (its start when
             learned).
         learn_embedding_prior: Meta-learn that precision per dimension.
+        differentiate_fit: Meta-train through the fit's Jacobian
+            (`MetaConfig.differentiate_fit`).
     """
 
     architecture: Architecture = Architecture()
@@ -189,6 +191,7 @@ class Recipe:
     embedding_steps: int = 2
     embedding_prior: float = 3.0
     learn_embedding_prior: bool = True
+    differentiate_fit: bool = False
     sequence: SequenceOptions = SequenceOptions()
 
     def __post_init__(self):
@@ -220,6 +223,7 @@ class Recipe:
             embedding_steps=self.embedding_steps,
             embedding_prior=self.embedding_prior,
             learn_embedding_prior=self.learn_embedding_prior,
+            differentiate_fit=self.differentiate_fit,
         )
 
     def full_maml(self) -> Recipe:
