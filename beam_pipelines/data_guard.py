@@ -88,8 +88,10 @@ def _violation(what: str) -> DataIsCodeError:
     return err
 
 
-def _hook(event: str, args: tuple) -> None:
-    if event in EVENTS and _active() and not _importing():
+def _hook(event: str, args: tuple, events: frozenset[str] = EVENTS) -> None:
+    # `events` is bound at definition: audit events still fire while the
+    # interpreter shuts down, after module globals have been set to None.
+    if event in events and _active() and not _importing():
         raise _violation(f"{event}{args[:2]!r}")
 
 
