@@ -301,11 +301,8 @@ class Worker:
 # --- tf-limaml (this process) --------------------------------------------------
 
 
-def tf_limaml_steps(
-    baseline: str | None, asynchronous: bool = False
-) -> dict[str, tuple]:
-    """name -> (run, sync) of `LiMAMLModel`'s Keras train function (and, with
-    `asynchronous`, the same under asynchronous dispatch)."""
+def tf_limaml_steps(baseline: str | None) -> dict[str, tuple]:
+    """name -> (run, sync) of `LiMAMLModel`'s Keras train function."""
     import dataclasses  # noqa: PLC0415
 
     import tensorflow as tf  # noqa: PLC0415
@@ -334,25 +331,14 @@ def tf_limaml_steps(
                 return float(carry["logs"]["loss"])
 
             steps[f"tf_limaml{suffix}/{order}"] = (run, sync)
-            if asynchronous and lib is meta_train.CURRENT:
-                # The same function, timed inside `tf.experimental.async_scope`.
-                steps[f"tf_limaml_async/{order}"] = (run, sync)
     return steps
 
 
-def time_local(run, sync, steps: int, asynchronous: bool = False) -> float:
-    """Seconds for `steps` calls of `run`; with `asynchronous`, inside
-    `tf.experimental.async_scope` (calls return once enqueued, as JAX's do)."""
-    import contextlib  # noqa: PLC0415
-
-    import tensorflow as tf  # noqa: PLC0415
-
-    scope = tf.experimental.async_scope() if asynchronous else contextlib.nullcontext()
+def time_local(run, sync, steps: int) -> float:
     start = time.perf_counter()
-    with scope:
-        for _ in range(steps):
-            run()
-        sync()
+    for _ in range(steps):
+        run()
+    sync()
     return time.perf_counter() - start
 
 
@@ -439,12 +425,6 @@ def main(argv=None) -> dict:
         "instruction counts of each (no timing, no record).",
     )
     parser.add_argument("--no-record", action="store_true")
-    parser.add_argument(
-        "--async-dispatch",
-        action="store_true",
-        help="Also time tf-limaml's train function under asynchronous dispatch "
-        "(tf.experimental.async_scope), as `tf_limaml_async`.",
-    )
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker)
@@ -474,18 +454,14 @@ def main(argv=None) -> dict:
     def wanted(name: str) -> bool:
         return not only or any(name.startswith(p) for p in only)
 
-    local = {
-        k: v
-        for k, v in tf_limaml_steps(args.baseline, args.async_dispatch).items()
-        if wanted(k)
-    }
+    local = {k: v for k, v in tf_limaml_steps(args.baseline).items() if wanted(k)}
     first_call = {}
     for name, (run, sync) in local.items():
         start = time.perf_counter()
         run()
         sync()
         first_call[name] = time.perf_counter() - start
-        time_local(run, sync, args.warmup, "_async/" in name)
+        time_local(run, sync, args.warmup)
     workers = {"jax": Worker(args.peer_python, "jax")}
     if args.hlo:
         counts = dump_hlo(args.hlo, local, workers)
@@ -520,7 +496,7 @@ def main(argv=None) -> dict:
     for _ in range(args.rounds):
         for name in samples:
             if name in local:
-                seconds = time_local(*local[name], steps_of[name], "_async/" in name)
+                seconds = time_local(*local[name], steps_of[name])
             else:
                 seconds = remote[name].ask({"time": name, "steps": steps_of[name]})[
                     "seconds"
@@ -536,10 +512,6 @@ def main(argv=None) -> dict:
             theirs = results.get(f"{peer}/{order}", {}).get("tasks_per_s")
             if ours and theirs:
                 ratios[f"tf_limaml_over_{peer}/{order}"] = round(ours / theirs, 2)
-        mine = results.get(f"tf_limaml_async/{order}", {}).get("tasks_per_s")
-        theirs = results.get(f"jax_vmap/{order}", {}).get("tasks_per_s")
-        if mine and theirs:
-            ratios[f"tf_limaml_async_over_jax_vmap/{order}"] = round(mine / theirs, 2)
         if args.baseline:
             base = results.get(f"tf_limaml@{args.baseline}/{order}", {})
             if ours and base.get("tasks_per_s"):
