@@ -421,3 +421,18 @@ def test_differentiating_the_fit_reaches_the_projection_through_the_fit():
     model.compile(optimizer=tf.keras.optimizers.Adam(0.05))
     history = model.fit(tf.data.Dataset.from_tensors(tasks).repeat(3), verbose=0)
     assert model.uses_xla and np.isfinite(history.history["loss"]).all()
+
+
+def test_export_warns_of_cold_start_embeddings_only_when_nothing_adapts(
+    tmp_path, caplog
+):
+    from tf_limaml.export.saved_model import export_model
+
+    model = _model(inner_steps=0)
+    with caplog.at_level("WARNING", logger="tf_limaml.export.saved_model"):
+        export_model(model, tmp_path / "fit", warmup_batch_sizes=(1,))
+    assert "cold-start" not in caplog.text
+    model.adapt_options = AdaptOptions(embedding_steps=0)
+    with caplog.at_level("WARNING", logger="tf_limaml.export.saved_model"):
+        export_model(model, tmp_path / "none", warmup_batch_sizes=(1,))
+    assert "cold-start" in caplog.text

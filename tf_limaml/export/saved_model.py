@@ -103,10 +103,11 @@ def export_model(
             "predict_examples score with the shared global block, so they reproduce "
             "adapt_and_predict only for the meta-block part of the adaptation."
         )
-    if module.inner_steps == 0:
+    adapted = model.adapt_options.resolve(model.meta_config)
+    if module.inner_steps == 0 and not adapted.embedding_steps:
         logger.warning(
-            "inner_steps is 0: the adaptation signatures return the "
-            "unadapted (cold-start) embedding for every entity."
+            "inner_steps and embedding_steps are 0: the adaptation signatures "
+            "return the unadapted (cold-start) embedding for every entity."
         )
     with staged_version(export_base, version) as temp:
         tf.saved_model.save(module, temp, signatures=module.concrete_signatures())
