@@ -260,6 +260,7 @@ def test_tune_writes_config_and_table_with_the_global_fallback(tiny, tmp_path):
     # The fallback is LiMAML built from the global network: global's scores.
     assert fallback[0]["fold_lift"] == {"1": 0.0, "all": 0.0}
     assert fallback[0]["recipe"] == {
+        "meta_block": "mlp",
         "warm_start": "global",
         "meta_epochs": 0,
         "inner_steps": 0,
@@ -398,7 +399,7 @@ def test_tune_refuses_splits_whose_test_members_are_real(tiny):
         tune.tune(tiny["spec"], real, tiny["recipe"], budget=1)
 
 
-def test_planned_candidates_cover_the_warm_start_the_residual_and_maml_steps():
+def test_planned_candidates_cover_the_warm_start_residual_maml_steps_and_sequence():
     # A recipe of MAML steps from the pretraining: then the same from global,
     # then the residual from global.
     maml_steps = dataclasses.replace(Recipe(), **tune.MAML_STEPS_FROM_PRETRAINING)
@@ -406,6 +407,10 @@ def test_planned_candidates_cover_the_warm_start_the_residual_and_maml_steps():
     assert draws[:2] == [{}, {"warm_start": "global"}]
     residual = dataclasses.replace(maml_steps, **draws[2])
     assert residual == dataclasses.replace(maml_steps, **tune.RESIDUAL_FROM_GLOBAL)
+    # ... then the sequence meta block from global, never frozen.
+    sequence = dataclasses.replace(maml_steps, **draws[3])
+    assert sequence == dataclasses.replace(maml_steps, **tune.SEQUENCE_FROM_GLOBAL)
+    assert sequence.meta_block == "sequence" and not sequence.freeze_network
     assert len(draws) == 5
     assert len({json.dumps(d, sort_keys=True) for d in draws}) == 5
     # The MovieLens recipe is the residual from global: MAML steps come second.
@@ -414,4 +419,38 @@ def test_planned_candidates_cover_the_warm_start_the_residual_and_maml_steps():
     assert dataclasses.replace(base, **draws[1]) == dataclasses.replace(
         base, **tune.MAML_STEPS_FROM_PRETRAINING
     )
+    assert dataclasses.replace(base, **draws[2]) == dataclasses.replace(
+        base, **tune.SEQUENCE_FROM_GLOBAL
+    )
     assert tune._draws(base, budget=1, seed=0) == [{}]
+
+
+@pytest.mark.slow
+def test_a_sequence_candidate_is_trained_with_the_sequence_meta_block(
+    tiny, tmp_path, monkeypatch
+):
+    """`SEQUENCE_FROM_GLOBAL` trains `SequenceMetaBlock`, in tune and when the
+    recipe is shipped (`limaml train --recipe`)."""
+    from tf_limaml import SequenceMetaBlock
+    from tf_limaml.experiments import baselines, ship
+
+    built = []
+    original = baselines.new_sequence_learner
+
+    def counted(*args, **kwargs):
+        model = original(*args, **kwargs)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(baselines, "new_sequence_learner", counted)
+    sequence = dataclasses.replace(tiny["recipe"], **tune.SEQUENCE_FROM_GLOBAL)
+    result = tune.tune(tiny["spec"], tiny["splits"], sequence, budget=1, ks=(1, None))
+    assert len(built) == 1 and isinstance(built[0].meta_block, SequenceMetaBlock)
+    given = [t for t in result["trials"] if t["name"].startswith("recipe as given")]
+    assert given and all(t["recipe"] == {} for t in given)
+    summary = ship.train_recipe(
+        tiny["spec"], tiny["dir"], sequence, str(tmp_path / "model")
+    )
+    assert len(built) == 2 and isinstance(built[1].meta_block, SequenceMetaBlock)
+    assert summary["model_dir"] == str(tmp_path / "model")
+    assert "the sequence meta block" in ship.recipe_summary(sequence)

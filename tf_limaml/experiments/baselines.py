@@ -676,7 +676,7 @@ def train_meta_learner(
     init: LiMAMLModel | None = None,
     verbose: int | str = 0,
     callbacks: Sequence[tf.keras.callbacks.Callback] = (),
-    sequence: bool = False,
+    sequence: bool | None = None,
 ) -> tuple[LiMAMLModel, dict[str, list[float]]]:
     """Meta-trains LiMAML or MAML on the train members' tasks.
 
@@ -691,11 +691,14 @@ def train_meta_learner(
         verbose: Keras verbosity.
         callbacks: More Keras callbacks.
         sequence: The meta block is `SequenceMetaBlock` (`recipe.sequence`;
-            only the global block is warm-started).
+            only the global block is warm-started); None: as
+            `recipe.meta_block` says.
 
     Returns:
         (model, Keras history).
     """
+    if sequence is None:
+        sequence = recipe.meta_block == "sequence"
     if sequence:
         model = new_sequence_learner(spec, recipe, seed)
     else:

@@ -28,6 +28,9 @@ from tf_limaml.config import MetaConfig
 MAML_META_LEARNING_RATE = 1e-3
 # Starting points of the meta-learners (`Recipe.warm_start`).
 WARM_STARTS = ("pretrain", "global")
+# The meta blocks a recipe can train: the MLP of the meta features, or
+# `SequenceMetaBlock`, which also reads the support rows (`Recipe.sequence`).
+META_BLOCKS = ("mlp", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +134,10 @@ class Recipe:
         meta_epochs: Most meta-training epochs (early stopping on val).
         meta_batch_tasks: Tasks per meta-batch.
         sequence: The sequence meta block of `limaml_sequence`.
+        meta_block: "mlp" (the meta features' MLP, LiMAML's) or "sequence"
+            (`SequenceMetaBlock` with `sequence`'s options, as
+            `limaml_sequence`: its own meta block learns, so it is never
+            frozen and only the global block is warm-started).
         meta_learning_rate: Adam learning rate of the outer step.
         meta_patience: Early-stopping patience of meta-training.
         finetune_lrs: Inner learning rates the fine-tuning baseline tries.
@@ -183,6 +190,7 @@ class Recipe:
     finetune_lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
     finetune_steps: tuple[int, ...] = (1, 3, 10)
     warm_start: str = "global"
+    meta_block: str = "mlp"
     adapt_inner_steps: int | None = None
     adapt_inner_lr: float | None = None
     adapt_support_prior: float | None = None
@@ -195,6 +203,11 @@ class Recipe:
     sequence: SequenceOptions = SequenceOptions()
 
     def __post_init__(self):
+        if self.meta_block not in META_BLOCKS:
+            raise ValueError(
+                f"Recipe.meta_block must be one of {META_BLOCKS}, got "
+                f"{self.meta_block!r}"
+            )
         if self.warm_start not in WARM_STARTS:
             raise ValueError(
                 f"Recipe.warm_start must be one of {WARM_STARTS}, got "

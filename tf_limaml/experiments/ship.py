@@ -122,7 +122,8 @@ def is_fallback(recipe: Recipe) -> bool:
         else recipe.adapt_embedding_steps
     )
     return (
-        recipe.warm_start == "global"
+        recipe.meta_block == "mlp"
+        and recipe.warm_start == "global"
         and recipe.meta_epochs == 0
         and adapt_steps == 0
         and fit_steps == 0
@@ -326,8 +327,10 @@ def train_recipe(
 def recipe_summary(recipe: Recipe) -> str:
     """The recipe in one line, for the CLI's progress."""
     knobs = recipe.adaptation()
+    block = "the sequence meta block, " if recipe.meta_block == "sequence" else ""
     return (
-        f"warm start {recipe.warm_start}, {recipe.meta_epochs} meta-epoch(s) at most, "
+        f"{block}warm start {recipe.warm_start}, "
+        f"{recipe.meta_epochs} meta-epoch(s) at most, "
         f"{recipe.inner_steps} inner step(s)"
         + (f", adapt-time {knobs}" if knobs else "")
         + (" (tune's fallback: the global network)" if is_fallback(recipe) else "")

@@ -135,9 +135,19 @@ MAML_STEPS_FROM_PRETRAINING = {
     "embedding_steps": 0,
     "meta_learning_rate": 1e-3,
 }
+# The sequence meta block (`SequenceMetaBlock`, the `limaml_sequence` model)
+# from the global network: it reads the support rows themselves, so the
+# search holds a meta block that amortizes adaptation beside the fit and
+# the gradient steps. Its own meta block learns: never frozen.
+SEQUENCE_FROM_GLOBAL = {
+    "meta_block": "sequence",
+    "warm_start": "global",
+    "freeze_network": False,
+}
 # The fallback: the global network as LiMAML, nothing meta-learned, nothing
 # adapted (no inner step, no embedding fit). Fine-tuning adapts it at test time.
 FALLBACK_CHANGES = {
+    "meta_block": "mlp",
     "warm_start": "global",
     "meta_epochs": 0,
     "inner_steps": 0,
@@ -573,12 +583,15 @@ def trial_of(
 
 
 def _draws(base: Recipe, budget: int, seed: int) -> list[dict[str, Any]]:
-    """The trained candidates' recipe changes: the base recipe, the base recipe
-    warm-started from the global model, then random draws.
+    """The trained candidates' recipe changes: the base recipe, then the
+    planned ones it is not already (warm-started from the global model,
+    `RESIDUAL_FROM_GLOBAL`, `MAML_STEPS_FROM_PRETRAINING`,
+    `SEQUENCE_FROM_GLOBAL`), then random draws, `budget` in all.
 
-    The second is there on purpose: meta-training from the global network keeps
-    the unadapted default near global's, so it is the trained candidate most
-    likely to stay at or above global for entities with one or two rows.
+    The warm start from global is there on purpose: meta-training from the
+    global network keeps the unadapted default near global's, so it is the
+    trained candidate most likely to stay at or above global for entities
+    with one or two rows.
     """
     rng = np.random.default_rng(seed)
     draws: list[dict[str, Any]] = [{}]
@@ -587,6 +600,7 @@ def _draws(base: Recipe, budget: int, seed: int) -> list[dict[str, Any]]:
         {"warm_start": "global"},
         RESIDUAL_FROM_GLOBAL,
         MAML_STEPS_FROM_PRETRAINING,
+        SEQUENCE_FROM_GLOBAL,
     ):
         change = {k: v for k, v in planned.items() if getattr(base, k) != v}
         key = json.dumps(
@@ -763,25 +777,29 @@ def tune(
             name = "residual from global"
         elif candidate == dataclasses.replace(base, **MAML_STEPS_FROM_PRETRAINING):
             name = "MAML steps from pretraining"
+        elif candidate == dataclasses.replace(base, **SEQUENCE_FROM_GLOBAL):
+            name = "sequence meta block from global"
         else:
             name = f"search {number}"
         # Test-time knobs: the default, then scaled steps and larger priors.
+        # The model's own step count: a sequence meta block has its own.
+        inner_steps = model.meta_config.inner_steps
         knob_grid = [{"inner_steps": 0}]
         for boost in PRIOR_BOOSTS:
             for scale in LR_SCALES:
                 knob_grid.append(
                     {
-                        "inner_steps": candidate.inner_steps,
+                        "inner_steps": inner_steps,
                         "inner_lr": candidate.inner_lr * scale,
                         "support_prior": candidate.support_prior + boost,
                     }
                 )
         trained = {
-            "inner_steps": candidate.inner_steps,
+            "inner_steps": inner_steps,
             "inner_lr": candidate.inner_lr,
             "support_prior": candidate.support_prior,
         }
-        if candidate.embedding_steps and not candidate.inner_steps:
+        if candidate.embedding_steps and not inner_steps:
             # Only the embedding fit adapts: the inner-lr knobs are one trial.
             trained = {"inner_steps": 0, "embedding_steps": candidate.embedding_steps}
             knob_grid = [knob_grid[0], trained]
