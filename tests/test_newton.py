@@ -436,3 +436,14 @@ def test_export_warns_of_cold_start_embeddings_only_when_nothing_adapts(
     with caplog.at_level("WARNING", logger="tf_limaml.export.saved_model"):
         export_model(model, tmp_path / "none", warmup_batch_sizes=(1,))
     assert "cold-start" in caplog.text
+
+
+def test_differentiating_the_fit_without_the_affine_hook_is_refused(monkeypatch):
+    from tf_limaml import blocks
+
+    model = _model(inner_steps=0, differentiate_fit=True)
+    monkeypatch.setattr(
+        blocks.GlobalBlockAdapter, "fitted_logit_terms", lambda *a, **k: None
+    )
+    with pytest.raises(ValueError, match="differentiate_fit needs a global block"):
+        model.forward(model.encode(_tasks()), training=True)
