@@ -75,8 +75,11 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def record(result: dict[str, Any], path: str = RESULTS) -> dict[str, Any]:
-    """Adds the machine and a timestamp, prints the JSON line and appends it to `path`."""
+def record(
+    result: dict[str, Any], path: str = RESULTS, save: bool = True
+) -> dict[str, Any]:
+    """Adds the machine and a timestamp, prints the JSON line and, with `save`
+    (a bench's `--no-record` clears it), appends it to `path`."""
     result = {
         **result,
         "git_commit": result.get("git_commit") or git_commit(),
@@ -85,8 +88,9 @@ def record(result: dict[str, Any], path: str = RESULTS) -> dict[str, Any]:
     }
     line = json.dumps(result, sort_keys=False)
     print(line, flush=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+    if save:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
     return result
 
 

@@ -140,12 +140,7 @@ def main(argv=None) -> dict:
             / results["fit_2"]["us_per_entity"],
             2,
         )
-    if args.no_record:
-        import json  # noqa: PLC0415
-
-        print(json.dumps(result), flush=True)
-        return result
-    return record(result)
+    return record(result, save=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -402,7 +402,6 @@ def matmul_peak_gflops(size: int = 1024, number: int = 20, repeats: int = 5) -> 
 def profile_top_ops(fn, steps: int = 5, top: int = 8) -> list[dict[str, float]]:
     """Self time per TF op type over a few steps (TF profiler), ms per step."""
     import glob  # noqa: PLC0415
-    import json  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
     from tensorflow.python.profiler.internal import (
@@ -627,12 +626,7 @@ def main(argv=None) -> list[dict]:
     for name, run in runs.items():
         if args.config not in ("all", name):
             continue
-        result = run(args)
-        if args.no_record:
-            print(json.dumps(result), flush=True)
-        else:
-            result = record(result)
-        results.append(result)
+        results.append(record(run(args), save=not args.no_record))
     return results
 
 

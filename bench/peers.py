@@ -541,10 +541,7 @@ def main(argv=None) -> dict:
     }
     if args.baseline:
         result["baseline"] = args.baseline
-    if args.no_record:
-        print(json.dumps(result), flush=True)
-        return result
-    return record(result)
+    return record(result, save=not args.no_record)
 
 
 if __name__ == "__main__":

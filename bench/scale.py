@@ -473,10 +473,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
-    if args.no_record:
-        print(json.dumps(result))
-        return result
-    return record(result, args.results)
+    return record(result, args.results, save=not args.no_record)
 
 
 def refresh_run(args, workdir: str) -> dict:

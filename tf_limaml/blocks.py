@@ -39,6 +39,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import tensorflow as tf
 
+from tf_limaml import newton
 from tf_limaml.config import MetaConfig
 from tf_limaml.features import (
     LABEL_KEY,
@@ -614,6 +615,67 @@ class GlobalBlockAdapter(_BlockAdapter):
                 f"dimension), got {jacobian.shape}"
             )
         return tf.cast(logits, embedding.dtype), tf.cast(jacobian, embedding.dtype)
+
+    def fit_embedding(
+        self,
+        embedding: tf.Tensor,
+        request: Mapping[str, tf.Tensor],
+        labels: tf.Tensor,
+        mask: tf.Tensor,
+        prior: tf.Tensor,
+        steps: int,
+        weights: Weights | None = None,
+        differentiate: bool = False,
+    ) -> tf.Tensor:
+        """Embeddings `[T, d]` with their `fitted_dims` fitted to the support
+        rows `request` by `steps` Newton steps (`tf_limaml.newton`); the
+        dimensions before stay as they are.
+
+        In one pass where the layer hands over its affine form
+        (`fitted_logit_terms`), else differentiating the block in forward mode.
+
+        Args:
+            embedding: The default embeddings `[T, d]`.
+            request: Encoded support rows `[T, S, ...]`.
+            labels: Support labels `[T, S]`.
+            mask: Support mask `[T, S]`.
+            prior: Prior precision per fitted dimension.
+            steps: Newton steps.
+            weights: The block's fast weights, if any.
+            differentiate: Outer gradients through the fit's Jacobian (second
+                order in the fit); needs the affine form.
+
+        Raises:
+            ValueError: `differentiate` without the layer's affine form.
+        """
+        start = self.fitted_dims[0]
+        fixed, default = embedding[..., :start], embedding[..., start:]
+        terms = self.fitted_logit_terms(embedding, request, weights)
+        if terms is not None:
+            fitted = newton.fit_affine(
+                *terms, default, labels, mask, prior, steps, not differentiate
+            )
+        elif differentiate:
+            raise ValueError(
+                "MetaConfig.differentiate_fit needs a global block that hands "
+                "over its logit's affine form in the fitted dimensions "
+                f"(`fitted_logit_terms`); {self.layer.name!r} has none"
+            )
+        else:
+            # First order: the outer gradient reaches the default and the
+            # prior, not the Jacobian (forward-mode ops have no second
+            # derivative inside XLA).
+            fitted = newton.fit_embedding(
+                lambda part: self.task_logits(
+                    tf.concat([fixed, part], axis=-1), request, weights
+                ),
+                default,
+                labels,
+                mask,
+                prior,
+                steps,
+            )
+        return tf.concat([fixed, fitted], axis=-1)
 
 
 def _fitted_dims(layer: tf.keras.layers.Layer, meta_dim: int) -> tuple[int, ...]:

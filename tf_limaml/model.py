@@ -22,7 +22,7 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tf_limaml import maml, newton, step
+from tf_limaml import maml, step
 from tf_limaml.blocks import (
     META_EMBEDDING_KEY,
     META_INPUTS,
@@ -198,12 +198,11 @@ class LiMAMLModel(tf.keras.Model):
                 )
         # The embedding fit's prior precision per dimension, meta-learned in
         # log space (it must stay > 0) when `learn_embedding_prior`.
-        self.fitted_dims = glob.fitted_dims
         self.log_embedding_prior = None
         if config.learn_embedding_prior:
             self.log_embedding_prior = self.add_weight(
                 name="embedding_prior/log",
-                shape=(len(self.fitted_dims),),
+                shape=(len(glob.fitted_dims),),
                 trainable=True,
                 initializer=tf.keras.initializers.Constant(
                     math.log(config.embedding_prior)
@@ -324,6 +323,11 @@ class LiMAMLModel(tf.keras.Model):
             tf.reduce_sum(mask, axis=-1) + tf.cast(prior, pointwise.dtype)
         )
 
+    @property
+    def fitted_dims(self) -> tuple[int, ...]:
+        """The meta-embedding dimensions the embedding fit moves."""
+        return self._global.fitted_dims
+
     def embedding_prior(self, config: MetaConfig | None = None) -> tf.Tensor:
         """The embedding fit's prior precision per fitted dimension: the learned
         one when the model meta-learns it, else `config.embedding_prior`."""
@@ -352,42 +356,15 @@ class LiMAMLModel(tf.keras.Model):
         embedding = self._meta.embed(batch, meta_weights)
         if not config.embedding_steps or batch.support is None:
             return embedding
-        start = self.fitted_dims[0]
-        prior = self.embedding_prior(config)
-        terms = self._global.fitted_logit_terms(
-            embedding, batch.support, global_weights
-        )
-        if terms is not None:
-            # The logit is affine in the fitted dimensions: one network pass.
-            base, jacobian = terms
-            fitted = newton.fit_affine(
-                base,
-                jacobian,
-                embedding[..., start:],
-                batch.support_label,
-                batch.support_mask,
-                prior,
-                config.embedding_steps,
-                first_order=not config.differentiate_fit,
-            )
-            return tf.concat([embedding[..., :start], fitted], axis=-1)
-        if config.differentiate_fit:
-            raise ValueError(
-                "MetaConfig.differentiate_fit needs a global block that hands "
-                "over its logit's affine form in the fitted dimensions "
-                f"(`fitted_logit_terms`); {self.global_block.name!r} has none"
-            )
-        # First order: the outer gradient reaches the default and the prior,
-        # not the Jacobian (forward-mode ops have no second derivative inside
-        # XLA).
-        return newton.fit_trailing(
-            lambda e: self._global.task_logits(e, batch.support, global_weights),
+        return self._global.fit_embedding(
             embedding,
-            start,
+            batch.support,
             batch.support_label,
             batch.support_mask,
-            prior,
+            self.embedding_prior(config),
             config.embedding_steps,
+            global_weights,
+            config.differentiate_fit,
         )
 
     def logits(

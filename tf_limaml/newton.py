@@ -173,47 +173,6 @@ def _newton_steps(
     return current
 
 
-def fit_trailing(
-    support_logits: Callable[[tf.Tensor], tf.Tensor],
-    embedding: tf.Tensor,
-    start: int,
-    labels: tf.Tensor,
-    mask: tf.Tensor,
-    prior: tf.Tensor,
-    steps: int,
-) -> tf.Tensor:
-    """`fit_embedding` (first order) on the dimensions `[start:]` of each
-    embedding only; the ones before stay as they are.
-
-    Args:
-        support_logits: Whole embeddings `[T, d]` -> support logits `[T, S]`.
-        embedding: The default embeddings `[T, d]`.
-        start: The first fitted dimension.
-        labels: As `fit_embedding`.
-        mask: As `fit_embedding`.
-        prior: As `fit_embedding`, one precision per fitted dimension.
-        steps: As `fit_embedding`.
-
-    Returns:
-        The embeddings `[T, d]` with their trailing dimensions fitted.
-    """
-    fixed = embedding[..., :start]
-
-    def whole(fitted):
-        return tf.concat([fixed, fitted], axis=-1) if start else fitted
-
-    fitted = fit_embedding(
-        lambda fitted: support_logits(whole(fitted)),
-        embedding[..., start:],
-        labels,
-        mask,
-        prior,
-        steps,
-        first_order=True,
-    )
-    return whole(fitted)
-
-
 def _logits_and_jacobian(
     support_logits: Callable[[tf.Tensor], tf.Tensor], embedding: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
