@@ -301,8 +301,12 @@ class Worker:
 # --- tf-limaml (this process) --------------------------------------------------
 
 
-def tf_limaml_steps(baseline: str | None) -> dict[str, tuple]:
-    """name -> (run, sync) of `LiMAMLModel`'s Keras train function."""
+def tf_limaml_steps(
+    baseline: str | None, steps_per_execution: int = 1
+) -> dict[str, tuple]:
+    """name -> (run, sync, steps per call) of `LiMAMLModel`'s Keras train
+    function; with `steps_per_execution` > 1 also the current library compiled
+    with it (`fit` then runs that many steps per call of the function)."""
     import dataclasses  # noqa: PLC0415
 
     import tensorflow as tf  # noqa: PLC0415
@@ -313,12 +317,20 @@ def tf_limaml_steps(baseline: str | None) -> dict[str, tuple]:
     if baseline:
         libs.append(meta_train.load_baseline(baseline))
     config = dataclasses.replace(meta_train.SMALL, numeric_vector=True)
+    variants = [(lib, 1) for lib in libs]
+    if steps_per_execution > 1:
+        variants.append((meta_train.CURRENT, steps_per_execution))
     steps = {}
-    for lib in libs:
+    for lib, per_call in variants:
         suffix = "" if lib is meta_train.CURRENT else f"@{lib.name}"
+        if per_call > 1:
+            suffix += f"_spe{per_call}"
         for order, first_order in ORDERS.items():
             model = config.model(lib, first_order=first_order)
-            model.compile(optimizer=tf.keras.optimizers.Adam(OUTER_LR))
+            model.compile(
+                optimizer=tf.keras.optimizers.Adam(OUTER_LR),
+                steps_per_execution=per_call,
+            )
             dataset = tf.data.Dataset.from_tensors(config.batch()).repeat()
             iterator = iter(dataset)
             train_function = model.make_train_function()
@@ -330,13 +342,14 @@ def tf_limaml_steps(baseline: str | None) -> dict[str, tuple]:
             def sync(carry=carry):
                 return float(carry["logs"]["loss"])
 
-            steps[f"tf_limaml{suffix}/{order}"] = (run, sync)
+            steps[f"tf_limaml{suffix}/{order}"] = (run, sync, per_call)
     return steps
 
 
-def time_local(run, sync, steps: int) -> float:
+def time_local(run, sync, per_call: int, steps: int) -> float:
+    """Seconds for `steps` steps, `per_call` of them per call of `run`."""
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(max(1, steps // per_call)):
         run()
     sync()
     return time.perf_counter() - start
@@ -424,6 +437,14 @@ def main(argv=None) -> dict:
         help="Only dump the optimized HLO of every step to DIR and print the "
         "instruction counts of each (no timing, no record).",
     )
+    parser.add_argument(
+        "--steps-per-execution",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Also time tf-limaml compiled with steps_per_execution=N (the "
+        "`tf_limaml_speN` rows): fit then runs N steps per call.",
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     if args.worker:
@@ -436,6 +457,11 @@ def main(argv=None) -> dict:
         )
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.steps_per_execution < 1 or args.steps % args.steps_per_execution:
+        raise SystemExit(
+            f"--steps ({args.steps}) must be a multiple of --steps-per-execution "
+            f"({args.steps_per_execution})"
+        )
     if args.hlo:
         os.makedirs(os.path.join(args.hlo, "tf"), exist_ok=True)
         os.environ["XLA_FLAGS"] = (
@@ -454,14 +480,18 @@ def main(argv=None) -> dict:
     def wanted(name: str) -> bool:
         return not only or any(name.startswith(p) for p in only)
 
-    local = {k: v for k, v in tf_limaml_steps(args.baseline).items() if wanted(k)}
+    local = {
+        k: v
+        for k, v in tf_limaml_steps(args.baseline, args.steps_per_execution).items()
+        if wanted(k)
+    }
     first_call = {}
-    for name, (run, sync) in local.items():
+    for name, (run, sync, per_call) in local.items():
         start = time.perf_counter()
         run()
         sync()
         first_call[name] = time.perf_counter() - start
-        time_local(run, sync, args.warmup)
+        time_local(run, sync, per_call, args.warmup)
     workers = {"jax": Worker(args.peer_python, "jax")}
     if args.hlo:
         counts = dump_hlo(args.hlo, local, workers)
@@ -512,6 +542,13 @@ def main(argv=None) -> dict:
             theirs = results.get(f"{peer}/{order}", {}).get("tasks_per_s")
             if ours and theirs:
                 ratios[f"tf_limaml_over_{peer}/{order}"] = round(ours / theirs, 2)
+        per_call = args.steps_per_execution
+        batched = results.get(f"tf_limaml_spe{per_call}/{order}", {}).get("tasks_per_s")
+        theirs = results.get(f"jax_vmap/{order}", {}).get("tasks_per_s")
+        if batched and theirs:
+            ratios[f"tf_limaml_spe{per_call}_over_jax_vmap/{order}"] = round(
+                batched / theirs, 2
+            )
         if args.baseline:
             base = results.get(f"tf_limaml@{args.baseline}/{order}", {})
             if ours and base.get("tasks_per_s"):
@@ -533,6 +570,7 @@ def main(argv=None) -> dict:
             "rounds": args.rounds,
             "steps_per_round": steps_of,
             "tf_limaml_model": "bench/meta_train.py SMALL, one [64] feature",
+            "steps_per_execution": args.steps_per_execution,
         },
         "results": results,
         "ratios": ratios,

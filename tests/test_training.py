@@ -342,3 +342,40 @@ def test_same_seed_gives_identical_weights_in_two_processes(tmp_path, synthetic_
     check_same_seed_gives_identical_weights(
         train_in_two_processes(tmp_path, synthetic_tasks)
     )
+
+
+def test_steps_per_execution_runs_every_step_as_single_steps_do(
+    synthetic_tasks, synthetic_spec, small_model_kwargs
+):
+    """`compile(steps_per_execution=4)` (several meta-train steps per call of
+    the train function, through `step.IteratorDispatch`) takes the same 8 steps,
+    to the same weights, as one step per call."""
+    from tf_limaml.model import LiMAMLModel  # noqa: PLC0415
+
+    batches = list(
+        data.task_dataset(synthetic_tasks["train"], synthetic_spec, 8, 16, 16)
+        .repeat()
+        .take(8)
+    )
+    dataset = tf.data.Dataset.from_tensors(batches[0])
+    for batch in batches[1:]:
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(batch))
+    trained = {}
+    for per_call in (1, 4):
+        tf.keras.utils.set_random_seed(3)
+        model = LiMAMLModel(
+            synthetic_spec, MetaConfig(inner_lr=0.5), **small_model_kwargs
+        )
+        start = [w.numpy().copy() for w in model.trainable_weights]
+        model.compile(
+            optimizer=tf.keras.optimizers.Adam(1e-2), steps_per_execution=per_call
+        )
+        model.fit(dataset, epochs=1, verbose=0)
+        assert int(model.optimizer.iterations) == 8, per_call
+        trained[per_call] = [w.numpy() for w in model.trainable_weights]
+    moved = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(trained[1], start, strict=True)
+    )
+    assert moved > 1e-3
+    for a, b in zip(trained[1], trained[4], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
