@@ -235,6 +235,14 @@ def peers(records: list[Record]) -> str:
     results = r["results"]
     base = r.get("baseline")
     peers_ = list(_PEERS)
+    per_call = r.get("config", {}).get("steps_per_execution", 1)
+    if per_call > 1:
+        peers_.append(
+            (
+                f"tf_limaml_spe{per_call}",
+                f"**tf-limaml**, `compile(steps_per_execution={per_call})`",
+            )
+        )
     if base:
         peers_.append((f"tf_limaml@{base}", f"tf-limaml as of `{base}`"))
     rows = [
@@ -258,6 +266,18 @@ def peers(records: list[Record]) -> str:
                 target[0],
                 num(first, 2, "×"),
                 target[1],
+            ]
+        )
+    if per_call > 1:
+        summary.append(
+            [
+                f"tf-limaml, {per_call} steps per call / JAX",
+                num(
+                    ratios.get(f"tf_limaml_spe{per_call}_over_jax_vmap/second"), 2, "×"
+                ),
+                targets["jax_vmap"][0],
+                num(ratios.get(f"tf_limaml_spe{per_call}_over_jax_vmap/first"), 2, "×"),
+                targets["jax_vmap"][1],
             ]
         )
     if base:
