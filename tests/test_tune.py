@@ -399,7 +399,7 @@ def test_tune_refuses_splits_whose_test_members_are_real(tiny):
         tune.tune(tiny["spec"], real, tiny["recipe"], budget=1)
 
 
-def test_planned_candidates_cover_the_warm_start_residual_maml_steps_and_sequence():
+def test_planned_candidates_cover_warm_starts_residuals_maml_steps_and_sequence():
     # A recipe of MAML steps from the pretraining: then the same from global,
     # then the residual from global.
     maml_steps = dataclasses.replace(Recipe(), **tune.MAML_STEPS_FROM_PRETRAINING)
@@ -411,6 +411,13 @@ def test_planned_candidates_cover_the_warm_start_residual_maml_steps_and_sequenc
     sequence = dataclasses.replace(maml_steps, **draws[3])
     assert sequence == dataclasses.replace(maml_steps, **tune.SEQUENCE_FROM_GLOBAL)
     assert sequence.meta_block == "sequence" and not sequence.freeze_network
+    # ... then the residual on the frozen member-ID pretraining.
+    from_pretraining = dataclasses.replace(maml_steps, **draws[4])
+    assert from_pretraining == dataclasses.replace(
+        maml_steps, **tune.RESIDUAL_FROM_PRETRAINING
+    )
+    assert from_pretraining.warm_start == "pretrain"
+    assert from_pretraining.freeze_network and from_pretraining.embedding_steps
     assert len(draws) == 5
     assert len({json.dumps(d, sort_keys=True) for d in draws}) == 5
     # The MovieLens recipe is the residual from global: MAML steps come second.
@@ -422,6 +429,7 @@ def test_planned_candidates_cover_the_warm_start_residual_maml_steps_and_sequenc
     assert dataclasses.replace(base, **draws[2]) == dataclasses.replace(
         base, **tune.SEQUENCE_FROM_GLOBAL
     )
+    assert draws[3] == {"warm_start": "pretrain"}
     assert tune._draws(base, budget=1, seed=0) == [{}]
 
 

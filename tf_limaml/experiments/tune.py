@@ -135,6 +135,18 @@ MAML_STEPS_FROM_PRETRAINING = {
     "embedding_steps": 0,
     "meta_learning_rate": 1e-3,
 }
+# The same residual on the member-ID pretraining, frozen: the network the ID
+# embedding baseline learns with, the IDs dropped and LiMAML's fit of d floats
+# in their place. On data where a network trained with IDs scores new
+# entities better than global (the ID embedding far above global even at
+# k = 1), this is the meta-learned candidate that carries that strength; on
+# the fold it tracks the ID embedding at every k.
+RESIDUAL_FROM_PRETRAINING = {
+    "warm_start": "pretrain",
+    "freeze_network": True,
+    "inner_steps": 0,
+    "embedding_steps": 2,
+}
 # The sequence meta block (`SequenceMetaBlock`, the `limaml_sequence` model)
 # from the global network: it reads the support rows themselves, so the
 # search holds a meta block that amortizes adaptation beside the fit and
@@ -586,7 +598,8 @@ def _draws(base: Recipe, budget: int, seed: int) -> list[dict[str, Any]]:
     """The trained candidates' recipe changes: the base recipe, then the
     planned ones it is not already (warm-started from the global model,
     `RESIDUAL_FROM_GLOBAL`, `MAML_STEPS_FROM_PRETRAINING`,
-    `SEQUENCE_FROM_GLOBAL`), then random draws, `budget` in all.
+    `SEQUENCE_FROM_GLOBAL`, `RESIDUAL_FROM_PRETRAINING`), then random draws,
+    `budget` in all.
 
     The warm start from global is there on purpose: meta-training from the
     global network keeps the unadapted default near global's, so it is the
@@ -601,6 +614,7 @@ def _draws(base: Recipe, budget: int, seed: int) -> list[dict[str, Any]]:
         RESIDUAL_FROM_GLOBAL,
         MAML_STEPS_FROM_PRETRAINING,
         SEQUENCE_FROM_GLOBAL,
+        RESIDUAL_FROM_PRETRAINING,
     ):
         change = {k: v for k, v in planned.items() if getattr(base, k) != v}
         key = json.dumps(
@@ -779,6 +793,8 @@ def tune(
             name = "MAML steps from pretraining"
         elif candidate == dataclasses.replace(base, **SEQUENCE_FROM_GLOBAL):
             name = "sequence meta block from global"
+        elif candidate == dataclasses.replace(base, **RESIDUAL_FROM_PRETRAINING):
+            name = "residual from pretraining"
         else:
             name = f"search {number}"
         # Test-time knobs: the default, then scaled steps and larger priors.
