@@ -462,3 +462,27 @@ def test_a_sequence_candidate_is_trained_with_the_sequence_meta_block(
     assert len(built) == 2 and isinstance(built[1].meta_block, SequenceMetaBlock)
     assert summary["model_dir"] == str(tmp_path / "model")
     assert "the sequence meta block" in ship.recipe_summary(sequence)
+
+
+def test_the_residual_from_pretraining_scores_as_the_pretrained_network_until_it_adapts(
+    tiny,
+):
+    """`RESIDUAL_FROM_PRETRAINING` meta-trains the fit on the member-ID
+    pretraining, frozen: unadapted, it scores exactly as that network (no ID);
+    adapted, the fit moves the scores."""
+    from tf_limaml.experiments import baselines
+    from tf_limaml.experiments.protocol import cut_support
+
+    recipe = dataclasses.replace(tiny["recipe"], **tune.RESIDUAL_FROM_PRETRAINING)
+    assert recipe.warm_start == "pretrain" and recipe.freeze_network
+    splits = tiny["splits"]
+    pretrained = baselines.pretrain(tiny["spec"], splits, recipe, 0)
+    before = baselines.query_probabilities(pretrained, splits.test, 0)
+    model, _ = baselines.train_meta_learner(
+        tiny["spec"], splits, recipe, 0, init=pretrained
+    )
+    assert model.meta_config.embedding_steps == 2
+    unadapted = baselines.query_probabilities(model, splits.test, 0)
+    np.testing.assert_allclose(unadapted, before, rtol=0, atol=1e-6)
+    adapted = baselines.query_probabilities(model, cut_support(splits.test, None))
+    assert float(np.max(np.abs(adapted - before))) > 1e-4
