@@ -36,7 +36,12 @@ the median over rounds of tasks/s, with the min and max. The torch peers,
 steps per round.
 
     make bench-peers      # or: python bench/peers.py [--rounds 5] [--steps 300]
-        [--baseline REV] [--peer-python .venv-peers/bin/python] [--no-record]
+        [--baseline REV] [--steps-per-execution 10]
+        [--peer-python .venv-peers/bin/python] [--no-record]
+
+`--steps-per-execution N` also times tf-limaml compiled with
+`steps_per_execution=N` (`tf_limaml_speN`, N steps per call of the train
+function, as `fit` runs them), in the same rounds.
 
 `--hlo DIR` instead writes the optimized HLO of every step to DIR and prints
 the instruction counts of their entry computations (the profile comparison of

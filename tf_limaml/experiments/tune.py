@@ -140,7 +140,7 @@ MAML_STEPS_FROM_PRETRAINING = {
 # in their place. On data where a network trained with IDs scores new
 # entities better than global (the ID embedding far above global even at
 # k = 1), this is the meta-learned candidate that carries that strength; on
-# the fold it tracks the ID embedding at every k.
+# MovieLens-100K's tuning folds it tracks the ID embedding at every k.
 RESIDUAL_FROM_PRETRAINING = {
     "warm_start": "pretrain",
     "freeze_network": True,
