@@ -135,9 +135,9 @@ MAML_STEPS_FROM_PRETRAINING = {
     "embedding_steps": 0,
     "meta_learning_rate": 1e-3,
 }
-# The same residual on the member-ID pretraining, frozen: the network the ID
-# embedding baseline learns with, the IDs dropped and LiMAML's fit of d floats
-# in their place. On data where a network trained with IDs scores new
+# The same residual on the member-ID pretraining, frozen: a network trained as
+# the ID-embedding baseline is (on the train entities, with their IDs), the IDs
+# dropped and LiMAML's fit of d floats in their place. On data where a network trained with IDs scores new
 # entities better than global (the ID embedding far above global even at
 # k = 1), this is the meta-learned candidate that carries that strength; on
 # MovieLens-100K's tuning folds it tracks the ID embedding at every k.
