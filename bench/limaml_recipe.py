@@ -5,7 +5,10 @@ support size k, and the given LiMAML variants (each a dict of Recipe
 changes), and prints one JSON line per model with its overall and mean
 per-member AUC on the val members and on the test members at every k. The
 choices of the recipe read the val columns only; test is printed to record
-what the chosen recipe then scores.
+what the chosen recipe then scores. With `--intervals`, each model after the
+first also gets its overall-AUC lift over the first (on the fold with
+`--fold`, else on test), with 90% intervals of a paired bootstrap over those
+members.
 
     python bench/limaml_recipe.py --tasks runs/demo/tasks --seed 0 \
         --variant '{"name": "newton", "embedding_steps": 2}'
@@ -35,6 +38,64 @@ def _sweep(score, batch, ks):
     }
 
 
+class PairedLifts:
+    """Overall-AUC lifts over the first model measured, with 90% intervals of a
+    paired bootstrap over the scored entities (`tune.FoldScorer`: every model
+    on the same resamples), at every k and averaged over k."""
+
+    def __init__(self, batch, ks, seed: int = 0):
+        import numpy as np  # noqa: PLC0415
+
+        from tf_limaml.experiments.protocol import cut_support, k_label  # noqa: PLC0415
+        from tf_limaml.experiments.tune import FoldScorer  # noqa: PLC0415
+        from tf_limaml.features import (  # noqa: PLC0415
+            ENTITY_ID_KEY,
+            LABEL_KEY,
+            MASK_KEY,
+            QUERY,
+        )
+
+        self.mask = np.asarray(batch[f"{QUERY}_{MASK_KEY}"]) > 0
+        self.cuts = {k_label(k): (k, cut_support(batch, k)) for k in ks}
+        self.scorer = FoldScorer(
+            np.repeat(np.asarray(batch[ENTITY_ID_KEY]), self.mask.sum(axis=1)),
+            np.asarray(batch[f"{QUERY}_{LABEL_KEY}"])[self.mask],
+            seed=seed,
+        )
+        self.reference = None
+
+    def lifts(self, name, score):
+        """{"vs": the reference's name, "lift": {k: [lift, low, high]}, with
+        "mean" over k}; None for the first model, which becomes the reference."""
+        import numpy as np  # noqa: PLC0415
+
+        from tf_limaml.experiments.protocol import without_buckets  # noqa: PLC0415
+        from tf_limaml.intervals import Resampled  # noqa: PLC0415
+
+        measured = self.scorer.measure_rows(
+            {
+                label: np.asarray(score(without_buckets(cut), k))[self.mask]
+                for label, (k, cut) in self.cuts.items()
+            }
+        )
+        if self.reference is None:
+            self.reference = (name, measured)
+            return None
+        reference_name, reference = self.reference
+        lifts, out = [], {}
+        for label, resampled in measured["auc_resampled"].items():
+            lift = resampled - reference["auc_resampled"][label]
+            lifts.append(lift)
+            out[label] = [round(lift.estimate, 4), *map(_round4, lift.interval())]
+        mean = Resampled.mean(lifts)
+        out["mean"] = [round(mean.estimate, 4), *map(_round4, mean.interval())]
+        return {"vs": reference_name, "lift": out}
+
+
+def _round4(value: float) -> float:
+    return round(value, 4)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", required=True)
@@ -47,6 +108,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="Score on the tuning fold (a third of the train members, as "
         "`limaml tune` does) in place of the test members",
+    )
+    parser.add_argument(
+        "--intervals",
+        action="store_true",
+        help="Also print each model's overall-AUC lift over the first model "
+        "printed on the scored members (the fold or test), at every k and "
+        "averaged over k, with 90%% intervals of a paired bootstrap over them",
     )
     args = parser.parse_args(argv)
 
@@ -70,6 +138,13 @@ def main(argv=None) -> int:
         splits = Splits.from_records(records, spec, protocol)
     ks = protocol.support_ks
     lines = []
+    paired = PairedLifts(splits.test, ks, args.seed) if args.intervals else None
+
+    def with_lifts(extra, name, score):
+        if paired is None:
+            return extra
+        lifts = paired.lifts(name, score)
+        return {**(extra or {}), **({"paired": lifts} if lifts else {})}
 
     def emit(name, changes, val, test, seconds, extra=None):
         line = {
@@ -99,16 +174,26 @@ def main(argv=None) -> int:
             _sweep(score, splits.val, ks),
             _sweep(score, splits.test, ks),
             time.perf_counter() - start,
+            with_lifts(None, "global", score),
         )
-        val, test = {}, {}
+        val, test, by_k = {}, {}, {}
         start = time.perf_counter()
         for k in ks:
             model, _ = baselines.train_id_embedding(spec, splits, recipe, args.seed, k)
             score = lambda b, kk, m=model: m.task_probabilities(b)  # noqa: E731
+            by_k[k] = score
             label = next(iter(_sweep(score, splits.val, [k])))
             val[label] = _sweep(score, splits.val, [k])[label]
             test[label] = _sweep(score, splits.test, [k])[label]
-        emit("id_embedding", {}, val, test, time.perf_counter() - start)
+        emit(
+            "id_embedding",
+            {},
+            val,
+            test,
+            time.perf_counter() - start,
+            # The model retrained for each k scores that k.
+            with_lifts(None, "id_embedding", lambda b, k: by_k[k](b, k)),
+        )
 
     inits = {}
     for text in args.variant:
@@ -141,7 +226,7 @@ def main(argv=None) -> int:
             _sweep(score, splits.val, ks),
             _sweep(score, splits.test, ks),
             time.perf_counter() - start,
-            extra,
+            with_lifts(extra, name, score),
         )
         for options in grid:
             # Test-time knobs on the same trained model (no retraining).
@@ -156,6 +241,7 @@ def main(argv=None) -> int:
                 _sweep(score, splits.val, ks),
                 _sweep(score, splits.test, ks),
                 0.0,
+                with_lifts(None, label, score),
             )
             model.adapt_options = saved
     return 0
