@@ -44,24 +44,12 @@ class PairedLifts:
     on the same resamples), at every k and averaged over k."""
 
     def __init__(self, batch, ks, seed: int = 0):
-        import numpy as np  # noqa: PLC0415
-
         from tf_limaml.experiments.protocol import cut_support, k_label  # noqa: PLC0415
         from tf_limaml.experiments.tune import FoldScorer  # noqa: PLC0415
-        from tf_limaml.features import (  # noqa: PLC0415
-            ENTITY_ID_KEY,
-            LABEL_KEY,
-            MASK_KEY,
-            QUERY,
-        )
 
-        self.mask = np.asarray(batch[f"{QUERY}_{MASK_KEY}"]) > 0
+        self.mask = FoldScorer.query_mask(batch)
         self.cuts = {k_label(k): (k, cut_support(batch, k)) for k in ks}
-        self.scorer = FoldScorer(
-            np.repeat(np.asarray(batch[ENTITY_ID_KEY]), self.mask.sum(axis=1)),
-            np.asarray(batch[f"{QUERY}_{LABEL_KEY}"])[self.mask],
-            seed=seed,
-        )
+        self.scorer = FoldScorer.of_batch(batch, seed)
         self.reference = None
 
     def lifts(self, name, score):

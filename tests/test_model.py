@@ -727,3 +727,35 @@ def test_dense_table_gradients_update_as_the_sparse_ones(
         tables.append([v.numpy() for v in model.trainable_variables])
     for sparse, dense in zip(*tables, strict=True):
         np.testing.assert_allclose(dense, sparse, atol=1e-6)
+
+
+@pytest.mark.parametrize("learn_inner_lr", [False, True])
+def test_adapted_input_embeddings_move_looked_up_rows_only(
+    synthetic_tasks, synthetic_spec, small_model_kwargs, learn_inner_lr
+):
+    """`adapt_embeddings=True`: the looked-up meta-feature rows adapt per task
+    (`MetaBlockAdapter.input_embeddings`), the numeric inputs keep a zero rate
+    (`input_rates`)."""
+    from tf_limaml.blocks import META_INPUTS
+
+    model = LiMAMLModel(
+        synthetic_spec,
+        MetaConfig(
+            inner_lr=0.5,
+            inner_steps=1,
+            adapt_embeddings=True,
+            learn_inner_lr=learn_inner_lr,
+            jit_compile=False,
+        ),
+        **small_model_kwargs,
+    )
+    batch = _first_batch(synthetic_tasks, synthetic_spec, tasks=4)
+    adapted = model.adapt(batch)[META_INPUTS].numpy()
+    start = model.meta_block.embed_inputs(
+        model.encode(batch).meta, tf.constant(4)
+    ).numpy()
+    mask = model.meta_block.embedding_input_mask().numpy()
+    assert adapted.shape == start.shape and 0 < mask.sum() < mask.size
+    moved = np.abs(adapted - start).max(axis=0)
+    assert moved[mask == 1].max() > 1e-4
+    np.testing.assert_array_equal(moved[mask == 0], 0.0)

@@ -449,6 +449,17 @@ class MetaBlockAdapter(_BlockAdapter):
         # Set by the model once the global block exists (shared request tables).
         self.request_embedding: tf.keras.layers.Layer | None = None
 
+    def input_embeddings(self, batch: TaskBatch) -> tf.Tensor:
+        """Each task's looked-up input embeddings, the fast weights that
+        `MetaConfig.adapt_embeddings` adapts (`embed_inputs`)."""
+        return self.layer.embed_inputs(batch.meta, batch.batch_size)
+
+    def input_rates(self, rate: tf.Tensor | float) -> tf.Tensor:
+        """The inner rate of the input embeddings, zero on numeric inputs:
+        only looked-up embedding rows adapt (`embedding_input_mask`)."""
+        mask = self.layer.embedding_input_mask()
+        return tf.cast(rate, mask.dtype) * mask
+
     def encode_support(
         self, raw: Mapping[str, tf.Tensor]
     ) -> dict[str, tf.Tensor] | None:

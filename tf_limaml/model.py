@@ -400,17 +400,12 @@ class LiMAMLModel(tf.keras.Model):
             )
         fast = maml.tile(params, batch.batch_size)
         if config.adapt_embeddings:
-            fast[META_INPUTS] = self.meta_block.embed_inputs(
-                batch.meta, batch.batch_size
+            fast[META_INPUTS] = self._meta.input_embeddings(batch)
+            rates[META_INPUTS] = self._meta.input_rates(
+                self.inner_lr(META_INPUTS, config)
             )
         if not config.inner_steps:
             return fast, None
-        if META_INPUTS in rates:
-            # Only looked-up embedding rows adapt, not numeric inputs.
-            inputs_mask = self.meta_block.embedding_input_mask()
-            rates[META_INPUTS] = (
-                tf.cast(rates[META_INPUTS], inputs_mask.dtype) * inputs_mask
-            )
         return maml.adapt(
             task_loss, fast, config.inner_steps, rates, config.first_order
         )
@@ -432,11 +427,7 @@ class LiMAMLModel(tf.keras.Model):
         if training:
             config = as_adapt_options(options).resolve(self.meta_config)
         else:
-            config = (
-                self.adapt_options.merged(AdaptOptions(first_order=True))
-                .merged(as_adapt_options(options))
-                .resolve(self.meta_config)
-            )
+            config = self._inference_config(as_adapt_options(options))
         fast, support_loss = self.inner_loop(batch, config)
         embedding = self.adapted_embedding(batch, fast, config)
         logits = self._global.task_logits(
@@ -453,6 +444,15 @@ class LiMAMLModel(tf.keras.Model):
                 support_loss = step.masked_task_mean(pointwise, batch.support_mask)
             out.update(step.losses(self, batch, logits, support_loss))
         return out
+
+    def _inference_config(self, options: AdaptOptions) -> MetaConfig:
+        """What scoring and embedding adapt with: `adapt_options`, then this
+        call's `options`, over `meta_config`; first order unless asked."""
+        return (
+            self.adapt_options.merged(AdaptOptions(first_order=True))
+            .merged(options)
+            .resolve(self.meta_config)
+        )
 
     def make_train_function(self, force=False):
         cached = self.train_function is not None and not force
@@ -536,10 +536,7 @@ class LiMAMLModel(tf.keras.Model):
     ) -> tf.Tensor:
         """Adapted meta embeddings `[T, d]` of raw `tasks` (meta features and
         support; without support, the default). Options as `predict_query`."""
-        options = self.adapt_options.merged(AdaptOptions(first_order=True)).merged(
-            call_options(options, deprecated)
-        )
-        config = options.resolve(self.meta_config)
+        config = self._inference_config(call_options(options, deprecated))
 
         def embedding(batch):
             fast, _ = self.inner_loop(batch, config)

@@ -137,10 +137,11 @@ MAML_STEPS_FROM_PRETRAINING = {
 }
 # The same residual on the member-ID pretraining, frozen: a network trained as
 # the ID-embedding baseline is (on the train entities, with their IDs), the IDs
-# dropped and LiMAML's fit of d floats in their place. On data where a network trained with IDs scores new
-# entities better than global (the ID embedding far above global even at
-# k = 1), this is the meta-learned candidate that carries that strength; on
-# MovieLens-100K's tuning folds it tracks the ID embedding at every k.
+# dropped and LiMAML's fit of d floats in their place. On data where a network
+# trained with IDs scores new entities better than global (the ID embedding far
+# above global even at k = 1), this is the meta-learned candidate that carries
+# that strength; on MovieLens-100K's tuning folds it tracks the ID embedding
+# at every k.
 RESIDUAL_FROM_PRETRAINING = {
     "warm_start": "pretrain",
     "freeze_network": True,
@@ -507,6 +508,22 @@ class FoldScorer:
         self.labels = np.asarray(labels).ravel()
         self.bootstrap = EntityBootstrap(self.ids, self.labels, n_resamples, seed)
 
+    @classmethod
+    def of_batch(cls, batch: Batch, seed: int = 0) -> FoldScorer:
+        """The scorer of a task batch's real query rows (row-major, as
+        `batch[query mask]` flattens them)."""
+        mask = cls.query_mask(batch)
+        return cls(
+            np.repeat(np.asarray(batch[ENTITY_ID_KEY]), mask.sum(axis=1)),
+            np.asarray(batch[f"{QUERY}_{LABEL_KEY}"])[mask],
+            seed=seed,
+        )
+
+    @staticmethod
+    def query_mask(batch: Batch) -> np.ndarray:
+        """Which query cells `[T, Q]` of a task batch are real rows."""
+        return np.asarray(batch[f"{QUERY}_{MASK_KEY}"]) > 0
+
     def measure_rows(self, scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Metrics of flat query-row scores by k label.
 
@@ -685,12 +702,8 @@ def tune(
     base = recipe or Recipe()
     line = report_line or (lambda text: logger.info("%s", text))
     fold = splits.test
-    mask = np.asarray(fold[f"{QUERY}_{MASK_KEY}"]) > 0
-    scorer = FoldScorer(
-        np.repeat(np.asarray(fold[ENTITY_ID_KEY]), mask.sum(axis=1)),
-        np.asarray(fold[f"{QUERY}_{LABEL_KEY}"])[mask],
-        seed=seed,
-    )
+    mask = FoldScorer.query_mask(fold)
+    scorer = FoldScorer.of_batch(fold, seed)
     cuts = {k_label(k): cut_support(fold, k) for k in ks}
 
     def measure(score: Callable[[Batch], np.ndarray]) -> dict[str, Any]:
