@@ -157,13 +157,21 @@ def test_measurement_layout():
 def test_protocol_describes_the_issue_rules():
     text = str(Protocol().describe())
     for phrase in (
-        "(timestamp, item id)",
+        "the spec's time column",
         "80%/10%/10%",
         "val and test members' support",
         "['1', '3', '5', '10', 'all']",
         "retrained per k",
     ):
         assert phrase in text
+
+
+def test_protocol_orders_by_the_data_s_own_time_and_tie_break_columns():
+    spec = _spec()
+    assert "sorted by `t`; rows still tied" in Protocol().describe(spec)["order"]
+    with_tie = dataclasses.replace(spec, tie_break="item")
+    assert "sorted by `t`, then `item`;" in Protocol().describe(with_tie)["order"]
+    assert "timestamp" not in str(Protocol().describe(with_tie))
 
 
 def test_random_support_cut_keeps_a_latest_window():

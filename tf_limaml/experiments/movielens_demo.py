@@ -833,12 +833,13 @@ def run(args: argparse.Namespace, progress) -> int:
     with progress.phase("report"):
         wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
         members = {s: len(records[s]) for s in ("train", "val", "test")}
+        described = protocol.describe(spec)
         result = report.aggregate(
             per_seed,
             protocol={
-                **protocol.describe(),
+                **described,
                 "members": (
-                    f"{protocol.describe()['members']}: {members['train']}/{members['val']}/"
+                    f"{described['members']}: {members['train']}/{members['val']}/"
                     f"{members['test']} members"
                 ),
             },

@@ -78,10 +78,23 @@ class Protocol:
     max_support: int = 64
     max_query: int = 64
 
-    def describe(self) -> dict[str, Any]:
-        """The protocol as the JSON of `report.json`."""
+    def describe(self, spec: FeatureSpec | None = None) -> dict[str, Any]:
+        """The protocol as the JSON of `report.json`.
+
+        Args:
+            spec: The data's FeatureSpec, whose time and tie-break columns
+                order each history (None: described generically).
+        """
+        if spec is None:
+            order_columns = "the spec's time column, then its tie-break column if any"
+        else:
+            order_columns = ", then ".join(
+                filter(
+                    None, (f"`{spec.time}`", spec.tie_break and f"`{spec.tie_break}`")
+                )
+            )
         return {
-            "order": "each member's interactions sorted by (timestamp, item id), stable; "
+            "order": f"each entity's interactions sorted by {order_columns}; "
             "rows still tied are ordered by content",
             "split": f"{self.split_rule}: support is the earlier part, query the later",
             "members": (
