@@ -1,6 +1,7 @@
 """Baselines and protocol helpers: hand-worked small cases, then tiny trainings."""
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -293,6 +294,46 @@ def test_finetune_model_matches_a_scalar_inner_lr(tiny):
     # Another lr reuses the trace and changes the result.
     other = baselines.query_probabilities(tuned, splits.test, 2, inner_lr=0.01)
     assert not np.allclose(got, other)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_query_functions_trace_once_for_every_support_size_and_stay_quiet(tiny):
+    """One trace per knob setting whatever k and chunk, and no "excessive
+    retracing" warning though tune builds dozens of settings in a loop."""
+    spec, _, splits, _ = tiny
+    model = baselines.new_model(
+        spec, MetaConfig(inner_steps=1, inner_lr=0.1, jit_compile=False), SMALL, seed=4
+    )
+    scores = {}
+    # TensorFlow's logger does not propagate to the root (caplog's) handler.
+    tf_logger, records = logging.getLogger("tensorflow"), _Records()
+    tf_logger.addHandler(records)
+    try:
+        # As tune scores its trials: a setting, then every k, then the next.
+        for lr in (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08):
+            for k in (1, 3, None):
+                cut = cut_support(splits.test, k)
+                scores[lr, k] = baselines.query_probabilities(model, cut, 1, lr)
+        chunked = baselines.query_probabilities(
+            model, cut_support(splits.test, 3), 1, 0.03, chunk=5
+        )
+    finally:
+        tf_logger.removeHandler(records)
+    functions = list(baselines._QUERY_FUNCTIONS[model].values())
+    assert len(functions) == 8
+    assert [f.experimental_get_tracing_count() for f in functions] == [1] * 8
+    assert not [m for m in records.messages if "retracing" in m]
+    # Chunks are only memory: the same scores.
+    np.testing.assert_allclose(chunked, scores[0.03, 3], atol=1e-6)
+    assert not np.allclose(scores[0.01, None], scores[0.08, None])
 
 
 def test_choose_finetune_considers_no_adaptation(tiny):

@@ -400,8 +400,38 @@ def meta_train(
 _QUERY_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _PlannedTracingFilter(logging.Filter):
+    """Drops TensorFlow's "excessive retracing" warning about `_query_function`'s
+    functions: each knob setting is its own tf.function by design (tune and the
+    fine-tuning search score dozens), each traced once, and TensorFlow counts
+    the traces of functions made from one closure together."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            "triggered tf.function retracing" in message
+            and "_query_function.<locals>" in message
+        )
+
+
+logging.getLogger("tensorflow").addFilter(_PlannedTracingFilter())
+
+
+def _relaxed_signature(batch: Mapping[str, Any]) -> dict[str, tf.TensorSpec]:
+    """Every column of a task batch with its rank and dtype, any size: one trace
+    serves every support size and chunk."""
+
+    def spec(value: Any) -> tf.TensorSpec:
+        array = np.asarray(value)
+        dtype = tf.string if array.dtype.kind in "OSU" else tf.as_dtype(array.dtype)
+        return tf.TensorSpec([None] * array.ndim, dtype)
+
+    return {name: spec(value) for name, value in batch.items()}
+
+
 def _query_function(
     model: LiMAMLModel,
+    signature: Mapping[str, tf.TensorSpec],
     steps: int,
     inner_lr: float | None,
     support_prior: float | None = None,
@@ -409,10 +439,11 @@ def _query_function(
 ) -> Callable:
     """A cached tf.function scoring query rows after `steps` inner steps.
 
-    Keyed by the model's config too (its values are read while tracing). No
-    XLA: the encode step has string ops. No autograph: the model's inner loop
-    is plain Python over a static step count, and converting it would re-read
-    the model's source from disk.
+    Keyed by the model's config too (its values are read while tracing) and
+    by the batch's signature (`_relaxed_signature`). No XLA: the encode step
+    has string ops. No autograph: the model's inner loop is plain Python over
+    a static step count, and converting it would re-read the model's source
+    from disk.
     """
     cache = _QUERY_FUNCTIONS.setdefault(model, {})
     knobs = AdaptOptions(
@@ -420,13 +451,16 @@ def _query_function(
     )
     if options is not None:
         knobs = options.merged(knobs)
-    key = (model.meta_config, model.adapt_options, knobs)
+    structure = tuple(sorted((name, str(spec)) for name, spec in signature.items()))
+    key = (model.meta_config, model.adapt_options, knobs, structure)
     if key not in cache:
 
         def probabilities(batch):
             return tf.sigmoid(model.forward(model.encode(batch), knobs)["query_logits"])
 
-        cache[key] = tf.function(probabilities, reduce_retracing=True, autograph=False)
+        cache[key] = tf.function(
+            probabilities, input_signature=[dict(signature)], autograph=False
+        )
     return cache[key]
 
 
@@ -468,8 +502,10 @@ def query_probabilities(
         inner_lr = None
     inner_lr = None if inner_lr is None else float(inner_lr)
     support_prior = None if support_prior is None else float(support_prior)
-    fn = _query_function(model, steps, inner_lr, support_prior, options)
     batch = without_buckets(batch)
+    fn = _query_function(
+        model, _relaxed_signature(batch), steps, inner_lr, support_prior, options
+    )
     n = len(batch[ENTITY_ID_KEY])
     out = []
     for start in range(0, n, chunk):
