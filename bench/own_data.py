@@ -21,6 +21,11 @@ Two experiments on MovieLens-100K, each written as a plain CSV:
   day (no tie-break column: make-tasks orders same-day ratings by their
   content, not by when they were made), with a types-only spec and the demo's
   own tuning.
+* ``no_personal_signal``: the held-out proxy of a table where personalization
+  has nothing to give: the members-without-features table with every label
+  redrawn from its item's positive rate alone (seeded), so a member's history
+  says nothing about their next label. Tune must fall back to global: the
+  shipped model within 0.002 of global at every k.
 * ``item_entity``: the movie is the entity (meta features: genres, release year;
   request features: the rating member's age, gender, occupation and zip prefix),
   with a types-only spec and the demo's own tuning. Per-movie signal is small
@@ -34,6 +39,7 @@ Prints one JSON line (and appends it to bench/results.jsonl).
     python bench/own_data.py --experiment no_member_features --seeds 3
     python bench/own_data.py --experiment short_histories --seeds 3
     python bench/own_data.py --experiment no_member_features --max-members 400
+    python bench/own_data.py --experiment no_personal_signal --seeds 3
 
 `--max-members N` keeps N members of the member-entity tables (several hundred
 members, as a smaller user table has; the tuning fold shrinks with them).
@@ -238,13 +244,33 @@ NO_MEMBER_FEATURES_SPEC = {
 }
 
 
-def no_member_features_experiment(args, root: str) -> dict[str, Any]:
+POSITIVE_RATING, NEGATIVE_RATING = 5, 1
+
+
+def item_only_labels(rows: list[dict], seed: int = 0) -> list[dict]:
+    """The rows with each rating redrawn from its item's share of ratings >= 4
+    alone (5 with that probability, else 1): the member carries no signal."""
+    import random  # noqa: PLC0415
+
+    counts: dict[str, list[int]] = {}
+    for row in rows:
+        seen = counts.setdefault(str(row["item_id"]), [0, 0])
+        seen[0] += int(row["rating"]) >= 4
+        seen[1] += 1
+    draw = random.Random(seed)
+    out = []
+    for row in rows:
+        positives, total = counts[str(row["item_id"])]
+        liked = draw.random() < positives / total
+        out.append({**row, "rating": POSITIVE_RATING if liked else NEGATIVE_RATING})
+    return out
+
+
+def _write_member_table(rows: list[dict], csv_path: str) -> None:
+    """The members-without-features table: member, item, time, rating,
+    genres and year."""
     import csv  # noqa: PLC0415
 
-    from tf_limaml.datasets import movielens  # noqa: PLC0415
-
-    rows = _member_sample(movielens.load()[0], args.max_members)
-    csv_path = os.path.join(root, "interactions.csv")
     with open(csv_path, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(
             f, fieldnames=list(NO_MEMBER_FEATURES_COLUMNS), extrasaction="ignore"
@@ -259,6 +285,34 @@ def no_member_features_experiment(args, root: str) -> dict[str, Any]:
                     ),
                 }
             )
+
+
+def no_personal_signal_experiment(args, root: str) -> dict[str, Any]:
+    from tf_limaml.datasets import movielens  # noqa: PLC0415
+
+    rows = item_only_labels(_member_sample(movielens.load()[0], args.max_members))
+    csv_path = os.path.join(root, "interactions.csv")
+    _write_member_table(rows, csv_path)
+    spec_path = _write(os.path.join(root, "spec.json"), NO_MEMBER_FEATURES_SPEC)
+    report = _demo(os.path.join(root, "no_personal_signal"), csv_path, spec_path, args)
+    summary = _lift_summary(report)
+    return {
+        "experiment": "no_personal_signal",
+        "seeds": args.seeds,
+        "max_members": args.max_members,
+        "rows": len(rows),
+        **summary,
+        "largest_abs_lift": max(abs(v) for v in summary["lift_by_k"].values()),
+        "target_abs_lift": 0.002,
+    }
+
+
+def no_member_features_experiment(args, root: str) -> dict[str, Any]:
+    from tf_limaml.datasets import movielens  # noqa: PLC0415
+
+    rows = _member_sample(movielens.load()[0], args.max_members)
+    csv_path = os.path.join(root, "interactions.csv")
+    _write_member_table(rows, csv_path)
     spec_path = _write(os.path.join(root, "spec.json"), NO_MEMBER_FEATURES_SPEC)
     report = _demo(os.path.join(root, "no_member_features"), csv_path, spec_path, args)
     return {
@@ -365,6 +419,7 @@ def main(argv=None) -> dict:
             "tuned",
             "no_member_features",
             "short_histories",
+            "no_personal_signal",
         ),
         default="statistics",
     )
@@ -373,7 +428,8 @@ def main(argv=None) -> dict:
         "--max-members",
         type=int,
         default=None,
-        help="no_member_features and short_histories: keep at most this many "
+        help="no_member_features, no_personal_signal and short_histories: keep "
+        "at most this many "
         "members (a stable hash of the id picks them)",
     )
     parser.add_argument("--fast", action="store_true")
@@ -387,6 +443,7 @@ def main(argv=None) -> dict:
         "tuned": tuned_experiment,
         "no_member_features": no_member_features_experiment,
         "short_histories": short_histories_experiment,
+        "no_personal_signal": no_personal_signal_experiment,
     }[args.experiment]
     return record({"benchmark": "own_data", "workdir": root, **run(args, root)})
 

@@ -593,8 +593,19 @@ def multi_entity(records: list[Record]) -> str:
     )
 
 
+def _signed_by_k(lifts: dict[str, float]) -> str:
+    """Lifts by k, the negative ones in bold, with the ks they belong to."""
+    values = " / ".join(
+        f"**{v:+.3f}**" if v < 0 else f"{v:+.3f}" for v in lifts.values()
+    )
+    return f"{values} (k = {' / '.join(lifts)})"
+
+
 def own_data(records: list[Record]) -> str:
-    found = {r["experiment"]: r for r in select(records, "own_data")}
+    found: dict[str, Record] = {}
+    for r in select(records, "own_data"):
+        members = r.get("max_members")
+        found[r["experiment"] + (f"@{members}" if members else "")] = r
     rows = []
     stats = found.get("statistics")
     if stats:
@@ -606,6 +617,7 @@ def own_data(records: list[Record]) -> str:
                 f"(hand); global {glo['types_only']:.4f} vs {glo['hand_prepared']:.4f}",
                 f"difference {stats['difference']:+.4f} (target within "
                 f"{stats['target_abs_difference']})",
+                "",
                 f"{stats['_line']}, {commit(stats)}",
             ]
         )
@@ -614,20 +626,32 @@ def own_data(records: list[Record]) -> str:
             "tuned",
             "`--experiment tuned`: types-only spec, recipe chosen by `limaml tune`",
         ),
+        (
+            "no_member_features",
+            "`--experiment no_member_features`: no member features, tuned",
+        ),
+        (
+            "no_member_features@400",
+            "`--experiment no_member_features --max-members 400`: 400 of those members",
+        ),
+        (
+            "short_histories",
+            "`--experiment short_histories`: 20-48 rows per member, one member "
+            "feature, the day as time, tuned",
+        ),
         ("item_entity", "`--experiment item_entity`: the movie is the entity, tuned"),
     ):
         r = found.get(name)
         if not r:
             continue
-        lifts = " / ".join(
-            f"**{v:+.3f}**" if v < 0 else f"{v:+.3f}" for v in r["lift_by_k"].values()
-        )
+        strongest = r.get("lift_over_strongest_baseline_by_k")
         rows.append(
             [
                 label,
-                f"{lifts} (k = {' / '.join(r['lift_by_k'])})",
+                _signed_by_k(r["lift_by_k"]),
                 f"tune chose {r['tune_chose']}; mean per-entity AUC lift "
                 f"{r['mean_entity_auc_lift']:+.4f}",
+                _signed_by_k(strongest) if strongest else "not recorded",
                 f"{r['_line']}, {commit(r)}",
             ]
         )
@@ -640,7 +664,13 @@ def own_data(records: list[Record]) -> str:
             f"{any_record['seeds']} seeds each, {machine(any_record)}); the last column "
             "is the record's line and commit.*",
             table(
-                ["experiment", "LiMAML − global overall AUC", "notes", "line, commit"],
+                [
+                    "experiment",
+                    "LiMAML − global overall AUC",
+                    "notes",
+                    "LiMAML − the strongest baseline (ID embedding, fine-tuning)",
+                    "line, commit",
+                ],
                 rows,
             ),
         ]
