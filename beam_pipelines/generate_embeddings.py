@@ -7,8 +7,9 @@ its task record) and stores the resulting meta embedding. Online, TF Serving's
 
 The job reads task records (`tf_limaml.data` SequenceExamples, e.g. the output
 of `limaml make-tasks`), batches entities with `beam.BatchElements`, and calls
-the export's batched `meta_embedding` signature; each worker loads the
-SavedModel once, in `DoFn.setup`. Support longer than the export's
+the export's batched `meta_embedding` signature; each worker process loads
+the SavedModel once, in `DoFn.setup`, and its DoFn instances share it
+(`apache_beam.utils.shared`). Support longer than the export's
 `max_support` keeps its latest rows. Entities without support rows get the
 meta-learned default (cold-start) embedding.
 
@@ -78,6 +79,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_pipelines import data_guard
@@ -104,6 +106,7 @@ from beam_pipelines.shards import (
 from tf_limaml.errors import LimamlError, UserInputError
 from tf_limaml.features import ENTITY_ID_KEY
 from tf_limaml.signatures import META_EMBEDDING, META_EMBEDDING_KEY
+from tf_limaml.tracing import quiet_planned_retracing
 
 logger = logging.getLogger(__name__)
 
@@ -156,53 +159,38 @@ class EntitiesLostError(LimamlError, ValueError):
     """Entities in != entities out + rejected: the job lost an entity on the way."""
 
 
-class EmbedTasksFn(CountingDoFn):
-    """Batches of serialized task records -> one embedding row per entity.
+# One export per pipeline and process: a process that runs the job several
+# times (the demo embeds at five support sizes) traces its functions anew each
+# time, as planned.
+quiet_planned_retracing("LoadedExport.__init__.<locals>")
 
-    Loads the SavedModel once per worker (in `setup`) and calls its batched
-    `meta_embedding` signature. TensorFlow works on a batch on a helper thread
-    while Beam reads the next, so a batch's rows are emitted when the next
-    batch arrives, or at the end of the bundle. A batch that fails (a
-    malformed record, a label other than 0/1) is retried record by record, and
-    the failing records go to the `rejected` output as dead-letter records.
-    Its counts (COUNTERS) go to the `stats` output once per bundle.
+
+class LoadedExport:
+    """The export loaded, and its two compiled functions: what every
+    `EmbedTasksFn` instance of one worker process shares.
+
+    A Dataflow worker runs a DoFn instance per harness thread; through
+    `apache_beam.utils.shared` they hold one copy of the model and trace each
+    function once, not once per instance.
 
     Args:
         export_dir: The SavedModel version directory (or its base: the latest).
         max_support: Support rows per entity (default: the export's maximum).
-        generated_at: Unix seconds stamped on every row.
-        call_size: Most entities per signature call; a larger input batch is
-            sorted by support length and split into calls of this size.
     """
 
-    namespace = NAMESPACE
-
-    def __init__(
-        self,
-        export_dir: str,
-        max_support: int | None,
-        generated_at: int,
-        call_size: int = 256,
-    ):
-        super().__init__()
-        self.export_dir = export_dir
-        self.max_support = max_support
-        self.generated_at = generated_at
-        self.call_size = call_size
-
-    def setup(self):
+    def __init__(self, export_dir: str, max_support: int | None):
         import tensorflow as tf  # noqa: PLC0415 - loaded on the worker
 
         from tf_limaml import data, export  # noqa: PLC0415
         from tf_limaml.features import LABEL_KEY, MASK_KEY, SUPPORT  # noqa: PLC0415
 
-        metadata = export.read_metadata(self.export_dir)
+        metadata = export.read_metadata(export_dir)
         spec = metadata["spec"]
-        max_support = self.max_support or metadata["max_support"]
-        self._max_support = max_support
-        self._model_version = int(metadata["model_version"])
-        self._loaded = tf.saved_model.load(metadata["export_dir"])
-        signature = self._loaded.signatures[META_EMBEDDING]
+        max_support = max_support or metadata["max_support"]
+        self.max_support = max_support
+        self.model_version = int(metadata["model_version"])
+        self.loaded = tf.saved_model.load(metadata["export_dir"])
+        signature = self.loaded.signatures[META_EMBEDDING]
         input_specs = signature.structured_input_signature[1]
         support_keys = {
             spec.batch_key(SUPPORT, name)
@@ -253,9 +241,62 @@ class EmbedTasksFn(CountingDoFn):
             }
             return signature(**sliced)[META_EMBEDDING_KEY]
 
-        self._parse_sorted = parse_sorted
-        self._embed_range = embed_range
-        self._input_names = list(input_specs)
+        self.parse_sorted = parse_sorted
+        self.embed_range = embed_range
+        self.input_names = list(input_specs)
+
+
+class EmbedTasksFn(CountingDoFn):
+    """Batches of serialized task records -> one embedding row per entity.
+
+    Loads the SavedModel once per worker process (in `setup`, shared by the
+    process's instances: `LoadedExport`) and calls its batched
+    `meta_embedding` signature. TensorFlow works on a batch on a helper thread
+    while Beam reads the next, so a batch's rows are emitted when the next
+    batch arrives, or at the end of the bundle. A batch that fails (a
+    malformed record, a label other than 0/1) is retried record by record, and
+    the failing records go to the `rejected` output as dead-letter records.
+    Its counts (COUNTERS) go to the `stats` output once per bundle.
+
+    Args:
+        export_dir: The SavedModel version directory (or its base: the latest).
+        max_support: Support rows per entity (default: the export's maximum).
+        generated_at: Unix seconds stamped on every row.
+        call_size: Most entities per signature call; a larger input batch is
+            sorted by support length and split into calls of this size.
+    """
+
+    namespace = NAMESPACE
+
+    def __init__(
+        self,
+        export_dir: str,
+        max_support: int | None,
+        generated_at: int,
+        call_size: int = 256,
+    ):
+        super().__init__()
+        self.export_dir = export_dir
+        self.max_support = max_support
+        self.generated_at = generated_at
+        self.call_size = call_size
+        # Made at construction, so every copy of this DoFn on a worker holds
+        # the same handle (apache_beam.utils.shared).
+        self._shared_export = shared.Shared()
+
+    def setup(self):
+        import tensorflow as tf  # noqa: PLC0415 - loaded on the worker
+
+        # A strong reference: the shared map keeps only weak ones.
+        self._export = self._shared_export.acquire(
+            lambda: LoadedExport(self.export_dir, self.max_support),
+            tag=(self.export_dir, self.max_support),
+        )
+        self._max_support = self._export.max_support
+        self._model_version = self._export.model_version
+        self._parse_sorted = self._export.parse_sorted
+        self._embed_range = self._export.embed_range
+        self._input_names = self._export.input_names
         self._errors = (tf.errors.InvalidArgumentError,)
         self._tf = tf
         self._executor = concurrent.futures.ThreadPoolExecutor(

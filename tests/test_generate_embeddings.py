@@ -127,6 +127,30 @@ def test_small_batches_overlap_and_keep_each_entity_its_own_embedding(exported):
     assert counts["entities_out"] == len(records) and counts["records_rejected"] == 1
 
 
+def test_dofn_copies_in_one_process_share_one_loaded_export(exported):
+    """Beam runs a copy of the DoFn per worker thread: they share the model and
+    its traced functions, and embed as one instance does."""
+    import pickle
+
+    fn = generate_embeddings.EmbedTasksFn(exported["export_dir"], 16, 0)
+    copies = [pickle.loads(pickle.dumps(fn)) for _ in range(3)]
+    other = pickle.loads(
+        pickle.dumps(generate_embeddings.EmbedTasksFn(exported["export_dir"], 8, 0))
+    )
+    try:
+        for copy in [*copies, other]:
+            copy.setup()
+        assert copies[0]._export is copies[1]._export is copies[2]._export
+        assert other._export is not copies[0]._export and other._max_support == 8
+        records = _records(exported["tasks"]["test"])[:4]
+        embedded = [copy._compute(records) for copy in copies[:2]]
+        np.testing.assert_array_equal(embedded[0][2], embedded[1][2])
+        assert copies[0]._parse_sorted.experimental_get_tracing_count() == 1
+    finally:
+        for copy in [*copies, other]:
+            copy.teardown()
+
+
 @pytest.fixture(scope="module")
 def embed_run(exported, tmp_path_factory):
     """`limaml embed` on the test tasks plus one cold entity, with Parquet."""

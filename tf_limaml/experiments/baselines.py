@@ -57,6 +57,7 @@ from tf_limaml.experiments.recipes import Architecture, Recipe
 from tf_limaml.features import ENTITY_ID_KEY, LABEL_KEY, QUERY, SUPPORT, FeatureSpec
 from tf_limaml.model import LiMAMLModel
 from tf_limaml.sequence import SequenceMetaBlock
+from tf_limaml.tracing import quiet_planned_retracing
 from tf_limaml.training import GRADIENT_CLIPNORM
 
 logger = logging.getLogger(__name__)
@@ -400,21 +401,9 @@ def meta_train(
 _QUERY_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class _PlannedTracingFilter(logging.Filter):
-    """Drops TensorFlow's "excessive retracing" warning about `_query_function`'s
-    functions: each knob setting is its own tf.function by design (tune and the
-    fine-tuning search score dozens), each traced once, and TensorFlow counts
-    the traces of functions made from one closure together."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (
-            "triggered tf.function retracing" in message
-            and "_query_function.<locals>" in message
-        )
-
-
-logging.getLogger("tensorflow").addFilter(_PlannedTracingFilter())
+# Each knob setting is its own tf.function by design (tune and the fine-tuning
+# search score dozens), each traced once.
+quiet_planned_retracing("_query_function.<locals>")
 
 
 def _relaxed_signature(batch: Mapping[str, Any]) -> dict[str, tf.TensorSpec]:
