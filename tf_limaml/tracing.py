@@ -18,7 +18,7 @@ _QUIETED: set[str] = set()
 
 class PlannedTracingFilter(logging.Filter):
     """Drops the retracing warning about functions whose qualified name
-    contains one of `owners` (e.g. "EmbedTasksFn.setup.<locals>")."""
+    contains one of `owners` (e.g. "LoadedExport.__init__.<locals>")."""
 
     def __init__(self, owners: set[str]):
         super().__init__()
