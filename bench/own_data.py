@@ -266,33 +266,12 @@ def item_only_labels(rows: list[dict], seed: int = 0) -> list[dict]:
     return out
 
 
-def _write_member_table(rows: list[dict], csv_path: str) -> None:
-    """The members-without-features table: member, item, time, rating,
-    genres and year."""
-    import csv  # noqa: PLC0415
-
-    with open(csv_path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=list(NO_MEMBER_FEATURES_COLUMNS), extrasaction="ignore"
-        )
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {
-                    **row,
-                    "release_year": (
-                        "" if row["release_year"] is None else row["release_year"]
-                    ),
-                }
-            )
-
-
 def no_personal_signal_experiment(args, root: str) -> dict[str, Any]:
     from tf_limaml.datasets import movielens  # noqa: PLC0415
 
     rows = item_only_labels(_member_sample(movielens.load()[0], args.max_members))
     csv_path = os.path.join(root, "interactions.csv")
-    _write_member_table(rows, csv_path)
+    movielens.write_csv(rows, csv_path, NO_MEMBER_FEATURES_COLUMNS)
     spec_path = _write(os.path.join(root, "spec.json"), NO_MEMBER_FEATURES_SPEC)
     report = _demo(os.path.join(root, "no_personal_signal"), csv_path, spec_path, args)
     summary = _lift_summary(report)
@@ -312,7 +291,7 @@ def no_member_features_experiment(args, root: str) -> dict[str, Any]:
 
     rows = _member_sample(movielens.load()[0], args.max_members)
     csv_path = os.path.join(root, "interactions.csv")
-    _write_member_table(rows, csv_path)
+    movielens.write_csv(rows, csv_path, NO_MEMBER_FEATURES_COLUMNS)
     spec_path = _write(os.path.join(root, "spec.json"), NO_MEMBER_FEATURES_SPEC)
     report = _demo(os.path.join(root, "no_member_features"), csv_path, spec_path, args)
     return {
@@ -359,33 +338,20 @@ def short_history_length(user_id: str) -> int:
 
 
 def short_histories_experiment(args, root: str) -> dict[str, Any]:
-    import csv  # noqa: PLC0415
-
     from tf_limaml.datasets import movielens  # noqa: PLC0415
 
-    rows = _member_sample(movielens.load()[0], args.max_members)
     by_member: dict[str, list[dict]] = {}
-    for row in rows:
+    for row in _member_sample(movielens.load()[0], args.max_members):
         by_member.setdefault(str(row["user_id"]), []).append(row)
+    rows = []
+    for member, history in sorted(by_member.items()):
+        history.sort(key=lambda r: (r["timestamp"], str(r["item_id"])))
+        rows += [
+            {**row, "day": int(row["timestamp"]) // SECONDS_PER_DAY}
+            for row in history[: short_history_length(member)]
+        ]
     csv_path = os.path.join(root, "interactions.csv")
-    written = 0
-    with open(csv_path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=list(SHORT_HISTORIES_COLUMNS), extrasaction="ignore"
-        )
-        writer.writeheader()
-        for member, history in sorted(by_member.items()):
-            history.sort(key=lambda r: (r["timestamp"], str(r["item_id"])))
-            for row in history[: short_history_length(member)]:
-                year = row["release_year"]
-                writer.writerow(
-                    {
-                        **row,
-                        "day": int(row["timestamp"]) // SECONDS_PER_DAY,
-                        "release_year": "" if year is None else year,
-                    }
-                )
-                written += 1
+    written = movielens.write_csv(rows, csv_path, SHORT_HISTORIES_COLUMNS)
     spec_path = _write(os.path.join(root, "spec.json"), SHORT_HISTORIES_SPEC)
     report = _demo(os.path.join(root, "short_histories"), csv_path, spec_path, args)
     return {

@@ -1,5 +1,6 @@
 """Shared fixtures: small synthetic task files and a tiny model configuration."""
 
+import logging
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -17,6 +18,25 @@ SMALL_MODEL = {
     "cross_layers": 1,
     "interaction": "product",
 }
+
+
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def tensorflow_warnings():
+    """The messages TensorFlow's logger warns with during the test (it does not
+    propagate to the root logger, so caplog never sees them)."""
+    tf_logger, handler = logging.getLogger("tensorflow"), _Messages()
+    tf_logger.addHandler(handler)
+    yield handler.messages
+    tf_logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

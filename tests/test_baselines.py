@@ -1,7 +1,6 @@
 """Baselines and protocol helpers: hand-worked small cases, then tiny trainings."""
 
 import dataclasses
-import logging
 
 import numpy as np
 import pytest
@@ -296,16 +295,9 @@ def test_finetune_model_matches_a_scalar_inner_lr(tiny):
     assert not np.allclose(got, other)
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def test_query_functions_trace_once_for_every_support_size_and_stay_quiet(tiny):
+def test_query_functions_trace_once_for_every_support_size_and_stay_quiet(
+    tiny, tensorflow_warnings
+):
     """One trace per knob setting whatever k and chunk, and no "excessive
     retracing" warning though tune builds dozens of settings in a loop."""
     spec, _, splits, _ = tiny
@@ -313,24 +305,18 @@ def test_query_functions_trace_once_for_every_support_size_and_stay_quiet(tiny):
         spec, MetaConfig(inner_steps=1, inner_lr=0.1, jit_compile=False), SMALL, seed=4
     )
     scores = {}
-    # TensorFlow's logger does not propagate to the root (caplog's) handler.
-    tf_logger, records = logging.getLogger("tensorflow"), _Records()
-    tf_logger.addHandler(records)
-    try:
-        # As tune scores its trials: a setting, then every k, then the next.
-        for lr in (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08):
-            for k in (1, 3, None):
-                cut = cut_support(splits.test, k)
-                scores[lr, k] = baselines.query_probabilities(model, cut, 1, lr)
-        chunked = baselines.query_probabilities(
-            model, cut_support(splits.test, 3), 1, 0.03, chunk=5
-        )
-    finally:
-        tf_logger.removeHandler(records)
+    # As tune scores its trials: a setting, then every k, then the next.
+    for lr in (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08):
+        for k in (1, 3, None):
+            cut = cut_support(splits.test, k)
+            scores[lr, k] = baselines.query_probabilities(model, cut, 1, lr)
+    chunked = baselines.query_probabilities(
+        model, cut_support(splits.test, 3), 1, 0.03, chunk=5
+    )
     functions = list(baselines._QUERY_FUNCTIONS[model].values())
     assert len(functions) == 8
     assert [f.experimental_get_tracing_count() for f in functions] == [1] * 8
-    assert not [m for m in records.messages if "retracing" in m]
+    assert not [m for m in tensorflow_warnings if "retracing" in m]
     # Chunks are only memory: the same scores.
     np.testing.assert_allclose(chunked, scores[0.03, 3], atol=1e-6)
     assert not np.allclose(scores[0.01, None], scores[0.08, None])

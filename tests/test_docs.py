@@ -19,6 +19,7 @@ DOCS = os.path.join(REPO, "docs")
 PUBLIC_MODULES = (
     "blocks",
     "step",
+    "adaptation",
     "saving",
     "config",
     "errors",

@@ -7,15 +7,6 @@ import tensorflow as tf
 from tf_limaml.tracing import quiet_planned_retracing
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _retrace_in_a_loop(make):
     """Six functions from one closure, each traced once: TensorFlow warns."""
     for scale in range(6):
@@ -38,20 +29,16 @@ def _other_owner(scale):
     return unplanned
 
 
-def test_only_the_planned_owner_s_retracing_warning_is_dropped():
-    tf_logger, records = logging.getLogger("tensorflow"), _Records()
-    tf_logger.addHandler(records)
-    try:
-        quiet_planned_retracing("_planned_owner.<locals>")
-        quiet_planned_retracing("_planned_owner.<locals>")  # idempotent
-        _retrace_in_a_loop(_planned_owner)
-        _retrace_in_a_loop(_other_owner)
-        tf_logger.warning("an unrelated warning")
-    finally:
-        tf_logger.removeHandler(records)
-    retracing = [m for m in records.messages if "retracing" in m]
+def test_only_the_planned_owner_s_retracing_warning_is_dropped(tensorflow_warnings):
+    tf_logger = logging.getLogger("tensorflow")
+    quiet_planned_retracing("_planned_owner.<locals>")
+    quiet_planned_retracing("_planned_owner.<locals>")  # idempotent
+    _retrace_in_a_loop(_planned_owner)
+    _retrace_in_a_loop(_other_owner)
+    tf_logger.warning("an unrelated warning")
+    retracing = [m for m in tensorflow_warnings if "retracing" in m]
     assert retracing and all("_other_owner.<locals>" in m for m in retracing)
-    assert "an unrelated warning" in records.messages
+    assert "an unrelated warning" in tensorflow_warnings
     assert (
         sum(f.__class__.__name__ == "PlannedTracingFilter" for f in tf_logger.filters)
         == 1

@@ -32,20 +32,25 @@ from tf_limaml.blocks import (
     INPUTS_WEIGHT,
     META_EMBEDDING_KEY,
     FastWeightLayer,
+    GlobalBlockAdapter,
+    MetaBlockAdapter,
     _fresh,
     append_residual,
     as_features,
     check_residual_dim,
     check_units,
+    connect,
     residual_width,
     weight_config,
 )
+from tf_limaml.config import MetaConfig
 from tf_limaml.features import (
     CATEGORICAL,
     LOG1P,
     MULTI_HOT,
     NUMERIC,
     Feature,
+    FeatureSpec,
     check_statistics,
 )
 
@@ -911,3 +916,67 @@ def _split_inputs(
             f"{META_EMBEDDING_KEY!r} entry; got {sorted(encoded)}"
         )
     return encoded.pop(META_EMBEDDING_KEY), encoded
+
+
+def build_blocks(
+    spec: FeatureSpec,
+    config: MetaConfig,
+    *,
+    meta_units: Sequence[int],
+    global_units: Sequence[int],
+    cross_layers: int,
+    projection_dim: int | None,
+    interaction: str,
+    l2: float,
+    residual_dim: int | None,
+    meta_block: tf.keras.layers.Layer | None = None,
+    global_block: tf.keras.layers.Layer | None = None,
+) -> tuple[MetaBlockAdapter, GlobalBlockAdapter]:
+    """The model's two blocks, built and connected: `MetaBlock` and `GlobalBlock`
+    with the architecture given, or the blocks passed in, behind the block
+    protocol (`tf_limaml.blocks`).
+
+    Args:
+        spec: The feature spec.
+        config: What the model is meta-trained with (checked against the blocks).
+        meta_units, global_units, cross_layers, projection_dim, interaction,
+            residual_dim: The library blocks' architecture (`LiMAMLModel`).
+        l2: L2 penalty on the library blocks' kernels (0: none).
+        meta_block: Your own meta block, or None.
+        global_block: Your own global block, or None.
+
+    Returns:
+        (meta block adapter, global block adapter); `.layer` is each block.
+
+    Raises:
+        ValueError: The blocks cannot run `config` (`tf_limaml.blocks.connect`).
+    """
+    regularizer = tf.keras.regularizers.L2(l2) if l2 else None
+    if meta_block is None:
+        meta_block = MetaBlock(
+            spec.meta_features,
+            units=meta_units,
+            kernel_regularizer=regularizer,
+            residual_dim=residual_dim,
+            name="meta_block",
+        )
+        meta_block.build(None)
+    meta = MetaBlockAdapter(meta_block, spec.meta_features)
+    meta_dim = meta.output_dim()
+    if global_block is None:
+        global_block = GlobalBlock(
+            spec.request_features,
+            meta_dim=meta_dim,
+            interaction=interaction,
+            cross_layers=cross_layers,
+            projection_dim=projection_dim,
+            units=global_units,
+            kernel_regularizer=regularizer,
+            residual_dim=residual_dim,
+            name="global_block",
+        )
+        global_block.build(None)
+    glob = GlobalBlockAdapter(global_block, spec.request_features, meta_dim)
+    glob.build()
+    connect(meta, glob, config)
+    return meta, glob

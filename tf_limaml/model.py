@@ -1,9 +1,10 @@
 """LiMAMLModel: MAML on the meta block, as a Keras model.
 
-A thin Keras face over the block protocol (`tf_limaml.blocks`) and the
-functional inner loop (`tf_limaml.maml`), the shape of `tfrs.Model`:
-`forward` is all the meta-train math (adapt on support, score the query),
-and `train_step` is a guarded, compiled step around it (`tf_limaml.step`).
+A thin Keras face over the block protocol (`tf_limaml.blocks`, the blocks
+built by `tf_limaml.layers.build_blocks`) and the functional inner loop
+(`tf_limaml.maml`), the shape of `tfrs.Model`: `forward` is all the meta-train
+math (adapt on support, score the query; `tf_limaml.adaptation`), and
+`train_step` is a guarded, compiled step around it (`tf_limaml.step`).
 Subclasses change the inner loop through public hooks:
 `adaptable_variables`, `inner_lr` and `support_loss`.
 
@@ -15,14 +16,13 @@ in the docs shows the blocks.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tf_limaml import maml, step
+from tf_limaml import adaptation, maml, step
 from tf_limaml.blocks import (
     META_EMBEDDING_KEY,
     META_INPUTS,
@@ -31,11 +31,8 @@ from tf_limaml.blocks import (
     TaskBatch,
     compile_plan,
     configured_variables,
-    connect,
     deserialize_block,
     encode_batch,
-    learned_rate_shapes,
-    runs_dense_path,
     serialize_block,
     split_fast_weights,
 )
@@ -48,11 +45,10 @@ from tf_limaml.config import (
     deprecated_alias,
 )
 from tf_limaml.features import (
-    SUPPORT,
     FeatureSpec,
     load_spec,
 )
-from tf_limaml.layers import GlobalBlock, MetaBlock
+from tf_limaml.layers import build_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -140,39 +136,23 @@ class LiMAMLModel(tf.keras.Model):
                 "kernel_regularizer=...), which the loss picks up from "
                 "`model.losses`."
             )
-        regularizer = tf.keras.regularizers.L2(self.l2) if self.l2 else None
-        if meta_block is None:
-            meta_block = MetaBlock(
-                self.spec.meta_features,
-                units=meta_units,
-                kernel_regularizer=regularizer,
-                residual_dim=residual_dim,
-                name="meta_block",
-            )
-            meta_block.build(None)
-        # The adapters are plain objects: Keras tracks the layers themselves.
-        meta = MetaBlockAdapter(meta_block, self.spec.meta_features)
-        self.meta_block, self._meta = meta_block, meta
-        self.meta_dim = meta.output_dim()
-        if global_block is None:
-            global_block = GlobalBlock(
-                self.spec.request_features,
-                meta_dim=self.meta_dim,
-                interaction=interaction,
-                cross_layers=cross_layers,
-                projection_dim=projection_dim,
-                units=global_units,
-                kernel_regularizer=regularizer,
-                residual_dim=residual_dim,
-                name="global_block",
-            )
-            global_block.build(None)
-        glob = GlobalBlockAdapter(
-            global_block, self.spec.request_features, self.meta_dim
+        meta, glob = build_blocks(
+            self.spec,
+            config,
+            meta_units=meta_units,
+            global_units=global_units,
+            cross_layers=cross_layers,
+            projection_dim=projection_dim,
+            interaction=interaction,
+            l2=self.l2,
+            residual_dim=residual_dim,
+            meta_block=meta_block,
+            global_block=global_block,
         )
-        self.global_block, self._global = global_block, glob
-        glob.build()
-        connect(meta, glob, config)
+        # The adapters are plain objects: Keras tracks the layers themselves.
+        self.meta_block, self._meta = meta.layer, meta
+        self.global_block, self._global = glob.layer, glob
+        self.meta_dim = glob.meta_dim
         # Every weight exists now, so checkpoints restore and BackupAndRestore
         # works before the first batch.
         self.built = True
@@ -185,29 +165,10 @@ class LiMAMLModel(tf.keras.Model):
             loss=self.pointwise_loss,
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")],
         )
-        # Learned rates (Meta-SGD) for every weight `adapt` can adapt, created
-        # now so that checkpoints restore before the first batch.
-        self._learned_inner_lrs: dict[str, tf.Variable] = {}
-        if config.learn_inner_lr:
-            for name, shape in learned_rate_shapes(meta, glob, config).items():
-                self._learned_inner_lrs[name] = self.add_weight(
-                    name="inner_lr/" + ("meta_inputs" if name == META_INPUTS else name),
-                    shape=shape,
-                    trainable=True,
-                    initializer=tf.keras.initializers.Constant(config.inner_lr),
-                )
-        # The embedding fit's prior precision per dimension, meta-learned in
-        # log space (it must stay > 0) when `learn_embedding_prior`.
-        self.log_embedding_prior = None
-        if config.learn_embedding_prior:
-            self.log_embedding_prior = self.add_weight(
-                name="embedding_prior/log",
-                shape=(len(glob.fitted_dims),),
-                trainable=True,
-                initializer=tf.keras.initializers.Constant(
-                    math.log(config.embedding_prior)
-                ),
-            )
+        # Meta-SGD rates and the embedding fit's learned prior (None/{}: fixed).
+        self._learned_inner_lrs, self.log_embedding_prior = adaptation.add_meta_weights(
+            self, meta, glob, config
+        )
         self.loss_trackers = {
             name: tf.keras.metrics.Mean(name=name) for name in step.LOSS_NAMES
         }
@@ -346,26 +307,22 @@ class LiMAMLModel(tf.keras.Model):
         self.meta_block.trainable = False
         self._global.freeze_base()
 
+    @property
+    def meta_adapter(self) -> MetaBlockAdapter:
+        """The meta block behind the block protocol (`tf_limaml.blocks`)."""
+        return self._meta
+
+    @property
+    def global_adapter(self) -> GlobalBlockAdapter:
+        """The global block behind the block protocol (`tf_limaml.blocks`)."""
+        return self._global
+
     def adapted_embedding(
         self, batch: TaskBatch, fast: Mapping[str, Any] | None, config: MetaConfig
     ) -> tf.Tensor:
-        """Each task's meta embedding `[T, d]` under fast weights, then fitted
-        to its support rows by `config.embedding_steps` Newton steps
-        (`tf_limaml.newton`): what `embed` stores and the query is scored with."""
-        meta_weights, global_weights = split_fast_weights(fast)
-        embedding = self._meta.embed(batch, meta_weights)
-        if not config.embedding_steps or batch.support is None:
-            return embedding
-        return self._global.fit_embedding(
-            embedding,
-            batch.support,
-            batch.support_label,
-            batch.support_mask,
-            self.embedding_prior(config),
-            config.embedding_steps,
-            global_weights,
-            config.differentiate_fit,
-        )
+        """Each task's meta embedding `[T, d]` under fast weights, fitted to its
+        support rows (`tf_limaml.adaptation.adapted_embedding`)."""
+        return adaptation.adapted_embedding(self, batch, fast, config)
 
     def logits(
         self, batch: TaskBatch, part: str, fast: Mapping[str, Any] | None = None
@@ -381,34 +338,9 @@ class LiMAMLModel(tf.keras.Model):
         self, batch: TaskBatch, config: MetaConfig
     ) -> tuple[dict[str, Any], tf.Tensor | None]:
         """(fast weights by prefixed name, pre-adaptation support loss `[T]` or
-        None) after `config.inner_steps` support steps (`tf_limaml.maml`); on
-        the blocks' dense path the kernels stay factored (`maml.adapt_dense`)."""
-
-        def task_loss(fast):
-            logits, _ = self.logits(batch, SUPPORT, fast)
-            return self.support_loss(
-                batch.support_label, logits, batch.support_mask, config
-            )
-
-        params = self.adaptable_variables()
-        rates = {name: self.inner_lr(name, config) for name in params}
-        dense_only = runs_dense_path(self._meta, self._global, config, params, rates)
-        if dense_only:
-            # No per-task copy of any weight (see `maml.adapt_dense`).
-            return maml.adapt_dense(
-                task_loss, params, config.inner_steps, rates, config.first_order
-            )
-        fast = maml.tile(params, batch.batch_size)
-        if config.adapt_embeddings:
-            fast[META_INPUTS] = self._meta.input_embeddings(batch)
-            rates[META_INPUTS] = self._meta.input_rates(
-                self.inner_lr(META_INPUTS, config)
-            )
-        if not config.inner_steps:
-            return fast, None
-        return maml.adapt(
-            task_loss, fast, config.inner_steps, rates, config.first_order
-        )
+        None) after `config.inner_steps` support steps
+        (`tf_limaml.adaptation.inner_loop`)."""
+        return adaptation.inner_loop(self, batch, config)
 
     def forward(
         self,
@@ -424,35 +356,7 @@ class LiMAMLModel(tf.keras.Model):
         "meta_embedding" `[T, d]`, and with query labels the losses
         (`tf_limaml.step.losses`).
         """
-        if training:
-            config = as_adapt_options(options).resolve(self.meta_config)
-        else:
-            config = self._inference_config(as_adapt_options(options))
-        fast, support_loss = self.inner_loop(batch, config)
-        embedding = self.adapted_embedding(batch, fast, config)
-        logits = self._global.task_logits(
-            embedding, batch.query, split_fast_weights(fast)[1]
-        )
-        out = {"query_logits": logits, "meta_embedding": embedding}
-        if batch.query_label is not None:
-            if support_loss is None:
-                # Not adapted: report the plain mean, whatever the hook does.
-                support_logits = self.logits(batch, SUPPORT, fast)[0]
-                pointwise = self.pointwise_loss(
-                    batch.support_label[..., None], support_logits[..., None]
-                )
-                support_loss = step.masked_task_mean(pointwise, batch.support_mask)
-            out.update(step.losses(self, batch, logits, support_loss))
-        return out
-
-    def _inference_config(self, options: AdaptOptions) -> MetaConfig:
-        """What scoring and embedding adapt with: `adapt_options`, then this
-        call's `options`, over `meta_config`; first order unless asked."""
-        return (
-            self.adapt_options.merged(AdaptOptions(first_order=True))
-            .merged(options)
-            .resolve(self.meta_config)
-        )
+        return adaptation.forward(self, batch, options, training)
 
     def make_train_function(self, force=False):
         cached = self.train_function is not None and not force
@@ -536,7 +440,7 @@ class LiMAMLModel(tf.keras.Model):
     ) -> tf.Tensor:
         """Adapted meta embeddings `[T, d]` of raw `tasks` (meta features and
         support; without support, the default). Options as `predict_query`."""
-        config = self._inference_config(call_options(options, deprecated))
+        config = adaptation.inference_config(self, call_options(options, deprecated))
 
         def embedding(batch):
             fast, _ = self.inner_loop(batch, config)

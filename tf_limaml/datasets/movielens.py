@@ -546,17 +546,26 @@ def load(
     return rows, spec
 
 
-def write_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> int:
+def write_csv(
+    rows: Iterable[dict[str, Any]],
+    path: str | os.PathLike,
+    columns: Sequence[str] = COLUMNS,
+) -> int:
     """Writes interactions as a CSV with a header (the `limaml make-tasks` input).
 
     A missing release year is an empty cell, which the spec's default fills.
+
+    Args:
+        rows: Interactions (`load`'s rows, or rows derived from them).
+        path: The CSV to write.
+        columns: The columns written, in order (others are left out).
 
     Returns:
         Rows written.
     """
     count = 0
     with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             out = dict(row)
