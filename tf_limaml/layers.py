@@ -939,9 +939,14 @@ def build_blocks(
     Args:
         spec: The feature spec.
         config: What the model is meta-trained with (checked against the blocks).
-        meta_units, global_units, cross_layers, projection_dim, interaction,
-            residual_dim: The library blocks' architecture (`LiMAMLModel`).
+        meta_units: Meta block MLP widths; the last is d (as `LiMAMLModel`).
+        global_units: Global block MLP widths before the logit.
+        cross_layers: DCN-v2 cross layers in the global block.
+        projection_dim: Low-rank cross layers (None: full rank).
+        interaction: How the meta embedding enters the global block
+            ("product" or "concat").
         l2: L2 penalty on the library blocks' kernels (0: none).
+        residual_dim: Size of the library blocks' personal residual (None: none).
         meta_block: Your own meta block, or None.
         global_block: Your own global block, or None.
 
