@@ -80,6 +80,25 @@ class PairedLifts:
         return {"vs": reference_name, "lift": out}
 
 
+def _window_records(records, low: float, high: float) -> dict:
+    """`tune.tuning_records` with the fold the train members whose tuning
+    hash is in [low, high): in the fold at `high` and not at `low`."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from tf_limaml.experiments.tune import in_tuning_fold  # noqa: PLC0415
+    from tf_limaml.features import ENTITY_ID_KEY  # noqa: PLC0415
+
+    if not 0.0 <= low < high <= 1.0:
+        raise SystemExit(f"--fold-window: need 0 <= LO < HI <= 1, got {low} {high}")
+    train, fold = [], []
+    for record in records["train"]:
+        example = tf.train.SequenceExample.FromString(record)
+        entity = example.context.feature[ENTITY_ID_KEY].bytes_list.value[0]
+        inside = in_tuning_fold(entity, high) and not in_tuning_fold(entity, low)
+        (fold if inside else train).append(record)
+    return {"train": train, "val": list(records["val"]), "test": fold}
+
+
 def _round4(value: float) -> float:
     return round(value, 4)
 
@@ -96,6 +115,16 @@ def main(argv=None) -> int:
         action="store_true",
         help="Score on the tuning fold (a third of the train members, as "
         "`limaml tune` does) in place of the test members",
+    )
+    parser.add_argument(
+        "--fold-window",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        default=None,
+        help="With --fold: the fold is the train members whose tuning hash "
+        "falls in [LO, HI) (tune's fold is [0, 1/3)); disjoint windows give "
+        "disjoint folds",
     )
     parser.add_argument(
         "--intervals",
@@ -121,7 +150,12 @@ def main(argv=None) -> int:
     if args.fold:
         from tf_limaml.experiments import tune  # noqa: PLC0415
 
-        splits = tune.tuning_splits(records, spec, protocol)
+        if args.fold_window:
+            splits = tune.TuningSplits.from_records(
+                _window_records(records, *args.fold_window), spec, protocol
+            )
+        else:
+            splits = tune.tuning_splits(records, spec, protocol)
     else:
         splits = Splits.from_records(records, spec, protocol)
     ks = protocol.support_ks
