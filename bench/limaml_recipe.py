@@ -81,8 +81,8 @@ class PairedLifts:
 
 
 def _window_records(records, low: float, high: float) -> dict:
-    """`tune.tuning_records` with the fold the train members whose tuning
-    hash is in [low, high): in the fold at `high` and not at `low`."""
+    """`tune.tuning_records`, but the fold is the train members whose tuning
+    hash lies in [low, high): in the fold of fraction `high`, not of `low`."""
     import tensorflow as tf  # noqa: PLC0415
 
     from tf_limaml.experiments.tune import in_tuning_fold  # noqa: PLC0415
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
         "averaged over k, with 90%% intervals of a paired bootstrap over them",
     )
     args = parser.parse_args(argv)
+    if args.fold_window and not args.fold:
+        parser.error("--fold-window picks the tuning fold's members: add --fold")
 
     from tf_limaml.experiments import baselines  # noqa: PLC0415
     from tf_limaml.experiments.protocol import (  # noqa: PLC0415
