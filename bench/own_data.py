@@ -312,17 +312,13 @@ SHORT_HISTORIES_COLUMNS = (
     "genres",
     "release_year",
 )
+# The members-without-features spec with the day as time (no tie-break) and
+# occupation as the one member feature; the same label and request features.
 SHORT_HISTORIES_SPEC = {
-    "entity": "user_id",
+    **{k: v for k, v in NO_MEMBER_FEATURES_SPEC.items() if k != "tie_break"},
     "time": "day",
-    "label": {"column": "rating", "threshold": 4},
     "meta_features": [
         {"name": "occupation", "type": "categorical", "vocabulary": "auto"},
-    ],
-    "request_features": [
-        {"name": "item_id", "type": "categorical", "vocabulary": "auto"},
-        {"name": "genres", "type": "multi_hot", "vocabulary": "auto"},
-        {"name": "release_year", "type": "numeric"},
     ],
 }
 SHORT_HISTORY_ROWS = (20, 48)
@@ -395,8 +391,7 @@ def main(argv=None) -> dict:
         type=int,
         default=None,
         help="no_member_features, no_personal_signal and short_histories: keep "
-        "at most this many "
-        "members (a stable hash of the id picks them)",
+        "at most this many members (a stable hash of the id picks them)",
     )
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--workdir", default=None)
