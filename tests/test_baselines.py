@@ -22,7 +22,7 @@ from tf_limaml.experiments.protocol import (
     training_rows,
 )
 from tf_limaml.experiments.recipes import Architecture, Recipe
-from tf_limaml.features import FeatureSpec
+from tf_limaml.features import ENTITY_ID_KEY, FeatureSpec
 from tf_limaml.model import LiMAMLModel, MetaConfig
 from tf_limaml.tasks import assign_split, build_tasks
 
@@ -234,6 +234,24 @@ def test_pointwise_unseen_member_scores_like_the_base(tiny):
         baselines.query_probabilities(base, splits.test, 0),
         atol=1e-6,
     )
+
+
+def test_global_never_trains_on_a_held_out_members_rows(tiny, monkeypatch):
+    """Global (and fine-tuning and LiMAML on its network) meets a val or test
+    member only through the k support rows it is scored with: trained on their
+    full support, it would know them at k = 1 already."""
+    spec, _, splits, _ = tiny
+    seen = {}
+
+    def record_rows(model, train_rows, val_rows, **kwargs):
+        seen["train"] = {i.decode() for i in train_rows[ENTITY_ID_KEY]}
+        return {"loss": [0.0]}
+
+    monkeypatch.setattr(baselines, "fit_pointwise", record_rows)
+    baselines.train_global(spec, splits, Recipe(architecture=SMALL), seed=0)
+    held_out = set(splits.members("val", "test"))
+    assert held_out and seen["train"] == set(splits.members("train"))
+    assert not seen["train"] & held_out
 
 
 def test_pointwise_metrics_are_only_the_compiled_loss(tiny):

@@ -552,7 +552,14 @@ def choose_finetune(
 def train_global(
     spec: FeatureSpec, splits: Splits, recipe: Recipe, seed: int, verbose: int | str = 0
 ) -> tuple[FineTuneModel, dict[str, list[float]]]:
-    """The global baseline: rows of train members plus val/test members' support.
+    """The global baseline: the train members' rows only.
+
+    No row of a val or test member reaches it: global, fine-tuning and LiMAML
+    (both built on this network) then meet a held-out member only through its
+    k support rows, as the ID embedding does. Trained on their full support,
+    the network would know every held-out member at k = 1 already (member
+    features nearly identify a member), and every small-k score built on it
+    would be inflated.
 
     Returns:
         (the trained LiMAMLModel-shaped network, the Keras history). It is a
@@ -568,7 +575,7 @@ def train_global(
     model = PointwiseModel(base)
     history = fit_pointwise(
         model,
-        training_rows(splits.train, splits.val, splits.test, spec),
+        flatten(splits.train, spec, (SUPPORT, QUERY)),
         flatten(splits.val, spec, (QUERY,)),
         epochs=recipe.epochs,
         batch_size=recipe.batch_size,

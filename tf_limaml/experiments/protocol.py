@@ -1,9 +1,11 @@
 """The protocol of the comparison: members, task batches, support cuts, scores.
 
 Members are split train/val/test by a stable hash (`records_from_histories`,
-or `limaml make-tasks` and `records_from_dir`). The conventional models train
-on the train members' rows and the val and test members' support rows
-(`training_rows`); the meta-learned ones on the train members' tasks.
+or `limaml make-tasks` and `records_from_dir`). The global model trains on the
+train members' rows only, the meta-learned ones on the train members' tasks;
+the ID embedding also on the val and test members' support rows, cut to k
+(`training_rows`), since it learns their IDs from them. So every model meets
+a held-out member only through the k support rows it is scored with.
 Everything is scored on the test members' query rows (`query_metrics`), again
 with each test member's support cut to its latest k rows (`cut_support`,
 `evaluate_sweep`). `Protocol.describe()` states all of it for the report.
@@ -102,8 +104,11 @@ class Protocol:
                 f"{self.val_fraction:.0%}/{self.test_fraction:.0%} by SHA-256 of "
                 f"(seed {self.split_seed}, member id)"
             ),
-            "conventional_training_rows": "train members' support and query, plus val "
-            "and test members' support",
+            "global_training_rows": "train members' support and query only: a held-out "
+            "member's rows reach global, fine-tuning and LiMAML only through their "
+            "adaptation to its k support rows",
+            "id_embedding_training_rows": "train members' support and query, plus val "
+            "and test members' latest k support rows (their IDs are learned from them)",
             "meta_training_tasks": (
                 f"train members' tasks (latest {self.max_support} "
                 f"support rows, first {self.max_query} query rows)"

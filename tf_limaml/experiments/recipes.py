@@ -99,8 +99,8 @@ class Recipe:
     """Every training choice of the comparison.
 
     LiMAML's (the personal residual, its embedding fit and the warm start from
-    the frozen global network) were chosen on MovieLens-100K's tuning fold
-    and val members (`bench/limaml_recipe.py`, recorded in
+    the frozen member-ID pretraining) were chosen on MovieLens-100K's tuning
+    folds and val members (`bench/limaml_recipe.py`, recorded in
     `movielens_tuning.json`), never on its test members.
 
     Attributes:
@@ -189,7 +189,7 @@ class Recipe:
     meta_patience: int = 3
     finetune_lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
     finetune_steps: tuple[int, ...] = (1, 3, 10)
-    warm_start: str = "global"
+    warm_start: str = "pretrain"
     meta_block: str = "mlp"
     adapt_inner_steps: int | None = None
     adapt_inner_lr: float | None = None
