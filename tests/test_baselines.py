@@ -159,7 +159,8 @@ def test_protocol_describes_the_issue_rules():
     for phrase in (
         "the spec's time column",
         "80%/10%/10%",
-        "val and test members' support",
+        "train members' support and query only",
+        "val and test members' latest k support rows",
         "['1', '3', '5', '10', 'all']",
         "retrained per k",
     ):

@@ -420,16 +420,20 @@ def test_planned_candidates_cover_warm_starts_residuals_maml_steps_and_sequence(
     assert from_pretraining.freeze_network and from_pretraining.embedding_steps
     assert len(draws) == 5
     assert len({json.dumps(d, sort_keys=True) for d in draws}) == 5
-    # The MovieLens recipe is the residual from global: MAML steps come second.
+    # The MovieLens recipe is the residual from pretraining: the residual from
+    # global comes second, MAML steps third, and the recipe is not planned again.
     base = Recipe()
+    assert base == dataclasses.replace(base, **tune.RESIDUAL_FROM_PRETRAINING)
     draws = tune._draws(base, budget=4, seed=0)
     assert dataclasses.replace(base, **draws[1]) == dataclasses.replace(
-        base, **tune.MAML_STEPS_FROM_PRETRAINING
+        base, **tune.RESIDUAL_FROM_GLOBAL
     )
     assert dataclasses.replace(base, **draws[2]) == dataclasses.replace(
+        base, **tune.MAML_STEPS_FROM_PRETRAINING
+    )
+    assert dataclasses.replace(base, **draws[3]) == dataclasses.replace(
         base, **tune.SEQUENCE_FROM_GLOBAL
     )
-    assert draws[3] == {"warm_start": "pretrain"}
     assert tune._draws(base, budget=1, seed=0) == [{}]
 
 

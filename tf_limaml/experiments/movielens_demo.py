@@ -983,8 +983,13 @@ def _limaml_note(recipe) -> str:
             f"{recipe.embedding_steps} Newton steps that fit each member's personal "
             f"residual to its support rows, with {prior}"
         )
+    unadapted = (
+        "the global model's"
+        if recipe.warm_start == "global"
+        else "the pretrained network's, without an ID"
+    )
     frozen = (
-        "; the network is frozen (its unadapted scores stay the global model's), so "
+        f"; the network is frozen (its unadapted scores stay {unadapted}), so "
         "meta-training learns only the residual's item projection and the prior"
         if recipe.freeze_network
         else ""
