@@ -80,25 +80,6 @@ class PairedLifts:
         return {"vs": reference_name, "lift": out}
 
 
-def _window_records(records, low: float, high: float) -> dict:
-    """`tune.tuning_records`, but the fold is the train members whose tuning
-    hash lies in [low, high): in the fold of fraction `high`, not of `low`."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    from tf_limaml.experiments.tune import in_tuning_fold  # noqa: PLC0415
-    from tf_limaml.features import ENTITY_ID_KEY  # noqa: PLC0415
-
-    if not 0.0 <= low < high <= 1.0:
-        raise SystemExit(f"--fold-window: need 0 <= LO < HI <= 1, got {low} {high}")
-    train, fold = [], []
-    for record in records["train"]:
-        example = tf.train.SequenceExample.FromString(record)
-        entity = example.context.feature[ENTITY_ID_KEY].bytes_list.value[0]
-        inside = in_tuning_fold(entity, high) and not in_tuning_fold(entity, low)
-        (fold if inside else train).append(record)
-    return {"train": train, "val": list(records["val"]), "test": fold}
-
-
 def _round4(value: float) -> float:
     return round(value, 4)
 
@@ -152,12 +133,11 @@ def main(argv=None) -> int:
     if args.fold:
         from tf_limaml.experiments import tune  # noqa: PLC0415
 
-        if args.fold_window:
-            splits = tune.TuningSplits.from_records(
-                _window_records(records, *args.fold_window), spec, protocol
-            )
-        else:
-            splits = tune.tuning_splits(records, spec, protocol)
+        start, end = args.fold_window or (0.0, tune.TUNING_FOLD)
+        try:
+            splits = tune.tuning_splits(records, spec, protocol, end, start)
+        except ValueError as error:
+            parser.error(f"--fold-window: {error}")
     else:
         splits = Splits.from_records(records, spec, protocol)
     ks = protocol.support_ks

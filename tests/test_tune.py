@@ -389,6 +389,23 @@ def test_tuning_fold_is_a_stable_share_of_train_entities_and_never_test(tiny):
         tune.tuning_records(records, fraction=0.0)
 
 
+def test_tuning_fold_windows_are_disjoint_and_tile_the_fold(tiny):
+    """`start` makes the fold the entities whose hash lies in [start, fraction):
+    two adjacent windows are disjoint and together make the fold of `fraction`."""
+    records = records_from_dir(tiny["dir"])
+
+    def fold(fraction, start=0.0):
+        held = tune.tuning_records(records, fraction, start)["test"]
+        return {tune._entity_id(r) for r in held}
+
+    low, high = fold(0.25), fold(0.5, 0.25)
+    assert low and high and not low & high
+    assert low | high == fold(0.5)
+    assert fold(0.25, 0.0) == low
+    with pytest.raises(ValueError, match="start"):
+        tune.tuning_records(records, 0.25, 0.25)
+
+
 def test_tune_refuses_splits_whose_test_members_are_real(tiny):
     real = Splits.from_records(
         records_from_dir(tiny["dir"]),

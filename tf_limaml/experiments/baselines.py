@@ -554,8 +554,8 @@ def train_global(
 ) -> tuple[FineTuneModel, dict[str, list[float]]]:
     """The global baseline: the train members' rows only.
 
-    No row of a val or test member reaches it: global, fine-tuning and LiMAML
-    (both built on this network) then meet a held-out member only through its
+    No row of a val or test member reaches it: global, and fine-tuning and
+    LiMAML warm-started from it, then meet a held-out member only through its
     k support rows, as the ID embedding does. Trained on their full support,
     the network would know every held-out member at k = 1 already (member
     features nearly identify a member), and every small-k score built on it
